@@ -1,0 +1,50 @@
+# Meridian — task runner. `just` lists the recipes.
+set shell := ["bash", "-euo", "pipefail", "-c"]
+
+# List the recipes.
+default:
+    @just --list
+
+# Install (cached) and start the local dependencies: postgres redis kafka kube (default: all).
+deps-up *groups:
+    bash e2e/deps.sh up {{groups}}
+
+# Stop the local dependencies (their data is kept).
+deps-down *groups:
+    bash e2e/deps.sh down {{groups}}
+
+# Show each dependency group, the log folder and the kubeconfig path.
+deps-status *groups:
+    bash e2e/deps.sh status {{groups}}
+
+# Install what building the workspace needs (C toolchain, CMake, headers for librdkafka).
+build-deps:
+    bash e2e/build-deps.sh
+
+# Build every binary (debug profile, shared with the tests).
+build: build-deps
+    cargo build --workspace --bins
+
+# The main job: start the dependencies and the five services, wait until all are ready.
+demo: build deps-up
+    bash e2e/demo.sh up
+
+# Stop the demo's services (the dependencies keep running; `just deps-down` stops them).
+demo-down:
+    bash e2e/demo.sh down
+
+# The whole test suite, exactly as CI runs it: formatting, lints, unit and integration tests
+# against the real dependencies.
+test: build-deps deps-up
+    cargo fmt --all -- --check
+    cargo clippy --workspace --all-targets --locked -- -D warnings
+    eval "$(bash e2e/deps.sh env)" && cargo test --workspace --locked
+
+# Format the code.
+fmt:
+    cargo fmt --all
+
+# Lint the shell scripts (shellcheck from Debian).
+lint-scripts:
+    bash e2e/lib.sh >/dev/null; command -v shellcheck >/dev/null || sudo apt-get install -y shellcheck
+    shellcheck -x e2e/*.sh e2e/deps/*.sh .ci/run

@@ -1,0 +1,218 @@
+#!/usr/bin/env bash
+# Kafka for tests: Apache Kafka (default 4.1.1, MERIDIAN_KAFKA_VERSION) in KRaft combined mode
+# (broker + controller in one JVM, no ZooKeeper). The jars come from Maven Central through
+# e2e/kafka/pom.xml and are cached in $MERIDIAN_CACHE_DIR/kafka/<version>/libs; data, config and
+# the cluster id live in $MERIDIAN_STATE_DIR/kafka. Creates the platform's topics.
+#
+#   e2e/deps/kafka.sh up|down|status
+# shellcheck source-path=SCRIPTDIR source=../lib.sh
+source "$(dirname "$0")/../lib.sh"
+
+NAME=kafka
+PORT=$MERIDIAN_KAFKA_PORT
+CONTROLLER_PORT=$MERIDIAN_KAFKA_CONTROLLER_PORT
+KAFKA_VERSION=${MERIDIAN_KAFKA_VERSION:-4.1.1}
+KAFKA_CACHE=$MERIDIAN_CACHE_DIR/kafka/$KAFKA_VERSION
+LIBS=$KAFKA_CACHE/libs
+LIBS_DONE=$KAFKA_CACHE/.libs-complete   # written after a successful copy-dependencies
+KAFKA_DIR=$MERIDIAN_STATE_DIR/kafka
+DATA=$KAFKA_DIR/data
+PROPS=$KAFKA_DIR/server.properties
+CLUSTER_ID_FILE=$KAFKA_DIR/cluster.id
+VERSION_FILE=$KAFKA_DIR/running.version
+LOG4J=$E2E_DIR/kafka/log4j2.properties
+TOPICS=(commands events cache commands.dlq)
+TOPIC_PARTITIONS=6
+
+# kafka_pid: prints the pid of *our* broker (pid file from start_bg, alive, a JVM running
+# kafka.Kafka with our server.properties; a zombie or a recycled pid does not count).
+kafka_pid() {
+  local pid
+  pid=$(cat "$(pidfile "$NAME")" 2>/dev/null) || return 1
+  [[ $pid =~ ^[0-9]+$ ]] || return 1
+  tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF -- "kafka.Kafka $PROPS" || return 1
+  echo "$pid"
+}
+
+port_owner() {
+  ss -ltnpH "sport = :$1" 2>/dev/null |
+    sed -n 's/.*users:(("\([^"]*\)",pid=\([0-9]*\).*/\1 (pid \2)/p' | head -n 1
+}
+
+# JAVA: a Java 17+ runtime (Kafka 4 brokers need 17).
+find_java() {
+  local j major
+  for j in "${JAVA_HOME:+$JAVA_HOME/bin/java}" "$(command -v java || true)" /usr/lib/jvm/java-17-openjdk-*/bin/java; do
+    if [ -z "$j" ] || [ ! -x "$j" ]; then continue; fi
+    major=$("$j" -XshowSettings:properties -version 2>&1 | sed -n 's/^ *java.specification.version = //p')
+    if [ "${major%%.*}" -ge 17 ] 2>/dev/null; then JAVA=$j; return 0; fi
+  done
+  return 1
+}
+
+ensure_java() {
+  find_java && return 0
+  apt_install openjdk-17-jre-headless
+  find_java || die "no Java 17+ runtime found after installing openjdk-17-jre-headless"
+}
+
+# Tools (storage format, topics) are short-lived JVMs: tune them for start-up time; never hang.
+kafka_tool() {
+  timeout 180 "$JAVA" -Xmx256m -XX:+UseSerialGC -XX:TieredStopAtLevel=1 -Xshare:auto \
+    -Dlog4j2.configurationFile="$LOG4J" -Dmeridian.kafka.level=WARN -cp "$LIBS/*" "$@"
+}
+topic_cmd() {
+  kafka_tool org.apache.kafka.tools.TopicCommand --bootstrap-server "127.0.0.1:$PORT" "$@"
+}
+
+fetch_libs() {
+  [ -f "$LIBS_DONE" ] && [ -d "$LIBS" ] && return 0
+  command -v mvn >/dev/null || apt_install maven
+  step "fetching Kafka $KAFKA_VERSION jars from Maven Central into $LIBS"
+  rm -rf "$LIBS"
+  mkdir -p "$KAFKA_CACHE"
+  spin "kafka maven copy-dependencies" mvn -q -B -f "$E2E_DIR/kafka/pom.xml" \
+    dependency:copy-dependencies -Dkafka.version="$KAFKA_VERSION" -DoutputDirectory="$LIBS" ||
+    die "could not fetch Kafka $KAFKA_VERSION from Maven Central (is MERIDIAN_KAFKA_VERSION a released version?)"
+  ls "$LIBS"/kafka_2.13-"$KAFKA_VERSION".jar >/dev/null 2>&1 || die "kafka_2.13-$KAFKA_VERSION.jar missing in $LIBS"
+  touch "$LIBS_DONE"
+  ok "$(find "$LIBS" -name '*.jar' | wc -l) jars, $(du -sh "$LIBS" | cut -f1)"
+}
+
+write_config() {
+  sed -e "s|@KAFKA_PORT@|$PORT|g" -e "s|@CONTROLLER_PORT@|$CONTROLLER_PORT|g" -e "s|@LOG_DIRS@|$DATA|g" \
+    "$E2E_DIR/kafka/server.properties" >"$PROPS"
+}
+
+format_storage() {
+  [ -f "$DATA/meta.properties" ] && return 0
+  if [ ! -s "$CLUSTER_ID_FILE" ]; then
+    kafka_tool kafka.tools.StorageTool random-uuid 2>/dev/null | tail -n 1 >"$CLUSTER_ID_FILE.tmp"
+    grep -qE '^[A-Za-z0-9_-]{22}$' "$CLUSTER_ID_FILE.tmp" || die "could not generate a Kafka cluster id"
+    mv "$CLUSTER_ID_FILE.tmp" "$CLUSTER_ID_FILE"
+  fi
+  # A directory without meta.properties was never formatted successfully: start clean.
+  rm -rf "$DATA"
+  spin "kafka storage format" kafka_tool kafka.tools.StorageTool format --standalone \
+    --cluster-id "$(cat "$CLUSTER_ID_FILE")" --config "$PROPS" || die "kafka storage format failed"
+  ok "formatted $DATA (cluster id $(cat "$CLUSTER_ID_FILE"), single-node dynamic quorum)"
+}
+
+# The topics' first partition directories exist in the log dir once a topic was created:
+# a cheap check that needs no JVM.
+topics_present() {
+  local t
+  for t in "${TOPICS[@]}"; do [ -d "$DATA/$t-0" ] || return 1; done
+}
+
+ensure_topics() {
+  local existing t created=()
+  # Also the readiness probe: the broker answers metadata requests, not just TCP connects.
+  existing=$(topic_cmd --list 2>>"$MERIDIAN_LOG_DIR/$NAME.tools.log") ||
+    die "the Kafka broker accepts connections but does not answer the topic list; see $MERIDIAN_LOG_DIR/$NAME.log"
+  # One JVM per topic (TopicCommand creates one at a time), run in parallel.
+  local pids=() failed=() i
+  for t in "${TOPICS[@]}"; do
+    grep -qxF -- "$t" <<<"$existing" && continue
+    topic_cmd --create --if-not-exists --topic "$t" --partitions "$TOPIC_PARTITIONS" \
+      --replication-factor 1 >>"$MERIDIAN_LOG_DIR/$NAME.tools.log" 2>&1 &
+    pids+=($!)
+    created+=("$t")
+  done
+  for i in "${!pids[@]}"; do wait "${pids[i]}" || failed+=("${created[i]}"); done
+  [ ${#failed[@]} -eq 0 ] || die "could not create topics ${failed[*]}; see $MERIDIAN_LOG_DIR/$NAME.tools.log"
+  if [ ${#created[@]} -gt 0 ]; then
+    ok "created topics: ${created[*]} ($TOPIC_PARTITIONS partitions, replication factor 1)"
+  else
+    ok "topics present: ${TOPICS[*]}"
+  fi
+}
+
+up() {
+  local pid p owner
+  if pid=$(kafka_pid); then
+    if port_open "$PORT" && port_open "$CONTROLLER_PORT"; then
+      if topics_present; then
+        ok "kafka already running on 127.0.0.1:$PORT (pid $pid)"
+        return 0
+      fi
+      ensure_java
+      ensure_topics
+      return 0
+    fi
+    # Started less than two minutes ago (e.g. by a concurrent `up`): let it finish starting.
+    if [ $(( $(date +%s) - $(stat -c %Y "$(pidfile "$NAME")") )) -lt 120 ]; then
+      step "kafka (pid $pid) is starting; waiting for 127.0.0.1:$PORT"
+    else
+      warn "kafka (pid $pid) is running but not listening on $PORT/$CONTROLLER_PORT; restarting it"
+      stop_bg "$NAME" 60
+    fi
+  fi
+
+  if ! kafka_pid >/dev/null; then
+    for p in "$PORT:MERIDIAN_KAFKA_PORT" "$CONTROLLER_PORT:MERIDIAN_KAFKA_CONTROLLER_PORT"; do
+      if port_open "${p%%:*}"; then
+        owner=$(port_owner "${p%%:*}")
+        die "port ${p%%:*} is already in use by ${owner:-another process} (not our kafka); stop it or set ${p#*:} to a free port"
+      fi
+    done
+
+    ensure_java
+    fetch_libs
+    step "kafka $KAFKA_VERSION (KRaft) on 127.0.0.1:$PORT, controller :$CONTROLLER_PORT (data: $DATA)"
+    mkdir -p "$KAFKA_DIR"
+    write_config
+    format_storage
+    echo "$KAFKA_VERSION" >"$VERSION_FILE"
+    start_bg "$NAME" "$JAVA" -Xms256m -Xmx768m -XX:+UseG1GC -XX:MaxGCPauseMillis=20 \
+      -XX:+ExplicitGCInvokesConcurrent -Djava.awt.headless=true \
+      -Dlog4j2.configurationFile="$LOG4J" -cp "$LIBS/*" kafka.Kafka "$PROPS"
+  else
+    ensure_java
+  fi
+  pid=$(cat "$(pidfile "$NAME")")
+  if ! wait_for "$NAME" 120 port_open "$PORT"; then
+    stop_bg "$NAME" 30
+    die "kafka did not open 127.0.0.1:$PORT; see $MERIDIAN_LOG_DIR/$NAME.log"
+  fi
+  kafka_pid >/dev/null || die "kafka exited during start-up; see $MERIDIAN_LOG_DIR/$NAME.log"
+  ok "started (pid $pid, log $MERIDIAN_LOG_DIR/$NAME.log)"
+  ensure_topics
+  ok "ready: 127.0.0.1:$PORT"
+}
+
+down() {
+  local pid
+  if ! pid=$(kafka_pid); then
+    rm -f "$(pidfile "$NAME")"
+    ok "kafka is not running"
+    return 0
+  fi
+  step "stopping kafka (pid $pid; controlled shutdown)"
+  stop_bg "$NAME" 60
+  ok "stopped (data kept in $DATA)"
+}
+
+status() {
+  local pid ver
+  ver=$(cat "$VERSION_FILE" 2>/dev/null || echo "$KAFKA_VERSION")
+  if pid=$(kafka_pid) && port_open "$PORT" && port_open "$CONTROLLER_PORT"; then
+    printf '%-11s%-5s%s\n' kafka up "127.0.0.1:$PORT (Kafka $ver KRaft, controller :$CONTROLLER_PORT, topics: ${TOPICS[*]})"
+    return 0
+  fi
+  local why="not running"
+  if [ -n "${pid:-}" ]; then
+    why="pid $pid alive but not listening (starting?)"
+  elif port_open "$PORT"; then
+    why="port taken by $(port_owner "$PORT" | grep . || echo 'another process')"
+  fi
+  printf '%-11s%-5s%s\n' kafka down "127.0.0.1:$PORT ($why)"
+  return 1
+}
+
+case "${1:-}" in
+  up) up ;;
+  down) down ;;
+  status) status ;;
+  *) die "usage: $0 up|down|status" ;;
+esac

@@ -1,0 +1,5 @@
+//! The api-gateway binary. Everything it does lives in the library; see `api_gateway::ApiGateway`.
+
+fn main() -> anyhow::Result<()> {
+    common::service::main::<api_gateway::ApiGateway>()
+}

@@ -1,0 +1,5 @@
+//! The command-service binary. Everything it does lives in the library; see `command_service::CommandService`.
+
+fn main() -> anyhow::Result<()> {
+    common::service::main::<command_service::CommandService>()
+}

@@ -1,0 +1,160 @@
+//! Kafka: client configuration shared by producers, consumers and admin clients, the
+//! platform's topic and header names, and a metadata-based readiness check.
+//!
+//! Producers are idempotent with `acks=all`. Consumers never auto-store offsets: a service
+//! stores an offset only after the message's effect is committed, and librdkafka commits the
+//! stored offsets periodically.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{FutureProducer, Producer};
+use secrecy::ExposeSecret;
+
+use crate::config::KafkaConfig;
+use crate::health::Check;
+
+/// Topic of accepted commands (written by the command service's outbox relay).
+pub const TOPIC_COMMANDS: &str = "commands";
+/// Topic of domain events (written by the processor's outbox relay).
+pub const TOPIC_EVENTS: &str = "events";
+/// Topic of cache invalidation messages (written by the cache updater).
+pub const TOPIC_CACHE: &str = "cache";
+/// Dead-letter topic for commands that exhausted their retries.
+pub const TOPIC_COMMANDS_DLQ: &str = "commands.dlq";
+
+/// Header naming the message's type (`command.create`, `event.document.updated`, …).
+pub const HEADER_MESSAGE_TYPE: &str = "message-type";
+/// Header carrying the id of the command a message stems from.
+pub const HEADER_COMMAND_ID: &str = "command-id";
+/// Header with the payload's media type (`application/json`).
+pub const HEADER_CONTENT_TYPE: &str = "content-type";
+
+/// The base librdkafka configuration: servers, security and timeouts.
+pub fn client_config(config: &KafkaConfig, client_id: &str) -> ClientConfig {
+    let mut cc = ClientConfig::new();
+    cc.set("bootstrap.servers", &config.kafka_bootstrap_servers)
+        .set("client.id", client_id)
+        .set("security.protocol", &config.kafka_security_protocol)
+        .set("socket.connection.setup.timeout.ms", config.kafka_timeout_ms.to_string());
+    if let Some(mechanism) = &config.kafka_sasl_mechanism {
+        cc.set("sasl.mechanism", mechanism);
+    }
+    if let Some(username) = &config.kafka_sasl_username {
+        cc.set("sasl.username", username);
+    }
+    if let Some(password) = &config.kafka_sasl_password {
+        cc.set("sasl.password", password.expose_secret());
+    }
+    cc
+}
+
+/// An idempotent producer (`acks=all`, ordered per partition even across retries).
+pub fn producer(config: &KafkaConfig, client_id: &str) -> Result<FutureProducer, KafkaError> {
+    client_config(config, client_id)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "5")
+        .set("compression.type", "lz4")
+        .set("message.timeout.ms", (config.kafka_timeout_ms * 6).to_string())
+        .create()
+}
+
+/// A consumer in `group_id` that starts from the earliest offset of new partitions and only
+/// commits offsets the service stored explicitly after processing.
+pub fn consumer(
+    config: &KafkaConfig,
+    client_id: &str,
+    group_id: &str,
+) -> Result<StreamConsumer, KafkaError> {
+    client_config(config, client_id)
+        .set("group.id", group_id)
+        .set("enable.auto.commit", "true")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("partition.assignment.strategy", "cooperative-sticky")
+        .create()
+}
+
+/// An admin client (topic creation, configuration).
+pub fn admin(config: &KafkaConfig, client_id: &str) -> Result<AdminClient<DefaultClientContext>, KafkaError> {
+    client_config(config, client_id).create()
+}
+
+/// Creates each topic that does not exist yet; existing topics are left as they are.
+pub async fn ensure_topics(
+    admin: &AdminClient<DefaultClientContext>,
+    topics: &[(&str, i32)],
+    replication: i32,
+) -> Result<(), KafkaError> {
+    let new: Vec<NewTopic<'_>> = topics
+        .iter()
+        .map(|(name, partitions)| NewTopic::new(name, *partitions, TopicReplication::Fixed(replication)))
+        .collect();
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    for result in admin.create_topics(&new, &options).await? {
+        match result {
+            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((topic, code)) => {
+                return Err(KafkaError::AdminOp(code)).inspect_err(|_| {
+                    tracing::error!(topic, %code, "Failed to create topic.");
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+type MetadataProbe = dyn Fn(Duration) -> Result<(), KafkaError> + Send + Sync;
+
+/// Readiness: a metadata request through an existing client, bounded by the probe timeout.
+#[derive(Clone)]
+pub struct KafkaCheck {
+    probe: Arc<MetadataProbe>,
+    timeout: Duration,
+}
+
+impl KafkaCheck {
+    /// Checks through `producer`'s connections.
+    pub fn producer(producer: &FutureProducer, timeout: Duration) -> Self {
+        let producer = producer.clone();
+        Self::new(move |t| producer.client().fetch_metadata(None, t).map(drop), timeout)
+    }
+
+    /// Checks through `consumer`'s connections.
+    pub fn consumer(consumer: Arc<StreamConsumer>, timeout: Duration) -> Self {
+        Self::new(move |t| consumer.client().fetch_metadata(None, t).map(drop), timeout)
+    }
+
+    fn new(
+        probe: impl Fn(Duration) -> Result<(), KafkaError> + Send + Sync + 'static,
+        timeout: Duration,
+    ) -> Self {
+        // Leave headroom under the readiness timeout so the real error is reported.
+        let timeout = timeout.saturating_sub(Duration::from_millis(200)).max(Duration::from_millis(100));
+        Self { probe: Arc::new(probe), timeout }
+    }
+}
+
+impl Check for KafkaCheck {
+    fn name(&self) -> &'static str {
+        "kafka"
+    }
+
+    fn check(&self) -> BoxFuture<'_, Result<(), String>> {
+        let (probe, timeout) = (self.probe.clone(), self.timeout);
+        Box::pin(async move {
+            // librdkafka's metadata call blocks; keep it off the async workers.
+            tokio::task::spawn_blocking(move || probe(timeout))
+                .await
+                .map_err(|e| format!("metadata probe panicked: {e}"))?
+                .map_err(|e| e.to_string())
+        })
+    }
+}

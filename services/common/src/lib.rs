@@ -1,0 +1,32 @@
+//! What every Meridian service shares, so that nothing is written twice: typed configuration,
+//! telemetry (tracing, JSON logs, OTLP export, W3C trace-context propagation over HTTP and
+//! Kafka headers), Prometheus metrics, liveness and readiness, graceful shutdown, and the
+//! clients for PostgreSQL, Redis and Kafka with start-up retry.
+//!
+//! # Layout
+//! - [`config`]: environment variables → typed structs, with documented defaults.
+//! - [`telemetry`]: subscriber set-up and trace-context propagation helpers.
+//! - [`metrics`]: the Prometheus recorder and every metric name the platform emits.
+//! - [`health`]: dependency checks and the readiness report behind `/ready`.
+//! - [`http`]: the operational routes (`/health`, `/ready`, `/metrics`), HTTP middleware and
+//!   `serve` with graceful shutdown.
+//! - [`shutdown`]: SIGTERM/SIGINT handling and the cancellation token every task watches.
+//! - [`postgres`], [`redis`], [`kafka`]: client constructors and their readiness checks.
+//! - [`retry`]: the one backoff policy used to (re)connect to dependencies.
+//! - [`service`]: the `Service` trait and the `main` every service binary calls.
+//! - `test_support` (feature `test-support`): helpers for integration tests.
+
+pub mod config;
+pub mod health;
+pub mod http;
+pub mod kafka;
+pub mod metrics;
+pub mod postgres;
+pub mod redis;
+pub mod retry;
+pub mod service;
+pub mod shutdown;
+pub mod telemetry;
+
+#[cfg(feature = "test-support")]
+pub mod test_support;

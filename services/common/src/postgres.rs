@@ -1,0 +1,91 @@
+//! PostgreSQL: a lazily connecting pool (the service starts even when the database is down)
+//! and migrations applied in the background with the shared backoff.
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use secrecy::ExposeSecret;
+use sqlx::migrate::Migrator;
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+
+use crate::config::PostgresConfig;
+use crate::health::Check;
+use crate::shutdown::CancellationToken;
+
+/// The PostgreSQL settings could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum PostgresError {
+    /// `DATABASE_URL` did not parse (the URL itself is not repeated: it holds a password).
+    #[error("failed to parse DATABASE_URL: {0}")]
+    Url(#[source] sqlx::Error),
+}
+
+/// A pool plus the state of this service's migrations. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Postgres {
+    pool: PgPool,
+    migrated: Arc<AtomicBool>,
+}
+
+impl Postgres {
+    /// Builds the pool without connecting; connections open on first use.
+    pub fn connect_lazy(config: &PostgresConfig) -> Result<Self, PostgresError> {
+        let timeout = config.database_statement_timeout_ms.to_string();
+        let options = PgConnectOptions::from_str(config.database_url.expose_secret())
+            .map_err(PostgresError::Url)?
+            .options([("statement_timeout", timeout.as_str())]);
+        let pool = PgPoolOptions::new()
+            .max_connections(config.database_max_connections)
+            .acquire_timeout(Duration::from_millis(config.database_acquire_timeout_ms))
+            .connect_lazy_with(options);
+        Ok(Self { pool, migrated: Arc::new(AtomicBool::new(true)) })
+    }
+
+    /// The connection pool.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Applies `migrator` in the background, retrying until it succeeds or `shutdown` fires.
+    /// Until then the readiness check reports the database as not ready.
+    pub fn migrate_in_background(
+        &self,
+        service: &'static str,
+        migrator: &'static Migrator,
+        shutdown: &CancellationToken,
+    ) {
+        self.migrated.store(false, Ordering::SeqCst);
+        let (pool, migrated, shutdown) = (self.pool.clone(), self.migrated.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            let applied = crate::retry::until_connected(service, "postgres", &shutdown, || {
+                migrator.run(&pool)
+            })
+            .await;
+            if applied.is_some() {
+                tracing::info!(service, "Database migrations applied.");
+                migrated.store(true, Ordering::SeqCst);
+            }
+        });
+    }
+
+    /// Whether this service's migrations have been applied.
+    pub fn is_migrated(&self) -> bool {
+        self.migrated.load(Ordering::SeqCst)
+    }
+}
+
+impl Check for Postgres {
+    fn name(&self) -> &'static str {
+        "postgres"
+    }
+
+    fn check(&self) -> BoxFuture<'_, Result<(), String>> {
+        Box::pin(async move {
+            sqlx::query("SELECT 1").execute(&self.pool).await.map_err(|e| e.to_string())?;
+            if self.is_migrated() { Ok(()) } else { Err("migrations not applied yet".into()) }
+        })
+    }
+}

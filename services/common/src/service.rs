@@ -1,0 +1,50 @@
+//! What a service binary is: [`Service`] says how to configure and start one, and [`main`]
+//! is the whole of every service's `main.rs` (load config, init telemetry, bind, run).
+//! This is the binaries' edge, so errors here are `anyhow` with context.
+
+use std::future::Future;
+use anyhow::Context as _;
+use tokio::net::TcpListener;
+
+use crate::config::{CommonConfig, ConfigError, Vars};
+use crate::shutdown::CancellationToken;
+
+/// A Meridian service.
+pub trait Service {
+    /// Name used in logs, traces and metrics (`command-service`, …).
+    const NAME: &'static str;
+    /// Port when `PORT` is unset.
+    const DEFAULT_PORT: u16;
+    /// The service's typed configuration.
+    type Config: Send + 'static;
+
+    /// Reads the configuration from `vars`.
+    fn load_config(vars: &Vars) -> Result<Self::Config, ConfigError>;
+    /// The settings every service has.
+    fn common(config: &Self::Config) -> &CommonConfig;
+    /// Builds the state and serves on `listener` until `shutdown` fires.
+    fn start(
+        listener: TcpListener,
+        config: Self::Config,
+        shutdown: CancellationToken,
+    ) -> impl Future<Output = anyhow::Result<()>> + Send;
+}
+
+/// The entry point of every service binary.
+pub fn main<S: Service>() -> anyhow::Result<()> {
+    let config = S::load_config(&Vars::from_env()).context("invalid configuration")?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("failed to start the async runtime")?;
+    runtime.block_on(async move {
+        let common = S::common(&config);
+        let _telemetry = crate::telemetry::init(S::NAME, common)?;
+        let addr = common.listen_addr(S::DEFAULT_PORT);
+        let listener =
+            TcpListener::bind(addr).await.with_context(|| format!("failed to bind {addr}"))?;
+        S::start(listener, config, crate::shutdown::on_signal()).await?;
+        tracing::info!(service = S::NAME, "Stopped.");
+        Ok(())
+    })
+}

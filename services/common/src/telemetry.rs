@@ -1,0 +1,165 @@
+//! Tracing, structured logs and OpenTelemetry export, and W3C trace-context propagation.
+//!
+//! Every service calls [`init`] once. Spans are exported over OTLP/HTTP when
+//! `OTEL_EXPORTER_OTLP_ENDPOINT` is set; spans get W3C ids either way, and the W3C `traceparent`/`tracestate` propagator is
+//! installed either way, so trace context flows through HTTP ([`extract_http`],
+//! [`inject_http`]) and Kafka headers ([`extract_kafka`], [`inject_kafka`]) even when this
+//! process exports nothing.
+
+use opentelemetry::propagation::{Extractor, Injector};
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry::{Context, global};
+use opentelemetry_http::{HeaderExtractor, HeaderInjector};
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
+use rdkafka::message::{BorrowedHeaders, Header, Headers, OwnedHeaders};
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer};
+
+use crate::config::{CommonConfig, LogFormat};
+
+/// Telemetry could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum TelemetryError {
+    /// `RUST_LOG` did not parse.
+    #[error("failed to parse RUST_LOG: {0}")]
+    Filter(#[from] tracing_subscriber::filter::ParseError),
+    /// The OTLP exporter could not be built.
+    #[error("failed to build the OTLP span exporter: {0}")]
+    Exporter(#[from] opentelemetry_otlp::ExporterBuildError),
+}
+
+/// Keeps the tracer provider alive; dropping it flushes buffered spans.
+#[must_use = "dropping the guard shuts telemetry down"]
+pub struct TelemetryGuard {
+    provider: Option<SdkTracerProvider>,
+}
+
+impl Drop for TelemetryGuard {
+    fn drop(&mut self) {
+        if let Some(provider) = self.provider.take()
+            && let Err(error) = provider.shutdown()
+        {
+            eprintln!("failed to flush spans on shutdown: {error}");
+        }
+    }
+}
+
+/// Installs the global subscriber (log format and filter from `config`) and, when an OTLP
+/// endpoint is configured, a batch span exporter. Calling it again (tests) is harmless.
+pub fn init(service_name: &str, config: &CommonConfig) -> Result<TelemetryGuard, TelemetryError> {
+    global::set_text_map_propagator(TraceContextPropagator::new());
+
+    let filter = EnvFilter::builder().parse(&config.rust_log)?;
+    let fmt = match config.log_format {
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(false)
+            .boxed(),
+        LogFormat::Text => tracing_subscriber::fmt::layer().boxed(),
+    };
+
+    // A tracer provider is always installed, so spans carry W3C ids that propagate to the
+    // next hop even when this process exports nothing; the exporter is added only when an
+    // OTLP endpoint is configured.
+    let name = config.otel_service_name.as_deref().unwrap_or(service_name).to_owned();
+    let ratio = config.otel_traces_sampler_arg.clamp(0.0, 1.0);
+    let mut builder = SdkTracerProvider::builder()
+        .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(ratio))))
+        .with_resource(Resource::builder().with_service_name(name.clone()).build());
+    if let Some(endpoint) = &config.otel_exporter_otlp_endpoint {
+        let exporter = opentelemetry_otlp::SpanExporter::builder()
+            .with_http()
+            .with_endpoint(format!("{}/v1/traces", endpoint.as_str().trim_end_matches('/')))
+            .build()?;
+        builder = builder.with_batch_exporter(exporter);
+    }
+    let provider = builder.build();
+    global::set_tracer_provider(provider.clone());
+    let otel = tracing_opentelemetry::layer().with_tracer(provider.tracer(name));
+
+    // `try_init` fails only when a subscriber is already installed (several apps in one
+    // test process); the first one stays in charge.
+    let _ = tracing_subscriber::registry().with(filter).with(fmt).with(otel).try_init();
+    Ok(TelemetryGuard { provider: Some(provider) })
+}
+
+/// The trace context carried by HTTP request headers (`traceparent`, `tracestate`).
+pub fn extract_http(headers: &http::HeaderMap) -> Context {
+    global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(headers)))
+}
+
+/// Writes the current span's trace context into outgoing HTTP headers.
+pub fn inject_http(headers: &mut http::HeaderMap) {
+    let cx = tracing::Span::current().context();
+    global::get_text_map_propagator(|p| p.inject_context(&cx, &mut HeaderInjector(headers)));
+}
+
+/// Makes `span` a child of the trace context carried by `headers`, if any.
+pub fn set_parent_from_http(span: &tracing::Span, headers: &http::HeaderMap) {
+    set_parent(span, extract_http(headers));
+}
+
+/// The trace context carried by Kafka message headers.
+pub fn extract_kafka(headers: Option<&BorrowedHeaders>) -> Context {
+    match headers {
+        Some(headers) => {
+            global::get_text_map_propagator(|p| p.extract(&KafkaHeaderExtractor(headers)))
+        }
+        None => Context::new(),
+    }
+}
+
+/// Adds the current span's trace context to outgoing Kafka headers.
+pub fn inject_kafka(headers: OwnedHeaders) -> OwnedHeaders {
+    let cx = tracing::Span::current().context();
+    let mut injector = KafkaHeaderInjector(Some(headers));
+    global::get_text_map_propagator(|p| p.inject_context(&cx, &mut injector));
+    injector.0.unwrap_or_default()
+}
+
+/// Makes `span` a child of the trace context carried by Kafka `headers`, if any.
+pub fn set_parent_from_kafka(span: &tracing::Span, headers: Option<&BorrowedHeaders>) {
+    set_parent(span, extract_kafka(headers));
+}
+
+fn set_parent(span: &tracing::Span, cx: Context) {
+    // Fails only when the span is disabled (filtered out), in which case there is nothing
+    // to link.
+    let _ = span.set_parent(cx);
+}
+
+/// Reads W3C fields from rdkafka's borrowed headers (header values are bytes).
+struct KafkaHeaderExtractor<'a>(&'a BorrowedHeaders);
+
+impl Extractor for KafkaHeaderExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|h| h.key.eq_ignore_ascii_case(key))
+            .and_then(|h| h.value)
+            .and_then(|v| std::str::from_utf8(v).ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.iter().map(|h| h.key).collect()
+    }
+}
+
+/// Appends W3C fields to rdkafka's owned headers (whose `insert` consumes `self`).
+struct KafkaHeaderInjector(Option<OwnedHeaders>);
+
+impl Injector for KafkaHeaderInjector {
+    fn set(&mut self, key: &str, value: String) {
+        let headers = self.0.take().unwrap_or_default();
+        self.0 = Some(headers.insert(Header { key, value: Some(value.as_bytes()) }));
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,57 @@
+use opentelemetry::trace::{
+    SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState,
+};
+use rdkafka::message::{Message, OwnedMessage, Timestamp};
+
+use super::*;
+
+fn remote_context() -> Context {
+    Context::new().with_remote_span_context(SpanContext::new(
+        TraceId::from_hex("4bf92f3577b34da6a3ce929d0e0e4736").unwrap(),
+        SpanId::from_hex("00f067aa0ba902b7").unwrap(),
+        TraceFlags::SAMPLED,
+        true,
+        TraceState::default(),
+    ))
+}
+
+#[test]
+fn http_trace_context_round_trips_through_headers() {
+    global::set_text_map_propagator(TraceContextPropagator::new());
+    let mut headers = http::HeaderMap::new();
+    global::get_text_map_propagator(|p| {
+        p.inject_context(&remote_context(), &mut HeaderInjector(&mut headers))
+    });
+    assert_eq!(
+        headers["traceparent"],
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    );
+
+    let extracted = extract_http(&headers);
+    assert_eq!(
+        extracted.span().span_context().trace_id().to_string(),
+        "4bf92f3577b34da6a3ce929d0e0e4736"
+    );
+}
+
+#[test]
+fn kafka_trace_context_round_trips_through_message_headers() {
+    global::set_text_map_propagator(TraceContextPropagator::new());
+    let mut injector = KafkaHeaderInjector(Some(
+        OwnedHeaders::new().insert(Header { key: "message-type", value: Some("x") }),
+    ));
+    global::get_text_map_propagator(|p| p.inject_context(&remote_context(), &mut injector));
+    let headers = injector.0.unwrap();
+
+    let message = OwnedMessage::new(None, None, "t".into(), Timestamp::NotAvailable, 0, 0, Some(headers));
+    let cx = extract_kafka(message.headers());
+    assert_eq!(cx.span().span_context().span_id().to_string(), "00f067aa0ba902b7");
+    assert!(cx.span().span_context().is_sampled());
+    // Existing headers are kept.
+    assert_eq!(message.headers().unwrap().iter().next().unwrap().key, "message-type");
+}
+
+#[test]
+fn a_message_without_headers_yields_an_empty_context() {
+    assert!(!extract_kafka(None).span().span_context().is_valid());
+}

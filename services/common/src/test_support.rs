@@ -1,0 +1,307 @@
+//! Helpers for integration tests: free ports, waiting with timeouts (never sleeping as an
+//! assertion), a TCP proxy that can take a dependency "down" and bring it back, child
+//! processes that are cleaned up, and the local dependencies' addresses.
+#![allow(clippy::panic, clippy::unwrap_used)] // test code: failing loudly is the point
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use secrecy::ExposeSecret;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::process::{Child, Command};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{KafkaConfig, PostgresConfig, RedisConfig, Vars};
+
+/// Addresses of the local dependencies (`just deps-up`), from the same variables and defaults
+/// the services use.
+pub struct Deps {
+    /// `DATABASE_URL`.
+    pub database_url: String,
+    /// `REDIS_URL`.
+    pub redis_url: String,
+    /// `KAFKA_BOOTSTRAP_SERVERS`.
+    pub kafka_bootstrap_servers: String,
+}
+
+impl Deps {
+    /// Reads the environment once.
+    pub fn from_env() -> Self {
+        let vars = Vars::from_env();
+        let pg: PostgresConfig = vars.parse().unwrap();
+        let redis: RedisConfig = vars.parse().unwrap();
+        let kafka: KafkaConfig = vars.parse().unwrap();
+        Self {
+            database_url: pg.database_url.expose_secret().to_owned(),
+            redis_url: redis.redis_url.expose_secret().to_owned(),
+            kafka_bootstrap_servers: kafka.kafka_bootstrap_servers,
+        }
+    }
+
+    /// `host:port` of a URL-shaped address.
+    pub fn socket_of(url: &str) -> SocketAddr {
+        let url = url::Url::parse(url).unwrap();
+        let host = url.host_str().unwrap();
+        let port = url.port().unwrap();
+        format!("{host}:{port}").parse().unwrap()
+    }
+}
+
+/// A port nothing listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Polls `condition` every 50 ms until it returns true; panics with `what` after `timeout`.
+pub async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while !condition().await {
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// GETs `url` and returns the status and JSON body (`Null` when the body is not JSON).
+pub async fn get_json(url: &str) -> Option<(u16, serde_json::Value)> {
+    let response = reqwest::get(url).await.ok()?;
+    let status = response.status().as_u16();
+    Some((status, response.json().await.unwrap_or(serde_json::Value::Null)))
+}
+
+/// A TCP forwarder on a fixed local port that plays a dependency going down and coming back:
+/// while down, nothing listens (connections are refused) and open connections are cut.
+pub struct TcpToggle {
+    port: u16,
+    target: SocketAddr,
+    running: Option<CancellationToken>,
+}
+
+impl TcpToggle {
+    /// A forwarder to `target`, initially down.
+    pub fn new(target: SocketAddr) -> Self {
+        Self { port: free_port(), target, running: None }
+    }
+
+    /// The port clients should use.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Starts listening and forwarding.
+    pub async fn up(&mut self) {
+        if self.running.is_some() {
+            return;
+        }
+        let listener = TcpListener::bind(("127.0.0.1", self.port)).await.unwrap();
+        let token = CancellationToken::new();
+        let (stop, target) = (token.clone(), self.target);
+        tokio::spawn(async move {
+            loop {
+                let accepted = tokio::select! {
+                    () = stop.cancelled() => return,
+                    accepted = listener.accept() => accepted,
+                };
+                let Ok((mut inbound, _)) = accepted else { continue };
+                let stop = stop.clone();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = TcpStream::connect(target).await else { return };
+                    tokio::select! {
+                        () = stop.cancelled() => {}
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                    }
+                });
+            }
+        });
+        self.running = Some(token);
+    }
+
+    /// Stops listening and cuts every forwarded connection.
+    pub async fn down(&mut self) {
+        if let Some(token) = self.running.take() {
+            token.cancel();
+            // Wait until the port really refuses connections.
+            let port = self.port;
+            wait_until("the toggled port to close", Duration::from_secs(5), || async move {
+                TcpStream::connect(("127.0.0.1", port)).await.is_err()
+            })
+            .await;
+        }
+    }
+}
+
+impl Drop for TcpToggle {
+    fn drop(&mut self) {
+        if let Some(token) = self.running.take() {
+            token.cancel();
+        }
+    }
+}
+
+/// A child process killed when dropped; its output goes to a log file under `target/`.
+pub struct ChildProcess {
+    child: Child,
+}
+
+impl ChildProcess {
+    /// Starts `program` with `env` added to the test's environment, output to `log`.
+    pub fn spawn(program: &Path, env: &[(&str, String)], log: &Path) -> Self {
+        let file = std::fs::File::create(log).unwrap();
+        let child = Command::new(program)
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+            .stdout(Stdio::from(file.try_clone().unwrap()))
+            .stderr(Stdio::from(file))
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap_or_else(|e| panic!("failed to start {}: {e}", program.display()));
+        Self { child }
+    }
+
+    /// Sends SIGTERM and waits for the exit status (panics after `timeout`).
+    pub async fn terminate(mut self, timeout: Duration) -> std::process::ExitStatus {
+        let pid = self.child.id().unwrap();
+        let status = Command::new("kill").args(["-TERM", &pid.to_string()]).status().await.unwrap();
+        assert!(status.success(), "kill -TERM {pid} failed");
+        tokio::time::timeout(timeout, self.child.wait())
+            .await
+            .unwrap_or_else(|_| panic!("process {pid} did not exit within {timeout:?} of SIGTERM"))
+            .unwrap()
+    }
+
+    /// Whether the process has exited already.
+    pub fn has_exited(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_some()
+    }
+}
+
+/// A service started in this process on an ephemeral port, through the same
+/// [`Service::start`](crate::service::Service::start) its binary uses.
+pub struct TestApp {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl TestApp {
+    /// Starts service `S` configured from `vars`.
+    pub async fn start<S: crate::service::Service>(vars: &Vars) -> Self {
+        let config = S::load_config(vars).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(S::start(listener, config, shutdown.clone()));
+        Self { addr, shutdown, task }
+    }
+
+    /// `http://addr` + `path`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// Signals shutdown and waits for the server to finish cleanly.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(30), self.task)
+            .await
+            .expect("service did not stop within 30 s")
+            .unwrap()
+            .unwrap();
+    }
+}
+
+/// Variables for a test: the process environment, with a short readiness timeout.
+pub fn test_vars() -> Vars {
+    Vars::from_env().with("READINESS_TIMEOUT_MS", "1500").with("RUST_LOG", "warn")
+}
+
+/// Replaces the port in a dependency address (`scheme://…:port/…` or `host:port`).
+pub fn with_port(address: &str, port: u16) -> String {
+    match url::Url::parse(address) {
+        Ok(mut url) if url.has_host() => {
+            url.set_port(Some(port)).unwrap();
+            url.to_string()
+        }
+        _ => {
+            let host = address.rsplit_once(':').map_or(address, |(host, _)| host);
+            format!("{host}:{port}")
+        }
+    }
+}
+
+/// The binary-level contract of every service: started as a process with only environment
+/// variables, it serves `/health`, turns `/ready` 200 once its dependencies answer, exposes
+/// Prometheus metrics, and exits 0 on SIGTERM.
+pub async fn assert_binary_lifecycle(program: &Path, service: &str) {
+    let port = free_port();
+    let log = std::env::temp_dir().join(format!("meridian-{service}-{port}.log"));
+    let process = ChildProcess::spawn(
+        program,
+        &[("PORT", port.to_string()), ("BIND_ADDRESS", "127.0.0.1".into()), ("LOG_FORMAT", "json".into())],
+        &log,
+    );
+    let base = format!("http://127.0.0.1:{port}");
+    let ready = format!("{base}/ready");
+    wait_until(&format!("{service} /ready to answer 200 (log: {})", log.display()), Duration::from_secs(60), || {
+        let ready = ready.clone();
+        async move { matches!(get_json(&ready).await, Some((200, _))) }
+    })
+    .await;
+
+    let (status, body) = get_json(&format!("{base}/health")).await.unwrap();
+    assert_eq!((status, body["status"].as_str()), (200, Some("ok")));
+    let (_, report) = get_json(&ready).await.unwrap();
+    assert_eq!(report["service"], service);
+    assert_eq!(report["status"], "ready");
+
+    let metrics = reqwest::get(format!("{base}/metrics")).await.unwrap().text().await.unwrap();
+    for name in ["http_requests_total", "dependency_up", "meridian_build_info"] {
+        assert!(metrics.contains(name), "{name} missing from /metrics:\n{metrics}");
+    }
+
+    let status = process.terminate(Duration::from_secs(30)).await;
+    assert!(status.success(), "{service} exited with {status} after SIGTERM (log: {})", log.display());
+}
+
+/// The readiness contract for one dependency: with `var` pointing at a closed port the
+/// service still starts, `/ready` is 503 and names `dependency` as down; once the dependency
+/// answers on that port, `/ready` turns 200 without a restart.
+pub async fn assert_ready_tracks_dependency<S: crate::service::Service>(
+    dependency: &str,
+    var: &str,
+    real_address: &str,
+) {
+    let mut toggle = TcpToggle::new(Deps::socket_of(&as_url(real_address)));
+    let vars = test_vars().with(var, with_port(real_address, toggle.port()));
+    let app = TestApp::start::<S>(&vars).await;
+    let ready = app.url("/ready");
+
+    let (status, report) = get_json(&ready).await.unwrap();
+    assert_eq!(status, 503, "{report}");
+    assert_eq!(report["status"], "not_ready");
+    assert_eq!(report["dependencies"][dependency]["status"], "down", "{report}");
+    assert!(report["dependencies"][dependency]["error"].is_string(), "{report}");
+    for (name, state) in report["dependencies"].as_object().unwrap() {
+        if name != dependency {
+            assert_eq!(state["status"], "up", "only {dependency} should be down: {report}");
+        }
+    }
+
+    toggle.up().await;
+    wait_until(&format!("/ready to turn 200 after {dependency} came back"), Duration::from_secs(45), || {
+        let ready = ready.clone();
+        async move { matches!(get_json(&ready).await, Some((200, _))) }
+    })
+    .await;
+    app.stop().await;
+}
+
+fn as_url(address: &str) -> String {
+    if address.contains("://") { address.to_owned() } else { format!("tcp://{address}") }
+}

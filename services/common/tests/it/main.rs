@@ -1,0 +1,6 @@
+//! Smoke tests of the local dependencies through the clients the services use (real
+//! PostgreSQL, Redis and Kafka from `just deps-up`; nothing is mocked).
+
+mod kafka;
+mod postgres;
+mod redis;

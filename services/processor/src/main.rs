@@ -1,0 +1,5 @@
+//! The processor binary. Everything it does lives in the library; see `processor::Processor`.
+
+fn main() -> anyhow::Result<()> {
+    common::service::main::<processor::Processor>()
+}

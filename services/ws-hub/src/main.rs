@@ -1,0 +1,5 @@
+//! The ws-hub binary. Everything it does lives in the library; see `ws_hub::WsHub`.
+
+fn main() -> anyhow::Result<()> {
+    common::service::main::<ws_hub::WsHub>()
+}
