@@ -30,7 +30,7 @@ kafka_pid() {
   local pid
   pid=$(cat "$(pidfile "$NAME")" 2>/dev/null) || return 1
   [[ $pid =~ ^[0-9]+$ ]] || return 1
-  tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF -- "kafka.Kafka $PROPS" || return 1
+  { tr '\0' ' ' <"/proc/$pid/cmdline"; } 2>/dev/null | grep -qF -- "kafka.Kafka $PROPS" || return 1
   echo "$pid"
 }
 
@@ -71,9 +71,9 @@ fetch_libs() {
   step "fetching Kafka $KAFKA_VERSION jars from Maven Central into $LIBS"
   rm -rf "$LIBS"
   mkdir -p "$KAFKA_CACHE"
-  spin "kafka maven copy-dependencies" mvn -q -B -f "$E2E_DIR/kafka/pom.xml" \
+  spin "kafka maven copy-dependencies" mvn -q -B -Dstyle.color=never -f "$E2E_DIR/kafka/pom.xml" \
     dependency:copy-dependencies -Dkafka.version="$KAFKA_VERSION" -DoutputDirectory="$LIBS" ||
-    die "could not fetch Kafka $KAFKA_VERSION from Maven Central (is MERIDIAN_KAFKA_VERSION a released version?)"
+    { rm -rf "$LIBS"; rmdir "$KAFKA_CACHE" 2>/dev/null || true; die "could not fetch Kafka $KAFKA_VERSION from Maven Central (is MERIDIAN_KAFKA_VERSION a released version?)"; }
   ls "$LIBS"/kafka_2.13-"$KAFKA_VERSION".jar >/dev/null 2>&1 || die "kafka_2.13-$KAFKA_VERSION.jar missing in $LIBS"
   touch "$LIBS_DONE"
   ok "$(find "$LIBS" -name '*.jar' | wc -l) jars, $(du -sh "$LIBS" | cut -f1)"
@@ -128,6 +128,9 @@ ensure_topics() {
   fi
 }
 
+# Start-up probe: done once the broker listens, or as soon as the JVM has died.
+port_open_or_exited() { port_open "$PORT" || ! kafka_pid >/dev/null; }
+
 up() {
   local pid p owner
   if pid=$(kafka_pid); then
@@ -171,11 +174,14 @@ up() {
     ensure_java
   fi
   pid=$(cat "$(pidfile "$NAME")")
-  if ! wait_for "$NAME" 120 port_open "$PORT"; then
+  if ! wait_for "$NAME" 120 port_open_or_exited; then
     stop_bg "$NAME" 30
     die "kafka did not open 127.0.0.1:$PORT; see $MERIDIAN_LOG_DIR/$NAME.log"
   fi
-  kafka_pid >/dev/null || die "kafka exited during start-up; see $MERIDIAN_LOG_DIR/$NAME.log"
+  if ! kafka_pid >/dev/null; then
+    tail -n 30 "$MERIDIAN_LOG_DIR/$NAME.log" >&2
+    die "kafka exited during start-up; see $MERIDIAN_LOG_DIR/$NAME.log"
+  fi
   ok "started (pid $pid, log $MERIDIAN_LOG_DIR/$NAME.log)"
   ensure_topics
   ok "ready: 127.0.0.1:$PORT"

@@ -50,7 +50,7 @@ pg_pid() {
   pid=$(head -n 1 "$PG_DATA/postmaster.pid" 2>/dev/null) || return 1
   [[ $pid =~ ^[0-9]+$ ]] || return 1
   [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = postgres ] || return 1
-  tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF -- "$PG_DATA" || return 1
+  { tr '\0' ' ' <"/proc/$pid/cmdline"; } 2>/dev/null | grep -qF -- "$PG_DATA" || return 1
   echo "$pid"
 }
 
@@ -151,7 +151,8 @@ init_cluster() {
 start_cluster() {
   local bin=$1 attempt
   for attempt in 1 2 3 4 5; do
-    # pg_ctl's own complaints land in the server log too. shellcheck disable=SC2094
+    # pg_ctl's own complaints land in the server log too.
+    # shellcheck disable=SC2094
     if as_pg "$bin/pg_ctl" start -D "$PG_DATA" -l "$PG_LOG" -w -t 60 -s >>"$PG_LOG" 2>&1; then
       return 0
     fi

@@ -19,7 +19,7 @@ redis_pid() {
   local pid
   pid=$(cat "$(pidfile "$NAME")" 2>/dev/null) || return 1
   [[ $pid =~ ^[0-9]+$ ]] || return 1
-  tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q 'redis-server' || return 1
+  { tr '\0' ' ' <"/proc/$pid/cmdline"; } 2>/dev/null | grep -q 'redis-server' || return 1
   echo "$pid"
 }
 
@@ -52,6 +52,10 @@ debian_redis_pid() {
   local pid
   pid=$(cat /run/redis/redis-server.pid 2>/dev/null) || return 1
   kill -0 "$pid" 2>/dev/null && [ "$pid" != "$(redis_pid || true)" ] && echo "$pid"
+}
+debian_redis_enabled() {
+  compgen -G '/etc/rc[2-5].d/S*redis-server' >/dev/null ||
+    [ -e /etc/systemd/system/multi-user.target.wants/redis-server.service ]
 }
 disable_debian_redis() {
   [ -e /etc/init.d/redis-server ] || [ -e /lib/systemd/system/redis-server.service ] || return 0
@@ -106,6 +110,11 @@ up() {
     disable_debian_redis
   fi
 
+  # Debian's service would take 6379 at the next boot even if it is stopped now.
+  if [ "$PORT" = 6379 ] && debian_redis_enabled && ! debian_redis_pid >/dev/null; then
+    warn "disabling Debian's redis-server service (it would take port 6379 at boot)"
+    disable_debian_redis
+  fi
   if port_open "$PORT"; then
     if [ "$PORT" = 6379 ] && debian_redis_pid >/dev/null; then
       warn "Debian's redis-server service holds port 6379; stopping and disabling it"

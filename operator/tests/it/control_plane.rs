@@ -23,7 +23,11 @@ async fn the_api_server_answers_readyz_through_kube_and_kubectl() {
         .output()
         .await
         .expect("kubectl on PATH (the env file from `just deps-up` puts the built one first)");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ok");
 }
 
@@ -37,7 +41,10 @@ async fn a_deployment_becomes_available_on_the_kwok_node() {
         "apiVersion": "v1", "kind": "Namespace", "metadata": { "name": ns_name }
     }))
     .unwrap();
-    namespaces.patch(&ns_name, &ssa, &Patch::Apply(&ns)).await.unwrap();
+    namespaces
+        .patch(&ns_name, &ssa, &Patch::Apply(&ns))
+        .await
+        .unwrap();
 
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns_name);
     let deployment: Deployment = serde_json::from_value(serde_json::json!({
@@ -54,13 +61,17 @@ async fn a_deployment_becomes_available_on_the_kwok_node() {
         }
     }))
     .unwrap();
-    deployments.patch("smoke", &ssa, &Patch::Apply(&deployment)).await.unwrap();
+    deployments
+        .patch("smoke", &ssa, &Patch::Apply(&deployment))
+        .await
+        .unwrap();
 
     let available = await_condition(deployments.clone(), "smoke", |d: Option<&Deployment>| {
         let status = d.and_then(|d| d.status.as_ref());
-        let available = status
-            .and_then(|s| s.conditions.as_ref())
-            .is_some_and(|c| c.iter().any(|c| c.type_ == "Available" && c.status == "True"));
+        let available = status.and_then(|s| s.conditions.as_ref()).is_some_and(|c| {
+            c.iter()
+                .any(|c| c.type_ == "Available" && c.status == "True")
+        });
         available && status.and_then(|s| s.available_replicas) == Some(2)
     });
     let deployment = tokio::time::timeout(Duration::from_secs(90), available)
@@ -70,5 +81,8 @@ async fn a_deployment_becomes_available_on_the_kwok_node() {
         .unwrap();
     assert_eq!(deployment.name_any(), "smoke");
 
-    namespaces.delete(&ns_name, &DeleteParams::default()).await.unwrap();
+    namespaces
+        .delete(&ns_name, &DeleteParams::default())
+        .await
+        .unwrap();
 }

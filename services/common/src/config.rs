@@ -32,7 +32,12 @@ impl Vars {
     pub fn from_pairs<K: Into<String>, V: Into<String>>(
         pairs: impl IntoIterator<Item = (K, V)>,
     ) -> Self {
-        Self(pairs.into_iter().map(|(k, v)| (k.into(), v.into())).collect())
+        Self(
+            pairs
+                .into_iter()
+                .map(|(k, v)| (k.into(), v.into()))
+                .collect(),
+        )
     }
 
     /// Returns a copy with `key` set to `value`.
@@ -46,7 +51,9 @@ impl Vars {
     pub fn parse<T: DeserializeOwned>(&self) -> Result<T, ConfigError> {
         // Empty values count as unset, so `FOO=` in a manifest falls back to the default.
         let non_empty = self.0.iter().filter(|(_, v)| !v.is_empty());
-        Ok(envy::from_iter(non_empty.map(|(k, v)| (k.clone(), v.clone())))?)
+        Ok(envy::from_iter(
+            non_empty.map(|(k, v)| (k.clone(), v.clone())),
+        )?)
     }
 }
 

@@ -70,13 +70,19 @@ impl ReadinessReport {
         draining: bool,
         dependencies: BTreeMap<&'static str, DependencyState>,
     ) -> Self {
-        let all_up = dependencies.values().all(|d| d.status == DependencyStatus::Up);
+        let all_up = dependencies
+            .values()
+            .all(|d| d.status == DependencyStatus::Up);
         let status = match (draining, all_up) {
             (true, _) => "shutting_down",
             (false, true) => "ready",
             (false, false) => "not_ready",
         };
-        Self { status, service, dependencies }
+        Self {
+            status,
+            service,
+            dependencies,
+        }
     }
 }
 
@@ -92,7 +98,12 @@ pub struct Readiness {
 impl Readiness {
     /// No checks yet; each runs with `timeout`.
     pub fn new(service: &'static str, timeout: Duration) -> Self {
-        Self { service, timeout, checks: Arc::default(), draining: Arc::default() }
+        Self {
+            service,
+            timeout,
+            checks: Arc::default(),
+            draining: Arc::default(),
+        }
     }
 
     /// Adds a dependency check.

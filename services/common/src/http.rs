@@ -38,10 +38,11 @@ pub struct Ops {
 impl Ops {
     /// Operational state for `service` with no dependency checks yet.
     pub fn new(service: &'static str, common: &CommonConfig) -> Self {
+        let metrics = crate::metrics::install();
         crate::metrics::record_build_info(service);
         Self {
             readiness: Readiness::new(service, common.readiness_timeout()),
-            metrics: crate::metrics::install(),
+            metrics,
             grace: common.shutdown_grace(),
         }
     }
@@ -69,13 +70,20 @@ async fn health() -> impl IntoResponse {
 
 async fn ready(State(ops): State<Ops>) -> Response {
     let report = ops.readiness.report().await;
-    let status = if report.is_ready() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let status = if report.is_ready() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     (status, axum::Json(report)).into_response()
 }
 
 async fn render_metrics(State(ops): State<Ops>) -> impl IntoResponse {
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         ops.metrics.render(),
     )
 }
@@ -85,25 +93,28 @@ async fn render_metrics(State(ops): State<Ops>) -> impl IntoResponse {
 /// template (never the raw path, which would explode cardinality).
 pub fn instrument(router: Router, service: &'static str) -> Router {
     router
-        .layer(middleware::from_fn(move |req: Request, next: Next| record_metrics(service, req, next)))
-        .layer(
-            TraceLayer::new_for_http().make_span_with(|req: &Request| {
-                let route = req
-                    .extensions()
-                    .get::<MatchedPath>()
-                    .map_or(req.uri().path(), MatchedPath::as_str);
-                let request_id =
-                    req.headers().get(&REQUEST_ID).and_then(|v| v.to_str().ok()).unwrap_or("");
-                let span = tracing::info_span!(
-                    "http.request",
-                    http.request.method = %req.method(),
-                    http.route = route,
-                    request_id,
-                );
-                telemetry::set_parent_from_http(&span, req.headers());
-                span
-            }),
-        )
+        .layer(middleware::from_fn(move |req: Request, next: Next| {
+            record_metrics(service, req, next)
+        }))
+        .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
+            let route = req
+                .extensions()
+                .get::<MatchedPath>()
+                .map_or(req.uri().path(), MatchedPath::as_str);
+            let request_id = req
+                .headers()
+                .get(&REQUEST_ID)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("");
+            let span = tracing::info_span!(
+                "http.request",
+                http.request.method = %req.method(),
+                http.route = route,
+                request_id,
+            );
+            telemetry::set_parent_from_http(&span, req.headers());
+            span
+        }))
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))
         .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
 }

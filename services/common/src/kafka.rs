@@ -42,7 +42,10 @@ pub fn client_config(config: &KafkaConfig, client_id: &str) -> ClientConfig {
     cc.set("bootstrap.servers", &config.kafka_bootstrap_servers)
         .set("client.id", client_id)
         .set("security.protocol", &config.kafka_security_protocol)
-        .set("socket.connection.setup.timeout.ms", config.kafka_timeout_ms.to_string());
+        .set(
+            "socket.connection.setup.timeout.ms",
+            config.kafka_timeout_ms.to_string(),
+        );
     if let Some(mechanism) = &config.kafka_sasl_mechanism {
         cc.set("sasl.mechanism", mechanism);
     }
@@ -62,7 +65,10 @@ pub fn producer(config: &KafkaConfig, client_id: &str) -> Result<FutureProducer,
         .set("acks", "all")
         .set("linger.ms", "5")
         .set("compression.type", "lz4")
-        .set("message.timeout.ms", (config.kafka_timeout_ms * 6).to_string())
+        .set(
+            "message.timeout.ms",
+            (config.kafka_timeout_ms * 6).to_string(),
+        )
         .create()
 }
 
@@ -83,7 +89,10 @@ pub fn consumer(
 }
 
 /// An admin client (topic creation, configuration).
-pub fn admin(config: &KafkaConfig, client_id: &str) -> Result<AdminClient<DefaultClientContext>, KafkaError> {
+pub fn admin(
+    config: &KafkaConfig,
+    client_id: &str,
+) -> Result<AdminClient<DefaultClientContext>, KafkaError> {
     client_config(config, client_id).create()
 }
 
@@ -95,7 +104,9 @@ pub async fn ensure_topics(
 ) -> Result<(), KafkaError> {
     let new: Vec<NewTopic<'_>> = topics
         .iter()
-        .map(|(name, partitions)| NewTopic::new(name, *partitions, TopicReplication::Fixed(replication)))
+        .map(|(name, partitions)| {
+            NewTopic::new(name, *partitions, TopicReplication::Fixed(replication))
+        })
         .collect();
     let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
     for result in admin.create_topics(&new, &options).await? {
@@ -124,12 +135,18 @@ impl KafkaCheck {
     /// Checks through `producer`'s connections.
     pub fn producer(producer: &FutureProducer, timeout: Duration) -> Self {
         let producer = producer.clone();
-        Self::new(move |t| producer.client().fetch_metadata(None, t).map(drop), timeout)
+        Self::new(
+            move |t| producer.client().fetch_metadata(None, t).map(drop),
+            timeout,
+        )
     }
 
     /// Checks through `consumer`'s connections.
     pub fn consumer(consumer: Arc<StreamConsumer>, timeout: Duration) -> Self {
-        Self::new(move |t| consumer.client().fetch_metadata(None, t).map(drop), timeout)
+        Self::new(
+            move |t| consumer.client().fetch_metadata(None, t).map(drop),
+            timeout,
+        )
     }
 
     fn new(
@@ -137,8 +154,13 @@ impl KafkaCheck {
         timeout: Duration,
     ) -> Self {
         // Leave headroom under the readiness timeout so the real error is reported.
-        let timeout = timeout.saturating_sub(Duration::from_millis(200)).max(Duration::from_millis(100));
-        Self { probe: Arc::new(probe), timeout }
+        let timeout = timeout
+            .saturating_sub(Duration::from_millis(200))
+            .max(Duration::from_millis(100));
+        Self {
+            probe: Arc::new(probe),
+            timeout,
+        }
     }
 }
 

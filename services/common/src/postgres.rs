@@ -41,7 +41,10 @@ impl Postgres {
             .max_connections(config.database_max_connections)
             .acquire_timeout(Duration::from_millis(config.database_acquire_timeout_ms))
             .connect_lazy_with(options);
-        Ok(Self { pool, migrated: Arc::new(AtomicBool::new(true)) })
+        Ok(Self {
+            pool,
+            migrated: Arc::new(AtomicBool::new(true)),
+        })
     }
 
     /// The connection pool.
@@ -58,7 +61,8 @@ impl Postgres {
         shutdown: &CancellationToken,
     ) {
         self.migrated.store(false, Ordering::SeqCst);
-        let (pool, migrated, shutdown) = (self.pool.clone(), self.migrated.clone(), shutdown.clone());
+        let (pool, migrated, shutdown) =
+            (self.pool.clone(), self.migrated.clone(), shutdown.clone());
         tokio::spawn(async move {
             let applied = crate::retry::until_connected(service, "postgres", &shutdown, || {
                 migrator.run(&pool)
@@ -84,8 +88,15 @@ impl Check for Postgres {
 
     fn check(&self) -> BoxFuture<'_, Result<(), String>> {
         Box::pin(async move {
-            sqlx::query("SELECT 1").execute(&self.pool).await.map_err(|e| e.to_string())?;
-            if self.is_migrated() { Ok(()) } else { Err("migrations not applied yet".into()) }
+            sqlx::query("SELECT 1")
+                .execute(&self.pool)
+                .await
+                .map_err(|e| e.to_string())?;
+            if self.is_migrated() {
+                Ok(())
+            } else {
+                Err("migrations not applied yet".into())
+            }
         })
     }
 }

@@ -93,9 +93,15 @@ impl Check for Redis {
     fn check(&self) -> BoxFuture<'_, Result<(), String>> {
         Box::pin(async move {
             let mut conn = self.connection().map_err(|e| e.to_string())?;
-            let pong: String =
-                redis::cmd("PING").query_async(&mut conn).await.map_err(|e| e.to_string())?;
-            if pong == "PONG" { Ok(()) } else { Err(format!("unexpected PING reply {pong:?}")) }
+            let pong: String = redis::cmd("PING")
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| e.to_string())?;
+            if pong == "PONG" {
+                Ok(())
+            } else {
+                Err(format!("unexpected PING reply {pong:?}"))
+            }
         })
     }
 }

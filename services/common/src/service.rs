@@ -2,8 +2,8 @@
 //! is the whole of every service's `main.rs` (load config, init telemetry, bind, run).
 //! This is the binaries' edge, so errors here are `anyhow` with context.
 
-use std::future::Future;
 use anyhow::Context as _;
+use std::future::Future;
 use tokio::net::TcpListener;
 
 use crate::config::{CommonConfig, ConfigError, Vars};
@@ -27,7 +27,7 @@ pub trait Service {
         listener: TcpListener,
         config: Self::Config,
         shutdown: CancellationToken,
-    ) -> impl Future<Output = anyhow::Result<()>> + Send;
+    ) -> impl Future<Output = anyhow::Result<()>> + Send + 'static;
 }
 
 /// The entry point of every service binary.
@@ -41,8 +41,9 @@ pub fn main<S: Service>() -> anyhow::Result<()> {
         let common = S::common(&config);
         let _telemetry = crate::telemetry::init(S::NAME, common)?;
         let addr = common.listen_addr(S::DEFAULT_PORT);
-        let listener =
-            TcpListener::bind(addr).await.with_context(|| format!("failed to bind {addr}"))?;
+        let listener = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("failed to bind {addr}"))?;
         S::start(listener, config, crate::shutdown::on_signal()).await?;
         tracing::info!(service = S::NAME, "Stopped.");
         Ok(())

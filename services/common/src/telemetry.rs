@@ -10,10 +10,11 @@ use opentelemetry::propagation::{Extractor, Injector};
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry::{Context, global};
 use opentelemetry_http::{HeaderExtractor, HeaderInjector};
+use opentelemetry_otlp::WithExportConfig as _;
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
-use rdkafka::message::{BorrowedHeaders, Header, Headers, OwnedHeaders};
+use rdkafka::message::{Header, Headers, OwnedHeaders};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -67,15 +68,24 @@ pub fn init(service_name: &str, config: &CommonConfig) -> Result<TelemetryGuard,
     // A tracer provider is always installed, so spans carry W3C ids that propagate to the
     // next hop even when this process exports nothing; the exporter is added only when an
     // OTLP endpoint is configured.
-    let name = config.otel_service_name.as_deref().unwrap_or(service_name).to_owned();
+    let name = config
+        .otel_service_name
+        .as_deref()
+        .unwrap_or(service_name)
+        .to_owned();
     let ratio = config.otel_traces_sampler_arg.clamp(0.0, 1.0);
     let mut builder = SdkTracerProvider::builder()
-        .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(ratio))))
+        .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
+            ratio,
+        ))))
         .with_resource(Resource::builder().with_service_name(name.clone()).build());
     if let Some(endpoint) = &config.otel_exporter_otlp_endpoint {
         let exporter = opentelemetry_otlp::SpanExporter::builder()
             .with_http()
-            .with_endpoint(format!("{}/v1/traces", endpoint.as_str().trim_end_matches('/')))
+            .with_endpoint(format!(
+                "{}/v1/traces",
+                endpoint.as_str().trim_end_matches('/')
+            ))
             .build()?;
         builder = builder.with_batch_exporter(exporter);
     }
@@ -85,8 +95,14 @@ pub fn init(service_name: &str, config: &CommonConfig) -> Result<TelemetryGuard,
 
     // `try_init` fails only when a subscriber is already installed (several apps in one
     // test process); the first one stays in charge.
-    let _ = tracing_subscriber::registry().with(filter).with(fmt).with(otel).try_init();
-    Ok(TelemetryGuard { provider: Some(provider) })
+    let _ = tracing_subscriber::registry()
+        .with(filter)
+        .with(fmt)
+        .with(otel)
+        .try_init();
+    Ok(TelemetryGuard {
+        provider: Some(provider),
+    })
 }
 
 /// The trace context carried by HTTP request headers (`traceparent`, `tracestate`).
@@ -106,7 +122,7 @@ pub fn set_parent_from_http(span: &tracing::Span, headers: &http::HeaderMap) {
 }
 
 /// The trace context carried by Kafka message headers.
-pub fn extract_kafka(headers: Option<&BorrowedHeaders>) -> Context {
+pub fn extract_kafka<H: Headers>(headers: Option<&H>) -> Context {
     match headers {
         Some(headers) => {
             global::get_text_map_propagator(|p| p.extract(&KafkaHeaderExtractor(headers)))
@@ -124,7 +140,7 @@ pub fn inject_kafka(headers: OwnedHeaders) -> OwnedHeaders {
 }
 
 /// Makes `span` a child of the trace context carried by Kafka `headers`, if any.
-pub fn set_parent_from_kafka(span: &tracing::Span, headers: Option<&BorrowedHeaders>) {
+pub fn set_parent_from_kafka<H: Headers>(span: &tracing::Span, headers: Option<&H>) {
     set_parent(span, extract_kafka(headers));
 }
 
@@ -134,10 +150,10 @@ fn set_parent(span: &tracing::Span, cx: Context) {
     let _ = span.set_parent(cx);
 }
 
-/// Reads W3C fields from rdkafka's borrowed headers (header values are bytes).
-struct KafkaHeaderExtractor<'a>(&'a BorrowedHeaders);
+/// Reads W3C fields from rdkafka headers (header values are bytes).
+struct KafkaHeaderExtractor<'a, H>(&'a H);
 
-impl Extractor for KafkaHeaderExtractor<'_> {
+impl<H: Headers> Extractor for KafkaHeaderExtractor<'_, H> {
     fn get(&self, key: &str) -> Option<&str> {
         self.0
             .iter()
@@ -157,7 +173,10 @@ struct KafkaHeaderInjector(Option<OwnedHeaders>);
 impl Injector for KafkaHeaderInjector {
     fn set(&mut self, key: &str, value: String) {
         let headers = self.0.take().unwrap_or_default();
-        self.0 = Some(headers.insert(Header { key, value: Some(value.as_bytes()) }));
+        self.0 = Some(headers.insert(Header {
+            key,
+            value: Some(value.as_bytes()),
+        }));
     }
 }
 

@@ -52,7 +52,11 @@ impl Deps {
 
 /// A port nothing listens on right now.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// Polls `condition` every 50 ms until it returns true; panics with `what` after `timeout`.
@@ -63,7 +67,10 @@ where
 {
     let deadline = Instant::now() + timeout;
     while !condition().await {
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -72,7 +79,10 @@ where
 pub async fn get_json(url: &str) -> Option<(u16, serde_json::Value)> {
     let response = reqwest::get(url).await.ok()?;
     let status = response.status().as_u16();
-    Some((status, response.json().await.unwrap_or(serde_json::Value::Null)))
+    Some((
+        status,
+        response.json().await.unwrap_or(serde_json::Value::Null),
+    ))
 }
 
 /// A TCP forwarder on a fixed local port that plays a dependency going down and coming back:
@@ -86,7 +96,11 @@ pub struct TcpToggle {
 impl TcpToggle {
     /// A forwarder to `target`, initially down.
     pub fn new(target: SocketAddr) -> Self {
-        Self { port: free_port(), target, running: None }
+        Self {
+            port: free_port(),
+            target,
+            running: None,
+        }
     }
 
     /// The port clients should use.
@@ -108,10 +122,14 @@ impl TcpToggle {
                     () = stop.cancelled() => return,
                     accepted = listener.accept() => accepted,
                 };
-                let Ok((mut inbound, _)) = accepted else { continue };
+                let Ok((mut inbound, _)) = accepted else {
+                    continue;
+                };
                 let stop = stop.clone();
                 tokio::spawn(async move {
-                    let Ok(mut outbound) = TcpStream::connect(target).await else { return };
+                    let Ok(mut outbound) = TcpStream::connect(target).await else {
+                        return;
+                    };
                     tokio::select! {
                         () = stop.cancelled() => {}
                         _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
@@ -128,9 +146,11 @@ impl TcpToggle {
             token.cancel();
             // Wait until the port really refuses connections.
             let port = self.port;
-            wait_until("the toggled port to close", Duration::from_secs(5), || async move {
-                TcpStream::connect(("127.0.0.1", port)).await.is_err()
-            })
+            wait_until(
+                "the toggled port to close",
+                Duration::from_secs(5),
+                || async move { TcpStream::connect(("127.0.0.1", port)).await.is_err() },
+            )
             .await;
         }
     }
@@ -166,7 +186,11 @@ impl ChildProcess {
     /// Sends SIGTERM and waits for the exit status (panics after `timeout`).
     pub async fn terminate(mut self, timeout: Duration) -> std::process::ExitStatus {
         let pid = self.child.id().unwrap();
-        let status = Command::new("kill").args(["-TERM", &pid.to_string()]).status().await.unwrap();
+        let status = Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .await
+            .unwrap();
         assert!(status.success(), "kill -TERM {pid} failed");
         tokio::time::timeout(timeout, self.child.wait())
             .await
@@ -197,7 +221,11 @@ impl TestApp {
         let addr = listener.local_addr().unwrap();
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(S::start(listener, config, shutdown.clone()));
-        Self { addr, shutdown, task }
+        Self {
+            addr,
+            shutdown,
+            task,
+        }
     }
 
     /// `http://addr` + `path`.
@@ -218,7 +246,9 @@ impl TestApp {
 
 /// Variables for a test: the process environment, with a short readiness timeout.
 pub fn test_vars() -> Vars {
-    Vars::from_env().with("READINESS_TIMEOUT_MS", "1500").with("RUST_LOG", "warn")
+    Vars::from_env()
+        .with("READINESS_TIMEOUT_MS", "1500")
+        .with("RUST_LOG", "warn")
 }
 
 /// Replaces the port in a dependency address (`scheme://…:port/…` or `host:port`).
@@ -243,15 +273,23 @@ pub async fn assert_binary_lifecycle(program: &Path, service: &str) {
     let log = std::env::temp_dir().join(format!("meridian-{service}-{port}.log"));
     let process = ChildProcess::spawn(
         program,
-        &[("PORT", port.to_string()), ("BIND_ADDRESS", "127.0.0.1".into()), ("LOG_FORMAT", "json".into())],
+        &[
+            ("PORT", port.to_string()),
+            ("BIND_ADDRESS", "127.0.0.1".into()),
+            ("LOG_FORMAT", "json".into()),
+        ],
         &log,
     );
     let base = format!("http://127.0.0.1:{port}");
     let ready = format!("{base}/ready");
-    wait_until(&format!("{service} /ready to answer 200 (log: {})", log.display()), Duration::from_secs(60), || {
-        let ready = ready.clone();
-        async move { matches!(get_json(&ready).await, Some((200, _))) }
-    })
+    wait_until(
+        &format!("{service} /ready to answer 200 (log: {})", log.display()),
+        Duration::from_secs(60),
+        || {
+            let ready = ready.clone();
+            async move { matches!(get_json(&ready).await, Some((200, _))) }
+        },
+    )
     .await;
 
     let (status, body) = get_json(&format!("{base}/health")).await.unwrap();
@@ -260,13 +298,29 @@ pub async fn assert_binary_lifecycle(program: &Path, service: &str) {
     assert_eq!(report["service"], service);
     assert_eq!(report["status"], "ready");
 
-    let metrics = reqwest::get(format!("{base}/metrics")).await.unwrap().text().await.unwrap();
-    for name in ["http_requests_total", "dependency_up", "meridian_build_info"] {
-        assert!(metrics.contains(name), "{name} missing from /metrics:\n{metrics}");
+    let metrics = reqwest::get(format!("{base}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for name in [
+        "http_requests_total",
+        "dependency_up",
+        "meridian_build_info",
+    ] {
+        assert!(
+            metrics.contains(name),
+            "{name} missing from /metrics:\n{metrics}"
+        );
     }
 
     let status = process.terminate(Duration::from_secs(30)).await;
-    assert!(status.success(), "{service} exited with {status} after SIGTERM (log: {})", log.display());
+    assert!(
+        status.success(),
+        "{service} exited with {status} after SIGTERM (log: {})",
+        log.display()
+    );
 }
 
 /// The readiness contract for one dependency: with `var` pointing at a closed port the
@@ -282,26 +336,60 @@ pub async fn assert_ready_tracks_dependency<S: crate::service::Service>(
     let app = TestApp::start::<S>(&vars).await;
     let ready = app.url("/ready");
 
+    // The other dependencies connect in the background; wait for them, so that the report
+    // below can only be about the one that is down.
+    let others_up = |report: &serde_json::Value| {
+        report["dependencies"].as_object().is_some_and(|deps| {
+            deps.iter()
+                .all(|(name, s)| name == dependency || s["status"] == "up")
+        })
+    };
+    wait_until(
+        "the other dependencies to be up",
+        Duration::from_secs(30),
+        || {
+            let ready = ready.clone();
+            async move {
+                get_json(&ready)
+                    .await
+                    .is_some_and(|(_, report)| others_up(&report))
+            }
+        },
+    )
+    .await;
     let (status, report) = get_json(&ready).await.unwrap();
     assert_eq!(status, 503, "{report}");
     assert_eq!(report["status"], "not_ready");
-    assert_eq!(report["dependencies"][dependency]["status"], "down", "{report}");
-    assert!(report["dependencies"][dependency]["error"].is_string(), "{report}");
-    for (name, state) in report["dependencies"].as_object().unwrap() {
-        if name != dependency {
-            assert_eq!(state["status"], "up", "only {dependency} should be down: {report}");
-        }
-    }
+    assert_eq!(
+        report["dependencies"][dependency]["status"], "down",
+        "{report}"
+    );
+    assert!(
+        report["dependencies"][dependency]["error"].is_string(),
+        "{report}"
+    );
+    assert!(
+        others_up(&report),
+        "only {dependency} should be down: {report}"
+    );
 
     toggle.up().await;
-    wait_until(&format!("/ready to turn 200 after {dependency} came back"), Duration::from_secs(45), || {
-        let ready = ready.clone();
-        async move { matches!(get_json(&ready).await, Some((200, _))) }
-    })
+    wait_until(
+        &format!("/ready to turn 200 after {dependency} came back"),
+        Duration::from_secs(45),
+        || {
+            let ready = ready.clone();
+            async move { matches!(get_json(&ready).await, Some((200, _))) }
+        },
+    )
     .await;
     app.stop().await;
 }
 
 fn as_url(address: &str) -> String {
-    if address.contains("://") { address.to_owned() } else { format!("tcp://{address}") }
+    if address.contains("://") {
+        address.to_owned()
+    } else {
+        format!("tcp://{address}")
+    }
 }

@@ -33,7 +33,11 @@ pub struct Config {
 impl Config {
     /// Reads every part from `vars`.
     pub fn from_vars(vars: &Vars) -> Result<Self, ConfigError> {
-        Ok(Self { common: vars.parse()?, postgres: vars.parse()?, kafka: vars.parse()? })
+        Ok(Self {
+            common: vars.parse()?,
+            postgres: vars.parse()?,
+            kafka: vars.parse()?,
+        })
     }
 }
 
@@ -69,7 +73,10 @@ impl AppState {
         let producer = common::kafka::producer(&config.kafka, NAME)?;
         let ops = Ops::new(NAME, &config.common)
             .with(db.clone())
-            .with(KafkaCheck::producer(&producer, config.common.readiness_timeout()));
+            .with(KafkaCheck::producer(
+                &producer,
+                config.common.readiness_timeout(),
+            ));
         Ok(Self { ops, db, producer })
     }
 }

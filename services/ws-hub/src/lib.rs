@@ -27,7 +27,10 @@ pub struct Config {
 impl Config {
     /// Reads every part from `vars`.
     pub fn from_vars(vars: &Vars) -> Result<Self, ConfigError> {
-        Ok(Self { common: vars.parse()?, redis: vars.parse()? })
+        Ok(Self {
+            common: vars.parse()?,
+            redis: vars.parse()?,
+        })
     }
 }
 

@@ -4,11 +4,20 @@ use common::test_support::{Deps, assert_binary_lifecycle, assert_ready_tracks_de
 
 #[tokio::test]
 async fn binary_becomes_ready_serves_metrics_and_exits_cleanly_on_sigterm() {
-    assert_binary_lifecycle(env!("CARGO_BIN_EXE_api-gateway").as_ref(), api_gateway::NAME).await;
+    assert_binary_lifecycle(
+        env!("CARGO_BIN_EXE_api-gateway").as_ref(),
+        api_gateway::NAME,
+    )
+    .await;
 }
 
 #[tokio::test]
 async fn ready_is_503_naming_redis_while_it_is_down_and_200_once_it_is_back() {
     let deps = Deps::from_env();
-    assert_ready_tracks_dependency::<api_gateway::ApiGateway>("redis", "REDIS_URL", &deps.redis_url).await;
+    assert_ready_tracks_dependency::<api_gateway::ApiGateway>(
+        "redis",
+        "REDIS_URL",
+        &deps.redis_url,
+    )
+    .await;
 }

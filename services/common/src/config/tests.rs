@@ -66,10 +66,14 @@ fn empty_values_fall_back_to_defaults() {
 
 #[test]
 fn malformed_values_are_rejected_with_the_variable_name() {
-    let err = Vars::from_pairs([("PORT", "eighty")]).parse::<CommonConfig>().unwrap_err();
-    assert!(err.to_string().contains("port"), "{err}");
+    let err = Vars::from_pairs([("PORT", "eighty")])
+        .parse::<CommonConfig>()
+        .unwrap_err();
+    assert!(err.to_string().contains("PORT"), "{err}");
 
-    let err = Vars::from_pairs([("LOG_FORMAT", "xml")]).parse::<CommonConfig>().unwrap_err();
+    let err = Vars::from_pairs([("LOG_FORMAT", "xml")])
+        .parse::<CommonConfig>()
+        .unwrap_err();
     assert!(err.to_string().contains("xml"), "{err}");
 }
 

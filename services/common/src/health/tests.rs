@@ -24,20 +24,34 @@ impl Check for Hangs {
 }
 
 fn up() -> DependencyState {
-    DependencyState { status: DependencyStatus::Up, error: None, latency_ms: 1 }
+    DependencyState {
+        status: DependencyStatus::Up,
+        error: None,
+        latency_ms: 1,
+    }
 }
 
 fn down() -> DependencyState {
-    DependencyState { status: DependencyStatus::Down, error: Some("refused".into()), latency_ms: 1 }
+    DependencyState {
+        status: DependencyStatus::Down,
+        error: Some("refused".into()),
+        latency_ms: 1,
+    }
 }
 
 #[test]
 fn ready_only_when_every_dependency_is_up() {
     let all_up = BTreeMap::from([("postgres", up()), ("redis", up())]);
-    assert_eq!(ReadinessReport::aggregate("svc", false, all_up).status, "ready");
+    assert_eq!(
+        ReadinessReport::aggregate("svc", false, all_up).status,
+        "ready"
+    );
 
     let one_down = BTreeMap::from([("postgres", up()), ("redis", down())]);
-    assert_eq!(ReadinessReport::aggregate("svc", false, one_down).status, "not_ready");
+    assert_eq!(
+        ReadinessReport::aggregate("svc", false, one_down).status,
+        "not_ready"
+    );
 }
 
 #[test]
@@ -61,7 +75,10 @@ async fn report_names_the_failing_dependency_and_its_error() {
     let report = readiness.report().await;
     assert!(!report.is_ready());
     assert_eq!(report.dependencies["postgres"].status, DependencyStatus::Up);
-    assert_eq!(report.dependencies["redis"].error.as_deref(), Some("connection refused"));
+    assert_eq!(
+        report.dependencies["redis"].error.as_deref(),
+        Some("connection refused")
+    );
 
     let json = serde_json::to_value(&report).unwrap();
     assert_eq!(json["status"], "not_ready");
@@ -71,7 +88,9 @@ async fn report_names_the_failing_dependency_and_its_error() {
 #[tokio::test]
 async fn a_hanging_check_times_out_instead_of_hanging_the_probe() {
     let readiness = Readiness::new("svc", Duration::from_millis(50)).with(Hangs);
-    let report = tokio::time::timeout(Duration::from_secs(5), readiness.report()).await.unwrap();
+    let report = tokio::time::timeout(Duration::from_secs(5), readiness.report())
+        .await
+        .unwrap();
     let kafka = &report.dependencies["kafka"];
     assert_eq!(kafka.status, DependencyStatus::Down);
     assert!(kafka.error.as_deref().unwrap().contains("timed out"));

@@ -1,6 +1,4 @@
-use opentelemetry::trace::{
-    SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState,
-};
+use opentelemetry::trace::{SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState};
 use rdkafka::message::{Message, OwnedMessage, Timestamp};
 
 use super::*;
@@ -37,21 +35,41 @@ fn http_trace_context_round_trips_through_headers() {
 #[test]
 fn kafka_trace_context_round_trips_through_message_headers() {
     global::set_text_map_propagator(TraceContextPropagator::new());
-    let mut injector = KafkaHeaderInjector(Some(
-        OwnedHeaders::new().insert(Header { key: "message-type", value: Some("x") }),
-    ));
+    let mut injector = KafkaHeaderInjector(Some(OwnedHeaders::new().insert(Header {
+        key: "message-type",
+        value: Some("x"),
+    })));
     global::get_text_map_propagator(|p| p.inject_context(&remote_context(), &mut injector));
     let headers = injector.0.unwrap();
 
-    let message = OwnedMessage::new(None, None, "t".into(), Timestamp::NotAvailable, 0, 0, Some(headers));
+    let message = OwnedMessage::new(
+        None,
+        None,
+        "t".into(),
+        Timestamp::NotAvailable,
+        0,
+        0,
+        Some(headers),
+    );
     let cx = extract_kafka(message.headers());
-    assert_eq!(cx.span().span_context().span_id().to_string(), "00f067aa0ba902b7");
+    assert_eq!(
+        cx.span().span_context().span_id().to_string(),
+        "00f067aa0ba902b7"
+    );
     assert!(cx.span().span_context().is_sampled());
     // Existing headers are kept.
-    assert_eq!(message.headers().unwrap().iter().next().unwrap().key, "message-type");
+    assert_eq!(
+        message.headers().unwrap().iter().next().unwrap().key,
+        "message-type"
+    );
 }
 
 #[test]
 fn a_message_without_headers_yields_an_empty_context() {
-    assert!(!extract_kafka(None).span().span_context().is_valid());
+    assert!(
+        !extract_kafka::<OwnedHeaders>(None)
+            .span()
+            .span_context()
+            .is_valid()
+    );
 }

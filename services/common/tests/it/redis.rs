@@ -25,16 +25,45 @@ async fn an_acl_user_is_confined_to_its_key_prefix() {
     let mut url = url::Url::parse(&deps.redis_url).unwrap();
     url.set_username(&user).unwrap();
     url.set_password(Some("s3cret")).unwrap();
-    let mut conn = redis::Client::open(url.as_str()).unwrap().get_multiplexed_async_connection().await.unwrap();
-    let _: () = redis::cmd("SET").arg(format!("{prefix}k")).arg("v").query_async(&mut conn).await.unwrap();
-    let denied = redis::cmd("SET").arg("elsewhere:k").arg("v").query_async::<()>(&mut conn).await.unwrap_err();
-    assert!(denied.to_string().contains("NOPERM"), "{denied}");
+    let mut conn = redis::Client::open(url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let _: () = redis::cmd("SET")
+        .arg(format!("{prefix}k"))
+        .arg("v")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let denied = redis::cmd("SET")
+        .arg("elsewhere:k")
+        .arg("v")
+        .query_async::<()>(&mut conn)
+        .await
+        .unwrap_err();
+    assert_eq!(denied.code(), Some("NOPERM"), "{denied}");
 
     let wrong = url.clone();
     let mut wrong = wrong;
     wrong.set_password(Some("wrong")).unwrap();
-    assert!(redis::Client::open(wrong.as_str()).unwrap().get_multiplexed_async_connection().await.is_err());
+    assert!(
+        redis::Client::open(wrong.as_str())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .is_err()
+    );
 
-    let _: () = redis::cmd("DEL").arg(format!("{prefix}k")).query_async(&mut admin).await.unwrap();
-    let _: () = redis::cmd("ACL").arg("DELUSER").arg(&user).query_async(&mut admin).await.unwrap();
+    let _: () = redis::cmd("DEL")
+        .arg(format!("{prefix}k"))
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("ACL")
+        .arg("DELUSER")
+        .arg(&user)
+        .query_async(&mut admin)
+        .await
+        .unwrap();
 }

@@ -10,5 +10,10 @@ async fn binary_becomes_ready_serves_metrics_and_exits_cleanly_on_sigterm() {
 #[tokio::test]
 async fn ready_is_503_naming_kafka_while_it_is_down_and_200_once_it_is_back() {
     let deps = Deps::from_env();
-    assert_ready_tracks_dependency::<processor::Processor>("kafka", "KAFKA_BOOTSTRAP_SERVERS", &deps.kafka_bootstrap_servers).await;
+    assert_ready_tracks_dependency::<processor::Processor>(
+        "kafka",
+        "KAFKA_BOOTSTRAP_SERVERS",
+        &deps.kafka_bootstrap_servers,
+    )
+    .await;
 }
