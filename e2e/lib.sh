@@ -73,7 +73,15 @@ wait_for() {
 
 # pidfile NAME / is_running NAME: pid bookkeeping for processes started with `start_bg`.
 pidfile() { echo "$MERIDIAN_STATE_DIR/pids/$1.pid"; }
-is_running() { local f; f=$(pidfile "$1"); [ -f "$f" ] && kill -0 "$(cat "$f")" 2>/dev/null; }
+# A pid counts as running unless it is gone or a zombie (a reaped-late child or a recycled
+# pid after a restart would otherwise look alive).
+is_running() {
+  local f pid state
+  f=$(pidfile "$1"); [ -f "$f" ] || return 1
+  pid=$(cat "$f"); kill -0 "$pid" 2>/dev/null || return 1
+  state=$(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null) || return 1
+  [ "$state" != Z ]
+}
 
 # start_bg NAME CMD...: start CMD detached (own session), stdout+stderr to $MERIDIAN_LOG_DIR/NAME.log.
 start_bg() {
@@ -97,10 +105,10 @@ stop_bg() {
 }
 
 # spin MSG CMD...: run a long step with a spinner on a terminal, plain lines otherwise;
-# output goes to $MERIDIAN_LOG_DIR/<first word of MSG>.build.log and is shown on failure.
+# output goes to $MERIDIAN_LOG_DIR/<MSG as a file name>.log and is shown on failure.
 spin() {
   local msg=$1 log; shift
-  log="$MERIDIAN_LOG_DIR/$(echo "$msg" | tr -cs 'A-Za-z0-9' '-' | cut -c1-40).log"
+  log="$MERIDIAN_LOG_DIR/$(printf %s "$msg" | tr -cs 'A-Za-z0-9' '-' | cut -c1-40 | sed 's/-*$//').log"
   if [ -t 1 ]; then
     "$@" >"$log" 2>&1 &
     local pid=$! frames='|/-\' i=0 start=$SECONDS
