@@ -1,6 +1,9 @@
 # Meridian — task runner. `just` lists the recipes.
 set shell := ["bash", "-euo", "pipefail", "-c"]
 
+# Build outside the checkout, so a fresh clone (CI) reuses earlier compilation.
+export CARGO_TARGET_DIR := env_var_or_default("CARGO_TARGET_DIR", env_var("HOME") / ".cache/meridian/target")
+
 # List the recipes.
 default:
     @just --list
@@ -33,8 +36,7 @@ demo: build deps-up
 demo-down:
     bash e2e/demo.sh down
 
-# The whole test suite, exactly as CI runs it: formatting, lints, unit and integration tests
-# against the real dependencies.
+# The whole suite as CI runs it: fmt, clippy, unit and integration tests on real dependencies.
 test: build-deps deps-up
     cargo fmt --all -- --check
     cargo clippy --workspace --all-targets --locked -- -D warnings

@@ -8,7 +8,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 # name:port, in start-up order (the core first, the edge last).
 SERVICES=(command-service:8082 processor:8083 cache-updater:8084 ws-hub:8085 api-gateway:8080)
-TARGET_DIR="${CARGO_TARGET_DIR:-$REPO_ROOT/target}/debug"
+TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/meridian/target}/debug"
 
 up() {
   command -v curl >/dev/null || apt_install curl
