@@ -50,3 +50,8 @@ fmt:
 lint-scripts:
     bash e2e/lib.sh >/dev/null; command -v shellcheck >/dev/null || sudo apt-get install -y shellcheck
     shellcheck -x e2e/*.sh e2e/deps/*.sh .ci/run
+
+# Regenerate the CRD YAML in crds/ from the operator's Rust types (a test checks for drift).
+crds:
+    cargo run --quiet --locked -p operator --bin crdgen > crds/middlewarestack.yaml.tmp
+    mv crds/middlewarestack.yaml.tmp crds/middlewarestack.yaml

@@ -3,7 +3,8 @@
 # kube-controller-manager, kube-scheduler and the kwok controller, all plain processes. kwok
 # plays one fake node, kwok-node-0, and the lifecycle of the pods scheduled onto it (Running and
 # Ready at once, Jobs complete, deletions finish), so Deployments become Available, Jobs
-# succeed and `helm install --wait` returns. No container ever runs.
+# succeed and `helm install --wait` returns. No container ever runs; a bare Pod (no Job owning
+# it, e.g. a `helm test` pod) stays Running forever.
 #
 #   e2e/deps/kube.sh up|down|status
 #   e2e/deps/kube.sh module    regenerate e2e/k8s/build/go.{mod,sum} for $MERIDIAN_K8S_VERSION
@@ -18,7 +19,8 @@
 # Ports: etcd $MERIDIAN_ETCD_PORT (+ peer $MERIDIAN_ETCD_PEER_PORT), API server
 # $MERIDIAN_APISERVER_PORT; the controller-manager, scheduler and kwok health/metrics ports
 # default to the API server port +1, +2, +3 (not the upstream 10257/10259/10247) so that a second
-# copy with other lib.sh ports does not collide. Everything binds to 127.0.0.1 only.
+# copy with other lib.sh ports does not collide (the deprecated `kubectl get componentstatuses`
+# hard-codes 10257/10259 and so reports them Unhealthy). Everything binds to 127.0.0.1 only.
 #
 # Nothing runs in the pods: their IPs (kwok --cidr) and Service cluster IPs are not reachable.
 # The API server would try to dial them for admission webhooks and aggregated APIs.
@@ -210,44 +212,59 @@ install_binaries() {
 # PKI and kubeconfigs (generated once, kept across down/up)
 # ---------------------------------------------------------------------------------------------
 
-# sign NAME SUBJECT EXTENSIONS: key and certificate NAME signed by our CA.
+# new_ca NAME CN: a self-signed CA key and certificate NAME (in the current directory).
+new_ca() {
+  openssl genrsa -out "$1.key" 2048 2>/dev/null
+  openssl req -x509 -new -key "$1.key" -sha256 -days 3650 -subj "/CN=$2" \
+    -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign,digitalSignature" \
+    -out "$1.crt"
+}
+
+# sign CA NAME SUBJECT EXTENSIONS: key and certificate NAME signed by CA, unless they exist.
 sign() {
-  local name=$1 subj=$2 ext=$3
+  local ca=$1 name=$2 subj=$3 ext=$4
+  [ -f "$name.crt" ] && [ -f "$name.key" ] && return 0
   openssl genrsa -out "$name.key" 2048 2>/dev/null
   openssl req -new -key "$name.key" -subj "$subj" -out "$name.csr"
   printf '%s\n' "$ext" >"$name.ext"
-  openssl x509 -req -in "$name.csr" -CA ca.crt -CAkey ca.key -CAcreateserial -days 3650 -sha256 \
+  openssl x509 -req -in "$name.csr" -CA "$ca.crt" -CAkey "$ca.key" -CAcreateserial -days 3650 -sha256 \
     -extfile "$name.ext" -out "$name.crt" 2>/dev/null
   rm -f "$name.csr" "$name.ext"
 }
 
+# Bump when gen_pki makes new files: the missing ones are then added to an existing PKI.
+PKI_REV=2
 gen_pki() {
-  [ -f "$PKI/.complete" ] && return 0
+  [ "$(cat "$PKI/.complete" 2>/dev/null)" = "$PKI_REV" ] && return 0
   step "generating certificates in $PKI"
-  rm -rf "$PKI" && mkdir -p "$PKI" && chmod 700 "$PKI"
+  if [ ! -f "$PKI/ca.crt" ] || [ ! -f "$PKI/ca.key" ]; then rm -rf "$PKI"; fi
+  mkdir -p "$PKI" && chmod 700 "$PKI"
   (
     cd "$PKI"
     local client="basicConstraints=critical,CA:FALSE
 keyUsage=critical,digitalSignature,keyEncipherment
 extendedKeyUsage=clientAuth"
-    openssl genrsa -out ca.key 2048 2>/dev/null
-    openssl req -x509 -new -key ca.key -sha256 -days 3650 -subj "/CN=meridian-kubernetes-ca" \
-      -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign,digitalSignature" \
-      -out ca.crt
-    sign apiserver "/CN=kube-apiserver" "basicConstraints=critical,CA:FALSE
+    [ -f ca.crt ] || new_ca ca meridian-kubernetes-ca
+    sign ca apiserver "/CN=kube-apiserver" "basicConstraints=critical,CA:FALSE
 keyUsage=critical,digitalSignature,keyEncipherment
 extendedKeyUsage=serverAuth
 subjectAltName=IP:127.0.0.1,IP:10.96.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local"
-    sign admin "/O=system:masters/CN=meridian-admin" "$client"
-    sign controller-manager "/CN=system:kube-controller-manager" "$client"
-    sign scheduler "/CN=system:kube-scheduler" "$client"
+    sign ca admin "/O=system:masters/CN=meridian-admin" "$client"
+    sign ca controller-manager "/CN=system:kube-controller-manager" "$client"
+    sign ca scheduler "/CN=system:kube-scheduler" "$client"
+    # Front proxy (request-header authentication): the API server's client certificate towards
+    # aggregated API servers; controller-manager and scheduler read its CA to authenticate.
+    [ -f front-proxy-ca.crt ] || new_ca front-proxy-ca meridian-front-proxy-ca
+    sign front-proxy-ca front-proxy-client "/CN=front-proxy-client" "$client"
     # Service-account token signing key pair (controller-manager signs, API server verifies).
-    openssl genrsa -out sa.key 2048 2>/dev/null
-    openssl rsa -in sa.key -pubout -out sa.pub 2>/dev/null
+    if [ ! -f sa.key ]; then
+      openssl genrsa -out sa.key 2048 2>/dev/null
+      openssl rsa -in sa.key -pubout -out sa.pub 2>/dev/null
+    fi
     chmod 600 ./*.key
   ) || die "certificate generation failed"
-  touch "$PKI/.complete"
-  ok "CA, API server, admin, controller-manager and scheduler certificates, service-account keys"
+  echo "$PKI_REV" >"$PKI/.complete"
+  ok "CA, API server, admin, controller-manager, scheduler and front-proxy certificates, service-account keys"
 }
 
 # write_kubeconfig FILE CERT-NAME USER: a self-contained kubeconfig (certificates embedded).
@@ -308,7 +325,7 @@ port_owner() {
 }
 
 STARTED=()
-# start_component NAME "PORT..." CMD...: start NAME unless it already runs.
+# start_component NAME "PORT..." CMD...: start NAME unless it runs.
 start_component() {
   local name=$1 ports=$2 port; shift 2
   component_pid "$name" >/dev/null && return 0
@@ -318,8 +335,41 @@ start_component() {
       die "$name: 127.0.0.1:$port is taken by $(port_owner "$port" || true) (another copy? set the MERIDIAN_*_PORT variables)"
     fi
   done
+  if ((${#STARTED[@]} == 0)); then
+    step "starting Kubernetes $MERIDIAN_K8S_VERSION (etcd $MERIDIAN_ETCD_VERSION, kwok $MERIDIAN_KWOK_VERSION) on $API_URL"
+  fi
+  # kwok manages a node only while it holds the node's Lease, and every kwok process has a new
+  # identity: a Lease left by the previous one would keep the pods Pending until it expires
+  # (up to 40s). No kwok of ours runs now, so release it.
+  if [ "$name" = kwok ]; then
+    api "/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases/$NODE_NAME" -X DELETE >/dev/null 2>&1 || true
+  fi
   start_bg "$name" "$@"
+  printf '%q ' "$@" >"$MERIDIAN_STATE_DIR/pids/$name.cmd"
   STARTED+=("$name")
+}
+
+# stale_reason NAME CMD...: why the running NAME must be restarted to run CMD (it runs another
+# command line, e.g. after a version or flag change, or a binary rebuilt since); fails if not.
+stale_reason() {
+  local name=$1 pid; shift
+  pid=$(component_pid "$name") || return 1
+  if [ "$(cat "$MERIDIAN_STATE_DIR/pids/$name.cmd" 2>/dev/null)" != "$(printf '%q ' "$@")" ]; then
+    echo "runs with another command line"
+  elif [[ $(readlink "/proc/$pid/exe") == *" (deleted)" ]]; then
+    echo "runs a binary rebuilt since"
+  else
+    return 1
+  fi
+}
+
+# stop_component NAME: stop our NAME if it runs; never signal a pid that is not ours.
+stop_component() {
+  if component_pid "$1" >/dev/null; then
+    stop_bg "$1" 30
+    ok "stopped $1"
+  fi
+  rm -f "$(pidfile "$1")" "$MERIDIAN_STATE_DIR/pids/$1.cmd"
 }
 
 # wait_healthy NAME TIMEOUT CMD...: poll CMD; fail early, with the log's tail, if NAME exits.
@@ -337,9 +387,10 @@ wait_healthy() {
   done
 }
 
-# api PATH: GET from the API server as admin.
+# api PATH [CURL-ARGS...]: request (GET by default) to the API server as admin.
 api() {
-  curl -fsS --max-time 5 --cacert "$PKI/ca.crt" --cert "$PKI/admin.crt" --key "$PKI/admin.key" "$API_URL$1"
+  local path=$1; shift
+  curl -fsS --max-time 5 --cacert "$PKI/ca.crt" --cert "$PKI/admin.crt" --key "$PKI/admin.key" "$@" "$API_URL$path"
 }
 https_ok() { curl -fsSk --max-time 3 "$1"; }
 http_ok() { curl -fsS --max-time 3 "$1"; }
@@ -347,78 +398,121 @@ kc() { "$BIN_DIR/kubectl" --kubeconfig "$ADMIN_KC" --cache-dir "$KUBE_DIR/cache"
 node_ready() { api "/api/v1/nodes/$NODE_NAME" | tr -d ' \n' | grep -q '"type":"Ready","status":"True"'; }
 server_version() { api /version | sed -n 's/.*"gitVersion": *"\([^"]*\)".*/\1/p'; }
 
-start_etcd() {
-  start_component etcd "$MERIDIAN_ETCD_PORT $MERIDIAN_ETCD_PEER_PORT" "$ETCD_BIN/etcd" \
-    --name=meridian \
-    --data-dir="$KUBE_DIR/etcd" \
-    --listen-client-urls="http://127.0.0.1:$MERIDIAN_ETCD_PORT" \
-    --advertise-client-urls="http://127.0.0.1:$MERIDIAN_ETCD_PORT" \
-    --listen-peer-urls="http://127.0.0.1:$MERIDIAN_ETCD_PEER_PORT" \
-    --initial-advertise-peer-urls="http://127.0.0.1:$MERIDIAN_ETCD_PEER_PORT" \
-    --initial-cluster="meridian=http://127.0.0.1:$MERIDIAN_ETCD_PEER_PORT" \
-    --initial-cluster-state=new \
-    --quota-backend-bytes=$((2 * 1024 * 1024 * 1024)) \
-    --auto-compaction-mode=periodic --auto-compaction-retention=10m \
-    --log-level=warn
-  wait_healthy etcd 60 http_ok "http://127.0.0.1:$MERIDIAN_ETCD_PORT/health" || die "etcd did not start"
+# component_cmd NAME: set PORTS (to check free) and CMD (to run) for component NAME.
+PORTS=
+CMD=()
+component_cmd() {
+  local stages=() f advertise=()
+  case $1 in
+    etcd)
+      PORTS="$MERIDIAN_ETCD_PORT $MERIDIAN_ETCD_PEER_PORT"
+      CMD=("$ETCD_BIN/etcd"
+        --name=meridian
+        --data-dir="$KUBE_DIR/etcd"
+        --listen-client-urls="http://127.0.0.1:$MERIDIAN_ETCD_PORT"
+        --advertise-client-urls="http://127.0.0.1:$MERIDIAN_ETCD_PORT"
+        --listen-peer-urls="http://127.0.0.1:$MERIDIAN_ETCD_PEER_PORT"
+        --initial-advertise-peer-urls="http://127.0.0.1:$MERIDIAN_ETCD_PEER_PORT"
+        --initial-cluster="meridian=http://127.0.0.1:$MERIDIAN_ETCD_PEER_PORT"
+        --initial-cluster-state=new
+        --quota-backend-bytes=$((2 * 1024 * 1024 * 1024))
+        --auto-compaction-mode=periodic --auto-compaction-retention=10m
+        --log-level=warn)
+      ;;
+    kube-apiserver)
+      # The API server advertises the address of the default route's interface in the
+      # `kubernetes` Service's endpoints; without a default route it cannot pick one, and
+      # loopback is invalid there, so give it loopback and no endpoint reconciler.
+      awk '$2 == "00000000" { found = 1 } END { exit !found }' /proc/net/route 2>/dev/null ||
+        advertise=(--advertise-address=127.0.0.1 --endpoint-reconciler-type=none)
+      PORTS=$MERIDIAN_APISERVER_PORT
+      # shellcheck disable=SC2054 # the comma in --authorization-mode=Node,RBAC is meant
+      CMD=("$K8S_BIN/kube-apiserver"
+        --etcd-servers="http://127.0.0.1:$MERIDIAN_ETCD_PORT"
+        --bind-address=127.0.0.1 --secure-port="$MERIDIAN_APISERVER_PORT" "${advertise[@]}"
+        --tls-cert-file="$PKI/apiserver.crt" --tls-private-key-file="$PKI/apiserver.key"
+        --client-ca-file="$PKI/ca.crt"
+        --requestheader-client-ca-file="$PKI/front-proxy-ca.crt"
+        --requestheader-allowed-names=front-proxy-client
+        --requestheader-username-headers=X-Remote-User
+        --requestheader-group-headers=X-Remote-Group
+        --requestheader-extra-headers-prefix=X-Remote-Extra-
+        --proxy-client-cert-file="$PKI/front-proxy-client.crt"
+        --proxy-client-key-file="$PKI/front-proxy-client.key"
+        --authorization-mode=Node,RBAC
+        --service-cluster-ip-range="$SERVICE_CIDR"
+        --service-account-issuer=https://kubernetes.default.svc.cluster.local
+        --service-account-key-file="$PKI/sa.pub"
+        --service-account-signing-key-file="$PKI/sa.key"
+        --allow-privileged=true
+        --profiling=false)
+      ;;
+    kube-controller-manager)
+      PORTS=$MERIDIAN_KCM_PORT
+      CMD=("$K8S_BIN/kube-controller-manager"
+        --kubeconfig="$KUBE_DIR/controller-manager.kubeconfig"
+        --authentication-kubeconfig="$KUBE_DIR/controller-manager.kubeconfig"
+        --authorization-kubeconfig="$KUBE_DIR/controller-manager.kubeconfig"
+        --bind-address=127.0.0.1 --secure-port="$MERIDIAN_KCM_PORT"
+        --leader-elect=false
+        --cluster-name=meridian
+        --service-account-private-key-file="$PKI/sa.key"
+        --root-ca-file="$PKI/ca.crt"
+        --cluster-signing-cert-file="$PKI/ca.crt" --cluster-signing-key-file="$PKI/ca.key"
+        --use-service-account-credentials=true
+        --service-cluster-ip-range="$SERVICE_CIDR"
+        --profiling=false)
+      ;;
+    kube-scheduler)
+      PORTS=$MERIDIAN_SCHEDULER_PORT
+      CMD=("$K8S_BIN/kube-scheduler"
+        --kubeconfig="$KUBE_DIR/scheduler.kubeconfig"
+        --authentication-kubeconfig="$KUBE_DIR/scheduler.kubeconfig"
+        --authorization-kubeconfig="$KUBE_DIR/scheduler.kubeconfig"
+        --bind-address=127.0.0.1 --secure-port="$MERIDIAN_SCHEDULER_PORT"
+        --leader-elect=false
+        --profiling=false)
+      ;;
+    kwok)
+      # Stages come from --config files (kwok's own "fast" stages, copied into e2e/k8s/kwok),
+      # so no kwok CRDs are needed. KWOK_WORKDIR keeps a ~/.kwok/kwok.yaml out of it. The
+      # server (healthz, metrics, and kubelet-like logs/exec endpoints) binds to loopback.
+      for f in "$K8S_SRC"/kwok/*.yaml; do stages+=(--config="$f"); done
+      PORTS=$MERIDIAN_KWOK_PORT
+      CMD=(env KWOK_WORKDIR="$KUBE_DIR/kwok" "$KWOK_BIN/kwok"
+        --kubeconfig="$KUBE_DIR/kwok.kubeconfig"
+        "${stages[@]}"
+        --manage-all-nodes=false
+        --manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake
+        --node-lease-duration-seconds=40
+        --cidr="$POD_CIDR"
+        --node-ip=127.0.0.1
+        --server-address="127.0.0.1:$MERIDIAN_KWOK_PORT")
+      ;;
+  esac
 }
 
-start_apiserver() {
-  local advertise=()
-  # The API server advertises the address of the default route's interface in the `kubernetes`
-  # Service's endpoints; without a default route it cannot pick one, and loopback is invalid
-  # there, so give it loopback and no endpoint reconciler.
-  awk '$2 == "00000000" { found = 1 } END { exit !found }' /proc/net/route 2>/dev/null ||
-    advertise=(--advertise-address=127.0.0.1 --endpoint-reconciler-type=none)
-  start_component kube-apiserver "$MERIDIAN_APISERVER_PORT" "$K8S_BIN/kube-apiserver" \
-    --etcd-servers="http://127.0.0.1:$MERIDIAN_ETCD_PORT" \
-    --bind-address=127.0.0.1 --secure-port="$MERIDIAN_APISERVER_PORT" "${advertise[@]}" \
-    --tls-cert-file="$PKI/apiserver.crt" --tls-private-key-file="$PKI/apiserver.key" \
-    --client-ca-file="$PKI/ca.crt" \
-    --authorization-mode=Node,RBAC \
-    --service-cluster-ip-range="$SERVICE_CIDR" \
-    --service-account-issuer=https://kubernetes.default.svc.cluster.local \
-    --service-account-key-file="$PKI/sa.pub" \
-    --service-account-signing-key-file="$PKI/sa.key" \
-    --allow-privileged=true \
-    --profiling=false
-  wait_healthy kube-apiserver 180 api /readyz || die "kube-apiserver did not become ready"
-}
-
-start_controllers() {
-  start_component kube-controller-manager "$MERIDIAN_KCM_PORT" "$K8S_BIN/kube-controller-manager" \
-    --kubeconfig="$KUBE_DIR/controller-manager.kubeconfig" \
-    --authentication-kubeconfig="$KUBE_DIR/controller-manager.kubeconfig" \
-    --authorization-kubeconfig="$KUBE_DIR/controller-manager.kubeconfig" \
-    --bind-address=127.0.0.1 --secure-port="$MERIDIAN_KCM_PORT" \
-    --leader-elect=false \
-    --cluster-name=meridian \
-    --service-account-private-key-file="$PKI/sa.key" \
-    --root-ca-file="$PKI/ca.crt" \
-    --cluster-signing-cert-file="$PKI/ca.crt" --cluster-signing-key-file="$PKI/ca.key" \
-    --use-service-account-credentials=true \
-    --service-cluster-ip-range="$SERVICE_CIDR" \
-    --profiling=false
-  start_component kube-scheduler "$MERIDIAN_SCHEDULER_PORT" "$K8S_BIN/kube-scheduler" \
-    --kubeconfig="$KUBE_DIR/scheduler.kubeconfig" \
-    --authentication-kubeconfig="$KUBE_DIR/scheduler.kubeconfig" \
-    --authorization-kubeconfig="$KUBE_DIR/scheduler.kubeconfig" \
-    --bind-address=127.0.0.1 --secure-port="$MERIDIAN_SCHEDULER_PORT" \
-    --leader-elect=false \
-    --profiling=false
-  # Stages come from --config files (kwok's own "fast" stages, copied into e2e/k8s/kwok), so
-  # no kwok CRDs are needed. KWOK_WORKDIR keeps a ~/.kwok/kwok.yaml out of it.
-  local stages=() f
-  for f in "$K8S_SRC"/kwok/*.yaml; do stages+=(--config="$f"); done
-  KWOK_WORKDIR="$KUBE_DIR/kwok" start_component kwok "$MERIDIAN_KWOK_PORT" "$KWOK_BIN/kwok" \
-    --kubeconfig="$KUBE_DIR/kwok.kubeconfig" \
-    "${stages[@]}" \
-    --manage-all-nodes=false \
-    --manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake \
-    --node-lease-duration-seconds=40 \
-    --cidr="$POD_CIDR" \
-    --node-ip=127.0.0.1 \
-    --server-address="127.0.0.1:$MERIDIAN_KWOK_PORT"
+start_all() {
+  local i j name reason
+  # A component that must be restarted takes the ones after it down first: the API server
+  # would otherwise wait for its clients' watches before it exits.
+  for i in "${!COMPONENTS[@]}"; do
+    name=${COMPONENTS[i]}
+    component_cmd "$name"
+    if reason=$(stale_reason "$name" "${CMD[@]}"); then
+      warn "$name $reason: restarting it and the components after it"
+      for ((j = ${#COMPONENTS[@]} - 1; j >= i; j--)); do stop_component "${COMPONENTS[j]}"; done
+      break
+    fi
+  done
+  for name in "${COMPONENTS[@]}"; do
+    component_cmd "$name"
+    start_component "$name" "$PORTS" "${CMD[@]}"
+    case $name in
+      etcd) wait_healthy etcd 60 http_ok "http://127.0.0.1:$MERIDIAN_ETCD_PORT/health" || die "etcd did not start" ;;
+      kube-apiserver) wait_healthy kube-apiserver 180 api /readyz || die "kube-apiserver did not become ready" ;;
+    esac
+  done
   wait_healthy kube-controller-manager 60 https_ok "https://127.0.0.1:$MERIDIAN_KCM_PORT/healthz" ||
     die "kube-controller-manager did not become healthy"
   wait_healthy kube-scheduler 60 https_ok "https://127.0.0.1:$MERIDIAN_SCHEDULER_PORT/healthz" ||
@@ -451,40 +545,26 @@ up() {
   gen_pki
   write_kubeconfigs
 
-  # Fast path: everything runs and answers.
-  local n all=1
-  for n in "${COMPONENTS[@]}"; do component_pid "$n" >/dev/null || all=0; done
-  if ((all)) && api /readyz >/dev/null 2>&1 && node_ready; then
-    ok "kube already up: $API_URL ($(server_version), node $NODE_NAME Ready)"
-    return 0
-  fi
-
-  step "starting Kubernetes $MERIDIAN_K8S_VERSION (etcd $MERIDIAN_ETCD_VERSION, kwok $MERIDIAN_KWOK_VERSION) on $API_URL"
-  start_etcd
-  start_apiserver
-  start_controllers
+  # Returns at once when every component runs (with the same command line) and answers.
+  start_all
   if ! api "/api/v1/nodes/$NODE_NAME" >/dev/null 2>&1; then
     kc apply -f "$K8S_SRC/node.yaml" >/dev/null || die "could not create node $NODE_NAME"
   fi
   wait_for kwok 60 node_ready || die "node $NODE_NAME did not become Ready"
   wait_for kube-controller-manager 60 api /api/v1/namespaces/default/serviceaccounts/default ||
     die "the default ServiceAccount was not created"
-  if ((${#STARTED[@]})); then ok "started ${STARTED[*]}"; fi
+  if ((${#STARTED[@]} == 0)); then
+    ok "kube already up: $API_URL ($(server_version), node $NODE_NAME Ready)"
+    return 0
+  fi
+  ok "started ${STARTED[*]}"
   smoke_test
   ok "kube up in $((SECONDS - start))s: $API_URL ($(server_version)), KUBECONFIG=$ADMIN_KC"
 }
 
 down() {
-  local i name
-  for ((i = ${#COMPONENTS[@]} - 1; i >= 0; i--)); do
-    name=${COMPONENTS[i]}
-    if component_pid "$name" >/dev/null; then
-      stop_bg "$name" 30
-      ok "stopped $name"
-    else
-      rm -f "$(pidfile "$name")"  # stale, or never started; never signal a pid we do not own
-    fi
-  done
+  local i
+  for ((i = ${#COMPONENTS[@]} - 1; i >= 0; i--)); do stop_component "${COMPONENTS[i]}"; done
 }
 
 status() {

@@ -4,3 +4,102 @@
 //! The crate is built against the oldest Kubernetes API it supports (`k8s-openapi` feature
 //! `v1_33`). Its integration tests run against the real local control plane started by
 //! `just deps-up` (etcd, kube-apiserver, kube-controller-manager, kube-scheduler and kwok).
+//!
+//! # Layout
+//! - `crd` — the `MiddlewareStack` types and their admission rules (no client code).
+//! - `validate` — spec → `ValidatedStack`, or an error listing every broken rule.
+//! - `build` — `ValidatedStack` → the desired Deployments, Services, ConfigMaps and
+//!   PodDisruptionBudgets (pure).
+//! - `gating` — which staged step may proceed given the observed health (pure).
+//! - `bin/crdgen.rs` — prints [`crd_yaml`] (`just crds` writes `crds/middlewarestack.yaml`).
+
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use serde_json::Value;
+
+pub mod build;
+pub mod crd;
+pub mod gating;
+pub mod validate;
+
+#[cfg(test)]
+mod fixtures;
+
+/// The `MiddlewareStack` CRD, as installed in a cluster.
+///
+/// Same as `MiddlewareStack::crd()`, except that the descriptions are reflowed: doc comments
+/// wrap at 100 columns, and `kubectl explain` would otherwise print those line breaks
+/// verbatim. Paragraphs (blank lines) are kept.
+///
+/// # Errors
+/// When the generated CRD does not round-trip through JSON (a bug in the types).
+pub fn crd() -> Result<CustomResourceDefinition, serde_json::Error> {
+    use kube::CustomResourceExt as _;
+    let mut crd = serde_json::to_value(crd::MiddlewareStack::crd())?;
+    reflow_descriptions(&mut crd);
+    serde_json::from_value(crd)
+}
+
+/// The CRD as the YAML document checked in at `crds/middlewarestack.yaml`.
+///
+/// # Errors
+/// When the CRD cannot be serialized (a bug in the types).
+pub fn crd_yaml() -> Result<String, CrdYamlError> {
+    Ok(serde_saphyr::to_string(&crd()?)?)
+}
+
+/// Why the CRD could not be rendered.
+#[derive(Debug, thiserror::Error)]
+pub enum CrdYamlError {
+    /// The CRD did not round-trip through JSON.
+    #[error("failed to convert the CRD through JSON: {0}")]
+    Json(#[from] serde_json::Error),
+    /// The YAML emitter failed.
+    #[error("failed to serialize the CRD as YAML: {0}")]
+    Yaml(#[from] serde_saphyr::SerializeError),
+}
+
+/// Joins the lines of each paragraph of every `description` below `value`.
+fn reflow_descriptions(value: &mut Value) {
+    match value {
+        Value::Object(map) => {
+            for (key, child) in map.iter_mut() {
+                match child {
+                    Value::String(text) if key == "description" => *text = reflow(text),
+                    _ => reflow_descriptions(child),
+                }
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(reflow_descriptions),
+        _ => {}
+    }
+}
+
+fn reflow(text: &str) -> String {
+    text.split("\n\n")
+        .map(|paragraph| {
+            paragraph
+                .split('\n')
+                .map(str::trim)
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .collect::<Vec<_>>()
+        .join("\n\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reflow_joins_wrapped_lines_and_keeps_paragraphs() {
+        assert_eq!(reflow("one\ntwo\n\nthree\n four"), "one two\n\nthree four");
+        assert_eq!(reflow("single line"), "single line");
+    }
+
+    #[test]
+    fn the_installed_crd_has_no_wrapped_descriptions() {
+        let crd = serde_json::to_string(&crd().unwrap()).unwrap();
+        assert!(crd.contains("Immutable: moving a stack to another database"));
+    }
+}

@@ -1,9 +1,8 @@
 // Wrapper module that builds the Kubernetes control-plane binaries from the published
-// k8s.io/kubernetes module. k8s.io/kubernetes requires its staging modules at v0.0.0 and
-// replaces them with ./staging/src/..., which only works inside its own repository; here every
-// staging module is replaced with its published release instead. Built by e2e/deps/kube.sh.
-// To move to another release, change the versions below (kubernetes vX.Y.Z <=> staging v0.Y.Z)
-// and run `go mod tidy`.
+// k8s.io/kubernetes module. k8s.io/kubernetes requires its staging modules at v0.0.0 and replaces
+// them with ./staging/src/..., which only resolves inside its own repository; here every staging
+// module is replaced with its published release instead. Built by e2e/deps/kube.sh; regenerate
+// with `MERIDIAN_K8S_VERSION=vX.Y.Z e2e/deps/kube.sh module`.
 module meridian.local/e2e/k8s/build
 
 go 1.26.0

@@ -2,4 +2,6 @@
 //! kube-apiserver, kube-controller-manager and kube-scheduler built from source, with kwok
 //! playing the kubelet.
 
+mod admission;
+mod built_objects;
 mod control_plane;

@@ -2,18 +2,31 @@
 //! status, and records them with a transactional outbox in PostgreSQL that is relayed to the
 //! Kafka `commands` topic.
 //!
-//! So far it owns its dependencies' clients and the operational routes (`/health`, `/ready`
-//! checking PostgreSQL and Kafka, `/metrics`); the command API is built on top of them.
+//! # Layout
+//! - [`commands`]: `POST /v1/commands` (idempotent intake: command + idempotency record +
+//!   outbox row in one transaction) and `GET /v1/commands/{id}`; expired-key cleanup.
+//! - [`error`]: [`ApiError`](error::ApiError) (problem+json) and the [`Json`](error::Json)
+//!   extractor rejecting with it.
+//! - this file: [`Config`], [`AppState`], [`router`], [`run`] (HTTP + the outbox relay + the
+//!   cleanup task, all stopped by the shutdown token) and the [`Service`] impl.
+
+pub mod commands;
+pub mod error;
+
+use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
 use common::config::{CommonConfig, ConfigError, KafkaConfig, PostgresConfig, Vars};
 use common::http::Ops;
-use common::kafka::KafkaCheck;
+use common::kafka::{KafkaCheck, TOPIC_COMMANDS};
+use common::outbox::{OutboxTable, Relay, RelaySettings};
 use common::postgres::{Postgres, PostgresError};
 use common::service::Service;
 use common::shutdown::CancellationToken;
 use rdkafka::error::KafkaError;
 use rdkafka::producer::FutureProducer;
+use serde::Deserialize;
 use tokio::net::TcpListener;
 
 /// The service's name in logs, traces and metrics.
@@ -28,6 +41,70 @@ pub struct Config {
     pub postgres: PostgresConfig,
     /// Where the outbox is relayed.
     pub kafka: KafkaConfig,
+    /// The command API's own settings (`COMMANDS_*`).
+    pub commands: CommandsConfig,
+}
+
+/// The `COMMANDS_*` variables.
+#[derive(Debug, Clone, Deserialize)]
+pub struct CommandsConfig {
+    /// `COMMANDS_IDEMPOTENCY_TTL_SECONDS`: how long an `Idempotency-Key` is remembered.
+    /// Default 86400 (24 h).
+    #[serde(default = "defaults::idempotency_ttl_seconds")]
+    pub commands_idempotency_ttl_seconds: u64,
+    /// `COMMANDS_IDEMPOTENCY_CLEANUP_INTERVAL_MS`: how often expired keys are deleted.
+    /// Default 60000.
+    #[serde(default = "defaults::cleanup_interval_ms")]
+    pub commands_idempotency_cleanup_interval_ms: u64,
+    /// `COMMANDS_MAX_BODY_BYTES`: request body limit (413 above). Default 1048576 (1 MiB).
+    #[serde(default = "defaults::max_body_bytes")]
+    pub commands_max_body_bytes: usize,
+    /// `COMMANDS_CUSTOM_TYPES`: comma-separated command types accepted besides `create`,
+    /// `replace`, `patch` and `delete`. Default none.
+    #[serde(default)]
+    pub commands_custom_types: Vec<String>,
+    /// `COMMANDS_OUTBOX_BATCH_SIZE`: rows the relay publishes per batch. Default 500.
+    #[serde(default = "defaults::outbox_batch_size")]
+    pub commands_outbox_batch_size: u32,
+    /// `COMMANDS_OUTBOX_POLL_INTERVAL_MS`: the relay's fallback poll (and standby) interval.
+    /// Default 1000.
+    #[serde(default = "defaults::outbox_poll_interval_ms")]
+    pub commands_outbox_poll_interval_ms: u64,
+}
+
+mod defaults {
+    pub fn idempotency_ttl_seconds() -> u64 {
+        86_400
+    }
+    pub fn cleanup_interval_ms() -> u64 {
+        60_000
+    }
+    pub fn max_body_bytes() -> usize {
+        1024 * 1024
+    }
+    pub fn outbox_batch_size() -> u32 {
+        500
+    }
+    pub fn outbox_poll_interval_ms() -> u64 {
+        1000
+    }
+}
+
+/// What the handlers and background tasks need from the configuration.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Full name of the `commands` topic (prefix included).
+    pub commands_topic: String,
+    /// Idempotency record lifetime.
+    pub idempotency_ttl: Duration,
+    /// Expired-key cleanup interval.
+    pub cleanup_interval: Duration,
+    /// Body limit.
+    pub max_body_bytes: usize,
+    /// Accepted custom command types.
+    pub custom_types: Vec<String>,
+    /// The outbox relay.
+    pub relay: RelaySettings,
 }
 
 impl Config {
@@ -37,6 +114,7 @@ impl Config {
             common: vars.parse()?,
             postgres: vars.parse()?,
             kafka: vars.parse()?,
+            commands: vars.parse()?,
         })
     }
 }
@@ -64,6 +142,8 @@ pub struct AppState {
     pub db: Postgres,
     /// The outbox relay's producer.
     pub producer: FutureProducer,
+    /// Settings from the configuration.
+    pub settings: Arc<Settings>,
 }
 
 impl AppState {
@@ -77,22 +157,68 @@ impl AppState {
                 &producer,
                 config.common.readiness_timeout(),
             ));
-        Ok(Self { ops, db, producer })
+        let c = &config.commands;
+        let settings = Arc::new(Settings {
+            commands_topic: config.kafka.topic(TOPIC_COMMANDS),
+            idempotency_ttl: Duration::from_secs(c.commands_idempotency_ttl_seconds),
+            cleanup_interval: Duration::from_millis(c.commands_idempotency_cleanup_interval_ms),
+            max_body_bytes: c.commands_max_body_bytes,
+            custom_types: c.commands_custom_types.clone(),
+            relay: RelaySettings {
+                service: NAME,
+                table: OutboxTable::DEFAULT,
+                batch_size: c.commands_outbox_batch_size.max(1),
+                poll_interval: Duration::from_millis(c.commands_outbox_poll_interval_ms.max(10)),
+            },
+        });
+        Ok(Self {
+            ops,
+            db,
+            producer,
+            settings,
+        })
     }
 }
 
 /// Every route of the service.
 pub fn router(state: &AppState) -> Router {
-    common::http::instrument(common::http::ops_router(&state.ops), NAME)
+    let api = commands::router(state)
+        .merge(common::http::ops_router(&state.ops))
+        .fallback(|| async { error::ApiError::NotFound });
+    common::http::instrument(api, NAME)
 }
 
-/// Serves until `shutdown` fires, then drains.
+/// Applies the migrations in the background, starts the outbox relay and the expired-key
+/// cleanup, and serves until `shutdown` fires; then drains and waits for the background tasks.
 pub async fn run(
     listener: TcpListener,
     state: AppState,
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
-    Ok(common::http::serve(listener, router(&state), &state.ops, shutdown).await?)
+    state
+        .db
+        .migrate_in_background(NAME, &common::schema::MIGRATOR, &shutdown);
+    // Background work stops with the process token, or when serving fails.
+    let background = shutdown.child_token();
+    let relay = Relay::new(
+        state.db.pool().clone(),
+        state.producer.clone(),
+        state.settings.relay.clone(),
+    );
+    let relay = tokio::spawn(relay.run(background.clone()));
+    let cleanup = tokio::spawn(commands::cleanup_expired_keys(
+        state.db.pool().clone(),
+        state.settings.cleanup_interval,
+        background.clone(),
+    ));
+    let served = common::http::serve(listener, router(&state), &state.ops, shutdown).await;
+    background.cancel();
+    for task in [relay, cleanup] {
+        if let Err(error) = task.await {
+            tracing::error!(%error, "A background task panicked.");
+        }
+    }
+    Ok(served?)
 }
 
 /// The command service as a [`Service`].

@@ -12,6 +12,9 @@
 //!   `serve` with graceful shutdown.
 //! - [`shutdown`]: SIGTERM/SIGINT handling and the cancellation token every task watches.
 //! - [`postgres`], [`redis`], [`kafka`]: client constructors and their readiness checks.
+//! - [`schema`]: the stack's one sqlx migration set (commands, idempotency keys, outbox).
+//! - [`outbox`]: the transactional outbox (enqueue in a transaction) and its Kafka relay.
+//! - [`problem`]: RFC 9457 problem details with the platform's problem types.
 //! - [`retry`]: the one backoff policy used to (re)connect to dependencies.
 //! - [`service`]: the `Service` trait and the `main` every service binary calls.
 //! - `test_support` (feature `test-support`): helpers for integration tests.
@@ -21,9 +24,12 @@ pub mod health;
 pub mod http;
 pub mod kafka;
 pub mod metrics;
+pub mod outbox;
 pub mod postgres;
+pub mod problem;
 pub mod redis;
 pub mod retry;
+pub mod schema;
 pub mod service;
 pub mod shutdown;
 pub mod telemetry;

@@ -19,6 +19,25 @@ pub const DEPENDENCY_CHECK_DURATION_SECONDS: &str = "dependency_check_duration_s
 /// Counter: failed attempts to connect to a dependency at start-up.
 /// Labels: `service`, `dependency`.
 pub const DEPENDENCY_CONNECT_RETRIES_TOTAL: &str = "dependency_connect_retries_total";
+/// Counter: commands accepted (stored with their outbox row). Labels: `service`, `type`.
+pub const COMMANDS_ACCEPTED_TOTAL: &str = "commands_accepted_total";
+/// Counter: command requests refused with a 4xx. Labels: `service`, `reason` (problem slug).
+pub const COMMANDS_REJECTED_TOTAL: &str = "commands_rejected_total";
+/// Counter: responses replayed for a repeated `Idempotency-Key`. Labels: `service`.
+pub const IDEMPOTENCY_REPLAYS_TOTAL: &str = "idempotency_replays_total";
+/// Counter: expired idempotency records deleted by the cleanup task. Labels: `service`.
+pub const IDEMPOTENCY_KEYS_EXPIRED_TOTAL: &str = "idempotency_keys_expired_total";
+/// Counter: outbox rows published and acknowledged by Kafka. Labels: `service`, `table`.
+pub const OUTBOX_RELAYED_TOTAL: &str = "outbox_relayed_total";
+/// Counter: outbox rows whose delivery failed (they stay and are retried).
+/// Labels: `service`, `table`.
+pub const OUTBOX_RELAY_FAILURES_TOTAL: &str = "outbox_relay_failures_total";
+/// Gauge: rows waiting in the outbox, as last seen by the leading relay.
+/// Labels: `service`, `table`.
+pub const OUTBOX_BACKLOG: &str = "outbox_backlog";
+/// Histogram: duration of one relay batch (read, publish, await acks, delete).
+/// Labels: `service`, `table`.
+pub const OUTBOX_RELAY_BATCH_DURATION_SECONDS: &str = "outbox_relay_batch_duration_seconds";
 /// Gauge: always 1; labels carry `service` and `version`.
 pub const BUILD_INFO: &str = "meridian_build_info";
 

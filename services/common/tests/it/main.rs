@@ -2,5 +2,6 @@
 //! PostgreSQL, Redis and Kafka from `just deps-up`; nothing is mocked).
 
 mod kafka;
+mod outbox;
 mod postgres;
 mod redis;

@@ -1,0 +1,581 @@
+//! The *build* step: a [`ValidatedStack`] → the Kubernetes objects it should own
+//! ([`DesiredState`]). Pure: no API client, no clock, no randomness, so the same spec always
+//! builds byte-identical objects (and server-side apply of an unchanged stack writes nothing).
+//!
+//! Per enabled service: a ConfigMap with its plain settings, a Deployment (probes on `/health`
+//! and `/ready`, non-root, read-only root filesystem, secrets from Secret refs), a Service, and
+//! a PodDisruptionBudget when it runs more than one replica. Every object carries the
+//! `app.kubernetes.io/*` labels and a controller owner reference to the stack.
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
+use k8s_openapi::api::core::v1::{
+    Capabilities, ConfigMap, ConfigMapEnvSource, Container, ContainerPort, EmptyDirVolumeSource,
+    EnvFromSource, EnvVar, EnvVarSource, HTTPGetAction, PodSecurityContext, PodSpec,
+    PodTemplateSpec, Probe, SeccompProfile, SecretKeySelector, SecurityContext, Service,
+    ServicePort, ServiceSpec as CoreServiceSpec, Volume, VolumeMount,
+};
+use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+use crate::crd::{RateLimitPolicy, ServiceSpec, ServicesSpec};
+use crate::validate::ValidatedStack;
+
+/// `app.kubernetes.io/part-of` of everything the operator creates.
+pub const PART_OF: &str = "meridian";
+/// `app.kubernetes.io/managed-by` of everything the operator creates.
+pub const MANAGED_BY: &str = "meridian-operator";
+/// The pod-template annotation holding a hash of the service's ConfigMap, so that a settings
+/// change rolls the pods (environment from a ConfigMap is read only at container start).
+pub const CONFIG_HASH_ANNOTATION: &str = "meridian.dev/config-hash";
+/// The key of the connection URL in the Secrets the credentials stage writes.
+pub const URL_KEY: &str = "url";
+/// How long the services drain in-flight requests after SIGTERM (`SHUTDOWN_GRACE_SECONDS`).
+pub const SHUTDOWN_GRACE_SECONDS: i64 = 25;
+/// The non-root user and group the containers run as.
+pub const RUN_AS: i64 = 65532;
+
+/// One of the five services, in start-up order (core first, then edge: hub, then gateway).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Component {
+    /// `command-service`.
+    CommandService,
+    /// `processor`.
+    Processor,
+    /// `cache-updater`.
+    CacheUpdater,
+    /// `ws-hub`.
+    WsHub,
+    /// `api-gateway`.
+    Gateway,
+}
+
+/// Whether a service belongs to the core stage or the edge stage.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Tier {
+    /// Command service, processor, cache updater.
+    Core,
+    /// WebSocket hub and API gateway: exposed to clients, started after the core.
+    Edge,
+}
+
+impl Tier {
+    fn label(self) -> &'static str {
+        match self {
+            Self::Core => "core",
+            Self::Edge => "edge",
+        }
+    }
+}
+
+impl Component {
+    /// Every service, in start-up order.
+    pub const ALL: [Self; 5] = [
+        Self::CommandService,
+        Self::Processor,
+        Self::CacheUpdater,
+        Self::WsHub,
+        Self::Gateway,
+    ];
+
+    /// The service's name: its image, its `app.kubernetes.io/name` and `OTEL_SERVICE_NAME`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Gateway => "api-gateway",
+            Self::CommandService => "command-service",
+            Self::Processor => "processor",
+            Self::CacheUpdater => "cache-updater",
+            Self::WsHub => "ws-hub",
+        }
+    }
+
+    /// The service's field under `spec.services`.
+    pub fn field(self) -> &'static str {
+        match self {
+            Self::Gateway => "gateway",
+            Self::CommandService => "commandService",
+            Self::Processor => "processor",
+            Self::CacheUpdater => "cacheUpdater",
+            Self::WsHub => "wsHub",
+        }
+    }
+
+    /// The HTTP port (API, `/health`, `/ready`, `/metrics`).
+    pub fn port(self) -> i32 {
+        match self {
+            Self::Gateway => 8080,
+            Self::CommandService => 8082,
+            Self::Processor => 8083,
+            Self::CacheUpdater => 8084,
+            Self::WsHub => 8085,
+        }
+    }
+
+    /// The stage the service is started in.
+    pub fn tier(self) -> Tier {
+        match self {
+            Self::CommandService | Self::Processor | Self::CacheUpdater => Tier::Core,
+            Self::WsHub | Self::Gateway => Tier::Edge,
+        }
+    }
+
+    /// The service's settings in the spec.
+    pub fn spec(self, services: &ServicesSpec) -> &ServiceSpec {
+        match self {
+            Self::Gateway => &services.gateway,
+            Self::CommandService => &services.command_service,
+            Self::Processor => &services.processor,
+            Self::CacheUpdater => &services.cache_updater,
+            Self::WsHub => &services.ws_hub,
+        }
+    }
+
+    /// Whether the service talks to PostgreSQL (`DATABASE_URL`).
+    pub fn uses_postgres(self) -> bool {
+        matches!(self, Self::CommandService | Self::Processor)
+    }
+
+    /// Whether the service talks to Redis (`REDIS_URL`, `REDIS_KEY_PREFIX`).
+    pub fn uses_redis(self) -> bool {
+        matches!(self, Self::Gateway | Self::CacheUpdater | Self::WsHub)
+    }
+
+    /// Whether the service talks to Kafka (`KAFKA_BOOTSTRAP_SERVERS`, `KAFKA_TOPIC_PREFIX`).
+    pub fn uses_kafka(self) -> bool {
+        matches!(
+            self,
+            Self::CommandService | Self::Processor | Self::CacheUpdater
+        )
+    }
+}
+
+/// Everything a stack should own in its namespace.
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct DesiredState {
+    /// One entry per enabled service, in start-up order.
+    pub services: Vec<ServiceObjects>,
+}
+
+impl DesiredState {
+    /// The objects of one service, if it is enabled.
+    pub fn service(&self, component: Component) -> Option<&ServiceObjects> {
+        self.services.iter().find(|s| s.component == component)
+    }
+}
+
+/// The objects of one service.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ServiceObjects {
+    /// Which service.
+    pub component: Component,
+    /// Its plain (non-secret) settings, read through `envFrom`.
+    pub config_map: ConfigMap,
+    /// Its pods.
+    pub deployment: Deployment,
+    /// Its ClusterIP Service on the HTTP port.
+    pub service: Service,
+    /// Present when it runs more than one replica.
+    pub pod_disruption_budget: Option<PodDisruptionBudget>,
+}
+
+/// The name of the Secret (key [`URL_KEY`]) with the stack's PostgreSQL connection URL.
+pub fn postgres_secret_name(stack: &ValidatedStack) -> String {
+    format!("{}-postgres", stack.name())
+}
+
+/// The name of the Secret (key [`URL_KEY`]) with the stack's Redis connection URL.
+pub fn redis_secret_name(stack: &ValidatedStack) -> String {
+    format!("{}-redis", stack.name())
+}
+
+/// The name of a service's Deployment, Service, ConfigMap and PodDisruptionBudget.
+pub fn object_name(stack: &ValidatedStack, component: Component) -> String {
+    format!("{}-{}", stack.name(), component.name())
+}
+
+/// The labels that select a service's pods (stable: a Deployment's selector is immutable).
+pub fn selector_labels(stack: &ValidatedStack, component: Component) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (
+            "app.kubernetes.io/name".to_owned(),
+            component.name().to_owned(),
+        ),
+        (
+            "app.kubernetes.io/instance".to_owned(),
+            stack.name().to_owned(),
+        ),
+    ])
+}
+
+/// Every label of a service's objects.
+pub fn labels(stack: &ValidatedStack, component: Component) -> BTreeMap<String, String> {
+    let mut labels = selector_labels(stack, component);
+    labels.extend([
+        (
+            "app.kubernetes.io/component".to_owned(),
+            component.tier().label().to_owned(),
+        ),
+        ("app.kubernetes.io/part-of".to_owned(), PART_OF.to_owned()),
+        (
+            "app.kubernetes.io/managed-by".to_owned(),
+            MANAGED_BY.to_owned(),
+        ),
+    ]);
+    labels
+}
+
+/// Builds the objects of every enabled service.
+pub fn build(stack: &ValidatedStack) -> DesiredState {
+    DesiredState {
+        services: Component::ALL
+            .into_iter()
+            .filter(|c| c.spec(&stack.spec().services).enabled)
+            .map(|c| build_service(stack, c))
+            .collect(),
+    }
+}
+
+fn build_service(stack: &ValidatedStack, component: Component) -> ServiceObjects {
+    let spec = component.spec(&stack.spec().services);
+    let config_map = config_map(stack, component);
+    let pod_disruption_budget =
+        (spec.replicas > 1).then(|| pod_disruption_budget(stack, component));
+    ServiceObjects {
+        component,
+        deployment: deployment(stack, component, &config_map),
+        service: service(stack, component),
+        config_map,
+        pod_disruption_budget,
+    }
+}
+
+fn metadata(stack: &ValidatedStack, component: Component) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(object_name(stack, component)),
+        namespace: Some(stack.namespace().to_owned()),
+        labels: Some(labels(stack, component)),
+        owner_references: Some(vec![stack.owner().clone()]),
+        ..ObjectMeta::default()
+    }
+}
+
+/// The plain settings of a service, by the variable names of ARCHITECTURE.md.
+pub fn settings(stack: &ValidatedStack, component: Component) -> BTreeMap<String, String> {
+    let spec = stack.spec();
+    let mut env = BTreeMap::new();
+    let mut set = |key: &str, value: String| {
+        env.insert(key.to_owned(), value);
+    };
+    set("PORT", component.port().to_string());
+    set("BIND_ADDRESS", "0.0.0.0".to_owned());
+    set("LOG_FORMAT", "json".to_owned());
+    set("RUST_LOG", "info".to_owned());
+    set("SHUTDOWN_GRACE_SECONDS", SHUTDOWN_GRACE_SECONDS.to_string());
+    set("OTEL_SERVICE_NAME", component.name().to_owned());
+    set(
+        "OTEL_TRACES_SAMPLER_ARG",
+        spec.telemetry.sampling_ratio.to_string(),
+    );
+    if let Some(endpoint) = &spec.telemetry.otlp_endpoint {
+        set("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.clone());
+    }
+    if component.uses_kafka() {
+        set(
+            "KAFKA_BOOTSTRAP_SERVERS",
+            spec.kafka.bootstrap_servers.clone(),
+        );
+        set("KAFKA_TOPIC_PREFIX", stack.topic_prefix());
+    }
+    if component.uses_redis() {
+        set("REDIS_KEY_PREFIX", stack.redis_key_prefix());
+    }
+    if component == Component::Gateway {
+        // Gateway-specific settings (prefix `GATEWAY_`, ARCHITECTURE.md); the JWT secret
+        // itself comes from a Secret ref in the Deployment, never from the ConfigMap.
+        set(
+            "GATEWAY_COMMAND_SERVICE_URL",
+            format!(
+                "http://{}.{}.svc:{}",
+                object_name(stack, Component::CommandService),
+                stack.namespace(),
+                Component::CommandService.port()
+            ),
+        );
+        if let Some(auth) = &spec.auth {
+            set("GATEWAY_JWT_ISSUER", auth.issuer.clone());
+            set("GATEWAY_JWT_AUDIENCE", auth.audience.clone());
+            if let Some(url) = &auth.jwks_url {
+                set("GATEWAY_JWKS_URL", url.clone());
+            }
+        }
+        if !spec.rate_limits.policies.is_empty() {
+            set(
+                "GATEWAY_RATE_LIMITS",
+                rate_limits_json(&spec.rate_limits.policies),
+            );
+        }
+    }
+    env
+}
+
+/// The rate-limit policies as compact JSON, with `burst` filled in (default: `rate`).
+fn rate_limits_json(policies: &[RateLimitPolicy]) -> String {
+    let policies: Vec<serde_json::Value> = policies
+        .iter()
+        .map(|p| {
+            serde_json::json!({
+                "name": p.name,
+                "key": p.key,
+                "rate": p.rate,
+                "period": p.period,
+                "burst": p.burst.unwrap_or(p.rate),
+            })
+        })
+        .collect();
+    serde_json::Value::Array(policies).to_string()
+}
+
+/// The variables that come from Secrets, never from the ConfigMap.
+fn secret_env(stack: &ValidatedStack, component: Component) -> Vec<EnvVar> {
+    let from_secret = |name: &str, secret: String, key: String| EnvVar {
+        name: name.to_owned(),
+        value_from: Some(EnvVarSource {
+            secret_key_ref: Some(SecretKeySelector {
+                name: secret,
+                key,
+                optional: Some(false),
+            }),
+            ..EnvVarSource::default()
+        }),
+        ..EnvVar::default()
+    };
+    let mut env = Vec::new();
+    if component.uses_postgres() {
+        env.push(from_secret(
+            "DATABASE_URL",
+            postgres_secret_name(stack),
+            URL_KEY.to_owned(),
+        ));
+    }
+    if component.uses_redis() {
+        env.push(from_secret(
+            "REDIS_URL",
+            redis_secret_name(stack),
+            URL_KEY.to_owned(),
+        ));
+    }
+    if component == Component::Gateway
+        && let Some(secret) = stack
+            .spec()
+            .auth
+            .as_ref()
+            .and_then(|a| a.jwt_secret_ref.as_ref())
+    {
+        env.push(from_secret(
+            "GATEWAY_JWT_SECRET",
+            secret.name.clone(),
+            secret.key.clone(),
+        ));
+    }
+    env
+}
+
+/// `ours`, then `extra`; an extra variable replaces ours of the same name in place (the
+/// Deployment's `env` is a list keyed by name, so it must not hold duplicates).
+fn merge_env(ours: Vec<EnvVar>, extra: &[EnvVar]) -> Vec<EnvVar> {
+    let mut env = ours;
+    for var in extra {
+        match env.iter_mut().find(|e| e.name == var.name) {
+            Some(existing) => *existing = var.clone(),
+            None => env.push(var.clone()),
+        }
+    }
+    env
+}
+
+fn config_map(stack: &ValidatedStack, component: Component) -> ConfigMap {
+    ConfigMap {
+        metadata: metadata(stack, component),
+        data: Some(settings(stack, component)),
+        ..ConfigMap::default()
+    }
+}
+
+/// FNV-1a (64 bit) of the ConfigMap's data: stable across Rust releases and platforms,
+/// unlike `std`'s `DefaultHasher`. Not a security boundary, only change detection.
+fn config_hash(config_map: &ConfigMap) -> String {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for (key, value) in config_map.data.iter().flatten() {
+        for byte in key.bytes().chain([0]).chain(value.bytes()).chain([0]) {
+            hash ^= u64::from(byte);
+            hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    format!("{hash:016x}")
+}
+
+fn image(stack: &ValidatedStack, component: Component) -> (String, String) {
+    let defaults = &stack.spec().image;
+    let overrides = component
+        .spec(&stack.spec().services)
+        .image
+        .clone()
+        .unwrap_or_default();
+    let registry = overrides.registry.as_deref().unwrap_or(&defaults.registry);
+    let tag = overrides.tag.as_deref().unwrap_or(&defaults.tag);
+    let policy = overrides.pull_policy.unwrap_or(defaults.pull_policy);
+    let policy = match policy {
+        crate::crd::PullPolicy::Always => "Always",
+        crate::crd::PullPolicy::IfNotPresent => "IfNotPresent",
+        crate::crd::PullPolicy::Never => "Never",
+    };
+    (
+        format!(
+            "{}/{}:{tag}",
+            registry.trim_end_matches('/'),
+            component.name()
+        ),
+        policy.to_owned(),
+    )
+}
+
+fn http_probe(path: &str, period: i32, timeout: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.to_owned()),
+            port: IntOrString::String("http".to_owned()),
+            ..HTTPGetAction::default()
+        }),
+        period_seconds: Some(period),
+        timeout_seconds: Some(timeout),
+        failure_threshold: Some(3),
+        ..Probe::default()
+    }
+}
+
+fn deployment(stack: &ValidatedStack, component: Component, config_map: &ConfigMap) -> Deployment {
+    let spec = component.spec(&stack.spec().services);
+    let (image, image_pull_policy) = image(stack, component);
+    let mut annotations = spec.annotations.clone();
+    annotations.insert(CONFIG_HASH_ANNOTATION.to_owned(), config_hash(config_map));
+    let container = Container {
+        name: component.name().to_owned(),
+        image: Some(image),
+        image_pull_policy: Some(image_pull_policy),
+        ports: Some(vec![ContainerPort {
+            name: Some("http".to_owned()),
+            container_port: component.port(),
+            protocol: Some("TCP".to_owned()),
+            ..ContainerPort::default()
+        }]),
+        env_from: Some(vec![EnvFromSource {
+            config_map_ref: Some(ConfigMapEnvSource {
+                name: object_name(stack, component),
+                optional: Some(false),
+            }),
+            ..EnvFromSource::default()
+        }]),
+        env: Some(merge_env(secret_env(stack, component), &spec.env)),
+        resources: spec.resources.clone(),
+        // Liveness never checks dependencies (a database outage must not restart every pod);
+        // readiness does, each check bounded by READINESS_TIMEOUT_MS (2 s by default).
+        liveness_probe: Some(http_probe("/health", 10, 1)),
+        readiness_probe: Some(http_probe("/ready", 5, 3)),
+        security_context: Some(SecurityContext {
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            run_as_non_root: Some(true),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".to_owned()]),
+                ..Capabilities::default()
+            }),
+            ..SecurityContext::default()
+        }),
+        volume_mounts: Some(vec![VolumeMount {
+            name: "tmp".to_owned(),
+            mount_path: "/tmp".to_owned(),
+            ..VolumeMount::default()
+        }]),
+        ..Container::default()
+    };
+    Deployment {
+        metadata: metadata(stack, component),
+        spec: Some(DeploymentSpec {
+            replicas: Some(spec.replicas),
+            selector: LabelSelector {
+                match_labels: Some(selector_labels(stack, component)),
+                ..LabelSelector::default()
+            },
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(labels(stack, component)),
+                    annotations: Some(annotations),
+                    ..ObjectMeta::default()
+                }),
+                spec: Some(PodSpec {
+                    containers: vec![container],
+                    // The drain window plus a margin, so SIGKILL never cuts a drain short.
+                    termination_grace_period_seconds: Some(SHUTDOWN_GRACE_SECONDS + 5),
+                    automount_service_account_token: Some(false),
+                    security_context: Some(PodSecurityContext {
+                        run_as_non_root: Some(true),
+                        run_as_user: Some(RUN_AS),
+                        run_as_group: Some(RUN_AS),
+                        fs_group: Some(RUN_AS),
+                        seccomp_profile: Some(SeccompProfile {
+                            type_: "RuntimeDefault".to_owned(),
+                            ..SeccompProfile::default()
+                        }),
+                        ..PodSecurityContext::default()
+                    }),
+                    volumes: Some(vec![Volume {
+                        name: "tmp".to_owned(),
+                        empty_dir: Some(EmptyDirVolumeSource::default()),
+                        ..Volume::default()
+                    }]),
+                    ..PodSpec::default()
+                }),
+            },
+            ..DeploymentSpec::default()
+        }),
+        ..Deployment::default()
+    }
+}
+
+fn service(stack: &ValidatedStack, component: Component) -> Service {
+    Service {
+        metadata: metadata(stack, component),
+        spec: Some(CoreServiceSpec {
+            type_: Some("ClusterIP".to_owned()),
+            selector: Some(selector_labels(stack, component)),
+            ports: Some(vec![ServicePort {
+                name: Some("http".to_owned()),
+                port: component.port(),
+                target_port: Some(IntOrString::String("http".to_owned())),
+                protocol: Some("TCP".to_owned()),
+                ..ServicePort::default()
+            }]),
+            ..CoreServiceSpec::default()
+        }),
+        ..Service::default()
+    }
+}
+
+fn pod_disruption_budget(stack: &ValidatedStack, component: Component) -> PodDisruptionBudget {
+    PodDisruptionBudget {
+        metadata: metadata(stack, component),
+        spec: Some(PodDisruptionBudgetSpec {
+            max_unavailable: Some(IntOrString::Int(1)),
+            selector: Some(LabelSelector {
+                match_labels: Some(selector_labels(stack, component)),
+                ..LabelSelector::default()
+            }),
+            ..PodDisruptionBudgetSpec::default()
+        }),
+        ..PodDisruptionBudget::default()
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,579 @@
+use std::collections::BTreeSet;
+
+use super::*;
+use crate::fixtures;
+
+fn example() -> DesiredState {
+    build(&fixtures::validated(&fixtures::example()))
+}
+
+fn objects(state: &DesiredState, component: Component) -> &ServiceObjects {
+    state
+        .service(component)
+        .unwrap_or_else(|| panic!("{} was not built", component.name()))
+}
+
+fn container(objects: &ServiceObjects) -> &Container {
+    let pod = objects
+        .deployment
+        .spec
+        .as_ref()
+        .unwrap()
+        .template
+        .spec
+        .as_ref()
+        .unwrap();
+    assert_eq!(pod.containers.len(), 1);
+    &pod.containers[0]
+}
+
+/// Every variable a container gets: the ConfigMap's keys (through `envFrom`) and `env`.
+fn env_names(objects: &ServiceObjects) -> BTreeSet<String> {
+    let mut names: BTreeSet<String> = objects
+        .config_map
+        .data
+        .as_ref()
+        .unwrap()
+        .keys()
+        .cloned()
+        .collect();
+    names.extend(
+        container(objects)
+            .env
+            .iter()
+            .flatten()
+            .map(|e| e.name.clone()),
+    );
+    names
+}
+
+fn env_var<'a>(objects: &'a ServiceObjects, name: &str) -> Option<&'a EnvVar> {
+    container(objects)
+        .env
+        .iter()
+        .flatten()
+        .find(|e| e.name == name)
+}
+
+fn setting<'a>(objects: &'a ServiceObjects, name: &str) -> Option<&'a str> {
+    objects
+        .config_map
+        .data
+        .as_ref()
+        .unwrap()
+        .get(name)
+        .map(String::as_str)
+}
+
+#[test]
+fn every_enabled_service_gets_a_config_map_deployment_and_service_named_after_the_stack() {
+    let state = example();
+    let built: Vec<Component> = state.services.iter().map(|s| s.component).collect();
+    assert_eq!(built, Component::ALL);
+    for objects in &state.services {
+        let name = format!("demo-{}", objects.component.name());
+        assert_eq!(
+            objects.deployment.metadata.name.as_deref(),
+            Some(name.as_str())
+        );
+        assert_eq!(
+            objects.service.metadata.name.as_deref(),
+            Some(name.as_str())
+        );
+        assert_eq!(
+            objects.config_map.metadata.name.as_deref(),
+            Some(name.as_str())
+        );
+        assert_eq!(
+            objects.deployment.metadata.namespace.as_deref(),
+            Some("demo-ns")
+        );
+    }
+}
+
+#[test]
+fn disabled_services_get_no_objects_at_all() {
+    let state = build(&fixtures::validated(&fixtures::stack(
+        fixtures::EDGE_DISABLED,
+    )));
+    assert!(state.service(Component::Gateway).is_none());
+    assert!(state.service(Component::WsHub).is_none());
+    assert_eq!(state.services.len(), 3);
+}
+
+#[test]
+fn probes_hit_health_and_ready_on_each_services_own_port() {
+    let cases = [
+        (Component::Gateway, 8080),
+        (Component::CommandService, 8082),
+        (Component::Processor, 8083),
+        (Component::CacheUpdater, 8084),
+        (Component::WsHub, 8085),
+    ];
+    let state = example();
+    for (component, port) in cases {
+        let objects = objects(&state, component);
+        let container = container(objects);
+        let ports = container.ports.as_ref().unwrap();
+        assert_eq!(
+            (ports[0].name.as_deref(), ports[0].container_port),
+            (Some("http"), port)
+        );
+        let probe = |p: &Option<Probe>| {
+            let get = p.as_ref().unwrap().http_get.as_ref().unwrap();
+            (get.path.clone().unwrap(), get.port.clone())
+        };
+        let http = IntOrString::String("http".to_owned());
+        assert_eq!(
+            probe(&container.liveness_probe),
+            ("/health".to_owned(), http.clone())
+        );
+        assert_eq!(
+            probe(&container.readiness_probe),
+            ("/ready".to_owned(), http.clone())
+        );
+        let service_port = &objects
+            .service
+            .spec
+            .as_ref()
+            .unwrap()
+            .ports
+            .as_ref()
+            .unwrap()[0];
+        assert_eq!(
+            (service_port.port, service_port.target_port.clone()),
+            (port, Some(http))
+        );
+        assert_eq!(setting(objects, "PORT"), Some(port.to_string().as_str()));
+    }
+}
+
+#[test]
+fn each_service_gets_exactly_the_architecture_variables_it_uses() {
+    let common = [
+        "PORT",
+        "BIND_ADDRESS",
+        "LOG_FORMAT",
+        "RUST_LOG",
+        "SHUTDOWN_GRACE_SECONDS",
+        "OTEL_SERVICE_NAME",
+        "OTEL_TRACES_SAMPLER_ARG",
+    ];
+    let kafka = ["KAFKA_BOOTSTRAP_SERVERS", "KAFKA_TOPIC_PREFIX"];
+    let redis = ["REDIS_URL", "REDIS_KEY_PREFIX"];
+    let postgres = ["DATABASE_URL"];
+    let gateway = [
+        "GATEWAY_COMMAND_SERVICE_URL",
+        "GATEWAY_JWT_SECRET",
+        "GATEWAY_JWT_ISSUER",
+        "GATEWAY_JWT_AUDIENCE",
+        "GATEWAY_RATE_LIMITS",
+    ];
+    let cases: [(Component, Vec<&str>); 5] = [
+        (Component::Gateway, [&redis[..], &gateway].concat()),
+        (Component::CommandService, [&kafka[..], &postgres].concat()),
+        // The example sets RUST_LOG on the processor; it overrides, it does not add a name.
+        (Component::Processor, [&kafka[..], &postgres].concat()),
+        (Component::CacheUpdater, [&kafka[..], &redis].concat()),
+        (Component::WsHub, redis.to_vec()),
+    ];
+    let state = example();
+    for (component, specific) in cases {
+        let expected: BTreeSet<String> = common
+            .iter()
+            .chain(&specific)
+            .map(|s| (*s).to_owned())
+            .collect();
+        assert_eq!(
+            env_names(objects(&state, component)),
+            expected,
+            "{}",
+            component.name()
+        );
+    }
+}
+
+#[test]
+fn settings_carry_the_specs_values_and_the_derived_prefixes() {
+    let state = example();
+    let processor = objects(&state, Component::Processor);
+    assert_eq!(setting(processor, "LOG_FORMAT"), Some("json"));
+    assert_eq!(
+        setting(processor, "KAFKA_BOOTSTRAP_SERVERS"),
+        Some("127.0.0.1:9092")
+    );
+    assert_eq!(
+        setting(processor, "KAFKA_TOPIC_PREFIX"),
+        Some("demo-ns.demo.")
+    );
+    assert_eq!(setting(processor, "OTEL_SERVICE_NAME"), Some("processor"));
+    assert_eq!(setting(processor, "OTEL_TRACES_SAMPLER_ARG"), Some("0.25"));
+    assert_eq!(setting(processor, "OTEL_EXPORTER_OTLP_ENDPOINT"), None);
+    let hub = objects(&state, Component::WsHub);
+    assert_eq!(
+        setting(hub, "REDIS_KEY_PREFIX"),
+        Some("meridian:demo-ns:demo:")
+    );
+    let gateway = objects(&state, Component::Gateway);
+    assert_eq!(
+        setting(gateway, "GATEWAY_COMMAND_SERVICE_URL"),
+        Some("http://demo-command-service.demo-ns.svc:8082")
+    );
+    assert_eq!(
+        setting(gateway, "GATEWAY_JWT_ISSUER"),
+        Some("https://auth.example.invalid/")
+    );
+    let limits: serde_json::Value =
+        serde_json::from_str(setting(gateway, "GATEWAY_RATE_LIMITS").unwrap()).unwrap();
+    assert_eq!(
+        limits,
+        serde_json::json!([
+            { "name": "per-user", "key": "user", "rate": 50, "period": "Second", "burst": 100 },
+            { "name": "per-ip", "key": "ip", "rate": 600, "period": "Minute", "burst": 600 },
+        ])
+    );
+
+    let core_only = build(&fixtures::validated(&fixtures::stack(
+        fixtures::EDGE_DISABLED,
+    )));
+    let updater = objects(&core_only, Component::CacheUpdater);
+    assert_eq!(
+        setting(updater, "OTEL_EXPORTER_OTLP_ENDPOINT"),
+        Some("http://otel-collector.observability:4318")
+    );
+    assert_eq!(setting(updater, "OTEL_TRACES_SAMPLER_ARG"), Some("0.1"));
+}
+
+#[test]
+fn connection_urls_and_the_jwt_secret_come_from_secret_refs_never_from_the_config_map() {
+    let state = example();
+    let cases = [
+        (
+            Component::CommandService,
+            "DATABASE_URL",
+            "demo-postgres",
+            "url",
+        ),
+        (Component::Processor, "DATABASE_URL", "demo-postgres", "url"),
+        (Component::Gateway, "REDIS_URL", "demo-redis", "url"),
+        (Component::CacheUpdater, "REDIS_URL", "demo-redis", "url"),
+        (Component::WsHub, "REDIS_URL", "demo-redis", "url"),
+        (
+            Component::Gateway,
+            "GATEWAY_JWT_SECRET",
+            "meridian-jwt",
+            "hmac-secret",
+        ),
+    ];
+    for (component, var, secret, key) in cases {
+        let objects = objects(&state, component);
+        let env = env_var(objects, var).unwrap_or_else(|| panic!("{var} missing"));
+        assert_eq!(env.value, None, "{var} must not be a literal");
+        let selector = env
+            .value_from
+            .as_ref()
+            .unwrap()
+            .secret_key_ref
+            .as_ref()
+            .unwrap();
+        assert_eq!(
+            (selector.name.as_str(), selector.key.as_str()),
+            (secret, key),
+            "{var}"
+        );
+        assert_eq!(
+            setting(objects, var),
+            None,
+            "{var} leaked into the ConfigMap"
+        );
+    }
+}
+
+#[test]
+fn a_jwks_issuer_is_a_plain_setting_and_no_secret_is_referenced() {
+    let mut stack = fixtures::example();
+    let auth = stack.spec.auth.as_mut().unwrap();
+    auth.jwt_secret_ref = None;
+    auth.jwks_url = Some("https://auth.example.invalid/jwks.json".to_owned());
+    let state = build(&fixtures::validated(&stack));
+    let gateway = objects(&state, Component::Gateway);
+    assert_eq!(
+        setting(gateway, "GATEWAY_JWKS_URL"),
+        Some("https://auth.example.invalid/jwks.json")
+    );
+    assert!(env_var(gateway, "GATEWAY_JWT_SECRET").is_none());
+}
+
+#[test]
+fn containers_run_as_non_root_with_a_read_only_root_filesystem_and_no_capabilities() {
+    for objects in &example().services {
+        let pod = objects
+            .deployment
+            .spec
+            .as_ref()
+            .unwrap()
+            .template
+            .spec
+            .as_ref()
+            .unwrap();
+        let pod_security = pod.security_context.as_ref().unwrap();
+        assert_eq!(pod_security.run_as_non_root, Some(true));
+        assert_eq!(pod_security.run_as_user, Some(RUN_AS));
+        assert_eq!(
+            pod_security.seccomp_profile.as_ref().unwrap().type_,
+            "RuntimeDefault"
+        );
+        let security = container(objects).security_context.as_ref().unwrap();
+        assert_eq!(security.read_only_root_filesystem, Some(true));
+        assert_eq!(security.allow_privilege_escalation, Some(false));
+        assert_eq!(security.run_as_non_root, Some(true));
+        assert_eq!(
+            security.capabilities.as_ref().unwrap().drop,
+            Some(vec!["ALL".to_owned()])
+        );
+        // A writable /tmp, since the root filesystem is not.
+        assert_eq!(
+            container(objects).volume_mounts.as_ref().unwrap()[0].mount_path,
+            "/tmp"
+        );
+        assert_eq!(
+            pod.termination_grace_period_seconds,
+            Some(SHUTDOWN_GRACE_SECONDS + 5)
+        );
+    }
+}
+
+#[test]
+fn every_object_has_the_standard_labels_and_a_controller_owner_reference_to_the_stack() {
+    let stack = fixtures::example();
+    for objects in &example().services {
+        let mut metas = vec![
+            &objects.config_map.metadata,
+            &objects.deployment.metadata,
+            &objects.service.metadata,
+        ];
+        metas.extend(objects.pod_disruption_budget.as_ref().map(|p| &p.metadata));
+        let tier = match objects.component.tier() {
+            Tier::Core => "core",
+            Tier::Edge => "edge",
+        };
+        let expected = BTreeMap::from([
+            (
+                "app.kubernetes.io/name".to_owned(),
+                objects.component.name().to_owned(),
+            ),
+            ("app.kubernetes.io/instance".to_owned(), "demo".to_owned()),
+            ("app.kubernetes.io/component".to_owned(), tier.to_owned()),
+            (
+                "app.kubernetes.io/part-of".to_owned(),
+                "meridian".to_owned(),
+            ),
+            (
+                "app.kubernetes.io/managed-by".to_owned(),
+                "meridian-operator".to_owned(),
+            ),
+        ]);
+        for meta in metas {
+            assert_eq!(meta.labels.as_ref(), Some(&expected));
+            let owners = meta.owner_references.as_ref().unwrap();
+            assert_eq!(owners.len(), 1);
+            assert_eq!(owners[0].kind, "MiddlewareStack");
+            assert_eq!(Some(&owners[0].uid), stack.metadata.uid.as_ref());
+            assert_eq!(owners[0].controller, Some(true));
+        }
+        // The selector is the stable subset; the pods carry every label.
+        let spec = objects.deployment.spec.as_ref().unwrap();
+        let selector = spec.selector.match_labels.as_ref().unwrap();
+        assert_eq!(selector.len(), 2);
+        let pod_labels = spec
+            .template
+            .metadata
+            .as_ref()
+            .unwrap()
+            .labels
+            .as_ref()
+            .unwrap();
+        assert_eq!(pod_labels, &expected);
+        assert_eq!(
+            objects.service.spec.as_ref().unwrap().selector.as_ref(),
+            Some(selector)
+        );
+    }
+}
+
+#[test]
+fn a_pod_disruption_budget_exists_only_above_one_replica() {
+    let cases = [(0, false), (1, false), (2, true), (5, true)];
+    for (replicas, expected) in cases {
+        let mut stack = fixtures::example();
+        stack.spec.services.processor.replicas = replicas;
+        let state = build(&fixtures::validated(&stack));
+        let processor = objects(&state, Component::Processor);
+        assert_eq!(
+            processor.deployment.spec.as_ref().unwrap().replicas,
+            Some(replicas)
+        );
+        let pdb = processor.pod_disruption_budget.as_ref();
+        assert_eq!(pdb.is_some(), expected, "{replicas} replicas");
+        if let Some(pdb) = pdb {
+            let spec = pdb.spec.as_ref().unwrap();
+            assert_eq!(spec.max_unavailable, Some(IntOrString::Int(1)));
+            assert_eq!(
+                spec.selector.as_ref().unwrap().match_labels,
+                processor
+                    .deployment
+                    .spec
+                    .as_ref()
+                    .unwrap()
+                    .selector
+                    .match_labels
+            );
+        }
+    }
+}
+
+#[test]
+fn image_overrides_replace_only_the_fields_they_set() {
+    let state = build(&fixtures::validated(&fixtures::stack(
+        fixtures::EDGE_DISABLED,
+    )));
+    let cases = [
+        (
+            Component::CommandService,
+            "registry.invalid/meridian/command-service:0.2.0",
+            "Always",
+        ),
+        (
+            Component::CacheUpdater,
+            "mirror.invalid/meridian/cache-updater:0.2.0",
+            "Never",
+        ),
+    ];
+    for (component, image, policy) in cases {
+        let container = container(objects(&state, component));
+        assert_eq!(container.image.as_deref(), Some(image));
+        assert_eq!(container.image_pull_policy.as_deref(), Some(policy));
+    }
+}
+
+#[test]
+fn extra_env_replaces_the_operators_variable_of_the_same_name_without_duplicates() {
+    let mut stack = fixtures::example();
+    stack.spec.services.command_service.env = vec![
+        EnvVar {
+            name: "DATABASE_URL".to_owned(),
+            value: Some("postgres://elsewhere/db".to_owned()),
+            ..EnvVar::default()
+        },
+        EnvVar {
+            name: "COMMANDS_BATCH_SIZE".to_owned(),
+            value: Some("100".to_owned()),
+            ..EnvVar::default()
+        },
+    ];
+    let state = build(&fixtures::validated(&stack));
+    let env = container(objects(&state, Component::CommandService))
+        .env
+        .clone()
+        .unwrap();
+    let names: Vec<&str> = env.iter().map(|e| e.name.as_str()).collect();
+    assert_eq!(names, ["DATABASE_URL", "COMMANDS_BATCH_SIZE"]);
+    assert_eq!(env[0].value.as_deref(), Some("postgres://elsewhere/db"));
+    assert_eq!(env[0].value_from, None);
+
+    // A ConfigMap variable named again in `env` wins through Kubernetes' precedence.
+    let processor = container(objects(&state, Component::Processor));
+    let rust_log = processor
+        .env
+        .iter()
+        .flatten()
+        .find(|e| e.name == "RUST_LOG")
+        .unwrap();
+    assert_eq!(rust_log.value.as_deref(), Some("info,processor=debug"));
+}
+
+#[test]
+fn resources_and_annotations_pass_through_to_the_pod() {
+    let state = example();
+    let gateway = objects(&state, Component::Gateway);
+    let resources = container(gateway).resources.as_ref().unwrap();
+    assert_eq!(resources.requests.as_ref().unwrap()["cpu"].0, "100m");
+    assert_eq!(resources.limits.as_ref().unwrap()["memory"].0, "128Mi");
+    let template = gateway
+        .deployment
+        .spec
+        .as_ref()
+        .unwrap()
+        .template
+        .metadata
+        .as_ref()
+        .unwrap();
+    let annotations = template.annotations.as_ref().unwrap();
+    assert_eq!(annotations["prometheus.io/scrape"], "true");
+    assert!(annotations.contains_key(CONFIG_HASH_ANNOTATION));
+}
+
+#[test]
+fn the_same_spec_always_builds_identical_objects() {
+    assert_eq!(example(), example());
+    let minimal = fixtures::validated(&fixtures::stack(fixtures::MINIMAL));
+    assert_eq!(build(&minimal), build(&minimal));
+}
+
+#[test]
+fn a_settings_change_changes_the_config_hash_so_pods_roll() {
+    let hash = |state: &DesiredState, component| {
+        let template = objects(state, component)
+            .deployment
+            .spec
+            .as_ref()
+            .unwrap()
+            .template
+            .clone();
+        template.metadata.unwrap().annotations.unwrap()[CONFIG_HASH_ANNOTATION].clone()
+    };
+    let before = example();
+    let mut stack = fixtures::example();
+    stack.spec.telemetry.sampling_ratio = 0.5;
+    stack.spec.kafka.bootstrap_servers = "kafka-0:9092".to_owned();
+    let after = build(&fixtures::validated(&stack));
+    assert_ne!(
+        hash(&before, Component::Processor),
+        hash(&after, Component::Processor)
+    );
+    // Replicas are not a setting: scaling does not roll the pods.
+    let mut scaled = fixtures::example();
+    scaled.spec.services.processor.replicas = 4;
+    let scaled = build(&fixtures::validated(&scaled));
+    assert_eq!(
+        hash(&before, Component::Processor),
+        hash(&scaled, Component::Processor)
+    );
+}
+
+#[test]
+fn the_minimal_fixture_builds_every_service_with_defaults() {
+    let state = build(&fixtures::validated(&fixtures::stack(fixtures::MINIMAL)));
+    assert_eq!(state.services.len(), 5);
+    for objects in &state.services {
+        let spec = objects.deployment.spec.as_ref().unwrap();
+        assert_eq!(spec.replicas, Some(1));
+        assert!(objects.pod_disruption_budget.is_none());
+        let container = container(objects);
+        assert_eq!(
+            container.image.as_deref(),
+            Some(
+                format!(
+                    "registry.invalid/meridian/{}:0.1.0",
+                    objects.component.name()
+                )
+                .as_str()
+            )
+        );
+        assert_eq!(container.image_pull_policy.as_deref(), Some("IfNotPresent"));
+        assert_eq!(container.resources, None);
+    }
+    let gateway = objects(&state, Component::Gateway);
+    assert_eq!(setting(gateway, "GATEWAY_RATE_LIMITS"), None);
+    assert!(env_var(gateway, "GATEWAY_JWT_SECRET").is_none());
+}

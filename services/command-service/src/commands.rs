@@ -1,0 +1,514 @@
+//! The command API: `POST /v1/commands` (idempotent intake) and `GET /v1/commands/{id}`.
+//!
+//! # Idempotency (IETF httpapi `Idempotency-Key` draft)
+//! Keys are scoped per client (`X-Client-Id`, which the gateway will set from the JWT
+//! subject). One transaction does everything: it takes a transaction-scoped advisory lock on
+//! (client, key) — the in-progress marker: a concurrent request with the same key fails to get
+//! it and answers 409 — then looks up a live record (same request fingerprint → replay the
+//! stored status, `Location` and body byte for byte; different → 422), and otherwise inserts
+//! the command, its outbox row and the idempotency record with the response, and commits.
+//! Nothing is written on a 4xx. The lock vanishes with the transaction, so a crashed request
+//! never leaves a key stuck "in progress". Records expire after `COMMANDS_IDEMPOTENCY_TTL_SECONDS`
+//! (expired ones are ignored at once and deleted by [`cleanup_expired_keys`]).
+//! The lock is on a 64-bit hash of (client, key); a hash collision can only cause a spurious
+//! 409, never a wrong replay (replays compare the stored client, key and fingerprint).
+
+use std::time::Duration;
+
+use axum::extract::{FromRequestParts, Path, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Router, extract::DefaultBodyLimit};
+use chrono::{DateTime, SecondsFormat, Utc};
+use common::metrics::{
+    COMMANDS_ACCEPTED_TOTAL, COMMANDS_REJECTED_TOTAL, IDEMPOTENCY_KEYS_EXPIRED_TOTAL,
+    IDEMPOTENCY_REPLAYS_TOTAL,
+};
+use common::outbox::{self, NewMessage, OutboxTable, TraceContext};
+use common::shutdown::CancellationToken;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::error::{ApiError, Json};
+use crate::{AppState, NAME};
+
+/// The header naming the calling client (idempotency scope and command owner).
+pub const CLIENT_ID: &str = "x-client-id";
+/// The idempotency header.
+pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
+/// The built-in command types.
+pub const BUILT_IN_TYPES: [&str; 4] = ["create", "replace", "patch", "delete"];
+
+/// `/v1/commands` routes, with the body limit.
+pub fn router(state: &AppState) -> Router {
+    Router::new()
+        .route("/v1/commands", post(submit))
+        .route("/v1/commands/{id}", get(status))
+        .layer(DefaultBodyLimit::max(state.settings.max_body_bytes))
+        .with_state(state.clone())
+}
+
+/// A command as submitted.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CommandRequest {
+    /// `create`, `replace`, `patch`, `delete` or a configured custom type.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The document's collection.
+    pub collection: String,
+    /// The document's id.
+    pub id: String,
+    /// Optimistic concurrency: the version the document must have.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expected_version: Option<i64>,
+    /// The document (`create`, `replace`), merge patch (`patch`), nothing (`delete`) or any
+    /// JSON (custom types).
+    #[serde(default)]
+    pub payload: Option<Value>,
+}
+
+/// A command's state, as returned by both routes.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct CommandStatus {
+    command_id: Uuid,
+    #[serde(rename = "type")]
+    kind: String,
+    collection: String,
+    id: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    expected_version: Option<i64>,
+    status: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    result_version: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    failure_reason: Option<String>,
+    accepted_at: String,
+    updated_at: String,
+}
+
+fn rfc3339(at: DateTime<Utc>) -> String {
+    at.to_rfc3339_opts(SecondsFormat::Micros, true)
+}
+
+/// The caller, from `X-Client-Id`.
+pub struct ClientId(pub String);
+
+impl<S: Send + Sync> FromRequestParts<S> for ClientId {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
+        let value = parts
+            .headers
+            .get(CLIENT_ID)
+            .ok_or(ApiError::MissingClientId)?;
+        let value = value
+            .to_str()
+            .ok()
+            .filter(|v| !v.is_empty() && v.len() <= 255)
+            .ok_or_else(|| {
+                ApiError::InvalidHeader(
+                    "X-Client-Id must be 1 to 255 visible ASCII characters".into(),
+                )
+            })?;
+        Ok(Self(value.to_owned()))
+    }
+}
+
+/// The `Idempotency-Key` (an RFC 8941 string; surrounding quotes are optional).
+fn idempotency_key(headers: &HeaderMap) -> Result<String, ApiError> {
+    let raw = headers
+        .get(IDEMPOTENCY_KEY)
+        .ok_or(ApiError::IdempotencyKeyMissing)?;
+    let text = raw.to_str().unwrap_or_default().trim();
+    let key = text
+        .strip_prefix('"')
+        .and_then(|t| t.strip_suffix('"'))
+        .unwrap_or(text);
+    if key.is_empty() || key.len() > 255 || !key.chars().all(|c| c.is_ascii_graphic()) {
+        return Err(ApiError::InvalidHeader(
+            "Idempotency-Key must be 1 to 255 visible ASCII characters".into(),
+        ));
+    }
+    Ok(key.to_owned())
+}
+
+fn valid_name(name: &str) -> bool {
+    (1..=128).contains(&name.len())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | '~'))
+}
+
+/// Checks a request against the command rules (`custom` are the configured custom types).
+pub fn validate(request: &CommandRequest, custom: &[String]) -> Result<(), ApiError> {
+    let fail = |m: String| Err(ApiError::Validation(m));
+    let built_in = BUILT_IN_TYPES.contains(&request.kind.as_str());
+    if !built_in && !custom.contains(&request.kind) {
+        return fail(format!("unknown command type {:?}", request.kind));
+    }
+    if !valid_name(&request.collection) {
+        return fail("collection must be 1 to 128 characters of [A-Za-z0-9_.~-]".into());
+    }
+    if !valid_name(&request.id) {
+        return fail("id must be 1 to 128 characters of [A-Za-z0-9_.~-]".into());
+    }
+    if request.expected_version.is_some_and(|v| v < 0) {
+        return fail("expectedVersion must not be negative".into());
+    }
+    match (request.kind.as_str(), &request.payload) {
+        ("create" | "replace" | "patch", Some(Value::Object(_))) => Ok(()),
+        ("create" | "replace" | "patch", _) => fail(format!(
+            "a {} command needs an object payload",
+            request.kind
+        )),
+        ("delete", None) => Ok(()),
+        ("delete", Some(_)) => fail("a delete command takes no payload".into()),
+        _ => Ok(()),
+    }
+}
+
+/// JSON with object keys sorted at every level, so equal requests hash equally.
+fn canonical(value: &Value) -> Value {
+    match value {
+        Value::Object(map) => {
+            let mut entries: Vec<_> = map.iter().collect();
+            entries.sort_by(|a, b| a.0.cmp(b.0));
+            Value::Object(
+                entries
+                    .into_iter()
+                    .map(|(k, v)| (k.clone(), canonical(v)))
+                    .collect(),
+            )
+        }
+        Value::Array(items) => Value::Array(items.iter().map(canonical).collect()),
+        other => other.clone(),
+    }
+}
+
+/// SHA-256 of the canonical request: what "the same payload" means for a repeated key.
+pub fn fingerprint(request: &CommandRequest) -> Vec<u8> {
+    let value = serde_json::to_value(request).unwrap_or_default();
+    let bytes = serde_json::to_vec(&canonical(&value)).unwrap_or_default();
+    Sha256::digest(bytes).to_vec()
+}
+
+#[tracing::instrument(skip_all, fields(client_id = %client.0, command_id))]
+async fn submit(
+    State(state): State<AppState>,
+    client: ClientId,
+    headers: HeaderMap,
+    body: Result<Json<CommandRequest>, ApiError>,
+) -> Result<Response, ApiError> {
+    let result = accept(&state, &client.0, &headers, body).await;
+    if let Err(error) = &result {
+        let problem = error.problem();
+        if problem.status.is_client_error() {
+            metrics::counter!(COMMANDS_REJECTED_TOTAL, "service" => NAME, "reason" => problem.kind.slug())
+                .increment(1);
+        }
+    }
+    result
+}
+
+#[derive(sqlx::FromRow)]
+struct Stored {
+    fingerprint: Vec<u8>,
+    response_status: i16,
+    response_location: Option<String>,
+    response_body: Vec<u8>,
+}
+
+fn respond(status: u16, location: Option<&str>, body: Vec<u8>) -> Response {
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::ACCEPTED);
+    let mut response = (status, body).into_response();
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    if let Some(location) = location.and_then(|l| HeaderValue::from_str(l).ok()) {
+        headers.insert(header::LOCATION, location);
+    }
+    response
+}
+
+async fn accept(
+    state: &AppState,
+    client: &str,
+    headers: &HeaderMap,
+    body: Result<Json<CommandRequest>, ApiError>,
+) -> Result<Response, ApiError> {
+    let key = idempotency_key(headers)?;
+    let Json(request) = body?;
+    validate(&request, &state.settings.custom_types)?;
+    let fingerprint = fingerprint(&request);
+
+    let mut tx = state.db.pool().begin().await?;
+    let lock = format!("{}:{client}:{key}", client.len());
+    let locked: bool =
+        sqlx::query_scalar("SELECT pg_try_advisory_xact_lock(hashtextextended($1, 0))")
+            .bind(&lock)
+            .fetch_one(&mut *tx)
+            .await?;
+    if !locked {
+        return Err(ApiError::IdempotencyInProgress);
+    }
+    let stored: Option<Stored> = sqlx::query_as(
+        "SELECT fingerprint, response_status, response_location, response_body \
+         FROM idempotency_keys WHERE client_id = $1 AND key = $2 AND expires_at > now()",
+    )
+    .bind(client)
+    .bind(&key)
+    .fetch_optional(&mut *tx)
+    .await?;
+    if let Some(stored) = stored {
+        if stored.fingerprint != fingerprint {
+            return Err(ApiError::IdempotencyKeyReused);
+        }
+        metrics::counter!(IDEMPOTENCY_REPLAYS_TOTAL, "service" => NAME).increment(1);
+        let status = u16::try_from(stored.response_status).unwrap_or(202);
+        return Ok(respond(
+            status,
+            stored.response_location.as_deref(),
+            stored.response_body,
+        ));
+    }
+
+    let command_id = Uuid::now_v7();
+    tracing::Span::current().record("command_id", tracing::field::display(command_id));
+    let now = Utc::now();
+    let accepted_at = DateTime::from_timestamp_micros(now.timestamp_micros()).unwrap_or(now);
+    sqlx::query(
+        "INSERT INTO commands (id, client_id, type, collection, document_id, expected_version, \
+         payload, accepted_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8)",
+    )
+    .bind(command_id)
+    .bind(client)
+    .bind(&request.kind)
+    .bind(&request.collection)
+    .bind(&request.id)
+    .bind(request.expected_version)
+    .bind(request.payload.as_ref().map(sqlx::types::Json))
+    .bind(accepted_at)
+    .execute(&mut *tx)
+    .await?;
+
+    let mut envelope = serde_json::json!({
+        "commandId": command_id,
+        "type": request.kind,
+        "collection": request.collection,
+        "id": request.id,
+        "payload": request.payload,
+        "clientId": client,
+        "acceptedAt": rfc3339(accepted_at),
+    });
+    if let (Some(version), Some(map)) = (request.expected_version, envelope.as_object_mut()) {
+        map.insert("expectedVersion".into(), version.into());
+    }
+    let key_of_document = format!("{}/{}", request.collection, request.id);
+    let message_type = format!("command.{}", request.kind);
+    outbox::enqueue(
+        &mut tx,
+        OutboxTable::DEFAULT,
+        &NewMessage {
+            topic: &state.settings.commands_topic,
+            key: &key_of_document,
+            message_type: &message_type,
+            command_id: Some(command_id),
+            payload: &envelope,
+            trace: &TraceContext::current_or_from_http(headers),
+        },
+    )
+    .await?;
+
+    let status = CommandStatus {
+        command_id,
+        kind: request.kind.clone(),
+        collection: request.collection.clone(),
+        id: request.id.clone(),
+        expected_version: request.expected_version,
+        status: "accepted".into(),
+        result_version: None,
+        failure_reason: None,
+        accepted_at: rfc3339(accepted_at),
+        updated_at: rfc3339(accepted_at),
+    };
+    let body = serde_json::to_vec(&status).unwrap_or_default();
+    let location = format!("/v1/commands/{command_id}");
+    sqlx::query(
+        "INSERT INTO idempotency_keys (client_id, key, fingerprint, command_id, response_status, \
+         response_location, response_body, expires_at) \
+         VALUES ($1, $2, $3, $4, 202, $5, $6, now() + make_interval(secs => $7)) \
+         ON CONFLICT (client_id, key) DO UPDATE SET fingerprint = EXCLUDED.fingerprint, \
+         command_id = EXCLUDED.command_id, response_status = EXCLUDED.response_status, \
+         response_location = EXCLUDED.response_location, response_body = EXCLUDED.response_body, \
+         created_at = now(), expires_at = EXCLUDED.expires_at",
+    )
+    .bind(client)
+    .bind(&key)
+    .bind(&fingerprint)
+    .bind(command_id)
+    .bind(&location)
+    .bind(&body)
+    .bind(state.settings.idempotency_ttl.as_secs_f64())
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+
+    metrics::counter!(COMMANDS_ACCEPTED_TOTAL, "service" => NAME, "type" => request.kind)
+        .increment(1);
+    Ok(respond(202, Some(&location), body))
+}
+
+#[tracing::instrument(skip_all, fields(client_id = %client.0, command_id = %id))]
+async fn status(
+    State(state): State<AppState>,
+    client: ClientId,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let id = Uuid::parse_str(&id).map_err(|_| ApiError::NotFound)?;
+    type Row = (
+        Uuid,
+        String,
+        String,
+        String,
+        Option<i64>,
+        String,
+        Option<i64>,
+        Option<String>,
+        DateTime<Utc>,
+        DateTime<Utc>,
+    );
+    let row: Option<Row> = sqlx::query_as(
+        "SELECT id, type, collection, document_id, expected_version, status, result_version, \
+         failure_reason, accepted_at, updated_at FROM commands WHERE id = $1 AND client_id = $2",
+    )
+    .bind(id)
+    .bind(&client.0)
+    .fetch_optional(state.db.pool())
+    .await?;
+    let (
+        command_id,
+        kind,
+        collection,
+        id,
+        expected_version,
+        status,
+        result_version,
+        failure_reason,
+        accepted_at,
+        updated_at,
+    ) = row.ok_or(ApiError::NotFound)?;
+    Ok(axum::Json(CommandStatus {
+        command_id,
+        kind,
+        collection,
+        id,
+        expected_version,
+        status,
+        result_version,
+        failure_reason,
+        accepted_at: rfc3339(accepted_at),
+        updated_at: rfc3339(updated_at),
+    })
+    .into_response())
+}
+
+/// Deletes expired idempotency records every `interval` until `shutdown` fires.
+pub async fn cleanup_expired_keys(pool: PgPool, interval: Duration, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(interval) => {}
+        }
+        match sqlx::query("DELETE FROM idempotency_keys WHERE expires_at <= now()")
+            .execute(&pool)
+            .await
+        {
+            Ok(done) => metrics::counter!(IDEMPOTENCY_KEYS_EXPIRED_TOTAL, "service" => NAME)
+                .increment(done.rows_affected()),
+            Err(error) => tracing::warn!(%error, "Failed to delete expired idempotency keys."),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(kind: &str, payload: Option<Value>) -> CommandRequest {
+        CommandRequest {
+            kind: kind.into(),
+            collection: "books".into(),
+            id: "b-1".into(),
+            expected_version: None,
+            payload,
+        }
+    }
+
+    #[test]
+    fn built_in_types_need_the_right_payload_shape() {
+        let doc = Some(serde_json::json!({"title": "Dune"}));
+        for kind in ["create", "replace", "patch"] {
+            assert!(validate(&request(kind, doc.clone()), &[]).is_ok());
+            assert!(validate(&request(kind, None), &[]).is_err());
+            assert!(validate(&request(kind, Some(Value::from(3))), &[]).is_err());
+        }
+        assert!(validate(&request("delete", None), &[]).is_ok());
+        assert!(validate(&request("delete", doc), &[]).is_err());
+    }
+
+    #[test]
+    fn unknown_types_are_refused_unless_configured() {
+        assert!(validate(&request("approve", None), &[]).is_err());
+        assert!(validate(&request("approve", None), &["approve".into()]).is_ok());
+    }
+
+    #[test]
+    fn names_with_slashes_or_colons_are_refused() {
+        let mut r = request("delete", None);
+        r.id = "a/b".into();
+        assert!(validate(&r, &[]).is_err());
+        r.id = "a:b".into();
+        assert!(validate(&r, &[]).is_err());
+    }
+
+    #[test]
+    fn the_fingerprint_ignores_key_order_but_not_values() {
+        let a = request(
+            "create",
+            Some(serde_json::json!({"a": 1, "b": {"c": 2, "d": 3}})),
+        );
+        let b = request(
+            "create",
+            Some(serde_json::from_str(r#"{"b":{"d":3,"c":2},"a":1}"#).unwrap()),
+        );
+        let c = request(
+            "create",
+            Some(serde_json::json!({"a": 2, "b": {"c": 2, "d": 3}})),
+        );
+        assert_eq!(fingerprint(&a), fingerprint(&b));
+        assert_ne!(fingerprint(&a), fingerprint(&c));
+    }
+
+    #[test]
+    fn quoted_and_bare_idempotency_keys_are_the_same_key() {
+        let mut headers = HeaderMap::new();
+        headers.insert(IDEMPOTENCY_KEY, HeaderValue::from_static("\"abc-1\""));
+        assert_eq!(idempotency_key(&headers).unwrap(), "abc-1");
+        headers.insert(IDEMPOTENCY_KEY, HeaderValue::from_static("abc-1"));
+        assert_eq!(idempotency_key(&headers).unwrap(), "abc-1");
+        headers.remove(IDEMPOTENCY_KEY);
+        assert!(matches!(
+            idempotency_key(&headers),
+            Err(ApiError::IdempotencyKeyMissing)
+        ));
+    }
+}

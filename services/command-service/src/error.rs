@@ -1,0 +1,141 @@
+//! [`ApiError`]: every way a request can fail, rendered as `application/problem+json`, and
+//! [`Json`], the body extractor whose rejection is an [`ApiError`] (so malformed JSON, wrong
+//! types and oversize bodies get our problem body, not axum's plain text).
+
+use axum::extract::FromRequest;
+use axum::extract::rejection::JsonRejection;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use common::problem::{Problem, ProblemType};
+
+/// Why a request failed. 4xx variants carry text that is safe for clients; 5xx variants carry
+/// the cause, which is logged and never returned.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The body is not JSON.
+    #[error("invalid JSON: {0}")]
+    InvalidJson(String),
+    /// The body was not declared as `application/json`.
+    #[error("the body must be application/json")]
+    UnsupportedMediaType,
+    /// The JSON does not describe a valid request.
+    #[error("{0}")]
+    Validation(String),
+    /// A header is malformed.
+    #[error("{0}")]
+    InvalidHeader(String),
+    /// The body exceeds `COMMANDS_MAX_BODY_BYTES`.
+    #[error("the body exceeds the configured limit")]
+    PayloadTooLarge,
+    /// No `Idempotency-Key` header.
+    #[error("the Idempotency-Key header is required")]
+    IdempotencyKeyMissing,
+    /// The key was used for a different request.
+    #[error("this Idempotency-Key was used for a different request")]
+    IdempotencyKeyReused,
+    /// The first request with this key has not finished.
+    #[error("the first request with this Idempotency-Key is still being processed")]
+    IdempotencyInProgress,
+    /// No `X-Client-Id` header.
+    #[error("the X-Client-Id header is required")]
+    MissingClientId,
+    /// No such resource.
+    #[error("not found")]
+    NotFound,
+    /// The database failed.
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+}
+
+impl ApiError {
+    /// The problem type and status of this error.
+    pub fn problem(&self) -> Problem {
+        use ProblemType as P;
+        let (kind, status) = match self {
+            Self::InvalidJson(_) => (P::InvalidJson, StatusCode::BAD_REQUEST),
+            Self::UnsupportedMediaType => (P::InvalidJson, StatusCode::UNSUPPORTED_MEDIA_TYPE),
+            Self::Validation(_) => (P::ValidationFailed, StatusCode::UNPROCESSABLE_ENTITY),
+            Self::InvalidHeader(_) => (P::ValidationFailed, StatusCode::BAD_REQUEST),
+            Self::PayloadTooLarge => (P::PayloadTooLarge, StatusCode::PAYLOAD_TOO_LARGE),
+            Self::IdempotencyKeyMissing => (P::IdempotencyKeyMissing, StatusCode::BAD_REQUEST),
+            Self::IdempotencyKeyReused => {
+                (P::IdempotencyKeyReused, StatusCode::UNPROCESSABLE_ENTITY)
+            }
+            Self::IdempotencyInProgress => (P::IdempotencyInProgress, StatusCode::CONFLICT),
+            Self::MissingClientId => (P::Unauthorized, StatusCode::UNAUTHORIZED),
+            Self::NotFound => (P::NotFound, StatusCode::NOT_FOUND),
+            Self::Database(error) if is_unavailable(error) => {
+                (P::DependencyUnavailable, StatusCode::SERVICE_UNAVAILABLE)
+            }
+            Self::Database(_) => (P::Internal, StatusCode::INTERNAL_SERVER_ERROR),
+        };
+        let problem = Problem::new(kind, status);
+        if status.is_server_error() {
+            problem // internals never reach clients
+        } else {
+            problem.detail(self.to_string())
+        }
+    }
+}
+
+fn is_unavailable(error: &sqlx::Error) -> bool {
+    matches!(
+        error,
+        sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_)
+    )
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let problem = self.problem();
+        if problem.status.is_server_error() {
+            tracing::error!(error = %self, status = problem.status.as_u16(), "Request failed.");
+        }
+        problem.into_response()
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(rejection: JsonRejection) -> Self {
+        match rejection {
+            JsonRejection::JsonDataError(e) => Self::Validation(e.body_text()),
+            JsonRejection::JsonSyntaxError(e) => Self::InvalidJson(e.body_text()),
+            JsonRejection::MissingJsonContentType(_) => Self::UnsupportedMediaType,
+            other if other.status() == StatusCode::PAYLOAD_TOO_LARGE => Self::PayloadTooLarge,
+            other => Self::InvalidJson(other.body_text()),
+        }
+    }
+}
+
+/// `axum::Json` with [`ApiError`] as its rejection.
+#[derive(Debug, FromRequest)]
+#[from_request(via(axum::Json), rejection(ApiError))]
+pub struct Json<T>(pub T);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_errors_carry_detail_and_server_errors_hide_their_cause() {
+        let problem = ApiError::Validation("unknown command type \"x\"".into()).problem();
+        assert_eq!(problem.status, StatusCode::UNPROCESSABLE_ENTITY);
+        assert_eq!(
+            problem.detail.as_deref(),
+            Some("unknown command type \"x\"")
+        );
+
+        let problem =
+            ApiError::Database(sqlx::Error::Protocol("secret internals".into())).problem();
+        assert_eq!(problem.status, StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(problem.kind, ProblemType::Internal);
+        assert_eq!(problem.detail, None);
+    }
+
+    #[test]
+    fn an_exhausted_pool_is_a_dependency_problem() {
+        let problem = ApiError::Database(sqlx::Error::PoolTimedOut).problem();
+        assert_eq!(problem.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(problem.kind, ProblemType::DependencyUnavailable);
+    }
+}

@@ -1,0 +1,463 @@
+//! The transactional outbox: a message is written with [`enqueue`] in the same transaction
+//! as the state change it announces, and a [`Relay`] publishes it to Kafka afterwards and
+//! deletes it once the broker acknowledged it. The relay is generic over the outbox table
+//! ([`OutboxTable`]: any table shaped like `outbox` in the stack's migrations), so the command
+//! service and the processor run the same code.
+//!
+//! # Design
+//!
+//! **Gap safety.** The relay keeps no cursor. Every batch reads the *oldest remaining* rows
+//! (`ORDER BY id LIMIT n`), and a row leaves the table only when Kafka acknowledged it. A
+//! transaction that took id 5 and commits after ids 6..=9 were relayed and deleted simply makes
+//! row 5 visible to the next batch — nothing can be skipped, because visibility, not an id
+//! watermark, decides what is read. (A cursor over identity ids would skip row 5: ids are
+//! assigned at insert time, not commit time.)
+//!
+//! **Per-key order with several relay instances.** Exactly one relay per table is active: the
+//! one holding a session-level PostgreSQL advisory lock on `meridian.outbox.<table>`. The lock
+//! is held by the same dedicated connection that reads and deletes the batches, so a leader
+//! that lost its connection also lost the lock and cannot delete anything afterwards; standbys
+//! retry the lock every poll interval and take over within one interval of a leader's
+//! shutdown or crash (PostgreSQL releases the lock when the session ends). We chose leadership
+//! over per-row locking (`FOR UPDATE SKIP LOCKED`) because row locking alone lets a second
+//! relay publish a later row of a key while the first still holds an earlier one; preventing
+//! that needs per-key exclusion, which limits a hot key to one row per batch. One leader
+//! publishing in id order through one idempotent producer (`acks=all`, ordered per partition
+//! across retries) keeps each key's order with full batching; throughput scales with the batch
+//! size, not the number of relays. The standbys are for availability.
+//!
+//! **Delivery.** At least once: a leader that dies after Kafka acknowledged a batch but before
+//! the delete commits has its successor publish those rows again (consumers deduplicate by
+//! `command-id`). Rows whose delivery fails stay and are retried; a failed row can be overtaken
+//! by a later row of the same key that was acknowledged in the same batch, which librdkafka's
+//! idempotent producer only allows after `message.timeout.ms` elapsed.
+//!
+//! **Wake-ups.** An `AFTER INSERT` statement trigger runs `pg_notify('<table>', '')`; the
+//! leader `LISTEN`s on that channel and also polls every `poll_interval`, so a lost
+//! notification (or a listener reconnect) delays a message by at most one interval.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use opentelemetry::global;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use sqlx::postgres::{PgConnection, PgListener, PgPool};
+use tracing::Instrument as _;
+use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+use uuid::Uuid;
+
+use crate::kafka::{HEADER_COMMAND_ID, HEADER_CONTENT_TYPE, HEADER_MESSAGE_TYPE};
+use crate::metrics::{
+    OUTBOX_BACKLOG, OUTBOX_RELAY_BATCH_DURATION_SECONDS, OUTBOX_RELAY_FAILURES_TOTAL,
+    OUTBOX_RELAYED_TOTAL,
+};
+use crate::shutdown::CancellationToken;
+
+/// The W3C `traceparent` header.
+pub const HEADER_TRACEPARENT: &str = "traceparent";
+/// The W3C `tracestate` header.
+pub const HEADER_TRACESTATE: &str = "tracestate";
+
+/// The name of an outbox table, checked to be a plain SQL identifier (it is interpolated into
+/// statements and used as the `LISTEN` channel).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OutboxTable(&'static str);
+
+/// A table name that is not a lowercase SQL identifier.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid outbox table name {0:?}: use lowercase letters, digits and underscores")]
+pub struct InvalidTableName(pub String);
+
+impl OutboxTable {
+    /// The `outbox` table of the stack's migrations.
+    pub const DEFAULT: Self = Self("outbox");
+
+    /// Checks `name` (`[a-z_][a-z0-9_]*`, at most 63 bytes).
+    pub fn new(name: &'static str) -> Result<Self, InvalidTableName> {
+        let mut chars = name.chars();
+        let first_ok = chars
+            .next()
+            .is_some_and(|c| c.is_ascii_lowercase() || c == '_');
+        let rest_ok = chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+        if first_ok && rest_ok && name.len() <= 63 {
+            Ok(Self(name))
+        } else {
+            Err(InvalidTableName(name.to_owned()))
+        }
+    }
+
+    /// The table's name.
+    pub fn name(self) -> &'static str {
+        self.0
+    }
+}
+
+/// The W3C trace context of the request that produced a message, stored with the row so the
+/// relay can forward it to Kafka.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TraceContext {
+    /// `traceparent`, when the current span has a valid context.
+    pub traceparent: Option<String>,
+    /// `tracestate`, when non-empty.
+    pub tracestate: Option<String>,
+}
+
+impl TraceContext {
+    /// The context of the current `tracing` span (through the global W3C propagator).
+    pub fn current() -> Self {
+        Self::of(&tracing::Span::current().context())
+    }
+
+    /// The context of the current span or, when that has none (spans filtered out by
+    /// `RUST_LOG`), the caller's context from the request `headers`, so the trace still
+    /// reaches Kafka.
+    pub fn current_or_from_http(headers: &http::HeaderMap) -> Self {
+        let current = Self::current();
+        if current.traceparent.is_some() {
+            current
+        } else {
+            Self::of(&crate::telemetry::extract_http(headers))
+        }
+    }
+
+    /// The W3C fields of `cx`.
+    pub fn of(cx: &opentelemetry::Context) -> Self {
+        let mut fields: HashMap<String, String> = HashMap::new();
+        global::get_text_map_propagator(|p| p.inject_context(cx, &mut fields));
+        Self {
+            traceparent: fields.remove(HEADER_TRACEPARENT).filter(|v| !v.is_empty()),
+            tracestate: fields.remove(HEADER_TRACESTATE).filter(|v| !v.is_empty()),
+        }
+    }
+}
+
+/// A message to write to the outbox.
+#[derive(Debug, Clone)]
+pub struct NewMessage<'a> {
+    /// Full topic name (with the stack's `KAFKA_TOPIC_PREFIX`).
+    pub topic: &'a str,
+    /// Kafka key: `collection/id`.
+    pub key: &'a str,
+    /// `message-type` header (`command.create`, …).
+    pub message_type: &'a str,
+    /// `command-id` header.
+    pub command_id: Option<Uuid>,
+    /// The envelope (sent as JSON).
+    pub payload: &'a serde_json::Value,
+    /// Trace context to forward.
+    pub trace: &'a TraceContext,
+}
+
+/// Writes `message` to `table` on `conn` — call it inside the transaction that makes the
+/// change the message announces. Returns the row's id.
+pub async fn enqueue(
+    conn: &mut PgConnection,
+    table: OutboxTable,
+    message: &NewMessage<'_>,
+) -> Result<i64, sqlx::Error> {
+    let sql = format!(
+        "INSERT INTO {} (topic, message_key, message_type, command_id, payload, traceparent, tracestate) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id",
+        table.name()
+    );
+    sqlx::query_scalar(&sql)
+        .bind(message.topic)
+        .bind(message.key)
+        .bind(message.message_type)
+        .bind(message.command_id)
+        .bind(sqlx::types::Json(message.payload))
+        .bind(message.trace.traceparent.as_deref())
+        .bind(message.trace.tracestate.as_deref())
+        .fetch_one(conn)
+        .await
+}
+
+/// How a relay runs.
+#[derive(Debug, Clone)]
+pub struct RelaySettings {
+    /// Service name for logs and metrics.
+    pub service: &'static str,
+    /// The table to relay.
+    pub table: OutboxTable,
+    /// Rows per batch.
+    pub batch_size: u32,
+    /// Fallback poll (and standby lock retry) interval.
+    pub poll_interval: Duration,
+}
+
+/// The relay failed; it backs off, gives up leadership and starts over.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    /// A database statement failed.
+    #[error("failed to read or delete outbox rows: {0}")]
+    Database(#[from] sqlx::Error),
+    /// No row of a batch was acknowledged by Kafka.
+    #[error("failed to publish any of {0} outbox rows")]
+    Delivery(usize),
+}
+
+#[derive(sqlx::FromRow)]
+struct Row {
+    id: i64,
+    topic: String,
+    message_key: String,
+    message_type: String,
+    command_id: Option<Uuid>,
+    payload: String,
+    traceparent: Option<String>,
+    tracestate: Option<String>,
+}
+
+impl Row {
+    fn headers(&self) -> OwnedHeaders {
+        let command_id = self.command_id.map(|id| id.to_string());
+        let optional = [
+            (HEADER_TRACEPARENT, self.traceparent.as_deref()),
+            (HEADER_TRACESTATE, self.tracestate.as_deref()),
+            (HEADER_COMMAND_ID, command_id.as_deref()),
+        ];
+        let mut headers = OwnedHeaders::new_with_capacity(5)
+            .insert(Header {
+                key: HEADER_MESSAGE_TYPE,
+                value: Some(self.message_type.as_str()),
+            })
+            .insert(Header {
+                key: HEADER_CONTENT_TYPE,
+                value: Some("application/json"),
+            });
+        for (key, value) in optional {
+            if let Some(value) = value {
+                headers = headers.insert(Header {
+                    key,
+                    value: Some(value),
+                });
+            }
+        }
+        headers
+    }
+}
+
+/// Publishes an outbox table to Kafka (see the module docs for the guarantees).
+#[derive(Clone)]
+pub struct Relay {
+    pool: PgPool,
+    producer: FutureProducer,
+    settings: RelaySettings,
+}
+
+impl Relay {
+    /// A relay of `settings.table` through `producer` (which must be idempotent; see
+    /// [`crate::kafka::producer`]).
+    pub fn new(pool: PgPool, producer: FutureProducer, settings: RelaySettings) -> Self {
+        Self {
+            pool,
+            producer,
+            settings,
+        }
+    }
+
+    /// Runs until `shutdown` fires: waits for leadership, then relays; on errors backs off
+    /// (with the shared connect backoff) and starts over.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let (service, table) = (self.settings.service, self.settings.table.name());
+        let mut failures = 0u32;
+        loop {
+            match self.lead(&shutdown).await {
+                Ok(()) => break,
+                Err(error) => {
+                    failures = failures.saturating_add(1);
+                    let delay = Duration::from_millis(100)
+                        .saturating_mul(2u32.saturating_pow(failures.min(6)))
+                        .min(Duration::from_secs(5));
+                    tracing::warn!(%error, service, table, retry_in_ms = delay.as_millis() as u64, "Outbox relay failed; retrying.");
+                    tokio::select! {
+                        () = shutdown.cancelled() => break,
+                        () = tokio::time::sleep(delay) => {}
+                    }
+                }
+            }
+        }
+        tracing::info!(service, table, "Outbox relay stopped.");
+    }
+
+    /// Becomes the leader, then relays until shutdown (`Ok`) or an error.
+    async fn lead(&self, shutdown: &CancellationToken) -> Result<(), RelayError> {
+        let (service, table) = (self.settings.service, self.settings.table.name());
+        // A connection of our own (detached from the pool) holds the session lock; closing it
+        // is what releases leadership, so it must never return to the pool.
+        let mut conn = self.pool.acquire().await?.detach();
+        let lock = format!("meridian.outbox.{table}");
+        loop {
+            let leader: bool =
+                sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtextextended($1, 0))")
+                    .bind(&lock)
+                    .fetch_one(&mut conn)
+                    .await?;
+            if leader {
+                break;
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => return Ok(()),
+                () = tokio::time::sleep(self.settings.poll_interval) => {}
+            }
+        }
+        tracing::info!(service, table, "Outbox relay is the leader.");
+
+        let mut listener = PgListener::connect_with(&self.pool).await?;
+        listener.listen(table).await?;
+        loop {
+            // Drain: full batches mean there is probably more.
+            loop {
+                let relayed = self.relay_batch(&mut conn).await?;
+                if relayed < self.settings.batch_size as usize || shutdown.is_cancelled() {
+                    break;
+                }
+            }
+            let backlog: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM {table}"))
+                .fetch_one(&mut conn)
+                .await?;
+            metrics::gauge!(OUTBOX_BACKLOG, "service" => service, "table" => table)
+                .set(backlog as f64);
+            tokio::select! {
+                () = shutdown.cancelled() => return Ok(()),
+                notification = listener.recv() => {
+                    notification?;
+                    // One drain serves every notification already received.
+                    while listener.next_buffered().is_some() {}
+                }
+                () = tokio::time::sleep(self.settings.poll_interval) => {}
+            }
+        }
+    }
+
+    /// Publishes the oldest rows and deletes the acknowledged ones; returns how many rows were
+    /// read.
+    async fn relay_batch(&self, conn: &mut PgConnection) -> Result<usize, RelayError> {
+        let (service, table) = (self.settings.service, self.settings.table.name());
+        let started = Instant::now();
+        let rows: Vec<Row> = sqlx::query_as(&format!(
+            "SELECT id, topic, message_key, message_type, command_id, payload::text AS payload, \
+             traceparent, tracestate FROM {table} ORDER BY id LIMIT $1"
+        ))
+        .bind(i64::from(self.settings.batch_size))
+        .fetch_all(&mut *conn)
+        .await?;
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        let span = tracing::debug_span!("outbox.relay_batch", table, rows = rows.len());
+        let (acked, failed) = self.publish(&rows).instrument(span).await;
+        if !acked.is_empty() {
+            sqlx::query(&format!("DELETE FROM {table} WHERE id = ANY($1)"))
+                .bind(&acked)
+                .execute(&mut *conn)
+                .await?;
+        }
+        metrics::counter!(OUTBOX_RELAYED_TOTAL, "service" => service, "table" => table)
+            .increment(acked.len() as u64);
+        if failed > 0 {
+            metrics::counter!(OUTBOX_RELAY_FAILURES_TOTAL, "service" => service, "table" => table)
+                .increment(failed as u64);
+        }
+        metrics::histogram!(OUTBOX_RELAY_BATCH_DURATION_SECONDS, "service" => service, "table" => table)
+            .record(started.elapsed().as_secs_f64());
+        if acked.is_empty() {
+            return Err(RelayError::Delivery(rows.len()));
+        }
+        Ok(rows.len())
+    }
+
+    /// Enqueues every row in id order (so each partition receives them in order), then
+    /// awaits the acknowledgements. Returns the acknowledged ids and the number of failures.
+    async fn publish(&self, rows: &[Row]) -> (Vec<i64>, usize) {
+        let mut pending = Vec::with_capacity(rows.len());
+        let mut failed = 0;
+        for row in rows {
+            let mut record = FutureRecord::to(&row.topic)
+                .key(&row.message_key)
+                .payload(&row.payload)
+                .headers(row.headers());
+            loop {
+                match self.producer.send_result(record) {
+                    Ok(delivery) => {
+                        pending.push((row.id, delivery));
+                        break;
+                    }
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                        record = back;
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                    Err((error, _)) => {
+                        tracing::warn!(%error, id = row.id, topic = row.topic, "Failed to enqueue an outbox message.");
+                        failed += 1;
+                        break;
+                    }
+                }
+            }
+        }
+        let mut acked = Vec::with_capacity(pending.len());
+        for (id, delivery) in pending {
+            match delivery.await {
+                Ok(Ok(_)) => acked.push(id),
+                Ok(Err((error, _))) => {
+                    tracing::warn!(%error, id, "Kafka did not acknowledge an outbox message.");
+                    failed += 1;
+                }
+                Err(_) => failed += 1,
+            }
+        }
+        (acked, failed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_names_must_be_plain_identifiers() {
+        assert!(OutboxTable::new("outbox").is_ok());
+        assert!(OutboxTable::new("outbox_test_42").is_ok());
+        for bad in [
+            "",
+            "1outbox",
+            "Outbox",
+            "outbox; DROP TABLE x",
+            "out-box",
+            "a.b",
+        ] {
+            assert!(OutboxTable::new(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn headers_carry_type_content_type_command_id_and_trace_context() {
+        use rdkafka::message::Headers as _;
+        let id = Uuid::now_v7();
+        let row = Row {
+            id: 1,
+            topic: "commands".into(),
+            message_key: "books/1".into(),
+            message_type: "command.create".into(),
+            command_id: Some(id),
+            payload: "{}".into(),
+            traceparent: Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into()),
+            tracestate: None,
+        };
+        let headers = row.headers();
+        let found: HashMap<&str, &[u8]> = headers
+            .iter()
+            .map(|h| (h.key, h.value.unwrap_or_default()))
+            .collect();
+        assert_eq!(found[HEADER_MESSAGE_TYPE], b"command.create");
+        assert_eq!(found[HEADER_CONTENT_TYPE], b"application/json");
+        assert_eq!(found[HEADER_COMMAND_ID], id.to_string().as_bytes());
+        assert_eq!(
+            found[HEADER_TRACEPARENT],
+            b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+        );
+        assert!(!found.contains_key(HEADER_TRACESTATE));
+    }
+}

@@ -1,0 +1,226 @@
+//! The outbox relay on real PostgreSQL and Kafka, each test on its own outbox table (shaped
+//! like `outbox`, with the same NOTIFY trigger) and its own topic.
+#![allow(clippy::unwrap_used, clippy::panic)] // test helpers: failing loudly is the point
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use common::config::{KafkaConfig, Vars};
+use common::kafka;
+use common::outbox::{self, NewMessage, OutboxTable, Relay, RelaySettings, TraceContext};
+use common::shutdown::CancellationToken;
+use common::test_support::{Deps, wait_until};
+use rdkafka::Message;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use sqlx::PgPool;
+
+struct Fixture {
+    db: PgPool,
+    table: OutboxTable,
+    topic: String,
+    kafka: KafkaConfig,
+}
+
+impl Fixture {
+    async fn new() -> Self {
+        let db = PgPool::connect(&Deps::from_env().database_url)
+            .await
+            .unwrap();
+        common::schema::MIGRATOR.run(&db).await.unwrap();
+        let name: &'static str =
+            Box::leak(format!("outbox_it_{}", uuid::Uuid::new_v4().simple()).into_boxed_str());
+        sqlx::query(&format!("CREATE TABLE {name} (LIKE outbox INCLUDING ALL)"))
+            .execute(&db)
+            .await
+            .unwrap();
+        sqlx::query(&format!(
+            "CREATE TRIGGER {name}_notify AFTER INSERT ON {name} \
+             FOR EACH STATEMENT EXECUTE FUNCTION meridian_outbox_notify()"
+        ))
+        .execute(&db)
+        .await
+        .unwrap();
+        let kafka: KafkaConfig = Vars::from_env().parse().unwrap();
+        let topic = format!("it-outbox-{name}");
+        let admin = kafka::admin(&kafka, "it-admin").unwrap();
+        kafka::ensure_topics(&admin, &[(&topic, 3)], 1)
+            .await
+            .unwrap();
+        Self {
+            db,
+            table: OutboxTable::new(name).unwrap(),
+            topic,
+            kafka,
+        }
+    }
+
+    fn relay(&self, shutdown: &CancellationToken) -> tokio::task::JoinHandle<()> {
+        let producer = kafka::producer(&self.kafka, "it-relay").unwrap();
+        let relay = Relay::new(
+            self.db.clone(),
+            producer,
+            RelaySettings {
+                service: "it",
+                table: self.table,
+                batch_size: 16,
+                poll_interval: Duration::from_millis(100),
+            },
+        );
+        tokio::spawn(relay.run(shutdown.clone()))
+    }
+
+    async fn insert(&self, conn: &mut sqlx::PgConnection, key: &str, seq: usize) {
+        outbox::enqueue(
+            conn,
+            self.table,
+            &NewMessage {
+                topic: &self.topic,
+                key,
+                message_type: "test.message",
+                command_id: None,
+                payload: &serde_json::json!({"key": key, "seq": seq}),
+                trace: &TraceContext::default(),
+            },
+        )
+        .await
+        .unwrap();
+    }
+
+    fn consumer(&self) -> StreamConsumer {
+        let group = format!("it-{}", uuid::Uuid::new_v4());
+        let consumer = kafka::consumer(&self.kafka, "it-consumer", &group).unwrap();
+        consumer.subscribe(&[&self.topic]).unwrap();
+        consumer
+    }
+
+    async fn remaining(&self) -> i64 {
+        sqlx::query_scalar(&format!("SELECT count(*) FROM {}", self.table.name()))
+            .fetch_one(&self.db)
+            .await
+            .unwrap()
+    }
+
+    async fn drop_all(self) {
+        sqlx::query(&format!("DROP TABLE {}", self.table.name()))
+            .execute(&self.db)
+            .await
+            .unwrap();
+        let admin = kafka::admin(&self.kafka, "it-admin").unwrap();
+        let _ = admin
+            .delete_topics(&[&self.topic], &rdkafka::admin::AdminOptions::new())
+            .await;
+    }
+}
+
+/// Receives `n` messages as (key, seq) pairs, failing after `timeout`.
+async fn receive(consumer: &StreamConsumer, n: usize, timeout: Duration) -> Vec<(String, u64)> {
+    let mut got = Vec::with_capacity(n);
+    tokio::time::timeout(timeout, async {
+        while got.len() < n {
+            let message = consumer.recv().await.unwrap();
+            let body: serde_json::Value =
+                serde_json::from_slice(message.payload().unwrap()).unwrap();
+            let key = String::from_utf8(message.key().unwrap().to_vec()).unwrap();
+            assert_eq!(body["key"], key.as_str());
+            got.push((key, body["seq"].as_u64().unwrap()));
+        }
+    })
+    .await
+    .unwrap_or_else(|_| {
+        panic!(
+            "received {} of {n} messages within {timeout:?}: {got:?}",
+            got.len()
+        )
+    });
+    got
+}
+
+#[tokio::test]
+async fn a_row_committed_after_later_rows_were_relayed_is_still_relayed() {
+    let f = Fixture::new().await;
+    let consumer = f.consumer();
+    let shutdown = CancellationToken::new();
+    let relay = f.relay(&shutdown);
+
+    // A long transaction takes the lowest id first…
+    let mut slow = f.db.begin().await.unwrap();
+    f.insert(&mut slow, "docs/slow", 0).await;
+    // …then later rows commit and are relayed (and deleted) while it is still open.
+    let mut conn = f.db.acquire().await.unwrap();
+    f.insert(&mut conn, "docs/fast", 1).await;
+    f.insert(&mut conn, "docs/fast", 2).await;
+    let first = receive(&consumer, 2, Duration::from_secs(20)).await;
+    assert_eq!(
+        first,
+        vec![("docs/fast".into(), 1), ("docs/fast".into(), 2)]
+    );
+    wait_until(
+        "the fast rows to be deleted",
+        Duration::from_secs(10),
+        || async {
+            f.remaining().await == 0 // the open transaction's row is invisible here
+        },
+    )
+    .await;
+
+    slow.commit().await.unwrap();
+    let late = receive(&consumer, 1, Duration::from_secs(20)).await;
+    assert_eq!(late, vec![("docs/slow".into(), 0)]);
+    wait_until(
+        "the late row to be deleted",
+        Duration::from_secs(10),
+        || async { f.remaining().await == 0 },
+    )
+    .await;
+
+    shutdown.cancel();
+    relay.await.unwrap();
+    f.drop_all().await;
+}
+
+#[tokio::test]
+async fn two_relays_at_once_keep_each_keys_order() {
+    const KEYS: usize = 5;
+    const MESSAGES: usize = 200;
+    let f = Fixture::new().await;
+    let consumer = f.consumer();
+    let (first_stop, second_stop) = (CancellationToken::new(), CancellationToken::new());
+    let first = f.relay(&first_stop);
+    let second = f.relay(&second_stop);
+
+    // Commit in small transactions while both relays run; stop the first relay half-way so
+    // that, if it was the leader, the second takes over mid-stream.
+    let mut conn = f.db.acquire().await.unwrap();
+    for chunk in 0..MESSAGES / 10 {
+        let mut tx = sqlx::Connection::begin(&mut *conn).await.unwrap();
+        for i in chunk * 10..chunk * 10 + 10 {
+            f.insert(&mut tx, &format!("docs/{}", i % KEYS), i / KEYS)
+                .await;
+        }
+        tx.commit().await.unwrap();
+        if chunk == MESSAGES / 20 {
+            first_stop.cancel();
+        }
+    }
+    let got = receive(&consumer, MESSAGES, Duration::from_secs(30)).await;
+    let mut per_key: HashMap<String, Vec<u64>> = HashMap::new();
+    for (key, seq) in got {
+        per_key.entry(key).or_default().push(seq);
+    }
+    assert_eq!(per_key.len(), KEYS);
+    let expected: Vec<u64> = (0..(MESSAGES / KEYS) as u64).collect();
+    for (key, seqs) in &per_key {
+        assert_eq!(seqs, &expected, "order of {key}");
+    }
+    wait_until(
+        "the outbox to be empty",
+        Duration::from_secs(10),
+        || async { f.remaining().await == 0 },
+    )
+    .await;
+
+    second_stop.cancel();
+    first.await.unwrap();
+    second.await.unwrap();
+    f.drop_all().await;
+}
