@@ -42,6 +42,10 @@ up() {
       "$(curl -fsS "http://127.0.0.1:$port/ready" | tr -d '\n' | cut -c1-120)"
   done
   echo
+  echo "Send a command (202 + Location; repeat it with the same key to see the replay):"
+  echo "  curl -si -X POST http://127.0.0.1:8082/v1/commands -H 'Content-Type: application/json' \\"
+  echo "    -H 'X-Client-Id: demo' -H 'Idempotency-Key: demo-1' \\"
+  echo "    -d '{\"type\":\"create\",\"collection\":\"books\",\"id\":\"b1\",\"payload\":{\"title\":\"Dune\"}}'"
   echo "Try:  curl -s http://127.0.0.1:8082/ready | python3 -m json.tool"
   echo "      curl -s http://127.0.0.1:8080/metrics | grep http_requests_total"
   echo "Logs: $MERIDIAN_LOG_DIR/svc-*.log    Stop: just demo-down (and just deps-down)"
