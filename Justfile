@@ -37,7 +37,7 @@ demo-down:
     bash e2e/demo.sh down
 
 # The whole suite as CI runs it: fmt, clippy, unit and integration tests on real dependencies.
-test: build-deps deps-up
+test: build-deps deps-up lint-scripts
     cargo fmt --all -- --check
     cargo clippy --workspace --all-targets --locked -- -D warnings
     eval "$(bash e2e/deps.sh env)" && cargo test --workspace --locked
@@ -48,7 +48,7 @@ fmt:
 
 # Lint the shell scripts (shellcheck from Debian).
 lint-scripts:
-    bash e2e/lib.sh >/dev/null; command -v shellcheck >/dev/null || sudo apt-get install -y shellcheck
+    bash -c 'source e2e/lib.sh && apt_install shellcheck'
     shellcheck -x e2e/*.sh e2e/deps/*.sh .ci/run
 
 # Regenerate the CRD YAML in crds/ from the operator's Rust types (a test checks for drift).

@@ -32,7 +32,7 @@ export E2E_DIR REPO_ROOT
 
 mkdir -p "$MERIDIAN_CACHE_DIR" "$MERIDIAN_STATE_DIR" "$MERIDIAN_LOG_DIR" "$MERIDIAN_STATE_DIR/pids"
 
-if [ -t 1 ]; then _B=$'\e[1m'; _G=$'\e[32m'; _Y=$'\e[33m'; _R=$'\e[31m'; _N=$'\e[0m'; else _B= _G= _Y= _R= _N=; fi
+if [ -t 1 ]; then _B=$'\e[1m'; _G=$'\e[32m'; _Y=$'\e[33m'; _R=$'\e[31m'; _N=$'\e[0m'; else _B='' _G='' _Y='' _R='' _N=''; fi
 
 # step "message": announce a stage; ok/warn/die: report its outcome.
 step() { printf '%s==>%s %s\n' "$_B" "$_N" "$*"; }
@@ -111,6 +111,7 @@ spin() {
   log="$MERIDIAN_LOG_DIR/$(printf %s "$msg" | tr -cs 'A-Za-z0-9' '-' | cut -c1-40 | sed 's/-*$//').log"
   if [ -t 1 ]; then
     "$@" >"$log" 2>&1 &
+    # shellcheck disable=SC1003 # a backslash frame, not an escaped quote
     local pid=$! frames='|/-\' i=0 start=$SECONDS
     while kill -0 "$pid" 2>/dev/null; do
       printf '\r    %s %s (%ss)' "${frames:i++%4:1}" "$msg" "$((SECONDS - start))"; sleep 0.2
