@@ -567,24 +567,32 @@ down() {
   for ((i = ${#COMPONENTS[@]} - 1; i >= 0; i--)); do stop_component "${COMPONENTS[i]}"; done
 }
 
+# Two lines: the control plane (etcd, API server, controller-manager, scheduler) and kwok
+# (the fake node and pod lifecycle) with the client tools.
 status() {
-  local n missing=() ver
-  for n in "${COMPONENTS[@]}"; do component_pid "$n" >/dev/null || missing+=("$n"); done
+  local n missing=() ver rc=0 tools
+  for n in "${COMPONENTS[@]}"; do
+    [ "$n" = kwok ] && continue
+    component_pid "$n" >/dev/null || missing+=("$n")
+  done
   if ((${#missing[@]})); then
-    printf '%-11s%-5s%s\n' kube down "$API_URL (not running: ${missing[*]})"
-    return 1
+    printf '%-11s%-5s%s\n' kube down "$API_URL (not running: ${missing[*]})"; rc=1
+  elif ! api /readyz >/dev/null 2>&1; then
+    printf '%-11s%-5s%s\n' kube down "$API_URL (API server not ready)"; rc=1
+  else
+    ver=$(server_version)
+    printf '%-11s%-5s%s\n' kube up "$API_URL ($ver: etcd, apiserver, controller-manager, scheduler)"
   fi
-  if ! api /readyz >/dev/null 2>&1; then
-    printf '%-11s%-5s%s\n' kube down "$API_URL (API server not ready)"
-    return 1
+  tools="kubectl, helm in $MERIDIAN_STATE_DIR/bin"
+  if ! component_pid kwok >/dev/null; then
+    printf '%-11s%-5s%s\n' kwok down "kwok controller not running"; rc=1
+  elif [ $rc -ne 0 ] || ! node_ready; then
+    printf '%-11s%-5s%s\n' kwok down "node $NODE_NAME not Ready"; rc=1
+  else
+    printf '%-11s%-5s%s\n' kwok up "$MERIDIAN_KWOK_VERSION, node $NODE_NAME Ready; $tools"
   fi
-  ver=$(server_version)
-  if ! node_ready; then
-    printf '%-11s%-5s%s\n' kube down "$API_URL ($ver, node $NODE_NAME not Ready)"
-    return 1
-  fi
-  printf '%-11s%-5s%s\n' kube up "$API_URL ($ver, node $NODE_NAME Ready)"
   printf '%-16s%s\n' '' "KUBECONFIG=$ADMIN_KC"
+  return $rc
 }
 
 case "${1:-status}" in
