@@ -10,7 +10,7 @@ use common::config::{CommonConfig, ConfigError, KafkaConfig, RedisConfig, Vars};
 use common::http::Ops;
 use common::kafka::KafkaCheck;
 use common::redis::{Redis, RedisError};
-use common::service::Service;
+use common::service::{Service, ServiceConfig};
 use common::shutdown::CancellationToken;
 use rdkafka::error::KafkaError;
 use rdkafka::producer::FutureProducer;
@@ -30,14 +30,17 @@ pub struct Config {
     pub kafka: KafkaConfig,
 }
 
-impl Config {
-    /// Reads every part from `vars`.
-    pub fn from_vars(vars: &Vars) -> Result<Self, ConfigError> {
+impl ServiceConfig for Config {
+    fn from_vars(vars: &Vars) -> Result<Self, ConfigError> {
         Ok(Self {
             common: vars.parse()?,
             redis: vars.parse()?,
             kafka: vars.parse()?,
         })
+    }
+
+    fn common(&self) -> &CommonConfig {
+        &self.common
     }
 }
 
@@ -106,14 +109,6 @@ impl Service for CacheUpdater {
     const NAME: &'static str = NAME;
     const DEFAULT_PORT: u16 = 8084;
     type Config = Config;
-
-    fn load_config(vars: &Vars) -> Result<Config, ConfigError> {
-        Config::from_vars(vars)
-    }
-
-    fn common(config: &Config) -> &CommonConfig {
-        &config.common
-    }
 
     async fn start(
         listener: TcpListener,

@@ -22,7 +22,7 @@ use common::http::Ops;
 use common::kafka::{KafkaCheck, TOPIC_COMMANDS};
 use common::outbox::{OutboxTable, Relay, RelaySettings};
 use common::postgres::{Postgres, PostgresError};
-use common::service::Service;
+use common::service::{Service, ServiceConfig};
 use common::shutdown::CancellationToken;
 use rdkafka::error::KafkaError;
 use rdkafka::producer::FutureProducer;
@@ -107,15 +107,18 @@ pub struct Settings {
     pub relay: RelaySettings,
 }
 
-impl Config {
-    /// Reads every part from `vars`.
-    pub fn from_vars(vars: &Vars) -> Result<Self, ConfigError> {
+impl ServiceConfig for Config {
+    fn from_vars(vars: &Vars) -> Result<Self, ConfigError> {
         Ok(Self {
             common: vars.parse()?,
             postgres: vars.parse()?,
             kafka: vars.parse()?,
             commands: vars.parse()?,
         })
+    }
+
+    fn common(&self) -> &CommonConfig {
+        &self.common
     }
 }
 
@@ -228,14 +231,6 @@ impl Service for CommandService {
     const NAME: &'static str = NAME;
     const DEFAULT_PORT: u16 = 8082;
     type Config = Config;
-
-    fn load_config(vars: &Vars) -> Result<Config, ConfigError> {
-        Config::from_vars(vars)
-    }
-
-    fn common(config: &Config) -> &CommonConfig {
-        &config.common
-    }
 
     async fn start(
         listener: TcpListener,

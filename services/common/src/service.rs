@@ -9,6 +9,14 @@ use tokio::net::TcpListener;
 use crate::config::{CommonConfig, ConfigError, Vars};
 use crate::shutdown::CancellationToken;
 
+/// A service's typed configuration.
+pub trait ServiceConfig: Sized + Send + 'static {
+    /// Reads every part from `vars`.
+    fn from_vars(vars: &Vars) -> Result<Self, ConfigError>;
+    /// The settings every service has.
+    fn common(&self) -> &CommonConfig;
+}
+
 /// A Meridian service.
 pub trait Service {
     /// Name used in logs, traces and metrics (`command-service`, …).
@@ -16,12 +24,7 @@ pub trait Service {
     /// Port when `PORT` is unset.
     const DEFAULT_PORT: u16;
     /// The service's typed configuration.
-    type Config: Send + 'static;
-
-    /// Reads the configuration from `vars`.
-    fn load_config(vars: &Vars) -> Result<Self::Config, ConfigError>;
-    /// The settings every service has.
-    fn common(config: &Self::Config) -> &CommonConfig;
+    type Config: ServiceConfig;
     /// Builds the state and serves on `listener` until `shutdown` fires.
     fn start(
         listener: TcpListener,
@@ -32,13 +35,13 @@ pub trait Service {
 
 /// The entry point of every service binary.
 pub fn main<S: Service>() -> anyhow::Result<()> {
-    let config = S::load_config(&Vars::from_env()).context("invalid configuration")?;
+    let config = S::Config::from_vars(&Vars::from_env()).context("invalid configuration")?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("failed to start the async runtime")?;
     runtime.block_on(async move {
-        let common = S::common(&config);
+        let common = config.common();
         let _telemetry = crate::telemetry::init(S::NAME, common)?;
         let addr = common.listen_addr(S::DEFAULT_PORT);
         let listener = TcpListener::bind(addr)

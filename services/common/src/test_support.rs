@@ -216,7 +216,7 @@ pub struct TestApp {
 impl TestApp {
     /// Starts service `S` configured from `vars`.
     pub async fn start<S: crate::service::Service>(vars: &Vars) -> Self {
-        let config = S::load_config(vars).unwrap();
+        let config = <S::Config as crate::service::ServiceConfig>::from_vars(vars).unwrap();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let shutdown = CancellationToken::new();

@@ -10,7 +10,7 @@ use common::config::{CommonConfig, ConfigError, KafkaConfig, PostgresConfig, Var
 use common::http::Ops;
 use common::kafka::KafkaCheck;
 use common::postgres::{Postgres, PostgresError};
-use common::service::Service;
+use common::service::{Service, ServiceConfig};
 use common::shutdown::CancellationToken;
 use rdkafka::error::KafkaError;
 use rdkafka::producer::FutureProducer;
@@ -30,14 +30,17 @@ pub struct Config {
     pub kafka: KafkaConfig,
 }
 
-impl Config {
-    /// Reads every part from `vars`.
-    pub fn from_vars(vars: &Vars) -> Result<Self, ConfigError> {
+impl ServiceConfig for Config {
+    fn from_vars(vars: &Vars) -> Result<Self, ConfigError> {
         Ok(Self {
             common: vars.parse()?,
             postgres: vars.parse()?,
             kafka: vars.parse()?,
         })
+    }
+
+    fn common(&self) -> &CommonConfig {
+        &self.common
     }
 }
 
@@ -102,14 +105,6 @@ impl Service for Processor {
     const NAME: &'static str = NAME;
     const DEFAULT_PORT: u16 = 8083;
     type Config = Config;
-
-    fn load_config(vars: &Vars) -> Result<Config, ConfigError> {
-        Config::from_vars(vars)
-    }
-
-    fn common(config: &Config) -> &CommonConfig {
-        &config.common
-    }
 
     async fn start(
         listener: TcpListener,

@@ -8,7 +8,7 @@ use axum::Router;
 use common::config::{CommonConfig, ConfigError, RedisConfig, Vars};
 use common::http::Ops;
 use common::redis::{Redis, RedisError};
-use common::service::Service;
+use common::service::{Service, ServiceConfig};
 use common::shutdown::CancellationToken;
 use tokio::net::TcpListener;
 
@@ -24,13 +24,16 @@ pub struct Config {
     pub redis: RedisConfig,
 }
 
-impl Config {
-    /// Reads every part from `vars`.
-    pub fn from_vars(vars: &Vars) -> Result<Self, ConfigError> {
+impl ServiceConfig for Config {
+    fn from_vars(vars: &Vars) -> Result<Self, ConfigError> {
         Ok(Self {
             common: vars.parse()?,
             redis: vars.parse()?,
         })
+    }
+
+    fn common(&self) -> &CommonConfig {
+        &self.common
     }
 }
 
@@ -84,14 +87,6 @@ impl Service for WsHub {
     const NAME: &'static str = NAME;
     const DEFAULT_PORT: u16 = 8085;
     type Config = Config;
-
-    fn load_config(vars: &Vars) -> Result<Config, ConfigError> {
-        Config::from_vars(vars)
-    }
-
-    fn common(config: &Config) -> &CommonConfig {
-        &config.common
-    }
 
     async fn start(
         listener: TcpListener,
