@@ -73,8 +73,8 @@ pub struct CommandRequest {
     pub payload: Option<Value>,
 }
 
-/// A command's state, as returned by both routes.
-#[derive(Debug, Clone, Serialize)]
+/// A command's state, as returned by both routes (and read back as one row).
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
 #[serde(rename_all = "camelCase")]
 struct CommandStatus {
     command_id: Uuid,
@@ -89,12 +89,21 @@ struct CommandStatus {
     result_version: Option<i64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     failure_reason: Option<String>,
-    accepted_at: String,
-    updated_at: String,
+    #[serde(serialize_with = "serialize_rfc3339")]
+    accepted_at: DateTime<Utc>,
+    #[serde(serialize_with = "serialize_rfc3339")]
+    updated_at: DateTime<Utc>,
 }
 
 fn rfc3339(at: DateTime<Utc>) -> String {
     at.to_rfc3339_opts(SecondsFormat::Micros, true)
+}
+
+fn serialize_rfc3339<S: serde::Serializer>(
+    at: &DateTime<Utc>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(&rfc3339(*at))
 }
 
 /// The caller, from `X-Client-Id`.
@@ -337,8 +346,8 @@ async fn accept(
         status: "accepted".into(),
         result_version: None,
         failure_reason: None,
-        accepted_at: rfc3339(accepted_at),
-        updated_at: rfc3339(accepted_at),
+        accepted_at,
+        updated_at: accepted_at,
     };
     let body = serde_json::to_vec(&status).unwrap_or_default();
     let location = format!("/v1/commands/{command_id}");
@@ -374,51 +383,16 @@ async fn status(
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let id = Uuid::parse_str(&id).map_err(|_| ApiError::NotFound)?;
-    type Row = (
-        Uuid,
-        String,
-        String,
-        String,
-        Option<i64>,
-        String,
-        Option<i64>,
-        Option<String>,
-        DateTime<Utc>,
-        DateTime<Utc>,
-    );
-    let row: Option<Row> = sqlx::query_as(
-        "SELECT id, type, collection, document_id, expected_version, status, result_version, \
-         failure_reason, accepted_at, updated_at FROM commands WHERE id = $1 AND client_id = $2",
+    let status: Option<CommandStatus> = sqlx::query_as(
+        "SELECT id AS command_id, type AS kind, collection, document_id AS id, expected_version, \
+         status, result_version, failure_reason, accepted_at, updated_at \
+         FROM commands WHERE id = $1 AND client_id = $2",
     )
     .bind(id)
     .bind(&client.0)
     .fetch_optional(state.db.pool())
     .await?;
-    let (
-        command_id,
-        kind,
-        collection,
-        id,
-        expected_version,
-        status,
-        result_version,
-        failure_reason,
-        accepted_at,
-        updated_at,
-    ) = row.ok_or(ApiError::NotFound)?;
-    Ok(axum::Json(CommandStatus {
-        command_id,
-        kind,
-        collection,
-        id,
-        expected_version,
-        status,
-        result_version,
-        failure_reason,
-        accepted_at: rfc3339(accepted_at),
-        updated_at: rfc3339(updated_at),
-    })
-    .into_response())
+    Ok(axum::Json(status.ok_or(ApiError::NotFound)?).into_response())
 }
 
 /// Deletes expired idempotency records every `interval` until `shutdown` fires.
