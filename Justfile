@@ -40,6 +40,7 @@ demo-down:
 test: build-deps deps-up lint-scripts
     cargo fmt --all -- --check
     cargo clippy --workspace --all-targets --locked -- -D warnings
+    cargo build --workspace --bins --locked
     eval "$(bash e2e/deps.sh env)" && cargo test --workspace --locked
 
 # Format the code.

@@ -12,6 +12,7 @@
 //!   `serve` with graceful shutdown.
 //! - [`shutdown`]: SIGTERM/SIGINT handling and the cancellation token every task watches.
 //! - [`postgres`], [`redis`], [`kafka`]: client constructors and their readiness checks.
+//! - [`envelope`]: the command and event envelopes on the Kafka topics.
 //! - [`schema`]: the stack's one sqlx migration set (commands, idempotency keys, outbox).
 //! - [`outbox`]: the transactional outbox (enqueue in a transaction) and its Kafka relay.
 //! - [`problem`]: RFC 9457 problem details with the platform's problem types.
@@ -20,6 +21,7 @@
 //! - `test_support` (feature `test-support`): helpers for integration tests.
 
 pub mod config;
+pub mod envelope;
 pub mod health;
 pub mod http;
 pub mod kafka;

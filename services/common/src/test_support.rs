@@ -50,6 +50,22 @@ impl Deps {
     }
 }
 
+/// A binary of another workspace crate (`command-service`, `processor`, …), next to the
+/// running test executable (`target/debug/deps/it-…` → `target/debug/<name>`). `just test`
+/// builds every binary before the tests run; when running one crate's tests by hand, build
+/// the binaries it uses first (`cargo build -p <crate> --bins`).
+pub fn workspace_binary(name: &str) -> std::path::PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().and_then(Path::parent).unwrap();
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build it with `cargo build -p {name} --bins`",
+        path.display()
+    );
+    path
+}
+
 /// A port nothing listens on right now.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
