@@ -46,7 +46,10 @@ ok "same CRD"
 step "helm lint"
 helm lint --strict "$CHART" >/dev/null
 helm lint --strict "$CHART" "${all_on[@]}" --set watchNamespace=team-a >/dev/null
-ok "lint clean (defaults; everything on, namespaced)"
+if helm lint --strict "$CHART" --set replicaCount=-1 >/dev/null 2>&1; then
+  die "values.schema.json accepted replicaCount=-1"
+fi
+ok "lint clean (defaults; everything on, namespaced); invalid values refused by values.schema.json"
 
 step "helm template | kubectl apply --dry-run=server"
 monitoring_crds
