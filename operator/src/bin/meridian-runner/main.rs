@@ -17,7 +17,8 @@
 //! binaries; default: this binary's folder), `RUNNER_STATE_DIR` (endpoints file and process
 //! logs; default `$MERIDIAN_STATE_DIR/runner` or `./runner`), `RUNNER_NAMESPACE` (default:
 //! every namespace), `RUNNER_LABEL_SELECTOR` (default `app.kubernetes.io/part-of=meridian`),
-//! `RUST_LOG`.
+//! `RUNNER_PREFER_SERVICE_PORTS` (`true`: a Service's proxy listens on the Service's own port
+//! when it is free, e.g. the gateway on 8080; default `false`: ephemeral ports), `RUST_LOG`.
 
 mod env;
 mod process;
@@ -48,6 +49,8 @@ struct Config {
     runner_namespace: Option<String>,
     #[serde(default = "default_selector")]
     runner_label_selector: String,
+    #[serde(default)]
+    runner_prefer_service_ports: bool,
 }
 
 fn default_selector() -> String {
@@ -111,7 +114,12 @@ async fn main() -> anyhow::Result<()> {
         .await
         .context("service watch failed")?;
 
-    let proxies = proxy::Proxies::new(service_store, pod_store.clone(), shutdown.clone());
+    let proxies = proxy::Proxies::new(
+        service_store,
+        pod_store.clone(),
+        config.runner_prefer_service_ports,
+        shutdown.clone(),
+    );
     let mut supervisor =
         process::Supervisor::new(client, bin_dir, state_dir.clone(), Arc::clone(&proxies));
     tracing::info!(state = %state_dir.display(), "runner started");
@@ -123,7 +131,7 @@ async fn main() -> anyhow::Result<()> {
 async fn run(
     supervisor: &mut process::Supervisor,
     pods: &reflector::Store<Pod>,
-    proxies: &proxy::Proxies,
+    proxies: &Arc<proxy::Proxies>,
     state_dir: &std::path::Path,
     shutdown: &CancellationToken,
 ) {
@@ -134,6 +142,7 @@ async fn run(
             () = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
+        proxies.ensure_all();
         supervisor.sync(&pods.state()).await;
         let state = serde_json::json!({
             "services": proxies.snapshot(),

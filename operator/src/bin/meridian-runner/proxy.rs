@@ -18,6 +18,8 @@ pub struct Proxies {
     services: Store<Service>,
     pods: Store<Pod>,
     listeners: Mutex<BTreeMap<ServiceAddr, u16>>,
+    /// Listen on the Service's own port when it is free (the demo: gateway on 8080).
+    prefer_service_ports: bool,
     /// Pod uid → the local port its process listens on.
     backends: Mutex<HashMap<String, u16>>,
     next: AtomicUsize,
@@ -29,12 +31,14 @@ impl Proxies {
     pub fn new(
         services: Store<Service>,
         pods: Store<Pod>,
+        prefer_service_ports: bool,
         shutdown: CancellationToken,
     ) -> Arc<Self> {
         Arc::new(Self {
             services,
             pods,
             listeners: Mutex::new(BTreeMap::new()),
+            prefer_service_ports,
             backends: Mutex::new(HashMap::new()),
             next: AtomicUsize::new(0),
             shutdown,
@@ -50,7 +54,12 @@ impl Proxies {
         if let Some(port) = listeners.get(addr) {
             return Ok(format!("127.0.0.1:{port}"));
         }
-        let std_listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let std_listener = if self.prefer_service_ports {
+            std::net::TcpListener::bind(("127.0.0.1", addr.port))
+                .or_else(|_| std::net::TcpListener::bind("127.0.0.1:0"))?
+        } else {
+            std::net::TcpListener::bind("127.0.0.1:0")?
+        };
         std_listener.set_nonblocking(true)?;
         let port = std_listener.local_addr()?.port();
         let listener = TcpListener::from_std(std_listener)?;
@@ -58,6 +67,31 @@ impl Proxies {
         tracing::info!(service = %addr.name, namespace = %addr.namespace, service_port = addr.port, local_port = port, "service proxy listening");
         tokio::spawn(Arc::clone(self).accept(listener, addr.clone()));
         Ok(format!("127.0.0.1:{port}"))
+    }
+
+    /// Starts a proxy for every port of every watched Service (so the gateway and the hub,
+    /// which nothing inside the stack calls, are reachable too).
+    pub fn ensure_all(self: &Arc<Self>) {
+        for service in self.services.state() {
+            let (Some(name), Some(namespace)) =
+                (&service.metadata.name, &service.metadata.namespace)
+            else {
+                continue;
+            };
+            for port in service.spec.iter().flat_map(|s| s.ports.iter().flatten()) {
+                let Ok(port) = u16::try_from(port.port) else {
+                    continue;
+                };
+                let addr = ServiceAddr {
+                    name: name.clone(),
+                    namespace: namespace.clone(),
+                    port,
+                };
+                if let Err(error) = self.local_addr(&addr) {
+                    tracing::warn!(service = %name, %error, "cannot start a service proxy");
+                }
+            }
+        }
     }
 
     /// Registers the process of pod `uid` on `port`.
