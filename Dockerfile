@@ -1,7 +1,7 @@
 # syntax=docker/dockerfile:1.7
 # One Dockerfile, one image per binary:
 #   docker build --build-arg PACKAGE=api-gateway -t meridian-api-gateway .
-#   docker build --build-arg PACKAGE=operator -t meridian-operator .
+#   docker build --build-arg PACKAGE=operator --build-arg BINARY=meridian-operator -t meridian-operator .
 # PACKAGE is the Cargo package; BINARY its binary (defaults to the package name).
 # Stages: chef (tooling) -> planner (dependency recipe) -> builder (dependencies, cached as
 # their own layer, then the workspace) -> runtime (Debian slim, non-root, the one binary).

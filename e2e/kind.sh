@@ -60,7 +60,11 @@ run() {
   local image
   for s in operator "${SERVICES[@]}"; do
     image="$REGISTRY/$s:$TAG"
-    docker build --quiet --build-arg "PACKAGE=$s" -t "$image" "$ROOT"
+    if [ "$s" = operator ]; then
+      docker build --quiet --build-arg PACKAGE=operator --build-arg BINARY=meridian-operator -t "$image" "$ROOT"
+    else
+      docker build --quiet --build-arg "PACKAGE=$s" -t "$image" "$ROOT"
+    fi
     "$kind" load docker-image --name "$CLUSTER" "$image"
   done
 
