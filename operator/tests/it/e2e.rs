@@ -1,0 +1,219 @@
+//! The container-free end-to-end test: the real operator binary reconciles a stack on the
+//! local control plane, `meridian-runner` plays the kubelet for the kwok node (every pod of
+//! the stack runs as a local process of its service binary, with exactly the container's
+//! environment and the operator's provisioned credentials), and `meridian-smoke` walks the
+//! user's path: JWT → command through the gateway → `succeeded` → document → WebSocket event.
+//! Then `kubectl describe` must show every condition True and the Events.
+//!
+//! Needs every binary built (`just test` builds them first; by hand: `cargo build --workspace
+//! --bins`).
+use std::path::PathBuf;
+use std::time::Duration;
+
+use common::test_support::{ChildProcess, free_port, wait_until, workspace_binary};
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use operator::crd::MiddlewareStack;
+use serde_json::{Value, json};
+
+use crate::admission::{TestNamespace, client, install_crd};
+
+const EXAMPLE: &str = include_str!("../../../crds/example-stack.yaml");
+const JWT_SECRET: &str = "e2e-only-secret";
+
+fn kubectl(args: &[&str]) -> std::process::Output {
+    std::process::Command::new("kubectl")
+        .args(args)
+        .output()
+        .expect("kubectl is on PATH after `eval \"$(bash e2e/deps.sh env)\"`")
+}
+
+fn log_dir() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().unwrap().join("e2e-logs");
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_operator_brings_up_a_stack_whose_real_services_pass_the_smoke_flow() {
+    let client = client().await;
+    install_crd(&client).await;
+    let ns = TestNamespace::create(&client, "e2e").await;
+    let logs = log_dir();
+
+    // The admin Secrets of the example, and the JWT secret the smoke client signs with.
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns.name);
+    let documents: Vec<Value> = serde_saphyr::from_multiple(EXAMPLE).unwrap();
+    for mut doc in documents.iter().filter(|d| d["kind"] == "Secret").cloned() {
+        if doc["metadata"]["name"] == "meridian-jwt" {
+            doc["stringData"]["hmac-secret"] = json!(JWT_SECRET);
+        }
+        let secret: Secret = serde_json::from_value(doc).unwrap();
+        secrets
+            .create(&PostParams::default(), &secret)
+            .await
+            .unwrap();
+    }
+
+    // The operator and the runner, as processes, scoped to the test namespace.
+    let state = logs.join(&ns.name);
+    std::fs::create_dir_all(&state).unwrap();
+    let operator_port = free_port();
+    let operator = ChildProcess::spawn(
+        &workspace_binary("meridian-operator"),
+        &[
+            ("PORT", operator_port.to_string()),
+            ("BIND_ADDRESS", "127.0.0.1".to_owned()),
+            ("WATCH_NAMESPACE", ns.name.clone()),
+            ("LEASE_NAMESPACE", ns.name.clone()),
+            ("RESYNC_SECONDS", "30".to_owned()),
+            ("BACKOFF_MAX_SECONDS", "3".to_owned()),
+            ("RUST_LOG", "info".to_owned()),
+        ],
+        &state.join("operator.log"),
+    );
+    let runner = ChildProcess::spawn(
+        &workspace_binary("meridian-runner"),
+        &[
+            ("RUNNER_NAMESPACE", ns.name.clone()),
+            ("RUNNER_STATE_DIR", state.display().to_string()),
+            ("RUST_LOG", "info".to_owned()),
+        ],
+        &state.join("runner.log"),
+    );
+
+    // The example stack with one replica per service (two cores run all of it).
+    let mut stack = documents
+        .iter()
+        .find(|d| d["kind"] == "MiddlewareStack")
+        .cloned()
+        .unwrap();
+    stack["metadata"] = json!({ "name": "shop" });
+    for service in [
+        "gateway",
+        "commandService",
+        "processor",
+        "cacheUpdater",
+        "wsHub",
+    ] {
+        stack["spec"]["services"][service]["replicas"] = json!(1);
+    }
+    let stacks: Api<MiddlewareStack> = ns.stacks();
+    stacks
+        .patch(
+            "shop",
+            &PatchParams::apply("meridian-e2e").force(),
+            &Patch::Apply(&stack),
+        )
+        .await
+        .unwrap();
+
+    let wait = kubectl(&[
+        "-n",
+        &ns.name,
+        "wait",
+        "--for=condition=Ready",
+        "middlewarestack/shop",
+        "--timeout=240s",
+    ]);
+    assert!(
+        wait.status.success(),
+        "the stack did not become Ready: {}\n{}\n(logs in {})",
+        String::from_utf8_lossy(&wait.stderr),
+        String::from_utf8_lossy(
+            &kubectl(&["-n", &ns.name, "describe", "middlewarestack", "shop"]).stdout
+        ),
+        state.display()
+    );
+
+    // Where the runner exposes the gateway and the hub.
+    let endpoints = state.join("endpoints.json");
+    let endpoint = |service: &str, port: u16| {
+        let key = format!("{}/shop-{service}:{port}", ns.name);
+        std::fs::read_to_string(&endpoints)
+            .ok()
+            .and_then(|text| serde_json::from_str::<Value>(&text).ok())
+            .and_then(|v| v["services"][&key].as_str().map(str::to_owned))
+    };
+    wait_until(
+        "the runner to proxy the gateway and the hub",
+        Duration::from_secs(30),
+        || async { endpoint("api-gateway", 8080).is_some() && endpoint("ws-hub", 8085).is_some() },
+    )
+    .await;
+    let gateway = endpoint("api-gateway", 8080).unwrap();
+    let hub = endpoint("ws-hub", 8085).unwrap();
+    wait_until(
+        "the gateway to be ready",
+        Duration::from_secs(60),
+        || async {
+            common::test_support::get_json(&format!("http://{gateway}/ready"))
+                .await
+                .is_some_and(|(status, _)| status == 200)
+        },
+    )
+    .await;
+
+    let smoke = tokio::process::Command::new(workspace_binary("meridian-smoke"))
+        .args([
+            "--gateway",
+            &format!("http://{gateway}"),
+            "--hub",
+            &format!("ws://{hub}"),
+        ])
+        .env("SMOKE_JWT_SECRET", JWT_SECRET)
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        smoke.status.success(),
+        "the smoke flow failed:\n{}{}\n(service logs in {}/logs)",
+        String::from_utf8_lossy(&smoke.stdout),
+        String::from_utf8_lossy(&smoke.stderr),
+        state.display()
+    );
+    let smoke_out = String::from_utf8_lossy(&smoke.stdout);
+    eprintln!("{smoke_out}");
+    assert!(smoke_out.contains("smoke flow passed"), "{smoke_out}");
+
+    // `kubectl describe` tells the whole story.
+    let describe = kubectl(&["-n", &ns.name, "describe", "middlewarestack", "shop"]);
+    let text = String::from_utf8_lossy(&describe.stdout);
+    for condition in [
+        "DependenciesReady",
+        "TopicsReady",
+        "CredentialsReady",
+        "CoreAvailable",
+        "EdgeAvailable",
+        "Ready",
+    ] {
+        assert!(
+            text.contains(condition),
+            "describe lacks {condition}:\n{text}"
+        );
+    }
+    assert!(
+        text.contains("Events:") && text.contains("Normal"),
+        "describe shows no Events:\n{text}"
+    );
+    let status = stacks.get_status("shop").await.unwrap();
+    let conditions = status.status.unwrap().conditions;
+    assert!(
+        conditions.iter().all(|c| c.status == "True"),
+        "not every condition is True: {conditions:?}"
+    );
+
+    // Delete: the finalizer is released, the runner stops the processes.
+    stacks
+        .delete("shop", &DeleteParams::default())
+        .await
+        .unwrap();
+    wait_until("the stack to be gone", Duration::from_secs(60), || async {
+        stacks.get_opt("shop").await.unwrap().is_none()
+    })
+    .await;
+    runner.terminate(Duration::from_secs(30)).await;
+    operator.terminate(Duration::from_secs(30)).await;
+    ns.delete().await;
+}
