@@ -49,13 +49,15 @@ def rate(metric, svc, by, unit="ops"):
 
 COMPONENTS = {
     "api-gateway": ("Meridian / API gateway", lambda s: [
-        panel("Rate-limit decisions/s", [rate("rate_limit_decisions_total", s, "decision")], "ops",
+        panel("Rate-limit decisions/s", [rate("gateway_rate_limit_decisions_total", s, "decision")], "ops",
               legend="{{namespace}} {{decision}}"),
         panel("JWT failures/s by reason", [rate("jwt_failures_total", s, "reason")], "ops",
               legend="{{namespace}} {{reason}}"),
         panel("Upstream latency p99", [
-            f'histogram_quantile(0.99, sum by (le, namespace, upstream) (rate(gateway_upstream_duration_seconds_bucket{{service="{s}"}}[5m])))'],
-              "s", legend="{{namespace}} {{upstream}}"),
+            f'histogram_quantile(0.99, sum by (le, namespace, route) (rate(gateway_upstream_duration_seconds_bucket{{service="{s}"}}[5m])))'],
+              "s", legend="{{namespace}} {{route}}"),
+        panel("Read model lookups/s by result", [rate("gateway_read_model_lookups_total", s, "result")], "ops",
+              legend="{{namespace}} {{result}}"),
     ]),
     "command-service": ("Meridian / Command service", lambda s: [
         panel("Commands accepted/s by type", [rate("commands_accepted_total", s, "type")], "ops",
@@ -100,6 +102,9 @@ COMPONENTS = {
         panel("Deliveries/s", [rate("hub_deliveries_total", s, "service")], "ops"),
         panel("Disconnects/s by reason", [rate("hub_disconnects_total", s, "reason")], "ops",
               legend="{{namespace}} {{reason}}"),
+        panel("Publish → deliver p99", [
+            f'histogram_quantile(0.99, sum by (le, namespace) (rate(hub_publish_deliver_seconds_bucket{{service="{s}"}}[5m])))'],
+              "s", legend="{{namespace}}"),
     ]),
 }
 
@@ -107,12 +112,16 @@ COMPONENTS = {
 def operator_panels():
     return [
         panel("Reconciles/s", ["sum by (result) (rate(operator_reconciles_total[5m]))"], "ops", legend="{{result}}"),
-        panel("Reconcile errors/s by error", ["sum by (error) (rate(operator_reconcile_errors_total[5m]))"], "ops",
-              legend="{{error}}"),
+        panel("Reconcile errors/s by reason", ["sum by (reason) (rate(operator_reconcile_errors_total[5m]))"], "ops",
+              legend="{{reason}}"),
         panel("Reconcile duration p99", [
             "histogram_quantile(0.99, sum by (le) (rate(operator_reconcile_duration_seconds_bucket[5m])))"], "s",
               legend="p99"),
-        panel("Stacks per stage", ["sum by (stage) (operator_stage_ready)"], "short", legend="{{stage}}"),
+        panel("Stacks per stage and status", ["sum by (stage, status) (operator_stacks)"], "short",
+              legend="{{stage}} {{status}}"),
+        panel("Leader", ["max by (pod) (operator_leader)"], "bool", legend="{{pod}}"),
+        panel("API requests/s by verb", ["sum by (verb) (rate(operator_api_requests_total[5m]))"], "ops",
+              legend="{{verb}}"),
     ]
 
 
