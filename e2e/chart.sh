@@ -5,6 +5,7 @@
 #   3. `helm template | kubectl apply --dry-run=server` — cluster-wide and namespaced RBAC,
 #      ServiceMonitor and PrometheusRule included (validated against the real
 #      prometheus-operator CRDs, fetched from the Go module proxy and installed first);
+#      and the kind e2e's manifests (e2e/kind/*.yaml);
 #   4. a real `helm install --wait` (the operator Deployment becomes Available on the kwok
 #      node), `helm upgrade --wait`, `helm uninstall`, with the CRD kept afterwards.
 set -euo pipefail
@@ -61,6 +62,12 @@ helm template "$RELEASE" "$CHART" --namespace "$NS" "${all_on[@]}" --set watchNa
   --set crds.install=false |
   kubectl apply --server-side --force-conflicts --field-manager=chart-check --dry-run=server -f - >/dev/null
 ok "server accepted every object (cluster-wide and namespaced)"
+# The kind e2e's manifests cannot run here (no Docker engine) but are validated the same way.
+kubectl create namespace meridian-deps --dry-run=client -o yaml | kubectl apply -f - >/dev/null
+kubectl apply --server-side --field-manager=chart-check --dry-run=server -f "$ROOT/e2e/kind/deps.yaml" >/dev/null
+kubectl apply --server-side --field-manager=chart-check --dry-run=server -n "$NS" \
+  -f "$ROOT/e2e/kind/stack.yaml" -f "$ROOT/e2e/kind/nodeports.yaml" >/dev/null
+ok "kind e2e manifests (dependencies, stack, NodePorts) accepted"
 
 step "helm install / upgrade / uninstall"
 helm uninstall "$RELEASE" --namespace "$NS" --wait >/dev/null 2>&1 || true
