@@ -22,6 +22,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Router, extract::DefaultBodyLimit};
 use chrono::{DateTime, SecondsFormat, Utc};
+use common::envelope::CommandEnvelope;
 use common::metrics::{
     COMMANDS_ACCEPTED_TOTAL, COMMANDS_REJECTED_TOTAL, IDEMPOTENCY_KEYS_EXPIRED_TOTAL,
     IDEMPOTENCY_REPLAYS_TOTAL,
@@ -309,18 +310,18 @@ async fn accept(
     .execute(&mut *tx)
     .await?;
 
-    let mut envelope = serde_json::json!({
-        "commandId": command_id,
-        "type": request.kind,
-        "collection": request.collection,
-        "id": request.id,
-        "payload": request.payload,
-        "clientId": client,
-        "acceptedAt": rfc3339(accepted_at),
-    });
-    if let (Some(version), Some(map)) = (request.expected_version, envelope.as_object_mut()) {
-        map.insert("expectedVersion".into(), version.into());
-    }
+    // The shared wire type, so the processor reads exactly what is written here.
+    let envelope = serde_json::to_value(CommandEnvelope {
+        command_id,
+        command_type: request.kind.clone(),
+        collection: request.collection.clone(),
+        id: request.id.clone(),
+        expected_version: request.expected_version,
+        payload: request.payload.clone(),
+        client_id: client.to_owned(),
+        accepted_at,
+    })
+    .map_err(|e| ApiError::Database(sqlx::Error::Encode(Box::new(e))))?;
     let key_of_document = format!("{}/{}", request.collection, request.id);
     let message_type = format!("command.{}", request.kind);
     outbox::enqueue(

@@ -5,12 +5,15 @@
 //! # Layout
 //! - [`commands`]: `POST /v1/commands` (idempotent intake: command + idempotency record +
 //!   outbox row in one transaction) and `GET /v1/commands/{id}`; expired-key cleanup.
+//! - [`documents`]: `GET /v1/documents/{collection}/{id}` from the write model (the read
+//!   model's fallback).
 //! - [`error`]: [`ApiError`](error::ApiError) (problem+json) and the [`Json`](error::Json)
 //!   extractor rejecting with it.
 //! - this file: [`Config`], [`AppState`], [`router`], [`run`] (HTTP + the outbox relay + the
 //!   cleanup task, all stopped by the shutdown token) and the [`Service`] impl.
 
 pub mod commands;
+pub mod documents;
 pub mod error;
 
 use std::sync::Arc;
@@ -24,6 +27,8 @@ use common::outbox::{OutboxTable, Relay, RelaySettings};
 use common::postgres::{Postgres, PostgresError};
 use common::service::{Service, ServiceConfig};
 use common::shutdown::CancellationToken;
+use rdkafka::admin::AdminClient;
+use rdkafka::client::DefaultClientContext;
 use rdkafka::error::KafkaError;
 use rdkafka::producer::FutureProducer;
 use serde::Deserialize;
@@ -145,6 +150,8 @@ pub struct AppState {
     pub db: Postgres,
     /// The outbox relay's producer.
     pub producer: FutureProducer,
+    /// Creates the `commands` topic at start when it is missing (the operator normally has).
+    pub admin: Arc<AdminClient<DefaultClientContext>>,
     /// Settings from the configuration.
     pub settings: Arc<Settings>,
 }
@@ -154,6 +161,7 @@ impl AppState {
     pub fn new(config: &Config) -> Result<Self, Error> {
         let db = Postgres::connect_lazy(&config.postgres)?;
         let producer = common::kafka::producer(&config.kafka, NAME)?;
+        let admin = Arc::new(common::kafka::admin(&config.kafka, NAME)?);
         let ops = Ops::new(NAME, &config.common)
             .with(db.clone())
             .with(KafkaCheck::producer(
@@ -178,6 +186,7 @@ impl AppState {
             ops,
             db,
             producer,
+            admin,
             settings,
         })
     }
@@ -186,6 +195,7 @@ impl AppState {
 /// Every route of the service.
 pub fn router(state: &AppState) -> Router {
     let api = commands::router(state)
+        .merge(documents::router(state))
         .merge(common::http::ops_router(&state.ops))
         .fallback(|| async { error::ApiError::NotFound });
     common::http::instrument(api, NAME)
@@ -208,7 +218,24 @@ pub async fn run(
         state.producer.clone(),
         state.settings.relay.clone(),
     );
-    let relay = tokio::spawn(relay.run(background.clone()));
+    // The relay publishes to `commands`: make sure the topic exists first (broker defaults; the
+    // operator creates it with the stack's settings before the service starts), so a fresh
+    // set-up never leaves the relay waiting on a missing topic until delivery times out.
+    let relay = tokio::spawn({
+        let admin = Arc::clone(&state.admin);
+        let topic = state.settings.commands_topic.clone();
+        let token = background.clone();
+        async move {
+            let topics = [(topic.as_str(), -1)];
+            let ensured = common::retry::until_connected(NAME, "kafka", &token, || {
+                common::kafka::ensure_topics(&admin, &topics, -1)
+            })
+            .await;
+            if ensured.is_some() {
+                relay.run(token).await;
+            }
+        }
+    });
     let cleanup = tokio::spawn(commands::cleanup_expired_keys(
         state.db.pool().clone(),
         state.settings.cleanup_interval,

@@ -79,13 +79,19 @@ pub fn consumer(
     client_id: &str,
     group_id: &str,
 ) -> Result<StreamConsumer, KafkaError> {
-    client_config(config, client_id)
-        .set("group.id", group_id)
+    consumer_config(config, client_id, group_id).create()
+}
+
+/// The configuration [`consumer`] uses, for a service that needs to tune more (for example
+/// `session.timeout.ms`, which bounds how long a crashed member keeps its partitions).
+pub fn consumer_config(config: &KafkaConfig, client_id: &str, group_id: &str) -> ClientConfig {
+    let mut cc = client_config(config, client_id);
+    cc.set("group.id", group_id)
         .set("enable.auto.commit", "true")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
-        .set("partition.assignment.strategy", "cooperative-sticky")
-        .create()
+        .set("partition.assignment.strategy", "cooperative-sticky");
+    cc
 }
 
 /// An admin client (topic creation, configuration).

@@ -38,6 +38,81 @@ pub const OUTBOX_BACKLOG: &str = "outbox_backlog";
 /// Histogram: duration of one relay batch (read, publish, await acks, delete).
 /// Labels: `service`, `table`.
 pub const OUTBOX_RELAY_BATCH_DURATION_SECONDS: &str = "outbox_relay_batch_duration_seconds";
+/// Counter: events the cache updater projected into the read model. Labels: `service`.
+pub const CACHE_EVENTS_APPLIED_TOTAL: &str = "cache_events_applied_total";
+/// Counter: events skipped because the read model already held their version or a newer one
+/// (redeliveries, overtaken events). Labels: `service`.
+pub const CACHE_EVENTS_STALE_TOTAL: &str = "cache_events_stale_total";
+/// Counter: `events` messages that were not a valid event envelope (logged and skipped).
+/// Labels: `service`.
+pub const CACHE_EVENTS_MALFORMED_TOTAL: &str = "cache_events_malformed_total";
+/// Histogram: time to apply one event (read-model script plus room notifications).
+/// Labels: `service`.
+pub const CACHE_APPLY_DURATION_SECONDS: &str = "cache_apply_duration_seconds";
+/// Counter: commands the processor finished. Labels: `service`, `type`, `outcome`
+/// (`succeeded`, `failed`, `dead_lettered`, `duplicate` for a redelivery already applied).
+pub const COMMANDS_PROCESSED_TOTAL: &str = "commands_processed_total";
+/// Histogram: duration of one command handler invocation (built-in, Rust or webhook).
+/// Labels: `service`, `type`.
+pub const COMMAND_HANDLER_DURATION_SECONDS: &str = "command_handler_duration_seconds";
+/// Counter: retries of a command after a transient error. Labels: `service`, `type`, `cause`
+/// (`handler`, `database`).
+pub const COMMAND_RETRIES_TOTAL: &str = "command_retries_total";
+/// Counter: messages copied to `commands.dlq`. Labels: `service`, `reason`.
+pub const COMMANDS_DEAD_LETTERED_TOTAL: &str = "commands_dead_lettered_total";
+/// Gauge: messages between a consumed offset and the partition's high watermark.
+/// Labels: `service`, `topic`, `partition`.
+pub const KAFKA_CONSUMER_LAG: &str = "kafka_consumer_lag";
+/// Counter: reconciles of a `MiddlewareStack`. Labels: `result` (`ok`, `error`).
+pub const OPERATOR_RECONCILES_TOTAL: &str = "operator_reconciles_total";
+/// Histogram: duration of one reconcile. Labels: `result`.
+pub const OPERATOR_RECONCILE_DURATION_SECONDS: &str = "operator_reconcile_duration_seconds";
+/// Counter: failed reconciles. Labels: `reason` (the condition reason, e.g. `RedisUnavailable`).
+pub const OPERATOR_RECONCILE_ERRORS_TOTAL: &str = "operator_reconcile_errors_total";
+/// Gauge: stacks whose stage condition has a given status.
+/// Labels: `stage` (condition type), `status` (`True`, `False`, `Unknown`).
+pub const OPERATOR_STACKS: &str = "operator_stacks";
+/// Counter: requests the operator sent to the Kubernetes API. Labels: `verb` (HTTP method).
+pub const OPERATOR_API_REQUESTS_TOTAL: &str = "operator_api_requests_total";
+/// Gauge: 1 while this operator replica holds the leader Lease, else 0.
+pub const OPERATOR_LEADER: &str = "operator_leader";
+/// Gauge: WebSocket connections open on this hub node. Labels: `service`.
+pub const HUB_CONNECTIONS: &str = "hub_connections";
+/// Gauge: rooms with at least one local member (one Redis subscription each).
+/// Labels: `service`.
+pub const HUB_ROOMS: &str = "hub_rooms";
+/// Counter: publications queued to local WebSocket clients. Labels: `service`.
+pub const HUB_DELIVERIES_TOTAL: &str = "hub_deliveries_total";
+/// Counter: publications accepted from WebSocket clients. Labels: `service`.
+pub const HUB_PUBLICATIONS_TOTAL: &str = "hub_publications_total";
+/// Counter: WebSocket connections closed. Labels: `service`, `reason` (`client`,
+/// `slow_consumer`, `keepalive_timeout`, `rate_limited`, `message_too_big`, `token_expired`,
+/// `draining`, `protocol_error`).
+pub const HUB_DISCONNECTS_TOTAL: &str = "hub_disconnects_total";
+/// Counter: upgrade requests refused before the handshake. Labels: `service`, `reason`
+/// (`connection_limit`, `draining`, `unauthorized`).
+pub const HUB_CONNECTIONS_REJECTED_TOTAL: &str = "hub_connections_rejected_total";
+/// Counter: client messages refused with an error frame. Labels: `service`, `code`.
+pub const HUB_MESSAGES_REJECTED_TOTAL: &str = "hub_messages_rejected_total";
+/// Histogram: from a publication's publish time (publisher's clock) to its fan-out to the
+/// node's local subscribers. Labels: `service`.
+pub const HUB_PUBLISH_DELIVER_SECONDS: &str = "hub_publish_deliver_seconds";
+/// Counter: requests the gateway forwarded, by route name and final status (including 502/504
+/// when the upstream failed). Labels: `service`, `route`, `status`.
+pub const GATEWAY_PROXIED_REQUESTS_TOTAL: &str = "gateway_proxied_requests_total";
+/// Histogram: time from sending a request upstream to its response headers.
+/// Labels: `service`, `route`.
+pub const GATEWAY_UPSTREAM_DURATION_SECONDS: &str = "gateway_upstream_duration_seconds";
+/// Counter: rate-limit checks by outcome (`allowed`, `denied`, `denied_cached`, `fail_open`,
+/// `fail_closed`). Labels: `service`, `decision`.
+pub const GATEWAY_RATE_LIMIT_DECISIONS_TOTAL: &str = "gateway_rate_limit_decisions_total";
+/// Counter: document reads from the Redis read model (`hit`, `deleted`, `miss`, `error`).
+/// Labels: `service`, `result`.
+pub const GATEWAY_READ_MODEL_LOOKUPS_TOTAL: &str = "gateway_read_model_lookups_total";
+/// Counter: refused JWTs by reason (`common::auth::AuthError::reason`: `expired`,
+/// `bad_signature`, `wrong_audience`, …, and `missing` when a required token is absent).
+/// Labels: `service`, `reason`.
+pub const JWT_FAILURES_TOTAL: &str = "jwt_failures_total";
 /// Gauge: always 1; labels carry `service` and `version`.
 pub const BUILD_INFO: &str = "meridian_build_info";
 

@@ -1,4 +1,7 @@
 //! Integration tests of the processor against the real local dependencies (`just deps-up`).
+//! The pipeline tests start the command service binary: build it first
+//! (`cargo build -p command-service -p processor --bins`; `just test` does).
+#![allow(clippy::unwrap_used, clippy::panic)] // test code: failing loudly is the point
 
 use common::test_support::{Deps, assert_binary_lifecycle, assert_ready_tracks_dependency};
 
@@ -17,3 +20,8 @@ async fn ready_is_503_naming_kafka_while_it_is_down_and_200_once_it_is_back() {
     )
     .await;
 }
+
+mod crash;
+mod outage;
+mod pipeline;
+mod support;

@@ -1,0 +1,388 @@
+//! Applying one command to the write model, exactly once.
+//!
+//! # Idempotency
+//! The command's row in `commands` is the "already processed" marker: its status leaves
+//! `accepted`/`processing` only in the transaction that makes the effect (or records the
+//! failure). That transaction starts with
+//! `UPDATE commands SET status = … WHERE id = $1 AND status IN ('accepted', 'processing')`,
+//! which takes the row lock; a redelivered copy processed concurrently (a rebalance overlap,
+//! a second processor) waits on it and then updates zero rows, so it rolls back without
+//! touching the document. A copy that arrives later sees a final status in the first read
+//! and is skipped (`duplicate`). A command produced to Kafka by something other than the
+//! command service gets its `commands` row inserted from the envelope first.
+//!
+//! # Optimistic document writes
+//! The handler runs *outside* the transaction (a webhook may take seconds; no transaction
+//! or row lock is held meanwhile) on the state read before it. The write is then guarded by
+//! that state's version (`UPDATE … WHERE version = $read`, or `INSERT … ON CONFLICT DO
+//! NOTHING` for a new document); if another writer got there first, the transaction rolls
+//! back and the command is decided again on the new state ([`ApplyError::Raced`]).
+//!
+//! # Versions
+//! A document's version is 1 on its first write and +1 per change; a delete keeps a
+//! tombstone row, so re-creating the document continues the sequence. `expectedVersion` is
+//! compared with the live document's version (0 when it does not exist or was deleted).
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use common::envelope::{CommandEnvelope, EVENT_DELETED, EventEnvelope, document_key};
+use common::outbox::{self, NewMessage, OutboxTable, TraceContext};
+use serde_json::Value;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::handler::{Change, Document};
+
+/// A command's status and its document's state, read before deciding.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Snapshot {
+    /// The command's status (`accepted`, `processing`, `succeeded`, …).
+    pub status: String,
+    /// The document's row: its version (tombstones included) and live state.
+    pub row: Option<Row>,
+}
+
+/// The document's stored row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Row {
+    /// The stored version (also of a tombstone).
+    pub version: i64,
+    /// The live document (`None` when deleted).
+    pub live: Option<Document>,
+}
+
+impl Snapshot {
+    /// Whether the command already reached a final status.
+    pub fn is_final(&self) -> bool {
+        !matches!(self.status.as_str(), "accepted" | "processing")
+    }
+
+    /// The live document, when there is one.
+    pub fn current(&self) -> Option<&Document> {
+        self.row.as_ref().and_then(|r| r.live.as_ref())
+    }
+
+    /// The version `expectedVersion` is compared with: the live document's, else 0.
+    pub fn live_version(&self) -> i64 {
+        self.current().map_or(0, |d| d.version)
+    }
+}
+
+/// Applying failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    /// A database statement failed.
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    /// The document changed between the read and the write: decide again.
+    #[error("the document changed while the command was being decided")]
+    Raced,
+    /// The event could not be encoded.
+    #[error("failed to encode the event: {0}")]
+    Encode(#[from] serde_json::Error),
+    /// The handler's change would make the document something other than a JSON object.
+    #[error("a document must be a JSON object, the change would make it {0}")]
+    NotAnObject(&'static str),
+}
+
+/// What [`commit_change`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Committed {
+    /// The change and its event were committed; the document is now at `version`.
+    Applied {
+        /// The new version.
+        version: i64,
+    },
+    /// The change was a no-op (`none`, or a delete of a missing document); the command
+    /// succeeded with the document's current version (if any).
+    Unchanged,
+    /// Another copy of the command finished first; nothing was written.
+    Duplicate,
+}
+
+/// Where and how changes are written.
+#[derive(Debug, Clone)]
+pub struct Store {
+    pool: PgPool,
+    outbox: OutboxTable,
+    events_topic: String,
+}
+
+#[derive(sqlx::FromRow)]
+struct SnapshotRow {
+    status: Option<String>,
+    version: Option<i64>,
+    data: Option<sqlx::types::Json<Value>>,
+}
+
+impl Store {
+    /// A store writing events for `events_topic` to the `outbox` table.
+    pub fn new(pool: PgPool, outbox: OutboxTable, events_topic: String) -> Self {
+        Self {
+            pool,
+            outbox,
+            events_topic,
+        }
+    }
+
+    /// The pool.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Reads the command's status and the document's state; inserts the command's row from
+    /// the envelope when the command service did not write one.
+    pub async fn snapshot(&self, command: &CommandEnvelope) -> Result<Snapshot, sqlx::Error> {
+        let read = || {
+            sqlx::query_as::<_, SnapshotRow>(
+                "SELECT c.status, d.version, d.data FROM (SELECT $1::uuid AS id) AS k \
+                 LEFT JOIN commands c ON c.id = k.id \
+                 LEFT JOIN documents d ON d.collection = $2 AND d.id = $3",
+            )
+            .bind(command.command_id)
+            .bind(&command.collection)
+            .bind(&command.id)
+            .fetch_one(&self.pool)
+        };
+        let mut found = read().await?;
+        if found.status.is_none() {
+            sqlx::query(
+                "INSERT INTO commands (id, client_id, type, collection, document_id, \
+                 expected_version, payload, accepted_at, updated_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, now()) ON CONFLICT (id) DO NOTHING",
+            )
+            .bind(command.command_id)
+            .bind(&command.client_id)
+            .bind(&command.command_type)
+            .bind(&command.collection)
+            .bind(&command.id)
+            .bind(command.expected_version.filter(|v| *v >= 0))
+            .bind(command.payload.as_ref().map(sqlx::types::Json))
+            .bind(command.accepted_at)
+            .execute(&self.pool)
+            .await?;
+            found = read().await?;
+        }
+        let row = found.version.map(|version| Row {
+            version,
+            live: found.data.map(|data| Document {
+                version,
+                data: data.0,
+            }),
+        });
+        Ok(Snapshot {
+            status: found.status.unwrap_or_else(|| "accepted".into()),
+            row,
+        })
+    }
+
+    /// Marks the command `processing` (before a slow handler or a retry), if it is still
+    /// `accepted`.
+    pub async fn mark_processing(&self, command_id: Uuid) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "UPDATE commands SET status = 'processing', updated_at = now() \
+             WHERE id = $1 AND status = 'accepted'",
+        )
+        .bind(command_id)
+        .execute(&self.pool)
+        .await
+        .map(drop)
+    }
+
+    /// Ends a command that is not final yet with `status` (`failed` or `dead_lettered`) and
+    /// `reason`. Returns whether this call ended it (false: it was final already).
+    pub async fn finish_unsuccessfully(
+        &self,
+        command_id: Uuid,
+        status: &str,
+        reason: &str,
+    ) -> Result<bool, sqlx::Error> {
+        let done = sqlx::query(
+            "UPDATE commands SET status = $2, failure_reason = $3, result_version = NULL, \
+             updated_at = now() WHERE id = $1 AND status IN ('accepted', 'processing')",
+        )
+        .bind(command_id)
+        .bind(status)
+        .bind(reason)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Applies `change` (decided on `snapshot`) in one transaction: the command's status,
+    /// the version-guarded document write and the event's outbox row.
+    pub async fn commit_change(
+        &self,
+        command: &CommandEnvelope,
+        snapshot: &Snapshot,
+        change: Change,
+        trace: &TraceContext,
+    ) -> Result<Committed, ApplyError> {
+        let read_version = snapshot.row.as_ref().map(|r| r.version);
+        let version = read_version.unwrap_or(0) + 1;
+        // (event type, new data; None = delete)
+        let (event_type, data) = match change {
+            Change::None => return self.succeed_unchanged(command, snapshot).await,
+            Change::Delete if snapshot.current().is_none() => {
+                return self.succeed_unchanged(command, snapshot).await;
+            }
+            Change::Delete => (EVENT_DELETED.to_owned(), None),
+            Change::Upsert { event_type, data } => (event_type, Some(data)),
+            Change::Patch { event_type, patch } => {
+                let mut data = snapshot
+                    .current()
+                    .map_or_else(|| Value::Object(Default::default()), |d| d.data.clone());
+                json_patch::merge(&mut data, &patch);
+                (event_type, Some(data))
+            }
+        };
+        if let Some(data) = &data
+            && !data.is_object()
+        {
+            return Err(ApplyError::NotAnObject(json_kind(data)));
+        }
+        let now = micros(Utc::now());
+
+        let mut tx = self.pool.begin().await?;
+        let claimed = sqlx::query(
+            "UPDATE commands SET status = 'succeeded', result_version = $2, failure_reason = NULL, \
+             updated_at = $3 WHERE id = $1 AND status IN ('accepted', 'processing')",
+        )
+        .bind(command.command_id)
+        .bind(version)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        if claimed.rows_affected() == 0 {
+            return Ok(Committed::Duplicate); // dropping `tx` rolls back
+        }
+        let data_json = data.as_ref().map(sqlx::types::Json);
+        let written = match read_version {
+            Some(read) => {
+                sqlx::query(
+                    "UPDATE documents SET version = $3, data = $4, deleted = $5, \
+                     last_command_id = $6, updated_at = $7 \
+                     WHERE collection = $1 AND id = $2 AND version = $8",
+                )
+                .bind(&command.collection)
+                .bind(&command.id)
+                .bind(version)
+                .bind(data_json)
+                .bind(data.is_none())
+                .bind(command.command_id)
+                .bind(now)
+                .bind(read)
+                .execute(&mut *tx)
+                .await?
+            }
+            None => {
+                sqlx::query(
+                    "INSERT INTO documents (collection, id, version, data, deleted, \
+                     last_command_id, created_at, updated_at) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $7) ON CONFLICT DO NOTHING",
+                )
+                .bind(&command.collection)
+                .bind(&command.id)
+                .bind(version)
+                .bind(data_json)
+                .bind(data.is_none())
+                .bind(command.command_id)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?
+            }
+        };
+        if written.rows_affected() == 0 {
+            return Err(ApplyError::Raced);
+        }
+        let event = EventEnvelope {
+            event_id: Uuid::now_v7(),
+            event_type,
+            collection: command.collection.clone(),
+            id: command.id.clone(),
+            version,
+            data,
+            command_id: command.command_id,
+            occurred_at: now,
+        };
+        let payload = serde_json::to_value(&event)?;
+        outbox::enqueue(
+            &mut tx,
+            self.outbox,
+            &NewMessage {
+                topic: &self.events_topic,
+                key: &document_key(&command.collection, &command.id),
+                message_type: &format!("event.{}", event.event_type),
+                command_id: Some(command.command_id),
+                payload: &payload,
+                trace,
+            },
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(Committed::Applied { version })
+    }
+
+    async fn succeed_unchanged(
+        &self,
+        command: &CommandEnvelope,
+        snapshot: &Snapshot,
+    ) -> Result<Committed, ApplyError> {
+        let version = snapshot.current().map(|d| d.version);
+        let done = sqlx::query(
+            "UPDATE commands SET status = 'succeeded', result_version = $2, failure_reason = NULL, \
+             updated_at = now() WHERE id = $1 AND status IN ('accepted', 'processing')",
+        )
+        .bind(command.command_id)
+        .bind(version)
+        .execute(&self.pool)
+        .await?;
+        Ok(if done.rows_affected() == 0 {
+            Committed::Duplicate
+        } else {
+            Committed::Unchanged
+        })
+    }
+}
+
+fn json_kind(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// `at` truncated to PostgreSQL's microsecond precision, so the event and the row agree.
+fn micros(at: DateTime<Utc>) -> DateTime<Utc> {
+    DateTime::from_timestamp_micros(at.timestamp_micros()).unwrap_or(at)
+}
+
+/// RFC 3339 with microseconds, UTC (`2026-01-01T00:00:00.000000Z`).
+pub fn rfc3339(at: DateTime<Utc>) -> String {
+    at.to_rfc3339_opts(SecondsFormat::Micros, true)
+}
+
+/// Whether a database error means "the database is unreachable or overloaded right now"
+/// (retried without limit: dead-lettering commands because of an outage would be wrong),
+/// as opposed to an error this statement would hit again.
+pub fn is_unavailable(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+            // 08: connection exception; 53: insufficient resources; 57P01-03: shutdown,
+            // crash shutdown, cannot connect now; 40001/40P01: serialization failure and
+            // deadlock (retrying is the documented remedy).
+            code.starts_with("08")
+                || code.starts_with("53")
+                || matches!(&*code, "57P01" | "57P02" | "57P03" | "40001" | "40P01")
+        }),
+        _ => false,
+    }
+}
