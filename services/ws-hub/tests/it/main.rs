@@ -1,4 +1,10 @@
-//! Integration tests of the ws-hub against the real local dependencies (`just deps-up`).
+//! Integration tests of the ws-hub against the real local dependencies (`just deps-up`):
+//! real Redis, hub instances on real ports, tokio-tungstenite clients.
+#![allow(clippy::unwrap_used, clippy::panic)] // test code: failing loudly is the point
+
+mod hub;
+mod rooms;
+mod support;
 
 use common::test_support::{Deps, assert_binary_lifecycle, assert_ready_tracks_dependency};
 

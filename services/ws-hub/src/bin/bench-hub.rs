@@ -1,0 +1,360 @@
+//! `bench-hub` (`just bench-hub`): starts two hub processes (the `ws-hub` binary next to this
+//! one, normally the release build) on this machine's Redis and measures, in one run of a
+//! few minutes:
+//!
+//! 1. memory per idle connection: hub RSS delta over 10 000 connections (each subscribed to
+//!    one room), then again at 50 000 (from several loopback source addresses);
+//! 2. deliveries/s to one room with 10 000 subscribers (a burst published through
+//!    `common::rooms`, timed until every subscriber has every publication);
+//! 3. publish → deliver latency across replicas: a client publishes through hub A, clients
+//!    on hub B receive (p50/p99 over the run).
+//!
+//! Each figure is printed with its target and whether it was met. The clients run in this
+//! process, on the same cores as the hubs, so figures are conservative.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::Path;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use clap::Parser;
+use common::config::{RedisConfig, Vars};
+use common::redis::Redis;
+use common::rooms::{HistorySettings, Rooms};
+use common::shutdown::CancellationToken;
+use hdrhistogram::Histogram;
+use secrecy::ExposeSecret as _;
+use tokio::process::{Child, Command};
+use tokio::sync::mpsc;
+use ws_hub::loadgen::{self, Client, Stats, Target};
+
+/// Benchmark of the WebSocket hub.
+#[derive(Debug, Parser)]
+#[command(about)]
+struct Args {
+    /// Connections for the first memory figure and the fan-out.
+    #[arg(long, default_value_t = 10_000)]
+    connections: usize,
+    /// Connections for the second memory figure (0: skip).
+    #[arg(long, default_value_t = 50_000)]
+    max_connections: usize,
+    /// Publications in the fan-out burst.
+    #[arg(long, default_value_t = 100)]
+    burst: usize,
+    /// Publications for the latency figure.
+    #[arg(long, default_value_t = 2000)]
+    latency_publications: u64,
+    /// Their rate per second.
+    #[arg(long, default_value_t = 500.0)]
+    latency_rate: f64,
+    /// Subscribers on replica B for the latency figure.
+    #[arg(long, default_value_t = 100)]
+    latency_subscribers: usize,
+}
+
+struct Hub {
+    child: Child,
+    port: u16,
+}
+
+impl Hub {
+    fn rss_kib(&self) -> anyhow::Result<u64> {
+        let pid = self.child.id().context("the hub exited")?;
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .context("no VmRSS in /proc/<pid>/status")
+    }
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+fn spawn_hub(binary: &Path, env: &[(&str, String)]) -> anyhow::Result<Hub> {
+    let port = free_port()?;
+    let child = Command::new(binary)
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .env("PORT", port.to_string())
+        .env("BIND_ADDRESS", "127.0.0.1")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("failed to start {}", binary.display()))?;
+    Ok(Hub { child, port })
+}
+
+async fn wait_subscribable(target: &Target) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match loadgen::subscribed(target, None, "bench:probe").await {
+            Ok(_) => return Ok(()),
+            Err(error) if Instant::now() > deadline => bail!("hub not ready: {error}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
+fn token(secret: &str) -> anyhow::Result<String> {
+    let exp = common::rooms::now_micros() / 1_000_000 + 3600;
+    Ok(jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &serde_json::json!({"sub": "bench", "rooms": ["bench:*"], "exp": exp}),
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )?)
+}
+
+struct Report(Vec<(String, String, String, bool)>);
+
+impl Report {
+    fn add(&mut self, what: &str, measured: String, target: &str, met: bool) {
+        println!(
+            "{what}: {measured} (target {target}) {}",
+            if met { "MET" } else { "NOT MET" }
+        );
+        self.0.push((what.into(), measured, target.into(), met));
+    }
+}
+
+async fn settle_rss(hub: &Hub) -> anyhow::Result<u64> {
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    hub.rss_kib()
+}
+
+async fn open(
+    target: &Target,
+    count: usize,
+    room: &str,
+    sources: &[IpAddr],
+) -> anyhow::Result<Vec<Client>> {
+    let started = Instant::now();
+    let (clients, failures) = loadgen::open_subscribers(target, count, room, sources, 256).await;
+    println!(
+        "  opened {} connections in {:.1} s{}",
+        clients.len(),
+        started.elapsed().as_secs_f64(),
+        failures
+            .first()
+            .map(|e| format!(" ({} failed; first: {e})", failures.len()))
+            .unwrap_or_default()
+    );
+    Ok(clients)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let wanted = (args.max_connections.max(args.connections) as u64) * 2 + 4096;
+    let limit = loadgen::raise_open_files(wanted)?;
+    println!("open-files limit: {limit} (wanted {wanted} for the clients and the hub)");
+
+    let vars = Vars::from_env();
+    let mut redis_config: RedisConfig = vars.parse()?;
+    let prefix = format!("bench-{}:", uuid::Uuid::new_v4().simple());
+    redis_config.redis_key_prefix.clone_from(&prefix);
+    let secret = uuid::Uuid::new_v4().simple().to_string() + "-bench-secret";
+    let binary = std::env::current_exe()?
+        .parent()
+        .context("no executable directory")?
+        .join("ws-hub");
+    let env = [
+        (
+            "REDIS_URL",
+            redis_config.redis_url.expose_secret().to_owned(),
+        ),
+        ("REDIS_KEY_PREFIX", prefix.clone()),
+        ("JWT_SECRET", secret.clone()),
+        (
+            "HUB_MAX_CONNECTIONS",
+            (args.max_connections.max(args.connections) + 100).to_string(),
+        ),
+        ("HUB_PUBLISH_ROOMS", "bench:*".to_owned()),
+        ("HUB_MESSAGE_RATE", "10000".to_owned()),
+        ("HUB_MESSAGE_BURST", "10000".to_owned()),
+        ("HUB_HISTORY_SIZE", "1000".to_owned()),
+        ("HUB_HISTORY_TTL_SECONDS", "120".to_owned()),
+    ];
+    let a = spawn_hub(&binary, &env)?;
+    let b = spawn_hub(&binary, &env)?;
+    let token = token(&secret)?;
+    let target_a = Target::new(
+        &format!("ws://127.0.0.1:{}/ws", a.port),
+        Some(token.clone()),
+        false,
+    )
+    .await?;
+    let target_b =
+        Target::new(&format!("ws://127.0.0.1:{}/ws", b.port), Some(token), false).await?;
+    wait_subscribable(&target_a).await?;
+    wait_subscribable(&target_b).await?;
+    let mut report = Report(Vec::new());
+
+    // 1. Publish on A → deliver on B (before the big phases, so it measures the path, not
+    //    the load of 10 000 other clients in this process).
+    println!(
+        "latency: {} publications at {}/s through hub A to {} subscribers on hub B",
+        args.latency_publications, args.latency_rate, args.latency_subscribers
+    );
+    let subscribers = open(&target_b, args.latency_subscribers, "bench:latency", &[]).await?;
+    let latency_stats = Arc::new(Stats::default());
+    let (latency_tx, mut latency_rx) = mpsc::unbounded_channel();
+    let samplers = subscribers.len();
+    loadgen::spawn_readers(subscribers, &latency_stats, samplers, &latency_tx);
+    drop(latency_tx);
+    let publisher = target_a.connect(None).await?;
+    let acked = loadgen::publish_paced(
+        publisher,
+        "bench:latency",
+        args.latency_rate,
+        args.latency_publications,
+        64,
+    )
+    .await?;
+    let expected = acked * samplers as u64;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while latency_stats.deliveries.load(Ordering::Relaxed) < expected && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut histogram = Histogram::<u64>::new(3)?;
+    while let Ok(micros) = latency_rx.try_recv() {
+        histogram.record(micros.max(1))?;
+    }
+    let p99 = histogram.value_at_quantile(0.99) as f64 / 1000.0;
+    report.add(
+        "publish → deliver across two replicas, p99",
+        format!(
+            "{p99:.2} ms (p50 {:.2} ms, max {:.2} ms, {} samples)",
+            histogram.value_at_quantile(0.5) as f64 / 1000.0,
+            histogram.max() as f64 / 1000.0,
+            histogram.len()
+        ),
+        "≤ 20 ms",
+        p99 <= 20.0 && histogram.len() == expected,
+    );
+
+    // 2. Memory per idle connection at `connections`.
+    println!("memory: {} idle connections on hub A", args.connections);
+    let baseline = settle_rss(&a).await?;
+    let clients = open(&target_a, args.connections, "bench:fanout", &[]).await?;
+    let opened = clients.len();
+    let rss = settle_rss(&a).await?;
+    let per = (rss.saturating_sub(baseline)) as f64 / opened.max(1) as f64;
+    report.add(
+        &format!("memory per idle connection at {opened} connections"),
+        format!("{per:.1} KiB (hub RSS {baseline} → {rss} KiB)"),
+        "≤ 12 KB",
+        per <= 12.0 && opened == args.connections,
+    );
+
+    // 3. Fan-out: a burst to one room with `connections` subscribers.
+    let stats = Arc::new(Stats::default());
+    let (latency_tx, _latency_rx) = mpsc::unbounded_channel();
+    loadgen::spawn_readers(clients, &stats, 0, &latency_tx);
+    let redis =
+        Redis::connect_in_background("bench-hub", &redis_config, &CancellationToken::new())?;
+    while redis.connection().is_err() {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let rooms = Rooms::new(
+        redis.clone(),
+        HistorySettings {
+            size: 1000,
+            ttl: Duration::from_secs(120),
+        },
+    );
+    let expected = (args.burst * opened) as u64;
+    println!(
+        "fan-out: {} publications to one room with {opened} subscribers",
+        args.burst
+    );
+    let started = Instant::now();
+    let payload = serde_json::to_vec(&loadgen::timed_payload(64))?;
+    futures::future::try_join_all((0..args.burst).map(|_| rooms.publish("bench:fanout", &payload)))
+        .await?;
+    let deadline = started + Duration::from_secs(90);
+    while stats.deliveries.load(Ordering::Relaxed) < expected
+        && stats.closed.load(Ordering::Relaxed) == 0
+        && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let delivered = stats.deliveries.load(Ordering::Relaxed);
+    let rate = delivered as f64 / elapsed;
+    report.add(
+        &format!("deliveries/s, one room, {opened} subscribers"),
+        format!(
+            "{rate:.0}/s ({delivered} of {expected} in {elapsed:.2} s, {} connections dropped)",
+            stats.closed.load(Ordering::Relaxed)
+        ),
+        "≥ 250 000/s",
+        rate >= 250_000.0 && delivered == expected,
+    );
+
+    // 4. Memory per idle connection at `max_connections` (adding to the ones open).
+    if args.max_connections > opened {
+        // Each process (this one holds the clients, the hub their peers) needs one descriptor
+        // per connection; without privilege the hard RLIMIT_NOFILE caps what can be measured.
+        let feasible = usize::try_from(limit)
+            .unwrap_or(usize::MAX)
+            .saturating_sub(opened + 400);
+        let more = (args.max_connections - opened).min(feasible);
+        if more < args.max_connections - opened {
+            println!(
+                "  {} connections cannot be measured here: RLIMIT_NOFILE is {limit} per process \
+                 (hard limit, not raisable without CAP_SYS_RESOURCE); measuring {} instead",
+                args.max_connections,
+                opened + more
+            );
+        }
+        println!(
+            "memory: {more} more idle connections on hub A (total {})",
+            opened + more
+        );
+        // One loopback source address has ~28k ephemeral ports towards one hub port.
+        let sources: Vec<IpAddr> = (2..=5)
+            .map(|n| IpAddr::V4(Ipv4Addr::new(127, 0, 0, n)))
+            .collect();
+        // The first connections just took part in the fan-out (their buffers grew); the
+        // idle figure is the cost of the connections added now, on top of them.
+        let before = settle_rss(&a).await?;
+        let extra = open(&target_a, more, "bench:idle", &sources).await?;
+        let total = opened + extra.len();
+        let rss = settle_rss(&a).await?;
+        let per = (rss.saturating_sub(before)) as f64 / extra.len().max(1) as f64;
+        let overall = (rss.saturating_sub(baseline)) as f64 / total.max(1) as f64;
+        report.add(
+            &format!("memory per idle connection at {total} connections"),
+            format!(
+                "{per:.1} KiB for the {} added idle (hub RSS {before} → {rss} KiB; \
+                 {overall:.1} KiB/connection overall incl. the 10k after fan-out)",
+                extra.len()
+            ),
+            "≤ 12 KB",
+            per <= 12.0,
+        );
+        drop(extra);
+    }
+
+    println!("\nsummary");
+    for (what, measured, target, met) in &report.0 {
+        println!(
+            "  {:<50} {:<60} {:<12} {}",
+            what,
+            measured,
+            target,
+            if *met { "met" } else { "NOT met" }
+        );
+    }
+    drop((a, b));
+    Ok(())
+}

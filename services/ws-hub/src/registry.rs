@@ -1,0 +1,338 @@
+//! The node-wide room registry: which local connections joined which room, and the ONE Redis
+//! pub/sub subscription per room that feeds them, however many local clients joined it.
+//!
+//! The first local member of a room subscribes to the room's channel (and waits for Redis to
+//! confirm, so nothing published afterwards can be missed); the last one to leave
+//! unsubscribes. A per-room gate serialises these transitions, so a join racing a leave
+//! always ends subscribed. One task reads the pub/sub connection and fans each publication
+//! out to the room's members through their bounded send queues: a member whose queue is
+//! full is a slow consumer and is disconnected, the others are not delayed.
+//!
+//! When the pub/sub connection drops, the task reconnects with the shared backoff,
+//! resubscribes every room, and fetches from each room's history what was published while
+//! it was away (members drop duplicates by offset).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::Duration;
+
+use axum::body::Bytes;
+use backon::{ExponentialBuilder, Retryable as _};
+use common::metrics::{HUB_DELIVERIES_TOTAL, HUB_PUBLISH_DELIVER_SECONDS, HUB_ROOMS};
+use common::rooms::{Position, Publication, Rooms};
+use common::shutdown::CancellationToken;
+use futures::StreamExt as _;
+use redis::aio::PubSubSink;
+use tokio::sync::mpsc::error::TrySendError;
+
+use crate::NAME;
+use crate::connection::{CloseReason, Control, Outbound};
+use crate::protocol::Delivery;
+
+/// A room could not be joined.
+#[derive(Debug, thiserror::Error)]
+pub enum JoinError {
+    /// The pub/sub connection to Redis is down (it reconnects in the background).
+    #[error("the hub is not connected to Redis")]
+    Unavailable,
+    /// Redis refused the subscription.
+    #[error("failed to subscribe in Redis: {0}")]
+    Redis(#[from] redis::RedisError),
+}
+
+/// One local member of a room: a connection's send queue and its control block.
+#[derive(Clone)]
+pub struct Member {
+    /// The connection's bounded send queue.
+    pub tx: tokio::sync::mpsc::Sender<Outbound>,
+    /// Its control block (closing, liveness).
+    pub control: Arc<Control>,
+}
+
+struct Room {
+    name: Arc<str>,
+    members: RwLock<HashMap<u64, Member>>,
+    /// Whether the Redis subscription is in place; held across SUBSCRIBE/UNSUBSCRIBE.
+    gate: tokio::sync::Mutex<bool>,
+    /// The last position fanned out, to fill the gap after a pub/sub reconnect.
+    last: Mutex<Option<Position>>,
+}
+
+struct Inner {
+    rooms: Rooms,
+    client: redis::Client,
+    map: Mutex<HashMap<Arc<str>, Arc<Room>>>,
+    sink: Mutex<Option<PubSubSink>>,
+}
+
+/// The node's rooms. Cheap to clone.
+#[derive(Clone)]
+pub struct Registry {
+    inner: Arc<Inner>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Registry {
+    /// A registry reading room channels through its own pub/sub connection from `client`.
+    pub fn new(rooms: Rooms, client: redis::Client) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                rooms,
+                client,
+                map: Mutex::default(),
+                sink: Mutex::default(),
+            }),
+        }
+    }
+
+    /// The room API (history, publishing).
+    pub fn rooms(&self) -> &Rooms {
+        &self.inner.rooms
+    }
+
+    /// Rooms with at least one local member (each has one Redis subscription).
+    pub fn room_count(&self) -> usize {
+        lock(&self.inner.map).len()
+    }
+
+    /// Adds connection `id` to `room`; returns once the node's Redis subscription to the
+    /// room is confirmed, so every publication from now on reaches the member.
+    pub async fn join(&self, room: &str, id: u64, member: Member) -> Result<(), JoinError> {
+        let entry = {
+            let mut map = lock(&self.inner.map);
+            let entry = map
+                .entry(Arc::from(room))
+                .or_insert_with_key(|name| {
+                    Arc::new(Room {
+                        name: name.clone(),
+                        members: RwLock::default(),
+                        gate: tokio::sync::Mutex::new(false),
+                        last: Mutex::default(),
+                    })
+                })
+                .clone();
+            entry
+                .members
+                .write()
+                .unwrap_or_else(PoisonError::into_inner)
+                .insert(id, member);
+            metrics::gauge!(HUB_ROOMS, "service" => NAME).set(map.len() as f64);
+            entry
+        };
+        let mut subscribed = entry.gate.lock().await;
+        if !*subscribed {
+            let sink = lock(&self.inner.sink).clone();
+            let result = match sink {
+                Some(mut sink) => sink
+                    .subscribe(self.inner.rooms.channel(room))
+                    .await
+                    .map_err(JoinError::from),
+                None => Err(JoinError::Unavailable),
+            };
+            if let Err(error) = result {
+                drop(subscribed);
+                self.leave(room, id).await;
+                return Err(error);
+            }
+            *subscribed = true;
+        }
+        Ok(())
+    }
+
+    /// Records a room position read by a joining client, so that a pub/sub reconnect can
+    /// catch up from it even before the room's first live publication.
+    pub fn observed(&self, room: &str, position: &Position) {
+        if let Some(entry) = lock(&self.inner.map).get(room) {
+            lock(&entry.last).get_or_insert_with(|| position.clone());
+        }
+    }
+
+    /// Removes connection `id` from `room`; the last member out unsubscribes the node.
+    pub async fn leave(&self, room: &str, id: u64) {
+        let Some(entry) = lock(&self.inner.map).get(room).cloned() else {
+            return;
+        };
+        let empty = {
+            let mut members = entry
+                .members
+                .write()
+                .unwrap_or_else(PoisonError::into_inner);
+            members.remove(&id);
+            members.is_empty()
+        };
+        if !empty {
+            return;
+        }
+        let mut subscribed = entry.gate.lock().await;
+        let still_empty = || {
+            entry
+                .members
+                .read()
+                .unwrap_or_else(PoisonError::into_inner)
+                .is_empty()
+        };
+        if *subscribed && still_empty() {
+            let sink = lock(&self.inner.sink).clone();
+            if let Some(mut sink) = sink
+                && let Err(error) = sink.unsubscribe(self.inner.rooms.channel(room)).await
+            {
+                // The subscription dies with the connection anyway; a reconnect only
+                // resubscribes rooms that still have members.
+                tracing::warn!(%error, room, "Failed to unsubscribe a room channel.");
+            }
+            *subscribed = false;
+        }
+        // Joins add members under the map lock, so this check and the removal are atomic
+        // with respect to them.
+        let mut map = lock(&self.inner.map);
+        if !*subscribed
+            && still_empty()
+            && map
+                .get(room)
+                .is_some_and(|current| Arc::ptr_eq(current, &entry))
+        {
+            map.remove(room);
+        }
+        metrics::gauge!(HUB_ROOMS, "service" => NAME).set(map.len() as f64);
+    }
+
+    /// Reads the room channels until `shutdown`, reconnecting (and catching up from
+    /// history) whenever the pub/sub connection drops.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let mut first = true;
+        loop {
+            let client = self.inner.client.clone();
+            let connected = common::retry::until_connected(NAME, "redis-pubsub", &shutdown, || {
+                let client = client.clone();
+                async move { client.get_async_pubsub().await }
+            })
+            .await;
+            let Some(pubsub) = connected else {
+                return;
+            };
+            let (sink, mut stream) = pubsub.split();
+            *lock(&self.inner.sink) = Some(sink.clone());
+            if !first {
+                tracing::info!("Reconnected to Redis pub/sub; resubscribing rooms.");
+                self.resubscribe(sink).await;
+            }
+            first = false;
+            loop {
+                let message = tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    message = stream.next() => message,
+                };
+                let Some(message) = message else {
+                    break;
+                };
+                self.fan_out_message(message.get_channel_name(), message.get_payload_bytes());
+            }
+            tracing::warn!("Lost the Redis pub/sub connection; reconnecting.");
+            *lock(&self.inner.sink) = None;
+            for room in self.snapshot() {
+                *room.gate.lock().await = false;
+            }
+        }
+    }
+
+    fn snapshot(&self) -> Vec<Arc<Room>> {
+        lock(&self.inner.map).values().cloned().collect()
+    }
+
+    async fn resubscribe(&self, mut sink: PubSubSink) {
+        for room in self.snapshot() {
+            let mut subscribed = room.gate.lock().await;
+            let has_members = !room
+                .members
+                .read()
+                .unwrap_or_else(PoisonError::into_inner)
+                .is_empty();
+            if *subscribed || !has_members {
+                continue;
+            }
+            if let Err(error) = sink.subscribe(self.inner.rooms.channel(&room.name)).await {
+                tracing::warn!(%error, room = &*room.name, "Failed to resubscribe a room.");
+                continue;
+            }
+            *subscribed = true;
+            drop(subscribed);
+            self.catch_up(&room).await;
+        }
+    }
+
+    /// Delivers what was published to `room` while the pub/sub connection was down.
+    async fn catch_up(&self, room: &Room) {
+        let Some(last) = lock(&room.last).clone() else {
+            return;
+        };
+        // The command connection was probably cut too and reconnects on first use: retry a
+        // few times before giving up on the gap.
+        let recovered = (|| self.inner.rooms.recover(&room.name, &last))
+            .retry(
+                ExponentialBuilder::default()
+                    .with_min_delay(Duration::from_millis(50))
+                    .with_max_delay(Duration::from_secs(1))
+                    .with_max_times(8),
+            )
+            .sleep(tokio::time::sleep)
+            .await;
+        match recovered {
+            Ok(recovery) => match recovery.publications {
+                Some(publications) => {
+                    for publication in publications {
+                        self.fan_out(room, publication);
+                    }
+                }
+                None => tracing::warn!(
+                    room = &*room.name,
+                    "Publications missed during a Redis outage are no longer in the history."
+                ),
+            },
+            Err(error) => {
+                tracing::warn!(%error, room = &*room.name, "Failed to catch up a room.");
+            }
+        }
+    }
+
+    fn fan_out_message(&self, channel: &str, frame: &[u8]) {
+        let Some(name) = self.inner.rooms.room_of_channel(channel) else {
+            return;
+        };
+        let Some(room) = lock(&self.inner.map).get(name).cloned() else {
+            return;
+        };
+        match Publication::decode(Bytes::copy_from_slice(frame)) {
+            Ok(publication) => self.fan_out(&room, publication),
+            Err(error) => tracing::warn!(%error, room = name, "Dropped a malformed room frame."),
+        }
+    }
+
+    fn fan_out(&self, room: &Room, publication: Publication) {
+        let published_at = publication.published_at_micros;
+        *lock(&room.last) = Some(Position {
+            epoch: publication.epoch.clone(),
+            offset: publication.offset,
+        });
+        let delivery = Arc::new(Delivery::new(room.name.clone(), publication));
+        let mut delivered = 0_u64;
+        {
+            let members = room.members.read().unwrap_or_else(PoisonError::into_inner);
+            for member in members.values() {
+                match member.tx.try_send(Outbound::Publication(delivery.clone())) {
+                    Ok(()) => delivered += 1,
+                    Err(TrySendError::Full(_)) => {
+                        member.control.close(CloseReason::SlowConsumer);
+                    }
+                    Err(TrySendError::Closed(_)) => {}
+                }
+            }
+        }
+        metrics::counter!(HUB_DELIVERIES_TOTAL, "service" => NAME).increment(delivered);
+        let latency = common::rooms::now_micros().saturating_sub(published_at);
+        metrics::histogram!(HUB_PUBLISH_DELIVER_SECONDS, "service" => NAME)
+            .record(Duration::from_micros(latency).as_secs_f64());
+    }
+}
