@@ -81,9 +81,7 @@ crds:
 bench-pipeline: build-deps deps-up
     eval "$(bash e2e/deps.sh env)" && cargo bench --locked -p cache-updater --bench pipeline
 
-# Benchmark the WebSocket hub (release build, two hub processes on the local Redis): memory per
-# idle connection at 10k and 50k connections, deliveries/s to one room with 10k subscribers,
-# publish → deliver p99 across two replicas. Prints each figure with its target.
+# Hub benchmark (release, two hubs on the local Redis): memory per idle connection at 10k/50k, deliveries/s to one room with 10k subscribers, publish→deliver p99 across replicas.
 bench-hub *args: (deps-up "redis")
     cargo build --release --locked -p ws-hub --bins
     eval "$(bash e2e/deps.sh env)" && "$CARGO_TARGET_DIR/release/bench-hub" {{args}}

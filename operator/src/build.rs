@@ -29,6 +29,9 @@ pub const MANAGED_BY: &str = "meridian-operator";
 /// The pod-template annotation holding a hash of the service's ConfigMap, so that a settings
 /// change rolls the pods (environment from a ConfigMap is read only at container start).
 pub const CONFIG_HASH_ANNOTATION: &str = "meridian.dev/config-hash";
+/// The pod-template annotation holding a hash of the stack's connection Secrets, so that a
+/// credentials rotation rolls the pods onto the new password.
+pub const CREDENTIALS_HASH_ANNOTATION: &str = "meridian.dev/credentials-hash";
 /// The key of the connection URL in the Secrets the credentials stage writes.
 pub const URL_KEY: &str = "url";
 /// How long the services drain in-flight requests after SIGTERM (`SHUTDOWN_GRACE_SECONDS`).
@@ -236,6 +239,41 @@ pub fn build(stack: &ValidatedStack) -> DesiredState {
     }
 }
 
+/// Stamps `hash` (of the connection Secrets' contents) on the pod template of every service
+/// that reads one of them, so a rotated password rolls exactly those Deployments.
+pub fn with_credentials_hash(mut state: DesiredState, hash: &str) -> DesiredState {
+    for objects in &mut state.services {
+        if !(objects.component.uses_postgres() || objects.component.uses_redis()) {
+            continue;
+        }
+        let template = objects
+            .deployment
+            .spec
+            .as_mut()
+            .and_then(|s| s.template.metadata.as_mut());
+        if let Some(meta) = template {
+            meta.annotations
+                .get_or_insert_with(BTreeMap::new)
+                .insert(CREDENTIALS_HASH_ANNOTATION.to_owned(), hash.to_owned());
+        }
+    }
+    state
+}
+
+/// FNV-1a (64 bit) of a sequence of byte strings, as 16 hex digits: stable across Rust
+/// releases and platforms, unlike `std`'s `DefaultHasher`. Change detection only, never a
+/// security boundary.
+pub fn fingerprint<'a>(parts: impl IntoIterator<Item = &'a [u8]>) -> String {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for part in parts {
+        for byte in part.iter().copied().chain([0]) {
+            hash ^= u64::from(byte);
+            hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    format!("{hash:016x}")
+}
+
 fn build_service(stack: &ValidatedStack, component: Component) -> ServiceObjects {
     let spec = component.spec(&stack.spec().services);
     let config_map = config_map(stack, component);
@@ -290,25 +328,24 @@ pub fn settings(stack: &ValidatedStack, component: Component) -> BTreeMap<String
     if component.uses_redis() {
         set("REDIS_KEY_PREFIX", stack.redis_key_prefix());
     }
+    if matches!(component, Component::Gateway | Component::WsHub)
+        && let Some(auth) = &spec.auth
+    {
+        // The JWT settings both edge services share (`common::auth`); the HMAC secret itself
+        // comes from a Secret ref in the Deployment, never from the ConfigMap.
+        set("JWT_ISSUER", auth.issuer.clone());
+        set("JWT_AUDIENCE", auth.audience.clone());
+        if let Some(url) = &auth.jwks_url {
+            set("JWT_JWKS_URL", url.clone());
+        }
+    }
     if component == Component::Gateway {
-        // Gateway-specific settings (prefix `GATEWAY_`, ARCHITECTURE.md); the JWT secret
-        // itself comes from a Secret ref in the Deployment, never from the ConfigMap.
+        // Gateway-specific settings (prefix `GATEWAY_`, ARCHITECTURE.md).
         set(
             "GATEWAY_COMMAND_SERVICE_URL",
-            format!(
-                "http://{}.{}.svc:{}",
-                object_name(stack, Component::CommandService),
-                stack.namespace(),
-                Component::CommandService.port()
-            ),
+            service_url(stack, Component::CommandService),
         );
-        if let Some(auth) = &spec.auth {
-            set("GATEWAY_JWT_ISSUER", auth.issuer.clone());
-            set("GATEWAY_JWT_AUDIENCE", auth.audience.clone());
-            if let Some(url) = &auth.jwks_url {
-                set("GATEWAY_JWKS_URL", url.clone());
-            }
-        }
+        set("GATEWAY_HUB_URL", service_url(stack, Component::WsHub));
         if !spec.rate_limits.policies.is_empty() {
             set(
                 "GATEWAY_RATE_LIMITS",
@@ -317,6 +354,16 @@ pub fn settings(stack: &ValidatedStack, component: Component) -> BTreeMap<String
         }
     }
     env
+}
+
+/// The in-cluster base URL of a service of the stack: `http://<stack>-<service>.<ns>.svc:<port>`.
+pub fn service_url(stack: &ValidatedStack, component: Component) -> String {
+    format!(
+        "http://{}.{}.svc:{}",
+        object_name(stack, component),
+        stack.namespace(),
+        component.port()
+    )
 }
 
 /// The rate-limit policies as compact JSON, with `burst` filled in (default: `rate`).
@@ -365,7 +412,7 @@ fn secret_env(stack: &ValidatedStack, component: Component) -> Vec<EnvVar> {
             URL_KEY.to_owned(),
         ));
     }
-    if component == Component::Gateway
+    if matches!(component, Component::Gateway | Component::WsHub)
         && let Some(secret) = stack
             .spec()
             .auth
@@ -373,7 +420,7 @@ fn secret_env(stack: &ValidatedStack, component: Component) -> Vec<EnvVar> {
             .and_then(|a| a.jwt_secret_ref.as_ref())
     {
         env.push(from_secret(
-            "GATEWAY_JWT_SECRET",
+            "JWT_SECRET",
             secret.name.clone(),
             secret.key.clone(),
         ));
@@ -402,17 +449,15 @@ fn config_map(stack: &ValidatedStack, component: Component) -> ConfigMap {
     }
 }
 
-/// FNV-1a (64 bit) of the ConfigMap's data: stable across Rust releases and platforms,
-/// unlike `std`'s `DefaultHasher`. Not a security boundary, only change detection.
+/// The fingerprint of the ConfigMap's data (keys and values, in order).
 fn config_hash(config_map: &ConfigMap) -> String {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for (key, value) in config_map.data.iter().flatten() {
-        for byte in key.bytes().chain([0]).chain(value.bytes()).chain([0]) {
-            hash ^= u64::from(byte);
-            hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
-        }
-    }
-    format!("{hash:016x}")
+    fingerprint(
+        config_map
+            .data
+            .iter()
+            .flatten()
+            .flat_map(|(k, v)| [k.as_bytes(), v.as_bytes()]),
+    )
 }
 
 fn image(stack: &ValidatedStack, component: Component) -> (String, String) {

@@ -162,20 +162,19 @@ fn each_service_gets_exactly_the_architecture_variables_it_uses() {
     let kafka = ["KAFKA_BOOTSTRAP_SERVERS", "KAFKA_TOPIC_PREFIX"];
     let redis = ["REDIS_URL", "REDIS_KEY_PREFIX"];
     let postgres = ["DATABASE_URL"];
+    let jwt = ["JWT_SECRET", "JWT_ISSUER", "JWT_AUDIENCE"];
     let gateway = [
         "GATEWAY_COMMAND_SERVICE_URL",
-        "GATEWAY_JWT_SECRET",
-        "GATEWAY_JWT_ISSUER",
-        "GATEWAY_JWT_AUDIENCE",
+        "GATEWAY_HUB_URL",
         "GATEWAY_RATE_LIMITS",
     ];
     let cases: [(Component, Vec<&str>); 5] = [
-        (Component::Gateway, [&redis[..], &gateway].concat()),
+        (Component::Gateway, [&redis[..], &jwt, &gateway].concat()),
         (Component::CommandService, [&kafka[..], &postgres].concat()),
         // The example sets RUST_LOG on the processor; it overrides, it does not add a name.
         (Component::Processor, [&kafka[..], &postgres].concat()),
         (Component::CacheUpdater, [&kafka[..], &redis].concat()),
-        (Component::WsHub, redis.to_vec()),
+        (Component::WsHub, [&redis[..], &jwt].concat()),
     ];
     let state = example();
     for (component, specific) in cases {
@@ -220,9 +219,16 @@ fn settings_carry_the_specs_values_and_the_derived_prefixes() {
         Some("http://demo-command-service.demo-ns.svc:8082")
     );
     assert_eq!(
-        setting(gateway, "GATEWAY_JWT_ISSUER"),
-        Some("https://auth.example.invalid/")
+        setting(gateway, "GATEWAY_HUB_URL"),
+        Some("http://demo-ws-hub.demo-ns.svc:8085")
     );
+    for edge in [gateway, hub] {
+        assert_eq!(
+            setting(edge, "JWT_ISSUER"),
+            Some("https://auth.example.invalid/")
+        );
+        assert_eq!(setting(edge, "JWT_AUDIENCE"), Some("meridian"));
+    }
     let limits: serde_json::Value =
         serde_json::from_str(setting(gateway, "GATEWAY_RATE_LIMITS").unwrap()).unwrap();
     assert_eq!(
@@ -260,7 +266,13 @@ fn connection_urls_and_the_jwt_secret_come_from_secret_refs_never_from_the_confi
         (Component::WsHub, "REDIS_URL", "demo-redis", "url"),
         (
             Component::Gateway,
-            "GATEWAY_JWT_SECRET",
+            "JWT_SECRET",
+            "meridian-jwt",
+            "hmac-secret",
+        ),
+        (
+            Component::WsHub,
+            "JWT_SECRET",
             "meridian-jwt",
             "hmac-secret",
         ),
@@ -297,11 +309,13 @@ fn a_jwks_issuer_is_a_plain_setting_and_no_secret_is_referenced() {
     auth.jwks_url = Some("https://auth.example.invalid/jwks.json".to_owned());
     let state = build(&fixtures::validated(&stack));
     let gateway = objects(&state, Component::Gateway);
-    assert_eq!(
-        setting(gateway, "GATEWAY_JWKS_URL"),
-        Some("https://auth.example.invalid/jwks.json")
-    );
-    assert!(env_var(gateway, "GATEWAY_JWT_SECRET").is_none());
+    for edge in [gateway, objects(&state, Component::WsHub)] {
+        assert_eq!(
+            setting(edge, "JWT_JWKS_URL"),
+            Some("https://auth.example.invalid/jwks.json")
+        );
+        assert!(env_var(edge, "JWT_SECRET").is_none());
+    }
 }
 
 #[test]
@@ -575,5 +589,5 @@ fn the_minimal_fixture_builds_every_service_with_defaults() {
     }
     let gateway = objects(&state, Component::Gateway);
     assert_eq!(setting(gateway, "GATEWAY_RATE_LIMITS"), None);
-    assert!(env_var(gateway, "GATEWAY_JWT_SECRET").is_none());
+    assert!(env_var(gateway, "JWT_SECRET").is_none());
 }

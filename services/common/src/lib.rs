@@ -5,6 +5,7 @@
 //!
 //! # Layout
 //! - [`config`]: environment variables → typed structs, with documented defaults.
+//! - [`auth`]: JWT verification (HMAC secret, PEM public key, cached JWKS) for the edge services.
 //! - [`telemetry`]: subscriber set-up and trace-context propagation helpers.
 //! - [`metrics`]: the Prometheus recorder and every metric name the platform emits.
 //! - [`health`]: dependency checks and the readiness report behind `/ready`.
@@ -15,11 +16,15 @@
 //! - [`envelope`]: the command and event envelopes on the Kafka topics.
 //! - [`schema`]: the stack's one sqlx migration set (commands, idempotency keys, outbox).
 //! - [`outbox`]: the transactional outbox (enqueue in a transaction) and its Kafka relay.
+//! - [`readmodel`]: the Redis read model (version-guarded document projections).
 //! - [`problem`]: RFC 9457 problem details with the platform's problem types.
 //! - [`retry`]: the one backoff policy used to (re)connect to dependencies.
+//! - [`rooms`]: WebSocket rooms in Redis: atomic publish (history stream + epoch/offset +
+//!   pub/sub channel) and resume reads.
 //! - [`service`]: the `Service` trait and the `main` every service binary calls.
 //! - `test_support` (feature `test-support`): helpers for integration tests.
 
+pub mod auth;
 pub mod config;
 pub mod envelope;
 pub mod health;
@@ -29,8 +34,10 @@ pub mod metrics;
 pub mod outbox;
 pub mod postgres;
 pub mod problem;
+pub mod readmodel;
 pub mod redis;
 pub mod retry;
+pub mod rooms;
 pub mod schema;
 pub mod service;
 pub mod shutdown;

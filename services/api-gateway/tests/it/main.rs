@@ -1,4 +1,12 @@
-//! Integration tests of the api-gateway against the real local dependencies (`just deps-up`).
+//! Integration tests of the api-gateway against the real local dependencies (`just deps-up`):
+//! real Redis, real HTTP on ports, the gateway in process or as two binaries.
+// Test helpers outside `#[test]` functions fail loudly too.
+#![allow(clippy::unwrap_used, clippy::panic)]
+
+mod auth;
+mod ratelimit;
+mod routing;
+mod support;
 
 use common::test_support::{Deps, assert_binary_lifecycle, assert_ready_tracks_dependency};
 

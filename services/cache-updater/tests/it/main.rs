@@ -1,6 +1,16 @@
 //! Integration tests of the cache-updater against the real local dependencies (`just deps-up`).
+//!
+//! - `readmodel`: the version-guarded script on Redis.
+//! - `projection`: the service fed with events produced directly to Kafka; `rebuild`.
+//! - `pipeline`: the whole chain, command service → processor → cache updater.
+#![allow(clippy::unwrap_used, clippy::panic)] // test code: failing loudly is the point
 
 use common::test_support::{Deps, assert_binary_lifecycle, assert_ready_tracks_dependency};
+
+mod pipeline;
+mod projection;
+mod readmodel;
+mod support;
 
 #[tokio::test]
 async fn binary_becomes_ready_serves_metrics_and_exits_cleanly_on_sigterm() {

@@ -1,0 +1,295 @@
+//! The operator binary: its environment ([`OperatorConfig`]), its Kubernetes client (which
+//! counts every request it sends, by verb, in `operator_api_requests_total`), and
+//! [`Operator`], the [`common::service::Service`] that serves `/health`, `/ready` and
+//! `/metrics` and runs the controller while it holds the leader Lease.
+use std::time::Duration;
+
+use anyhow::Context as _;
+use common::config::{CommonConfig, ConfigError, Vars};
+use common::metrics::{OPERATOR_API_REQUESTS_TOTAL, OPERATOR_LEADER};
+use common::service::{Service, ServiceConfig};
+use common::shutdown::CancellationToken;
+use kube::Client;
+use kube::client::ClientBuilder;
+use kube_lease_manager::LeaseManagerBuilder;
+use serde::Deserialize;
+use tokio::net::TcpListener;
+
+use crate::controller::Settings;
+
+/// The operator's own settings (besides [`CommonConfig`]).
+#[derive(Debug, Clone, Deserialize)]
+pub struct OperatorSettings {
+    /// `WATCH_NAMESPACE`: reconcile stacks in this namespace only. Unset or empty: the whole
+    /// cluster.
+    pub watch_namespace: Option<String>,
+    /// `LEASE_NAME`: the coordination Lease the replicas elect a leader with. Default
+    /// `meridian-operator`.
+    #[serde(default = "defaults::lease_name")]
+    pub lease_name: String,
+    /// `LEASE_NAMESPACE`: where the Lease lives. Default: `WATCH_NAMESPACE`, else `default`.
+    pub lease_namespace: Option<String>,
+    /// `LEASE_DURATION_SECONDS`: how long a leader's Lease lasts without renewal. Default 15.
+    #[serde(default = "defaults::lease_duration_seconds")]
+    pub lease_duration_seconds: u64,
+    /// `POD_NAME`: this replica's identity in the Lease and in Events. Default: a random id.
+    pub pod_name: Option<String>,
+    /// `DEPENDENCY_TIMEOUT_MS`: the bound of each call to Kafka, Redis or PostgreSQL.
+    /// Default 3000.
+    #[serde(default = "defaults::dependency_timeout_ms")]
+    pub dependency_timeout_ms: u64,
+    /// `RESYNC_SECONDS`: how often a Ready stack is checked again (dependencies, topics,
+    /// credentials, drift); also how long the result of those external checks is reused while
+    /// nothing they depend on changed. Default 300.
+    #[serde(default = "defaults::resync_seconds")]
+    pub resync_seconds: u64,
+    /// `BACKOFF_MAX_SECONDS`: the longest retry delay after failures (it starts at 1 s and
+    /// doubles). Default 60.
+    #[serde(default = "defaults::backoff_max_seconds")]
+    pub backoff_max_seconds: u64,
+    /// `CLEANUP_ATTEMPTS`: failed cleanups of a deleted stack before its finalizer is released
+    /// with a Warning Event. Default 5.
+    #[serde(default = "defaults::cleanup_attempts")]
+    pub cleanup_attempts: u32,
+    /// `RECONCILE_CONCURRENCY`: stacks reconciled at once. Default 16.
+    #[serde(default = "defaults::concurrency")]
+    pub reconcile_concurrency: u16,
+}
+
+mod defaults {
+    pub fn lease_name() -> String {
+        "meridian-operator".to_owned()
+    }
+    pub fn lease_duration_seconds() -> u64 {
+        15
+    }
+    pub fn dependency_timeout_ms() -> u64 {
+        3000
+    }
+    pub fn resync_seconds() -> u64 {
+        300
+    }
+    pub fn backoff_max_seconds() -> u64 {
+        60
+    }
+    pub fn cleanup_attempts() -> u32 {
+        5
+    }
+    pub fn concurrency() -> u16 {
+        16
+    }
+}
+
+/// Everything the operator binary reads from the environment.
+#[derive(Debug, Clone)]
+pub struct OperatorConfig {
+    /// `PORT` (default 8090), `LOG_FORMAT`, `RUST_LOG`, `OTEL_*`, ...
+    pub common: CommonConfig,
+    /// The operator's own settings.
+    pub operator: OperatorSettings,
+}
+
+impl ServiceConfig for OperatorConfig {
+    fn from_vars(vars: &Vars) -> Result<Self, ConfigError> {
+        Ok(Self {
+            common: vars.parse()?,
+            operator: vars.parse()?,
+        })
+    }
+
+    fn common(&self) -> &CommonConfig {
+        &self.common
+    }
+}
+
+impl OperatorConfig {
+    /// The controller's settings.
+    pub fn settings(&self) -> Settings {
+        let o = &self.operator;
+        Settings {
+            namespace: o.watch_namespace.clone().filter(|n| !n.is_empty()),
+            dependency_timeout: Duration::from_millis(o.dependency_timeout_ms),
+            resync: Duration::from_secs(o.resync_seconds),
+            backoff_base: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(o.backoff_max_seconds),
+            cleanup_attempts: o.cleanup_attempts,
+            concurrency: o.reconcile_concurrency,
+            instance: o.pod_name.clone(),
+        }
+    }
+}
+
+/// A Kubernetes client (from `KUBECONFIG` or the in-cluster service account) that counts
+/// every request it sends in `operator_api_requests_total{verb, resource}` (`verb` = HTTP
+/// method, so `POST`, `PUT`, `PATCH` and `DELETE` are writes; `resource` = the plural
+/// resource name, e.g. `deployments`, `leases`, `events`).
+///
+/// # Errors
+/// When no configuration is found or the client cannot be built.
+pub async fn counting_client() -> anyhow::Result<Client> {
+    let config = kube::Config::infer()
+        .await
+        .context("no Kubernetes configuration (KUBECONFIG or in-cluster)")?;
+    let count = tower::util::MapRequestLayer::new(|request: http::Request<kube::client::Body>| {
+        metrics::counter!(
+            OPERATOR_API_REQUESTS_TOTAL,
+            "verb" => request.method().as_str().to_owned(),
+            "resource" => resource_of(request.uri().path()).to_owned()
+        )
+        .increment(1);
+        request
+    });
+    Ok(ClientBuilder::try_from(config)
+        .context("invalid Kubernetes configuration")?
+        .with_layer(&count)
+        .build())
+}
+
+/// The plural resource of an API path: `/apis/apps/v1/namespaces/x/deployments/y` →
+/// `deployments`, `/api/v1/namespaces/x` → `namespaces`, `/apis/g/v1/things` → `things`.
+pub fn resource_of(path: &str) -> &str {
+    let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    // Skip `api/<version>` or `apis/<group>/<version>`.
+    let rest = match segments.first() {
+        Some(&"api") => segments.get(2..),
+        Some(&"apis") => segments.get(3..),
+        _ => None,
+    }
+    .unwrap_or_default();
+    match rest {
+        ["namespaces", _, resource, ..] => resource,
+        [resource, ..] => resource,
+        [] => "other",
+    }
+}
+
+/// The operator as a [`Service`]: `common::service::main::<Operator>()` is its `main`.
+pub struct Operator;
+
+impl Service for Operator {
+    const NAME: &'static str = "meridian-operator";
+    const DEFAULT_PORT: u16 = 8090;
+    type Config = OperatorConfig;
+
+    #[allow(
+        clippy::manual_async_fn,
+        reason = "the trait requires a Send + 'static future"
+    )]
+    fn start(
+        listener: TcpListener,
+        config: OperatorConfig,
+        shutdown: CancellationToken,
+    ) -> impl Future<Output = anyhow::Result<()>> + Send + 'static {
+        async move {
+            let ops = common::http::Ops::new(Self::NAME, &config.common);
+            let router = common::http::instrument(common::http::ops_router(&ops), Self::NAME);
+            let server = {
+                let (ops, shutdown) = (ops.clone(), shutdown.clone());
+                tokio::spawn(
+                    async move { common::http::serve(listener, router, &ops, shutdown).await },
+                )
+            };
+            let client = counting_client().await?;
+            let result = lead(client, &config, shutdown.clone()).await;
+            shutdown.cancel();
+            server.await.context("the HTTP server panicked")??;
+            result
+        }
+    }
+}
+
+/// Runs the controller while this replica holds the Lease; stops it when the Lease is lost
+/// and campaigns again, until `shutdown`.
+async fn lead(
+    client: Client,
+    config: &OperatorConfig,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let o = &config.operator;
+    let identity = o
+        .pod_name
+        .clone()
+        .unwrap_or_else(|| format!("meridian-operator-{}", uuid_like()));
+    let namespace = o
+        .lease_namespace
+        .clone()
+        .or_else(|| o.watch_namespace.clone())
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| "default".to_owned());
+    let manager = LeaseManagerBuilder::new(client.clone(), &o.lease_name)
+        .with_namespace(&namespace)
+        .with_identity(&identity)
+        .with_duration(o.lease_duration_seconds)
+        .with_grace(o.lease_duration_seconds.div_ceil(3).max(1))
+        .build()
+        .await
+        .context("failed to set up leader election")?;
+    let (mut leader, task) = manager.watch().await;
+    tracing::info!(%identity, lease = %o.lease_name, %namespace, "Campaigning for leadership.");
+    loop {
+        metrics::gauge!(OPERATOR_LEADER).set(0.0);
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            changed = leader.wait_for(|is_leader| *is_leader) => {
+                if changed.is_err() { break; }
+            }
+        }
+        tracing::info!(%identity, "Leading: starting the controller.");
+        metrics::gauge!(OPERATOR_LEADER).set(1.0);
+        let stop = shutdown.child_token();
+        let controller = tokio::spawn(crate::controller::run(
+            client.clone(),
+            config.settings(),
+            stop.clone(),
+        ));
+        tokio::select! {
+            () = shutdown.cancelled() => {}
+            _ = leader.wait_for(|is_leader| !*is_leader) => {
+                tracing::warn!(%identity, "Lost the Lease: stopping the controller.");
+            }
+        }
+        stop.cancel();
+        controller.await.context("the controller panicked")??;
+        if shutdown.is_cancelled() {
+            break;
+        }
+    }
+    drop(leader);
+    match task.await {
+        Ok(Ok(_)) => tracing::info!(%identity, "Released the Lease."),
+        Ok(Err(error)) => tracing::warn!(%error, "Releasing the Lease failed."),
+        Err(error) => tracing::warn!(%error, "The leader-election task panicked."),
+    }
+    Ok(())
+}
+
+fn uuid_like() -> String {
+    use rand::Rng as _;
+    format!("{:016x}", rand::rng().random::<u64>())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::resource_of;
+
+    #[test]
+    fn resources_are_read_from_api_paths() {
+        let cases = [
+            ("/apis/apps/v1/namespaces/x/deployments/y", "deployments"),
+            ("/api/v1/namespaces/x/secrets", "secrets"),
+            ("/api/v1/namespaces/x", "namespaces"),
+            (
+                "/apis/meridian.dev/v1alpha1/middlewarestacks",
+                "middlewarestacks",
+            ),
+            (
+                "/apis/coordination.k8s.io/v1/namespaces/x/leases/l",
+                "leases",
+            ),
+            ("/version", "other"),
+        ];
+        for (path, resource) in cases {
+            assert_eq!(resource_of(path), resource, "{path}");
+        }
+    }
+}

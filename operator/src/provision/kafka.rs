@@ -1,0 +1,337 @@
+//! Kafka: the reachability check (a metadata request) and the topics, through the Admin API.
+//!
+//! One [`KafkaCluster`] (an admin client and a metadata-only consumer, which never
+//! auto-creates topics) is kept per bootstrap list and admin user, shared by every stack on
+//! that cluster.
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rdkafka::admin::{
+    AdminClient, AdminOptions, AlterConfig, NewPartitions, NewTopic, ResourceSpecifier,
+    TopicReplication,
+};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer as _};
+use rdkafka::error::RDKafkaErrorCode;
+use rdkafka::types::RDKafkaRespErr;
+use secrecy::ExposeSecret as _;
+
+use super::{AdminCredentials, ProvisionError, bounded};
+
+/// One topic as the stack asks for it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DesiredTopic {
+    /// The full name, `<KAFKA_TOPIC_PREFIX><topic>`.
+    pub name: String,
+    /// The number of partitions.
+    pub partitions: i32,
+    /// The replication factor.
+    pub replication_factor: i32,
+    /// Topic configuration.
+    pub config: BTreeMap<String, String>,
+}
+
+/// What a topic looks like on the cluster.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Existing {
+    partitions: i32,
+    replication_factor: i32,
+}
+
+/// The admin client and metadata consumer of one cluster.
+pub struct KafkaCluster {
+    admin: AdminClient<DefaultClientContext>,
+    metadata: Arc<BaseConsumer>,
+}
+
+/// The clients of every cluster the operator has talked to.
+#[derive(Default)]
+pub struct KafkaClients {
+    clusters: Mutex<HashMap<String, Arc<KafkaCluster>>>,
+}
+
+impl KafkaClients {
+    /// The clients of the cluster at `bootstrap_servers`, created on first use.
+    pub fn cluster(
+        &self,
+        bootstrap_servers: &str,
+        credentials: Option<&AdminCredentials>,
+    ) -> Result<Arc<KafkaCluster>, ProvisionError> {
+        let key = format!(
+            "{bootstrap_servers}|{}|{}",
+            credentials.map_or("", |c| c.username.as_str()),
+            credentials.map_or_else(String::new, |c| crate::build::fingerprint([c
+                .password
+                .expose_secret()
+                .as_bytes()]))
+        );
+        let mut clusters = self
+            .clusters
+            .lock()
+            .map_err(|_| ProvisionError::Kafka("client cache poisoned".to_owned()))?;
+        if let Some(cluster) = clusters.get(&key) {
+            return Ok(cluster.clone());
+        }
+        let mut config = ClientConfig::new();
+        config
+            .set("bootstrap.servers", bootstrap_servers)
+            .set("client.id", "meridian-operator")
+            .set("allow.auto.create.topics", "false")
+            .set("topic.metadata.refresh.interval.ms", "-1")
+            .set("log_level", "3");
+        if let Some(credentials) = credentials {
+            config
+                .set("security.protocol", "SASL_PLAINTEXT")
+                .set("sasl.mechanisms", "PLAIN")
+                .set("sasl.username", &credentials.username)
+                .set("sasl.password", credentials.password.expose_secret());
+        }
+        let admin = config
+            .create()
+            .map_err(|e| ProvisionError::Kafka(e.to_string()))?;
+        let metadata = config
+            .clone()
+            .set("group.id", "meridian-operator-metadata")
+            .create()
+            .map_err(|e| ProvisionError::Kafka(e.to_string()))?;
+        let cluster = Arc::new(KafkaCluster {
+            admin,
+            metadata: Arc::new(metadata),
+        });
+        clusters.insert(key, cluster.clone());
+        Ok(cluster)
+    }
+}
+
+impl KafkaCluster {
+    /// A metadata request for `topic` (which need not exist): succeeds when a broker answers.
+    pub async fn ping(&self, topic: &str, timeout: Duration) -> Result<(), ProvisionError> {
+        self.describe(topic, timeout).await.map(|_| ())
+    }
+
+    async fn describe(
+        &self,
+        topic: &str,
+        timeout: Duration,
+    ) -> Result<Option<Existing>, ProvisionError> {
+        let consumer = self.metadata.clone();
+        let name = topic.to_owned();
+        let task = tokio::task::spawn_blocking(move || {
+            let metadata = consumer
+                .fetch_metadata(Some(&name), timeout)
+                .map_err(|e| ProvisionError::Kafka(format!("metadata request failed: {e}")))?;
+            if metadata.brokers().is_empty() {
+                return Err(ProvisionError::Kafka(
+                    "no broker in the metadata".to_owned(),
+                ));
+            }
+            let Some(topic) = metadata.topics().iter().find(|t| t.name() == name) else {
+                return Ok(None);
+            };
+            match topic.error() {
+                None => Ok(Some(Existing {
+                    partitions: i32::try_from(topic.partitions().len()).unwrap_or(i32::MAX),
+                    replication_factor: topic
+                        .partitions()
+                        .first()
+                        .map_or(0, |p| i32::try_from(p.replicas().len()).unwrap_or(i32::MAX)),
+                })),
+                Some(RDKafkaRespErr::RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART) => Ok(None),
+                Some(error) => Err(ProvisionError::Kafka(format!(
+                    "metadata of {name}: {error:?}"
+                ))),
+            }
+        });
+        bounded("Kafka", timeout + Duration::from_secs(1), async {
+            task.await
+                .map_err(|e| ProvisionError::Kafka(format!("metadata task failed: {e}")))?
+        })
+        .await
+    }
+
+    /// Brings `topics` to the requested state: creates the missing ones, adds partitions,
+    /// sets the requested configuration. Returns the changes Kafka cannot make (fewer
+    /// partitions, another replication factor), one sentence each; they are not errors.
+    pub async fn reconcile_topics(
+        &self,
+        topics: &[DesiredTopic],
+        timeout: Duration,
+    ) -> Result<TopicsOutcome, ProvisionError> {
+        let options = AdminOptions::new().operation_timeout(Some(timeout));
+        let mut outcome = TopicsOutcome::default();
+        let mut missing = Vec::new();
+        let mut grow = Vec::new();
+        for topic in topics {
+            match self.describe(&topic.name, timeout).await? {
+                None => missing.push(topic),
+                Some(existing) => {
+                    if existing.partitions < topic.partitions {
+                        grow.push(topic);
+                    } else if existing.partitions > topic.partitions {
+                        outcome.unsupported.push(format!(
+                            "topic {} has {} partitions, more than the {} requested: Kafka cannot remove partitions",
+                            topic.name, existing.partitions, topic.partitions
+                        ));
+                    }
+                    if existing.replication_factor != topic.replication_factor {
+                        outcome.unsupported.push(format!(
+                            "topic {} has replication factor {}, not {}: the operator does not reassign partitions",
+                            topic.name, existing.replication_factor, topic.replication_factor
+                        ));
+                    }
+                }
+            }
+        }
+        if !missing.is_empty() {
+            let new: Vec<NewTopic<'_>> = missing
+                .iter()
+                .map(|t| {
+                    t.config.iter().fold(
+                        NewTopic::new(
+                            &t.name,
+                            t.partitions,
+                            TopicReplication::Fixed(t.replication_factor),
+                        ),
+                        |new, (k, v)| new.set(k, v),
+                    )
+                })
+                .collect();
+            let results = bounded("Kafka", timeout, async {
+                self.admin
+                    .create_topics(&new, &options)
+                    .await
+                    .map_err(|e| ProvisionError::Kafka(e.to_string()))
+            })
+            .await?;
+            for result in results {
+                match result {
+                    Ok(name) => outcome.created.push(name),
+                    Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                    Err((name, code)) => {
+                        return Err(ProvisionError::Kafka(format!(
+                            "creating topic {name} failed: {code}"
+                        )));
+                    }
+                }
+            }
+        }
+        if !grow.is_empty() {
+            let new: Vec<NewPartitions<'_>> = grow
+                .iter()
+                .map(|t| NewPartitions::new(&t.name, usize::try_from(t.partitions).unwrap_or(1)))
+                .collect();
+            let results = bounded("Kafka", timeout, async {
+                self.admin
+                    .create_partitions(&new, &options)
+                    .await
+                    .map_err(|e| ProvisionError::Kafka(e.to_string()))
+            })
+            .await?;
+            for result in results {
+                match result {
+                    Ok(name) => outcome.grown.push(name),
+                    Err((name, code)) => {
+                        return Err(ProvisionError::Kafka(format!(
+                            "adding partitions to {name} failed: {code}"
+                        )));
+                    }
+                }
+            }
+        }
+        let configured: Vec<&DesiredTopic> = topics
+            .iter()
+            .filter(|t| !t.config.is_empty() && !missing.iter().any(|m| m.name == t.name))
+            .collect();
+        if !configured.is_empty() {
+            let specifiers: Vec<ResourceSpecifier<'_>> = configured
+                .iter()
+                .map(|t| ResourceSpecifier::Topic(&t.name))
+                .collect();
+            let described = bounded("Kafka", timeout, async {
+                self.admin
+                    .describe_configs(&specifiers, &options)
+                    .await
+                    .map_err(|e| ProvisionError::Kafka(e.to_string()))
+            })
+            .await?;
+            let mut alter = Vec::new();
+            for (topic, resource) in configured.iter().zip(described) {
+                let resource = resource.map_err(|code| {
+                    ProvisionError::Kafka(format!("describing {} failed: {code}", topic.name))
+                })?;
+                let differs = topic.config.iter().any(|(k, v)| {
+                    resource.get(k).and_then(|e| e.value.as_deref()) != Some(v.as_str())
+                });
+                if differs {
+                    alter.push(topic.config.iter().fold(
+                        AlterConfig::new(ResourceSpecifier::Topic(&topic.name)),
+                        |a, (k, v)| a.set(k, v),
+                    ));
+                }
+            }
+            if !alter.is_empty() {
+                let results = bounded("Kafka", timeout, async {
+                    self.admin
+                        .alter_configs(&alter, &options)
+                        .await
+                        .map_err(|e| ProvisionError::Kafka(e.to_string()))
+                })
+                .await?;
+                for result in results {
+                    match result {
+                        Ok(specifier) => outcome.configured.push(format!("{specifier:?}")),
+                        Err((specifier, code)) => {
+                            return Err(ProvisionError::Kafka(format!(
+                                "altering the configuration of {specifier:?} failed: {code}"
+                            )));
+                        }
+                    }
+                }
+            }
+        }
+        Ok(outcome)
+    }
+
+    /// Deletes the named topics; topics that are already gone count as deleted.
+    pub async fn delete_topics(
+        &self,
+        names: &[String],
+        timeout: Duration,
+    ) -> Result<(), ProvisionError> {
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        let options = AdminOptions::new().operation_timeout(Some(timeout));
+        let results = bounded("Kafka", timeout, async {
+            self.admin
+                .delete_topics(&names, &options)
+                .await
+                .map_err(|e| ProvisionError::Kafka(e.to_string()))
+        })
+        .await?;
+        for result in results {
+            match result {
+                Ok(_) | Err((_, RDKafkaErrorCode::UnknownTopicOrPartition)) => {}
+                Err((name, code)) => {
+                    return Err(ProvisionError::Kafka(format!(
+                        "deleting topic {name} failed: {code}"
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What [`KafkaCluster::reconcile_topics`] did and could not do.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TopicsOutcome {
+    /// Topics created.
+    pub created: Vec<String>,
+    /// Topics that got more partitions.
+    pub grown: Vec<String>,
+    /// Topics whose configuration was changed.
+    pub configured: Vec<String>,
+    /// Requested changes Kafka cannot make, one sentence each.
+    pub unsupported: Vec<String>,
+}

@@ -1,0 +1,207 @@
+//! PostgreSQL: `SELECT 1` with the admin credentials, and the stack's role (LOGIN, a generated
+//! password) owning the stack's own database, which no other role may connect to (`CONNECT`
+//! revoked from `PUBLIC`). The services run their migrations in that database.
+//!
+//! Role and database names are [`crate::names`] identifiers (`[a-z0-9_]`, at most 63 bytes)
+//! and passwords are alphanumeric, so both are safe to splice into DDL, which takes no bind
+//! parameters.
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use secrecy::{ExposeSecret as _, SecretString};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgSslMode};
+use sqlx::{Executor as _, PgPool};
+
+use super::{AdminCredentials, ProvisionError, bounded};
+use crate::crd::{PostgresSpec, SslMode};
+
+fn pg_error(error: &sqlx::Error) -> ProvisionError {
+    ProvisionError::Postgres(error.to_string())
+}
+
+/// The SQLSTATEs of `CREATE` racing another `CREATE` of the same object.
+const ALREADY_EXISTS: [&str; 3] = ["42P04", "42710", "23505"];
+
+fn already_exists(error: &sqlx::Error) -> bool {
+    error
+        .as_database_error()
+        .and_then(|e| e.code())
+        .is_some_and(|code| ALREADY_EXISTS.contains(&code.as_ref()))
+}
+
+/// sqlx's TLS mode for libpq's `sslmode`.
+pub fn ssl_mode(mode: SslMode) -> PgSslMode {
+    match mode {
+        SslMode::Disable => PgSslMode::Disable,
+        SslMode::Allow => PgSslMode::Allow,
+        SslMode::Prefer => PgSslMode::Prefer,
+        SslMode::Require => PgSslMode::Require,
+        SslMode::VerifyCa => PgSslMode::VerifyCa,
+        SslMode::VerifyFull => PgSslMode::VerifyFull,
+    }
+}
+
+/// The admin pools of every server the operator has talked to (up to eight connections each).
+#[derive(Default)]
+pub struct PostgresAdmins {
+    pools: Mutex<HashMap<String, PgPool>>,
+}
+
+impl PostgresAdmins {
+    /// The admin pool for `spec` and `credentials`, created (lazily connecting) on first use.
+    pub fn admin(
+        &self,
+        spec: &PostgresSpec,
+        credentials: &AdminCredentials,
+        timeout: Duration,
+    ) -> Result<PostgresAdmin, ProvisionError> {
+        let key = format!(
+            "{}|{}|{}|{}|{}|{}",
+            spec.host,
+            spec.port,
+            spec.database,
+            spec.ssl_mode.as_str(),
+            credentials.username,
+            crate::build::fingerprint([credentials.password.expose_secret().as_bytes()])
+        );
+        let mut pools = self
+            .pools
+            .lock()
+            .map_err(|_| ProvisionError::Postgres("pool cache poisoned".to_owned()))?;
+        let pool = pools
+            .entry(key)
+            .or_insert_with(|| {
+                let options = PgConnectOptions::new()
+                    .host(&spec.host)
+                    .port(u16::try_from(spec.port).unwrap_or(5432))
+                    .username(&credentials.username)
+                    .password(credentials.password.expose_secret())
+                    .database(&spec.database)
+                    .ssl_mode(ssl_mode(spec.ssl_mode))
+                    .application_name("meridian-operator");
+                PgPoolOptions::new()
+                    .max_connections(8)
+                    .min_connections(0)
+                    .acquire_timeout(timeout)
+                    .idle_timeout(Some(Duration::from_secs(60)))
+                    .connect_lazy_with(options)
+            })
+            .clone();
+        Ok(PostgresAdmin { pool, timeout })
+    }
+}
+
+/// An admin session on one server.
+pub struct PostgresAdmin {
+    pool: PgPool,
+    timeout: Duration,
+}
+
+impl PostgresAdmin {
+    /// `SELECT 1`.
+    pub async fn ping(&self) -> Result<(), ProvisionError> {
+        bounded("PostgreSQL", self.timeout, async {
+            let _: i32 = sqlx::query_scalar("SELECT 1")
+                .fetch_one(&self.pool)
+                .await
+                .map_err(|e| pg_error(&e))?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Makes sure `role` exists and can log in (with `password`, set when the role is new or
+    /// `set_password` is true) and owns `database`, to which `PUBLIC` may not connect.
+    pub async fn ensure_role_and_database(
+        &self,
+        role: &str,
+        database: &str,
+        password: &SecretString,
+        set_password: bool,
+    ) -> Result<(), ProvisionError> {
+        bounded("PostgreSQL", self.timeout * 4, async {
+            let role_exists: bool =
+                sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1)")
+                    .bind(role)
+                    .fetch_one(&self.pool)
+                    .await
+                    .map_err(|e| pg_error(&e))?;
+            let password = password.expose_secret();
+            if !role_exists {
+                let created = self
+                    .pool
+                    .execute(format!("CREATE ROLE \"{role}\" LOGIN PASSWORD '{password}'").as_str())
+                    .await;
+                match created {
+                    Ok(_) => {}
+                    Err(e) if already_exists(&e) => {}
+                    Err(e) => return Err(pg_error(&e)),
+                }
+            } else if set_password {
+                self.pool
+                    .execute(
+                        format!("ALTER ROLE \"{role}\" WITH LOGIN PASSWORD '{password}'").as_str(),
+                    )
+                    .await
+                    .map_err(|e| pg_error(&e))?;
+            }
+            let database_exists: bool =
+                sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+                    .bind(database)
+                    .fetch_one(&self.pool)
+                    .await
+                    .map_err(|e| pg_error(&e))?;
+            if !database_exists {
+                match self
+                    .pool
+                    .execute(format!("CREATE DATABASE \"{database}\" OWNER \"{role}\"").as_str())
+                    .await
+                {
+                    Ok(_) => {}
+                    Err(e) if already_exists(&e) => {}
+                    Err(e) => return Err(pg_error(&e)),
+                }
+                self.pool
+                    .execute(
+                        format!("REVOKE CONNECT, TEMPORARY ON DATABASE \"{database}\" FROM PUBLIC")
+                            .as_str(),
+                    )
+                    .await
+                    .map_err(|e| pg_error(&e))?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// Drops `database` (disconnecting its sessions) and `role`; missing ones are fine.
+    pub async fn drop_role_and_database(
+        &self,
+        role: &str,
+        database: &str,
+    ) -> Result<(), ProvisionError> {
+        bounded("PostgreSQL", self.timeout * 4, async {
+            self.pool
+                .execute(format!("DROP DATABASE IF EXISTS \"{database}\" WITH (FORCE)").as_str())
+                .await
+                .map_err(|e| pg_error(&e))?;
+            self.pool
+                .execute(format!("DROP ROLE IF EXISTS \"{role}\"").as_str())
+                .await
+                .map_err(|e| pg_error(&e))?;
+            Ok(())
+        })
+        .await
+    }
+}
+
+/// The services' connection URL: `postgres://<role>:<password>@<host>:<port>/<database>?sslmode=`.
+pub fn service_url(spec: &PostgresSpec, role: &str, database: &str, password: &str) -> String {
+    format!(
+        "postgres://{role}:{password}@{}:{}/{database}?sslmode={}",
+        spec.host,
+        spec.port,
+        spec.ssl_mode.as_str()
+    )
+}

@@ -1,0 +1,683 @@
+//! The controller against the real control plane and the real Kafka, Redis and PostgreSQL:
+//! each test runs `operator::run` in-process, watching only its own namespace.
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::test_support::{Deps, TcpToggle, wait_until};
+use futures::StreamExt as _;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::events::v1::Event;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::runtime::{WatchStreamExt as _, watcher};
+use kube::{Client, ResourceExt as _};
+use operator::crd::MiddlewareStack;
+use rdkafka::consumer::{BaseConsumer, Consumer as _};
+use serde_json::{Value, json};
+use sqlx::Connection as _;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::admission::{TestNamespace, client, install_crd};
+
+const READY_TIMEOUT: Duration = Duration::from_secs(40);
+
+/// The operator running in-process on one test namespace.
+struct Harness {
+    client: Client,
+    ns: TestNamespace,
+    stop: CancellationToken,
+    task: JoinHandle<Result<(), operator::controller::Error>>,
+}
+
+impl Harness {
+    async fn start(prefix: &str) -> Self {
+        let client = client().await;
+        install_crd(&client).await;
+        let ns = TestNamespace::create(&client, prefix).await;
+        let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns.name);
+        for (name, data) in [
+            (
+                "pg-admin",
+                json!({ "username": "postgres", "password": "postgres" }),
+            ),
+            (
+                "redis-admin",
+                json!({ "username": "default", "password": "" }),
+            ),
+            ("jwt", json!({ "hmac-secret": "test-only-secret" })),
+        ] {
+            let secret: Secret = serde_json::from_value(json!({
+                "metadata": { "name": name }, "stringData": data
+            }))
+            .unwrap();
+            secrets
+                .create(&PostParams::default(), &secret)
+                .await
+                .unwrap();
+        }
+        let settings = operator::Settings {
+            namespace: Some(ns.name.clone()),
+            dependency_timeout: Duration::from_secs(2),
+            resync: Duration::from_secs(2),
+            backoff_base: Duration::from_millis(250),
+            backoff_max: Duration::from_secs(2),
+            cleanup_attempts: 3,
+            concurrency: 4,
+            instance: Some("it".to_owned()),
+        };
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(operator::run(client.clone(), settings, stop.clone()));
+        Self {
+            client,
+            ns,
+            stop,
+            task,
+        }
+    }
+
+    fn stacks(&self) -> Api<MiddlewareStack> {
+        self.ns.stacks()
+    }
+
+    fn api<K>(&self) -> Api<K>
+    where
+        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
+    {
+        Api::namespaced(self.client.clone(), &self.ns.name)
+    }
+
+    async fn apply(&self, stack: &Value) -> MiddlewareStack {
+        crate::admission::apply(&self.stacks(), stack)
+            .await
+            .unwrap()
+    }
+
+    async fn get(&self, name: &str) -> MiddlewareStack {
+        self.stacks().get(name).await.unwrap()
+    }
+
+    async fn wait_for_condition(
+        &self,
+        name: &str,
+        type_: &str,
+        status: &str,
+        reason: Option<&str>,
+    ) {
+        let stacks = self.stacks();
+        wait_until(
+            &format!("{name}: {type_}={status} ({reason:?})"),
+            READY_TIMEOUT,
+            || {
+                let stacks = stacks.clone();
+                async move {
+                    let stack = stacks.get(name).await.unwrap();
+                    condition(&stack, type_).is_some_and(|(s, r)| {
+                        s == status && reason.is_none_or(|reason| r == reason)
+                    })
+                }
+            },
+        )
+        .await;
+    }
+
+    /// Deletes the stacks (while the operator runs, so their finalizers are released), stops
+    /// the operator, deletes the namespace.
+    async fn finish(self) {
+        let stacks = self.stacks();
+        for stack in stacks.list(&ListParams::default()).await.unwrap() {
+            let _ = stacks
+                .delete(&stack.name_any(), &DeleteParams::default())
+                .await;
+        }
+        wait_until("every stack to be gone", READY_TIMEOUT, || {
+            let stacks = stacks.clone();
+            async move {
+                stacks
+                    .list(&ListParams::default())
+                    .await
+                    .unwrap()
+                    .items
+                    .is_empty()
+            }
+        })
+        .await;
+        self.stop.cancel();
+        self.task.await.unwrap().unwrap();
+        self.ns.delete().await;
+    }
+}
+
+fn condition(stack: &MiddlewareStack, type_: &str) -> Option<(String, String)> {
+    stack
+        .status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+        .map(|c| (c.status.clone(), c.reason.clone()))
+}
+
+/// A small stack on the local dependencies, its Redis behind `redis_url`.
+fn stack(name: &str, redis_url: &str, topics_policy: &str) -> Value {
+    json!({
+        "apiVersion": "meridian.dev/v1alpha1",
+        "kind": "MiddlewareStack",
+        "metadata": { "name": name },
+        "spec": {
+            "image": { "registry": "registry.invalid/meridian", "tag": "0.1.0" },
+            "kafka": {
+                "bootstrapServers": Deps::from_env().kafka_bootstrap_servers,
+                "topics": {
+                    "commands": { "partitions": 2 },
+                    "events": { "partitions": 3, "config": { "retention.ms": "3600000" } },
+                    "cache": { "partitions": 1 },
+                    "dlq": { "partitions": 1 }
+                }
+            },
+            "redis": { "url": redis_url, "adminCredentialsSecret": "redis-admin" },
+            "postgres": {
+                "host": "127.0.0.1", "port": 5432, "database": "postgres",
+                "sslMode": "disable", "adminCredentialsSecret": "pg-admin"
+            },
+            "auth": {
+                "jwtSecretRef": { "name": "jwt", "key": "hmac-secret" },
+                "issuer": "https://issuer.test/", "audience": "meridian"
+            },
+            "deletionPolicy": { "topics": topics_policy, "credentials": "Delete" }
+        }
+    })
+}
+
+fn secret_url(secret: &Secret) -> String {
+    String::from_utf8(secret.data.as_ref().unwrap()["url"].0.clone()).unwrap()
+}
+
+/// Partition counts of the named topics (`None`: missing), from a fresh metadata request.
+fn topic_partitions(names: &[String]) -> BTreeMap<String, Option<usize>> {
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set(
+            "bootstrap.servers",
+            Deps::from_env().kafka_bootstrap_servers,
+        )
+        .set("allow.auto.create.topics", "false")
+        .create()
+        .unwrap();
+    let metadata = consumer
+        .fetch_metadata(None, Duration::from_secs(5))
+        .unwrap();
+    names
+        .iter()
+        .map(|name| {
+            let partitions = metadata
+                .topics()
+                .iter()
+                .find(|t| t.name() == name && t.error().is_none())
+                .map(|t| t.partitions().len());
+            (name.clone(), partitions)
+        })
+        .collect()
+}
+
+/// Records the order in which the stack's Secrets and Deployments first appear.
+fn record_creation_order(harness: &Harness) -> Arc<Mutex<Vec<String>>> {
+    let order = Arc::new(Mutex::new(Vec::new()));
+    let config = watcher::Config::default().labels(operator::controller::MANAGED_SELECTOR);
+    let deployments = watcher(harness.api::<Deployment>(), config.clone())
+        .applied_objects()
+        .map(|d| d.map(|d| format!("deployment/{}", d.name_any())))
+        .boxed();
+    let secrets = watcher(harness.api::<Secret>(), config)
+        .applied_objects()
+        .map(|s| s.map(|s| format!("secret/{}", s.name_any())))
+        .boxed();
+    let sink = order.clone();
+    tokio::spawn(async move {
+        let mut both = futures::stream::select(deployments, secrets);
+        while let Some(Ok(name)) = both.next().await {
+            let mut order = sink.lock().unwrap();
+            if !order.contains(&name) {
+                order.push(name);
+            }
+        }
+    });
+    order
+}
+
+#[tokio::test]
+async fn a_stack_is_provisioned_in_stage_order_becomes_ready_follows_changes_and_cleans_up() {
+    let harness = Harness::start("reconcile").await;
+    let deps = Deps::from_env();
+    let order = record_creation_order(&harness);
+    let ns = harness.ns.name.clone();
+
+    harness
+        .apply(&stack("alpha", &deps.redis_url, "Retain"))
+        .await;
+    harness
+        .apply(&stack("beta", &deps.redis_url, "Delete"))
+        .await;
+    for name in ["alpha", "beta"] {
+        harness
+            .wait_for_condition(name, "Ready", "True", Some("AllStagesReady"))
+            .await;
+    }
+
+    // Stage order: connection Secrets, then the core Deployments, then the hub, then the gateway.
+    let order = order.lock().unwrap().clone();
+    let position = |name: &str| {
+        order
+            .iter()
+            .position(|n| n == name)
+            .unwrap_or_else(|| panic!("{name} never appeared: {order:?}"))
+    };
+    let secrets = position("secret/alpha-redis").max(position("secret/alpha-postgres"));
+    let core = ["command-service", "processor", "cache-updater"]
+        .map(|c| position(&format!("deployment/alpha-{c}")));
+    let hub = position("deployment/alpha-ws-hub");
+    let gateway = position("deployment/alpha-api-gateway");
+    assert!(core.iter().all(|c| *c > secrets), "{order:?}");
+    assert!(core.iter().all(|c| *c < hub), "{order:?}");
+    assert!(hub < gateway, "{order:?}");
+
+    let alpha = harness.get("alpha").await;
+    let status = alpha.status.clone().unwrap();
+    assert_eq!(status.observed_generation, alpha.metadata.generation);
+    assert_eq!(status.phase, Some(operator::crd::Phase::Ready));
+    for type_ in [
+        "DependenciesReady",
+        "TopicsReady",
+        "CredentialsReady",
+        "CoreAvailable",
+        "EdgeAvailable",
+    ] {
+        assert_eq!(condition(&alpha, type_).unwrap().0, "True", "{type_}");
+    }
+    assert_eq!(status.services.len(), 5);
+    assert_eq!(status.services["api-gateway"].ready_replicas, 1);
+
+    // The topics exist with the requested partitions.
+    let topic = |stack: &str, t: &str| format!("{ns}.{stack}.{t}");
+    let alpha_topics: Vec<String> = ["commands", "events", "cache", "commands.dlq"]
+        .iter()
+        .map(|t| topic("alpha", t))
+        .collect();
+    let partitions = topic_partitions(&alpha_topics);
+    let expected: BTreeMap<String, Option<usize>> = alpha_topics
+        .iter()
+        .cloned()
+        .zip([Some(2), Some(3), Some(1), Some(1)])
+        .collect();
+    assert_eq!(partitions, expected);
+
+    // The Redis user works under its prefix only.
+    let secrets: Api<Secret> = harness.api();
+    let redis_url = secret_url(&secrets.get("alpha-redis").await.unwrap());
+    let mut redis = redis::Client::open(redis_url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let prefix = format!("meridian:{ns}:alpha:");
+    let _: () = redis::cmd("SET")
+        .arg(format!("{prefix}probe"))
+        .arg("1")
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    let denied: Result<(), _> = redis::cmd("SET")
+        .arg(format!("meridian:{ns}:beta:probe"))
+        .arg("1")
+        .query_async(&mut redis)
+        .await;
+    let denied = denied.unwrap_err();
+    assert!(denied.to_string().contains("no permissions"), "{denied}");
+    let denied: Result<i64, _> = redis::cmd("PUBLISH")
+        .arg("elsewhere")
+        .arg("x")
+        .query_async(&mut redis)
+        .await;
+    let denied = denied.unwrap_err();
+    assert!(denied.to_string().contains("no permissions"), "{denied}");
+    let denied: Result<redis::Value, _> = redis::cmd("FLUSHALL").query_async(&mut redis).await;
+    assert!(denied.is_err(), "a @dangerous command must be refused");
+
+    // The PostgreSQL role connects to its own database, not to another stack's.
+    let alpha_url = secret_url(&secrets.get("alpha-postgres").await.unwrap());
+    let beta_url = secret_url(&secrets.get("beta-postgres").await.unwrap());
+    let mut pg = sqlx::PgConnection::connect(&alpha_url).await.unwrap();
+    let database: String = sqlx::query_scalar("SELECT current_database()")
+        .fetch_one(&mut pg)
+        .await
+        .unwrap();
+    let alpha_role = format!("mws_{}_alpha", ns.replace('-', "_"));
+    assert_eq!(database, alpha_role);
+    sqlx::query("CREATE TABLE probe (id int)")
+        .execute(&mut pg)
+        .await
+        .unwrap();
+    pg.close().await.unwrap();
+    let beta_db = beta_url
+        .rsplit_once('/')
+        .unwrap()
+        .1
+        .split('?')
+        .next()
+        .unwrap()
+        .to_owned();
+    let cross = alpha_url.replacen(&format!("/{alpha_role}?"), &format!("/{beta_db}?"), 1);
+    let refused = sqlx::PgConnection::connect(&cross)
+        .await
+        .expect_err("connected to beta's database");
+    assert!(
+        refused.to_string().contains("permission denied"),
+        "{refused}"
+    );
+
+    // `kubectl wait` sees the Ready condition.
+    let out = tokio::process::Command::new("kubectl")
+        .args([
+            "wait",
+            "--for=condition=Ready",
+            "middlewarestack/alpha",
+            "-n",
+            &ns,
+            "--timeout=20s",
+        ])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // A spec change rolls through: the Deployment follows and the generation is observed.
+    let mut changed = stack("alpha", &deps.redis_url, "Retain");
+    changed["spec"]["services"] = json!({ "processor": { "replicas": 2 } });
+    let applied = harness.apply(&changed).await;
+    let generation = applied.metadata.generation;
+    let deployments: Api<Deployment> = harness.api();
+    wait_until("the processor to scale to 2", READY_TIMEOUT, || {
+        let deployments = deployments.clone();
+        async move {
+            let d = deployments.get("alpha-processor").await.unwrap();
+            d.spec.unwrap().replicas == Some(2)
+        }
+    })
+    .await;
+    let stacks = harness.stacks();
+    wait_until(
+        "the new generation to be observed and Ready",
+        READY_TIMEOUT,
+        || {
+            let stacks = stacks.clone();
+            async move {
+                let s = stacks.get("alpha").await.unwrap();
+                let status = s.status.clone().unwrap_or_default();
+                status.observed_generation == generation
+                    && condition(&s, "Ready").is_some_and(|(st, _)| st == "True")
+                    && status
+                        .services
+                        .get("processor")
+                        .is_some_and(|p| p.ready_replicas == 2)
+            }
+        },
+    )
+    .await;
+    let pdbs: Api<PodDisruptionBudget> = harness.api();
+    assert!(
+        pdbs.get_opt("alpha-processor").await.unwrap().is_some(),
+        "2 replicas get a PDB"
+    );
+
+    // Events tell the story.
+    let events: Api<Event> = harness.api();
+    let reasons: Vec<String> = events
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("alpha"))
+        .filter_map(|e| e.reason)
+        .collect();
+    for expected in [
+        "DependenciesReadyTrue",
+        "TopicsUpdated",
+        "CredentialsReadyTrue",
+        "Applied",
+        "ReadyTrue",
+    ] {
+        assert!(
+            reasons.iter().any(|r| r == expected),
+            "{expected} missing in {reasons:?}"
+        );
+    }
+    let describe = tokio::process::Command::new("kubectl")
+        .args(["describe", "middlewarestack", "alpha", "-n", &ns])
+        .output()
+        .await
+        .unwrap();
+    let describe = String::from_utf8_lossy(&describe.stdout).into_owned();
+    assert!(describe.contains("ReadyTrue"), "{describe}");
+    println!("{describe}");
+
+    // Delete: credentials dropped (policy Delete); alpha's topics kept, beta's deleted.
+    let stacks = harness.stacks();
+    for name in ["alpha", "beta"] {
+        stacks.delete(name, &DeleteParams::default()).await.unwrap();
+    }
+    wait_until("the finalizers to be released", READY_TIMEOUT, || {
+        let stacks = stacks.clone();
+        async move {
+            stacks
+                .list(&ListParams::default())
+                .await
+                .unwrap()
+                .items
+                .is_empty()
+        }
+    })
+    .await;
+    let mut admin = redis::Client::open(deps.redis_url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let user: redis::Value = redis::cmd("ACL")
+        .arg("GETUSER")
+        .arg(format!("meridian:{ns}:alpha"))
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    assert_eq!(user, redis::Value::Nil, "the Redis user is deleted");
+    let mut pg = sqlx::PgConnection::connect(&deps.database_url)
+        .await
+        .unwrap();
+    let roles: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_roles WHERE rolname = $1")
+        .bind(&alpha_role)
+        .fetch_one(&mut pg)
+        .await
+        .unwrap();
+    assert_eq!(roles, 0, "the PostgreSQL role is dropped");
+    let databases: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_database WHERE datname = $1")
+        .bind(&alpha_role)
+        .fetch_one(&mut pg)
+        .await
+        .unwrap();
+    assert_eq!(databases, 0, "the PostgreSQL database is dropped");
+    assert!(
+        topic_partitions(&alpha_topics)
+            .values()
+            .all(Option::is_some),
+        "alpha's topics are retained"
+    );
+    let beta_topics: Vec<String> = ["commands", "events"]
+        .iter()
+        .map(|t| topic("beta", t))
+        .collect();
+    wait_until(
+        "beta's topics to be deleted",
+        Duration::from_secs(10),
+        || {
+            let beta_topics = beta_topics.clone();
+            async move { topic_partitions(&beta_topics).values().all(Option::is_none) }
+        },
+    )
+    .await;
+    // alpha's retained topics are this test's to remove.
+    let admin: rdkafka::admin::AdminClient<_> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", deps.kafka_bootstrap_servers)
+        .create()
+        .unwrap();
+    let names: Vec<&str> = alpha_topics.iter().map(String::as_str).collect();
+    admin
+        .delete_topics(&names, &rdkafka::admin::AdminOptions::new())
+        .await
+        .unwrap();
+    harness.finish().await;
+}
+
+#[tokio::test]
+async fn a_dependency_outage_turns_its_condition_false_and_the_stack_recovers_by_itself() {
+    let harness = Harness::start("outage").await;
+    let deps = Deps::from_env();
+    let mut redis = TcpToggle::new(Deps::socket_of(&deps.redis_url));
+    redis.up().await;
+    let url = format!("redis://127.0.0.1:{}", redis.port());
+    harness.apply(&stack("gamma", &url, "Delete")).await;
+    harness
+        .wait_for_condition("gamma", "Ready", "True", None)
+        .await;
+
+    redis.down().await;
+    // A resync or any change reconciles; a metadata change is the quickest trigger.
+    harness
+        .stacks()
+        .patch(
+            "gamma",
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "metadata": { "labels": { "poke": "1" } } })),
+        )
+        .await
+        .unwrap();
+    harness
+        .wait_for_condition(
+            "gamma",
+            "DependenciesReady",
+            "False",
+            Some("RedisUnavailable"),
+        )
+        .await;
+    harness
+        .wait_for_condition("gamma", "Ready", "False", Some("RedisUnavailable"))
+        .await;
+    let stack = harness.get("gamma").await;
+    assert_eq!(
+        stack.status.unwrap().phase,
+        Some(operator::crd::Phase::Degraded)
+    );
+
+    redis.up().await;
+    // No poke: the backoff retries on its own.
+    harness
+        .wait_for_condition("gamma", "DependenciesReady", "True", None)
+        .await;
+    harness
+        .wait_for_condition("gamma", "Ready", "True", None)
+        .await;
+    harness.finish().await;
+}
+
+#[tokio::test]
+async fn a_paused_stack_is_left_alone_and_a_rotation_rolls_new_credentials() {
+    let harness = Harness::start("rotate").await;
+    let deps = Deps::from_env();
+    harness
+        .apply(&stack("delta", &deps.redis_url, "Delete"))
+        .await;
+    harness
+        .wait_for_condition("delta", "Ready", "True", None)
+        .await;
+    let secrets: Api<Secret> = harness.api();
+    let deployments: Api<Deployment> = harness.api();
+    let before = secret_url(&secrets.get("delta-postgres").await.unwrap());
+    let hash = |d: &Deployment| {
+        d.spec
+            .as_ref()
+            .unwrap()
+            .template
+            .metadata
+            .as_ref()
+            .unwrap()
+            .annotations
+            .as_ref()
+            .unwrap()[operator::build::CREDENTIALS_HASH_ANNOTATION]
+            .clone()
+    };
+    let hash_before = hash(&deployments.get("delta-processor").await.unwrap());
+
+    // Paused: a spec change is not applied, and the condition says why.
+    let mut paused = stack("delta", &deps.redis_url, "Delete");
+    paused["spec"]["paused"] = json!(true);
+    paused["spec"]["services"] = json!({ "processor": { "replicas": 3 } });
+    harness.apply(&paused).await;
+    harness
+        .wait_for_condition("delta", "Ready", "False", Some("Paused"))
+        .await;
+    assert_eq!(
+        deployments
+            .get("delta-processor")
+            .await
+            .unwrap()
+            .spec
+            .unwrap()
+            .replicas,
+        Some(1)
+    );
+
+    // Unpaused with a rotation request: new passwords, Secrets updated, pods rolled.
+    let mut rotated = stack("delta", &deps.redis_url, "Delete");
+    rotated["metadata"]["annotations"] = json!({ "meridian.dev/rotate-credentials": "1" });
+    harness.apply(&rotated).await;
+    let secrets_ = secrets.clone();
+    let before_ = before.clone();
+    wait_until("the postgres Secret to change", READY_TIMEOUT, move || {
+        let (secrets, before) = (secrets_.clone(), before_.clone());
+        async move { secret_url(&secrets.get("delta-postgres").await.unwrap()) != before }
+    })
+    .await;
+    let deployments_ = deployments.clone();
+    wait_until("the processor to roll", READY_TIMEOUT, move || {
+        let (deployments, hash_before) = (deployments_.clone(), hash_before.clone());
+        async move { hash(&deployments.get("delta-processor").await.unwrap()) != hash_before }
+    })
+    .await;
+    harness
+        .wait_for_condition("delta", "Ready", "True", None)
+        .await;
+    let after = secret_url(&secrets.get("delta-postgres").await.unwrap());
+    let mut pg = sqlx::PgConnection::connect(&after).await.unwrap();
+    let one: i32 = sqlx::query_scalar("SELECT 1")
+        .fetch_one(&mut pg)
+        .await
+        .unwrap();
+    assert_eq!(one, 1);
+    assert!(
+        sqlx::PgConnection::connect(&before).await.is_err(),
+        "the old password is revoked"
+    );
+    let redis_url = secret_url(&secrets.get("delta-redis").await.unwrap());
+    let mut redis = redis::Client::open(redis_url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let pong: String = redis::cmd("PING").query_async(&mut redis).await.unwrap();
+    assert_eq!(pong, "PONG");
+    harness.finish().await;
+}

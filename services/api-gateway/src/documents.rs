@@ -1,0 +1,139 @@
+//! `GET /v1/documents/{collection}/{id}` from the Redis read model (`common::readmodel`),
+//! with the command service's write model as the fallback.
+//!
+//! - `Found` → 200 with the document JSON, `ETag: "<version>"` (304 on a matching
+//!   `If-None-Match`), `X-Cache: hit`;
+//! - `Deleted` (tombstone) → 404 problem `not-found`, `X-Cache: hit`;
+//! - `Missing`, or Redis unavailable / slower than `REDIS_TIMEOUT_MS` → the request is
+//!   forwarded upstream and its answer returned with `X-Cache: miss`.
+//!
+//! Other methods are forwarded upstream unchanged.
+
+use axum::body::Body;
+use axum::extract::{FromRequestParts, RawPathParams, Request};
+use axum::http::{HeaderName, HeaderValue, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use common::metrics::GATEWAY_READ_MODEL_LOOKUPS_TOTAL;
+use common::problem::{Problem, ProblemType};
+use common::readmodel::{self, Lookup};
+
+use crate::proxy::Caller;
+use crate::routes::Route;
+use crate::{AppState, NAME};
+
+/// `X-Cache`: `hit` when the read model answered, `miss` when the write model did.
+pub const X_CACHE: HeaderName = HeaderName::from_static("x-cache");
+
+/// Serves one document request.
+pub async fn serve(state: &AppState, route: &Route, caller: &Caller, request: Request) -> Response {
+    if request.method() != Method::GET && request.method() != Method::HEAD {
+        return state
+            .proxy
+            .forward(&route.name, &route.upstream, caller, request)
+            .await;
+    }
+    let (mut parts, body) = request.into_parts();
+    let params = RawPathParams::from_request_parts(&mut parts, &()).await;
+    let request = Request::from_parts(parts, body);
+    let (mut collection, mut id) = (None, None);
+    if let Ok(params) = &params {
+        for (name, value) in params {
+            match name {
+                "collection" => collection = Some(value.to_owned()),
+                "id" => id = Some(value.to_owned()),
+                _ => {}
+            }
+        }
+    }
+    let (Some(collection), Some(id)) = (collection, id) else {
+        return miss(state, route, caller, request).await;
+    };
+
+    let lookup = match state.redis.connection() {
+        Ok(mut conn) => tokio::time::timeout(
+            state.redis.timeout(),
+            readmodel::read(&mut conn, &state.settings.redis_prefix, &collection, &id),
+        )
+        .await
+        .map_err(|_| "timed out".to_owned())
+        .and_then(|result| result.map_err(|e| e.to_string())),
+        Err(error) => Err(error.to_string()),
+    };
+    match lookup {
+        Ok(Lookup::Found { version, data }) => {
+            record("hit");
+            found(&request, version, &data)
+        }
+        Ok(Lookup::Deleted { .. }) => {
+            record("deleted");
+            let mut response = Problem::new(ProblemType::NotFound, StatusCode::NOT_FOUND)
+                .detail(format!("document {collection}/{id} was deleted"))
+                .into_response();
+            response
+                .headers_mut()
+                .insert(X_CACHE, HeaderValue::from_static("hit"));
+            response
+        }
+        Ok(Lookup::Missing) => {
+            record("miss");
+            miss(state, route, caller, request).await
+        }
+        Err(error) => {
+            record("error");
+            tracing::warn!(%error, collection, id, "Read model unavailable; asking the write model.");
+            miss(state, route, caller, request).await
+        }
+    }
+}
+
+fn found(request: &Request, version: i64, data: &serde_json::Value) -> Response {
+    let etag = format!("\"{version}\"");
+    let not_modified = request
+        .headers()
+        .get_all(header::IF_NONE_MATCH)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .any(|tag| tag == "*" || tag.trim_start_matches("W/") == etag);
+    // For HEAD, hyper sends the headers (Content-Length included) without the body.
+    let body = if not_modified {
+        Body::empty()
+    } else {
+        Body::from(data.to_string())
+    };
+    let status = if not_modified {
+        StatusCode::NOT_MODIFIED
+    } else {
+        StatusCode::OK
+    };
+    let mut response = (status, body).into_response();
+    let headers = response.headers_mut();
+    if !not_modified {
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+    }
+    if let Ok(etag) = HeaderValue::from_str(&etag) {
+        headers.insert(header::ETAG, etag);
+    }
+    headers.insert(X_CACHE, HeaderValue::from_static("hit"));
+    response
+}
+
+async fn miss(state: &AppState, route: &Route, caller: &Caller, request: Request) -> Response {
+    let mut response = state
+        .proxy
+        .forward(&route.name, &route.upstream, caller, request)
+        .await;
+    response
+        .headers_mut()
+        .insert(X_CACHE, HeaderValue::from_static("miss"));
+    response
+}
+
+fn record(result: &'static str) {
+    metrics::counter!(GATEWAY_READ_MODEL_LOOKUPS_TOTAL, "service" => NAME, "result" => result)
+        .increment(1);
+}

@@ -1,0 +1,535 @@
+//! `just bench-pipeline`: the command pipeline's throughput and latency on the local
+//! dependencies (PostgreSQL, Kafka, Redis co-located with the services on one machine).
+//!
+//! The three services run in this process through the same `Service::start` their binaries
+//! use (release build); the load generator shares the machine with them and the dependencies.
+//! Each phase uses its own Kafka topic prefix, Redis key prefix and client id, and removes
+//! what it wrote.
+//!
+//! 1. **Accepted commands/s**: `POST /v1/commands` (a `create` of a new document, each with its
+//!    own idempotency key) from N concurrent closed-loop clients against the command service
+//!    alone; a command counts once its `202 Accepted` arrived, i.e. after the transaction
+//!    holding the command, its idempotency record and its outbox row committed.
+//! 2. **Relayed events/s**: rows bulk-inserted into an outbox table of its own (shaped like
+//!    `outbox`), then `common::outbox::Relay` started; the time until the table is empty, i.e.
+//!    until Kafka acknowledged every row and the relay deleted it.
+//! 3. **End-to-end latency** at a fixed offered rate (open loop: commands are sent on schedule
+//!    whether or not earlier ones finished): from the `202` of a command to the moment a Redis
+//!    subscriber on the collection's room channel receives the cache updater's notification of
+//!    its event. Recorded in an HDR histogram.
+//! 4. **Highest sustained rate**: the same at increasing offered rates; a rate is sustained
+//!    when the command service accepted at least 95 % of the offered rate, every notification
+//!    arrived within 5 s of the last command, and p99 stayed under 1 s.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a benchmark binary
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use cache_updater::CacheUpdater;
+use command_service::CommandService;
+use common::config::{KafkaConfig, Vars};
+use common::envelope::EventEnvelope;
+use common::kafka;
+use common::outbox::{OutboxTable, Relay, RelaySettings};
+use common::rooms::Publication;
+use common::service::Service;
+use common::shutdown::CancellationToken;
+use common::test_support::{Deps, TestApp, get_json, test_vars, wait_until};
+use futures::StreamExt as _;
+use hdrhistogram::Histogram;
+use processor::Processor;
+use serde_json::json;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+const TARGET_ACCEPTED_PER_SECOND: f64 = 5_000.0;
+const TARGET_RELAYED_PER_SECOND: f64 = 20_000.0;
+const TARGET_P99_MS: f64 = 50.0;
+
+const ACCEPT_CONCURRENCY: usize = 64;
+const ACCEPT_DURATION: Duration = Duration::from_secs(10);
+const RELAY_ROWS: i64 = 100_000;
+const RELAY_BATCH_SIZE: u32 = 500; // the services' default (COMMANDS_/PROCESSOR_OUTBOX_BATCH_SIZE)
+const FIXED_RATE: u32 = 1_000;
+const FIXED_DURATION: Duration = Duration::from_secs(15);
+const STEP_RATES: [u32; 5] = [1_500, 2_000, 3_000, 4_000, 5_000];
+const STEP_DURATION: Duration = Duration::from_secs(8);
+const MAX_IN_FLIGHT: usize = 512;
+
+/// One isolated stack: variables with its own prefixes and its topics.
+struct Stack {
+    vars: Vars,
+    kafka: KafkaConfig,
+    redis_prefix: String,
+}
+
+impl Stack {
+    async fn new(label: &str) -> Self {
+        let id = Uuid::new_v4().simple().to_string();
+        let redis_prefix = format!("bench:{label}:{id}:");
+        let vars = test_vars()
+            .with("RUST_LOG", "error")
+            .with("KAFKA_TOPIC_PREFIX", format!("bench-{label}-{id}."))
+            .with("REDIS_KEY_PREFIX", redis_prefix.clone())
+            .with("COMMANDS_OUTBOX_POLL_INTERVAL_MS", "100")
+            .with("PROCESSOR_OUTBOX_POLL_INTERVAL_MS", "100");
+        let kafka: KafkaConfig = vars.parse().unwrap();
+        let admin = kafka::admin(&kafka, "bench-admin").unwrap();
+        let topics = Self::topics(&kafka);
+        let specs: Vec<(&str, i32)> = topics.iter().map(|t| (t.as_str(), 6)).collect();
+        kafka::ensure_topics(&admin, &specs, 1).await.unwrap();
+        Self {
+            vars,
+            kafka,
+            redis_prefix,
+        }
+    }
+
+    fn topics(kafka: &KafkaConfig) -> Vec<String> {
+        [
+            kafka::TOPIC_COMMANDS,
+            kafka::TOPIC_EVENTS,
+            kafka::TOPIC_CACHE,
+            kafka::TOPIC_COMMANDS_DLQ,
+        ]
+        .iter()
+        .map(|t| kafka.topic(t))
+        .collect()
+    }
+
+    async fn start<S: Service>(&self) -> TestApp {
+        let app = TestApp::start::<S>(&self.vars).await;
+        let ready = app.url("/ready");
+        wait_until(S::NAME, Duration::from_secs(60), || {
+            let ready = ready.clone();
+            async move { matches!(get_json(&ready).await, Some((200, _))) }
+        })
+        .await;
+        app
+    }
+
+    async fn remove(self, redis: &redis::Client) {
+        let admin = kafka::admin(&self.kafka, "bench-admin").unwrap();
+        let topics = Self::topics(&self.kafka);
+        let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+        let _ = admin
+            .delete_topics(&names, &rdkafka::admin::AdminOptions::new())
+            .await;
+        let mut conn = redis.get_multiplexed_async_connection().await.unwrap();
+        let mut cursor = 0u64;
+        loop {
+            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(format!("{}*", self.redis_prefix))
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            if !keys.is_empty() {
+                let _: i64 = redis::cmd("UNLINK")
+                    .arg(keys)
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap();
+            }
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+    }
+}
+
+/// POSTs `create` commands for new documents of `collection`.
+#[derive(Clone)]
+struct Client {
+    http: reqwest::Client,
+    url: String,
+    client_id: String,
+    collection: String,
+}
+
+impl Client {
+    fn new(app: &TestApp, label: &str) -> Self {
+        Self {
+            http: reqwest::Client::builder()
+                .pool_max_idle_per_host(512)
+                .build()
+                .unwrap(),
+            url: app.url("/v1/commands"),
+            client_id: format!("bench-{label}-{}", Uuid::new_v4().simple()),
+            collection: format!("bench{}", Uuid::new_v4().simple()),
+        }
+    }
+
+    /// The accepted command's id, or why it was not accepted (an HTTP status or "transport").
+    async fn create(&self, n: u64) -> Result<Uuid, String> {
+        let response = self
+            .http
+            .post(&self.url)
+            .header("x-client-id", &self.client_id)
+            .header("idempotency-key", Uuid::new_v4().to_string())
+            .json(&json!({
+                "type": "create", "collection": self.collection, "id": format!("d{n}"),
+                "payload": {"n": n, "title": "benchmark document"}
+            }))
+            .send()
+            .await
+            .map_err(|_| "transport".to_owned())?;
+        if response.status() != 202 {
+            return Err(response.status().as_u16().to_string());
+        }
+        let body: serde_json::Value = response.json().await.map_err(|_| "body".to_owned())?;
+        body["commandId"]
+            .as_str()
+            .and_then(|id| id.parse().ok())
+            .ok_or_else(|| "body".to_owned())
+    }
+
+    async fn remove(&self, db: &PgPool) {
+        for statement in [
+            "DELETE FROM idempotency_keys WHERE client_id = $1",
+            "DELETE FROM commands WHERE client_id = $1",
+        ] {
+            sqlx::query(statement)
+                .bind(&self.client_id)
+                .execute(db)
+                .await
+                .unwrap();
+        }
+        sqlx::query("DELETE FROM documents WHERE collection = $1")
+            .bind(&self.collection)
+            .execute(db)
+            .await
+            .unwrap();
+    }
+}
+
+fn verdict(met: bool) -> &'static str {
+    if met { "MET" } else { "NOT MET" }
+}
+
+/// Phase 1: accepted commands/s.
+async fn accepted_per_second(db: &PgPool, redis: &redis::Client) -> f64 {
+    let stack = Stack::new("accept").await;
+    let app = stack.start::<CommandService>().await;
+    let client = Client::new(&app, "accept");
+    // Warm-up: connections, prepared statements.
+    futures::stream::iter(0..500u64)
+        .for_each_concurrent(ACCEPT_CONCURRENCY, |n| {
+            let client = client.clone();
+            async move {
+                let _ = client.create(1_000_000_000 + n).await;
+            }
+        })
+        .await;
+
+    let started = Instant::now();
+    let mut workers = Vec::new();
+    for worker in 0..ACCEPT_CONCURRENCY as u64 {
+        let client = client.clone();
+        workers.push(tokio::spawn(async move {
+            let (mut accepted, mut n) = (0u64, worker * 10_000_000);
+            while started.elapsed() < ACCEPT_DURATION {
+                n += 1;
+                if client.create(n).await.is_ok() {
+                    accepted += 1;
+                }
+            }
+            accepted
+        }));
+    }
+    let mut accepted = 0;
+    for worker in workers {
+        accepted += worker.await.unwrap();
+    }
+    let rate = accepted as f64 / started.elapsed().as_secs_f64();
+
+    // Let this stack's outbox rows reach Kafka before stopping (they would otherwise wait for
+    // the next relay leader), then remove everything the phase wrote.
+    let topic = stack.kafka.topic(kafka::TOPIC_COMMANDS);
+    wait_until(
+        "the accepted commands to be relayed",
+        Duration::from_secs(120),
+        || async {
+            let left: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE topic = $1")
+                .bind(&topic)
+                .fetch_one(db)
+                .await
+                .unwrap();
+            left == 0
+        },
+    )
+    .await;
+    app.stop().await;
+    client.remove(db).await;
+    stack.remove(redis).await;
+    rate
+}
+
+/// Phase 2: relayed events/s, through an outbox table of its own.
+async fn relayed_per_second(db: &PgPool, redis: &redis::Client) -> (f64, i64) {
+    let stack = Stack::new("relay").await;
+    let name: &'static str =
+        Box::leak(format!("bench_outbox_{}", Uuid::new_v4().simple()).into_boxed_str());
+    let table = OutboxTable::new(name).unwrap();
+    sqlx::query(&format!("CREATE TABLE {name} (LIKE outbox INCLUDING ALL)"))
+        .execute(db)
+        .await
+        .unwrap();
+    sqlx::query(&format!(
+        "INSERT INTO {name} (topic, message_key, message_type, payload) \
+         SELECT $1, 'bench/' || (g % 1000), 'event.bench', \
+                jsonb_build_object('n', g, 'title', 'benchmark event') \
+         FROM generate_series(1, $2) AS g"
+    ))
+    .bind(stack.kafka.topic(kafka::TOPIC_EVENTS))
+    .bind(RELAY_ROWS)
+    .execute(db)
+    .await
+    .unwrap();
+
+    let producer = kafka::producer(&stack.kafka, "bench-relay").unwrap();
+    let relay = Relay::new(
+        db.clone(),
+        producer,
+        RelaySettings {
+            service: "bench",
+            table,
+            batch_size: RELAY_BATCH_SIZE,
+            poll_interval: Duration::from_millis(50),
+        },
+    );
+    let shutdown = CancellationToken::new();
+    let started = Instant::now();
+    let running = tokio::spawn(relay.run(shutdown.clone()));
+    let count = format!("SELECT count(*) FROM {name}");
+    let mut left = RELAY_ROWS;
+    while left > 0 && started.elapsed() < Duration::from_secs(60) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        left = sqlx::query_scalar(&count).fetch_one(db).await.unwrap();
+    }
+    let rate = (RELAY_ROWS - left) as f64 / started.elapsed().as_secs_f64();
+    shutdown.cancel();
+    running.await.unwrap();
+    sqlx::query(&format!("DROP TABLE {name}"))
+        .execute(db)
+        .await
+        .unwrap();
+    stack.remove(redis).await;
+    (rate, left)
+}
+
+/// The outcome of one open-loop run.
+struct Run {
+    offered: u32,
+    accepted_rate: f64,
+    sent: u64,
+    accepted: u64,
+    notified: u64,
+    /// Commands not accepted, by reason.
+    failures: std::collections::BTreeMap<String, u64>,
+    latency_us: Histogram<u64>,
+}
+
+impl Run {
+    fn ms(&self, quantile: f64) -> f64 {
+        self.latency_us.value_at_quantile(quantile) as f64 / 1000.0
+    }
+
+    fn sustained(&self) -> bool {
+        self.accepted_rate >= 0.95 * f64::from(self.offered)
+            && self.notified == self.accepted
+            && self.ms(0.99) < 1000.0
+    }
+
+    fn line(&self) -> String {
+        format!(
+            "offered {}/s: accepted {:.0}/s ({} of {} sent{}), notified {}, latency p50 {:.1} ms, \
+             p99 {:.1} ms, p99.9 {:.1} ms, max {:.1} ms",
+            self.offered,
+            self.accepted_rate,
+            self.accepted,
+            self.sent,
+            if self.failures.is_empty() {
+                String::new()
+            } else {
+                format!("; not accepted: {:?}", self.failures)
+            },
+            self.notified,
+            self.ms(0.5),
+            self.ms(0.99),
+            self.ms(0.999),
+            self.latency_us.max() as f64 / 1000.0
+        )
+    }
+}
+
+/// Phases 3 and 4: offered `rate` for `duration` through the running pipeline.
+async fn open_loop(
+    commands: &TestApp,
+    stack: &Stack,
+    redis: &redis::Client,
+    db: &PgPool,
+    rate: u32,
+    duration: Duration,
+) -> Run {
+    let client = Client::new(commands, "e2e");
+    let notified: Arc<Mutex<HashMap<Uuid, Instant>>> = Arc::default();
+    let mut pubsub = redis.get_async_pubsub().await.unwrap();
+    pubsub
+        .subscribe(format!(
+            "{}room:collection:{}",
+            stack.redis_prefix, client.collection
+        ))
+        .await
+        .unwrap();
+    let listener = {
+        let notified = notified.clone();
+        tokio::spawn(async move {
+            let mut messages = pubsub.into_on_message();
+            while let Some(message) = messages.next().await {
+                let at = Instant::now();
+                let frame = Publication::decode(Bytes::from(message.get_payload_bytes().to_vec()));
+                if let Ok(frame) = frame
+                    && let Ok(event) = serde_json::from_slice::<EventEnvelope>(&frame.payload)
+                {
+                    notified.lock().unwrap().insert(event.command_id, at);
+                }
+            }
+        })
+    };
+
+    let accepted: Arc<Mutex<HashMap<Uuid, Instant>>> = Arc::default();
+    let failures: Arc<Mutex<std::collections::BTreeMap<String, u64>>> = Arc::default();
+    // Bounds the requests in flight: past it the generator falls behind the offered rate
+    // (and the run counts as not sustained) instead of piling up connections.
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT));
+    let total = u64::from(rate) * duration.as_secs();
+    let started = Instant::now();
+    let mut ticker = tokio::time::interval(Duration::from_millis(2));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut sent = 0u64;
+    let mut requests = Vec::with_capacity(total as usize);
+    while sent < total {
+        ticker.tick().await;
+        let due = ((started.elapsed().as_secs_f64() * f64::from(rate)) as u64).min(total);
+        while sent < due {
+            let (client, accepted, failures) = (client.clone(), accepted.clone(), failures.clone());
+            let permit = in_flight.clone().acquire_owned().await.unwrap();
+            let n = sent;
+            requests.push(tokio::spawn(async move {
+                match client.create(n).await {
+                    Ok(id) => {
+                        accepted.lock().unwrap().insert(id, Instant::now());
+                    }
+                    Err(reason) => *failures.lock().unwrap().entry(reason).or_default() += 1,
+                }
+                drop(permit);
+            }));
+            sent += 1;
+        }
+    }
+    for request in requests {
+        request.await.unwrap();
+    }
+    let accepted_rate = accepted.lock().unwrap().len() as f64 / started.elapsed().as_secs_f64();
+    let expected = accepted.lock().unwrap().len();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while notified.lock().unwrap().len() < expected && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    listener.abort();
+
+    let mut latency_us = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
+    let accepted = std::mem::take(&mut *accepted.lock().unwrap());
+    let notified = std::mem::take(&mut *notified.lock().unwrap());
+    let mut matched = 0;
+    for (id, at) in accepted.iter() {
+        if let Some(done) = notified.get(id) {
+            matched += 1;
+            let us = done.saturating_duration_since(*at).as_micros().max(1);
+            latency_us.saturating_record(u64::try_from(us).unwrap_or(u64::MAX));
+        }
+    }
+    let run = Run {
+        offered: rate,
+        accepted_rate,
+        sent,
+        accepted: accepted.len() as u64,
+        notified: matched,
+        failures: std::mem::take(&mut *failures.lock().unwrap()),
+        latency_us,
+    };
+    client.remove(db).await;
+    run
+}
+
+#[tokio::main]
+async fn main() {
+    let deps = Deps::from_env();
+    let db = PgPool::connect(&deps.database_url).await.unwrap();
+    let redis = redis::Client::open(deps.redis_url.as_str()).unwrap();
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    println!(
+        "Meridian pipeline benchmark: release build, services in one process, PostgreSQL, \
+         Kafka and Redis on the same {cores}-core machine."
+    );
+
+    let accepted = accepted_per_second(&db, &redis).await;
+    println!(
+        "accepted commands/s   {accepted:>8.0}   (POST /v1/commands, {ACCEPT_CONCURRENCY} concurrent \
+         clients, {} s)   target >= {TARGET_ACCEPTED_PER_SECOND:.0}: {}",
+        ACCEPT_DURATION.as_secs(),
+        verdict(accepted >= TARGET_ACCEPTED_PER_SECOND)
+    );
+
+    let (relayed, left) = relayed_per_second(&db, &redis).await;
+    println!(
+        "relayed events/s      {relayed:>8.0}   ({RELAY_ROWS} outbox rows -> Kafka, batch \
+         {RELAY_BATCH_SIZE}{})   target >= {TARGET_RELAYED_PER_SECOND:.0}: {}",
+        if left > 0 {
+            format!(", {left} left after 60 s")
+        } else {
+            String::new()
+        },
+        verdict(relayed >= TARGET_RELAYED_PER_SECOND)
+    );
+
+    let stack = Stack::new("e2e").await;
+    let commands = stack.start::<CommandService>().await;
+    let processor = stack.start::<Processor>().await;
+    let cache = stack.start::<CacheUpdater>().await;
+    // Warm-up (discarded): connections, consumer group assignments, script caches.
+    open_loop(&commands, &stack, &redis, &db, 200, Duration::from_secs(3)).await;
+
+    let fixed = open_loop(&commands, &stack, &redis, &db, FIXED_RATE, FIXED_DURATION).await;
+    println!(
+        "end-to-end            {}   target p99 <= {TARGET_P99_MS:.0} ms at {FIXED_RATE}/s: {}",
+        fixed.line(),
+        verdict(fixed.sustained() && fixed.ms(0.99) <= TARGET_P99_MS)
+    );
+
+    let mut best = fixed.sustained().then_some(fixed);
+    for rate in STEP_RATES {
+        let run = open_loop(&commands, &stack, &redis, &db, rate, STEP_DURATION).await;
+        println!("  step                {}", run.line());
+        if !run.sustained() {
+            break;
+        }
+        best = Some(run);
+    }
+    match best {
+        Some(run) => println!("highest sustained     {}", run.line()),
+        None => println!("highest sustained     none of the offered rates was sustained"),
+    }
+
+    cache.stop().await;
+    processor.stop().await;
+    commands.stop().await;
+    stack.remove(&redis).await;
+}

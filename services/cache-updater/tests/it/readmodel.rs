@@ -1,0 +1,192 @@
+//! The version-guarded script of `common::readmodel` against the real Redis.
+
+use std::time::Duration;
+
+use common::readmodel::{self, Lookup, Outcome};
+use common::test_support::Deps;
+use serde_json::json;
+use uuid::Uuid;
+
+use crate::support::event;
+
+const TTL: Duration = Duration::from_secs(60);
+
+async fn redis() -> (redis::aio::MultiplexedConnection, String) {
+    let client = redis::Client::open(Deps::from_env().redis_url).unwrap();
+    let conn = client.get_multiplexed_async_connection().await.unwrap();
+    (conn, format!("it:rm:{}:", Uuid::new_v4().simple()))
+}
+
+async fn cleanup(conn: &mut redis::aio::MultiplexedConnection, prefix: &str) {
+    readmodel::clear(conn, prefix).await.unwrap();
+}
+
+#[tokio::test]
+async fn stale_event_never_overwrites_newer_version() {
+    let (mut conn, prefix) = redis().await;
+    let newer = event("patched", "books", "b1", 5, Some(json!({"title": "v5"})));
+    let older = event("patched", "books", "b1", 4, Some(json!({"title": "v4"})));
+
+    assert_eq!(
+        readmodel::apply(&mut conn, &prefix, &newer, TTL)
+            .await
+            .unwrap(),
+        Outcome::Applied
+    );
+    assert_eq!(
+        readmodel::apply(&mut conn, &prefix, &older, TTL)
+            .await
+            .unwrap(),
+        Outcome::Stale
+    );
+    assert_eq!(
+        readmodel::read(&mut conn, &prefix, "books", "b1")
+            .await
+            .unwrap(),
+        Lookup::Found {
+            version: 5,
+            data: json!({"title": "v5"})
+        }
+    );
+    cleanup(&mut conn, &prefix).await;
+}
+
+#[tokio::test]
+async fn delete_tombstone_blocks_an_older_create_and_expires() {
+    let (mut conn, prefix) = redis().await;
+    let created = event("created", "books", "b1", 1, Some(json!({"title": "v1"})));
+    let deleted = event("deleted", "books", "b1", 2, None);
+
+    // The delete overtakes the create (e.g. a replay that starts mid-history).
+    assert_eq!(
+        readmodel::apply(&mut conn, &prefix, &deleted, TTL)
+            .await
+            .unwrap(),
+        Outcome::Applied
+    );
+    assert_eq!(
+        readmodel::apply(&mut conn, &prefix, &created, TTL)
+            .await
+            .unwrap(),
+        Outcome::Stale
+    );
+    assert_eq!(
+        readmodel::read(&mut conn, &prefix, "books", "b1")
+            .await
+            .unwrap(),
+        Lookup::Deleted { version: 2 }
+    );
+    let key = readmodel::document_key(&prefix, "books", "b1");
+    let ttl: i64 = redis::cmd("TTL")
+        .arg(&key)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!((1..=60).contains(&ttl), "tombstone TTL {ttl}");
+    let has_data: bool = redis::cmd("HEXISTS")
+        .arg(&key)
+        .arg("data")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(!has_data, "a tombstone keeps no data");
+
+    // A re-create continues the version sequence, replaces the tombstone and never expires.
+    let recreated = event("created", "books", "b1", 3, Some(json!({"title": "again"})));
+    assert_eq!(
+        readmodel::apply(&mut conn, &prefix, &recreated, TTL)
+            .await
+            .unwrap(),
+        Outcome::Applied
+    );
+    let ttl: i64 = redis::cmd("TTL")
+        .arg(&key)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(ttl, -1, "a live document has no TTL");
+    assert_eq!(
+        readmodel::read(&mut conn, &prefix, "books", "b1")
+            .await
+            .unwrap(),
+        Lookup::Found {
+            version: 3,
+            data: json!({"title": "again"})
+        }
+    );
+    cleanup(&mut conn, &prefix).await;
+}
+
+#[tokio::test]
+async fn equal_version_is_a_no_op() {
+    let (mut conn, prefix) = redis().await;
+    let first = event("created", "books", "b1", 1, Some(json!({"title": "first"})));
+    // Same version, different content: a redelivery must not change anything.
+    let again = event("created", "books", "b1", 1, Some(json!({"title": "other"})));
+
+    assert_eq!(
+        readmodel::apply(&mut conn, &prefix, &first, TTL)
+            .await
+            .unwrap(),
+        Outcome::Applied
+    );
+    assert_eq!(
+        readmodel::apply(&mut conn, &prefix, &again, TTL)
+            .await
+            .unwrap(),
+        Outcome::Stale
+    );
+    assert_eq!(
+        readmodel::read(&mut conn, &prefix, "books", "b1")
+            .await
+            .unwrap(),
+        Lookup::Found {
+            version: 1,
+            data: json!({"title": "first"})
+        }
+    );
+    cleanup(&mut conn, &prefix).await;
+}
+
+#[tokio::test]
+async fn clear_removes_only_this_stacks_documents() {
+    let (mut conn, prefix) = redis().await;
+    let (_, other) = redis().await;
+    for (p, id) in [(&prefix, "a"), (&prefix, "b"), (&other, "a")] {
+        let e = event("created", "books", id, 1, Some(json!({})));
+        readmodel::apply(&mut conn, p, &e, TTL).await.unwrap();
+    }
+    let unrelated = format!("{prefix}epoch:doc:books:a");
+    let _: () = redis::cmd("SET")
+        .arg(&unrelated)
+        .arg("1")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+
+    assert_eq!(readmodel::clear(&mut conn, &prefix).await.unwrap(), 2);
+    assert_eq!(
+        readmodel::read(&mut conn, &prefix, "books", "a")
+            .await
+            .unwrap(),
+        Lookup::Missing
+    );
+    assert!(matches!(
+        readmodel::read(&mut conn, &other, "books", "a")
+            .await
+            .unwrap(),
+        Lookup::Found { version: 1, .. }
+    ));
+    let kept: bool = redis::cmd("EXISTS")
+        .arg(&unrelated)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(kept, "keys other than doc:* are left alone");
+    let _: () = redis::cmd("DEL")
+        .arg(&unrelated)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    cleanup(&mut conn, &other).await;
+}

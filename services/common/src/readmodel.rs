@@ -1,0 +1,243 @@
+//! The Redis read model: one HASH per document, written by the cache updater and read by the
+//! gateway (ARCHITECTURE.md, "Redis").
+//!
+//! Key `<prefix>doc:<collection>:<id>`, fields:
+//! - `version`: the document's version (decimal `i64`);
+//! - `data`: the document's JSON text (absent on a tombstone);
+//! - `updatedAt`: when the processor committed the change (RFC 3339);
+//! - `deleted` = `1` on a tombstone, which expires after a TTL.
+//!
+//! Every write goes through [`apply`], one Lua script that compares the incoming version with
+//! the stored one and applies the event only if it is newer, so an event delivered late, twice
+//! or out of order can never move the projection backwards. A delete leaves a tombstone that
+//! still carries the version for the TTL, so an older event arriving after the delete cannot
+//! resurrect the document.
+
+use std::sync::LazyLock;
+use std::time::Duration;
+
+use chrono::{DateTime, SecondsFormat, Utc};
+
+use crate::envelope::EventEnvelope;
+
+/// The infix between the stack's prefix and `<collection>:<id>`.
+pub const DOC_KEY_INFIX: &str = "doc:";
+
+/// How long a tombstone blocks older events when nothing else is configured.
+pub const DEFAULT_TOMBSTONE_TTL: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// `<prefix>doc:<collection>:<id>`: the read model's key of one document.
+pub fn document_key(prefix: &str, collection: &str, id: &str) -> String {
+    format!("{prefix}{DOC_KEY_INFIX}{collection}:{id}")
+}
+
+/// What the read model holds for one document.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Lookup {
+    /// The document at `version`.
+    Found {
+        /// The version of the projected state.
+        version: i64,
+        /// The document.
+        data: serde_json::Value,
+    },
+    /// The document was deleted at `version` (a tombstone, kept for a TTL).
+    Deleted {
+        /// The version of the delete.
+        version: i64,
+    },
+    /// Nothing is projected (never written, tombstone expired, or not replayed yet): ask the
+    /// write model.
+    Missing,
+}
+
+/// Reads one document from the read model.
+///
+/// A hash that cannot be interpreted (no parsable version, or data that is not JSON) is
+/// reported as [`Lookup::Missing`] so the caller falls back to the write model instead of
+/// serving garbage.
+pub async fn read(
+    conn: &mut impl redis::aio::ConnectionLike,
+    prefix: &str,
+    collection: &str,
+    id: &str,
+) -> Result<Lookup, redis::RedisError> {
+    let (version, data, deleted): (Option<String>, Option<String>, Option<String>) =
+        redis::cmd("HMGET")
+            .arg(document_key(prefix, collection, id))
+            .arg("version")
+            .arg("data")
+            .arg("deleted")
+            .query_async(conn)
+            .await?;
+    Ok(interpret(version, data, deleted))
+}
+
+fn interpret(version: Option<String>, data: Option<String>, deleted: Option<String>) -> Lookup {
+    let Some(version) = version.and_then(|v| v.parse::<i64>().ok()) else {
+        return Lookup::Missing;
+    };
+    if deleted.as_deref() == Some("1") {
+        return Lookup::Deleted { version };
+    }
+    match data.map(|text| serde_json::from_str(&text)) {
+        Some(Ok(data)) => Lookup::Found { version, data },
+        _ => Lookup::Missing,
+    }
+}
+
+/// What [`apply`] did with an event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The event was newer than the stored version and is now projected.
+    Applied,
+    /// The stored version was equal or newer (a redelivery, or an event overtaken by a later
+    /// one); nothing changed.
+    Stale,
+}
+
+/// The version-guarded write. `KEYS[1]` is the document key; `ARGV` = version, data (JSON
+/// text, empty for a delete), updatedAt, `1` for a delete else `0`, tombstone TTL in seconds.
+/// Returns 1 when applied, 0 when the stored version is equal or newer.
+///
+/// Versions compare as Lua numbers (doubles): exact up to 2^53, far beyond any real count of
+/// changes to one document.
+const APPLY_LUA: &str = r"
+local stored = redis.call('HGET', KEYS[1], 'version')
+if stored and tonumber(stored) >= tonumber(ARGV[1]) then
+  return 0
+end
+if ARGV[4] == '1' then
+  redis.call('DEL', KEYS[1])
+  redis.call('HSET', KEYS[1], 'version', ARGV[1], 'updatedAt', ARGV[3], 'deleted', '1')
+  redis.call('EXPIRE', KEYS[1], ARGV[5])
+else
+  redis.call('HSET', KEYS[1], 'version', ARGV[1], 'data', ARGV[2], 'updatedAt', ARGV[3])
+  redis.call('HDEL', KEYS[1], 'deleted')
+  redis.call('PERSIST', KEYS[1])
+end
+return 1
+";
+
+static APPLY: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(APPLY_LUA));
+
+/// Projects `event` unless the read model already holds its version or a newer one.
+///
+/// One atomic script (EVALSHA, with a transparent EVAL fallback after `NOSCRIPT`). A delete
+/// event replaces the document with a tombstone that expires after `tombstone_ttl`.
+pub async fn apply(
+    conn: &mut impl redis::aio::ConnectionLike,
+    prefix: &str,
+    event: &EventEnvelope,
+    tombstone_ttl: Duration,
+) -> Result<Outcome, redis::RedisError> {
+    let deleted = event.is_delete();
+    let data = match (&event.data, deleted) {
+        (Some(data), false) => data.to_string(),
+        // A non-delete event without data projects a JSON null, like the write model.
+        (None, false) => "null".to_owned(),
+        (_, true) => String::new(),
+    };
+    let applied: i64 = APPLY
+        .key(document_key(prefix, &event.collection, &event.id))
+        .arg(event.version)
+        .arg(data)
+        .arg(rfc3339(event.occurred_at))
+        .arg(if deleted { "1" } else { "0" })
+        .arg(tombstone_ttl.as_secs().max(1))
+        .invoke_async(conn)
+        .await?;
+    Ok(if applied == 1 {
+        Outcome::Applied
+    } else {
+        Outcome::Stale
+    })
+}
+
+fn rfc3339(at: DateTime<Utc>) -> String {
+    at.to_rfc3339_opts(SecondsFormat::Micros, true)
+}
+
+/// Removes every document of the stack's read model (`<prefix>doc:*`) with `SCAN` + `UNLINK`,
+/// batch by batch, never blocking Redis and never touching other keys or other stacks.
+/// Returns how many keys were removed.
+pub async fn clear(
+    conn: &mut impl redis::aio::ConnectionLike,
+    prefix: &str,
+) -> Result<u64, redis::RedisError> {
+    let pattern = format!("{}{DOC_KEY_INFIX}*", escape_glob(prefix));
+    let mut cursor: u64 = 0;
+    let mut removed = 0;
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(&pattern)
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(conn)
+            .await?;
+        if !keys.is_empty() {
+            let unlinked: u64 = redis::cmd("UNLINK").arg(&keys).query_async(conn).await?;
+            removed += unlinked;
+        }
+        if next == 0 {
+            return Ok(removed);
+        }
+        cursor = next;
+    }
+}
+
+/// Escapes the glob metacharacters of a literal so `SCAN MATCH` treats it verbatim.
+fn escape_glob(literal: &str) -> String {
+    let mut escaped = String::with_capacity(literal.len());
+    for c in literal.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            escaped.push('\\');
+        }
+        escaped.push(c);
+    }
+    escaped
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn document_keys_follow_the_documented_layout() {
+        assert_eq!(
+            document_key("meridian:ns:s:", "books", "b1"),
+            "meridian:ns:s:doc:books:b1"
+        );
+    }
+
+    #[test]
+    fn a_hash_is_interpreted_as_found_deleted_or_missing() {
+        assert_eq!(
+            interpret(Some("3".into()), Some(r#"{"a":1}"#.into()), None),
+            Lookup::Found {
+                version: 3,
+                data: serde_json::json!({"a": 1})
+            }
+        );
+        assert_eq!(
+            interpret(Some("4".into()), None, Some("1".into())),
+            Lookup::Deleted { version: 4 }
+        );
+        assert_eq!(interpret(None, None, None), Lookup::Missing);
+        assert_eq!(
+            interpret(Some("x".into()), Some("{}".into()), None),
+            Lookup::Missing
+        );
+        assert_eq!(
+            interpret(Some("1".into()), Some("not json".into()), None),
+            Lookup::Missing
+        );
+    }
+
+    #[test]
+    fn glob_metacharacters_in_the_prefix_are_escaped() {
+        assert_eq!(escape_glob("a*b?[c]\\:"), "a\\*b\\?\\[c\\]\\\\:");
+    }
+}
