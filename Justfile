@@ -97,3 +97,6 @@ bench-operator: deps-up
 bench-gateway: (deps-up "redis")
     cargo build --release --locked -p api-gateway --bins
     eval "$(bash e2e/deps.sh env)" && "${CARGO_TARGET_DIR:-target}/release/bench-gateway"
+
+# Edge benchmarks: the gateway's, then the hub's.
+bench-edge: bench-gateway bench-hub

@@ -1,7 +1,8 @@
 //! `GET /v1/documents/{collection}/{id}` from the Redis read model (`common::readmodel`),
 //! with the command service's write model as the fallback.
 //!
-//! - `Found` → 200 with the document JSON, `ETag: "<version>"` (304 on a matching
+//! - `Found` → 200 with the write model's body (`{collection, id, version, data,
+//!   updatedAt}`), `ETag: "<version>"` (304 on a matching
 //!   `If-None-Match`), `X-Cache: hit`;
 //! - `Deleted` (tombstone) → 404 problem `not-found`, `X-Cache: hit`;
 //! - `Missing`, or Redis unavailable / slower than `REDIS_TIMEOUT_MS` → the request is
@@ -52,7 +53,7 @@ pub async fn serve(state: &AppState, route: &Route, caller: &Caller, request: Re
     let lookup = match state.redis.connection() {
         Ok(mut conn) => tokio::time::timeout(
             state.redis.timeout(),
-            readmodel::read(&mut conn, &state.settings.redis_prefix, &collection, &id),
+            readmodel::read_with_time(&mut conn, &state.settings.redis_prefix, &collection, &id),
         )
         .await
         .map_err(|_| "timed out".to_owned())
@@ -60,11 +61,19 @@ pub async fn serve(state: &AppState, route: &Route, caller: &Caller, request: Re
         Err(error) => Err(error.to_string()),
     };
     match lookup {
-        Ok(Lookup::Found { version, data }) => {
+        Ok((Lookup::Found { version, data }, updated_at)) => {
             record("hit");
-            found(&request, version, &data)
+            // The same body as the write model's answer, so a client cannot tell a hit from
+            // a miss except by `X-Cache`.
+            let mut body = serde_json::json!({
+                "collection": collection, "id": id, "version": version, "data": data,
+            });
+            if let (Some(at), Some(map)) = (updated_at, body.as_object_mut()) {
+                map.insert("updatedAt".to_owned(), serde_json::Value::String(at));
+            }
+            found(&request, version, &body)
         }
-        Ok(Lookup::Deleted { .. }) => {
+        Ok((Lookup::Deleted { .. }, _)) => {
             record("deleted");
             let mut response = Problem::new(ProblemType::NotFound, StatusCode::NOT_FOUND)
                 .detail(format!("document {collection}/{id} was deleted"))
@@ -74,7 +83,7 @@ pub async fn serve(state: &AppState, route: &Route, caller: &Caller, request: Re
                 .insert(X_CACHE, HeaderValue::from_static("hit"));
             response
         }
-        Ok(Lookup::Missing) => {
+        Ok((Lookup::Missing, _)) => {
             record("miss");
             miss(state, route, caller, request).await
         }
@@ -86,7 +95,7 @@ pub async fn serve(state: &AppState, route: &Route, caller: &Caller, request: Re
     }
 }
 
-fn found(request: &Request, version: i64, data: &serde_json::Value) -> Response {
+fn found(request: &Request, version: i64, body: &serde_json::Value) -> Response {
     let etag = format!("\"{version}\"");
     let not_modified = request
         .headers()
@@ -100,7 +109,7 @@ fn found(request: &Request, version: i64, data: &serde_json::Value) -> Response 
     let body = if not_modified {
         Body::empty()
     } else {
-        Body::from(data.to_string())
+        Body::from(body.to_string())
     };
     let status = if not_modified {
         StatusCode::NOT_MODIFIED

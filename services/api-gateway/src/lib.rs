@@ -333,32 +333,14 @@ pub fn router(state: &AppState) -> Router {
     common::http::instrument(router, NAME)
 }
 
-/// Serves until `shutdown` fires, then drains.
+/// Serves until `shutdown` fires, then drains (`common::http::serve` passes the peer address
+/// the forwarding fields and `ip` rate limits need).
 pub async fn run(
     listener: TcpListener,
     state: AppState,
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
-    let (readiness, grace) = (state.ops.readiness.clone(), state.ops.grace);
-    let addr = listener.local_addr()?;
-    tracing::info!(service = NAME, %addr, "Listening.");
-    let app = router(&state).into_make_service_with_connect_info::<SocketAddr>();
-    let drained = shutdown.clone();
-    // As `common::http::serve`, plus the peer address (forwarding fields, `ip` rate limits).
-    let server = axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            drained.cancelled().await;
-            readiness.start_draining();
-        })
-        .into_future();
-    tokio::pin!(server);
-    tokio::select! {
-        result = &mut server => Ok(result?),
-        () = async { shutdown.cancelled().await; tokio::time::sleep(grace).await } => {
-            tracing::warn!(grace_seconds = grace.as_secs(), "In-flight requests outlived the grace period; stopping.");
-            Ok(())
-        }
-    }
+    Ok(common::http::serve(listener, router(&state), &state.ops, shutdown).await?)
 }
 
 /// One request on a configured route: authenticate, rate-limit, dispatch.

@@ -151,7 +151,10 @@ pub async fn serve(
     let addr = listener.local_addr()?;
     tracing::info!(service = readiness.service(), %addr, "Listening.");
     let drained = shutdown.clone();
-    let server = axum::serve(listener, router)
+    // Handlers that need the peer address (the gateway's forwarding fields and `ip` rate
+    // limits) read `ConnectInfo<SocketAddr>`; for the others it costs nothing.
+    let app = router.into_make_service_with_connect_info::<std::net::SocketAddr>();
+    let server = axum::serve(listener, app)
         .with_graceful_shutdown(async move {
             drained.cancelled().await;
             readiness.start_draining();

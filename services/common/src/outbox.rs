@@ -32,6 +32,11 @@
 //! by a later row of the same key that was acknowledged in the same batch, which librdkafka's
 //! idempotent producer only allows after `message.timeout.ms` elapsed.
 //!
+//! **Missing topics.** Rows whose topic does not exist (deleted, or not created yet) stay in
+//! the table and are left out of the batches for a while ([`TOPIC_QUARANTINE`]), so they
+//! neither block nor slow down other topics; they are published once the topic exists.
+//! `outbox_backlog` keeps counting them.
+//!
 //! **Wake-ups.** An `AFTER INSERT` statement trigger runs `pg_notify('<table>', '')`; the
 //! leader `LISTEN`s on that channel and also polls every `poll_interval`, so a lost
 //! notification (or a listener reconnect) delays a message by at most one interval.
@@ -307,10 +312,11 @@ impl Relay {
 
         let mut listener = PgListener::connect_with(&self.pool).await?;
         listener.listen(table).await?;
+        let mut quarantine = Quarantine::default();
         loop {
             // Drain: full batches mean there is probably more.
             loop {
-                let relayed = self.relay_batch(&mut conn).await?;
+                let relayed = self.relay_batch(&mut conn, &mut quarantine).await?;
                 if relayed < self.settings.batch_size as usize || shutdown.is_cancelled() {
                     break;
                 }
@@ -334,21 +340,38 @@ impl Relay {
 
     /// Publishes the oldest rows and deletes the acknowledged ones; returns how many rows were
     /// read.
-    async fn relay_batch(&self, conn: &mut PgConnection) -> Result<usize, RelayError> {
+    async fn relay_batch(
+        &self,
+        conn: &mut PgConnection,
+        quarantine: &mut Quarantine,
+    ) -> Result<usize, RelayError> {
         let (service, table) = (self.settings.service, self.settings.table.name());
         let started = Instant::now();
         let rows: Vec<Row> = sqlx::query_as(&format!(
             "SELECT id, topic, message_key, message_type, command_id, payload::text AS payload, \
-             traceparent, tracestate FROM {table} ORDER BY id LIMIT $1"
+             traceparent, tracestate FROM {table} WHERE NOT (topic = ANY($2)) ORDER BY id LIMIT $1"
         ))
         .bind(i64::from(self.settings.batch_size))
+        .bind(quarantine.topics())
         .fetch_all(&mut *conn)
         .await?;
         if rows.is_empty() {
             return Ok(0);
         }
         let span = tracing::debug_span!("outbox.relay_batch", table, rows = rows.len());
-        let (acked, failed) = self.publish(&rows).instrument(span).await;
+        let (acked, failed, missing) = self.publish(&rows).instrument(span).await;
+        for topic in &missing {
+            let waiting = rows.iter().filter(|r| &r.topic == topic).count();
+            tracing::warn!(
+                service,
+                table,
+                topic,
+                waiting,
+                retry_in_s = TOPIC_QUARANTINE.as_secs(),
+                "Topic does not exist; its outbox rows stay and are retried later without holding up other topics."
+            );
+            quarantine.add(topic.clone());
+        }
         if !acked.is_empty() {
             sqlx::query(&format!("DELETE FROM {table} WHERE id = ANY($1)"))
                 .bind(&acked)
@@ -363,17 +386,26 @@ impl Relay {
         }
         metrics::histogram!(OUTBOX_RELAY_BATCH_DURATION_SECONDS, "service" => service, "table" => table)
             .record(started.elapsed().as_secs_f64());
-        if acked.is_empty() {
+        // Rows of a missing topic are not a relay failure (they wait in quarantine); anything
+        // else that made a whole batch fail is, and restarts the relay with back-off.
+        if acked.is_empty() && missing.is_empty() {
             return Err(RelayError::Delivery(rows.len()));
         }
         Ok(rows.len())
     }
 
     /// Enqueues every row in id order (so each partition receives them in order), then
-    /// awaits the acknowledgements. Returns the acknowledged ids and the number of failures.
-    async fn publish(&self, rows: &[Row]) -> (Vec<i64>, usize) {
+    /// awaits the acknowledgements. Returns the acknowledged ids, the number of failures and
+    /// the topics that turned out not to exist.
+    async fn publish(&self, rows: &[Row]) -> (Vec<i64>, usize, Vec<String>) {
         let mut pending = Vec::with_capacity(rows.len());
         let mut failed = 0;
+        let mut missing: Vec<String> = Vec::new();
+        let mut note_missing = |error: &KafkaError, topic: &str| {
+            if is_missing_topic(error) && !missing.iter().any(|t| t == topic) {
+                missing.push(topic.to_owned());
+            }
+        };
         for row in rows {
             let mut record = FutureRecord::to(&row.topic)
                 .key(&row.message_key)
@@ -382,7 +414,7 @@ impl Relay {
             loop {
                 match self.producer.send_result(record) {
                     Ok(delivery) => {
-                        pending.push((row.id, delivery));
+                        pending.push((row.id, row.topic.as_str(), delivery));
                         break;
                     }
                     Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
@@ -391,6 +423,7 @@ impl Relay {
                     }
                     Err((error, _)) => {
                         tracing::warn!(%error, id = row.id, topic = row.topic, "Failed to enqueue an outbox message.");
+                        note_missing(&error, &row.topic);
                         failed += 1;
                         break;
                     }
@@ -398,23 +431,74 @@ impl Relay {
             }
         }
         let mut acked = Vec::with_capacity(pending.len());
-        for (id, delivery) in pending {
+        for (id, topic, delivery) in pending {
             match delivery.await {
                 Ok(Ok(_)) => acked.push(id),
                 Ok(Err((error, _))) => {
-                    tracing::warn!(%error, id, "Kafka did not acknowledge an outbox message.");
+                    tracing::warn!(%error, id, topic, "Kafka did not acknowledge an outbox message.");
+                    note_missing(&error, topic);
                     failed += 1;
                 }
                 Err(_) => failed += 1,
             }
         }
-        (acked, failed)
+        (acked, failed, missing)
     }
+}
+
+/// How long the rows of a topic that does not exist are left out of the batches.
+const TOPIC_QUARANTINE: Duration = Duration::from_secs(30);
+
+/// Topics found missing, with when they may be tried again. Without this, rows of a deleted
+/// (or not yet created) topic — the oldest rows, so the head of every batch — would make each
+/// batch wait for librdkafka's metadata timeout and slow every other topic down. Leaving them
+/// out keeps per-key order: every row of such a topic is left out, and no other topic's rows
+/// are involved.
+#[derive(Default)]
+struct Quarantine(HashMap<String, Instant>);
+
+impl Quarantine {
+    fn add(&mut self, topic: String) {
+        self.0.insert(topic, Instant::now() + TOPIC_QUARANTINE);
+    }
+
+    /// The topics still quarantined (expired entries are dropped).
+    fn topics(&mut self) -> Vec<String> {
+        let now = Instant::now();
+        self.0.retain(|_, until| *until > now);
+        self.0.keys().cloned().collect()
+    }
+}
+
+fn is_missing_topic(error: &KafkaError) -> bool {
+    matches!(
+        error,
+        KafkaError::MessageProduction(
+            RDKafkaErrorCode::UnknownTopic | RDKafkaErrorCode::UnknownTopicOrPartition
+        )
+    )
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn missing_topics_are_recognised_and_quarantined_for_a_while() {
+        assert!(is_missing_topic(&KafkaError::MessageProduction(
+            RDKafkaErrorCode::UnknownTopicOrPartition
+        )));
+        assert!(is_missing_topic(&KafkaError::MessageProduction(
+            RDKafkaErrorCode::UnknownTopic
+        )));
+        assert!(!is_missing_topic(&KafkaError::MessageProduction(
+            RDKafkaErrorCode::MessageTimedOut
+        )));
+        let mut quarantine = Quarantine::default();
+        assert!(quarantine.topics().is_empty());
+        quarantine.add("gone.events".to_owned());
+        assert_eq!(quarantine.topics(), vec!["gone.events".to_owned()]);
+    }
 
     #[test]
     fn table_names_must_be_plain_identifiers() {

@@ -62,15 +62,31 @@ pub async fn read(
     collection: &str,
     id: &str,
 ) -> Result<Lookup, redis::RedisError> {
-    let (version, data, deleted): (Option<String>, Option<String>, Option<String>) =
-        redis::cmd("HMGET")
-            .arg(document_key(prefix, collection, id))
-            .arg("version")
-            .arg("data")
-            .arg("deleted")
-            .query_async(conn)
-            .await?;
-    Ok(interpret(version, data, deleted))
+    Ok(read_with_time(conn, prefix, collection, id).await?.0)
+}
+
+/// [`read`], plus the projected state's `updatedAt` (RFC 3339, the event's `occurredAt`) when
+/// the hash has one — what an HTTP answer needs to look like the write model's.
+pub async fn read_with_time(
+    conn: &mut impl redis::aio::ConnectionLike,
+    prefix: &str,
+    collection: &str,
+    id: &str,
+) -> Result<(Lookup, Option<String>), redis::RedisError> {
+    let (version, data, deleted, updated_at): (
+        Option<String>,
+        Option<String>,
+        Option<String>,
+        Option<String>,
+    ) = redis::cmd("HMGET")
+        .arg(document_key(prefix, collection, id))
+        .arg("version")
+        .arg("data")
+        .arg("deleted")
+        .arg("updatedAt")
+        .query_async(conn)
+        .await?;
+    Ok((interpret(version, data, deleted), updated_at))
 }
 
 fn interpret(version: Option<String>, data: Option<String>, deleted: Option<String>) -> Lookup {

@@ -120,7 +120,11 @@ async fn documents_come_from_redis_fall_back_to_the_write_model_and_honour_tombs
     assert_eq!(response.headers()["x-cache"], "hit");
     assert_eq!(response.headers()["content-type"], "application/json");
     let body: Value = response.json().await.unwrap();
-    assert_eq!(body, json!({"total": 42, "items": ["a"]}));
+    assert_eq!(
+        body,
+        json!({"collection": "orders", "id": "1", "version": 3,
+               "data": {"total": 42, "items": ["a"]}, "updatedAt": "2026-01-01T00:00:00Z"})
+    );
     let response = get("/v1/documents/orders/1")
         .header("if-none-match", "\"3\"")
         .send()
