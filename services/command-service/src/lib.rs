@@ -242,12 +242,7 @@ pub async fn run(
         background.clone(),
     ));
     let served = common::http::serve(listener, router(&state), &state.ops, shutdown).await;
-    background.cancel();
-    for task in [relay, cleanup] {
-        if let Err(error) = task.await {
-            tracing::error!(%error, "A background task panicked.");
-        }
-    }
+    common::shutdown::stop_background(&background, [relay, cleanup]).await;
     Ok(served?)
 }
 

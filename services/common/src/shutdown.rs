@@ -16,6 +16,20 @@ pub fn on_signal() -> CancellationToken {
     token
 }
 
+/// Cancels `background` and waits for its `tasks` — what a service does once its HTTP server
+/// has drained. A task that panicked is logged, not propagated: the process is stopping anyway.
+pub async fn stop_background(
+    background: &CancellationToken,
+    tasks: impl IntoIterator<Item = tokio::task::JoinHandle<()>>,
+) {
+    background.cancel();
+    for task in tasks {
+        if let Err(error) = task.await {
+            tracing::error!(%error, "A background task panicked.");
+        }
+    }
+}
+
 async fn wait_for_signal() {
     #[cfg(unix)]
     {

@@ -267,6 +267,14 @@ pub fn test_vars() -> Vars {
         .with("RUST_LOG", "warn")
 }
 
+/// Waits until `ready_url` (a service's `/ready`) answers 200; panics after `timeout`.
+pub async fn wait_ready(ready_url: &str, timeout: Duration) {
+    wait_until(&format!("{ready_url} to answer 200"), timeout, || async {
+        matches!(get_json(ready_url).await, Some((200, _)))
+    })
+    .await;
+}
+
 /// Replaces the port in a dependency address (`scheme://…:port/…` or `host:port`).
 pub fn with_port(address: &str, port: u16) -> String {
     match url::Url::parse(address) {

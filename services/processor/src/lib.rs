@@ -314,12 +314,7 @@ pub async fn run(
         background.clone(),
     ));
     let served = common::http::serve(listener, router(&state), &state.ops, shutdown).await;
-    background.cancel();
-    for task in [relay, consumer] {
-        if let Err(error) = task.await {
-            tracing::error!(%error, "A background task panicked.");
-        }
-    }
+    common::shutdown::stop_background(&background, [relay, consumer]).await;
     Ok(served?)
 }
 

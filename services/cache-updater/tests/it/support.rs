@@ -12,7 +12,7 @@ use common::kafka;
 use common::readmodel::{self, Lookup};
 use common::rooms::Publication;
 use common::service::Service;
-use common::test_support::{Deps, TestApp, get_json, test_vars, wait_until};
+use common::test_support::{Deps, TestApp, test_vars};
 use futures::StreamExt as _;
 use rdkafka::consumer::{Consumer as _, StreamConsumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -82,15 +82,7 @@ impl Stack {
         }
         let app = TestApp::start::<S>(&vars).await;
         let ready = app.url("/ready");
-        wait_until(
-            &format!("{} to be ready", S::NAME),
-            Duration::from_secs(30),
-            || {
-                let ready = ready.clone();
-                async move { matches!(get_json(&ready).await, Some((200, _))) }
-            },
-        )
-        .await;
+        common::test_support::wait_ready(&ready, Duration::from_secs(30)).await;
         app
     }
 

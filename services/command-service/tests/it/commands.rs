@@ -8,7 +8,7 @@ use std::time::Duration;
 use command_service::CommandService;
 use common::config::{CommonConfig, KafkaConfig};
 use common::kafka;
-use common::test_support::{TestApp, get_json, test_vars, wait_until};
+use common::test_support::{TestApp, test_vars, wait_until};
 use rdkafka::Message;
 use rdkafka::consumer::Consumer;
 use rdkafka::message::Headers;
@@ -46,15 +46,7 @@ impl Harness {
 
         let app = TestApp::start::<CommandService>(&vars).await;
         let ready = app.url("/ready");
-        wait_until(
-            "the command service to be ready",
-            Duration::from_secs(30),
-            || {
-                let ready = ready.clone();
-                async move { matches!(get_json(&ready).await, Some((200, _))) }
-            },
-        )
-        .await;
+        common::test_support::wait_ready(&ready, Duration::from_secs(30)).await;
         let db = PgPool::connect(&common::test_support::Deps::from_env().database_url)
             .await
             .unwrap();

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use command_service::CommandService;
-use common::test_support::{Deps, TestApp, get_json, test_vars, wait_until};
+use common::test_support::{Deps, TestApp, test_vars};
 use serde_json::{Value, json};
 use sqlx::PgPool;
 use uuid::Uuid;
@@ -13,15 +13,7 @@ use uuid::Uuid;
 async fn a_document_is_served_with_its_version_as_etag_and_deleted_or_missing_ones_are_404() {
     let app = TestApp::start::<CommandService>(&test_vars()).await;
     let ready = app.url("/ready");
-    wait_until(
-        "the command service to be ready",
-        Duration::from_secs(30),
-        || {
-            let ready = ready.clone();
-            async move { matches!(get_json(&ready).await, Some((200, _))) }
-        },
-    )
-    .await;
+    common::test_support::wait_ready(&ready, Duration::from_secs(30)).await;
     let db = PgPool::connect(&Deps::from_env().database_url)
         .await
         .unwrap();
