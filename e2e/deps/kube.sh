@@ -24,6 +24,10 @@
 #
 # Nothing runs in the pods: their IPs (kwok --cidr) and Service cluster IPs are not reachable.
 # The API server would try to dial them for admission webhooks and aggregated APIs.
+#
+# The controller-manager and scheduler run without client-side rate limits (as kwokctl does for
+# scale tests) and with more deployment/replica-set workers: with the defaults (20 qps) creating
+# the ReplicaSets and Pods of 1,000 stacks alone would take minutes (`just bench-operator`).
 
 # shellcheck source=SCRIPTDIR/../lib.sh
 source "$(dirname "$0")/../lib.sh"
@@ -461,6 +465,8 @@ component_cmd() {
         --cluster-signing-cert-file="$PKI/ca.crt" --cluster-signing-key-file="$PKI/ca.key"
         --use-service-account-credentials=true
         --service-cluster-ip-range="$SERVICE_CIDR"
+        --kube-api-qps=5000 --kube-api-burst=10000
+        --concurrent-deployment-syncs=20 --concurrent-replicaset-syncs=20
         --profiling=false)
       ;;
     kube-scheduler)
@@ -471,6 +477,7 @@ component_cmd() {
         --authorization-kubeconfig="$KUBE_DIR/scheduler.kubeconfig"
         --bind-address=127.0.0.1 --secure-port="$MERIDIAN_SCHEDULER_PORT"
         --leader-elect=false
+        --kube-api-qps=5000 --kube-api-burst=10000
         --profiling=false)
       ;;
     kwok)

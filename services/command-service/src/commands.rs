@@ -2,12 +2,13 @@
 //!
 //! # Idempotency (IETF httpapi `Idempotency-Key` draft)
 //! Keys are scoped per client (`X-Client-Id`, which the gateway will set from the JWT
-//! subject). One transaction does everything: it takes a transaction-scoped advisory lock on
-//! (client, key) — the in-progress marker: a concurrent request with the same key fails to get
-//! it and answers 409 — then looks up a live record (same request fingerprint → replay the
-//! stored status, `Location` and body byte for byte; different → 422), and otherwise inserts
-//! the command, its outbox row and the idempotency record with the response, and commits.
-//! Nothing is written on a 4xx. The lock vanishes with the transaction, so a crashed request
+//! subject). One transaction does everything (shared with other requests by the group commit
+//! in [`crate::intake`]): it takes a transaction-scoped advisory lock on (client, key) — the
+//! in-progress marker: a concurrent request with the same key fails to get it and answers
+//! 409 — then looks up a live record (same request fingerprint → replay the stored status,
+//! `Location` and body byte for byte; different → 422), and otherwise inserts the command, its
+//! outbox row and the idempotency record with the response, and commits. Nothing is written
+//! on a 4xx. The lock vanishes with the transaction, so a crashed request
 //! never leaves a key stuck "in progress". Records expire after `COMMANDS_IDEMPOTENCY_TTL_SECONDS`
 //! (expired ones are ignored at once and deleted by [`cleanup_expired_keys`]).
 //! The lock is on a 64-bit hash of (client, key); a hash collision can only cause a spurious
@@ -27,7 +28,7 @@ use common::metrics::{
     COMMANDS_ACCEPTED_TOTAL, COMMANDS_REJECTED_TOTAL, IDEMPOTENCY_KEYS_EXPIRED_TOTAL,
     IDEMPOTENCY_REPLAYS_TOTAL,
 };
-use common::outbox::{self, NewMessage, OutboxTable, TraceContext};
+use common::outbox::TraceContext;
 use common::shutdown::CancellationToken;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -36,6 +37,7 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::error::{ApiError, Json};
+use crate::intake::{Outcome, Submission};
 use crate::{AppState, NAME};
 
 /// The header naming the calling client (idempotency scope and command owner).
@@ -227,14 +229,6 @@ async fn submit(
     result
 }
 
-#[derive(sqlx::FromRow)]
-struct Stored {
-    fingerprint: Vec<u8>,
-    response_status: i16,
-    response_location: Option<String>,
-    response_body: Vec<u8>,
-}
-
 fn respond(status: u16, location: Option<&str>, body: Vec<u8>) -> Response {
     let status = StatusCode::from_u16(status).unwrap_or(StatusCode::ACCEPTED);
     let mut response = (status, body).into_response();
@@ -249,6 +243,8 @@ fn respond(status: u16, location: Option<&str>, body: Vec<u8>) -> Response {
     response
 }
 
+/// Validates the request, prepares everything the write needs (and the exact `202` body), and
+/// hands it to the group commit ([`crate::intake`]).
 async fn accept(
     state: &AppState,
     client: &str,
@@ -260,56 +256,10 @@ async fn accept(
     validate(&request, &state.settings.custom_types)?;
     let fingerprint = fingerprint(&request);
 
-    let mut tx = state.db.pool().begin().await?;
-    let lock = format!("{}:{client}:{key}", client.len());
-    let locked: bool =
-        sqlx::query_scalar("SELECT pg_try_advisory_xact_lock(hashtextextended($1, 0))")
-            .bind(&lock)
-            .fetch_one(&mut *tx)
-            .await?;
-    if !locked {
-        return Err(ApiError::IdempotencyInProgress);
-    }
-    let stored: Option<Stored> = sqlx::query_as(
-        "SELECT fingerprint, response_status, response_location, response_body \
-         FROM idempotency_keys WHERE client_id = $1 AND key = $2 AND expires_at > now()",
-    )
-    .bind(client)
-    .bind(&key)
-    .fetch_optional(&mut *tx)
-    .await?;
-    if let Some(stored) = stored {
-        if stored.fingerprint != fingerprint {
-            return Err(ApiError::IdempotencyKeyReused);
-        }
-        metrics::counter!(IDEMPOTENCY_REPLAYS_TOTAL, "service" => NAME).increment(1);
-        let status = u16::try_from(stored.response_status).unwrap_or(202);
-        return Ok(respond(
-            status,
-            stored.response_location.as_deref(),
-            stored.response_body,
-        ));
-    }
-
     let command_id = Uuid::now_v7();
     tracing::Span::current().record("command_id", tracing::field::display(command_id));
     let now = Utc::now();
     let accepted_at = DateTime::from_timestamp_micros(now.timestamp_micros()).unwrap_or(now);
-    sqlx::query(
-        "INSERT INTO commands (id, client_id, type, collection, document_id, expected_version, \
-         payload, accepted_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8)",
-    )
-    .bind(command_id)
-    .bind(client)
-    .bind(&request.kind)
-    .bind(&request.collection)
-    .bind(&request.id)
-    .bind(request.expected_version)
-    .bind(request.payload.as_ref().map(sqlx::types::Json))
-    .bind(accepted_at)
-    .execute(&mut *tx)
-    .await?;
-
     // The shared wire type, so the processor reads exactly what is written here.
     let envelope = serde_json::to_value(CommandEnvelope {
         command_id,
@@ -322,22 +272,6 @@ async fn accept(
         accepted_at,
     })
     .map_err(|e| ApiError::Database(sqlx::Error::Encode(Box::new(e))))?;
-    let key_of_document = format!("{}/{}", request.collection, request.id);
-    let message_type = format!("command.{}", request.kind);
-    outbox::enqueue(
-        &mut tx,
-        OutboxTable::DEFAULT,
-        &NewMessage {
-            topic: &state.settings.commands_topic,
-            key: &key_of_document,
-            message_type: &message_type,
-            command_id: Some(command_id),
-            payload: &envelope,
-            trace: &TraceContext::current_or_from_http(headers),
-        },
-    )
-    .await?;
-
     let status = CommandStatus {
         command_id,
         kind: request.kind.clone(),
@@ -352,29 +286,38 @@ async fn accept(
     };
     let body = serde_json::to_vec(&status).unwrap_or_default();
     let location = format!("/v1/commands/{command_id}");
-    sqlx::query(
-        "INSERT INTO idempotency_keys (client_id, key, fingerprint, command_id, response_status, \
-         response_location, response_body, expires_at) \
-         VALUES ($1, $2, $3, $4, 202, $5, $6, now() + make_interval(secs => $7)) \
-         ON CONFLICT (client_id, key) DO UPDATE SET fingerprint = EXCLUDED.fingerprint, \
-         command_id = EXCLUDED.command_id, response_status = EXCLUDED.response_status, \
-         response_location = EXCLUDED.response_location, response_body = EXCLUDED.response_body, \
-         created_at = now(), expires_at = EXCLUDED.expires_at",
-    )
-    .bind(client)
-    .bind(&key)
-    .bind(&fingerprint)
-    .bind(command_id)
-    .bind(&location)
-    .bind(&body)
-    .bind(state.settings.idempotency_ttl.as_secs_f64())
-    .execute(&mut *tx)
-    .await?;
-    tx.commit().await?;
-
-    metrics::counter!(COMMANDS_ACCEPTED_TOTAL, "service" => NAME, "type" => request.kind)
-        .increment(1);
-    Ok(respond(202, Some(&location), body))
+    let kind = request.kind.clone();
+    let submission = Submission {
+        client: client.to_owned(),
+        key,
+        fingerprint,
+        command_id,
+        kind: request.kind,
+        collection: request.collection,
+        document_id: request.id,
+        expected_version: request.expected_version,
+        payload: request.payload,
+        accepted_at,
+        envelope,
+        body: body.clone(),
+        location: location.clone(),
+        trace: TraceContext::current_or_from_http(headers),
+    };
+    match state.intake.submit(submission).await? {
+        Outcome::Accepted => {
+            metrics::counter!(COMMANDS_ACCEPTED_TOTAL, "service" => NAME, "type" => kind)
+                .increment(1);
+            Ok(respond(202, Some(&location), body))
+        }
+        Outcome::Replay {
+            status,
+            location,
+            body,
+        } => {
+            metrics::counter!(IDEMPOTENCY_REPLAYS_TOTAL, "service" => NAME).increment(1);
+            Ok(respond(status, location.as_deref(), body))
+        }
+    }
 }
 
 #[tracing::instrument(skip_all, fields(client_id = %client.0, command_id = %id))]

@@ -45,6 +45,9 @@ pub enum ApiError {
     /// The database failed.
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
+    /// The service is stopping and no longer writes commands.
+    #[error("the service is shutting down")]
+    ShuttingDown,
 }
 
 impl ApiError {
@@ -68,6 +71,7 @@ impl ApiError {
                 (P::DependencyUnavailable, StatusCode::SERVICE_UNAVAILABLE)
             }
             Self::Database(_) => (P::Internal, StatusCode::INTERNAL_SERVER_ERROR),
+            Self::ShuttingDown => (P::DependencyUnavailable, StatusCode::SERVICE_UNAVAILABLE),
         };
         let problem = Problem::new(kind, status);
         if status.is_server_error() {

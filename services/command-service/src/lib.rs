@@ -15,6 +15,7 @@
 pub mod commands;
 pub mod documents;
 pub mod error;
+pub mod intake;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,10 +24,11 @@ use axum::Router;
 use common::config::{CommonConfig, ConfigError, KafkaConfig, PostgresConfig, Vars};
 use common::http::Ops;
 use common::kafka::{KafkaCheck, TOPIC_COMMANDS};
-use common::outbox::{OutboxTable, Relay, RelaySettings};
+use common::outbox::{OutboxTable, Relay, RelaySettings, Waker};
 use common::postgres::{Postgres, PostgresError};
 use common::service::{Service, ServiceConfig};
 use common::shutdown::CancellationToken;
+use intake::{Intake, IntakeSettings};
 use rdkafka::admin::AdminClient;
 use rdkafka::client::DefaultClientContext;
 use rdkafka::error::KafkaError;
@@ -68,6 +70,14 @@ pub struct CommandsConfig {
     /// `replace`, `patch` and `delete`. Default none.
     #[serde(default)]
     pub commands_custom_types: Vec<String>,
+    /// `COMMANDS_BATCH_MAX`: commands written per transaction at most by the group commit
+    /// (see `intake`). Default 64.
+    #[serde(default = "defaults::batch_max")]
+    pub commands_batch_max: usize,
+    /// `COMMANDS_BATCH_WRITERS`: transactions writing commands at once; each holds one
+    /// database connection while it runs (keep it below `DATABASE_MAX_CONNECTIONS`). Default 4.
+    #[serde(default = "defaults::batch_writers")]
+    pub commands_batch_writers: usize,
     /// `COMMANDS_OUTBOX_BATCH_SIZE`: rows the relay publishes per batch. Default 500.
     #[serde(default = "defaults::outbox_batch_size")]
     pub commands_outbox_batch_size: u32,
@@ -86,6 +96,12 @@ mod defaults {
     }
     pub fn max_body_bytes() -> usize {
         1024 * 1024
+    }
+    pub fn batch_max() -> usize {
+        64
+    }
+    pub fn batch_writers() -> usize {
+        4
     }
     pub fn outbox_batch_size() -> u32 {
         500
@@ -152,6 +168,10 @@ pub struct AppState {
     pub producer: FutureProducer,
     /// Creates the `commands` topic at start when it is missing (the operator normally has).
     pub admin: Arc<AdminClient<DefaultClientContext>>,
+    /// Wakes the `commands` relays after each accepted command.
+    pub outbox: Waker,
+    /// The group commit that writes accepted commands.
+    pub intake: Intake,
     /// Settings from the configuration.
     pub settings: Arc<Settings>,
 }
@@ -187,6 +207,13 @@ impl AppState {
             db,
             producer,
             admin,
+            outbox: Waker::new(OutboxTable::DEFAULT),
+            intake: Intake::new(IntakeSettings {
+                max_batch: c.commands_batch_max,
+                writers: c.commands_batch_writers,
+                commands_topic: settings.commands_topic.clone(),
+                idempotency_ttl: settings.idempotency_ttl,
+            }),
             settings,
         })
     }
@@ -217,6 +244,13 @@ pub async fn run(
         state.db.pool().clone(),
         state.producer.clone(),
         state.settings.relay.clone(),
+    )
+    .woken_by(&state.outbox);
+    let notifier = tokio::spawn(
+        state
+            .outbox
+            .clone()
+            .run(state.db.pool().clone(), background.clone()),
     );
     // The relay publishes to `commands`: make sure the topic exists first (broker defaults; the
     // operator creates it with the stack's settings before the service starts), so a fresh
@@ -236,13 +270,18 @@ pub async fn run(
             }
         }
     });
+    let intake = tokio::spawn(state.intake.clone().run(
+        state.db.pool().clone(),
+        state.outbox.clone(),
+        background.clone(),
+    ));
     let cleanup = tokio::spawn(commands::cleanup_expired_keys(
         state.db.pool().clone(),
         state.settings.cleanup_interval,
         background.clone(),
     ));
     let served = common::http::serve(listener, router(&state), &state.ops, shutdown).await;
-    common::shutdown::stop_background(&background, [relay, cleanup]).await;
+    common::shutdown::stop_background(&background, [relay, notifier, intake, cleanup]).await;
     Ok(served?)
 }
 

@@ -23,6 +23,9 @@ pub const DEPENDENCY_CONNECT_RETRIES_TOTAL: &str = "dependency_connect_retries_t
 pub const COMMANDS_ACCEPTED_TOTAL: &str = "commands_accepted_total";
 /// Counter: command requests refused with a 4xx. Labels: `service`, `reason` (problem slug).
 pub const COMMANDS_REJECTED_TOTAL: &str = "commands_rejected_total";
+/// Histogram: commands written per transaction by the command service's group commit.
+/// Labels: `service`.
+pub const COMMANDS_BATCH_SIZE: &str = "commands_batch_size";
 /// Counter: responses replayed for a repeated `Idempotency-Key`. Labels: `service`.
 pub const IDEMPOTENCY_REPLAYS_TOTAL: &str = "idempotency_replays_total";
 /// Counter: expired idempotency records deleted by the cleanup task. Labels: `service`.

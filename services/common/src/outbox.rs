@@ -37,11 +37,19 @@
 //! neither block nor slow down other topics; they are published once the topic exists.
 //! `outbox_backlog` keeps counting them.
 //!
-//! **Wake-ups.** An `AFTER INSERT` statement trigger runs `pg_notify('<table>', '')`; the
-//! leader `LISTEN`s on that channel and also polls every `poll_interval`, so a lost
-//! notification (or a listener reconnect) delays a message by at most one interval.
+//! **Wake-ups.** After a transaction that enqueued rows commits, the writer calls
+//! [`Waker::wake`]: a relay in the same process is woken at once, and the waker's task sends
+//! `NOTIFY <table>` for relays in other processes, which `LISTEN` on that channel. Every relay
+//! also polls every `poll_interval`, so a lost notification (or a listener reconnect) delays a
+//! message by at most one interval. The `NOTIFY` is deliberately *not* part of the writing
+//! transaction (no trigger): PostgreSQL serialises the commits of all transactions that
+//! notified (a database-wide lock held from pre-commit until the commit record is flushed),
+//! which would cap intake at one WAL flush at a time. The waker sends at most one `NOTIFY` at
+//! a time, from a short transaction of its own with `synchronous_commit = off`, and folds every
+//! wake-up that arrives meanwhile into the next one.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use opentelemetry::global;
@@ -49,6 +57,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use sqlx::postgres::{PgConnection, PgListener, PgPool};
+use tokio::sync::Notify;
 use tracing::Instrument as _;
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 use uuid::Uuid;
@@ -179,6 +188,122 @@ pub async fn enqueue(
         .await
 }
 
+/// Wakes the relays of one outbox table after a commit that enqueued rows (see the module
+/// docs, "Wake-ups"). Cheap to clone; [`Waker::run`] must be running for relays in other
+/// processes to hear of the rows before their next poll.
+#[derive(Clone)]
+pub struct Waker(Arc<WakerShared>);
+
+impl std::fmt::Debug for Waker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Waker").field(&self.0.table).finish()
+    }
+}
+
+struct WakerShared {
+    table: OutboxTable,
+    /// Wakes a relay of this process (one stored permit: wake-ups coalesce).
+    local: Notify,
+    /// Asks the task to send a `NOTIFY` (one stored permit: wake-ups coalesce).
+    remote: Notify,
+}
+
+impl Waker {
+    /// A waker for `table`.
+    pub fn new(table: OutboxTable) -> Self {
+        Self(Arc::new(WakerShared {
+            table,
+            local: Notify::new(),
+            remote: Notify::new(),
+        }))
+    }
+
+    /// The table this waker is for.
+    pub fn table(&self) -> OutboxTable {
+        self.0.table
+    }
+
+    /// Call after the transaction that enqueued rows committed. Never blocks.
+    pub fn wake(&self) {
+        self.0.local.notify_one();
+        self.0.remote.notify_one();
+    }
+
+    /// Sends one `NOTIFY <table>` per burst of wake-ups until `shutdown` fires. A failed
+    /// `NOTIFY` is logged at debug level and otherwise ignored: the relays' poll covers it.
+    pub async fn run(self, pool: PgPool, shutdown: CancellationToken) {
+        let table = self.0.table.name();
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                () = self.0.remote.notified() => {
+                    if let Err(error) = notify(&pool, table).await {
+                        tracing::debug!(%error, table, "Failed to notify the outbox relays; they will poll.");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `NOTIFY <table>` in a transaction of its own that does not wait for its WAL flush (losing
+/// a notification in a crash is harmless: relays poll).
+async fn notify(pool: &PgPool, table: &str) -> Result<(), sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("SELECT set_config('synchronous_commit', 'off', true), pg_notify($1, '')")
+        .bind(table)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await
+}
+
+/// Writes `messages` to `table` in one statement, in order (their ids ascend in slice order,
+/// so per-key order follows it) — call it inside the transaction that makes the changes.
+pub async fn enqueue_many(
+    conn: &mut PgConnection,
+    table: OutboxTable,
+    messages: &[NewMessage<'_>],
+) -> Result<(), sqlx::Error> {
+    if messages.is_empty() {
+        return Ok(());
+    }
+    let sql = format!(
+        "INSERT INTO {} (topic, message_key, message_type, command_id, payload, traceparent, tracestate) \
+         SELECT topic, message_key, message_type, command_id, payload, traceparent, tracestate \
+         FROM unnest($1::text[], $2::text[], $3::text[], $4::uuid[], $5::jsonb[], $6::text[], $7::text[]) \
+         WITH ORDINALITY AS t(topic, message_key, message_type, command_id, payload, traceparent, tracestate, n) \
+         ORDER BY n",
+        table.name()
+    );
+    let topics: Vec<&str> = messages.iter().map(|m| m.topic).collect();
+    let keys: Vec<&str> = messages.iter().map(|m| m.key).collect();
+    let types: Vec<&str> = messages.iter().map(|m| m.message_type).collect();
+    let command_ids: Vec<Option<Uuid>> = messages.iter().map(|m| m.command_id).collect();
+    let payloads: Vec<sqlx::types::Json<&serde_json::Value>> = messages
+        .iter()
+        .map(|m| sqlx::types::Json(m.payload))
+        .collect();
+    let parents: Vec<Option<&str>> = messages
+        .iter()
+        .map(|m| m.trace.traceparent.as_deref())
+        .collect();
+    let states: Vec<Option<&str>> = messages
+        .iter()
+        .map(|m| m.trace.tracestate.as_deref())
+        .collect();
+    sqlx::query(&sql)
+        .bind(&topics)
+        .bind(&keys)
+        .bind(&types)
+        .bind(&command_ids)
+        .bind(&payloads)
+        .bind(&parents)
+        .bind(&states)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
 /// How a relay runs.
 #[derive(Debug, Clone)]
 pub struct RelaySettings {
@@ -250,6 +375,7 @@ pub struct Relay {
     pool: PgPool,
     producer: FutureProducer,
     settings: RelaySettings,
+    waker: Option<Waker>,
 }
 
 impl Relay {
@@ -260,7 +386,15 @@ impl Relay {
             pool,
             producer,
             settings,
+            waker: None,
         }
+    }
+
+    /// Also wakes up on `waker`, the one the writers of this process use, without waiting for
+    /// the `NOTIFY` round trip through PostgreSQL.
+    pub fn woken_by(mut self, waker: &Waker) -> Self {
+        self.waker = Some(waker.clone());
+        self
     }
 
     /// Runs until `shutdown` fires: waits for leadership, then relays; on errors backs off
@@ -313,6 +447,7 @@ impl Relay {
         let mut listener = PgListener::connect_with(&self.pool).await?;
         listener.listen(table).await?;
         let mut quarantine = Quarantine::default();
+        let mut backlog_measured: Option<Instant> = None;
         loop {
             // Drain: full batches mean there is probably more.
             loop {
@@ -321,11 +456,21 @@ impl Relay {
                     break;
                 }
             }
-            let backlog: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM {table}"))
-                .fetch_one(&mut conn)
-                .await?;
-            metrics::gauge!(OUTBOX_BACKLOG, "service" => service, "table" => table)
-                .set(backlog as f64);
+            // The backlog gauge (a full count) at most once per poll interval, not per drain.
+            if backlog_measured.is_none_or(|at| at.elapsed() >= self.settings.poll_interval) {
+                let backlog: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM {table}"))
+                    .fetch_one(&mut conn)
+                    .await?;
+                metrics::gauge!(OUTBOX_BACKLOG, "service" => service, "table" => table)
+                    .set(backlog as f64);
+                backlog_measured = Some(Instant::now());
+            }
+            let local = async {
+                match &self.waker {
+                    Some(waker) => waker.0.local.notified().await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 () = shutdown.cancelled() => return Ok(()),
                 notification = listener.recv() => {
@@ -333,6 +478,7 @@ impl Relay {
                     // One drain serves every notification already received.
                     while listener.next_buffered().is_some() {}
                 }
+                () = local => {}
                 () = tokio::time::sleep(self.settings.poll_interval) => {}
             }
         }

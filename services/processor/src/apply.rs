@@ -25,7 +25,7 @@
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use common::envelope::{CommandEnvelope, EVENT_DELETED, EventEnvelope, document_key};
-use common::outbox::{self, NewMessage, OutboxTable, TraceContext};
+use common::outbox::{self, NewMessage, TraceContext, Waker};
 use serde_json::Value;
 use sqlx::PgPool;
 use uuid::Uuid;
@@ -103,7 +103,7 @@ pub enum Committed {
 #[derive(Debug, Clone)]
 pub struct Store {
     pool: PgPool,
-    outbox: OutboxTable,
+    outbox: Waker,
     events_topic: String,
 }
 
@@ -115,8 +115,9 @@ struct SnapshotRow {
 }
 
 impl Store {
-    /// A store writing events for `events_topic` to the `outbox` table.
-    pub fn new(pool: PgPool, outbox: OutboxTable, events_topic: String) -> Self {
+    /// A store writing events for `events_topic` to `outbox`'s table (and waking its relays
+    /// after each commit).
+    pub fn new(pool: PgPool, outbox: Waker, events_topic: String) -> Self {
         Self {
             pool,
             outbox,
@@ -307,7 +308,7 @@ impl Store {
         let payload = serde_json::to_value(&event)?;
         outbox::enqueue(
             &mut tx,
-            self.outbox,
+            self.outbox.table(),
             &NewMessage {
                 topic: &self.events_topic,
                 key: &document_key(&command.collection, &command.id),
@@ -319,6 +320,7 @@ impl Store {
         )
         .await?;
         tx.commit().await?;
+        self.outbox.wake();
         Ok(Committed::Applied { version })
     }
 

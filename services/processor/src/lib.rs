@@ -28,7 +28,7 @@ use axum::Router;
 use common::config::{CommonConfig, ConfigError, KafkaConfig, PostgresConfig, Vars};
 use common::http::Ops;
 use common::kafka::{KafkaCheck, TOPIC_COMMANDS, TOPIC_COMMANDS_DLQ, TOPIC_EVENTS};
-use common::outbox::{InvalidTableName, OutboxTable, Relay, RelaySettings};
+use common::outbox::{InvalidTableName, OutboxTable, Relay, RelaySettings, Waker};
 use common::postgres::{Postgres, PostgresError};
 use common::service::{Service, ServiceConfig};
 use common::shutdown::CancellationToken;
@@ -192,6 +192,8 @@ pub struct AppState {
     pub engine: Engine,
     /// The event relay's settings.
     pub relay: RelaySettings,
+    /// Wakes the event relays after each applied command.
+    pub outbox: Waker,
     /// The consumer's settings.
     pub consumer_settings: ConsumerSettings,
 }
@@ -243,7 +245,12 @@ impl AppState {
             }
         }
         let table = OutboxTable::new(OUTBOX_TABLE)?;
-        let store = Store::new(db.pool().clone(), table, config.kafka.topic(TOPIC_EVENTS));
+        let outbox = Waker::new(table);
+        let store = Store::new(
+            db.pool().clone(),
+            outbox.clone(),
+            config.kafka.topic(TOPIC_EVENTS),
+        );
         let engine = Engine::new(
             store,
             handlers,
@@ -277,6 +284,7 @@ impl AppState {
             admin,
             engine,
             relay,
+            outbox,
             consumer_settings,
         })
     }
@@ -303,8 +311,15 @@ pub async fn run(
         state.db.pool().clone(),
         state.producer.clone(),
         state.relay.clone(),
-    );
+    )
+    .woken_by(&state.outbox);
     let relay = tokio::spawn(relay.run(background.clone()));
+    let notifier = tokio::spawn(
+        state
+            .outbox
+            .clone()
+            .run(state.db.pool().clone(), background.clone()),
+    );
     let consumer = tokio::spawn(consumer::run(
         state.consumer.clone(),
         state.admin.clone(),
@@ -314,7 +329,7 @@ pub async fn run(
         background.clone(),
     ));
     let served = common::http::serve(listener, router(&state), &state.ops, shutdown).await;
-    common::shutdown::stop_background(&background, [relay, consumer]).await;
+    common::shutdown::stop_background(&background, [relay, notifier, consumer]).await;
     Ok(served?)
 }
 

@@ -292,6 +292,72 @@ async fn a_missing_key_is_400_and_a_key_in_progress_is_409() {
 }
 
 #[tokio::test]
+async fn a_burst_is_written_in_shared_transactions_with_one_command_per_key() {
+    const KEYS: usize = 100;
+    let h = Harness::start(&[("COMMANDS_BATCH_WRITERS", "2")]).await;
+    // Every key twice at once (and one key 20 times), all concurrently: batches form, and a
+    // key may meet its twin inside a batch or in another writer's transaction.
+    let mut requests = Vec::new();
+    let harness = &h;
+    for n in 0..KEYS {
+        for _ in 0..if n == 0 { 20 } else { 2 } {
+            let key = format!("burst-{n}");
+            let body = create(&format!("b-{n}"), "Dune");
+            requests.push(async move { (n, answer(harness.post(Some(&key)).json(&body)).await) });
+        }
+    }
+    let answers = futures::future::join_all(requests).await;
+
+    let mut first_bodies: Vec<Option<Vec<u8>>> = vec![None; KEYS];
+    for (n, answer) in &answers {
+        match answer.status {
+            202 => match &first_bodies[*n] {
+                // A replay repeats the one accepted response byte for byte.
+                Some(body) => assert_eq!(body, &answer.body, "key {n}"),
+                None => first_bodies[*n] = Some(answer.body.clone()),
+            },
+            409 => answer.assert_problem(409, "idempotency-in-progress"),
+            other => panic!(
+                "key {n}: unexpected {other}: {:?}",
+                String::from_utf8_lossy(&answer.body)
+            ),
+        }
+    }
+    assert!(
+        first_bodies.iter().all(Option::is_some),
+        "every key accepted once"
+    );
+    assert_eq!(h.rows("commands").await, KEYS as i64);
+    assert_eq!(h.rows("idempotency_keys").await, KEYS as i64);
+
+    // Group commit happened: fewer transactions than submissions.
+    let metrics = reqwest::get(h.app.url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let value = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing from /metrics"))
+    };
+    let (transactions, submissions) = (
+        value("commands_batch_size_count"),
+        value("commands_batch_size_sum"),
+    );
+    assert_eq!(submissions as usize, answers.len());
+    assert!(
+        transactions < submissions,
+        "{transactions} transactions for {submissions} submissions"
+    );
+    h.stop().await;
+}
+
+#[tokio::test]
 async fn expired_keys_are_cleaned_up_and_can_be_used_again() {
     let h = Harness::start(&[
         ("COMMANDS_IDEMPOTENCY_TTL_SECONDS", "1"),

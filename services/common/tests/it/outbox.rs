@@ -1,5 +1,5 @@
 //! The outbox relay on real PostgreSQL and Kafka, each test on its own outbox table (shaped
-//! like `outbox`, with the same NOTIFY trigger) and its own topic.
+//! like `outbox`) and its own topic.
 #![allow(clippy::unwrap_used, clippy::panic)] // test helpers: failing loudly is the point
 
 use std::collections::HashMap;
@@ -33,13 +33,6 @@ impl Fixture {
             .execute(&db)
             .await
             .unwrap();
-        sqlx::query(&format!(
-            "CREATE TRIGGER {name}_notify AFTER INSERT ON {name} \
-             FOR EACH STATEMENT EXECUTE FUNCTION meridian_outbox_notify()"
-        ))
-        .execute(&db)
-        .await
-        .unwrap();
         let kafka: KafkaConfig = Vars::from_env().parse().unwrap();
         let topic = format!("it-outbox-{name}");
         let admin = kafka::admin(&kafka, "it-admin").unwrap();
@@ -55,6 +48,14 @@ impl Fixture {
     }
 
     fn relay(&self, shutdown: &CancellationToken) -> tokio::task::JoinHandle<()> {
+        self.relay_polling_every(Duration::from_millis(100), shutdown)
+    }
+
+    fn relay_polling_every(
+        &self,
+        poll_interval: Duration,
+        shutdown: &CancellationToken,
+    ) -> tokio::task::JoinHandle<()> {
         let producer = kafka::producer(&self.kafka, "it-relay").unwrap();
         let relay = Relay::new(
             self.db.clone(),
@@ -63,7 +64,7 @@ impl Fixture {
                 service: "it",
                 table: self.table,
                 batch_size: 16,
-                poll_interval: Duration::from_millis(100),
+                poll_interval,
             },
         );
         tokio::spawn(relay.run(shutdown.clone()))
@@ -222,5 +223,32 @@ async fn two_relays_at_once_keep_each_keys_order() {
     second_stop.cancel();
     first.await.unwrap();
     second.await.unwrap();
+    f.drop_all().await;
+}
+
+#[tokio::test]
+async fn a_waker_notifies_relays_in_other_processes_long_before_their_poll() {
+    let f = Fixture::new().await;
+    let consumer = f.consumer();
+    let shutdown = CancellationToken::new();
+    // The relay is not woken by this waker directly (as if in another process), and would
+    // only poll after a minute: the message can only arrive in time through NOTIFY.
+    let relay = f.relay_polling_every(Duration::from_secs(60), &shutdown);
+    let waker = outbox::Waker::new(f.table);
+    let notifier = tokio::spawn(waker.clone().run(f.db.clone(), shutdown.clone()));
+    // Let the relay take leadership, drain the (empty) table and start listening.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    for round in 0..3 {
+        let mut conn = f.db.acquire().await.unwrap();
+        f.insert(&mut conn, "docs/woken", round).await;
+        waker.wake();
+        let got = receive(&consumer, 1, Duration::from_secs(10)).await;
+        assert_eq!(got, vec![("docs/woken".into(), round as u64)]);
+    }
+
+    shutdown.cancel();
+    relay.await.unwrap();
+    notifier.await.unwrap();
     f.drop_all().await;
 }

@@ -1,0 +1,423 @@
+//! Group commit for `POST /v1/commands`.
+//!
+//! Handlers validate and prepare a [`Submission`] (command id, envelope, the exact `202` body)
+//! and hand it to [`Intake::submit`]. A few writer tasks take whatever submissions are queued
+//! — up to `COMMANDS_BATCH_MAX` — and write them in **one transaction**: the idempotency locks,
+//! the lookup of live records, the commands, their idempotency records and their outbox rows,
+//! each as one statement for the whole batch, then one commit (one WAL flush). Every
+//! submission gets its own answer. Nothing waits to fill a batch: a writer takes what is
+//! queued when it becomes free, so an idle service writes batches of one with no added
+//! latency, and a busy one writes larger batches instead of queueing behind one flush each.
+//!
+//! The idempotency rules are those of one request per transaction (see [`crate::commands`]):
+//! - a transaction-scoped advisory lock on (client, key) marks a request in progress; a
+//!   submission whose lock is taken by another transaction — or whose key already appears
+//!   earlier in the same batch — answers 409;
+//! - a live record with the same fingerprint is replayed byte for byte, one with another
+//!   fingerprint answers 422; both write nothing.
+//!
+//! If a batch's transaction fails, each of its submissions is retried in a transaction of its
+//! own, so one bad submission cannot fail the others, and each failure is its own error.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use common::metrics::COMMANDS_BATCH_SIZE;
+use common::outbox::{self, NewMessage, OutboxTable, TraceContext, Waker};
+use common::shutdown::CancellationToken;
+use serde_json::Value;
+use sqlx::PgPool;
+use sqlx::types::Json;
+use tokio::sync::{Mutex, mpsc, oneshot};
+use tracing::Instrument as _;
+use uuid::Uuid;
+
+use crate::NAME;
+use crate::error::ApiError;
+
+/// A validated command request, ready to be written.
+#[derive(Debug)]
+pub struct Submission {
+    /// The caller (`X-Client-Id`).
+    pub client: String,
+    /// The `Idempotency-Key`.
+    pub key: String,
+    /// SHA-256 of the canonical request.
+    pub fingerprint: Vec<u8>,
+    /// The new command's id.
+    pub command_id: Uuid,
+    /// `create`, `replace`, … or a custom type.
+    pub kind: String,
+    /// The document's collection.
+    pub collection: String,
+    /// The document's id.
+    pub document_id: String,
+    /// Optimistic concurrency: the version the document must have.
+    pub expected_version: Option<i64>,
+    /// The command's payload.
+    pub payload: Option<Value>,
+    /// Acceptance time (microsecond precision, as stored).
+    pub accepted_at: DateTime<Utc>,
+    /// The Kafka message for `commands` (a `CommandEnvelope`).
+    pub envelope: Value,
+    /// The exact `202` body, stored for replays.
+    pub body: Vec<u8>,
+    /// `Location` of the `202`.
+    pub location: String,
+    /// The request's W3C trace context, for the Kafka headers.
+    pub trace: TraceContext,
+}
+
+impl Submission {
+    /// The advisory-lock name of (client, key) (the client's length keeps `a:b` + `c`
+    /// distinct from `a` + `b:c`).
+    fn lock_name(&self) -> String {
+        format!("{}:{}:{}", self.client.len(), self.client, self.key)
+    }
+}
+
+/// What became of a submission that did not fail.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Written; answer `202` with the submission's body.
+    Accepted,
+    /// A live record with the same request exists: answer with it, byte for byte.
+    Replay {
+        /// The stored status.
+        status: u16,
+        /// The stored `Location`.
+        location: Option<String>,
+        /// The stored body.
+        body: Vec<u8>,
+    },
+}
+
+type Reply = oneshot::Sender<Result<Outcome, ApiError>>;
+
+struct Job {
+    submission: Submission,
+    reply: Reply,
+}
+
+/// How the writers work.
+#[derive(Debug, Clone)]
+pub struct IntakeSettings {
+    /// Submissions per transaction at most (`COMMANDS_BATCH_MAX`).
+    pub max_batch: usize,
+    /// Concurrent writer tasks, each with at most one transaction open
+    /// (`COMMANDS_BATCH_WRITERS`).
+    pub writers: usize,
+    /// Full name of the `commands` topic.
+    pub commands_topic: String,
+    /// Idempotency record lifetime.
+    pub idempotency_ttl: Duration,
+}
+
+/// The handlers' side: submit and await the outcome. Cheap to clone.
+#[derive(Clone)]
+pub struct Intake {
+    sender: mpsc::Sender<Job>,
+    queue: Arc<Mutex<mpsc::Receiver<Job>>>,
+    settings: Arc<IntakeSettings>,
+}
+
+impl std::fmt::Debug for Intake {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Intake")
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Intake {
+    /// A queue for `settings`; [`Intake::run`] starts its writers.
+    pub fn new(settings: IntakeSettings) -> Self {
+        let settings = IntakeSettings {
+            max_batch: settings.max_batch.max(1),
+            writers: settings.writers.max(1),
+            ..settings
+        };
+        // Enough room for every writer's next batch; beyond it handlers wait (back-pressure).
+        let (sender, receiver) = mpsc::channel(settings.max_batch * settings.writers * 2);
+        Self {
+            sender,
+            queue: Arc::new(Mutex::new(receiver)),
+            settings: Arc::new(settings),
+        }
+    }
+
+    /// Queues `submission` and waits for its outcome.
+    pub async fn submit(&self, submission: Submission) -> Result<Outcome, ApiError> {
+        let (reply, outcome) = oneshot::channel();
+        self.sender
+            .send(Job { submission, reply })
+            .await
+            .map_err(|_| ApiError::ShuttingDown)?;
+        outcome.await.map_err(|_| ApiError::ShuttingDown)?
+    }
+
+    /// Runs the writers until `shutdown` fires (the service cancels it once the HTTP server
+    /// has drained, so queued submissions are written first).
+    pub async fn run(self, pool: PgPool, waker: Waker, shutdown: CancellationToken) {
+        let writer = Arc::new(Writer {
+            pool,
+            waker,
+            settings: Arc::clone(&self.settings),
+        });
+        let mut tasks = tokio::task::JoinSet::new();
+        for _ in 0..self.settings.writers {
+            let (queue, writer, shutdown) = (
+                Arc::clone(&self.queue),
+                Arc::clone(&writer),
+                shutdown.clone(),
+            );
+            tasks.spawn(async move {
+                while let Some(batch) =
+                    next_batch(&queue, writer.settings.max_batch, &shutdown).await
+                {
+                    writer.write(batch).await;
+                }
+            });
+        }
+        while tasks.join_next().await.is_some() {}
+    }
+}
+
+/// Waits for one job, then takes every job already queued, up to `max`; `None` on shutdown.
+async fn next_batch(
+    queue: &Mutex<mpsc::Receiver<Job>>,
+    max: usize,
+    shutdown: &CancellationToken,
+) -> Option<Vec<Job>> {
+    let mut queue = tokio::select! {
+        () = shutdown.cancelled() => return None,
+        queue = queue.lock() => queue,
+    };
+    let first = tokio::select! {
+        () = shutdown.cancelled() => return None,
+        job = queue.recv() => job?,
+    };
+    let mut batch = vec![first];
+    while batch.len() < max {
+        match queue.try_recv() {
+            Ok(job) => batch.push(job),
+            Err(_) => break,
+        }
+    }
+    Some(batch)
+}
+
+struct Writer {
+    pool: PgPool,
+    waker: Waker,
+    settings: Arc<IntakeSettings>,
+}
+
+/// A live idempotency record.
+#[derive(sqlx::FromRow)]
+struct Stored {
+    client_id: String,
+    key: String,
+    fingerprint: Vec<u8>,
+    response_status: i16,
+    response_location: Option<String>,
+    response_body: Vec<u8>,
+}
+
+impl Writer {
+    async fn write(&self, batch: Vec<Job>) {
+        metrics::histogram!(COMMANDS_BATCH_SIZE, "service" => NAME).record(batch.len() as f64);
+        // A key repeated within the batch: the first occurrence is "in progress" for the rest.
+        let mut seen = HashSet::with_capacity(batch.len());
+        let mut jobs = Vec::with_capacity(batch.len());
+        for job in batch {
+            let id = (job.submission.client.clone(), job.submission.key.clone());
+            if seen.insert(id) {
+                jobs.push(job);
+            } else {
+                let _ = job.reply.send(Err(ApiError::IdempotencyInProgress));
+            }
+        }
+        let submissions: Vec<&Submission> = jobs.iter().map(|j| &j.submission).collect();
+        let span = tracing::debug_span!("commands.write_batch", size = submissions.len());
+        match self.transact(&submissions).instrument(span).await {
+            Ok(outcomes) => {
+                self.finish(jobs.into_iter().zip(outcomes));
+            }
+            Err(error) if jobs.len() > 1 => {
+                tracing::warn!(%error, size = jobs.len(), "A batch of commands failed; writing them one by one.");
+                for job in jobs {
+                    let outcome = match self.transact(&[&job.submission]).await {
+                        // One submission in, one outcome out.
+                        Ok(mut outcomes) => outcomes.pop().unwrap_or(Ok(Outcome::Accepted)),
+                        Err(error) => Err(ApiError::Database(error)),
+                    };
+                    self.finish(std::iter::once((job, outcome)));
+                }
+            }
+            Err(error) => {
+                if let Some(job) = jobs.into_iter().next() {
+                    let _ = job.reply.send(Err(ApiError::Database(error)));
+                }
+            }
+        }
+    }
+
+    /// Answers the jobs; wakes the relays if anything was written.
+    fn finish(&self, results: impl Iterator<Item = (Job, Result<Outcome, ApiError>)>) {
+        let mut written = false;
+        for (job, outcome) in results {
+            written |= matches!(outcome, Ok(Outcome::Accepted));
+            let _ = job.reply.send(outcome);
+        }
+        if written {
+            self.waker.wake();
+        }
+    }
+
+    /// One transaction for `submissions` (no repeated keys); one outcome each, in order.
+    async fn transact(
+        &self,
+        submissions: &[&Submission],
+    ) -> Result<Vec<Result<Outcome, ApiError>>, sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        let locks: Vec<String> = submissions.iter().map(|s| s.lock_name()).collect();
+        let locked: Vec<(i64, bool)> = sqlx::query_as(
+            "SELECT i, pg_try_advisory_xact_lock(hashtextextended(name, 0)) \
+             FROM unnest($1::text[]) WITH ORDINALITY AS t(name, i) ORDER BY i",
+        )
+        .bind(&locks)
+        .fetch_all(&mut *tx)
+        .await?;
+        let locked: HashSet<usize> = locked
+            .into_iter()
+            .filter(|(_, locked)| *locked)
+            .filter_map(|(i, _)| usize::try_from(i - 1).ok())
+            .collect();
+
+        let (clients, keys): (Vec<&str>, Vec<&str>) = submissions
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| locked.contains(i))
+            .map(|(_, s)| (s.client.as_str(), s.key.as_str()))
+            .unzip();
+        let stored: Vec<Stored> = if clients.is_empty() {
+            Vec::new()
+        } else {
+            sqlx::query_as(
+                "SELECT k.client_id, k.key, k.fingerprint, k.response_status, \
+                 k.response_location, k.response_body \
+                 FROM idempotency_keys k JOIN unnest($1::text[], $2::text[]) AS t(client_id, key) \
+                 ON k.client_id = t.client_id AND k.key = t.key WHERE k.expires_at > now()",
+            )
+            .bind(&clients)
+            .bind(&keys)
+            .fetch_all(&mut *tx)
+            .await?
+        };
+        let mut stored: HashMap<(String, String), Stored> = stored
+            .into_iter()
+            .map(|s| ((s.client_id.clone(), s.key.clone()), s))
+            .collect();
+
+        let mut outcomes = Vec::with_capacity(submissions.len());
+        let mut new = Vec::new();
+        for (i, submission) in submissions.iter().enumerate() {
+            if !locked.contains(&i) {
+                outcomes.push(Some(Err(ApiError::IdempotencyInProgress)));
+                continue;
+            }
+            let id = (submission.client.clone(), submission.key.clone());
+            match stored.remove(&id) {
+                Some(record) if record.fingerprint != submission.fingerprint => {
+                    outcomes.push(Some(Err(ApiError::IdempotencyKeyReused)));
+                }
+                Some(record) => outcomes.push(Some(Ok(Outcome::Replay {
+                    status: u16::try_from(record.response_status).unwrap_or(202),
+                    location: record.response_location,
+                    body: record.response_body,
+                }))),
+                None => {
+                    outcomes.push(None);
+                    new.push(*submission);
+                }
+            }
+        }
+        if !new.is_empty() {
+            self.insert(&mut tx, &new).await?;
+        }
+        tx.commit().await?;
+        Ok(outcomes
+            .into_iter()
+            .map(|o| o.unwrap_or(Ok(Outcome::Accepted)))
+            .collect())
+    }
+
+    /// The commands, their idempotency records (one statement) and their outbox rows.
+    async fn insert(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        new: &[&Submission],
+    ) -> Result<(), sqlx::Error> {
+        let column = |f: fn(&Submission) -> String| new.iter().map(|s| f(s)).collect::<Vec<_>>();
+        let ids: Vec<Uuid> = new.iter().map(|s| s.command_id).collect();
+        let expected: Vec<Option<i64>> = new.iter().map(|s| s.expected_version).collect();
+        let payloads: Vec<Option<Json<&Value>>> =
+            new.iter().map(|s| s.payload.as_ref().map(Json)).collect();
+        let accepted: Vec<DateTime<Utc>> = new.iter().map(|s| s.accepted_at).collect();
+        let fingerprints: Vec<&[u8]> = new.iter().map(|s| s.fingerprint.as_slice()).collect();
+        let bodies: Vec<&[u8]> = new.iter().map(|s| s.body.as_slice()).collect();
+        sqlx::query(
+            "WITH input AS (SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], \
+             $5::text[], $6::int8[], $7::jsonb[], $8::timestamptz[], $9::text[], $10::bytea[], \
+             $11::text[], $12::bytea[]) AS t(id, client_id, type, collection, document_id, \
+             expected_version, payload, accepted_at, key, fingerprint, location, body)), \
+             c AS (INSERT INTO commands (id, client_id, type, collection, document_id, \
+             expected_version, payload, accepted_at, updated_at) SELECT id, client_id, type, \
+             collection, document_id, expected_version, payload, accepted_at, accepted_at \
+             FROM input) \
+             INSERT INTO idempotency_keys (client_id, key, fingerprint, command_id, \
+             response_status, response_location, response_body, expires_at) \
+             SELECT client_id, key, fingerprint, id, 202, location, body, \
+             now() + make_interval(secs => $13) FROM input \
+             ON CONFLICT (client_id, key) DO UPDATE SET fingerprint = EXCLUDED.fingerprint, \
+             command_id = EXCLUDED.command_id, response_status = EXCLUDED.response_status, \
+             response_location = EXCLUDED.response_location, \
+             response_body = EXCLUDED.response_body, created_at = now(), \
+             expires_at = EXCLUDED.expires_at",
+        )
+        .bind(&ids)
+        .bind(column(|s| s.client.clone()))
+        .bind(column(|s| s.kind.clone()))
+        .bind(column(|s| s.collection.clone()))
+        .bind(column(|s| s.document_id.clone()))
+        .bind(&expected)
+        .bind(&payloads)
+        .bind(&accepted)
+        .bind(column(|s| s.key.clone()))
+        .bind(&fingerprints)
+        .bind(column(|s| s.location.clone()))
+        .bind(&bodies)
+        .bind(self.settings.idempotency_ttl.as_secs_f64())
+        .execute(&mut *conn)
+        .await?;
+
+        let keys: Vec<String> = column(|s| format!("{}/{}", s.collection, s.document_id));
+        let types: Vec<String> = column(|s| format!("command.{}", s.kind));
+        let messages: Vec<NewMessage<'_>> = new
+            .iter()
+            .enumerate()
+            .map(|(i, s)| NewMessage {
+                topic: &self.settings.commands_topic,
+                key: &keys[i],
+                message_type: &types[i],
+                command_id: Some(s.command_id),
+                payload: &s.envelope,
+                trace: &s.trace,
+            })
+            .collect();
+        outbox::enqueue_many(conn, OutboxTable::DEFAULT, &messages).await
+    }
+}
