@@ -42,8 +42,17 @@ use crate::status::{self, Report, Status};
 use crate::validate::{ValidatedStack, validate};
 use common::metrics::{
     OPERATOR_RECONCILE_DURATION_SECONDS, OPERATOR_RECONCILE_ERRORS_TOTAL,
-    OPERATOR_RECONCILES_TOTAL, OPERATOR_STACKS,
+    OPERATOR_RECONCILES_TOTAL, OPERATOR_STACKS, OPERATOR_STEP_DURATION_SECONDS,
 };
+
+/// Times one step of a reconcile into `operator_step_duration_seconds`.
+async fn timed<T>(step: &'static str, work: impl std::future::Future<Output = T>) -> T {
+    let started = std::time::Instant::now();
+    let result = work.await;
+    metrics::histogram!(OPERATOR_STEP_DURATION_SECONDS, "step" => step)
+        .record(started.elapsed().as_secs_f64());
+    result
+}
 
 /// The field manager of every server-side apply and the reporting controller of Events.
 pub const FIELD_MANAGER: &str = "meridian-operator";
@@ -201,6 +210,13 @@ pub struct Context {
     provisioned: Mutex<HashMap<ObjectRef<MiddlewareStack>, Provisioned>>,
     /// The last condition statuses per stack, for the per-stage gauges.
     stage_states: Mutex<HashMap<ObjectRef<MiddlewareStack>, StageStates>>,
+    /// Every Secret's metadata in the watch scope (the referenced-Secrets watch).
+    secret_versions: Store<PartialObjectMeta<Secret>>,
+    /// Secrets the stacks refer to (admin credentials, JWT keys), as last read: used while
+    /// their resourceVersion in `secret_versions` is unchanged, so a reconcile reads them
+    /// from the API server only after they changed (1,000 stacks sharing one admin Secret
+    /// would otherwise GET it on every reconcile).
+    referenced: Mutex<HashMap<ObjectRef<Secret>, Arc<Secret>>>,
 }
 
 fn scoped<K>(client: &Client, namespace: Option<&str>) -> Api<K>
@@ -241,22 +257,34 @@ pub async fn run(
     };
     let owned_deployments = watcher(scoped::<Deployment>(&client, ns), managed.clone())
         .default_backoff()
-        .modify(strip)
+        .modify(strip_deployment)
         .reflect(deployments_writer)
         .touched_objects();
     let owned_services = watcher(scoped::<Service>(&client, ns), managed.clone())
         .default_backoff()
-        .modify(strip)
+        .modify(|service: &mut Service| {
+            strip(service);
+            service.spec = None;
+            service.status = None;
+        })
         .reflect(services_writer)
         .touched_objects();
     let owned_config_maps = watcher(scoped::<ConfigMap>(&client, ns), managed.clone())
         .default_backoff()
-        .modify(strip)
+        .modify(|config_map: &mut ConfigMap| {
+            strip(config_map);
+            config_map.data = None;
+            config_map.binary_data = None;
+        })
         .reflect(config_maps_writer)
         .touched_objects();
     let owned_pdbs = watcher(scoped::<PodDisruptionBudget>(&client, ns), managed.clone())
         .default_backoff()
-        .modify(strip)
+        .modify(|pdb: &mut PodDisruptionBudget| {
+            strip(pdb);
+            pdb.spec = None;
+            pdb.status = None;
+        })
         .reflect(pdbs_writer)
         .touched_objects();
     let owned_secrets = watcher(scoped::<Secret>(&client, ns), managed.clone())
@@ -266,11 +294,14 @@ pub async fn run(
         .touched_objects();
     // Every Secret's metadata (never its data): a change to an admin or JWT Secret a stack
     // refers to reconciles that stack.
+    let (secret_versions, secret_versions_writer) = reflector::store();
     let referenced_secrets = watcher(
         scoped::<PartialObjectMeta<Secret>>(&client, ns),
         watcher::Config::default(),
     )
     .default_backoff()
+    .modify(strip)
+    .reflect(secret_versions_writer)
     .touched_objects();
 
     let reporter = Reporter {
@@ -288,6 +319,8 @@ pub async fn run(
         applied: Mutex::default(),
         stage_states: Mutex::default(),
         provisioned: Mutex::default(),
+        secret_versions,
+        referenced: Mutex::default(),
         settings: settings.clone(),
     });
 
@@ -336,9 +369,23 @@ pub async fn run(
 }
 
 /// Drops what reconciles never read before an object enters a store (managed fields are
-/// often the largest part of an object): keeps the operator's memory small.
+/// often the largest part of an object): keeps the operator's memory small. Reconciles
+/// compare owned objects by the applied-hash annotation, so besides metadata they only read
+/// Deployments' replicas and status (availability) and Secrets' data (kept passwords).
 fn strip<K: Resource>(object: &mut K) {
     object.meta_mut().managed_fields = None;
+    if let Some(annotations) = &mut object.meta_mut().annotations {
+        // kubectl's copy of a whole applied object, if someone used `kubectl apply` on it.
+        annotations.remove("kubectl.kubernetes.io/last-applied-configuration");
+    }
+}
+
+/// [`strip`], and the pod template (most of a Deployment, never read back).
+fn strip_deployment(deployment: &mut Deployment) {
+    strip(deployment);
+    if let Some(spec) = &mut deployment.spec {
+        spec.template = Default::default();
+    }
 }
 
 /// Whether the stack reads the named Secret (admin credentials or the JWT secret).
@@ -561,16 +608,19 @@ async fn apply(stack: &MiddlewareStack, ctx: &Context) -> Result<Action, Error> 
             Phase::Progressing
         };
     }
-    write_status(
-        stack,
-        ctx,
-        &reports,
-        phase,
-        outcome.services.clone(),
-        &mut outcome.events,
+    timed(
+        "status",
+        write_status(
+            stack,
+            ctx,
+            &reports,
+            phase,
+            outcome.services.clone(),
+            &mut outcome.events,
+        ),
     )
     .await?;
-    publish_events(stack, ctx, outcome.events).await;
+    timed("events", publish_events(stack, ctx, outcome.events)).await;
     if outcome.result.is_ok() {
         ctx.failures
             .lock()
@@ -691,8 +741,42 @@ struct Dereferenced {
     versions: Vec<String>,
 }
 
+/// A Secret a stack refers to: from the cache while the watch reports the same
+/// resourceVersion, otherwise read from the API server (and cached).
+async fn referenced_secret(
+    ctx: &Context,
+    namespace: &str,
+    name: &str,
+) -> Result<Option<Arc<Secret>>, Error> {
+    let key = ObjectRef::<Secret>::new(name).within(namespace);
+    let watched = ctx
+        .secret_versions
+        .get(&ObjectRef::new(name).within(namespace))
+        .and_then(|meta| meta.resource_version());
+    let cached = ctx
+        .referenced
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(&key)
+        .cloned();
+    if let (Some(watched), Some(cached)) = (&watched, cached)
+        && cached.resource_version().as_ref() == Some(watched)
+    {
+        return Ok(Some(cached));
+    }
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
+    let secret = secrets.get_opt(name).await?.map(Arc::new);
+    let mut cache = ctx.referenced.lock().unwrap_or_else(|p| p.into_inner());
+    match &secret {
+        Some(secret) => cache.insert(key, Arc::clone(secret)),
+        None => cache.remove(&key),
+    };
+    Ok(secret)
+}
+
 async fn read_credentials(
-    secrets: &Api<Secret>,
+    ctx: &Context,
+    namespace: &str,
     name: &str,
     versions: &mut Vec<String>,
 ) -> Result<AdminCredentials, Error> {
@@ -701,8 +785,7 @@ async fn read_credentials(
         reason: "SecretNotFound",
         message,
     };
-    let secret = secrets
-        .get_opt(name)
+    let secret = referenced_secret(ctx, namespace, name)
         .await?
         .ok_or_else(|| missing(format!("Secret {name} not found")))?;
     versions.push(secret.resource_version().unwrap_or_default());
@@ -723,27 +806,29 @@ async fn read_credentials(
 }
 
 async fn dereference(stack: &ValidatedStack, ctx: &Context) -> Result<Dereferenced, Error> {
-    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), stack.namespace());
+    let namespace = stack.namespace();
     let spec = stack.spec();
     let mut versions = Vec::new();
     let redis = read_credentials(
-        &secrets,
+        ctx,
+        namespace,
         &spec.redis.admin_credentials_secret,
         &mut versions,
     )
     .await?;
     let postgres = read_credentials(
-        &secrets,
+        ctx,
+        namespace,
         &spec.postgres.admin_credentials_secret,
         &mut versions,
     )
     .await?;
     let kafka = match &spec.kafka.admin_credentials_secret {
-        Some(name) => Some(read_credentials(&secrets, name, &mut versions).await?),
+        Some(name) => Some(read_credentials(ctx, namespace, name, &mut versions).await?),
         None => None,
     };
     if let Some(reference) = spec.auth.as_ref().and_then(|a| a.jwt_secret_ref.as_ref()) {
-        let secret = secrets.get_opt(&reference.name).await?;
+        let secret = referenced_secret(ctx, namespace, &reference.name).await?;
         versions.extend(secret.as_ref().and_then(|s| s.resource_version()));
         let has_key = secret
             .as_ref()
@@ -1203,7 +1288,7 @@ async fn provision(
     outcome: &mut Outcome,
 ) -> Option<String> {
     // 1. Dependencies.
-    let clients = match dependencies(stack, ctx, refs).await {
+    let clients = match timed("dependencies", dependencies(stack, ctx, refs)).await {
         Ok(clients) => clients,
         Err(error) => {
             outcome.fail(error);
@@ -1219,10 +1304,13 @@ async fn provision(
 
     // 2. Topics.
     let topics = desired_topics(stack);
-    match clients
-        .kafka
-        .reconcile_topics(&topics, ctx.settings.dependency_timeout)
-        .await
+    match timed(
+        "topics",
+        clients
+            .kafka
+            .reconcile_topics(&topics, ctx.settings.dependency_timeout),
+    )
+    .await
     {
         Err(error) => {
             outcome.fail(Error::stage(status::TOPICS_READY, &error));
@@ -1271,7 +1359,12 @@ async fn provision(
     }
 
     // 3. Credentials.
-    match credentials(stack, object, ctx, &clients, outcome).await {
+    match timed(
+        "credentials",
+        credentials(stack, object, ctx, &clients, outcome),
+    )
+    .await
+    {
         Ok(hash) => Some(hash),
         Err(error) => {
             outcome.fail(error);
@@ -1337,7 +1430,7 @@ async fn pipeline(
             return;
         }
     }
-    let refs = match dereference(stack, ctx).await {
+    let refs = match timed("dereference", dereference(stack, ctx)).await {
         Ok(refs) => refs,
         Err(error) => {
             outcome.fail(error);
@@ -1448,7 +1541,7 @@ async fn pipeline(
             Step::WsHub => o.component == Component::WsHub,
             _ => o.component == Component::Gateway,
         }) {
-            match apply_service(ctx, stack, objects).await {
+            match timed("apply", apply_service(ctx, stack, objects)).await {
                 Ok(true) => applied.push(objects.component.name()),
                 Ok(false) => {}
                 Err(error) => {

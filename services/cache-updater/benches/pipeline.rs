@@ -471,6 +471,11 @@ async fn open_loop(
 
 #[tokio::main]
 async fn main() {
+    // The services' logs, when asked for (`RUST_LOG=warn just bench-pipeline`).
+    let _telemetry = std::env::var_os("RUST_LOG").map(|_| {
+        let config: common::config::CommonConfig = Vars::from_env().parse().unwrap();
+        common::telemetry::init("bench-pipeline", &config).unwrap()
+    });
     let deps = Deps::from_env();
     let db = PgPool::connect(&deps.database_url).await.unwrap();
     let redis = redis::Client::open(deps.redis_url.as_str()).unwrap();

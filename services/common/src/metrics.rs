@@ -70,6 +70,9 @@ pub const KAFKA_CONSUMER_LAG: &str = "kafka_consumer_lag";
 pub const OPERATOR_RECONCILES_TOTAL: &str = "operator_reconciles_total";
 /// Histogram: duration of one reconcile. Labels: `result`.
 pub const OPERATOR_RECONCILE_DURATION_SECONDS: &str = "operator_reconcile_duration_seconds";
+/// Histogram: duration of one step of a reconcile. Labels: `step` (`dereference`,
+/// `dependencies`, `topics`, `credentials`, `apply` (one service), `status`, `events`).
+pub const OPERATOR_STEP_DURATION_SECONDS: &str = "operator_step_duration_seconds";
 /// Counter: failed reconciles. Labels: `reason` (the condition reason, e.g. `RedisUnavailable`).
 pub const OPERATOR_RECONCILE_ERRORS_TOTAL: &str = "operator_reconcile_errors_total";
 /// Gauge: stacks whose stage condition has a given status.

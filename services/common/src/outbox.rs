@@ -55,7 +55,7 @@ use std::time::{Duration, Instant};
 use opentelemetry::global;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
 use sqlx::postgres::{PgConnection, PgListener, PgPool};
 use tokio::sync::Notify;
 use tracing::Instrument as _;
@@ -504,8 +504,21 @@ impl Relay {
         if rows.is_empty() {
             return Ok(0);
         }
-        let span = tracing::debug_span!("outbox.relay_batch", table, rows = rows.len());
-        let (acked, failed, missing) = self.publish(&rows).instrument(span).await;
+        let read = rows.len();
+        // Rows of topics that do not exist are left out before anything is sent: librdkafka
+        // would otherwise hold the whole batch until its metadata wait times out.
+        let mut missing = self.missing_topics(&rows, quarantine).await;
+        let sendable: Vec<&Row> = rows
+            .iter()
+            .filter(|r| !missing.contains(&r.topic))
+            .collect();
+        let span = tracing::debug_span!("outbox.relay_batch", table, rows = sendable.len());
+        let (acked, failed, missing_on_send) = self.publish(&sendable).instrument(span).await;
+        for topic in missing_on_send {
+            if !missing.contains(&topic) {
+                missing.push(topic);
+            }
+        }
         for topic in &missing {
             let waiting = rows.iter().filter(|r| &r.topic == topic).count();
             tracing::warn!(
@@ -535,15 +548,51 @@ impl Relay {
         // Rows of a missing topic are not a relay failure (they wait in quarantine); anything
         // else that made a whole batch fail is, and restarts the relay with back-off.
         if acked.is_empty() && missing.is_empty() {
-            return Err(RelayError::Delivery(rows.len()));
+            return Err(RelayError::Delivery(read));
         }
-        Ok(rows.len())
+        Ok(read)
+    }
+
+    /// The topics of `rows` that Kafka reports as not existing (checked by a metadata request
+    /// unless seen to exist within [`TOPIC_VERIFIED_FOR`]). A topic whose check fails for
+    /// another reason (broker unreachable) is not reported: publishing will tell.
+    async fn missing_topics(&self, rows: &[Row], topics: &mut Quarantine) -> Vec<String> {
+        let mut unverified: Vec<String> = rows
+            .iter()
+            .map(|r| &r.topic)
+            .filter(|t| !topics.is_verified(t))
+            .cloned()
+            .collect();
+        unverified.sort();
+        unverified.dedup();
+        let mut missing = Vec::new();
+        for topic in unverified {
+            let producer = self.producer.clone();
+            let name = topic.clone();
+            let exists = tokio::task::spawn_blocking(move || {
+                let metadata = producer
+                    .client()
+                    .fetch_metadata(Some(&name), METADATA_TIMEOUT)
+                    .ok()?;
+                let found = metadata.topics().iter().find(|t| t.name() == name);
+                Some(found.is_some_and(|t| t.error().is_none() && !t.partitions().is_empty()))
+            })
+            .await
+            .ok()
+            .flatten();
+            match exists {
+                Some(true) => topics.verified(topic),
+                Some(false) => missing.push(topic),
+                None => {}
+            }
+        }
+        missing
     }
 
     /// Enqueues every row in id order (so each partition receives them in order), then
     /// awaits the acknowledgements. Returns the acknowledged ids, the number of failures and
     /// the topics that turned out not to exist.
-    async fn publish(&self, rows: &[Row]) -> (Vec<i64>, usize, Vec<String>) {
+    async fn publish(&self, rows: &[&Row]) -> (Vec<i64>, usize, Vec<String>) {
         let mut pending = Vec::with_capacity(rows.len());
         let mut failed = 0;
         let mut missing: Vec<String> = Vec::new();
@@ -594,25 +643,47 @@ impl Relay {
 
 /// How long the rows of a topic that does not exist are left out of the batches.
 const TOPIC_QUARANTINE: Duration = Duration::from_secs(30);
+/// How long a topic seen to exist is trusted without another metadata request.
+const TOPIC_VERIFIED_FOR: Duration = Duration::from_secs(60);
+/// Bound of one topic metadata request.
+const METADATA_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Topics found missing, with when they may be tried again. Without this, rows of a deleted
 /// (or not yet created) topic — the oldest rows, so the head of every batch — would make each
 /// batch wait for librdkafka's metadata timeout and slow every other topic down. Leaving them
 /// out keeps per-key order: every row of such a topic is left out, and no other topic's rows
 /// are involved.
+/// Topics recently seen to exist are remembered too, so the check before a batch costs a
+/// metadata request only for new topics (and once a minute).
 #[derive(Default)]
-struct Quarantine(HashMap<String, Instant>);
+struct Quarantine {
+    missing: HashMap<String, Instant>,
+    verified: HashMap<String, Instant>,
+}
 
 impl Quarantine {
     fn add(&mut self, topic: String) {
-        self.0.insert(topic, Instant::now() + TOPIC_QUARANTINE);
+        self.verified.remove(&topic);
+        self.missing
+            .insert(topic, Instant::now() + TOPIC_QUARANTINE);
     }
 
     /// The topics still quarantined (expired entries are dropped).
     fn topics(&mut self) -> Vec<String> {
         let now = Instant::now();
-        self.0.retain(|_, until| *until > now);
-        self.0.keys().cloned().collect()
+        self.missing.retain(|_, until| *until > now);
+        self.missing.keys().cloned().collect()
+    }
+
+    fn verified(&mut self, topic: String) {
+        self.verified
+            .insert(topic, Instant::now() + TOPIC_VERIFIED_FOR);
+    }
+
+    fn is_verified(&mut self, topic: &str) -> bool {
+        let now = Instant::now();
+        self.verified.retain(|_, until| *until > now);
+        self.verified.contains_key(topic)
     }
 }
 
@@ -642,8 +713,11 @@ mod tests {
         )));
         let mut quarantine = Quarantine::default();
         assert!(quarantine.topics().is_empty());
+        quarantine.verified("gone.events".to_owned());
+        assert!(quarantine.is_verified("gone.events"));
         quarantine.add("gone.events".to_owned());
         assert_eq!(quarantine.topics(), vec!["gone.events".to_owned()]);
+        assert!(!quarantine.is_verified("gone.events"));
     }
 
     #[test]

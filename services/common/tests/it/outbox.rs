@@ -252,3 +252,49 @@ async fn a_waker_notifies_relays_in_other_processes_long_before_their_poll() {
     notifier.await.unwrap();
     f.drop_all().await;
 }
+
+#[tokio::test]
+async fn rows_of_a_topic_that_does_not_exist_do_not_hold_up_later_rows() {
+    let f = Fixture::new().await;
+    let consumer = f.consumer();
+    // The oldest row is for a topic that does not exist (deleted with its stack, say).
+    let gone = format!("{}-gone", f.topic);
+    let mut conn = f.db.acquire().await.unwrap();
+    outbox::enqueue(
+        &mut conn,
+        f.table,
+        &NewMessage {
+            topic: &gone,
+            key: "docs/gone",
+            message_type: "test.message",
+            command_id: None,
+            payload: &serde_json::json!({"key": "docs/gone", "seq": 0}),
+            trace: &TraceContext::default(),
+        },
+    )
+    .await
+    .unwrap();
+    f.insert(&mut conn, "docs/live", 1).await;
+
+    let shutdown = CancellationToken::new();
+    let relay = f.relay(&shutdown);
+    // Far below librdkafka's wait for an unknown topic (the producer's message timeout).
+    let got = receive(&consumer, 1, Duration::from_secs(10)).await;
+    assert_eq!(got, vec![("docs/live".into(), 1)]);
+    wait_until(
+        "the live row to be deleted",
+        Duration::from_secs(10),
+        || async { f.remaining().await == 1 },
+    )
+    .await;
+    // The other row waits for its topic.
+    let waiting: String = sqlx::query_scalar(&format!("SELECT topic FROM {}", f.table.name()))
+        .fetch_one(&f.db)
+        .await
+        .unwrap();
+    assert_eq!(waiting, gone);
+
+    shutdown.cancel();
+    relay.await.unwrap();
+    f.drop_all().await;
+}
