@@ -255,11 +255,12 @@ pub async fn run(
         pdbs,
         secrets,
     };
-    let owned_deployments = watcher(scoped::<Deployment>(&client, ns), managed.clone())
-        .default_backoff()
-        .modify(strip_deployment)
-        .reflect(deployments_writer)
-        .touched_objects();
+    let owned_deployments = deployment_triggers(
+        watcher(scoped::<Deployment>(&client, ns), managed.clone())
+            .default_backoff()
+            .modify(strip_deployment)
+            .reflect(deployments_writer),
+    );
     let owned_services = watcher(scoped::<Service>(&client, ns), managed.clone())
         .default_backoff()
         .modify(|service: &mut Service| {
@@ -1259,6 +1260,52 @@ async fn delete_disabled(
 }
 
 /// Whether the Deployment in the store has rolled out its current spec and is Available.
+/// What of an owned Deployment a reconcile acts on: its generation (spec changed, by us or
+/// someone else), the applied-hash annotation, availability and ready replicas (reported in
+/// the stack's status). The controller-manager updates a Deployment's status several times
+/// while it rolls out (observed generation, updated replicas, condition timestamps); only
+/// changes of this hash reconcile the owning stack.
+fn deployment_trigger_hash(deployment: &Deployment) -> u64 {
+    use std::hash::{Hash as _, Hasher as _};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    deployment.metadata.generation.hash(&mut hasher);
+    deployment
+        .annotations()
+        .get(APPLIED_HASH_ANNOTATION)
+        .hash(&mut hasher);
+    available(deployment).hash(&mut hasher);
+    deployment
+        .status
+        .as_ref()
+        .and_then(|s| s.ready_replicas)
+        .hash(&mut hasher);
+    hasher.finish()
+}
+
+/// The owned-Deployment events that should reconcile the owner: every deletion, and changes
+/// of [`deployment_trigger_hash`] (a plain predicate filter would also swallow deletions).
+fn deployment_triggers(
+    events: impl futures::Stream<Item = Result<watcher::Event<Deployment>, watcher::Error>>,
+) -> impl futures::Stream<Item = Result<Deployment, watcher::Error>> {
+    let mut seen: HashMap<ObjectRef<Deployment>, u64> = HashMap::new();
+    events.filter_map(move |event| {
+        let trigger = match event {
+            Ok(watcher::Event::Apply(deployment) | watcher::Event::InitApply(deployment)) => {
+                let hash = deployment_trigger_hash(&deployment);
+                let previous = seen.insert(ObjectRef::from_obj(&deployment), hash);
+                (previous != Some(hash)).then_some(Ok(deployment))
+            }
+            Ok(watcher::Event::Delete(deployment)) => {
+                seen.remove(&ObjectRef::from_obj(&deployment));
+                Some(Ok(deployment))
+            }
+            Ok(watcher::Event::Init | watcher::Event::InitDone) => None,
+            Err(error) => Some(Err(error)),
+        };
+        std::future::ready(trigger)
+    })
+}
+
 fn available(deployment: &Deployment) -> bool {
     let Some(status) = &deployment.status else {
         return false;
@@ -1732,4 +1779,89 @@ async fn cleanup_external(stack: &MiddlewareStack, ctx: &Context) -> Result<(), 
             .map_err(|e| Error::stage(status::CREDENTIALS_READY, &e))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod trigger_tests {
+    use k8s_openapi::api::apps::v1::{DeploymentCondition, DeploymentSpec, DeploymentStatus};
+
+    use super::*;
+
+    fn deployment(generation: i64, status: DeploymentStatus) -> Deployment {
+        let mut deployment = Deployment {
+            spec: Some(DeploymentSpec {
+                replicas: Some(1),
+                ..DeploymentSpec::default()
+            }),
+            status: Some(status),
+            ..Deployment::default()
+        };
+        deployment.metadata.generation = Some(generation);
+        deployment
+    }
+
+    fn rolling_out(observed: i64) -> DeploymentStatus {
+        DeploymentStatus {
+            observed_generation: Some(observed),
+            updated_replicas: Some(1),
+            ..DeploymentStatus::default()
+        }
+    }
+
+    fn available_status() -> DeploymentStatus {
+        DeploymentStatus {
+            observed_generation: Some(1),
+            updated_replicas: Some(1),
+            ready_replicas: Some(1),
+            available_replicas: Some(1),
+            conditions: Some(vec![DeploymentCondition {
+                type_: "Available".into(),
+                status: "True".into(),
+                ..DeploymentCondition::default()
+            }]),
+            ..DeploymentStatus::default()
+        }
+    }
+
+    #[test]
+    fn status_bookkeeping_does_not_reconcile_but_availability_and_spec_changes_do() {
+        let created = deployment_trigger_hash(&deployment(1, DeploymentStatus::default()));
+        // The controller-manager observing the generation and updating replicas: no trigger.
+        assert_eq!(
+            created,
+            deployment_trigger_hash(&deployment(1, rolling_out(1)))
+        );
+        // Available with a ready replica: trigger.
+        let ready = deployment_trigger_hash(&deployment(1, available_status()));
+        assert_ne!(created, ready);
+        // Someone edited the spec: trigger.
+        assert_ne!(
+            ready,
+            deployment_trigger_hash(&deployment(2, available_status()))
+        );
+        // Our applied hash changed: trigger.
+        let mut annotated = deployment(1, available_status());
+        annotated
+            .annotations_mut()
+            .insert(APPLIED_HASH_ANNOTATION.to_owned(), "other".to_owned());
+        assert_ne!(ready, deployment_trigger_hash(&annotated));
+    }
+
+    #[tokio::test]
+    async fn deletions_always_reconcile_and_repeated_states_do_not() {
+        let mut object = deployment(1, available_status());
+        object.metadata.name = Some("svc".into());
+        object.metadata.namespace = Some("ns".into());
+        let events = futures::stream::iter(vec![
+            Ok(watcher::Event::Init),
+            Ok(watcher::Event::InitApply(object.clone())),
+            Ok(watcher::Event::InitDone),
+            Ok(watcher::Event::Apply(object.clone())),
+            Ok(watcher::Event::Delete(object.clone())),
+            Ok(watcher::Event::Apply(object.clone())),
+        ]);
+        let triggers: Vec<_> = deployment_triggers(events).collect().await;
+        // InitApply, Delete, and the re-creation after the delete.
+        assert_eq!(triggers.len(), 3);
+    }
 }
