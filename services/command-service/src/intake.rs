@@ -361,7 +361,12 @@ impl Writer {
         conn: &mut sqlx::PgConnection,
         new: &[&Submission],
     ) -> Result<(), sqlx::Error> {
-        let column = |f: fn(&Submission) -> String| new.iter().map(|s| f(s)).collect::<Vec<_>>();
+        let clients: Vec<&str> = new.iter().map(|s| s.client.as_str()).collect();
+        let kinds: Vec<&str> = new.iter().map(|s| s.kind.as_str()).collect();
+        let collections: Vec<&str> = new.iter().map(|s| s.collection.as_str()).collect();
+        let document_ids: Vec<&str> = new.iter().map(|s| s.document_id.as_str()).collect();
+        let keys: Vec<&str> = new.iter().map(|s| s.key.as_str()).collect();
+        let locations: Vec<&str> = new.iter().map(|s| s.location.as_str()).collect();
         let ids: Vec<Uuid> = new.iter().map(|s| s.command_id).collect();
         let expected: Vec<Option<i64>> = new.iter().map(|s| s.expected_version).collect();
         let payloads: Vec<Option<Json<&Value>>> =
@@ -389,29 +394,32 @@ impl Writer {
              expires_at = EXCLUDED.expires_at",
         )
         .bind(&ids)
-        .bind(column(|s| s.client.clone()))
-        .bind(column(|s| s.kind.clone()))
-        .bind(column(|s| s.collection.clone()))
-        .bind(column(|s| s.document_id.clone()))
+        .bind(&clients)
+        .bind(&kinds)
+        .bind(&collections)
+        .bind(&document_ids)
         .bind(&expected)
         .bind(&payloads)
         .bind(&accepted)
-        .bind(column(|s| s.key.clone()))
+        .bind(&keys)
         .bind(&fingerprints)
-        .bind(column(|s| s.location.clone()))
+        .bind(&locations)
         .bind(&bodies)
         .bind(self.settings.idempotency_ttl.as_secs_f64())
         .execute(&mut *conn)
         .await?;
 
-        let keys: Vec<String> = column(|s| format!("{}/{}", s.collection, s.document_id));
-        let types: Vec<String> = column(|s| format!("command.{}", s.kind));
+        let message_keys: Vec<String> = new
+            .iter()
+            .map(|s| format!("{}/{}", s.collection, s.document_id))
+            .collect();
+        let types: Vec<String> = new.iter().map(|s| format!("command.{}", s.kind)).collect();
         let messages: Vec<NewMessage<'_>> = new
             .iter()
             .enumerate()
             .map(|(i, s)| NewMessage {
                 topic: &self.settings.commands_topic,
-                key: &keys[i],
+                key: &message_keys[i],
                 message_type: &types[i],
                 command_id: Some(s.command_id),
                 payload: &s.envelope,

@@ -557,6 +557,7 @@ impl Relay {
     /// unless seen to exist within [`TOPIC_VERIFIED_FOR`]). A topic whose check fails for
     /// another reason (broker unreachable) is not reported: publishing will tell.
     async fn missing_topics(&self, rows: &[Row], topics: &mut Quarantine) -> Vec<String> {
+        topics.expire_verified();
         let mut unverified: Vec<String> = rows
             .iter()
             .map(|r| &r.topic)
@@ -680,9 +681,13 @@ impl Quarantine {
             .insert(topic, Instant::now() + TOPIC_VERIFIED_FOR);
     }
 
-    fn is_verified(&mut self, topic: &str) -> bool {
+    /// Forgets verifications older than [`TOPIC_VERIFIED_FOR`] (once per batch, not per row).
+    fn expire_verified(&mut self) {
         let now = Instant::now();
         self.verified.retain(|_, until| *until > now);
+    }
+
+    fn is_verified(&self, topic: &str) -> bool {
         self.verified.contains_key(topic)
     }
 }
