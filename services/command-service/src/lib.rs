@@ -246,12 +246,6 @@ pub async fn run(
         state.settings.relay.clone(),
     )
     .woken_by(&state.outbox);
-    let notifier = tokio::spawn(
-        state
-            .outbox
-            .clone()
-            .run(state.db.pool().clone(), background.clone()),
-    );
     // The relay publishes to `commands`: make sure the topic exists first (broker defaults; the
     // operator creates it with the stack's settings before the service starts), so a fresh
     // set-up never leaves the relay waiting on a missing topic until delivery times out.
@@ -281,7 +275,7 @@ pub async fn run(
         background.clone(),
     ));
     let served = common::http::serve(listener, router(&state), &state.ops, shutdown).await;
-    common::shutdown::stop_background(&background, [relay, notifier, intake, cleanup]).await;
+    common::shutdown::stop_background(&background, [relay, intake, cleanup]).await;
     Ok(served?)
 }
 

@@ -391,19 +391,30 @@ impl Relay {
     }
 
     /// Also wakes up on `waker`, the one the writers of this process use, without waiting for
-    /// the `NOTIFY` round trip through PostgreSQL.
+    /// the `NOTIFY` round trip through PostgreSQL; [`Relay::run`] then also runs the waker's
+    /// `NOTIFY` task for relays in other processes.
     pub fn woken_by(mut self, waker: &Waker) -> Self {
         self.waker = Some(waker.clone());
         self
     }
 
     /// Runs until `shutdown` fires: waits for leadership, then relays; on errors backs off
-    /// (with the shared connect backoff) and starts over.
+    /// (with the shared connect backoff) and starts over. With a waker ([`Relay::woken_by`]),
+    /// its `NOTIFY` task runs alongside, leader or not.
     pub async fn run(self, shutdown: CancellationToken) {
+        let notifier = async {
+            if let Some(waker) = &self.waker {
+                waker.clone().run(self.pool.clone(), shutdown.clone()).await;
+            }
+        };
+        tokio::join!(self.relay(&shutdown), notifier);
+    }
+
+    async fn relay(&self, shutdown: &CancellationToken) {
         let (service, table) = (self.settings.service, self.settings.table.name());
         let mut failures = 0u32;
         loop {
-            match self.lead(&shutdown).await {
+            match self.lead(shutdown).await {
                 Ok(()) => break,
                 Err(error) => {
                     failures = failures.saturating_add(1);

@@ -314,12 +314,6 @@ pub async fn run(
     )
     .woken_by(&state.outbox);
     let relay = tokio::spawn(relay.run(background.clone()));
-    let notifier = tokio::spawn(
-        state
-            .outbox
-            .clone()
-            .run(state.db.pool().clone(), background.clone()),
-    );
     let consumer = tokio::spawn(consumer::run(
         state.consumer.clone(),
         state.admin.clone(),
@@ -329,7 +323,7 @@ pub async fn run(
         background.clone(),
     ));
     let served = common::http::serve(listener, router(&state), &state.ops, shutdown).await;
-    common::shutdown::stop_background(&background, [relay, notifier, consumer]).await;
+    common::shutdown::stop_background(&background, [relay, consumer]).await;
     Ok(served?)
 }
 
