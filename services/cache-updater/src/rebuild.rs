@@ -20,13 +20,14 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
+use backon::{ExponentialBuilder, Retryable as _};
 use common::config::Vars;
 use common::kafka::TOPIC_EVENTS;
 use common::readmodel::{self, Outcome};
 use common::service::ServiceConfig as _;
 use common::shutdown::CancellationToken;
 use rdkafka::consumer::{Consumer as _, StreamConsumer};
-use rdkafka::error::KafkaError;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::{Message as _, Offset, TopicPartitionList};
 use secrecy::ExposeSecret as _;
 
@@ -125,7 +126,25 @@ pub async fn rebuild(
     let mut remaining: HashMap<i32, i64> = HashMap::new();
     let mut assignment = TopicPartitionList::new();
     for &partition in &partitions {
-        let (low, high) = consumer.fetch_watermarks(&topic, partition, timeout)?;
+        // A topic created moments ago may not have its partition leaders yet: retry briefly.
+        let fetch = || async { consumer.fetch_watermarks(&topic, partition, timeout) };
+        let (low, high) = fetch
+            .retry(
+                ExponentialBuilder::default()
+                    .with_min_delay(Duration::from_millis(100))
+                    .with_max_times(6),
+            )
+            .sleep(tokio::time::sleep)
+            .when(|error| {
+                matches!(
+                    error,
+                    KafkaError::MetadataFetch(
+                        RDKafkaErrorCode::NotLeaderForPartition
+                            | RDKafkaErrorCode::LeaderNotAvailable
+                    )
+                )
+            })
+            .await?;
         if high > low {
             remaining.insert(partition, high);
             assignment.add_partition_offset(&topic, partition, Offset::Offset(low))?;
