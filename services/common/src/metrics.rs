@@ -61,6 +61,8 @@ pub const COMMAND_HANDLER_DURATION_SECONDS: &str = "command_handler_duration_sec
 /// Counter: retries of a command after a transient error. Labels: `service`, `type`, `cause`
 /// (`handler`, `database`).
 pub const COMMAND_RETRIES_TOTAL: &str = "command_retries_total";
+/// Histogram: commands the processor decided and wrote in one transaction. Labels: `service`.
+pub const PROCESSOR_BATCH_SIZE: &str = "processor_batch_size";
 /// Counter: messages copied to `commands.dlq`. Labels: `service`, `reason`.
 pub const COMMANDS_DEAD_LETTERED_TOTAL: &str = "commands_dead_lettered_total";
 /// Gauge: messages between a consumed offset and the partition's high watermark.

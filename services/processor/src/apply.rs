@@ -30,6 +30,7 @@ use serde_json::Value;
 use sqlx::PgPool;
 use uuid::Uuid;
 
+use crate::batch::{Decision, Plan};
 use crate::handler::{Change, Document};
 
 /// A command's status and its document's state, read before deciding.
@@ -220,27 +221,10 @@ impl Store {
     ) -> Result<Committed, ApplyError> {
         let read_version = snapshot.row.as_ref().map(|r| r.version);
         let version = read_version.unwrap_or(0) + 1;
-        // (event type, new data; None = delete)
-        let (event_type, data) = match change {
-            Change::None => return self.succeed_unchanged(command, snapshot).await,
-            Change::Delete if snapshot.current().is_none() => {
-                return self.succeed_unchanged(command, snapshot).await;
-            }
-            Change::Delete => (EVENT_DELETED.to_owned(), None),
-            Change::Upsert { event_type, data } => (event_type, Some(data)),
-            Change::Patch { event_type, patch } => {
-                let mut data = snapshot
-                    .current()
-                    .map_or_else(|| Value::Object(Default::default()), |d| d.data.clone());
-                json_patch::merge(&mut data, &patch);
-                (event_type, Some(data))
-            }
+        let (event_type, data) = match resolve(change, snapshot.current())? {
+            Effect::Unchanged => return self.succeed_unchanged(command, snapshot).await,
+            Effect::Write { event_type, data } => (event_type, data),
         };
-        if let Some(data) = &data
-            && !data.is_object()
-        {
-            return Err(ApplyError::NotAnObject(json_kind(data)));
-        }
         let now = micros(Utc::now());
 
         let mut tx = self.pool.begin().await?;
@@ -324,6 +308,189 @@ impl Store {
         Ok(Committed::Applied { version })
     }
 
+    /// [`Self::snapshot`] for a run of commands in one query, without inserting missing
+    /// command rows: `None` for a command that has none.
+    pub async fn snapshot_many(
+        &self,
+        commands: &[CommandEnvelope],
+    ) -> Result<Vec<Option<Snapshot>>, sqlx::Error> {
+        let ids: Vec<Uuid> = commands.iter().map(|c| c.command_id).collect();
+        let collections: Vec<&str> = commands.iter().map(|c| c.collection.as_str()).collect();
+        let documents: Vec<&str> = commands.iter().map(|c| c.id.as_str()).collect();
+        let rows = sqlx::query_as::<_, SnapshotRow>(
+            "SELECT c.status, d.version, d.data \
+             FROM unnest($1::uuid[], $2::text[], $3::text[]) WITH ORDINALITY AS k(id, collection, doc, n) \
+             LEFT JOIN commands c ON c.id = k.id \
+             LEFT JOIN documents d ON d.collection = k.collection AND d.id = k.doc \
+             ORDER BY k.n",
+        )
+        .bind(&ids)
+        .bind(&collections)
+        .bind(&documents)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|found| {
+                let status = found.status?;
+                let row = found.version.map(|version| Row {
+                    version,
+                    live: found.data.map(|data| Document {
+                        version,
+                        data: data.0,
+                    }),
+                });
+                Some(Snapshot { status, row })
+            })
+            .collect())
+    }
+
+    /// Writes a [`Plan`] of `commands` in one transaction: every status, each document's
+    /// final state (guarded by the version read), every event's outbox row (`traces[i]` for
+    /// `commands[i]`). `Ok(false)`, with nothing written, when a guard did not hold: another
+    /// writer got there first, and the run must go the one-by-one way.
+    pub async fn commit_plan(
+        &self,
+        commands: &[CommandEnvelope],
+        plan: &Plan<'_>,
+        traces: &[TraceContext],
+    ) -> Result<bool, ApplyError> {
+        let now = micros(Utc::now());
+        let mut ids = Vec::new();
+        let mut statuses = Vec::new();
+        let mut versions = Vec::new();
+        let mut reasons = Vec::new();
+        let mut events = Vec::new();
+        for ((command, decision), trace) in commands.iter().zip(&plan.decisions).zip(traces) {
+            let (status, version, reason) = match decision {
+                Decision::Duplicate => continue,
+                Decision::Failed { reason } => ("failed", None, Some(reason.as_str())),
+                Decision::Unchanged { version } => ("succeeded", *version, None),
+                Decision::Applied {
+                    version,
+                    event_type,
+                    data,
+                } => {
+                    let event = EventEnvelope {
+                        event_id: Uuid::now_v7(),
+                        event_type: event_type.clone(),
+                        collection: command.collection.clone(),
+                        id: command.id.clone(),
+                        version: *version,
+                        data: data.clone(),
+                        command_id: command.command_id,
+                        occurred_at: now,
+                    };
+                    events.push((
+                        document_key(&command.collection, &command.id),
+                        format!("event.{event_type}"),
+                        command.command_id,
+                        serde_json::to_value(&event)?,
+                        trace,
+                    ));
+                    ("succeeded", Some(*version), None)
+                }
+            };
+            ids.push(command.command_id);
+            statuses.push(status);
+            versions.push(version);
+            reasons.push(reason);
+        }
+
+        let mut tx = self.pool.begin().await?;
+        let claimed = sqlx::query(
+            "UPDATE commands AS c SET status = u.status, result_version = u.version, \
+             failure_reason = u.reason, updated_at = $5 \
+             FROM unnest($1::uuid[], $2::text[], $3::int8[], $4::text[]) AS u(id, status, version, reason) \
+             WHERE c.id = u.id AND c.status IN ('accepted', 'processing')",
+        )
+        .bind(&ids)
+        .bind(&statuses)
+        .bind(&versions)
+        .bind(&reasons)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        if claimed.rows_affected() != ids.len() as u64 {
+            return Ok(false); // dropping `tx` rolls back
+        }
+        let (updates, inserts): (Vec<_>, Vec<_>) = plan
+            .documents
+            .iter()
+            .partition(|d| d.read_version.is_some());
+        if !updates.is_empty() {
+            let written = sqlx::query(
+                "UPDATE documents AS d SET version = u.version, data = u.data, \
+                 deleted = u.data IS NULL, last_command_id = u.command_id, updated_at = $7 \
+                 FROM unnest($1::text[], $2::text[], $3::int8[], $4::int8[], $5::jsonb[], $6::uuid[]) \
+                 AS u(collection, id, read_version, version, data, command_id) \
+                 WHERE d.collection = u.collection AND d.id = u.id AND d.version = u.read_version",
+            )
+            .bind(updates.iter().map(|d| d.collection).collect::<Vec<_>>())
+            .bind(updates.iter().map(|d| d.id).collect::<Vec<_>>())
+            .bind(updates.iter().map(|d| d.read_version).collect::<Vec<_>>())
+            .bind(updates.iter().map(|d| d.version).collect::<Vec<_>>())
+            .bind(updates.iter().map(|d| d.data.as_ref().map(sqlx::types::Json)).collect::<Vec<_>>())
+            .bind(updates.iter().map(|d| d.last_command_id).collect::<Vec<_>>())
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+            if written.rows_affected() != updates.len() as u64 {
+                return Ok(false);
+            }
+        }
+        if !inserts.is_empty() {
+            let written = sqlx::query(
+                "INSERT INTO documents (collection, id, version, data, deleted, last_command_id, \
+                 created_at, updated_at) \
+                 SELECT collection, id, version, data, data IS NULL, command_id, $6, $6 \
+                 FROM unnest($1::text[], $2::text[], $3::int8[], $4::jsonb[], $5::uuid[]) \
+                 AS u(collection, id, version, data, command_id) \
+                 ON CONFLICT DO NOTHING",
+            )
+            .bind(inserts.iter().map(|d| d.collection).collect::<Vec<_>>())
+            .bind(inserts.iter().map(|d| d.id).collect::<Vec<_>>())
+            .bind(inserts.iter().map(|d| d.version).collect::<Vec<_>>())
+            .bind(
+                inserts
+                    .iter()
+                    .map(|d| d.data.as_ref().map(sqlx::types::Json))
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                inserts
+                    .iter()
+                    .map(|d| d.last_command_id)
+                    .collect::<Vec<_>>(),
+            )
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+            if written.rows_affected() != inserts.len() as u64 {
+                return Ok(false);
+            }
+        }
+        let messages: Vec<NewMessage<'_>> = events
+            .iter()
+            .map(
+                |(key, message_type, command_id, payload, trace)| NewMessage {
+                    topic: &self.events_topic,
+                    key,
+                    message_type,
+                    command_id: Some(*command_id),
+                    payload,
+                    trace,
+                },
+            )
+            .collect();
+        outbox::enqueue_many(&mut tx, self.outbox.table(), &messages).await?;
+        tx.commit().await?;
+        if !messages.is_empty() {
+            self.outbox.wake();
+        }
+        Ok(true)
+    }
+
     async fn succeed_unchanged(
         &self,
         command: &CommandEnvelope,
@@ -344,6 +511,45 @@ impl Store {
             Committed::Unchanged
         })
     }
+}
+
+/// What a decided [`Change`] does to a document.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Effect {
+    /// Nothing (`none`, or a delete of a missing document): the command succeeds without an
+    /// event.
+    Unchanged,
+    /// A new version with `data` (`None`: deleted), announced by an event of `event_type`.
+    Write {
+        /// The event type.
+        event_type: String,
+        /// The new state; `None` for a delete.
+        data: Option<Value>,
+    },
+}
+
+/// The effect of `change` on the live document `current`: the merge patch applied, a delete
+/// of nothing turned into [`Effect::Unchanged`], and a result that is not a JSON object
+/// refused.
+pub fn resolve(change: Change, current: Option<&Document>) -> Result<Effect, ApplyError> {
+    let (event_type, data) = match change {
+        Change::None => return Ok(Effect::Unchanged),
+        Change::Delete if current.is_none() => return Ok(Effect::Unchanged),
+        Change::Delete => (EVENT_DELETED.to_owned(), None),
+        Change::Upsert { event_type, data } => (event_type, Some(data)),
+        Change::Patch { event_type, patch } => {
+            let mut data =
+                current.map_or_else(|| Value::Object(Default::default()), |d| d.data.clone());
+            json_patch::merge(&mut data, &patch);
+            (event_type, Some(data))
+        }
+    };
+    if let Some(data) = &data
+        && !data.is_object()
+    {
+        return Err(ApplyError::NotAnObject(json_kind(data)));
+    }
+    Ok(Effect::Write { event_type, data })
 }
 
 fn json_kind(value: &Value) -> &'static str {

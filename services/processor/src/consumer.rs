@@ -43,6 +43,8 @@ pub struct ConsumerSettings {
     pub commands_topic: String,
     /// Topics to create at start if missing (broker-default partitions and replication).
     pub ensure_topics: Vec<String>,
+    /// Messages of one partition handed to [`Engine::handle_all`] at once at most.
+    pub batch_max: usize,
 }
 
 /// Consumes until `shutdown` fires: waits for the migrations, makes sure the topics exist,
@@ -104,7 +106,13 @@ pub async fn run(
         let partition = message.partition();
         let sender = partitions.entry(partition).or_insert_with(|| {
             let (tx, rx) = mpsc::channel(PARTITION_BUFFER);
-            workers.spawn(work(rx, consumer.clone(), engine.clone(), shutdown.clone()));
+            workers.spawn(work(
+                rx,
+                consumer.clone(),
+                engine.clone(),
+                settings.batch_max,
+                shutdown.clone(),
+            ));
             tx
         });
         tokio::select! {
@@ -136,31 +144,43 @@ pub async fn run(
     consumer.unsubscribe();
 }
 
-/// One partition's messages, in order.
+/// One partition's messages, in order: whatever is waiting (up to `batch_max`) is handled
+/// together, and the offset of the last message handled is stored.
 async fn work(
     mut messages: mpsc::Receiver<OwnedMessage>,
     consumer: Arc<StreamConsumer>,
     engine: Engine,
+    batch_max: usize,
     shutdown: CancellationToken,
 ) {
+    let mut batch = Vec::with_capacity(batch_max);
     loop {
-        let message = tokio::select! {
+        let first = tokio::select! {
             () = shutdown.cancelled() => return,
             message = messages.recv() => match message {
                 Some(message) => message,
                 None => return,
             },
         };
-        if engine.handle(&message, &shutdown).await.is_none() {
-            return; // interrupted by shutdown: not stored, so it is redelivered
+        batch.push(first);
+        while batch.len() < batch_max {
+            match messages.try_recv() {
+                Ok(message) => batch.push(message),
+                Err(_) => break,
+            }
         }
-        if let Err(error) =
-            consumer.store_offset(message.topic(), message.partition(), message.offset())
+        let done = engine.handle_all(&batch, &shutdown).await;
+        if let Some(last) = batch[..done].last()
+            && let Err(error) = consumer.store_offset(last.topic(), last.partition(), last.offset())
         {
             // The partition was revoked meanwhile; its new owner redelivers from the last
-            // commit and finds the effect already applied.
-            tracing::debug!(%error, partition = message.partition(), "Offset not stored.");
+            // commit and finds the effects already applied.
+            tracing::debug!(%error, partition = last.partition(), "Offset not stored.");
         }
+        if done < batch.len() {
+            return; // interrupted by shutdown: the rest is not stored, so it is redelivered
+        }
+        batch.clear();
     }
 }
 

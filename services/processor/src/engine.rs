@@ -30,10 +30,11 @@ use common::envelope::CommandEnvelope;
 use common::kafka::HEADER_COMMAND_ID;
 use common::metrics::{
     COMMAND_HANDLER_DURATION_SECONDS, COMMAND_RETRIES_TOTAL, COMMANDS_DEAD_LETTERED_TOTAL,
-    COMMANDS_PROCESSED_TOTAL,
+    COMMANDS_PROCESSED_TOTAL, PROCESSOR_BATCH_SIZE,
 };
 use common::outbox::TraceContext;
 use common::shutdown::CancellationToken;
+use futures::FutureExt as _;
 use rdkafka::Message;
 use rdkafka::message::{Header, Headers, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -42,6 +43,7 @@ use uuid::Uuid;
 
 use crate::NAME;
 use crate::apply::{ApplyError, Committed, Store, is_unavailable};
+use crate::batch::{self, Decision};
 use crate::handler::{HandlerError, Handlers, Invocation, REASON_VERSION_CONFLICT};
 
 /// Dead-letter reason: the message is not a command envelope.
@@ -166,6 +168,126 @@ impl Engine {
         }
     }
 
+    /// Processes consecutive messages of one partition in order, each to its final outcome;
+    /// returns how many were (fewer than all only when `shutdown` interrupted, and then the
+    /// rest must not have their offsets stored). Leading runs of commands with built-in
+    /// handlers are decided and written together (see [`crate::batch`]); the others, and any
+    /// run the batch path hands back, go one by one through [`Self::handle`].
+    pub async fn handle_all(
+        &self,
+        messages: &[OwnedMessage],
+        shutdown: &CancellationToken,
+    ) -> usize {
+        let mut done = 0;
+        while done < messages.len() {
+            let rest = &messages[done..];
+            let run = self.batchable_run(rest);
+            if run.len() > 1 && self.handle_together(&rest[..run.len()], &run).await {
+                done += run.len();
+                continue;
+            }
+            for message in &rest[..run.len().max(1)] {
+                if self.handle(message, shutdown).await.is_none() {
+                    return done;
+                }
+                done += 1;
+            }
+        }
+        done
+    }
+
+    /// The commands of the leading messages that parse and have a built-in handler.
+    fn batchable_run(&self, messages: &[OwnedMessage]) -> Vec<CommandEnvelope> {
+        messages
+            .iter()
+            .map_while(|message| {
+                let command: CommandEnvelope =
+                    serde_json::from_slice(message.payload().unwrap_or_default()).ok()?;
+                self.handlers
+                    .get(&command.command_type)
+                    .filter(|r| r.built_in)
+                    .map(|_| command)
+            })
+            .collect()
+    }
+
+    /// Handles `commands` (parsed from `messages`) as one batch; false when nothing was
+    /// written and they must go one by one.
+    async fn handle_together(
+        &self,
+        messages: &[OwnedMessage],
+        commands: &[CommandEnvelope],
+    ) -> bool {
+        let spans: Vec<tracing::Span> = messages.iter().map(command_span).collect();
+        let traces: Vec<TraceContext> = spans
+            .iter()
+            .zip(messages)
+            .map(|(span, message)| span.in_scope(|| trace_of(message)))
+            .collect();
+        for (span, command) in spans.iter().zip(commands) {
+            span.record("command_id", tracing::field::display(command.command_id));
+            span.record("command_type", command.command_type.as_str());
+        }
+        let reads = match self.store.snapshot_many(commands).await {
+            Ok(reads) => reads,
+            Err(error) => {
+                tracing::debug!(%error, "Batch read failed; handling the commands one by one.");
+                return false;
+            }
+        };
+        let planned = batch::plan(commands, reads, |index, current| {
+            let command = &commands[index];
+            let registered = self.handlers.get(&command.command_type)?;
+            let started = Instant::now();
+            let decided = registered
+                .handler
+                .handle(Invocation {
+                    command,
+                    current,
+                    trace: &traces[index],
+                })
+                .now_or_never();
+            metrics::histogram!(COMMAND_HANDLER_DURATION_SECONDS, "service" => NAME, "type" => command.command_type.clone())
+                .record(started.elapsed().as_secs_f64());
+            decided
+        });
+        let plan = match planned {
+            Ok(plan) => plan,
+            Err(why) => {
+                tracing::debug!(%why, "Handling the commands one by one.");
+                return false;
+            }
+        };
+        match self.store.commit_plan(commands, &plan, &traces).await {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::debug!(
+                    "A document changed under the batch; handling the commands one by one."
+                );
+                return false;
+            }
+            Err(error) => {
+                tracing::debug!(%error, "Batch write failed; handling the commands one by one.");
+                return false;
+            }
+        }
+        metrics::histogram!(PROCESSOR_BATCH_SIZE, "service" => NAME).record(commands.len() as f64);
+        for ((span, command), decision) in spans.iter().zip(commands).zip(plan.decisions) {
+            let outcome = match decision {
+                Decision::Duplicate => Outcome::Duplicate,
+                Decision::Failed { reason } => Outcome::Failed { reason },
+                Decision::Unchanged { version } => Outcome::Succeeded { version },
+                Decision::Applied { version, .. } => Outcome::Succeeded {
+                    version: Some(version),
+                },
+            };
+            span.record("outcome", outcome.label());
+            metrics::counter!(COMMANDS_PROCESSED_TOTAL, "service" => NAME, "type" => command.command_type.clone(), "outcome" => outcome.label())
+                .increment(1);
+        }
+        true
+    }
+
     /// Processes one message to its final outcome. `None` means `shutdown` interrupted it:
     /// its offset must not be stored (it will be redelivered).
     pub async fn handle(
@@ -173,23 +295,9 @@ impl Engine {
         message: &OwnedMessage,
         shutdown: &CancellationToken,
     ) -> Option<Outcome> {
-        let span = tracing::info_span!(
-            "processor.command",
-            otel.kind = "consumer",
-            partition = message.partition(),
-            offset = message.offset(),
-            command_id = tracing::field::Empty,
-            command_type = tracing::field::Empty,
-            outcome = tracing::field::Empty,
-        );
-        common::telemetry::set_parent_from_kafka(&span, message.headers());
+        let span = command_span(message);
         let work = async {
-            // The current span's context (a child of the producer's); when spans are filtered
-            // out, the producer's context itself, so the trace still continues downstream.
-            let mut trace = TraceContext::current();
-            if trace.traceparent.is_none() {
-                trace = TraceContext::of(&common::telemetry::extract_kafka(message.headers()));
-            }
+            let trace = trace_of(message);
             let payload = message.payload().unwrap_or_default();
             let (outcome, kind) = match serde_json::from_slice::<CommandEnvelope>(payload) {
                 Ok(command) => {
@@ -427,6 +535,32 @@ impl Engine {
             .increment(1);
         Some(())
     }
+}
+
+/// The span of one command, continuing the trace in the message's headers.
+fn command_span(message: &OwnedMessage) -> tracing::Span {
+    let span = tracing::info_span!(
+        "processor.command",
+        otel.kind = "consumer",
+        partition = message.partition(),
+        offset = message.offset(),
+        command_id = tracing::field::Empty,
+        command_type = tracing::field::Empty,
+        outcome = tracing::field::Empty,
+    );
+    common::telemetry::set_parent_from_kafka(&span, message.headers());
+    span
+}
+
+/// The trace context to forward (call it inside the command's span): the current span's
+/// context (a child of the producer's); when spans are filtered out, the producer's context
+/// itself, so the trace still continues downstream.
+fn trace_of(message: &OwnedMessage) -> TraceContext {
+    let trace = TraceContext::current();
+    if trace.traceparent.is_some() {
+        return trace;
+    }
+    TraceContext::of(&common::telemetry::extract_kafka(message.headers()))
 }
 
 /// The `command-id` header as a UUID, if present and valid.

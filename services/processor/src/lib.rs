@@ -15,6 +15,7 @@
 //! - this file: [`Config`], [`AppState`], [`router`], [`run`] and the [`Service`] impl.
 
 pub mod apply;
+pub mod batch;
 pub mod consumer;
 pub mod engine;
 pub mod handler;
@@ -103,6 +104,10 @@ pub struct ProcessorConfig {
     /// Default 10000.
     #[serde(default = "defaults::session_timeout_ms")]
     pub processor_session_timeout_ms: u64,
+    /// `PROCESSOR_BATCH_MAX`: commands of one partition decided and written in one
+    /// transaction at most, when that many are waiting (`1` turns batching off). Default 128.
+    #[serde(default = "defaults::batch_max")]
+    pub processor_batch_max: usize,
 }
 
 fn json_object<'de, D: Deserializer<'de>>(
@@ -137,6 +142,9 @@ mod defaults {
     }
     pub fn session_timeout_ms() -> u64 {
         10_000
+    }
+    pub fn batch_max() -> usize {
+        128
     }
 }
 
@@ -275,6 +283,7 @@ impl AppState {
             ensure_topics: [TOPIC_COMMANDS, TOPIC_EVENTS, TOPIC_COMMANDS_DLQ]
                 .map(|t| config.kafka.topic(t))
                 .to_vec(),
+            batch_max: p.processor_batch_max.max(1),
         };
         Ok(Self {
             ops,

@@ -16,7 +16,7 @@ use rdkafka::producer::FutureRecord;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use crate::support::{Stack, header, payload, read_until};
+use crate::support::{InProcess, Stack, header, payload, read_until};
 
 const TRACE_ID: &str = "4bf92f3577b34da6a36f3db1c6a8e1a2";
 
@@ -151,6 +151,95 @@ async fn refused_commands_fail_with_a_reason_and_change_nothing() {
     assert_eq!(etag.as_deref(), Some("\"1\""));
     assert_eq!(body["data"], json!({"n": 1}));
     assert_eq!(stack.document("missing").await.0, 404);
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn a_backlog_is_decided_in_batches_with_the_outcomes_of_one_by_one_processing() {
+    // Accepted while no processor runs, so the processor finds a backlog and takes each
+    // partition's waiting commands together.
+    let mut stack = Stack::start(&[], None).await;
+    let mut expected: Vec<(Uuid, &str, Value)> = Vec::new();
+    for doc in ["a", "b", "c"] {
+        let id = stack
+            .submit(json!({"type": "create", "id": doc, "payload": {"n": 0}}))
+            .await;
+        expected.push((id, "succeeded", json!(1)));
+        for n in 1..=20 {
+            let id = stack
+                .submit(
+                    json!({"type": "patch", "id": doc, "expectedVersion": n, "payload": {"n": n}}),
+                )
+                .await;
+            expected.push((id, "succeeded", json!(n + 1)));
+        }
+        let id = stack
+            .submit(json!({"type": "patch", "id": doc, "expectedVersion": 1, "payload": {"n": -1}}))
+            .await;
+        expected.push((id, "failed", json!("version_conflict")));
+        let id = stack
+            .submit(json!({"type": "create", "id": doc, "payload": {"n": -2}}))
+            .await;
+        expected.push((id, "failed", json!("already_exists")));
+    }
+    let id = stack
+        .submit(json!({"type": "delete", "id": "c", "expectedVersion": 21}))
+        .await;
+    expected.push((id, "succeeded", json!(22)));
+    let id = stack
+        .submit(json!({"type": "create", "id": "c", "payload": {"again": true}}))
+        .await;
+    expected.push((id, "succeeded", json!(23)));
+
+    stack.processor = Some(InProcess::start(&stack.vars(), Handlers::built_in()).await);
+    for (id, status, detail) in &expected {
+        let found = stack.final_status(*id).await;
+        assert_eq!(found["status"], *status, "{found}");
+        let field = if *status == "failed" {
+            "failureReason"
+        } else {
+            "resultVersion"
+        };
+        assert_eq!(found[field], *detail, "{found}");
+    }
+    for (doc, version, data) in [
+        ("a", 21, json!({"n": 20})),
+        ("b", 21, json!({"n": 20})),
+        ("c", 23, json!({"again": true})),
+    ] {
+        let (status, etag, body) = stack.document(doc).await;
+        assert_eq!(status, 200);
+        assert_eq!(etag, Some(format!("\"{version}\"")));
+        assert_eq!(body["data"], data);
+    }
+    // One event per new version, in version order per document.
+    let events = stack.reader(kafka::TOPIC_EVENTS);
+    let received = read_until(&events, Duration::from_secs(60), |seen| seen.len() >= 65).await;
+    let mut versions: std::collections::HashMap<String, Vec<i64>> = Default::default();
+    for message in &received {
+        let event = payload(message);
+        versions
+            .entry(event["id"].as_str().unwrap().to_owned())
+            .or_default()
+            .push(event["version"].as_i64().unwrap());
+    }
+    for (doc, last) in [("a", 21), ("b", 21), ("c", 23)] {
+        assert_eq!(versions[doc], (1..=last).collect::<Vec<_>>(), "{doc}");
+    }
+    // Commands written in one transaction share its timestamp: fewer distinct ones than
+    // commands means the backlog was taken in batches.
+    let (commands, writes): (i64, i64) = sqlx::query_as(
+        "SELECT count(*), count(DISTINCT updated_at) FROM commands WHERE collection = $1",
+    )
+    .bind(&stack.collection)
+    .fetch_one(&stack.db)
+    .await
+    .unwrap();
+    assert_eq!(commands, expected.len() as i64);
+    assert!(
+        writes < commands,
+        "{writes} transactions for {commands} commands"
+    );
     stack.stop().await;
 }
 
