@@ -152,7 +152,7 @@ pub async fn rebuild(
     }
     tracing::info!(%topic, partitions = partitions.len(), ends = ?remaining, "Captured the end offsets.");
 
-    let client = redis::Client::open(config.redis.redis_url.expose_secret())?;
+    let client = common::redis::client(config.redis.redis_url.expose_secret())?;
     let mut conn = client.get_multiplexed_async_connection().await?;
     let cleared = readmodel::clear(&mut conn, prefix).await?;
     tracing::info!(cleared, "Cleared the read model.");

@@ -9,6 +9,7 @@ use axum::http::{HeaderName, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use axum::serve::ListenerExt as _;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
@@ -154,6 +155,13 @@ pub async fn serve(
     // Handlers that need the peer address (the gateway's forwarding fields and `ip` rate
     // limits) read `ConnectInfo<SocketAddr>`; for the others it costs nothing.
     let app = router.into_make_service_with_connect_info::<std::net::SocketAddr>();
+    // Nagle's algorithm would hold a small write (a WebSocket frame, a streamed chunk) back
+    // until the client's delayed ACK of the previous one: up to 40 ms of tail latency.
+    let listener = listener.tap_io(|tcp| {
+        if let Err(error) = tcp.set_nodelay(true) {
+            tracing::debug!(%error, "Failed to set TCP_NODELAY.");
+        }
+    });
     let server = axum::serve(listener, app)
         .with_graceful_shutdown(async move {
             drained.cancelled().await;

@@ -27,6 +27,19 @@ pub enum RedisError {
     Command(#[from] redis::RedisError),
 }
 
+/// A client for `url` whose connections set `TCP_NODELAY`.
+///
+/// redis-rs leaves Nagle's algorithm on by default. On a multiplexed connection a request
+/// written while an earlier one is unacknowledged then waits for the peer's delayed ACK (up
+/// to 40 ms on Linux): exactly the tail latency pipelined traffic (rate-limit checks, room
+/// publications, read-model scripts) must not have.
+pub fn client(url: &str) -> redis::RedisResult<redis::Client> {
+    use redis::IntoConnectionInfo as _;
+    let info = url.into_connection_info()?;
+    let tcp = info.tcp_settings().clone().set_nodelay(true);
+    redis::Client::open(info.set_tcp_settings(tcp))
+}
+
 /// A handle to Redis that fills in once the first connection succeeds. Cheap to clone.
 #[derive(Clone)]
 pub struct Redis {
@@ -42,8 +55,7 @@ impl Redis {
         config: &RedisConfig,
         shutdown: &CancellationToken,
     ) -> Result<Self, RedisError> {
-        let client =
-            redis::Client::open(config.redis_url.expose_secret()).map_err(RedisError::Url)?;
+        let client = client(config.redis_url.expose_secret()).map_err(RedisError::Url)?;
         let timeout = Duration::from_millis(config.redis_timeout_ms);
         let redis = Self {
             manager: Arc::default(),

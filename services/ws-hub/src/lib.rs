@@ -214,8 +214,8 @@ impl AppState {
     /// Creates the clients; Redis connects in the background until `shutdown`.
     pub fn new(config: &Config, shutdown: &CancellationToken) -> Result<Self, Error> {
         let redis = Redis::connect_in_background(NAME, &config.redis, shutdown)?;
-        let pubsub =
-            redis::Client::open(config.redis.redis_url.expose_secret()).map_err(RedisError::Url)?;
+        let pubsub = common::redis::client(config.redis.redis_url.expose_secret())
+            .map_err(RedisError::Url)?;
         let rooms = Rooms::new(redis.clone(), config.hub.history());
         let verifier = Verifier::new(&config.auth)?;
         let hub = Hub::new(
