@@ -47,8 +47,7 @@ impl RedisAdmin {
             &credentials.username,
             credentials.password.expose_secret(),
         )?;
-        let client =
-            common::redis::client(url.expose_secret()).map_err(|e| redis_error(&e))?;
+        let client = common::redis::client(url.expose_secret()).map_err(|e| redis_error(&e))?;
         Ok(Self { client, timeout })
     }
 

@@ -3,9 +3,10 @@
 //! rooms ([`common::rooms`]) and publishes invalidations to the `cache` topic.
 //!
 //! # Layout
-//! - [`updater`]: the consumer loop: one version-guarded script per event, room
-//!   notifications and invalidations only for events that changed the projection, offsets
-//!   stored only after the effects are done.
+//! - [`updater`]: the consumer loop: messages handled in batches of those already waiting,
+//!   one pipeline of version-guarded scripts per batch, room notifications (one more
+//!   pipeline) and invalidations only for events that changed the projection, offsets stored
+//!   in read order only after the effects are done.
 //! - [`rebuild`]: the `rebuild` subcommand: replay `events` from the beginning into an
 //!   emptied read model, then exit.
 //! - this file: [`Config`], [`AppState`], [`router`], [`run`] (HTTP + the consumer loop, both
@@ -63,6 +64,11 @@ pub struct CacheConfig {
     /// (their offsets are stored in order once acknowledged). Default 1000.
     #[serde(default = "defaults::max_in_flight")]
     pub cache_max_in_flight: usize,
+    /// `CACHE_BATCH_MAX`: messages handled as one batch at most: after one message arrives,
+    /// those already waiting are taken too (up to 1 MiB of payloads) and the whole batch
+    /// costs two Redis round trips. Default 256.
+    #[serde(default = "defaults::batch_max")]
+    pub cache_batch_max: usize,
     /// `CACHE_ROOM_HISTORY_SIZE`: publications kept per room for resuming clients; set it to
     /// the hub's `HUB_HISTORY_SIZE`. Default 100.
     #[serde(default = "defaults::room_history_size")]
@@ -79,6 +85,9 @@ mod defaults {
     }
     pub fn max_in_flight() -> usize {
         1000
+    }
+    pub fn batch_max() -> usize {
+        256
     }
     pub fn room_history_size() -> usize {
         100
@@ -113,6 +122,7 @@ impl Config {
             cache_topic: self.kafka.topic(TOPIC_CACHE),
             tombstone_ttl: Duration::from_secs(self.cache.cache_tombstone_ttl_seconds.max(1)),
             max_in_flight: self.cache.cache_max_in_flight.max(1),
+            batch_max: self.cache.cache_batch_max.max(1),
             delivery_timeout: Duration::from_millis(self.kafka.kafka_timeout_ms.max(100)),
         }
     }

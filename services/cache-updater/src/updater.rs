@@ -1,52 +1,72 @@
 //! The consumer loop on `events`.
 //!
-//! Messages are handled one at a time in the order Kafka delivers them, so one document's
-//! events (one key, one partition) reach Redis in order. For each message:
+//! Messages are handled in batches, in the order Kafka delivers them: once a message arrives,
+//! the messages already waiting in the consumer's queue are taken with it (without waiting
+//! for more), up to `CACHE_BATCH_MAX`, the room left under `CACHE_MAX_IN_FLIGHT` and 1 MiB of
+//! payloads. A batch costs a constant number of Redis round trips however many events it
+//! holds, and one document's events (one key, one partition) keep their order throughout.
+//! For each batch:
 //!
-//! 1. The payload is parsed as an [`EventEnvelope`]; a message that is not one is logged,
+//! 1. Each payload is parsed as an [`EventEnvelope`]; a message that is not one is logged,
 //!    counted in `cache_events_malformed_total` and skipped (its offset is stored, so a
 //!    poison message never turns into a crash loop).
-//! 2. [`readmodel::apply`] runs the version-guarded script. Redis errors are retried with the
-//!    shared backoff until they succeed or the service stops (then the offset is not stored and
-//!    the event is redelivered: applying it again is a no-op).
-//! 3. Only when the script applied the event: the event JSON is published to the rooms
-//!    `doc:<collection>:<id>`, `collection:<collection>` and `cmd:<commandId>`, and an
-//!    invalidation (`{collection, id, version}`, header `message-type: cache.invalidate`) is
-//!    enqueued on `cache`. A stale event (redelivery or overtaken) changes and announces
-//!    nothing. A shutdown never cuts in between the script and the notifications (their
-//!    first attempts always complete); only if Redis fails right after the script and the
-//!    service stops while retrying are that event's notifications lost, since its redelivery
-//!    is stale — the read model itself is still correct.
-//! 4. The offset is stored once the effects are done. Waiting for Kafka to acknowledge each
-//!    invalidation before reading the next event would cap throughput at one producer round
-//!    trip per event, so acknowledgements are awaited in a bounded, ordered queue
-//!    (`CACHE_MAX_IN_FLIGHT`) and offsets are stored strictly in the order the events were read.
+//! 2. One pipeline runs the version-guarded script ([`readmodel::apply_invocation`]) for
+//!    every event, in read order; Redis executes a pipeline in order, so each document's
+//!    events apply in order. Scripts run by EVALSHA; if Redis lost one (restart, `SCRIPT
+//!    FLUSH`), it is loaded and the invocations that got `NOSCRIPT` run again at once. Each
+//!    script's answer (applied or stale) is kept; only the events whose script failed are run
+//!    again (one pipeline, in order), with the shared backoff, until they succeed or the
+//!    service stops (then neither their offsets nor later ones are stored, and they are
+//!    redelivered: applying an event again is a no-op). A stale event (redelivery or
+//!    overtaken) changes and announces nothing.
+//! 3. One more pipeline publishes the applied events, in order, to the rooms
+//!    `doc:<collection>:<id>`, `collection:<collection>` and `cmd:<commandId>`; if a
+//!    publication fails, it and those after it are published again (a room may then see an
+//!    event twice, never lose one). Then an invalidation (`{collection, id, version}`, header
+//!    `message-type: cache.invalidate`) is enqueued on `cache` per applied event, in order.
+//!    A shutdown never cuts in between the scripts and the notifications: the first attempts
+//!    of both pipelines always complete, and the events a first attempt applied are announced
+//!    even if the service stops while other events of the batch are being retried. Only if
+//!    Redis fails right after an event's script (so its answer is lost), or an event's script
+//!    fails while a later event of the same document applies, is that event's notification
+//!    lost, since running it again is stale — the read model itself is still correct.
+//! 4. Offsets are stored once the effects are done. Waiting for Kafka to acknowledge the
+//!    invalidations before reading on would cap throughput at one producer round trip per
+//!    batch, so each batch's acknowledgements are awaited in a bounded, ordered queue
+//!    (`CACHE_MAX_IN_FLIGHT` messages) and offsets are stored strictly in read order: a
+//!    message's offset only once its effects and those of every message read before it are
+//!    done.
 //!
-//! The span of each event continues the trace carried by the message's W3C headers, and the
-//! invalidation carries it on.
+//! The event metrics (`cache_events_*_total`, `cache_apply_duration_seconds`) count each
+//! event; `cache_batch_size` records each batch's size. Each event has its own `cache.apply`
+//! span, which continues the trace carried by the message's W3C headers and which the event's
+//! invalidation carries on; the batch's Redis round trips run in a `cache.batch` span that
+//! the event spans follow from.
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use backon::Retryable as _;
 use common::envelope::EventEnvelope;
 use common::kafka::{HEADER_COMMAND_ID, HEADER_CONTENT_TYPE, HEADER_MESSAGE_TYPE};
 use common::metrics::{
-    CACHE_APPLY_DURATION_SECONDS, CACHE_EVENTS_APPLIED_TOTAL, CACHE_EVENTS_MALFORMED_TOTAL,
-    CACHE_EVENTS_STALE_TOTAL,
+    CACHE_APPLY_DURATION_SECONDS, CACHE_BATCH_SIZE, CACHE_EVENTS_APPLIED_TOTAL,
+    CACHE_EVENTS_MALFORMED_TOTAL, CACHE_EVENTS_STALE_TOTAL,
 };
 use common::readmodel::{self, Outcome};
-use common::redis::Redis;
+use common::redis::{Redis, RedisError};
 use common::rooms::Rooms;
 use common::shutdown::CancellationToken;
-use futures::StreamExt as _;
 use futures::stream::FuturesOrdered;
+use futures::{FutureExt as _, StreamExt as _};
 use rdkafka::Message as _;
 use rdkafka::consumer::{CommitMode, Consumer as _, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
+use redis::ScriptInvocation;
 use serde::Serialize;
 use tracing::Instrument as _;
 
@@ -57,6 +77,11 @@ pub const MESSAGE_TYPE_INVALIDATE: &str = "cache.invalidate";
 
 /// How long a stopping loop waits for outstanding invalidation acknowledgements.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A batch stops growing once its payloads reach this size, whatever `CACHE_BATCH_MAX` says:
+/// each payload goes to Redis four times (script, three rooms) in pipelines that must finish
+/// within the Redis response timeout, and a batch is parsed without yielding the thread.
+const BATCH_MAX_BYTES: usize = 1 << 20;
 
 /// What the consumer loop needs from the configuration.
 #[derive(Debug, Clone)]
@@ -69,8 +94,11 @@ pub struct UpdaterSettings {
     pub cache_topic: String,
     /// How long a delete's tombstone lives.
     pub tombstone_ttl: Duration,
-    /// Invalidations awaiting Kafka's acknowledgement at most.
+    /// Messages whose effects (invalidations awaiting Kafka's acknowledgement) may be
+    /// outstanding at most.
     pub max_in_flight: usize,
+    /// Messages handled as one batch at most.
+    pub batch_max: usize,
     /// How long to wait for room in the producer's queue before retrying.
     pub delivery_timeout: Duration,
 }
@@ -102,9 +130,38 @@ struct Position {
     offset: i64,
 }
 
-/// Resolves to whether the message's effects are complete (false only when shutdown
-/// interrupted them).
-type Completion = Pin<Box<dyn Future<Output = (Position, bool)> + Send>>;
+impl Position {
+    fn of(message: &BorrowedMessage<'_>) -> Self {
+        Self {
+            topic: message.topic().to_owned(),
+            partition: message.partition(),
+            offset: message.offset(),
+        }
+    }
+}
+
+/// What a batch's completion resolves to.
+struct Settled {
+    /// How many messages the batch held.
+    size: usize,
+    /// The positions of the batch's leading messages whose effects are done, in read order
+    /// (all of them, unless shutdown interrupted the batch).
+    done: Vec<Position>,
+}
+
+/// Resolves once the invalidations of a batch were acknowledged (or shutdown came first).
+type Completion = Pin<Box<dyn Future<Output = Settled> + Send>>;
+
+/// An event of the batch being handled.
+struct Parsed<'m> {
+    /// Its message's index in the batch.
+    index: usize,
+    event: EventEnvelope,
+    /// The message's bytes: the rooms get exactly the event JSON the processor emitted.
+    payload: &'m [u8],
+    /// `cache.apply`, continuing the message's trace.
+    span: tracing::Span,
+}
 
 /// The consumer loop (see the module docs).
 pub struct Updater {
@@ -142,20 +199,26 @@ impl Updater {
         }
         tracing::info!(topic = %self.settings.events_topic, "Consuming events.");
         let mut pending: FuturesOrdered<Completion> = FuturesOrdered::new();
+        // Messages of the batches in `pending`.
+        let mut in_flight = 0;
         let mut intact = true;
         loop {
             tokio::select! {
                 biased;
                 () = shutdown.cancelled() => break,
-                Some((position, done)) = pending.next(), if !pending.is_empty() => {
-                    intact = self.store(&position, done && intact);
+                Some(settled) = pending.next(), if !pending.is_empty() => {
+                    in_flight -= settled.size;
+                    intact = self.store(&settled, intact);
                 }
-                received = self.consumer.recv(), if pending.len() < self.settings.max_in_flight => {
+                received = self.consumer.recv(), if in_flight < self.settings.max_in_flight => {
                     match received {
-                        Ok(message) => match self.handle(&message, &shutdown).await {
-                            Some(completion) => pending.push_back(completion),
-                            None => break,
-                        },
+                        Ok(message) => {
+                            let room = self.settings.max_in_flight - in_flight;
+                            let batch = self.gather(message, room.min(self.settings.batch_max));
+                            in_flight += batch.len();
+                            // After an interrupted batch, the shutdown branch ends the loop.
+                            pending.push_back(self.handle(&batch, &shutdown).await);
+                        }
                         Err(error) => {
                             tracing::warn!(%error, "Failed to consume from Kafka; retrying.");
                             tokio::select! {
@@ -170,8 +233,8 @@ impl Updater {
         // Bounded: with Kafka down an acknowledgement could take the producer's whole message
         // timeout; whatever is not acknowledged by then is redelivered to the next owner.
         let drain = async {
-            while let Some((position, done)) = pending.next().await {
-                intact = self.store(&position, done && intact);
+            while let Some(settled) = pending.next().await {
+                intact = self.store(&settled, intact);
             }
         };
         if tokio::time::timeout(DRAIN_TIMEOUT, drain).await.is_err() {
@@ -187,115 +250,198 @@ impl Updater {
         tracing::info!("Stopped consuming events.");
     }
 
-    /// Stores the offset if everything up to this message is done; returns whether later
-    /// offsets may still be stored.
-    fn store(&self, position: &Position, done: bool) -> bool {
-        if !done {
+    /// `first` plus the messages already waiting in the consumer's queue (never waiting for
+    /// more), `limit` at most and [`BATCH_MAX_BYTES`] of payloads, in the order Kafka delivers
+    /// them.
+    fn gather<'c>(&'c self, first: BorrowedMessage<'c>, limit: usize) -> Vec<BorrowedMessage<'c>> {
+        let mut bytes = first.payload_len();
+        let mut batch = Vec::with_capacity(limit);
+        batch.push(first);
+        while batch.len() < limit && bytes < BATCH_MAX_BYTES {
+            match self.consumer.recv().now_or_never() {
+                Some(Ok(message)) => {
+                    bytes += message.payload_len();
+                    batch.push(message);
+                }
+                Some(Err(error)) => {
+                    tracing::warn!(%error, "Failed to consume from Kafka; handling the messages read so far.");
+                    break;
+                }
+                None => break,
+            }
+        }
+        batch
+    }
+
+    /// Stores the offsets of a batch's done messages if every earlier message is done;
+    /// returns whether later offsets may still be stored.
+    fn store(&self, settled: &Settled, intact: bool) -> bool {
+        if !intact {
             return false;
         }
-        if let Err(error) =
-            self.consumer
-                .store_offset(&position.topic, position.partition, position.offset)
-        {
-            // The partition was revoked meanwhile; its new owner re-applies idempotently.
-            tracing::debug!(%error, partition = position.partition, offset = position.offset, "Offset not stored.");
+        // Offsets grow within a partition: its last done message covers the earlier ones.
+        let mut last: Vec<&Position> = Vec::new();
+        for position in &settled.done {
+            match last
+                .iter_mut()
+                .find(|p| p.partition == position.partition && p.topic == position.topic)
+            {
+                Some(slot) => *slot = position,
+                None => last.push(position),
+            }
         }
-        true
+        for position in last {
+            if let Err(error) =
+                self.consumer
+                    .store_offset(&position.topic, position.partition, position.offset)
+            {
+                // The partition was revoked meanwhile; its new owner re-applies idempotently.
+                tracing::debug!(%error, partition = position.partition, offset = position.offset, "Offset not stored.");
+            }
+        }
+        settled.done.len() == settled.size
     }
 
-    /// Applies one message. `None` when shutdown interrupted it (its offset must not be
-    /// stored); otherwise a completion that resolves once the invalidation was acknowledged.
+    /// Handles one batch (see the module docs) and returns the completion that settles its
+    /// offsets: all of them once the invalidations are acknowledged, or, when shutdown
+    /// interrupted the batch, those of the messages before the first one left undone.
     async fn handle(
         &self,
-        message: &BorrowedMessage<'_>,
+        messages: &[BorrowedMessage<'_>],
         shutdown: &CancellationToken,
-    ) -> Option<Completion> {
-        let position = Position {
-            topic: message.topic().to_owned(),
-            partition: message.partition(),
-            offset: message.offset(),
-        };
-        let event = match parse(message.payload()) {
-            Ok(event) => event,
-            Err(reason) => {
-                metrics::counter!(CACHE_EVENTS_MALFORMED_TOTAL, "service" => NAME).increment(1);
-                tracing::warn!(
-                    topic = %position.topic,
-                    partition = position.partition,
-                    offset = position.offset,
-                    reason,
-                    "Skipping a malformed event."
-                );
-                return Some(Box::pin(async move { (position, true) }));
+    ) -> Completion {
+        let started = Instant::now();
+        metrics::histogram!(CACHE_BATCH_SIZE, "service" => NAME).record(messages.len() as f64);
+        let batch_span = tracing::info_span!("cache.batch", size = messages.len());
+        let events: Vec<Parsed<'_>> = messages
+            .iter()
+            .enumerate()
+            .filter_map(|(index, message)| parse_message(index, message, &batch_span))
+            .collect();
+        // The index of the first message whose effects are not done.
+        let mut undone = messages.len();
+
+        let outcomes = self
+            .apply(&events, shutdown)
+            .instrument(batch_span.clone())
+            .await;
+        let mut applied = Vec::with_capacity(events.len());
+        for (parsed, outcome) in events.iter().zip(outcomes) {
+            match outcome {
+                Some(Outcome::Applied) => applied.push(parsed),
+                Some(Outcome::Stale) => {
+                    metrics::counter!(CACHE_EVENTS_STALE_TOTAL, "service" => NAME).increment(1);
+                    parsed.span.in_scope(|| {
+                        tracing::debug!(
+                            "Stale event skipped: the read model holds this version or a newer one."
+                        );
+                    });
+                }
+                None => undone = undone.min(parsed.index),
             }
-        };
-        let span = tracing::info_span!(
-            "cache.apply",
-            collection = %event.collection,
-            id = %event.id,
-            version = event.version,
-            event_type = %event.event_type,
-            command_id = %event.command_id,
-        );
-        common::telemetry::set_parent_from_kafka(&span, message.headers());
-        // The rooms get the message's own bytes: exactly the event JSON the processor emitted.
-        let payload = message.payload().unwrap_or_default();
-        let applied = self
-            .apply(&event, payload, shutdown)
-            .instrument(span.clone())
-            .await?;
-        if !applied {
-            return Some(Box::pin(async move { (position, true) }));
         }
-        let acked = self.invalidate(&event, shutdown).instrument(span).await?;
-        Some(Box::pin(async move { (position, acked.await) }))
+
+        let mut acks = Vec::with_capacity(applied.len());
+        let notified = self.notify(&applied, shutdown).instrument(batch_span).await;
+        if notified.is_some() {
+            metrics::counter!(CACHE_EVENTS_APPLIED_TOTAL, "service" => NAME)
+                .increment(applied.len() as u64);
+            metrics::histogram!(CACHE_APPLY_DURATION_SECONDS, "service" => NAME)
+                .record_many(started.elapsed().as_secs_f64(), applied.len());
+            for parsed in applied {
+                let ack = self
+                    .invalidate(&parsed.event, shutdown)
+                    .instrument(parsed.span.clone())
+                    .await;
+                match ack {
+                    Some(ack) => acks.push((parsed.index, ack)),
+                    None => {
+                        undone = undone.min(parsed.index);
+                        break;
+                    }
+                }
+            }
+        } else if let Some(first) = applied.first() {
+            undone = undone.min(first.index);
+        }
+        settle(messages.iter().map(Position::of).collect(), undone, acks)
     }
 
-    /// Runs the script and, if it applied the event, notifies the rooms. `None` when shutdown
-    /// interrupted a retry; otherwise whether the event was applied.
+    /// Runs the script of every event in one pipeline, then re-runs those that failed until
+    /// they succeed. An outcome is `None` only if shutdown came while it was being retried.
     async fn apply(
         &self,
-        event: &EventEnvelope,
-        payload: &[u8],
+        events: &[Parsed<'_>],
         shutdown: &CancellationToken,
-    ) -> Option<bool> {
-        let started = Instant::now();
-        let outcome = self
-            .retrying("apply the event to the read model", shutdown, || async {
-                let mut conn = self.redis.connection()?;
-                Ok::<_, common::redis::RedisError>(
-                    readmodel::apply(
-                        &mut conn,
-                        &self.settings.key_prefix,
-                        event,
-                        self.settings.tombstone_ttl,
-                    )
-                    .await?,
-                )
+    ) -> Vec<Option<Outcome>> {
+        let outcomes: Vec<OnceLock<Outcome>> = events.iter().map(|_| OnceLock::new()).collect();
+        let (outcomes_ref, settings) = (&outcomes, &self.settings);
+        self.retrying(
+            "apply the events to the read model",
+            shutdown,
+            move || async move {
+                let unresolved: Vec<usize> = (0..events.len())
+                    .filter(|&i| outcomes_ref[i].get().is_none())
+                    .collect();
+                let invocations: Vec<ScriptInvocation<'static>> = unresolved
+                    .iter()
+                    .map(|&i| {
+                        readmodel::apply_invocation(
+                            &settings.key_prefix,
+                            &events[i].event,
+                            settings.tombstone_ttl,
+                        )
+                    })
+                    .collect();
+                let replies = run_scripts::<i64>(&self.redis, &invocations).await?;
+                let mut failure = None;
+                for (i, reply) in unresolved.into_iter().zip(replies) {
+                    match reply {
+                        Ok(applied) => {
+                            let _ = outcomes_ref[i].set(Outcome::from_reply(applied));
+                        }
+                        Err(error) => {
+                            failure.get_or_insert(error);
+                        }
+                    }
+                }
+                failure.map_or(Ok(()), |error| Err(RedisError::from(error)))
+            },
+        )
+        .await;
+        outcomes.into_iter().map(OnceLock::into_inner).collect()
+    }
+
+    /// Publishes the applied events to their rooms in one pipeline, in event order. After a
+    /// failure, the publications from the first failed one on are sent again, with the shared
+    /// backoff. `None` if shutdown came while retrying.
+    async fn notify(&self, applied: &[&Parsed<'_>], shutdown: &CancellationToken) -> Option<()> {
+        let publications: Vec<(String, &[u8])> = applied
+            .iter()
+            .flat_map(|parsed| {
+                rooms_of(&parsed.event)
+                    .into_iter()
+                    .map(|room| (room, parsed.payload))
             })
-            .await?;
-        if outcome == Outcome::Stale {
-            metrics::counter!(CACHE_EVENTS_STALE_TOTAL, "service" => NAME).increment(1);
-            tracing::debug!(
-                "Stale event skipped: the read model holds this version or a newer one."
-            );
-            return Some(false);
-        }
-        // The script applied the event, so a retry of it would be a no-op: retry the
-        // notifications on their own. The three rooms go out concurrently (pipelined on the
-        // one multiplexed connection); each room still sees this document's events in order,
-        // because the next event is only handled after all three are published.
-        let rooms = rooms_of(event);
-        self.retrying("notify the rooms", shutdown, || {
-            futures::future::try_join_all(
-                rooms.iter().map(|room| self.rooms.publish(room, payload)),
-            )
+            .collect();
+        // How many publications, from the first, are known to be out.
+        let published = AtomicUsize::new(0);
+        let (publications, published_ref) = (&publications, &published);
+        self.retrying("notify the rooms", shutdown, move || async move {
+            let from = published_ref.load(Ordering::Relaxed);
+            let invocations: Vec<ScriptInvocation<'_>> = publications[from..]
+                .iter()
+                .map(|(room, payload)| self.rooms.publish_invocation(room, payload))
+                .collect();
+            let replies = run_scripts::<redis::Value>(&self.redis, &invocations).await?;
+            let out = replies.iter().take_while(|reply| reply.is_ok()).count();
+            published_ref.store(from + out, Ordering::Relaxed);
+            match replies.into_iter().find_map(Result::err) {
+                Some(error) => Err(RedisError::from(error)),
+                None => Ok(()),
+            }
         })
-        .await?;
-        metrics::counter!(CACHE_EVENTS_APPLIED_TOTAL, "service" => NAME).increment(1);
-        metrics::histogram!(CACHE_APPLY_DURATION_SECONDS, "service" => NAME)
-            .record(started.elapsed().as_secs_f64());
-        Some(true)
+        .await
     }
 
     /// Enqueues the invalidation now (so invalidations keep the events' order) and returns a
@@ -377,6 +523,114 @@ impl Updater {
             () = shutdown.cancelled() => None,
         }
     }
+}
+
+/// The completion of a batch whose messages before `undone` were handled and whose
+/// invalidations are `acks` (message index, acknowledgement): once the acknowledgements are in,
+/// the messages before `undone` and before the first undelivered invalidation are done.
+fn settle<F>(mut positions: Vec<Position>, undone: usize, acks: Vec<(usize, F)>) -> Completion
+where
+    F: Future<Output = bool> + Send + 'static,
+{
+    let size = positions.len();
+    Box::pin(async move {
+        let (indices, acks): (Vec<usize>, Vec<F>) = acks.into_iter().unzip();
+        let delivered = futures::future::join_all(acks).await;
+        let undelivered = indices
+            .into_iter()
+            .zip(delivered)
+            .find(|(_, delivered)| !delivered)
+            .map_or(size, |(index, _)| index);
+        positions.truncate(undone.min(undelivered));
+        Settled {
+            size,
+            done: positions,
+        }
+    })
+}
+
+/// Parses the batch's message `index` into an event with its span (continuing the message's
+/// trace, following from the batch's); a malformed message is counted, logged and skipped.
+fn parse_message<'m>(
+    index: usize,
+    message: &'m BorrowedMessage<'_>,
+    batch: &tracing::Span,
+) -> Option<Parsed<'m>> {
+    let event = match parse(message.payload()) {
+        Ok(event) => event,
+        Err(reason) => {
+            metrics::counter!(CACHE_EVENTS_MALFORMED_TOTAL, "service" => NAME).increment(1);
+            tracing::warn!(
+                topic = %message.topic(),
+                partition = message.partition(),
+                offset = message.offset(),
+                reason,
+                "Skipping a malformed event."
+            );
+            return None;
+        }
+    };
+    let span = tracing::info_span!(
+        "cache.apply",
+        collection = %event.collection,
+        id = %event.id,
+        version = event.version,
+        event_type = %event.event_type,
+        command_id = %event.command_id,
+    );
+    common::telemetry::set_parent_from_kafka(&span, message.headers());
+    span.follows_from(batch);
+    Some(Parsed {
+        index,
+        event,
+        payload: message.payload().unwrap_or_default(),
+        span,
+    })
+}
+
+/// Runs `invocations` as one pipeline (Redis executes its commands in order, in one round trip)
+/// and returns each one's reply; an `Err` is the round trip's own failure. Scripts run by
+/// EVALSHA: when Redis does not have one (after a restart or `SCRIPT FLUSH`), it is loaded and
+/// the invocations that got `NOSCRIPT` run once more, in order, in a second pipeline.
+async fn run_scripts<T: redis::FromRedisValue>(
+    redis: &Redis,
+    invocations: &[ScriptInvocation<'_>],
+) -> Result<Vec<redis::RedisResult<T>>, RedisError> {
+    fn pipeline<'a>(
+        invocations: impl Iterator<Item = &'a ScriptInvocation<'a>>,
+    ) -> redis::Pipeline {
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        for invocation in invocations {
+            pipe.invoke_script(invocation);
+        }
+        pipe
+    }
+    if invocations.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut conn = redis.connection()?;
+    let mut replies: Vec<redis::RedisResult<T>> =
+        pipeline(invocations.iter()).query_async(&mut conn).await?;
+    let missing: Vec<usize> = replies
+        .iter()
+        .enumerate()
+        .filter(|(_, reply)| {
+            matches!(reply, Err(error) if error.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript))
+        })
+        .map(|(i, _)| i)
+        .collect();
+    if let Some(&first) = missing.first() {
+        invocations[first].load_async(&mut conn).await?;
+        let retried: Vec<redis::RedisResult<T>> =
+            pipeline(missing.iter().map(|&i| &invocations[i]))
+                .query_async(&mut conn)
+                .await?;
+        for (i, reply) in missing.into_iter().zip(retried) {
+            replies[i] = reply;
+        }
+    }
+    Ok(replies)
 }
 
 /// An invalidation ready to be (re-)sent.

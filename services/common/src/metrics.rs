@@ -52,6 +52,9 @@ pub const CACHE_EVENTS_MALFORMED_TOTAL: &str = "cache_events_malformed_total";
 /// Histogram: time to apply one event (read-model script plus room notifications).
 /// Labels: `service`.
 pub const CACHE_APPLY_DURATION_SECONDS: &str = "cache_apply_duration_seconds";
+/// Histogram: `events` messages the cache updater handled together as one batch (the first
+/// message plus those already waiting, up to `CACHE_BATCH_MAX`). Labels: `service`.
+pub const CACHE_BATCH_SIZE: &str = "cache_batch_size";
 /// Counter: commands the processor finished. Labels: `service`, `type`, `outcome`
 /// (`succeeded`, `failed`, `dead_lettered`, `duplicate` for a redelivery already applied).
 pub const COMMANDS_PROCESSED_TOTAL: &str = "commands_processed_total";

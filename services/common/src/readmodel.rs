@@ -137,6 +137,17 @@ return 1
 
 static APPLY: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(APPLY_LUA));
 
+impl Outcome {
+    /// Interprets the reply of [`apply_invocation`]'s script (1 when applied, else 0).
+    pub fn from_reply(applied: i64) -> Self {
+        if applied == 1 {
+            Self::Applied
+        } else {
+            Self::Stale
+        }
+    }
+}
+
 /// Projects `event` unless the read model already holds its version or a newer one.
 ///
 /// One atomic script (EVALSHA, with a transparent EVAL fallback after `NOSCRIPT`). A delete
@@ -147,6 +158,21 @@ pub async fn apply(
     event: &EventEnvelope,
     tombstone_ttl: Duration,
 ) -> Result<Outcome, redis::RedisError> {
+    let applied: i64 = apply_invocation(prefix, event, tombstone_ttl)
+        .invoke_async(conn)
+        .await?;
+    Ok(Outcome::from_reply(applied))
+}
+
+/// The script call of [`apply`], for callers that pipeline many of them (Redis runs a
+/// pipeline's commands in order, so one document's events still apply in order). Read its
+/// reply with [`Outcome::from_reply`]. In a pipeline a script is not loaded automatically:
+/// the caller handles `NOSCRIPT` (for example with [`redis::ScriptInvocation::load_async`]).
+pub fn apply_invocation(
+    prefix: &str,
+    event: &EventEnvelope,
+    tombstone_ttl: Duration,
+) -> redis::ScriptInvocation<'static> {
     let deleted = event.is_delete();
     let data = match (&event.data, deleted) {
         (Some(data), false) => data.to_string(),
@@ -154,20 +180,16 @@ pub async fn apply(
         (None, false) => "null".to_owned(),
         (_, true) => String::new(),
     };
-    let applied: i64 = APPLY
+    let script: &'static redis::Script = &APPLY;
+    let mut invocation = script.prepare_invoke();
+    invocation
         .key(document_key(prefix, &event.collection, &event.id))
         .arg(event.version)
         .arg(data)
         .arg(rfc3339(event.occurred_at))
         .arg(if deleted { "1" } else { "0" })
-        .arg(tombstone_ttl.as_secs().max(1))
-        .invoke_async(conn)
-        .await?;
-    Ok(if applied == 1 {
-        Outcome::Applied
-    } else {
-        Outcome::Stale
-    })
+        .arg(tombstone_ttl.as_secs().max(1));
+    invocation
 }
 
 fn rfc3339(at: DateTime<Utc>) -> String {

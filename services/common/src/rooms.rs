@@ -205,7 +205,19 @@ impl Rooms {
     pub async fn publish(&self, room: &str, payload: &[u8]) -> Result<Position, RoomsError> {
         let mut conn = self.redis.connection()?;
         let (epoch, offset): (String, u64) = self
-            .publish
+            .publish_invocation(room, payload)
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(Position { epoch, offset })
+    }
+
+    /// The script call of [`Rooms::publish`], for callers that pipeline many publications
+    /// (Redis runs a pipeline's commands in order, so each room gets them in order). Its reply
+    /// is `(epoch, offset)`. In a pipeline a script is not loaded automatically: the caller
+    /// handles `NOSCRIPT` (for example with [`redis::ScriptInvocation::load_async`]).
+    pub fn publish_invocation(&self, room: &str, payload: &[u8]) -> redis::ScriptInvocation<'_> {
+        let mut invocation = self.publish.prepare_invoke();
+        invocation
             .key(self.epoch_key(room))
             .key(self.history_key(room))
             .arg(self.channel(room))
@@ -213,10 +225,8 @@ impl Rooms {
             .arg(self.settings.size.max(1))
             .arg(self.ttl_millis())
             .arg(now_micros())
-            .arg(payload)
-            .invoke_async(&mut conn)
-            .await?;
-        Ok(Position { epoch, offset })
+            .arg(payload);
+        invocation
     }
 
     /// The room's current position (creating its epoch if it has none yet).

@@ -1,16 +1,18 @@
 //! The cache updater service on real Kafka and Redis, fed with events produced directly to its
 //! stack's `events` topic: projection, room notifications, invalidations, malformed and stale
-//! events, and the `rebuild` subcommand.
+//! events, a burst handled in batches, and the `rebuild` subcommand.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use cache_updater::CacheUpdater;
 use cache_updater::updater::{Invalidation, MESSAGE_TYPE_INVALIDATE};
+use common::envelope::EventEnvelope;
 use common::kafka;
 use common::readmodel::Lookup;
 use common::service::ServiceConfig as _;
 use common::shutdown::CancellationToken;
-use common::test_support::wait_until;
+use common::test_support::{ChildProcess, free_port, wait_ready, wait_until};
 use rdkafka::consumer::{Consumer as _, StreamConsumer};
 use rdkafka::message::Headers as _;
 use rdkafka::{Message as _, TopicPartitionList};
@@ -141,6 +143,12 @@ async fn offsets_of_handled_messages_are_committed_on_shutdown() {
 
     // The group's committed offsets cover all three messages (malformed one included), so a
     // restarted member resumes after them.
+    assert_eq!(committed_messages(&stack), 3);
+    stack.cleanup().await;
+}
+
+/// How many `events` messages the updater's consumer group has committed, over all partitions.
+fn committed_messages(stack: &Stack) -> i64 {
     let config = cache_updater::Config::from_vars(&stack.vars).unwrap();
     let group: StreamConsumer = kafka::client_config(&stack.kafka, "it-offsets")
         .set("group.id", config.consumer_group())
@@ -154,13 +162,202 @@ async fn offsets_of_handled_messages_are_committed_on_shutdown() {
     let committed = group
         .committed_offsets(tpl, Duration::from_secs(10))
         .unwrap();
-    let total: i64 = committed
+    committed
         .elements()
         .iter()
         .filter_map(|e| e.offset().to_raw())
         .filter(|offset| *offset >= 0)
-        .sum();
-    assert_eq!(total, 3, "committed offsets {committed:?}");
+        .sum()
+}
+
+#[tokio::test]
+async fn a_burst_is_handled_in_batches_in_order_without_stale_events_and_with_each_trace() {
+    const DOCS: usize = 4;
+    const VERSIONS: i64 = 100;
+    let stack = Stack::new().await;
+    // Redis forgets its scripts, so the first pipelines take the NOSCRIPT fallback. Every
+    // script user of the platform reloads on NOSCRIPT, so concurrent tests are unaffected.
+    let () = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(&mut stack.redis.clone())
+        .await
+        .unwrap();
+    let ids: Vec<String> = (0..DOCS).map(|d| format!("burst{d}")).collect();
+    let mut doc_rooms = Vec::new();
+    for id in &ids {
+        doc_rooms.push(stack.subscribe(&format!("doc:books:{id}")).await);
+    }
+    let mut collection_room = stack.subscribe("collection:books").await;
+
+    // Before the updater starts: versions 1..=VERSIONS of each document, interleaved; before
+    // some versions a redelivery of an older one (stale by then), each with its original trace;
+    // two malformed messages. Each document's last message is its last version; the first
+    // document ends deleted.
+    let trace_id = |d: usize, version: i64| format!("{:016x}{version:016x}", d + 1);
+    let message = |d: usize, event: &EventEnvelope| {
+        let traceparent = format!("00-{}-00f067aa0ba902b7-01", trace_id(d, event.version));
+        (
+            event.key(),
+            serde_json::to_vec(event).unwrap(),
+            Some(traceparent),
+        )
+    };
+    let mut sent: HashMap<(usize, i64), EventEnvelope> = HashMap::new();
+    let mut messages = vec![("books/bad".to_owned(), b"not an event".to_vec(), None)];
+    let mut stale = 0;
+    for version in 1..=VERSIONS {
+        for (d, id) in ids.iter().enumerate() {
+            for redelivered in [version - 3, version - 1] {
+                if redelivered >= 1 && (version % 5 == 0 || version % 7 == 0) {
+                    messages.push(message(d, &sent[&(d, redelivered)]));
+                    stale += 1;
+                }
+            }
+            let event = if d == 0 && version == VERSIONS {
+                event("deleted", "books", id, version, None)
+            } else {
+                let data = json!({"id": id, "version": version});
+                event("patched", "books", id, version, Some(data))
+            };
+            messages.push(message(d, &event));
+            sent.insert((d, version), event);
+        }
+        if version == VERSIONS / 2 {
+            messages.push(("books/bad".to_owned(), b"{}".to_vec(), None));
+        }
+    }
+    stack.produce_burst(&messages).await;
+
+    // The binary, so its /metrics are its own, with its `cache.apply` spans enabled (their
+    // context is what the invalidations carry).
+    let port = free_port();
+    let log = std::env::temp_dir().join(format!("meridian-cache-updater-burst-{port}.log"));
+    let process = ChildProcess::spawn(
+        env!("CARGO_BIN_EXE_cache-updater").as_ref(),
+        &[
+            ("PORT", port.to_string()),
+            ("BIND_ADDRESS", "127.0.0.1".into()),
+            ("KAFKA_TOPIC_PREFIX", stack.kafka.kafka_topic_prefix.clone()),
+            ("REDIS_KEY_PREFIX", stack.redis_prefix.clone()),
+            ("RUST_LOG", "warn,cache_updater=info".into()),
+        ],
+        &log,
+    );
+    let base = format!("http://127.0.0.1:{port}");
+    wait_ready(&format!("{base}/ready"), Duration::from_secs(60)).await;
+
+    // Each document's room gets exactly its versions in order: no stale event, none missing
+    // (a stale one would come before the document's last version, its last message).
+    let all: Vec<i64> = (1..=VERSIONS).collect();
+    for (d, room) in doc_rooms.iter_mut().enumerate() {
+        let mut versions = Vec::new();
+        while versions.last() != Some(&VERSIONS) {
+            let event = next_publication(room).await;
+            assert_eq!(event, sent[&(d, event.version)], "log: {}", log.display());
+            versions.push(event.version);
+        }
+        assert_eq!(versions, all, "room of {} (log: {})", ids[d], log.display());
+    }
+    let mut per_doc: HashMap<String, Vec<i64>> = HashMap::new();
+    for _ in 0..DOCS * all.len() {
+        let event = next_publication(&mut collection_room).await;
+        per_doc.entry(event.id).or_default().push(event.version);
+    }
+    for id in &ids {
+        assert_eq!(per_doc[id], all, "collection room, {id}");
+    }
+
+    // The read model holds each document's last version.
+    for (d, id) in ids.iter().enumerate() {
+        let expected = if d == 0 {
+            Lookup::Deleted { version: VERSIONS }
+        } else {
+            Lookup::Found {
+                version: VERSIONS,
+                data: json!({"id": id, "version": VERSIONS}),
+            }
+        };
+        assert_eq!(stack.lookup("books", id).await, expected);
+    }
+
+    // One invalidation per applied event, in order per document, each carrying its event's
+    // trace.
+    let reader = stack.read_from_start(kafka::TOPIC_CACHE);
+    let mut invalidated: HashMap<String, Vec<i64>> = HashMap::new();
+    for _ in 0..DOCS * all.len() {
+        let message = tokio::time::timeout(Duration::from_secs(30), reader.recv())
+            .await
+            .expect("no invalidation within 30 s")
+            .unwrap();
+        let body: Invalidation = serde_json::from_slice(message.payload().unwrap()).unwrap();
+        let d = ids.iter().position(|id| *id == body.id).unwrap();
+        let traceparent = message
+            .headers()
+            .and_then(|h| h.iter().find(|h| h.key == "traceparent"))
+            .and_then(|h| h.value)
+            .map(|v| String::from_utf8(v.to_vec()).unwrap())
+            .expect("an invalidation without traceparent");
+        let expected = trace_id(d, body.version);
+        assert_eq!(traceparent.split('-').nth(1), Some(expected.as_str()));
+        invalidated.entry(body.id).or_default().push(body.version);
+    }
+    for id in &ids {
+        assert_eq!(invalidated[id], all, "invalidations of {id}");
+    }
+
+    // Every message was counted once, and the burst went through in batches.
+    let metrics_url = format!("{base}/metrics");
+    let value = |metrics: &str, name: &str| -> f64 {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
+    };
+    let scrape = || async {
+        reqwest::get(&metrics_url)
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+    let total = messages.len() as f64;
+    wait_until(
+        "every message to be counted",
+        Duration::from_secs(30),
+        || async {
+            let metrics = scrape().await;
+            value(&metrics, "cache_events_applied_total")
+                + value(&metrics, "cache_events_stale_total")
+                + value(&metrics, "cache_events_malformed_total")
+                >= total
+        },
+    )
+    .await;
+    let metrics = scrape().await;
+    let counted = |name: &str| value(&metrics, name);
+    assert_eq!(
+        counted("cache_events_applied_total"),
+        (DOCS * all.len()) as f64
+    );
+    assert_eq!(counted("cache_events_stale_total"), f64::from(stale));
+    assert_eq!(counted("cache_events_malformed_total"), 2.0);
+    let (batches, batched) = (
+        counted("cache_batch_size_count"),
+        counted("cache_batch_size_sum"),
+    );
+    assert_eq!(batched, total, "every message in one batch");
+    assert!(batches < total, "{batches} batches for {total} messages");
+
+    let status = process.terminate(Duration::from_secs(30)).await;
+    assert!(
+        status.success(),
+        "exited with {status} (log: {})",
+        log.display()
+    );
+    assert_eq!(committed_messages(&stack), messages.len() as i64);
     stack.cleanup().await;
 }
 

@@ -15,6 +15,7 @@ use common::service::Service;
 use common::test_support::{Deps, TestApp, test_vars};
 use futures::StreamExt as _;
 use rdkafka::consumer::{Consumer as _, StreamConsumer};
+use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 use uuid::Uuid;
@@ -56,8 +57,13 @@ impl Stack {
         let specs: Vec<(&str, i32)> = topics.iter().map(|t| (t.as_str(), PARTITIONS)).collect();
         kafka::ensure_topics(&admin, &specs, 1).await.unwrap();
         let redis_client = redis::Client::open(Deps::from_env().redis_url).unwrap();
+        // redis-rs answers "timed out" after 500 ms by default; the pipeline tests run three
+        // services on the test's one thread, so a read can wait longer than that for its turn.
         let redis = redis_client
-            .get_multiplexed_async_connection()
+            .get_multiplexed_async_connection_with_config(
+                &redis::AsyncConnectionConfig::new()
+                    .set_response_timeout(Some(Duration::from_secs(10))),
+            )
             .await
             .unwrap();
         Self {
@@ -101,6 +107,32 @@ impl Stack {
     pub async fn produce(&self, event: &EventEnvelope) {
         self.produce_raw(&event.key(), &serde_json::to_vec(event).unwrap())
             .await;
+    }
+
+    /// Produces `messages` (key, payload, W3C `traceparent` if any) to `events` as one burst:
+    /// all are enqueued at once (the idempotent producer keeps each partition's order), then
+    /// every acknowledgement is awaited.
+    pub async fn produce_burst(&self, messages: &[(String, Vec<u8>, Option<String>)]) {
+        let topic = self.topic(kafka::TOPIC_EVENTS);
+        let deliveries: Vec<_> = messages
+            .iter()
+            .map(|(key, payload, traceparent)| {
+                let mut record = FutureRecord::to(&topic).key(key).payload(payload);
+                if let Some(traceparent) = traceparent {
+                    record = record.headers(OwnedHeaders::new().insert(Header {
+                        key: "traceparent",
+                        value: Some(traceparent.as_str()),
+                    }));
+                }
+                self.producer
+                    .send_result(record)
+                    .map_err(|(e, _)| e)
+                    .unwrap()
+            })
+            .collect();
+        for delivery in deliveries {
+            delivery.await.unwrap().map_err(|(e, _)| e).unwrap();
+        }
     }
 
     /// A subscriber on a room's channel (subscribed when this returns).
