@@ -28,7 +28,8 @@
 //!
 //! **Delivery.** At least once: a leader that dies after Kafka acknowledged a batch but before
 //! the delete commits has its successor publish those rows again (consumers deduplicate by
-//! `command-id`). Rows whose delivery fails stay and are retried; a failed row can be overtaken
+//! `command-id`); so does a database crash that loses the relay's latest deletes (they commit
+//! asynchronously: they need no WAL flush, and only ever lose a suffix, so order holds). Rows whose delivery fails stay and are retried; a failed row can be overtaken
 //! by a later row of the same key that was acknowledged in the same batch, which librdkafka's
 //! idempotent producer only allows after `message.timeout.ms` elapsed.
 //!
@@ -454,6 +455,21 @@ impl Relay {
             }
         }
         tracing::info!(service, table, "Outbox relay is the leader.");
+        // An outbox is a queue: rows come and go thousands of times a second, so its
+        // statistics are always stale and the planner, believing the table nearly empty,
+        // would read the batch by scanning every (mostly dead) page and sorting, and delete
+        // the acknowledged rows the same way: tens of milliseconds per statement once the
+        // table has churned. Both statements want the primary key; this session only runs
+        // them. Its deletes need no WAL flush either: asynchronous commit can only lose the
+        // latest commits, so after a database crash the last acknowledged rows come back and
+        // are sent again, in their order — the at-least-once delivery consumers already
+        // handle (a relay crash between acknowledgement and delete does the same).
+        sqlx::query("SET enable_seqscan = off")
+            .execute(&mut conn)
+            .await?;
+        sqlx::query("SET synchronous_commit = off")
+            .execute(&mut conn)
+            .await?;
 
         let mut listener = PgListener::connect_with(&self.pool).await?;
         listener.listen(table).await?;
