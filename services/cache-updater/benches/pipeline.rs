@@ -50,6 +50,9 @@ use serde_json::json;
 use sqlx::PgPool;
 use uuid::Uuid;
 
+// The services' binaries run on mimalloc; so do they here.
+common::global_allocator!();
+
 const TARGET_ACCEPTED_PER_SECOND: f64 = 5_000.0;
 const TARGET_RELAYED_PER_SECOND: f64 = 20_000.0;
 const TARGET_P99_MS: f64 = 50.0;

@@ -2,6 +2,8 @@
 //! `cache_updater::CacheUpdater` (the service) and `cache_updater::rebuild` (`cache-updater
 //! rebuild`: replay `events` into an emptied read model, then exit).
 
+common::global_allocator!();
+
 fn main() -> anyhow::Result<()> {
     match std::env::args().nth(1).as_deref() {
         Some("rebuild") => cache_updater::rebuild::main(),

@@ -21,8 +21,12 @@
 //! - [`retry`]: the one backoff policy used to (re)connect to dependencies.
 //! - [`rooms`]: WebSocket rooms in Redis: atomic publish (history stream + epoch/offset +
 //!   pub/sub channel) and resume reads.
-//! - [`service`]: the `Service` trait and the `main` every service binary calls.
+//! - [`service`]: the `Service` trait and the `main` every service binary calls, and
+//!   [`global_allocator!`], the allocator each of them declares.
 //! - `test_support` (feature `test-support`): helpers for integration tests.
+
+#[doc(hidden)]
+pub use mimalloc; // for `global_allocator!`
 
 pub mod auth;
 pub mod config;

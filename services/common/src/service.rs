@@ -52,3 +52,19 @@ pub fn main<S: Service>() -> anyhow::Result<()> {
         Ok(())
     })
 }
+
+/// Declares mimalloc as the binary's global allocator; every service binary (and a benchmark
+/// hosting services) calls it once at its crate root.
+///
+/// The services allocate and free small buffers on every request and message (header maps,
+/// JSON values, Kafka payloads) across worker threads. In `perf` profiles glibc's malloc and
+/// free took about a tenth of the gateway's CPU and about 30 % of the pipeline services'
+/// (`_int_malloc`, `malloc_consolidate`, `unlink_chunk`); mimalloc's thread-local free lists
+/// avoid most of that work.
+#[macro_export]
+macro_rules! global_allocator {
+    () => {
+        #[global_allocator]
+        static GLOBAL_ALLOCATOR: $crate::mimalloc::MiMalloc = $crate::mimalloc::MiMalloc;
+    };
+}
