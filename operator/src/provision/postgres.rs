@@ -2,16 +2,23 @@
 //! password) owning the stack's own database, which no other role may connect to (`CONNECT`
 //! revoked from `PUBLIC`). The services run their migrations in that database.
 //!
+//! `CREATE DATABASE` and `DROP DATABASE` run one at a time per server: PostgreSQL serialises
+//! them anyway (a drop waits for a checkpoint), and a burst of them — a namespace of hundreds
+//! of stacks deleted at once — would otherwise queue inside the server, where each one's
+//! timeout runs out while it waits for the others. Waiting for the turn does not count against
+//! the statement's timeout.
+//!
 //! Role and database names are [`crate::names`] identifiers (`[a-z0-9_]`, at most 63 bytes)
 //! and passwords are alphanumeric, so both are safe to splice into DDL, which takes no bind
 //! parameters.
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use secrecy::{ExposeSecret as _, SecretString};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgSslMode};
 use sqlx::{Executor as _, PgPool};
+use tokio::sync::Semaphore;
 
 use super::{AdminCredentials, ProvisionError, bounded};
 use crate::crd::{PostgresSpec, SslMode};
@@ -45,7 +52,7 @@ pub fn ssl_mode(mode: SslMode) -> PgSslMode {
 /// The admin pools of every server the operator has talked to (up to eight connections each).
 #[derive(Default)]
 pub struct PostgresAdmins {
-    pools: Mutex<HashMap<String, PgPool>>,
+    pools: Mutex<HashMap<String, (PgPool, Arc<Semaphore>)>>,
 }
 
 impl PostgresAdmins {
@@ -69,7 +76,7 @@ impl PostgresAdmins {
             .pools
             .lock()
             .map_err(|_| ProvisionError::Postgres("pool cache poisoned".to_owned()))?;
-        let pool = pools
+        let (pool, databases) = pools
             .entry(key)
             .or_insert_with(|| {
                 let options = PgConnectOptions::new()
@@ -80,21 +87,28 @@ impl PostgresAdmins {
                     .database(&spec.database)
                     .ssl_mode(ssl_mode(spec.ssl_mode))
                     .application_name("meridian-operator");
-                PgPoolOptions::new()
+                let pool = PgPoolOptions::new()
                     .max_connections(8)
                     .min_connections(0)
                     .acquire_timeout(timeout)
                     .idle_timeout(Some(Duration::from_secs(60)))
-                    .connect_lazy_with(options)
+                    .connect_lazy_with(options);
+                (pool, Arc::new(Semaphore::new(1)))
             })
             .clone();
-        Ok(PostgresAdmin { pool, timeout })
+        Ok(PostgresAdmin {
+            pool,
+            databases,
+            timeout,
+        })
     }
 }
 
 /// An admin session on one server.
 pub struct PostgresAdmin {
     pool: PgPool,
+    /// One `CREATE`/`DROP DATABASE` at a time on this server.
+    databases: Arc<Semaphore>,
     timeout: Duration,
 }
 
@@ -120,7 +134,7 @@ impl PostgresAdmin {
         password: &SecretString,
         set_password: bool,
     ) -> Result<(), ProvisionError> {
-        bounded("PostgreSQL", self.timeout * 4, async {
+        bounded("PostgreSQL", self.timeout * 2, async {
             let role_exists: bool =
                 sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1)")
                     .bind(role)
@@ -146,30 +160,30 @@ impl PostgresAdmin {
                     .await
                     .map_err(|e| pg_error(&e))?;
             }
-            let database_exists: bool =
-                sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
-                    .bind(database)
-                    .fetch_one(&self.pool)
-                    .await
-                    .map_err(|e| pg_error(&e))?;
-            if !database_exists {
-                match self
-                    .pool
-                    .execute(format!("CREATE DATABASE \"{database}\" OWNER \"{role}\"").as_str())
-                    .await
-                {
-                    Ok(_) => {}
-                    Err(e) if already_exists(&e) => {}
-                    Err(e) => return Err(pg_error(&e)),
-                }
-                self.pool
-                    .execute(
-                        format!("REVOKE CONNECT, TEMPORARY ON DATABASE \"{database}\" FROM PUBLIC")
-                            .as_str(),
-                    )
-                    .await
-                    .map_err(|e| pg_error(&e))?;
+            Ok(())
+        })
+        .await?;
+        if self.database_exists(database).await? {
+            return Ok(());
+        }
+        let _turn = self.turn().await?;
+        bounded("PostgreSQL", self.timeout * 4, async {
+            match self
+                .pool
+                .execute(format!("CREATE DATABASE \"{database}\" OWNER \"{role}\"").as_str())
+                .await
+            {
+                Ok(_) => {}
+                Err(e) if already_exists(&e) => {}
+                Err(e) => return Err(pg_error(&e)),
             }
+            self.pool
+                .execute(
+                    format!("REVOKE CONNECT, TEMPORARY ON DATABASE \"{database}\" FROM PUBLIC")
+                        .as_str(),
+                )
+                .await
+                .map_err(|e| pg_error(&e))?;
             Ok(())
         })
         .await
@@ -181,11 +195,19 @@ impl PostgresAdmin {
         role: &str,
         database: &str,
     ) -> Result<(), ProvisionError> {
-        bounded("PostgreSQL", self.timeout * 4, async {
-            self.pool
-                .execute(format!("DROP DATABASE IF EXISTS \"{database}\" WITH (FORCE)").as_str())
-                .await
-                .map_err(|e| pg_error(&e))?;
+        if self.database_exists(database).await? {
+            let _turn = self.turn().await?;
+            bounded("PostgreSQL", self.timeout * 4, async {
+                self.pool
+                    .execute(
+                        format!("DROP DATABASE IF EXISTS \"{database}\" WITH (FORCE)").as_str(),
+                    )
+                    .await
+                    .map_err(|e| pg_error(&e))
+            })
+            .await?;
+        }
+        bounded("PostgreSQL", self.timeout, async {
             self.pool
                 .execute(format!("DROP ROLE IF EXISTS \"{role}\"").as_str())
                 .await
@@ -193,6 +215,25 @@ impl PostgresAdmin {
             Ok(())
         })
         .await
+    }
+
+    async fn database_exists(&self, database: &str) -> Result<bool, ProvisionError> {
+        bounded("PostgreSQL", self.timeout, async {
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+                .bind(database)
+                .fetch_one(&self.pool)
+                .await
+                .map_err(|e| pg_error(&e))
+        })
+        .await
+    }
+
+    /// This server's turn for `CREATE`/`DROP DATABASE` (see the module docs).
+    async fn turn(&self) -> Result<tokio::sync::SemaphorePermit<'_>, ProvisionError> {
+        self.databases
+            .acquire()
+            .await
+            .map_err(|_| ProvisionError::Postgres("database DDL queue closed".to_owned()))
     }
 }
 

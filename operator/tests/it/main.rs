@@ -7,4 +7,5 @@ mod admission;
 mod built_objects;
 mod control_plane;
 mod e2e;
+mod provision;
 mod reconcile;
