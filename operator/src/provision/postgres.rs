@@ -2,11 +2,12 @@
 //! password) owning the stack's own database, which no other role may connect to (`CONNECT`
 //! revoked from `PUBLIC`). The services run their migrations in that database.
 //!
-//! `CREATE DATABASE` and `DROP DATABASE` run one at a time per server: PostgreSQL serialises
-//! them anyway (a drop waits for a checkpoint), and a burst of them — a namespace of hundreds
-//! of stacks deleted at once — would otherwise queue inside the server, where each one's
-//! timeout runs out while it waits for the others. Waiting for the turn does not count against
-//! the statement's timeout.
+//! `DROP DATABASE` runs one at a time per server: each waits for a checkpoint, so PostgreSQL
+//! serialises them anyway, and a burst of them — a namespace of hundreds of stacks deleted at
+//! once — would otherwise queue inside the server (and for the pool's connections), where
+//! each one's timeout runs out while it waits for the others. Waiting for the turn does not
+//! count against the statement's timeout. `CREATE DATABASE` (WAL-logged since PostgreSQL 15,
+//! no checkpoint) runs concurrently: 20 at once take ~1.6 s here, one at a time ~2.8 s.
 //!
 //! Role and database names are [`crate::names`] identifiers (`[a-z0-9_]`, at most 63 bytes)
 //! and passwords are alphanumeric, so both are safe to splice into DDL, which takes no bind
@@ -107,7 +108,7 @@ impl PostgresAdmins {
 /// An admin session on one server.
 pub struct PostgresAdmin {
     pool: PgPool,
-    /// One `CREATE`/`DROP DATABASE` at a time on this server.
+    /// One `DROP DATABASE` at a time on this server.
     databases: Arc<Semaphore>,
     timeout: Duration,
 }
@@ -166,7 +167,6 @@ impl PostgresAdmin {
         if self.database_exists(database).await? {
             return Ok(());
         }
-        let _turn = self.turn().await?;
         bounded("PostgreSQL", self.timeout * 4, async {
             match self
                 .pool
@@ -228,7 +228,7 @@ impl PostgresAdmin {
         .await
     }
 
-    /// This server's turn for `CREATE`/`DROP DATABASE` (see the module docs).
+    /// This server's turn for `DROP DATABASE` (see the module docs).
     async fn turn(&self) -> Result<tokio::sync::SemaphorePermit<'_>, ProvisionError> {
         self.databases
             .acquire()

@@ -8,9 +8,9 @@ use operator::provision::postgres::PostgresAdmins;
 use secrecy::SecretString;
 use uuid::Uuid;
 
-/// A burst of stacks created and deleted at once: their `CREATE`/`DROP DATABASE` statements
-/// take turns on the server, so none of them runs out of its timeout waiting for the others
-/// (before, a namespace of stacks deleted together left databases behind).
+/// A burst of stacks created and deleted at once: their `DROP DATABASE` statements take turns
+/// on the server, so none of them runs out of its timeout waiting for the others (before, a
+/// namespace of stacks deleted together left databases behind).
 #[tokio::test]
 async fn a_burst_of_databases_is_created_and_dropped_without_timeouts() {
     let spec = PostgresSpec {
