@@ -339,6 +339,26 @@ pub fn settings(stack: &ValidatedStack, component: Component) -> BTreeMap<String
             set("JWT_JWKS_URL", url.clone());
         }
     }
+    if component == Component::CacheUpdater {
+        // The cache updater writes the rooms' history the hub resumes clients from: its size
+        // and lifetime follow the hub's (set through the hub's `env`) unless the cache
+        // updater's own `env` says otherwise (it is applied after these).
+        for (hub, cache) in [
+            ("HUB_HISTORY_SIZE", "CACHE_ROOM_HISTORY_SIZE"),
+            ("HUB_HISTORY_TTL_SECONDS", "CACHE_ROOM_HISTORY_TTL_SECONDS"),
+        ] {
+            if let Some(value) = spec
+                .services
+                .ws_hub
+                .env
+                .iter()
+                .find(|e| e.name == hub && e.value_from.is_none())
+                .and_then(|e| e.value.clone())
+            {
+                set(cache, value);
+            }
+        }
+    }
     if component == Component::Gateway {
         // Gateway-specific settings (prefix `GATEWAY_`, ARCHITECTURE.md).
         set(

@@ -591,3 +591,41 @@ fn the_minimal_fixture_builds_every_service_with_defaults() {
     assert_eq!(setting(gateway, "GATEWAY_RATE_LIMITS"), None);
     assert!(env_var(gateway, "JWT_SECRET").is_none());
 }
+
+#[test]
+fn the_cache_updater_keeps_as_much_room_history_as_the_hub_resumes_from() {
+    let mut stack = fixtures::example();
+    let plain = |name: &str, value: &str| EnvVar {
+        name: name.to_owned(),
+        value: Some(value.to_owned()),
+        ..EnvVar::default()
+    };
+    let defaults = settings(&fixtures::validated(&stack), Component::CacheUpdater);
+    assert!(!defaults.contains_key("CACHE_ROOM_HISTORY_SIZE"));
+    assert!(!defaults.contains_key("CACHE_ROOM_HISTORY_TTL_SECONDS"));
+
+    stack.spec.services.ws_hub.env = vec![
+        plain("HUB_HISTORY_SIZE", "500"),
+        plain("HUB_HISTORY_TTL_SECONDS", "900"),
+    ];
+    let cache = settings(&fixtures::validated(&stack), Component::CacheUpdater);
+    assert_eq!(cache["CACHE_ROOM_HISTORY_SIZE"], "500");
+    assert_eq!(cache["CACHE_ROOM_HISTORY_TTL_SECONDS"], "900");
+    let hub = settings(&fixtures::validated(&stack), Component::WsHub);
+    assert!(!hub.contains_key("CACHE_ROOM_HISTORY_SIZE"));
+
+    // The cache updater's own `env` still wins (it comes after the ConfigMap).
+    stack.spec.services.cache_updater.env = vec![plain("CACHE_ROOM_HISTORY_SIZE", "50")];
+    let env = container(objects(
+        &build(&fixtures::validated(&stack)),
+        Component::CacheUpdater,
+    ))
+    .env
+    .clone()
+    .unwrap();
+    let own = env
+        .iter()
+        .find(|e| e.name == "CACHE_ROOM_HISTORY_SIZE")
+        .unwrap();
+    assert_eq!(own.value.as_deref(), Some("50"));
+}
