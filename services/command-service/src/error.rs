@@ -71,7 +71,7 @@ impl ApiError {
                 (P::DependencyUnavailable, StatusCode::SERVICE_UNAVAILABLE)
             }
             Self::Database(_) => (P::Internal, StatusCode::INTERNAL_SERVER_ERROR),
-            Self::ShuttingDown => (P::DependencyUnavailable, StatusCode::SERVICE_UNAVAILABLE),
+            Self::ShuttingDown => (P::ShuttingDown, StatusCode::SERVICE_UNAVAILABLE),
         };
         let problem = Problem::new(kind, status);
         if status.is_server_error() {

@@ -36,6 +36,11 @@ pub enum ProblemType {
     VersionConflict,
     /// A dependency (database, broker) is unavailable; retry later.
     DependencyUnavailable,
+    /// This node is at a configured limit (the hub's connection limit); retry later, or on
+    /// another replica.
+    CapacityExceeded,
+    /// This node is shutting down; retry, another replica answers.
+    ShuttingDown,
     /// Anything else (details are logged, never returned).
     Internal,
 }
@@ -56,6 +61,8 @@ impl ProblemType {
             Self::NotFound => "not-found",
             Self::VersionConflict => "version-conflict",
             Self::DependencyUnavailable => "dependency-unavailable",
+            Self::CapacityExceeded => "capacity-exceeded",
+            Self::ShuttingDown => "shutting-down",
             Self::Internal => "internal",
         }
     }
@@ -80,6 +87,8 @@ impl ProblemType {
             Self::NotFound => "Not found",
             Self::VersionConflict => "The expected version does not match",
             Self::DependencyUnavailable => "A dependency is unavailable",
+            Self::CapacityExceeded => "This node is at its capacity",
+            Self::ShuttingDown => "This node is shutting down",
             Self::Internal => "Internal error",
         }
     }

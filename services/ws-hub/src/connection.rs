@@ -282,13 +282,10 @@ fn rejected(reason: &'static str, problem: Problem) -> Response {
     problem.into_response()
 }
 
-fn unavailable(detail: &str) -> Response {
-    let mut response = Problem::new(
-        ProblemType::DependencyUnavailable,
-        StatusCode::SERVICE_UNAVAILABLE,
-    )
-    .detail(detail)
-    .into_response();
+fn unavailable(kind: ProblemType, detail: &str) -> Response {
+    let mut response = Problem::new(kind, StatusCode::SERVICE_UNAVAILABLE)
+        .detail(detail)
+        .into_response();
     response
         .headers_mut()
         .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
@@ -314,22 +311,31 @@ pub async fn upgrade(
     if hub.draining.load(Ordering::Acquire) {
         metrics::counter!(HUB_CONNECTIONS_REJECTED_TOTAL, "service" => NAME, "reason" => "draining")
             .increment(1);
-        return unavailable("this hub node is shutting down; connect to another one");
+        return unavailable(
+            ProblemType::ShuttingDown,
+            "this hub node is shutting down; connect to another one",
+        );
     }
     let Some(slot) = hub.reserve() else {
         metrics::counter!(HUB_CONNECTIONS_REJECTED_TOTAL, "service" => NAME, "reason" => "connection_limit")
             .increment(1);
-        return unavailable(&format!(
-            "this hub node has reached its limit of {} connections; retry later",
-            hub.settings.max_connections
-        ));
+        return unavailable(
+            ProblemType::CapacityExceeded,
+            &format!(
+                "this hub node has reached its limit of {} connections; retry later",
+                hub.settings.max_connections
+            ),
+        );
     };
     let access = match crate::access::token(uri.query(), &headers) {
         Some(token) => match hub.verifier.verify(&token).await {
             Ok(claims) => Access::from_claims(&claims),
             Err(error) if error.is_unavailable() => {
                 tracing::warn!(%error, "Cannot verify a token.");
-                return unavailable("the token cannot be verified right now; retry later");
+                return unavailable(
+                    ProblemType::DependencyUnavailable,
+                    "the token cannot be verified right now; retry later",
+                );
             }
             Err(error) => return unauthorized(&error),
         },

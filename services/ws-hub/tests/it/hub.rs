@@ -369,6 +369,12 @@ async fn the_connection_limit_answers_503_problem_json() {
                 "application/problem+json"
             );
             assert_eq!(response.headers()["retry-after"], "1");
+            let body: serde_json::Value =
+                serde_json::from_slice(response.body().as_deref().unwrap_or_default()).unwrap();
+            assert_eq!(
+                body["type"],
+                "https://meridian.dev/problems/capacity-exceeded"
+            );
         }
         other => panic!("expected 503, got {other}"),
     }
