@@ -503,7 +503,7 @@ async fn main() {
     });
     let deps = Deps::from_env();
     let db = PgPool::connect(&deps.database_url).await.unwrap();
-    let redis = redis::Client::open(deps.redis_url.as_str()).unwrap();
+    let redis = common::redis::client(deps.redis_url.as_str()).unwrap();
     let cores = std::thread::available_parallelism().map_or(1, usize::from);
     println!(
         "Meridian pipeline benchmark: release build, services in one process, PostgreSQL, \

@@ -115,6 +115,20 @@ struct SnapshotRow {
     data: Option<sqlx::types::Json<Value>>,
 }
 
+impl SnapshotRow {
+    /// The command's status (`None`: it has no row) and the document's row.
+    fn into_parts(self) -> (Option<String>, Option<Row>) {
+        let row = self.version.map(|version| Row {
+            version,
+            live: self.data.map(|data| Document {
+                version,
+                data: data.0,
+            }),
+        });
+        (self.status, row)
+    }
+}
+
 impl Store {
     /// A store writing events for `events_topic` to `outbox`'s table (and waking its relays
     /// after each commit).
@@ -164,15 +178,9 @@ impl Store {
             .await?;
             found = read().await?;
         }
-        let row = found.version.map(|version| Row {
-            version,
-            live: found.data.map(|data| Document {
-                version,
-                data: data.0,
-            }),
-        });
+        let (status, row) = found.into_parts();
         Ok(Snapshot {
-            status: found.status.unwrap_or_else(|| "accepted".into()),
+            status: status.unwrap_or_else(|| "accepted".into()),
             row,
         })
     }
@@ -332,15 +340,11 @@ impl Store {
         Ok(rows
             .into_iter()
             .map(|found| {
-                let status = found.status?;
-                let row = found.version.map(|version| Row {
-                    version,
-                    live: found.data.map(|data| Document {
-                        version,
-                        data: data.0,
-                    }),
-                });
-                Some(Snapshot { status, row })
+                let (status, row) = found.into_parts();
+                Some(Snapshot {
+                    status: status?,
+                    row,
+                })
             })
             .collect())
     }
