@@ -2,15 +2,19 @@
 
 use std::time::{Duration, Instant};
 
+use operator::controller::Settings;
 use operator::crd::{PostgresSpec, SslMode};
 use operator::provision::AdminCredentials;
-use operator::provision::postgres::PostgresAdmins;
+use operator::provision::postgres::{DROP_DATABASE_CONCURRENCY, PostgresAdmins};
 use secrecy::SecretString;
 use uuid::Uuid;
 
 /// A burst of stacks created and deleted at once: their `DROP DATABASE` statements take turns
-/// on the server, so none of them runs out of its timeout waiting for the others (before, a
-/// namespace of stacks deleted together left databases behind).
+/// on the server, a few at a time (before, a namespace of stacks deleted together queued them
+/// all inside PostgreSQL and for the pool's connections, where their timeouts ran out and
+/// databases were left behind). A sampler watches `pg_stat_activity` during the burst: never
+/// more of this burst's drops run at once than the limit, and all of them finish within their
+/// bound of the operator's default dependency timeout.
 #[tokio::test]
 async fn a_burst_of_databases_is_created_and_dropped_without_timeouts() {
     let spec = PostgresSpec {
@@ -25,10 +29,8 @@ async fn a_burst_of_databases_is_created_and_dropped_without_timeouts() {
         password: SecretString::from("postgres"),
     };
     let admins = PostgresAdmins::default();
-    // One statement may take at most 4 × 1 s; twenty of them queued inside the server could
-    // not all finish within that.
     let admin = admins
-        .admin(&spec, &credentials, Duration::from_secs(1))
+        .admin(&spec, &credentials, Settings::default().dependency_timeout)
         .unwrap();
     let run = Uuid::new_v4().simple().to_string()[..8].to_owned();
     let names: Vec<(String, String)> = (0..20)
@@ -53,6 +55,35 @@ async fn a_burst_of_databases_is_created_and_dropped_without_timeouts() {
     }
     eprintln!("20 databases created in {:?}", started.elapsed());
 
+    let observer = sqlx::PgPool::connect("postgres://postgres:postgres@127.0.0.1:5432/postgres")
+        .await
+        .unwrap();
+    let done = tokio::sync::watch::channel(false);
+    let sampler = {
+        let observer = observer.clone();
+        let mut done = done.1.clone();
+        let pattern = format!("DROP DATABASE IF EXISTS \"it_burst_{run}_%");
+        tokio::spawn(async move {
+            let (mut most, mut samples_with_a_drop) = (0_i64, 0_u32);
+            loop {
+                let running: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FROM pg_stat_activity \
+                     WHERE state = 'active' AND query LIKE $1",
+                )
+                .bind(&pattern)
+                .fetch_one(&observer)
+                .await
+                .unwrap();
+                most = most.max(running);
+                samples_with_a_drop += u32::from(running > 0);
+                tokio::select! {
+                    _ = done.changed() => return (most, samples_with_a_drop),
+                    () = tokio::time::sleep(Duration::from_millis(5)) => {}
+                }
+            }
+        })
+    };
+
     let started = Instant::now();
     let dropped = futures::future::join_all(
         names
@@ -60,20 +91,31 @@ async fn a_burst_of_databases_is_created_and_dropped_without_timeouts() {
             .map(|(role, db)| admin.drop_role_and_database(role, db)),
     )
     .await;
+    done.0.send(true).unwrap();
+    let (most, samples_with_a_drop) = sampler.await.unwrap();
     for (result, (_, db)) in dropped.iter().zip(&names) {
         assert!(result.is_ok(), "dropping {db}: {result:?}");
     }
-    eprintln!("20 databases dropped in {:?}", started.elapsed());
+    eprintln!(
+        "20 databases dropped in {:?}; at most {most} drop(s) running at once in \
+         {samples_with_a_drop} samples that saw one",
+        started.elapsed()
+    );
+    assert!(
+        samples_with_a_drop > 0,
+        "the sampler never saw a drop running"
+    );
+    assert!(
+        most <= DROP_DATABASE_CONCURRENCY as i64,
+        "drops on one server must take turns, {DROP_DATABASE_CONCURRENCY} at a time"
+    );
 
-    let pool = sqlx::PgPool::connect("postgres://postgres:postgres@127.0.0.1:5432/postgres")
-        .await
-        .unwrap();
     let left: i64 = sqlx::query_scalar(
         "SELECT (SELECT count(*) FROM pg_database WHERE datname LIKE $1) \
          + (SELECT count(*) FROM pg_roles WHERE rolname LIKE $1)",
     )
     .bind(format!("it_burst_{run}_%"))
-    .fetch_one(&pool)
+    .fetch_one(&observer)
     .await
     .unwrap();
     assert_eq!(left, 0, "databases or roles left behind");
