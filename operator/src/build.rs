@@ -260,18 +260,20 @@ pub fn with_credentials_hash(mut state: DesiredState, hash: &str) -> DesiredStat
     state
 }
 
-/// FNV-1a (64 bit) of a sequence of byte strings, as 16 hex digits: stable across Rust
-/// releases and platforms, unlike `std`'s `DefaultHasher`. Change detection only, never a
-/// security boundary.
+/// The first 64 bits of the SHA-256 of a sequence of byte strings (each prefixed by its
+/// length, so the split between them counts), as 16 hex digits: stable across Rust releases
+/// and platforms, unlike `std`'s `DefaultHasher`. Used for change detection (a hash of the
+/// connection Secrets lands in pod annotations, so it must not help anyone guess a password)
+/// and in PostgreSQL names, where it keeps two stacks apart.
 pub fn fingerprint<'a>(parts: impl IntoIterator<Item = &'a [u8]>) -> String {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    use sha2::Digest as _;
+    let mut hasher = sha2::Sha256::new();
     for part in parts {
-        for byte in part.iter().copied().chain([0]) {
-            hash ^= u64::from(byte);
-            hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
-        }
+        hasher.update((part.len() as u64).to_le_bytes());
+        hasher.update(part);
     }
-    format!("{hash:016x}")
+    let digest = hasher.finalize();
+    digest[..8].iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn build_service(stack: &ValidatedStack, component: Component) -> ServiceObjects {

@@ -1023,20 +1023,28 @@ async fn credentials(
     )
     .map_err(|e| Error::stage(stage, &e))?;
 
-    // PostgreSQL.
+    // PostgreSQL: two logins take turns (see `names::postgres_second_login`); a rotation
+    // gives the one the services do not use a new password and switches the Secret to it.
     let role = names::postgres_role(stack);
+    let second = names::postgres_second_login(stack);
     let database = names::postgres_database(stack);
     let previous = secret_value(postgres_secret.as_deref(), "password").map(SecretString::from);
     let rotate_postgres = previous.is_some() && rotate_of(postgres_secret.as_deref());
-    let postgres_password = match (&previous, rotate_postgres) {
-        (Some(p), false) => p.clone(),
-        _ => generate_password(),
+    let in_use = match secret_value(postgres_secret.as_deref(), "username") {
+        Some(user) if user == second => &second,
+        _ => &role,
+    };
+    let (login, postgres_password) = match (&previous, rotate_postgres) {
+        (Some(p), false) => (in_use, p.clone()),
+        (Some(_), true) if in_use == &role => (&second, generate_password()),
+        _ => (&role, generate_password()),
     };
     clients
         .postgres
         .ensure_role_and_database(
             &role,
             &database,
+            login,
             &postgres_password,
             previous.is_none() || rotate_postgres,
         )
@@ -1044,7 +1052,7 @@ async fn credentials(
         .map_err(|e| Error::stage(stage, &e))?;
     let postgres_url = crate::provision::postgres::service_url(
         &spec.postgres,
-        &role,
+        login,
         &database,
         postgres_password.expose_secret(),
     );
@@ -1065,7 +1073,7 @@ async fn credentials(
         token.as_deref(),
         [
             (URL_KEY, &postgres_url),
-            ("username", &role),
+            ("username", login),
             ("password", postgres_password.expose_secret()),
         ],
     );
@@ -1077,7 +1085,8 @@ async fn credentials(
             "CredentialsRotated",
             "RotateCredentials",
             format!(
-                "new passwords for Redis user {user} and PostgreSQL role {role}; the pods roll onto them"
+                "new passwords for Redis user {user} and PostgreSQL login {login}; the pods roll \
+                 onto them, and the previous passwords keep working until the next rotation"
             ),
         );
     }
@@ -1086,7 +1095,8 @@ async fn credentials(
         Status::True,
         "Provisioned",
         format!(
-            "Redis user {user} (keys and channels {}*), PostgreSQL role and database {role}",
+            "Redis user {user} (keys and channels {}*), PostgreSQL role and database {role} \
+             (services log in as {login})",
             stack.redis_key_prefix()
         ),
     );
@@ -1772,7 +1782,10 @@ async fn cleanup_external(stack: &MiddlewareStack, ctx: &Context) -> Result<(), 
         clients
             .postgres
             .drop_role_and_database(
-                &names::postgres_role(&validated),
+                &[
+                    &names::postgres_second_login(&validated),
+                    &names::postgres_role(&validated),
+                ],
                 &names::postgres_database(&validated),
             )
             .await

@@ -296,9 +296,10 @@ pub struct PostgresSpec {
     #[schemars(range(min = 1, max = 65535))]
     pub port: i32,
     /// The database the operator connects to with the admin credentials (for example
-    /// `postgres`). The stack's services get their own database, `mws_<namespace>_<name>`,
-    /// owned by the stack's role, which holds the write model and the outbox. Immutable: the
-    /// stack's data is found through this server.
+    /// `postgres`). The stack's services get their own database, `mws_<namespace>_<name>`
+    /// (with a hash suffix when a name has `-` or `.`), owned by the stack's role, which holds
+    /// the write model and the outbox. Immutable: the stack's data is found through this
+    /// server.
     #[schemars(length(min = 1, max = 63))]
     #[x_kube(validation = Rule::new("self == oldSelf").message(
         "postgres.database is immutable: moving a stack to another database would abandon its data"

@@ -20,12 +20,19 @@ pub fn redis_user(stack: &ValidatedStack) -> String {
     format!("meridian:{}:{}", stack.namespace(), stack.name())
 }
 
-/// The stack's PostgreSQL role, which is also the name of its database:
-/// `mws_<namespace>_<name>` with `-` and `.` as `_`. Names longer than 63 bytes keep their
-/// first 46 bytes and end in `_` and a 16-digit hash of the full name, so two stacks never
-/// share a role.
+/// The stack's PostgreSQL role, which is also the name of its database and owns it:
+/// `mws_<namespace>_<name>` when both are plain `[a-z0-9]`. Otherwise `-` and `.` become `_`
+/// and the name ends in `_` and a 16-digit hash of namespace and name, so stacks that differ
+/// only there (`team-a/orders` and `team/a-orders`) never share a role; names longer than 63
+/// bytes keep their first 46 bytes before the hash. A plain name has exactly two `_`, a hashed
+/// one at least three or ends in the hash of its own full name.
 pub fn postgres_role(stack: &ValidatedStack) -> String {
-    let full: String = format!("mws_{}_{}", stack.namespace(), stack.name())
+    let (namespace, name) = (stack.namespace(), stack.name());
+    let plain = |s: &str| {
+        s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+    };
+    let full: String = format!("mws_{namespace}_{name}")
         .chars()
         .map(|c| {
             if c.is_ascii_alphanumeric() {
@@ -35,11 +42,31 @@ pub fn postgres_role(stack: &ValidatedStack) -> String {
             }
         })
         .collect();
+    if plain(namespace) && plain(name) && full.len() <= MAX_IDENTIFIER {
+        return full;
+    }
+    with_hash(&full, [namespace.as_bytes(), name.as_bytes()])
+}
+
+/// The stack's second login role, `mwsr_…` (no primary role starts so): a member of the
+/// [`postgres_role`] that acts as it (`SET role`), so whatever it creates belongs to the
+/// primary role. Credential rotation alternates between the two logins: the new password goes
+/// to the login the services do not use, and the old one stays valid until the next rotation,
+/// so pods that have not rolled yet keep connecting.
+pub fn postgres_second_login(stack: &ValidatedStack) -> String {
+    let primary = postgres_role(stack);
+    let full = format!("mwsr_{}", &primary["mws_".len()..]);
     if full.len() <= MAX_IDENTIFIER {
         return full;
     }
-    let hash = fingerprint([stack.namespace().as_bytes(), stack.name().as_bytes()]);
-    format!("{}_{hash}", &full[..MAX_IDENTIFIER - 17])
+    with_hash(&full, [primary.as_bytes()])
+}
+
+/// `full` cut to 46 bytes (`[a-z0-9_]`, so any cut is a character boundary), `_` and the hash
+/// of `parts`: 63 bytes at most.
+fn with_hash<'a>(full: &str, parts: impl IntoIterator<Item = &'a [u8]>) -> String {
+    let keep = full.len().min(MAX_IDENTIFIER - 17);
+    format!("{}_{}", &full[..keep], fingerprint(parts))
 }
 
 /// The stack's own database (named like its role).

@@ -140,40 +140,57 @@ impl PostgresAdmin {
         .await
     }
 
-    /// Makes sure `role` exists and can log in (with `password`, set when the role is new or
-    /// `set_password` is true) and owns `database`, to which `PUBLIC` may not connect.
+    /// Makes sure the stack's `owner` role exists and owns `database`, to which `PUBLIC` may
+    /// not connect, and that `login` — the owner itself or its second login (see
+    /// [`crate::names::postgres_second_login`]) — can log in with `password`, which is set when
+    /// the login is new or `set_password` is true. The other login's password is left alone:
+    /// pods that have not rolled onto the new one keep connecting.
+    ///
+    /// The second login is a member of the owner and acts as it (`ALTER ROLE … SET role`), so
+    /// tables its migrations create belong to the owner, readable after the next rotation.
+    /// Passwords travel as SCRAM-SHA-256 verifiers, never in clear text: DDL can end up in the
+    /// server log (`log_statement = ddl`) and in `pg_stat_activity`.
     pub async fn ensure_role_and_database(
         &self,
-        role: &str,
+        owner: &str,
         database: &str,
+        login: &str,
         password: &SecretString,
         set_password: bool,
     ) -> Result<(), ProvisionError> {
+        let verifier = scram_verifier(password).await?;
         bounded("PostgreSQL", self.timeout * 2, async {
-            let role_exists: bool =
-                sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1)")
-                    .bind(role)
-                    .fetch_one(&self.pool)
-                    .await
-                    .map_err(|e| pg_error(&e))?;
-            let password = password.expose_secret();
-            if !role_exists {
-                let created = self
-                    .pool
-                    .execute(format!("CREATE ROLE \"{role}\" LOGIN PASSWORD '{password}'").as_str())
-                    .await;
-                match created {
-                    Ok(_) => {}
-                    Err(e) if already_exists(&e) => {}
-                    Err(e) => return Err(pg_error(&e)),
+            let owner_password = if login == owner {
+                format!(" PASSWORD '{verifier}'")
+            } else {
+                String::new()
+            };
+            if !self.role_exists(owner).await? {
+                self.create_role(&format!("CREATE ROLE \"{owner}\" LOGIN{owner_password}"))
+                    .await?;
+            } else if set_password && login == owner {
+                self.execute(&format!(
+                    "ALTER ROLE \"{owner}\" WITH LOGIN{owner_password}"
+                ))
+                .await?;
+            }
+            if login != owner {
+                if !self.role_exists(login).await? {
+                    self.create_role(&format!(
+                        "CREATE ROLE \"{login}\" LOGIN PASSWORD '{verifier}' IN ROLE \"{owner}\""
+                    ))
+                    .await?;
+                } else if set_password {
+                    self.execute(&format!(
+                        "ALTER ROLE \"{login}\" WITH LOGIN PASSWORD '{verifier}'"
+                    ))
+                    .await?;
                 }
-            } else if set_password {
-                self.pool
-                    .execute(
-                        format!("ALTER ROLE \"{role}\" WITH LOGIN PASSWORD '{password}'").as_str(),
-                    )
-                    .await
-                    .map_err(|e| pg_error(&e))?;
+                // Both idempotent; they also repair a login whose membership was revoked.
+                self.execute(&format!("GRANT \"{owner}\" TO \"{login}\""))
+                    .await?;
+                self.execute(&format!("ALTER ROLE \"{login}\" SET role TO \"{owner}\""))
+                    .await?;
             }
             Ok(())
         })
@@ -184,7 +201,7 @@ impl PostgresAdmin {
         bounded("PostgreSQL", self.timeout * 4, async {
             match self
                 .pool
-                .execute(format!("CREATE DATABASE \"{database}\" OWNER \"{role}\"").as_str())
+                .execute(format!("CREATE DATABASE \"{database}\" OWNER \"{owner}\"").as_str())
                 .await
             {
                 Ok(_) => {}
@@ -203,32 +220,54 @@ impl PostgresAdmin {
         .await
     }
 
-    /// Drops `database` (disconnecting its sessions) and `role`; missing ones are fine.
+    /// Drops `database` (disconnecting its sessions) and `roles`; missing ones are fine.
     pub async fn drop_role_and_database(
         &self,
-        role: &str,
+        roles: &[&str],
         database: &str,
     ) -> Result<(), ProvisionError> {
         if self.database_exists(database).await? {
             let _turn = self.turn().await?;
             bounded("PostgreSQL", self.timeout * DROP_DATABASE_BOUND, async {
-                self.pool
-                    .execute(
-                        format!("DROP DATABASE IF EXISTS \"{database}\" WITH (FORCE)").as_str(),
-                    )
-                    .await
-                    .map_err(|e| pg_error(&e))
+                self.execute(&format!(
+                    "DROP DATABASE IF EXISTS \"{database}\" WITH (FORCE)"
+                ))
+                .await
             })
             .await?;
         }
-        bounded("PostgreSQL", self.timeout, async {
-            self.pool
-                .execute(format!("DROP ROLE IF EXISTS \"{role}\"").as_str())
-                .await
-                .map_err(|e| pg_error(&e))?;
-            Ok(())
-        })
+        let roles: Vec<String> = roles.iter().map(|r| format!("\"{r}\"")).collect();
+        bounded(
+            "PostgreSQL",
+            self.timeout,
+            self.execute(&format!("DROP ROLE IF EXISTS {}", roles.join(", "))),
+        )
         .await
+    }
+
+    async fn role_exists(&self, role: &str) -> Result<bool, ProvisionError> {
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1)")
+            .bind(role)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(|e| pg_error(&e))
+    }
+
+    /// `CREATE ROLE …`; one created meanwhile by another reconcile is fine.
+    async fn create_role(&self, statement: &str) -> Result<(), ProvisionError> {
+        match self.pool.execute(statement).await {
+            Ok(_) => Ok(()),
+            Err(e) if already_exists(&e) => Ok(()),
+            Err(e) => Err(pg_error(&e)),
+        }
+    }
+
+    async fn execute(&self, statement: &str) -> Result<(), ProvisionError> {
+        self.pool
+            .execute(statement)
+            .await
+            .map(drop)
+            .map_err(|e| pg_error(&e))
     }
 
     async fn database_exists(&self, database: &str) -> Result<bool, ProvisionError> {
@@ -249,6 +288,17 @@ impl PostgresAdmin {
             .await
             .map_err(|_| ProvisionError::Postgres("database DDL queue closed".to_owned()))
     }
+}
+
+/// The SCRAM-SHA-256 verifier PostgreSQL stores for `password` (4,096 PBKDF2 rounds, off the
+/// async workers).
+async fn scram_verifier(password: &SecretString) -> Result<String, ProvisionError> {
+    let password = password.clone();
+    tokio::task::spawn_blocking(move || {
+        postgres_protocol::password::scram_sha_256(password.expose_secret().as_bytes())
+    })
+    .await
+    .map_err(|e| ProvisionError::Postgres(format!("computing a password verifier: {e}")))
 }
 
 /// The services' connection URL: `postgres://<role>:<password>@<host>:<port>/<database>?sslmode=`.

@@ -47,7 +47,7 @@ async fn a_burst_of_databases_is_created_and_dropped_without_timeouts() {
     let created = futures::future::join_all(
         names
             .iter()
-            .map(|(role, db)| admin.ensure_role_and_database(role, db, &password, false)),
+            .map(|(role, db)| admin.ensure_role_and_database(role, db, role, &password, false)),
     )
     .await;
     for (result, (_, db)) in created.iter().zip(&names) {
@@ -88,7 +88,7 @@ async fn a_burst_of_databases_is_created_and_dropped_without_timeouts() {
     let dropped = futures::future::join_all(
         names
             .iter()
-            .map(|(role, db)| admin.drop_role_and_database(role, db)),
+            .map(|(role, db)| async { admin.drop_role_and_database(&[role], db).await }),
     )
     .await;
     done.0.send(true).unwrap();

@@ -192,7 +192,11 @@ fn stack(name: &str, redis_url: &str, topics_policy: &str) -> Value {
 }
 
 fn secret_url(secret: &Secret) -> String {
-    String::from_utf8(secret.data.as_ref().unwrap()["url"].0.clone()).unwrap()
+    secret_key(secret, "url")
+}
+
+fn secret_key(secret: &Secret, key: &str) -> String {
+    String::from_utf8(secret.data.as_ref().unwrap()[key].0.clone()).unwrap()
 }
 
 /// Partition counts of the named topics (`None`: missing), from a fresh metadata request.
@@ -352,7 +356,8 @@ async fn a_stack_is_provisioned_in_stage_order_becomes_ready_follows_changes_and
         .fetch_one(&mut pg)
         .await
         .unwrap();
-    let alpha_role = format!("mws_{}_alpha", ns.replace('-', "_"));
+    let alpha_role = secret_key(&secrets.get("alpha-postgres").await.unwrap(), "username");
+    assert!(alpha_role.starts_with("mws_"), "{alpha_role}");
     assert_eq!(database, alpha_role);
     sqlx::query("CREATE TABLE probe (id int)")
         .execute(&mut pg)
@@ -660,16 +665,68 @@ async fn a_paused_stack_is_left_alone_and_a_rotation_rolls_new_credentials() {
     harness
         .wait_for_condition("delta", "Ready", "True", None)
         .await;
+    // The new password belongs to the second login; the first keeps working, so pods that
+    // have not rolled yet still connect. Tables made through either login belong to the owner.
     let after = secret_url(&secrets.get("delta-postgres").await.unwrap());
+    let second = secret_key(&secrets.get("delta-postgres").await.unwrap(), "username");
+    assert!(second.starts_with("mwsr_"), "{second}");
     let mut pg = sqlx::PgConnection::connect(&after).await.unwrap();
-    let one: i32 = sqlx::query_scalar("SELECT 1")
-        .fetch_one(&mut pg)
+    let (user, acting_as): (String, String) =
+        sqlx::query_as("SELECT session_user::text, current_user::text")
+            .fetch_one(&mut pg)
+            .await
+            .unwrap();
+    assert_eq!(user, second);
+    assert_eq!(format!("mwsr_{}", &acting_as["mws_".len()..]), second);
+    sqlx::query("CREATE TABLE made_by_the_second_login (id int)")
+        .execute(&mut pg)
         .await
         .unwrap();
-    assert_eq!(one, 1);
+    pg.close().await.unwrap();
+    let mut old = sqlx::PgConnection::connect(&before)
+        .await
+        .expect("the previous password keeps working until the next rotation");
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM made_by_the_second_login")
+        .fetch_one(&mut old)
+        .await
+        .unwrap();
+    assert_eq!(rows, 0);
+    old.close().await.unwrap();
+
+    // The next rotation goes back to the first login with a new password: the second login
+    // still works, the first login's old password does not.
+    let mut again = stack("delta", &deps.redis_url, "Delete");
+    again["metadata"]["annotations"] = json!({ "meridian.dev/rotate-credentials": "2" });
+    harness.apply(&again).await;
+    let secrets_ = secrets.clone();
+    let after_ = after.clone();
+    wait_until(
+        "the postgres Secret to change again",
+        READY_TIMEOUT,
+        move || {
+            let (secrets, after) = (secrets_.clone(), after_.clone());
+            async move { secret_url(&secrets.get("delta-postgres").await.unwrap()) != after }
+        },
+    )
+    .await;
+    let latest = secret_url(&secrets.get("delta-postgres").await.unwrap());
+    assert_eq!(
+        secret_key(&secrets.get("delta-postgres").await.unwrap(), "username"),
+        acting_as
+    );
+    for (url, what) in [(&latest, "the new password"), (&after, "the second login")] {
+        let mut pg = sqlx::PgConnection::connect(url)
+            .await
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+        sqlx::query("SELECT count(*) FROM made_by_the_second_login")
+            .fetch_one(&mut pg)
+            .await
+            .unwrap();
+        pg.close().await.unwrap();
+    }
     assert!(
         sqlx::PgConnection::connect(&before).await.is_err(),
-        "the old password is revoked"
+        "the first password is revoked by the second rotation"
     );
     let redis_url = secret_url(&secrets.get("delta-redis").await.unwrap());
     let mut redis = redis::Client::open(redis_url.as_str())
