@@ -32,11 +32,24 @@ pub struct Postgres {
 
 impl Postgres {
     /// Builds the pool without connecting; connections open on first use.
+    ///
+    /// Every statement of the services reads or writes rows by key, through an index, so
+    /// their sessions rule out sequential scans (`enable_seqscan = off`) and plan each
+    /// prepared statement once (`plan_cache_mode = force_generic_plan`). Their tables start
+    /// empty and grow by thousands of rows a second, and the planner sizes a table from its
+    /// last `ANALYZE`: a statement planned while a table was (or was believed) small kept a
+    /// sequential scan. Measured on a freshly created schema at 1,000 commands/s: `commands`
+    /// was read by 4,213 sequential scans (18 M rows) and 251 index scans, and the pipeline's
+    /// p50 was 295 ms; planning anew on each execution also cost 15 % of PostgreSQL's CPU.
     pub fn connect_lazy(config: &PostgresConfig) -> Result<Self, PostgresError> {
         let timeout = config.database_statement_timeout_ms.to_string();
         let options = PgConnectOptions::from_str(config.database_url.expose_secret())
             .map_err(PostgresError::Url)?
-            .options([("statement_timeout", timeout.as_str())]);
+            .options([
+                ("statement_timeout", timeout.as_str()),
+                ("enable_seqscan", "off"),
+                ("plan_cache_mode", "force_generic_plan"),
+            ]);
         let pool = PgPoolOptions::new()
             .max_connections(config.database_max_connections)
             .acquire_timeout(Duration::from_millis(config.database_acquire_timeout_ms))
