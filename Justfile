@@ -20,6 +20,10 @@ deps-down *groups:
 deps-status *groups:
     bash e2e/deps.sh status {{groups}}
 
+# Stop PostgreSQL, Redis and Kafka (or the named ones), delete their data, start them fresh.
+deps-reset *groups:
+    bash e2e/deps.sh reset {{groups}}
+
 # Install what building the workspace needs (C toolchain, CMake, headers for librdkafka).
 build-deps:
     bash e2e/build-deps.sh

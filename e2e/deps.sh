@@ -5,6 +5,8 @@
 #   e2e/deps.sh up     [group...]   install (cached) and start; idempotent
 #   e2e/deps.sh down   [group...]   stop (data is kept under $MERIDIAN_STATE_DIR)
 #   e2e/deps.sh status [group...]   one line per group; exit 1 when any is down
+#   e2e/deps.sh reset  [group...]   stop, delete the data, start fresh (postgres redis kafka;
+#                                   default: those three) — before a benchmark, for example
 #   e2e/deps.sh env                 print the environment variables the services and tests use
 #
 # Groups: postgres redis kafka kube (default: all). Each group is e2e/deps/<group>.sh and
@@ -36,6 +38,17 @@ case "$verb" in
   down)
     # Reverse order: the control plane first, the databases last.
     for ((i = ${#groups[@]} - 1; i >= 0; i--)); do bash "$E2E_DIR/deps/${groups[i]}.sh" down; done
+    ;;
+  reset)
+    [ $# -eq 0 ] && groups=(postgres redis kafka)
+    for g in "${groups[@]}"; do
+      case $g in
+        postgres | redis | kafka) bash "$E2E_DIR/deps/$g.sh" reset ;;
+        kube) warn "kube has no reset; skipped" ;;
+        *) die "unknown group '$g'" ;;
+      esac
+    done
+    print_env > "$MERIDIAN_STATE_DIR/env"
     ;;
   status)
     rc=0

@@ -220,5 +220,7 @@ case "${1:-}" in
   up) up ;;
   down) down ;;
   status) status ;;
-  *) die "usage: $0 up|down|status" ;;
+  # Stop, delete the log directory and the cluster id (every topic), start a fresh broker.
+  reset) down && rm -rf "$DATA" "$CLUSTER_ID_FILE" && up ;;
+  *) die "usage: $0 up|down|status|reset" ;;
 esac

@@ -274,5 +274,7 @@ case "${1:-}" in
   up) up ;;
   down) down ;;
   status) status ;;
-  *) die "usage: $0 up|down|status" ;;
+  # Stop, delete the cluster (every database, role and setting), start a fresh one.
+  reset) down && rm -rf "$PG_DIR" && up ;;
+  *) die "usage: $0 up|down|status|reset" ;;
 esac

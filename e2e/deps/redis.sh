@@ -168,5 +168,7 @@ case "${1:-}" in
   up) up ;;
   down) down ;;
   status) status ;;
-  *) die "usage: $0 up|down|status" ;;
+  # Stop (nothing is persisted), forget the ACL users, start again.
+  reset) down && rm -f "$ACLFILE" && up ;;
+  *) die "usage: $0 up|down|status|reset" ;;
 esac
