@@ -20,6 +20,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
+use backon::Retryable as _;
 use futures::{StreamExt as _, TryStreamExt as _};
 use k8s_openapi::api::core::v1::{Namespace, Secret};
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
@@ -393,18 +394,16 @@ async fn run(
     eprintln!("N={n}: deleting the stacks (cleanup per deletionPolicy)...");
     // A loaded API server drops connections now and then: retry rather than leave a namespace
     // of stacks whose finalizers nobody will ever run.
-    let mut attempts = 0;
-    while let Err(error) = stacks
-        .delete_collection(&DeleteParams::default(), &ListParams::default())
-        .await
-    {
-        attempts += 1;
-        if attempts == 5 {
-            return Err(error.into());
-        }
-        eprintln!("N={n}: deleting the stacks failed ({error}); retrying");
-        tokio::time::sleep(Duration::from_secs(2)).await;
-    }
+    let (delete, all) = (DeleteParams::default(), ListParams::default());
+    (|| stacks.delete_collection(&delete, &all))
+        .retry(
+            backon::ConstantBuilder::default()
+                .with_delay(Duration::from_secs(2))
+                .with_max_times(4),
+        )
+        .sleep(tokio::time::sleep)
+        .notify(|error, _| eprintln!("N={n}: deleting the stacks failed ({error}); retrying"))
+        .await?;
     let deadline = Instant::now() + timeout;
     loop {
         match stacks.list(&ListParams::default()).await {

@@ -166,7 +166,7 @@ impl PostgresAdmin {
                 String::new()
             };
             if !self.role_exists(owner).await? {
-                self.create_role(&format!("CREATE ROLE \"{owner}\" LOGIN{owner_password}"))
+                self.create(&format!("CREATE ROLE \"{owner}\" LOGIN{owner_password}"))
                     .await?;
             } else if set_password && login == owner {
                 self.execute(&format!(
@@ -176,7 +176,7 @@ impl PostgresAdmin {
             }
             if login != owner {
                 if !self.role_exists(login).await? {
-                    self.create_role(&format!(
+                    self.create(&format!(
                         "CREATE ROLE \"{login}\" LOGIN PASSWORD '{verifier}' IN ROLE \"{owner}\""
                     ))
                     .await?;
@@ -199,23 +199,12 @@ impl PostgresAdmin {
             return Ok(());
         }
         bounded("PostgreSQL", self.timeout * 4, async {
-            match self
-                .pool
-                .execute(format!("CREATE DATABASE \"{database}\" OWNER \"{owner}\"").as_str())
-                .await
-            {
-                Ok(_) => {}
-                Err(e) if already_exists(&e) => {}
-                Err(e) => return Err(pg_error(&e)),
-            }
-            self.pool
-                .execute(
-                    format!("REVOKE CONNECT, TEMPORARY ON DATABASE \"{database}\" FROM PUBLIC")
-                        .as_str(),
-                )
-                .await
-                .map_err(|e| pg_error(&e))?;
-            Ok(())
+            self.create(&format!("CREATE DATABASE \"{database}\" OWNER \"{owner}\""))
+                .await?;
+            self.execute(&format!(
+                "REVOKE CONNECT, TEMPORARY ON DATABASE \"{database}\" FROM PUBLIC"
+            ))
+            .await
         })
         .await
     }
@@ -253,8 +242,8 @@ impl PostgresAdmin {
             .map_err(|e| pg_error(&e))
     }
 
-    /// `CREATE ROLE …`; one created meanwhile by another reconcile is fine.
-    async fn create_role(&self, statement: &str) -> Result<(), ProvisionError> {
+    /// `CREATE …`; one created meanwhile by another reconcile is fine.
+    async fn create(&self, statement: &str) -> Result<(), ProvisionError> {
         match self.pool.execute(statement).await {
             Ok(_) => Ok(()),
             Err(e) if already_exists(&e) => Ok(()),

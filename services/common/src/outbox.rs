@@ -29,9 +29,10 @@
 //! **Delivery.** At least once: a leader that dies after Kafka acknowledged a batch but before
 //! the delete commits has its successor publish those rows again (consumers deduplicate by
 //! `command-id`); so does a database crash that loses the relay's latest deletes (they commit
-//! asynchronously: they need no WAL flush, and only ever lose a suffix, so order holds). Rows whose delivery fails stay and are retried; a failed row can be overtaken
-//! by a later row of the same key that was acknowledged in the same batch, which librdkafka's
-//! idempotent producer only allows after `message.timeout.ms` elapsed.
+//! asynchronously: they need no WAL flush, and only ever lose a suffix, so order holds). Rows
+//! whose delivery fails stay and are retried; a failed row can be overtaken by a later row of
+//! the same key that was acknowledged in the same batch, which librdkafka's idempotent
+//! producer only allows after `message.timeout.ms` elapsed.
 //!
 //! **Missing topics.** Rows whose topic does not exist (deleted, or not created yet) stay in
 //! the table and are left out of the batches for a while ([`TOPIC_QUARANTINE`]), so they
