@@ -73,3 +73,41 @@ fn a_message_without_headers_yields_an_empty_context() {
             .is_valid()
     );
 }
+
+fn decision(sampler: &opentelemetry_sdk::trace::Sampler, parent: Option<&Context>) -> bool {
+    use opentelemetry::trace::SpanKind;
+    use opentelemetry_sdk::trace::{SamplingDecision, ShouldSample};
+    let result = sampler.should_sample(
+        parent,
+        TraceId::from_hex("4bf92f3577b34da6a3ce929d0e0e4736").unwrap(),
+        "span",
+        &SpanKind::Server,
+        &[],
+        &[],
+    );
+    result.decision == SamplingDecision::RecordAndSample
+}
+
+#[test]
+fn new_traces_are_sampled_only_when_spans_are_exported_and_sampled_parents_always() {
+    let unsampled_parent = Context::new().with_remote_span_context(SpanContext::new(
+        TraceId::from_hex("4bf92f3577b34da6a3ce929d0e0e4736").unwrap(),
+        SpanId::from_hex("00f067aa0ba902b7").unwrap(),
+        TraceFlags::default(),
+        true,
+        TraceState::default(),
+    ));
+    let exporting = sampler(true, 1.0);
+    assert!(decision(&exporting, None));
+    assert!(decision(&exporting, Some(&remote_context())));
+    assert!(!decision(&exporting, Some(&unsampled_parent)));
+    assert!(!decision(&sampler(true, 0.0), None));
+
+    let silent = sampler(false, 1.0);
+    assert!(!decision(&silent, None), "nothing exports a new trace here");
+    assert!(
+        decision(&silent, Some(&remote_context())),
+        "a sampled caller's trace stays sampled for the services after this one"
+    );
+    assert!(!decision(&silent, Some(&unsampled_parent)));
+}
