@@ -4,6 +4,8 @@
 //! `meridian-operator` binary (next to this one) on a fresh namespace, creates N stacks, and
 //! measures:
 //! - the time until all N are `Ready=True` (target for 1,000: ≤ 120 s);
+//! - the operator's API writes per stack until Ready, by verb and resource (where the API
+//!   server's load comes from);
 //! - the operator's peak RSS (`VmHWM`, target ≤ 64 MiB);
 //! - API writes per stack in steady state over `BENCH_STEADY_SECONDS` (default 60; the issue
 //!   asks 300), from the operator's own `operator_api_requests_total` (target 0; Lease
@@ -75,6 +77,9 @@ struct Result_ {
     ready_after: Option<Duration>,
     ready: usize,
     rss_kib: u64,
+    /// The operator's API writes from its start until 5 s after the last stack was Ready.
+    ramp_writes: BTreeMap<String, f64>,
+    /// Its API writes during the steady-state window.
     writes: BTreeMap<String, f64>,
     window: Duration,
 }
@@ -127,6 +132,16 @@ impl Result_ {
                 self.n, self.ready, self.n
             ),
         }
+        let ramp: BTreeMap<&str, f64> = self
+            .ramp_writes
+            .iter()
+            .filter(|(k, _)| !k.ends_with("/leases"))
+            .map(|(k, v)| (k.as_str(), (v / self.n as f64 * 10.0).round() / 10.0))
+            .collect();
+        println!(
+            "         API writes per stack until Ready: {:.1}; by verb/resource: {ramp:?}",
+            ramp.values().sum::<f64>()
+        );
         println!(
             "         operator peak RSS {:.1} MiB (target ≤ 64 MiB — {})",
             self.rss_kib as f64 / 1024.0,
@@ -440,6 +455,7 @@ async fn run(
         ready_after,
         ready,
         rss_kib,
+        ramp_writes: before,
         writes: delta,
         window: steady,
     })
