@@ -12,9 +12,10 @@
 #      they only speed up rebuilds after edits;
 #   2. cargo-sweep removes the least recently used artifacts until the rest fits in
 #      MERIDIAN_TARGET_MAX_GIB (default 16);
-#   3. when the file system still has less than MERIDIAN_BUILD_FREE_MIN_GIB (default 10) free,
-#      every artifact goes; when even that is not enough, stop now with a message saying so
-#      rather than fail in the middle of a link.
+#   3. when the file system still has less than MERIDIAN_TARGET_WIPE_FREE_GIB (default 10)
+#      free, every artifact goes; when even then less than MERIDIAN_BUILD_FREE_MIN_GIB
+#      (default 6: a build and test run from nothing takes ~5.5 GiB) is free, stop now with a
+#      message saying so rather than fail in the middle of a link.
 set -euo pipefail
 # shellcheck source=SCRIPTDIR/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -22,7 +23,8 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 : "${CARGO_TARGET_DIR:=$MERIDIAN_CACHE_DIR/target}"
 : "${MERIDIAN_INCREMENTAL_MAX_GIB:=4}"
 : "${MERIDIAN_TARGET_MAX_GIB:=16}"
-: "${MERIDIAN_BUILD_FREE_MIN_GIB:=10}"
+: "${MERIDIAN_TARGET_WIPE_FREE_GIB:=10}"
+: "${MERIDIAN_BUILD_FREE_MIN_GIB:=6}"
 export CARGO_TARGET_DIR
 
 GIB=$((1024 * 1024)) # in KiB, the unit of du -k and df -k
@@ -55,8 +57,8 @@ sweep=$(bash "$E2E_DIR/tools.sh" path cargo-sweep)
 (cd "$REPO_ROOT" && "$sweep" sweep --maxsize "${MERIDIAN_TARGET_MAX_GIB}GiB" >/dev/null) ||
   die "cargo-sweep could not trim $CARGO_TARGET_DIR"
 
-if [ "$(free_kib)" -lt $((MERIDIAN_BUILD_FREE_MIN_GIB * GIB)) ]; then
-  warn "less than ${MERIDIAN_BUILD_FREE_MIN_GIB} GiB free: deleting every artifact in $CARGO_TARGET_DIR"
+if [ "$(free_kib)" -lt $((MERIDIAN_TARGET_WIPE_FREE_GIB * GIB)) ]; then
+  warn "less than ${MERIDIAN_TARGET_WIPE_FREE_GIB} GiB free: deleting every artifact in $CARGO_TARGET_DIR"
   rm -rf "${CARGO_TARGET_DIR:?}"/*
 fi
 free=$(free_kib)
