@@ -88,9 +88,8 @@ pub struct CommonConfig {
     pub otel_exporter_otlp_endpoint: Option<url::Url>,
     /// `OTEL_SERVICE_NAME`: overrides the service name reported in traces.
     pub otel_service_name: Option<String>,
-    /// `OTEL_TRACES_SAMPLER_ARG`: head sampling ratio for new traces, 0.0–1.0, when spans
-    /// are exported. Default 1.0. Incoming sampled parents are always honoured
-    /// (parent-based sampling); without an exporter new traces are not sampled.
+    /// `OTEL_TRACES_SAMPLER_ARG`: head sampling ratio for new traces, 0.0–1.0. Default 1.0.
+    /// Incoming sampled parents are always honoured (parent-based sampling).
     #[serde(default = "defaults::sampling_ratio")]
     pub otel_traces_sampler_arg: f64,
     /// `READINESS_TIMEOUT_MS`: per-dependency timeout of a `/ready` check. Default 2000.

@@ -73,9 +73,11 @@ pub fn init(service_name: &str, config: &CommonConfig) -> Result<TelemetryGuard,
         .as_deref()
         .unwrap_or(service_name)
         .to_owned();
-    let exporting = config.otel_exporter_otlp_endpoint.is_some();
+    let ratio = config.otel_traces_sampler_arg.clamp(0.0, 1.0);
     let mut builder = SdkTracerProvider::builder()
-        .with_sampler(sampler(exporting, config.otel_traces_sampler_arg))
+        .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
+            ratio,
+        ))))
         .with_resource(Resource::builder().with_service_name(name.clone()).build());
     if let Some(endpoint) = &config.otel_exporter_otlp_endpoint {
         let exporter = opentelemetry_otlp::SpanExporter::builder()
@@ -89,16 +91,7 @@ pub fn init(service_name: &str, config: &CommonConfig) -> Result<TelemetryGuard,
     }
     let provider = builder.build();
     global::set_tracer_provider(provider.clone());
-    // Per span, only what a trace needs: no busy/idle timing (two clock reads on every poll
-    // of an instrumented future), no thread attributes, and no OpenTelemetry context
-    // attached on every enter — propagation reads the `tracing` span's context directly
-    // ([`inject_http`], [`inject_kafka`]). Measured on the gateway, whose request span is
-    // entered on every poll.
-    let otel = tracing_opentelemetry::layer()
-        .with_tracked_inactivity(false)
-        .with_threads(false)
-        .with_context_activation(false)
-        .with_tracer(provider.tracer(name));
+    let otel = tracing_opentelemetry::layer().with_tracer(provider.tracer(name));
 
     // `try_init` fails only when a subscriber is already installed (several apps in one
     // test process); the first one stays in charge.
@@ -110,20 +103,6 @@ pub fn init(service_name: &str, config: &CommonConfig) -> Result<TelemetryGuard,
     Ok(TelemetryGuard {
         provider: Some(provider),
     })
-}
-
-/// Which spans are recorded. An incoming sampled parent is always honoured, so a trace
-/// stays whole across services (and its `traceparent` says sampled) even through a process
-/// that exports nothing. New traces are sampled at `ratio` when spans are exported; when
-/// they are not, recording them would only cost CPU (a recorded span is built in full and
-/// dropped), so new traces carry ids but are not sampled.
-fn sampler(exporting: bool, ratio: f64) -> Sampler {
-    let root = if exporting {
-        Sampler::TraceIdRatioBased(ratio.clamp(0.0, 1.0))
-    } else {
-        Sampler::AlwaysOff
-    };
-    Sampler::ParentBased(Box::new(root))
 }
 
 /// The trace context carried by HTTP request headers (`traceparent`, `tracestate`).
