@@ -84,21 +84,29 @@ struct Result_ {
     window: Duration,
 }
 
+/// Lease renewals are leader election, not work for any stack.
+fn is_lease(verb_resource: &str) -> bool {
+    verb_resource.ends_with("/leases")
+}
+
 impl Result_ {
-    fn print(&self) {
-        let per_stack: f64 = self
-            .writes
+    /// `writes` per stack, by verb/resource, without Lease renewals.
+    fn per_stack<'a>(&self, writes: &'a BTreeMap<String, f64>) -> BTreeMap<&'a str, f64> {
+        writes
             .iter()
-            .filter(|(k, _)| !k.ends_with("/leases"))
-            .map(|(_, v)| v)
-            .fold(0.0, |a, b| a + b)
-            / self.n as f64;
+            .filter(|(k, _)| !is_lease(k))
+            .map(|(k, v)| (k.as_str(), v / self.n as f64))
+            .collect()
+    }
+
+    fn print(&self) {
+        let per_stack: f64 = self.per_stack(&self.writes).values().sum();
         let leases: f64 = self
             .writes
             .iter()
-            .filter(|(k, _)| k.ends_with("/leases"))
+            .filter(|(k, _)| is_lease(k))
             .map(|(_, v)| v)
-            .fold(0.0, |a, b| a + b);
+            .sum();
         let target_ready = if self.n >= 1000 {
             " (target ≤ 120 s)"
         } else {
@@ -133,10 +141,9 @@ impl Result_ {
             ),
         }
         let ramp: BTreeMap<&str, f64> = self
-            .ramp_writes
-            .iter()
-            .filter(|(k, _)| !k.ends_with("/leases"))
-            .map(|(k, v)| (k.as_str(), (v / self.n as f64 * 10.0).round() / 10.0))
+            .per_stack(&self.ramp_writes)
+            .into_iter()
+            .map(|(k, v)| (k, (v * 10.0).round() / 10.0))
             .collect();
         println!(
             "         API writes per stack until Ready: {:.1}; by verb/resource: {ramp:?}",

@@ -158,33 +158,40 @@ impl PostgresAdmin {
         password: &SecretString,
         set_password: bool,
     ) -> Result<(), ProvisionError> {
-        let verifier = scram_verifier(password).await?;
         bounded("PostgreSQL", self.timeout * 2, async {
-            let owner_password = if login == owner {
-                format!(" PASSWORD '{verifier}'")
+            let owner_exists = self.role_exists(owner).await?;
+            let login_exists = if login == owner {
+                owner_exists
+            } else {
+                self.role_exists(login).await?
+            };
+            // PBKDF2 only when a password is actually set.
+            let with_password = if set_password || !login_exists {
+                format!(" PASSWORD '{}'", scram_verifier(password).await?)
             } else {
                 String::new()
             };
-            if !self.role_exists(owner).await? {
+            let owner_password = if login == owner {
+                with_password.as_str()
+            } else {
+                ""
+            };
+            if !owner_exists {
                 self.create(&format!("CREATE ROLE \"{owner}\" LOGIN{owner_password}"))
                     .await?;
             } else if set_password && login == owner {
-                self.execute(&format!(
-                    "ALTER ROLE \"{owner}\" WITH LOGIN{owner_password}"
-                ))
-                .await?;
+                self.execute(&format!("ALTER ROLE \"{owner}\" WITH LOGIN{with_password}"))
+                    .await?;
             }
             if login != owner {
-                if !self.role_exists(login).await? {
+                if !login_exists {
                     self.create(&format!(
-                        "CREATE ROLE \"{login}\" LOGIN PASSWORD '{verifier}' IN ROLE \"{owner}\""
+                        "CREATE ROLE \"{login}\" LOGIN{with_password} IN ROLE \"{owner}\""
                     ))
                     .await?;
                 } else if set_password {
-                    self.execute(&format!(
-                        "ALTER ROLE \"{login}\" WITH LOGIN PASSWORD '{verifier}'"
-                    ))
-                    .await?;
+                    self.execute(&format!("ALTER ROLE \"{login}\" WITH LOGIN{with_password}"))
+                        .await?;
                 }
                 // Both idempotent; they also repair a login whose membership was revoked.
                 self.execute(&format!("GRANT \"{owner}\" TO \"{login}\""))
