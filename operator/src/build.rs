@@ -134,6 +134,18 @@ impl Component {
         }
     }
 
+    /// Whether clients call the service through its Service's virtual IP: the gateway, the
+    /// hub and the command service (called by the gateway). The processor and the cache
+    /// updater only consume Kafka; nothing calls them but the kubelet's probes (direct to the
+    /// pod) and metrics scrapers (which discover pods through the Service's endpoints), so
+    /// their Services are headless. That keeps two of a stack's five Services out of the
+    /// cluster's service CIDR and out of kube-proxy's rules on every node, and skips the API
+    /// server's ClusterIP allocation, which Kubernetes serialises cluster-wide (one
+    /// `IPAddress` create at a time): at 1,000 stacks it set the pace of the whole rollout.
+    pub fn has_virtual_ip(self) -> bool {
+        matches!(self, Self::Gateway | Self::CommandService | Self::WsHub)
+    }
+
     /// Whether the service talks to PostgreSQL (`DATABASE_URL`).
     pub fn uses_postgres(self) -> bool {
         matches!(self, Self::CommandService | Self::Processor)
@@ -176,7 +188,8 @@ pub struct ServiceObjects {
     pub config_map: ConfigMap,
     /// Its pods.
     pub deployment: Deployment,
-    /// Its ClusterIP Service on the HTTP port.
+    /// Its Service on the HTTP port: a ClusterIP Service, headless unless
+    /// [`Component::has_virtual_ip`].
     pub service: Service,
     /// Present when it runs more than one replica.
     pub pod_disruption_budget: Option<PodDisruptionBudget>,
@@ -610,11 +623,25 @@ fn deployment(stack: &ValidatedStack, component: Component, config_map: &ConfigM
     }
 }
 
+/// `spec.clusterIP` of a headless Service.
+const HEADLESS: &str = "None";
+
+/// Whether `existing` must be deleted before `desired` can be applied: `spec.clusterIP` cannot
+/// change once set, so a Service that turns headless (or gets a virtual IP) after an operator
+/// upgrade is created anew. A Service is headless exactly when its `clusterIP` is `None`.
+pub fn service_needs_recreate(existing: &Service, desired: &Service) -> bool {
+    let headless = |service: &Service| {
+        service.spec.as_ref().and_then(|s| s.cluster_ip.as_deref()) == Some(HEADLESS)
+    };
+    headless(existing) != headless(desired)
+}
+
 fn service(stack: &ValidatedStack, component: Component) -> Service {
     Service {
         metadata: metadata(stack, component),
         spec: Some(CoreServiceSpec {
             type_: Some("ClusterIP".to_owned()),
+            cluster_ip: (!component.has_virtual_ip()).then(|| HEADLESS.to_owned()),
             selector: Some(selector_labels(stack, component)),
             ports: Some(vec![ServicePort {
                 name: Some("http".to_owned()),

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt as _;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceSpec};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use kube::api::{Api, DeleteParams, PartialObjectMeta, Patch, PatchParams};
@@ -265,7 +265,11 @@ pub async fn run(
         .default_backoff()
         .modify(|service: &mut Service| {
             strip(service);
-            service.spec = None;
+            // Only `clusterIP` is read back (`build::service_needs_recreate`).
+            service.spec = service.spec.take().map(|spec| ServiceSpec {
+                cluster_ip: spec.cluster_ip,
+                ..ServiceSpec::default()
+            });
             service.status = None;
         })
         .reflect(services_writer)
@@ -372,7 +376,8 @@ pub async fn run(
 /// Drops what reconciles never read before an object enters a store (managed fields are
 /// often the largest part of an object): keeps the operator's memory small. Reconciles
 /// compare owned objects by the applied-hash annotation, so besides metadata they only read
-/// Deployments' replicas and status (availability) and Secrets' data (kept passwords).
+/// Deployments' replicas and status (availability), Services' `clusterIP` and Secrets' data
+/// (kept passwords).
 fn strip<K: Resource>(object: &mut K) {
     object.meta_mut().managed_fields = None;
     if let Some(annotations) = &mut object.meta_mut().annotations {
@@ -1237,6 +1242,7 @@ async fn apply_service(
 ) -> Result<bool, Error> {
     let mut changed =
         apply_object(ctx, &ctx.stores.config_maps, objects.config_map.clone()).await?;
+    changed |= recreate_service_if_needed(ctx, stack, &objects.service).await?;
     changed |= apply_object(ctx, &ctx.stores.services, objects.service.clone()).await?;
     changed |= apply_object(ctx, &ctx.stores.deployments, objects.deployment.clone()).await?;
     match &objects.pod_disruption_budget {
@@ -1247,6 +1253,32 @@ async fn apply_service(
         }
     }
     Ok(changed)
+}
+
+/// Deletes the stack's Service named like `desired` when `desired` cannot be applied over it
+/// ([`build::service_needs_recreate`]); the apply that follows creates it anew. The Services
+/// concerned are the headless ones, which carry no client traffic.
+async fn recreate_service_if_needed(
+    ctx: &Context,
+    stack: &ValidatedStack,
+    desired: &Service,
+) -> Result<bool, Error> {
+    let name = desired.name_any();
+    let Some(existing) = ctx
+        .stores
+        .services
+        .get(&ObjectRef::new(&name).within(stack.namespace()))
+    else {
+        return Ok(false);
+    };
+    if !build::service_needs_recreate(&existing, desired) {
+        return Ok(false);
+    }
+    let deleted = delete_owned(ctx, &ctx.stores.services, stack, &name).await?;
+    if deleted {
+        tracing::info!(service = %name, "Recreating a Service whose clusterIP cannot change in place.");
+    }
+    Ok(deleted)
 }
 
 /// Deletes every object of the services that are disabled.

@@ -629,3 +629,50 @@ fn the_cache_updater_keeps_as_much_room_history_as_the_hub_resumes_from() {
         .unwrap();
     assert_eq!(own.value.as_deref(), Some("50"));
 }
+
+#[test]
+fn only_services_that_clients_call_get_a_virtual_ip() {
+    let cases = [
+        (Component::Gateway, true),
+        (Component::CommandService, true),
+        (Component::WsHub, true),
+        (Component::Processor, false),
+        (Component::CacheUpdater, false),
+    ];
+    let state = example();
+    for (component, virtual_ip) in cases {
+        let spec = objects(&state, component).service.spec.clone().unwrap();
+        assert_eq!(spec.type_.as_deref(), Some("ClusterIP"), "{component:?}");
+        let expected = if virtual_ip { None } else { Some("None") };
+        assert_eq!(spec.cluster_ip.as_deref(), expected, "{component:?}");
+        assert_eq!(component.has_virtual_ip(), virtual_ip, "{component:?}");
+    }
+}
+
+#[test]
+fn a_service_is_recreated_only_when_it_turns_headless_or_gets_a_virtual_ip() {
+    let with_cluster_ip = |ip: Option<&str>| Service {
+        spec: Some(CoreServiceSpec {
+            type_: Some("ClusterIP".to_owned()),
+            cluster_ip: ip.map(str::to_owned),
+            ..CoreServiceSpec::default()
+        }),
+        ..Service::default()
+    };
+    // (existing clusterIP, desired clusterIP, recreate)
+    let cases = [
+        (Some("10.96.0.17"), Some("None"), true),
+        (Some("None"), None, true),
+        (Some("10.96.0.17"), None, false),
+        (Some("None"), Some("None"), false),
+        // Not set yet in the store's copy: applied in place like any other change.
+        (None, None, false),
+    ];
+    for (existing, desired, recreate) in cases {
+        assert_eq!(
+            service_needs_recreate(&with_cluster_ip(existing), &with_cluster_ip(desired)),
+            recreate,
+            "{existing:?} -> {desired:?}"
+        );
+    }
+}

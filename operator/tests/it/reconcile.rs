@@ -7,7 +7,7 @@ use std::time::Duration;
 use common::test_support::{Deps, TcpToggle, wait_until};
 use futures::StreamExt as _;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::core::v1::{Secret, Service, ServiceSpec};
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
@@ -438,6 +438,79 @@ async fn a_stack_is_provisioned_in_stage_order_becomes_ready_follows_changes_and
         pdbs.get_opt("alpha-processor").await.unwrap().is_some(),
         "2 replicas get a PDB"
     );
+
+    // Clients call the command service, the hub and the gateway through a virtual IP; the
+    // processor and the cache updater are headless. A processor Service with a virtual IP (as
+    // an older operator made it) is replaced by a headless one: clusterIP cannot change in
+    // place. The stack is paused while the old-style Service is put in place.
+    let services: Api<Service> = harness.api();
+    let cluster_ip = |service: Service| service.spec.and_then(|s| s.cluster_ip);
+    for (name, headless) in [
+        ("alpha-processor", true),
+        ("alpha-cache-updater", true),
+        ("alpha-command-service", false),
+        ("alpha-ws-hub", false),
+        ("alpha-api-gateway", false),
+    ] {
+        let ip = cluster_ip(services.get(name).await.unwrap()).unwrap();
+        assert_eq!(ip == "None", headless, "{name}: clusterIP {ip}");
+        assert!(
+            headless || ip.parse::<std::net::IpAddr>().is_ok(),
+            "{name}: {ip}"
+        );
+    }
+    let mut paused = changed.clone();
+    paused["spec"]["paused"] = json!(true);
+    harness.apply(&paused).await;
+    harness
+        .wait_for_condition("alpha", "Ready", "False", Some("Paused"))
+        .await;
+    let current = services.get("alpha-processor").await.unwrap();
+    services
+        .delete("alpha-processor", &DeleteParams::default())
+        .await
+        .unwrap();
+    let legacy = Service {
+        metadata: kube::api::ObjectMeta {
+            name: current.metadata.name.clone(),
+            labels: current.metadata.labels.clone(),
+            owner_references: current.metadata.owner_references.clone(),
+            ..kube::api::ObjectMeta::default()
+        },
+        spec: Some(ServiceSpec {
+            type_: Some("ClusterIP".to_owned()),
+            selector: current.spec.as_ref().and_then(|s| s.selector.clone()),
+            ports: current.spec.as_ref().and_then(|s| s.ports.clone()),
+            ..ServiceSpec::default()
+        }),
+        ..Service::default()
+    };
+    let created = services
+        .create(&PostParams::default(), &legacy)
+        .await
+        .unwrap();
+    assert_ne!(cluster_ip(created).as_deref(), Some("None"));
+    harness.apply(&changed).await;
+    wait_until(
+        "the processor's Service to be headless again",
+        READY_TIMEOUT,
+        || {
+            let services = services.clone();
+            async move {
+                services
+                    .get_opt("alpha-processor")
+                    .await
+                    .unwrap()
+                    .and_then(cluster_ip)
+                    .as_deref()
+                    == Some("None")
+            }
+        },
+    )
+    .await;
+    harness
+        .wait_for_condition("alpha", "Ready", "True", None)
+        .await;
 
     // Events tell the story.
     let events: Api<Event> = harness.api();
