@@ -10,26 +10,22 @@
 //! 1. Each payload is parsed as an [`EventEnvelope`]; a message that is not one is logged,
 //!    counted in `cache_events_malformed_total` and skipped (its offset is stored, so a
 //!    poison message never turns into a crash loop).
-//! 2. One pipeline runs the version-guarded script ([`readmodel::apply_invocation`]) for
-//!    every event, in read order; Redis executes a pipeline in order, so each document's
-//!    events apply in order. Scripts run by EVALSHA; if Redis lost one (restart, `SCRIPT
-//!    FLUSH`), it is loaded and the invocations that got `NOSCRIPT` run again at once. Each
-//!    script's answer (applied or stale) is kept; only the events whose script failed are run
-//!    again (one pipeline, in order), with the shared backoff, until they succeed or the
-//!    service stops (then neither their offsets nor later ones are stored, and they are
-//!    redelivered: applying an event again is a no-op). A stale event (redelivery or
-//!    overtaken) changes and announces nothing.
-//! 3. One more pipeline publishes the applied events, in order, to the rooms
-//!    `doc:<collection>:<id>`, `collection:<collection>` and `cmd:<commandId>`; if a
-//!    publication fails, it and those after it are published again (a room may then see an
-//!    event twice, never lose one). Then an invalidation (`{collection, id, version}`, header
-//!    `message-type: cache.invalidate`) is enqueued on `cache` per applied event, in order.
-//!    A shutdown never cuts in between the scripts and the notifications: the first attempts
-//!    of both pipelines always complete, and the events a first attempt applied are announced
-//!    even if the service stops while other events of the batch are being retried. Only if
-//!    Redis fails right after an event's script (so its answer is lost), or an event's script
-//!    fails while a later event of the same document applies, is that event's notification
-//!    lost, since running it again is stale — the read model itself is still correct.
+//! 2. One pipeline runs, for every event in read order, one script that applies it to the
+//!    read model if it is newer than the stored version and, only then, publishes it to the
+//!    rooms `doc:<collection>:<id>`, `collection:<collection>` and `cmd:<commandId>`
+//!    ([`readmodel::apply_and_publish_invocation`]). Redis executes a pipeline in order and
+//!    each script atomically, so each document's events apply in order, every applied event
+//!    is announced exactly once by its script, and a stale one (a redelivery, or an event
+//!    overtaken) changes and announces nothing. Scripts run by EVALSHA; if Redis lost one
+//!    (restart, `SCRIPT FLUSH`), it is loaded and the invocations that got `NOSCRIPT` run
+//!    again at once. Only the events whose script failed are run again (one pipeline, in
+//!    order), with the shared backoff, until they succeed or the service stops (then neither
+//!    their offsets nor later ones are stored, and they are redelivered). An event is left
+//!    unannounced only if its script failed while a later event of the same document applied
+//!    (running it again is then stale); the read model itself is still correct.
+//! 3. An invalidation (`{collection, id, version}`, header `message-type: cache.invalidate`)
+//!    is enqueued on `cache` per applied event, in order. A shutdown never cuts the first
+//!    attempt of the pipeline short.
 //! 4. Offsets are stored once the effects are done. Waiting for Kafka to acknowledge the
 //!    invalidations before reading on would cap throughput at one producer round trip per
 //!    batch, so each batch's acknowledgements are awaited in a bounded, ordered queue
@@ -45,7 +41,6 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -79,8 +74,9 @@ pub const MESSAGE_TYPE_INVALIDATE: &str = "cache.invalidate";
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A batch stops growing once its payloads reach this size, whatever `CACHE_BATCH_MAX` says:
-/// each payload goes to Redis four times (script, three rooms) in pipelines that must finish
-/// within the Redis response timeout, and a batch is parsed without yielding the thread.
+/// each event goes to Redis twice (the document's data and the payload for its rooms) in a
+/// pipeline that must finish within the Redis response timeout, and a batch is parsed without
+/// yielding the thread.
 const BATCH_MAX_BYTES: usize = 1 << 20;
 
 /// What the consumer loop needs from the configuration.
@@ -321,10 +317,7 @@ impl Updater {
         // The index of the first message whose effects are not done.
         let mut undone = messages.len();
 
-        let outcomes = self
-            .apply(&events, shutdown)
-            .instrument(batch_span.clone())
-            .await;
+        let outcomes = self.apply(&events, shutdown).instrument(batch_span).await;
         let mut applied = Vec::with_capacity(events.len());
         for (parsed, outcome) in events.iter().zip(outcomes) {
             match outcome {
@@ -340,44 +333,40 @@ impl Updater {
                 None => undone = undone.min(parsed.index),
             }
         }
+        metrics::counter!(CACHE_EVENTS_APPLIED_TOTAL, "service" => NAME)
+            .increment(applied.len() as u64);
+        metrics::histogram!(CACHE_APPLY_DURATION_SECONDS, "service" => NAME)
+            .record_many(started.elapsed().as_secs_f64(), applied.len());
 
         let mut acks = Vec::with_capacity(applied.len());
-        let notified = self.notify(&applied, shutdown).instrument(batch_span).await;
-        if notified.is_some() {
-            metrics::counter!(CACHE_EVENTS_APPLIED_TOTAL, "service" => NAME)
-                .increment(applied.len() as u64);
-            metrics::histogram!(CACHE_APPLY_DURATION_SECONDS, "service" => NAME)
-                .record_many(started.elapsed().as_secs_f64(), applied.len());
-            for parsed in applied {
-                let ack = self
-                    .invalidate(&parsed.event, shutdown)
-                    .instrument(parsed.span.clone())
-                    .await;
-                match ack {
-                    Some(ack) => acks.push((parsed.index, ack)),
-                    None => {
-                        undone = undone.min(parsed.index);
-                        break;
-                    }
+        for parsed in applied {
+            let ack = self
+                .invalidate(&parsed.event, shutdown)
+                .instrument(parsed.span.clone())
+                .await;
+            match ack {
+                Some(ack) => acks.push((parsed.index, ack)),
+                None => {
+                    undone = undone.min(parsed.index);
+                    break;
                 }
             }
-        } else if let Some(first) = applied.first() {
-            undone = undone.min(first.index);
         }
         settle(messages.iter().map(Position::of).collect(), undone, acks)
     }
 
-    /// Runs the script of every event in one pipeline, then re-runs those that failed until
-    /// they succeed. An outcome is `None` only if shutdown came while it was being retried.
+    /// Runs the apply-and-publish script of every event in one pipeline, then re-runs those
+    /// that failed until they succeed. An outcome is `None` only if shutdown came while it was
+    /// being retried.
     async fn apply(
         &self,
         events: &[Parsed<'_>],
         shutdown: &CancellationToken,
     ) -> Vec<Option<Outcome>> {
         let outcomes: Vec<OnceLock<Outcome>> = events.iter().map(|_| OnceLock::new()).collect();
-        let (outcomes_ref, settings) = (&outcomes, &self.settings);
+        let outcomes_ref = &outcomes;
         self.retrying(
-            "apply the events to the read model",
+            "apply the events to the read model and their rooms",
             shutdown,
             move || async move {
                 let unresolved: Vec<usize> = (0..events.len())
@@ -385,13 +374,7 @@ impl Updater {
                     .collect();
                 let invocations: Vec<ScriptInvocation<'static>> = unresolved
                     .iter()
-                    .map(|&i| {
-                        readmodel::apply_invocation(
-                            &settings.key_prefix,
-                            &events[i].event,
-                            settings.tombstone_ttl,
-                        )
-                    })
+                    .map(|&i| self.invocation(&events[i]))
                     .collect();
                 let replies = run_scripts::<i64>(&self.redis, &invocations).await?;
                 let mut failure = None;
@@ -412,36 +395,17 @@ impl Updater {
         outcomes.into_iter().map(OnceLock::into_inner).collect()
     }
 
-    /// Publishes the applied events to their rooms in one pipeline, in event order. After a
-    /// failure, the publications from the first failed one on are sent again, with the shared
-    /// backoff. `None` if shutdown came while retrying.
-    async fn notify(&self, applied: &[&Parsed<'_>], shutdown: &CancellationToken) -> Option<()> {
-        let publications: Vec<(String, &[u8])> = applied
-            .iter()
-            .flat_map(|parsed| {
-                rooms_of(&parsed.event)
-                    .into_iter()
-                    .map(|room| (room, parsed.payload))
-            })
-            .collect();
-        // How many publications, from the first, are known to be out.
-        let published = AtomicUsize::new(0);
-        let (publications, published_ref) = (&publications, &published);
-        self.retrying("notify the rooms", shutdown, move || async move {
-            let from = published_ref.load(Ordering::Relaxed);
-            let invocations: Vec<ScriptInvocation<'_>> = publications[from..]
-                .iter()
-                .map(|(room, payload)| self.rooms.publish_invocation(room, payload))
-                .collect();
-            let replies = run_scripts::<redis::Value>(&self.redis, &invocations).await?;
-            let out = replies.iter().take_while(|reply| reply.is_ok()).count();
-            published_ref.store(from + out, Ordering::Relaxed);
-            match replies.into_iter().find_map(Result::err) {
-                Some(error) => Err(RedisError::from(error)),
-                None => Ok(()),
-            }
-        })
-        .await
+    /// The script call that applies `parsed` and announces it to its rooms with the message's
+    /// bytes (the rooms get exactly the event JSON the processor emitted).
+    fn invocation(&self, parsed: &Parsed<'_>) -> ScriptInvocation<'static> {
+        readmodel::apply_and_publish_invocation(
+            &self.settings.key_prefix,
+            &parsed.event,
+            self.settings.tombstone_ttl,
+            &self.rooms,
+            &rooms_of(&parsed.event),
+            parsed.payload,
+        )
     }
 
     /// Enqueues the invalidation now (so invalidations keep the events' order) and returns a
@@ -494,9 +458,9 @@ impl Updater {
 
     /// Runs `attempt` until it succeeds, retrying with the shared backoff; `None` if shutdown
     /// came while retrying. The first attempt always runs to completion (each is bounded by
-    /// the Redis response timeout): a shutdown must not cut in between a script that applied
-    /// an event and that event's notifications, because the redelivered event would be stale
-    /// and announce nothing.
+    /// the Redis response timeout): a shutdown must not cut short a pipeline whose scripts may
+    /// have applied events without learning which, because those events, redelivered, would
+    /// be stale and their invalidations would never be sent.
     async fn retrying<T, E, F, Fut>(
         &self,
         what: &'static str,

@@ -7,9 +7,11 @@
 //! - `updatedAt`: when the processor committed the change (RFC 3339);
 //! - `deleted` = `1` on a tombstone, which expires after a TTL.
 //!
-//! Every write goes through [`apply`], one Lua script that compares the incoming version with
-//! the stored one and applies the event only if it is newer, so an event delivered late, twice
-//! or out of order can never move the projection backwards. A delete leaves a tombstone that
+//! Every write goes through one Lua script that compares the incoming version with the stored
+//! one and applies the event only if it is newer ([`apply`]; the cache updater's
+//! [`apply_and_publish_invocation`] also announces an applied event to its rooms in the same
+//! script), so an event delivered late, twice or out of order can never move the projection
+//! backwards. A delete leaves a tombstone that
 //! still carries the version for the TTL, so an older event arriving after the delete cannot
 //! resurrect the document.
 
@@ -112,30 +114,61 @@ pub enum Outcome {
     Stale,
 }
 
-/// The version-guarded write. `KEYS[1]` is the document key; `ARGV` = version, data (JSON
-/// text, empty for a delete), updatedAt, `1` for a delete else `0`, tombstone TTL in seconds.
-/// Returns 1 when applied, 0 when the stored version is equal or newer.
+/// Lua: `apply(key, version, data, updated_at, deleted, tombstone_ttl)`, the version-guarded
+/// write: `data` is JSON text (empty for a delete), `deleted` is `1` for a delete else `0`,
+/// `tombstone_ttl` in seconds. Returns 1 when applied, 0 when the stored version is equal or
+/// newer.
 ///
 /// Versions compare as Lua numbers (doubles): exact up to 2^53, far beyond any real count of
 /// changes to one document.
-const APPLY_LUA: &str = r"
-local stored = redis.call('HGET', KEYS[1], 'version')
-if stored and tonumber(stored) >= tonumber(ARGV[1]) then
+const APPLY_LUA_FN: &str = r"
+local function apply(key, version, data, updated_at, deleted, tombstone_ttl)
+  local stored = redis.call('HGET', key, 'version')
+  if stored and tonumber(stored) >= tonumber(version) then
+    return 0
+  end
+  if deleted == '1' then
+    redis.call('DEL', key)
+    redis.call('HSET', key, 'version', version, 'updatedAt', updated_at, 'deleted', '1')
+    redis.call('EXPIRE', key, tombstone_ttl)
+  else
+    redis.call('HSET', key, 'version', version, 'data', data, 'updatedAt', updated_at)
+    redis.call('HDEL', key, 'deleted')
+    redis.call('PERSIST', key)
+  end
+  return 1
+end
+";
+
+/// `KEYS[1]` is the document key, `ARGV[1..=5]` the arguments of `apply` after the key.
+const APPLY_LUA_MAIN: &str = r"
+return apply(KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5])
+";
+
+/// As [`APPLY_LUA_MAIN`], then, only if the event applied, `publish_room` for each room:
+/// `ARGV[6..=9]` are the payload, history size, TTL (ms) and publish time (µs), then a channel
+/// and a candidate epoch per room; `KEYS[2..]` an epoch hash and a history stream per room (see
+/// `Rooms::publication_args`).
+const APPLY_AND_PUBLISH_LUA_MAIN: &str = r"
+if apply(KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]) == 0 then
   return 0
 end
-if ARGV[4] == '1' then
-  redis.call('DEL', KEYS[1])
-  redis.call('HSET', KEYS[1], 'version', ARGV[1], 'updatedAt', ARGV[3], 'deleted', '1')
-  redis.call('EXPIRE', KEYS[1], ARGV[5])
-else
-  redis.call('HSET', KEYS[1], 'version', ARGV[1], 'data', ARGV[2], 'updatedAt', ARGV[3])
-  redis.call('HDEL', KEYS[1], 'deleted')
-  redis.call('PERSIST', KEYS[1])
+for room = 1, (#KEYS - 1) / 2 do
+  publish_room(KEYS[2 * room], KEYS[2 * room + 1], ARGV[8 + 2 * room], ARGV[9 + 2 * room],
+    ARGV[7], ARGV[8], ARGV[9], ARGV[6])
 end
 return 1
 ";
 
-static APPLY: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(APPLY_LUA));
+static APPLY: LazyLock<redis::Script> =
+    LazyLock::new(|| redis::Script::new(&format!("{APPLY_LUA_FN}{APPLY_LUA_MAIN}")));
+
+static APPLY_AND_PUBLISH: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(&format!(
+        "{APPLY_LUA_FN}{}{APPLY_AND_PUBLISH_LUA_MAIN}",
+        crate::rooms::PUBLISH_ROOM_LUA_FN
+    ))
+});
 
 impl Outcome {
     /// Interprets the reply of [`apply_invocation`]'s script (1 when applied, else 0).
@@ -173,6 +206,39 @@ pub fn apply_invocation(
     event: &EventEnvelope,
     tombstone_ttl: Duration,
 ) -> redis::ScriptInvocation<'static> {
+    let script: &'static redis::Script = &APPLY;
+    let mut invocation = script.prepare_invoke();
+    apply_args(&mut invocation, prefix, event, tombstone_ttl);
+    invocation
+}
+
+/// [`apply_invocation`] that, when the event applies, also publishes `payload` to each of
+/// `rooms` ([`Rooms::publish`](crate::rooms::Rooms::publish)'s steps), all in one atomic
+/// script: an applied event is always announced, a stale one never is, and the read model,
+/// the rooms' histories and their channels never disagree. Its reply is the same as
+/// [`apply_invocation`]'s.
+pub fn apply_and_publish_invocation<R: AsRef<str>>(
+    prefix: &str,
+    event: &EventEnvelope,
+    tombstone_ttl: Duration,
+    rooms: &crate::rooms::Rooms,
+    room_names: &[R],
+    payload: &[u8],
+) -> redis::ScriptInvocation<'static> {
+    let script: &'static redis::Script = &APPLY_AND_PUBLISH;
+    let mut invocation = script.prepare_invoke();
+    apply_args(&mut invocation, prefix, event, tombstone_ttl);
+    rooms.publication_args(&mut invocation, room_names, payload);
+    invocation
+}
+
+/// The document key and the five arguments of the Lua `apply`.
+fn apply_args(
+    invocation: &mut redis::ScriptInvocation<'_>,
+    prefix: &str,
+    event: &EventEnvelope,
+    tombstone_ttl: Duration,
+) {
     let deleted = event.is_delete();
     let data = match (&event.data, deleted) {
         (Some(data), false) => data.to_string(),
@@ -180,8 +246,6 @@ pub fn apply_invocation(
         (None, false) => "null".to_owned(),
         (_, true) => String::new(),
     };
-    let script: &'static redis::Script = &APPLY;
-    let mut invocation = script.prepare_invoke();
     invocation
         .key(document_key(prefix, &event.collection, &event.id))
         .arg(event.version)
@@ -189,7 +253,6 @@ pub fn apply_invocation(
         .arg(rfc3339(event.occurred_at))
         .arg(if deleted { "1" } else { "0" })
         .arg(tombstone_ttl.as_secs().max(1));
-    invocation
 }
 
 fn rfc3339(at: DateTime<Utc>) -> String {

@@ -15,7 +15,9 @@
 //!
 //! Publishing is one atomic Lua script (ensure the epoch, bump the offset, `XADD` with an exact
 //! `MAXLEN`, refresh the TTLs, `PUBLISH`), so the history and the channel never disagree on
-//! an offset. Reading ([`Rooms::recover`], [`Rooms::position`]) is another script, so the
+//! an offset; the cache updater runs the same steps inside its read-model script
+//! ([`crate::readmodel::apply_and_publish_invocation`]), so an applied event and its
+//! announcements are one atomic step too. Reading ([`Rooms::recover`], [`Rooms::position`]) is another script, so the
 //! current position and the history it returns are one consistent snapshot.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -98,20 +100,32 @@ impl From<redis::RedisError> for RoomsError {
 /// Marks the start of a publication frame, so the format can evolve.
 const FRAME_MAGIC: &[u8] = b"m1 ";
 
+/// Lua: `publish_room(epoch_key, history_key, channel, candidate_epoch, history_size, ttl_ms,
+/// published_at_micros, payload)` returns `epoch, offset`: the steps of one publication (ensure
+/// the epoch, bump the offset, `XADD` with an exact `MAXLEN`, refresh the TTLs, `PUBLISH`). The
+/// one definition for every script that publishes: [`Rooms::publish`]'s and
+/// [`crate::readmodel::apply_and_publish_invocation`]'s.
+pub(crate) const PUBLISH_ROOM_LUA_FN: &str = r"
+local function publish_room(epoch_key, history_key, channel, candidate, size, ttl, micros, payload)
+  local epoch = redis.call('HGET', epoch_key, 'epoch')
+  if not epoch then
+    epoch = candidate
+    redis.call('DEL', history_key)
+    redis.call('HSET', epoch_key, 'epoch', epoch, 'offset', 0)
+  end
+  local offset = redis.call('HINCRBY', epoch_key, 'offset', 1)
+  redis.call('XADD', history_key, 'MAXLEN', '=', size, offset .. '-0', 't', micros, 'p', payload)
+  redis.call('PEXPIRE', epoch_key, ttl)
+  redis.call('PEXPIRE', history_key, ttl)
+  redis.call('PUBLISH', channel, 'm1 ' .. epoch .. ' ' .. offset .. ' ' .. micros .. '\n' .. payload)
+  return epoch, offset
+end
+";
+
 /// KEYS: epoch hash, history stream. ARGV: channel, candidate epoch, history size, TTL (ms),
 /// publish time (µs), payload. Returns `{epoch, offset}`.
-const PUBLISH_LUA: &str = r"
-local epoch = redis.call('HGET', KEYS[1], 'epoch')
-if not epoch then
-  epoch = ARGV[2]
-  redis.call('DEL', KEYS[2])
-  redis.call('HSET', KEYS[1], 'epoch', epoch, 'offset', 0)
-end
-local offset = redis.call('HINCRBY', KEYS[1], 'offset', 1)
-redis.call('XADD', KEYS[2], 'MAXLEN', '=', ARGV[3], offset .. '-0', 't', ARGV[5], 'p', ARGV[6])
-redis.call('PEXPIRE', KEYS[1], ARGV[4])
-redis.call('PEXPIRE', KEYS[2], ARGV[4])
-redis.call('PUBLISH', ARGV[1], 'm1 ' .. epoch .. ' ' .. offset .. ' ' .. ARGV[5] .. '\n' .. ARGV[6])
+const PUBLISH_LUA_MAIN: &str = r"
+local epoch, offset = publish_room(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6])
 return {epoch, offset}
 ";
 
@@ -165,7 +179,7 @@ impl Rooms {
         Self {
             redis,
             settings,
-            publish: Script::new(PUBLISH_LUA),
+            publish: Script::new(&format!("{PUBLISH_ROOM_LUA_FN}{PUBLISH_LUA_MAIN}")),
             recover: Script::new(RECOVER_LUA),
         }
     }
@@ -227,6 +241,31 @@ impl Rooms {
             .arg(now_micros())
             .arg(payload);
         invocation
+    }
+
+    /// Adds the arguments of a script built on [`PUBLISH_ROOM_LUA_FN`] that publishes
+    /// `payload` to each of `rooms`: ARGV gets the payload, the history size, the TTL (ms) and
+    /// the publish time (µs), then a channel and a candidate epoch per room; KEYS gets each
+    /// room's epoch hash and history stream. Call it after the script's own KEYS and ARGV.
+    pub(crate) fn publication_args<R: AsRef<str>>(
+        &self,
+        invocation: &mut redis::ScriptInvocation<'_>,
+        rooms: &[R],
+        payload: &[u8],
+    ) {
+        invocation
+            .arg(payload)
+            .arg(self.settings.size.max(1))
+            .arg(self.ttl_millis())
+            .arg(now_micros());
+        for room in rooms {
+            let room = room.as_ref();
+            invocation
+                .key(self.epoch_key(room))
+                .key(self.history_key(room))
+                .arg(self.channel(room))
+                .arg(new_epoch());
+        }
     }
 
     /// The room's current position (creating its epoch if it has none yet).

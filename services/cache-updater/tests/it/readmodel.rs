@@ -190,3 +190,108 @@ async fn clear_removes_only_this_stacks_documents() {
         .unwrap();
     cleanup(&mut conn, &other).await;
 }
+
+/// The cache updater's script: an applied event is announced to each of its rooms (history
+/// and channel, the same offsets), a stale one changes and announces nothing.
+#[tokio::test]
+async fn apply_and_publish_announces_applied_events_only() {
+    use common::config::RedisConfig;
+    use common::redis::Redis;
+    use common::rooms::{HistorySettings, Position, Publication, Rooms};
+    use common::shutdown::CancellationToken;
+    use common::test_support::{test_vars, wait_until};
+    use futures::StreamExt as _;
+
+    let (mut conn, prefix) = redis().await;
+    let config: RedisConfig = test_vars()
+        .with("REDIS_KEY_PREFIX", &prefix)
+        .parse()
+        .unwrap();
+    let shared = Redis::connect_in_background("it", &config, &CancellationToken::new()).unwrap();
+    wait_until("Redis to connect", Duration::from_secs(10), || {
+        let shared = shared.clone();
+        async move { shared.connection().is_ok() }
+    })
+    .await;
+    let rooms = Rooms::new(shared, HistorySettings::default());
+    let names = ["doc:books:b1".to_owned(), "collection:books".to_owned()];
+    let client = redis::Client::open(Deps::from_env().redis_url).unwrap();
+    let mut pubsub = client.get_async_pubsub().await.unwrap();
+    for name in &names {
+        pubsub.subscribe(rooms.channel(name)).await.unwrap();
+    }
+    let mut messages = pubsub.into_on_message();
+
+    let run = |event: common::envelope::EventEnvelope, payload: &'static [u8]| {
+        let (mut conn, prefix, rooms, names) =
+            (conn.clone(), prefix.clone(), rooms.clone(), names.clone());
+        async move {
+            let applied: i64 = readmodel::apply_and_publish_invocation(
+                &prefix, &event, TTL, &rooms, &names, payload,
+            )
+            .invoke_async(&mut conn)
+            .await
+            .unwrap();
+            Outcome::from_reply(applied)
+        }
+    };
+    let v2 = event("patched", "books", "b1", 2, Some(json!({"title": "v2"})));
+    let v1 = event("created", "books", "b1", 1, Some(json!({"title": "v1"})));
+    assert_eq!(run(v2, b"\x00event two\xff").await, Outcome::Applied);
+    // Overtaken by version 2: neither the read model nor the rooms see it.
+    assert_eq!(run(v1, b"event one").await, Outcome::Stale);
+
+    let mut got = Vec::new();
+    for _ in 0..names.len() {
+        let message = tokio::time::timeout(Duration::from_secs(5), messages.next())
+            .await
+            .expect("a notification per room")
+            .unwrap();
+        let publication = Publication::decode(axum::body::Bytes::from(
+            message.get_payload_bytes().to_vec(),
+        ))
+        .unwrap();
+        got.push((message.get_channel_name().to_owned(), publication));
+    }
+    for (name, (channel, publication)) in names.iter().zip(&got) {
+        assert_eq!(channel, &rooms.channel(name));
+        assert_eq!(publication.offset, 1);
+        assert_eq!(&publication.payload[..], b"\x00event two\xff");
+        let recovery = rooms
+            .recover(
+                name,
+                &Position {
+                    epoch: publication.epoch.clone(),
+                    offset: 0,
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(recovery.position.offset, 1, "{name}: one publication");
+        assert_eq!(recovery.publications.unwrap(), vec![publication.clone()]);
+    }
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), messages.next())
+            .await
+            .is_err(),
+        "the stale event was announced"
+    );
+    assert_eq!(
+        readmodel::read(&mut conn, &prefix, "books", "b1")
+            .await
+            .unwrap(),
+        Lookup::Found {
+            version: 2,
+            data: json!({"title": "v2"})
+        }
+    );
+    for name in &names {
+        let _: () = redis::cmd("DEL")
+            .arg(format!("{prefix}epoch:{name}"))
+            .arg(format!("{prefix}history:{name}"))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    cleanup(&mut conn, &prefix).await;
+}
