@@ -329,16 +329,22 @@ pub async fn run(
         settings: settings.clone(),
     });
 
-    let controller = Controller::new(
+    // The stacks' own watch and store, stripped like the owned objects': a stack's managed
+    // fields (every field of its spec and status, per field manager) were most of its size.
+    let (stacks, stacks_writer) = reflector::store();
+    let stack_changes = watcher(
         scoped::<MiddlewareStack>(&client, ns),
         watcher::Config::default(),
     )
-    .with_config(
+    .default_backoff()
+    .modify(strip)
+    .reflect(stacks_writer)
+    .applied_objects();
+    let controller = Controller::for_stream(stack_changes, stacks.clone()).with_config(
         ControllerConfig::default()
             .concurrency(settings.concurrency)
             .debounce(Duration::from_millis(100)),
     );
-    let stacks = controller.store();
     let shutdown_signal = shutdown.clone();
     controller
         .owns_stream(owned_deployments)
