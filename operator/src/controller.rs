@@ -17,7 +17,7 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceSpec};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
-use kube::api::{Api, DeleteParams, PartialObjectMeta, Patch, PatchParams};
+use kube::api::{Api, DeleteParams, PartialObjectMeta, Patch, PatchParams, Preconditions};
 use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
@@ -1277,14 +1277,33 @@ async fn recreate_service_if_needed(
     else {
         return Ok(false);
     };
-    if !build::service_needs_recreate(&existing, desired) {
+    let owned = existing
+        .owner_references()
+        .iter()
+        .any(|o| o.uid == stack.owner().uid);
+    if !owned || !build::service_needs_recreate(&existing, desired) {
         return Ok(false);
     }
-    let deleted = delete_owned(ctx, &ctx.stores.services, stack, &name).await?;
-    if deleted {
-        tracing::info!(service = %name, "Recreating a Service whose clusterIP cannot change in place.");
+    // Only the very object the store showed: until the watch reports its deletion the store
+    // still holds it, and a name-only delete from the next reconcile would remove its
+    // already-created successor.
+    let params = DeleteParams {
+        preconditions: Some(Preconditions {
+            uid: existing.uid(),
+            resource_version: None,
+        }),
+        ..DeleteParams::background()
+    };
+    let api: Api<Service> = Api::namespaced(ctx.client.clone(), stack.namespace());
+    match api.delete(&name, &params).await {
+        Ok(_) => {
+            tracing::info!(service = %name, "Recreating a Service whose clusterIP cannot change in place.");
+            Ok(true)
+        }
+        // Gone already, or replaced by a newer object (the precondition failed).
+        Err(kube::Error::Api(status)) if status.code == 404 || status.code == 409 => Ok(false),
+        Err(error) => Err(error.into()),
     }
-    Ok(deleted)
 }
 
 /// Deletes every object of the services that are disabled.
