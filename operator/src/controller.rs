@@ -1233,10 +1233,21 @@ where
     if !owned || existing.meta().deletion_timestamp.is_some() {
         return Ok(false);
     }
+    // Only the very object the store showed: until the watch reports a deletion the store
+    // still holds the old object, and a name-only delete from the next reconcile would remove
+    // a successor created meanwhile.
+    let params = DeleteParams {
+        preconditions: Some(Preconditions {
+            uid: existing.uid(),
+            resource_version: None,
+        }),
+        ..DeleteParams::background()
+    };
     let api: Api<K> = Api::namespaced(ctx.client.clone(), stack.namespace());
-    match api.delete(name, &DeleteParams::background()).await {
+    match api.delete(name, &params).await {
         Ok(_) => Ok(true),
-        Err(kube::Error::Api(status)) if status.code == 404 => Ok(false),
+        // Gone already, or replaced by a newer object (the precondition failed).
+        Err(kube::Error::Api(status)) if status.code == 404 || status.code == 409 => Ok(false),
         Err(e) => Err(e.into()),
     }
 }
@@ -1277,33 +1288,14 @@ async fn recreate_service_if_needed(
     else {
         return Ok(false);
     };
-    let owned = existing
-        .owner_references()
-        .iter()
-        .any(|o| o.uid == stack.owner().uid);
-    if !owned || !build::service_needs_recreate(&existing, desired) {
+    if !build::service_needs_recreate(&existing, desired) {
         return Ok(false);
     }
-    // Only the very object the store showed: until the watch reports its deletion the store
-    // still holds it, and a name-only delete from the next reconcile would remove its
-    // already-created successor.
-    let params = DeleteParams {
-        preconditions: Some(Preconditions {
-            uid: existing.uid(),
-            resource_version: None,
-        }),
-        ..DeleteParams::background()
-    };
-    let api: Api<Service> = Api::namespaced(ctx.client.clone(), stack.namespace());
-    match api.delete(&name, &params).await {
-        Ok(_) => {
-            tracing::info!(service = %name, "Recreating a Service whose clusterIP cannot change in place.");
-            Ok(true)
-        }
-        // Gone already, or replaced by a newer object (the precondition failed).
-        Err(kube::Error::Api(status)) if status.code == 404 || status.code == 409 => Ok(false),
-        Err(error) => Err(error.into()),
+    let deleted = delete_owned(ctx, &ctx.stores.services, stack, &name).await?;
+    if deleted {
+        tracing::info!(service = %name, "Recreating a Service whose clusterIP cannot change in place.");
     }
+    Ok(deleted)
 }
 
 /// Deletes every object of the services that are disabled.

@@ -11,9 +11,8 @@
 //! one and applies the event only if it is newer ([`apply`]; the cache updater's
 //! [`apply_and_publish_invocation`] also announces an applied event to its rooms in the same
 //! script), so an event delivered late, twice or out of order can never move the projection
-//! backwards. A delete leaves a tombstone that
-//! still carries the version for the TTL, so an older event arriving after the delete cannot
-//! resurrect the document.
+//! backwards. A delete leaves a tombstone that still carries the version for the TTL, so an
+//! older event arriving after the delete cannot resurrect the document.
 
 use std::sync::LazyLock;
 use std::time::Duration;

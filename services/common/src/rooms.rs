@@ -17,8 +17,9 @@
 //! `MAXLEN`, refresh the TTLs, `PUBLISH`), so the history and the channel never disagree on
 //! an offset; the cache updater runs the same steps inside its read-model script
 //! ([`crate::readmodel::apply_and_publish_invocation`]), so an applied event and its
-//! announcements are one atomic step too. Reading ([`Rooms::recover`], [`Rooms::position`]) is another script, so the
-//! current position and the history it returns are one consistent snapshot.
+//! announcements are one atomic step too. Reading ([`Rooms::recover`], [`Rooms::position`])
+//! is another script, so the current position and the history it returns are one consistent
+//! snapshot.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -122,10 +123,9 @@ local function publish_room(epoch_key, history_key, channel, candidate, size, tt
 end
 ";
 
-/// KEYS: epoch hash, history stream. ARGV: channel, candidate epoch, history size, TTL (ms),
-/// publish time (µs), payload. Returns `{epoch, offset}`.
+/// One room, arguments as [`Rooms::publication_args`] lays them out. Returns `{epoch, offset}`.
 const PUBLISH_LUA_MAIN: &str = r"
-local epoch, offset = publish_room(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6])
+local epoch, offset = publish_room(KEYS[1], KEYS[2], ARGV[5], ARGV[6], ARGV[2], ARGV[3], ARGV[4], ARGV[1])
 return {epoch, offset}
 ";
 
@@ -218,29 +218,10 @@ impl Rooms {
     /// atomic step; returns the position it was given.
     pub async fn publish(&self, room: &str, payload: &[u8]) -> Result<Position, RoomsError> {
         let mut conn = self.redis.connection()?;
-        let (epoch, offset): (String, u64) = self
-            .publish_invocation(room, payload)
-            .invoke_async(&mut conn)
-            .await?;
-        Ok(Position { epoch, offset })
-    }
-
-    /// The script call of [`Rooms::publish`], for callers that pipeline many publications
-    /// (Redis runs a pipeline's commands in order, so each room gets them in order). Its reply
-    /// is `(epoch, offset)`. In a pipeline a script is not loaded automatically: the caller
-    /// handles `NOSCRIPT` (for example with [`redis::ScriptInvocation::load_async`]).
-    pub fn publish_invocation(&self, room: &str, payload: &[u8]) -> redis::ScriptInvocation<'_> {
         let mut invocation = self.publish.prepare_invoke();
-        invocation
-            .key(self.epoch_key(room))
-            .key(self.history_key(room))
-            .arg(self.channel(room))
-            .arg(new_epoch())
-            .arg(self.settings.size.max(1))
-            .arg(self.ttl_millis())
-            .arg(now_micros())
-            .arg(payload);
-        invocation
+        self.publication_args(&mut invocation, &[room], payload);
+        let (epoch, offset): (String, u64) = invocation.invoke_async(&mut conn).await?;
+        Ok(Position { epoch, offset })
     }
 
     /// Adds the arguments of a script built on [`PUBLISH_ROOM_LUA_FN`] that publishes
