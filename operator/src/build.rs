@@ -626,14 +626,13 @@ fn deployment(stack: &ValidatedStack, component: Component, config_map: &ConfigM
 /// `spec.clusterIP` of a headless Service.
 const HEADLESS: &str = "None";
 
-/// Whether `existing` must be deleted before `desired` can be applied: `spec.clusterIP` cannot
-/// change once set, so a Service that turns headless (or gets a virtual IP) after an operator
-/// upgrade is created anew. A Service is headless exactly when its `clusterIP` is `None`.
-pub fn service_needs_recreate(existing: &Service, desired: &Service) -> bool {
-    let headless = |service: &Service| {
-        service.spec.as_ref().and_then(|s| s.cluster_ip.as_deref()) == Some(HEADLESS)
-    };
-    headless(existing) != headless(desired)
+/// Whether an existing Service with `spec.clusterIP` `existing_cluster_ip` must be deleted
+/// before `desired` can be applied: `spec.clusterIP` cannot change once set, so a Service that
+/// turns headless (or gets a virtual IP) after an operator upgrade is created anew. A Service
+/// is headless exactly when its `clusterIP` is `None`.
+pub fn service_needs_recreate(existing_cluster_ip: Option<&str>, desired: &Service) -> bool {
+    let desired_cluster_ip = desired.spec.as_ref().and_then(|s| s.cluster_ip.as_deref());
+    (existing_cluster_ip == Some(HEADLESS)) != (desired_cluster_ip == Some(HEADLESS))
 }
 
 fn service(stack: &ValidatedStack, component: Component) -> Service {

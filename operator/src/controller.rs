@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt as _;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceSpec};
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use kube::api::{Api, DeleteParams, PartialObjectMeta, Patch, PatchParams, Preconditions};
@@ -34,6 +34,7 @@ use crate::build::{self, Component, MANAGED_BY, PART_OF, URL_KEY};
 use crate::crd::{MiddlewareStack, MiddlewareStackStatus, Phase, Retention, ServiceStatus};
 use crate::gating::{self, Decision, Observed, Step};
 use crate::names;
+use crate::owned::{self, Compact, Owned};
 use crate::provision::kafka::{DesiredTopic, KafkaClients, KafkaCluster};
 use crate::provision::postgres::{PostgresAdmin, PostgresAdmins};
 use crate::provision::redis::RedisAdmin;
@@ -183,17 +184,21 @@ const STORE_LAG: Duration = Duration::from_secs(10);
 /// The reflector stores of the objects the operator owns.
 #[derive(Clone)]
 struct Stores {
-    deployments: Store<Deployment>,
-    services: Store<Service>,
-    config_maps: Store<ConfigMap>,
-    pdbs: Store<PodDisruptionBudget>,
-    secrets: Store<Secret>,
+    deployments: Store<Owned<Deployment>>,
+    services: Store<Owned<Service>>,
+    config_maps: Store<Owned<ConfigMap>>,
+    pdbs: Store<Owned<PodDisruptionBudget>>,
+    secrets: Store<Owned<Secret>>,
 }
 
 /// What every reconcile shares.
 pub struct Context {
     client: Client,
-    recorder: Recorder,
+    /// Who publishes the operator's Events (see [`publish_events`]).
+    reporter: Reporter,
+    /// The Event recorders of the stacks whose reconciles are failing (see
+    /// [`publish_events`]).
+    recorders: Mutex<HashMap<ObjectRef<MiddlewareStack>, Recorder>>,
     settings: Settings,
     stores: Stores,
     kafka: KafkaClients,
@@ -255,48 +260,32 @@ pub async fn run(
         pdbs,
         secrets,
     };
-    let owned_deployments = deployment_triggers(
-        watcher(scoped::<Deployment>(&client, ns), managed.clone())
-            .default_backoff()
-            .modify(strip_deployment)
-            .reflect(deployments_writer),
-    );
-    let owned_services = watcher(scoped::<Service>(&client, ns), managed.clone())
-        .default_backoff()
-        .modify(|service: &mut Service| {
-            strip(service);
-            // Only `clusterIP` is read back (`build::service_needs_recreate`).
-            service.spec = service.spec.take().map(|spec| ServiceSpec {
-                cluster_ip: spec.cluster_ip,
-                ..ServiceSpec::default()
-            });
-            service.status = None;
-        })
-        .reflect(services_writer)
-        .touched_objects();
-    let owned_config_maps = watcher(scoped::<ConfigMap>(&client, ns), managed.clone())
-        .default_backoff()
-        .modify(|config_map: &mut ConfigMap| {
-            strip(config_map);
-            config_map.data = None;
-            config_map.binary_data = None;
-        })
-        .reflect(config_maps_writer)
-        .touched_objects();
-    let owned_pdbs = watcher(scoped::<PodDisruptionBudget>(&client, ns), managed.clone())
-        .default_backoff()
-        .modify(|pdb: &mut PodDisruptionBudget| {
-            strip(pdb);
-            pdb.spec = None;
-            pdb.status = None;
-        })
-        .reflect(pdbs_writer)
-        .touched_objects();
-    let owned_secrets = watcher(scoped::<Secret>(&client, ns), managed.clone())
-        .default_backoff()
-        .modify(strip)
-        .reflect(secrets_writer)
-        .touched_objects();
+    // The stores hold compact copies (`crate::owned`); the full objects go on to the
+    // controller's owner triggers and are dropped there.
+    let owned_deployments = deployment_triggers(owned::reflect(
+        watcher(scoped::<Deployment>(&client, ns), managed.clone()).default_backoff(),
+        deployments_writer,
+    ));
+    let owned_services = owned::reflect(
+        watcher(scoped::<Service>(&client, ns), managed.clone()).default_backoff(),
+        services_writer,
+    )
+    .touched_objects();
+    let owned_config_maps = owned::reflect(
+        watcher(scoped::<ConfigMap>(&client, ns), managed.clone()).default_backoff(),
+        config_maps_writer,
+    )
+    .touched_objects();
+    let owned_pdbs = owned::reflect(
+        watcher(scoped::<PodDisruptionBudget>(&client, ns), managed.clone()).default_backoff(),
+        pdbs_writer,
+    )
+    .touched_objects();
+    let owned_secrets = owned::reflect(
+        watcher(scoped::<Secret>(&client, ns), managed.clone()).default_backoff(),
+        secrets_writer,
+    )
+    .touched_objects();
     // Every Secret's metadata (never its data): a change to an admin or JWT Secret a stack
     // refers to reconciles that stack.
     let (secret_versions, secret_versions_writer) = reflector::store();
@@ -314,7 +303,8 @@ pub async fn run(
         instance: settings.instance.clone(),
     };
     let context = Arc::new(Context {
-        recorder: Recorder::new(client.clone(), reporter),
+        reporter,
+        recorders: Mutex::default(),
         client: client.clone(),
         stores,
         kafka: KafkaClients::default(),
@@ -379,24 +369,14 @@ pub async fn run(
     Ok(())
 }
 
-/// Drops what reconciles never read before an object enters a store (managed fields are
-/// often the largest part of an object): keeps the operator's memory small. Reconciles
-/// compare owned objects by the applied-hash annotation, so besides metadata they only read
-/// Deployments' replicas and status (availability), Services' `clusterIP` and Secrets' data
-/// (kept passwords).
+/// Drops what reconciles never read before a stack or a referenced Secret's metadata enters
+/// a store (managed fields are often the largest part of an object). Owned objects are
+/// stored as compact copies instead ([`owned`]).
 fn strip<K: Resource>(object: &mut K) {
     object.meta_mut().managed_fields = None;
     if let Some(annotations) = &mut object.meta_mut().annotations {
         // kubectl's copy of a whole applied object, if someone used `kubectl apply` on it.
         annotations.remove("kubectl.kubernetes.io/last-applied-configuration");
-    }
-}
-
-/// [`strip`], and the pod template (most of a Deployment, never read back).
-fn strip_deployment(deployment: &mut Deployment) {
-    strip(deployment);
-    if let Some(spec) = &mut deployment.spec {
-        spec.template = Default::default();
     }
 }
 
@@ -632,7 +612,12 @@ async fn apply(stack: &MiddlewareStack, ctx: &Context) -> Result<Action, Error> 
         ),
     )
     .await?;
-    timed("events", publish_events(stack, ctx, outcome.events)).await;
+    let failing = outcome.result.is_err();
+    timed(
+        "events",
+        publish_events(stack, ctx, outcome.events, failing),
+    )
+    .await;
     if outcome.result.is_ok() {
         ctx.failures
             .lock()
@@ -645,10 +630,33 @@ async fn apply(stack: &MiddlewareStack, ctx: &Context) -> Result<Action, Error> 
     }
 }
 
-async fn publish_events(stack: &MiddlewareStack, ctx: &Context, events: Vec<Event>) {
+/// Publishes Events about `stack`, `failing` when its reconcile (or cleanup) failed.
+///
+/// kube-runtime's [`Recorder`] keeps every Event it published for six minutes, so that a
+/// repeat becomes a series (`count` + 1, one PATCH) instead of a new Event. One Recorder for
+/// the whole operator held every stack's Events of the last six minutes, ~1.5 KiB each:
+/// 17 MiB of a 48 MiB heap while 300 stacks came up (heaptrack). Repeats happen while a stack
+/// keeps failing (the same warning on every retry), so a failing stack keeps a Recorder of its
+/// own until a reconcile succeeds; the Events of other reconciles (condition transitions and
+/// applied changes, different each time) go through a Recorder that is dropped afterwards.
+async fn publish_events(stack: &MiddlewareStack, ctx: &Context, events: Vec<Event>, failing: bool) {
+    let key = ObjectRef::from_obj(stack);
+    let recorder = {
+        let mut recorders = ctx.recorders.lock().unwrap_or_else(|p| p.into_inner());
+        if failing {
+            recorders
+                .entry(key)
+                .or_insert_with(|| Recorder::new(ctx.client.clone(), ctx.reporter.clone()))
+                .clone()
+        } else {
+            recorders
+                .remove(&key)
+                .unwrap_or_else(|| Recorder::new(ctx.client.clone(), ctx.reporter.clone()))
+        }
+    };
     let reference = stack.object_ref(&());
     for event in events {
-        if let Err(error) = ctx.recorder.publish(&event, &reference).await {
+        if let Err(error) = recorder.publish(&event, &reference).await {
             tracing::warn!(%error, reason = event.reason, "Failed to publish an Event.");
         }
     }
@@ -934,11 +942,8 @@ fn desired_topics(stack: &ValidatedStack) -> Vec<DesiredTopic> {
 }
 
 /// The connection Secrets' names, for the credentials hash.
-fn secret_value(secret: Option<&Secret>, key: &str) -> Option<String> {
-    secret
-        .and_then(|s| s.data.as_ref())
-        .and_then(|d| d.get(key))
-        .map(|v| String::from_utf8_lossy(&v.0).into_owned())
+fn secret_value(secret: Option<&Owned<Secret>>, key: &str) -> Option<String> {
+    secret.and_then(|s| s.value(key))
 }
 
 fn stack_labels(stack: &ValidatedStack) -> BTreeMap<String, String> {
@@ -999,8 +1004,8 @@ async fn credentials(
     };
     let redis_secret = lookup(&build::redis_secret_name(stack));
     let postgres_secret = lookup(&build::postgres_secret_name(stack));
-    let rotate_of = |secret: Option<&Secret>| {
-        let applied = secret.and_then(|s| s.annotations().get(ROTATED_ANNOTATION).cloned());
+    let rotate_of = |secret: Option<&Owned<Secret>>| {
+        let applied = secret.and_then(|s| s.state.rotated.clone());
         token.is_some() && applied != token
     };
 
@@ -1128,10 +1133,7 @@ fn object_key<K: Resource<DynamicType = ()>>(namespace: &str, name: &str) -> Str
 /// The generation of an object with a spec, else its resourceVersion.
 fn version_of<K: Resource>(object: &K) -> String {
     let meta = object.meta();
-    match meta.generation {
-        Some(generation) => format!("g{generation}"),
-        None => format!("r{}", meta.resource_version.clone().unwrap_or_default()),
-    }
+    owned::version(meta.generation, meta.resource_version.as_deref())
 }
 
 /// Whether version `a` is older than `b` (generations compare as numbers; resourceVersions
@@ -1144,13 +1146,13 @@ fn older(a: &str, b: &str) -> bool {
 }
 
 /// Server-side applies `object` unless the store shows it exactly as last applied.
-async fn apply_object<K>(ctx: &Context, store: &Store<K>, mut object: K) -> Result<bool, Error>
+async fn apply_object<K>(
+    ctx: &Context,
+    store: &Store<Owned<K>>,
+    mut object: K,
+) -> Result<bool, Error>
 where
-    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
-        + Clone
-        + Serialize
-        + DeserializeOwned
-        + Debug,
+    K: Compact<Scope = k8s_openapi::NamespaceResourceScope> + Serialize + DeserializeOwned + Debug,
 {
     let hash = build::fingerprint([serde_json::to_vec(&object)?.as_slice()]);
     let name = object.name_any();
@@ -1164,10 +1166,10 @@ where
         .cloned();
     match store.get(&ObjectRef::new(&name).within(&namespace)) {
         Some(existing) => {
-            let same_hash = existing.annotations().get(APPLIED_HASH_ANNOTATION) == Some(&hash);
+            let same_hash = existing.applied_hash.as_ref() == Some(&hash);
             let untouched = match &last {
                 Some(last) => {
-                    let current = version_of(&*existing);
+                    let current = existing.version();
                     last.hash == hash
                         && (last.version == current
                             || (last.at.elapsed() < STORE_LAG && older(&current, &last.version)))
@@ -1213,24 +1215,17 @@ where
 /// Deletes the named object if the store holds it and the stack owns it.
 async fn delete_owned<K>(
     ctx: &Context,
-    store: &Store<K>,
+    store: &Store<Owned<K>>,
     stack: &ValidatedStack,
     name: &str,
 ) -> Result<bool, Error>
 where
-    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
-        + Clone
-        + DeserializeOwned
-        + Debug,
+    K: Compact<Scope = k8s_openapi::NamespaceResourceScope> + DeserializeOwned + Debug,
 {
     let Some(existing) = store.get(&ObjectRef::new(name).within(stack.namespace())) else {
         return Ok(false);
     };
-    let owned = existing
-        .owner_references()
-        .iter()
-        .any(|o| o.uid == stack.owner().uid);
-    if !owned || existing.meta().deletion_timestamp.is_some() {
+    if !existing.owned_by(&stack.owner().uid) || existing.deleting {
         return Ok(false);
     }
     // Only the very object the store showed: until the watch reports a deletion the store
@@ -1238,7 +1233,7 @@ where
     // a successor created meanwhile.
     let params = DeleteParams {
         preconditions: Some(Preconditions {
-            uid: existing.uid(),
+            uid: existing.uid.clone(),
             resource_version: None,
         }),
         ..DeleteParams::background()
@@ -1288,7 +1283,7 @@ async fn recreate_service_if_needed(
     else {
         return Ok(false);
     };
-    if !build::service_needs_recreate(&existing, desired) {
+    if !build::service_needs_recreate(existing.state.as_deref(), desired) {
         return Ok(false);
     }
     let deleted = delete_owned(ctx, &ctx.stores.services, stack, &name).await?;
@@ -1318,7 +1313,6 @@ async fn delete_disabled(
     Ok(deleted)
 }
 
-/// Whether the Deployment in the store has rolled out its current spec and is Available.
 /// What of an owned Deployment a reconcile acts on: its generation (spec changed, by us or
 /// someone else), the applied-hash annotation, availability and ready replicas (reported in
 /// the stack's status). The controller-manager updates a Deployment's status several times
@@ -1326,18 +1320,12 @@ async fn delete_disabled(
 /// changes of this hash reconcile the owning stack.
 fn deployment_trigger_hash(deployment: &Deployment) -> u64 {
     use std::hash::{Hash as _, Hasher as _};
+    let owned = Owned::new(deployment);
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    deployment.metadata.generation.hash(&mut hasher);
-    deployment
-        .annotations()
-        .get(APPLIED_HASH_ANNOTATION)
-        .hash(&mut hasher);
-    available(deployment).hash(&mut hasher);
-    deployment
-        .status
-        .as_ref()
-        .and_then(|s| s.ready_replicas)
-        .hash(&mut hasher);
+    owned.generation.hash(&mut hasher);
+    owned.applied_hash.hash(&mut hasher);
+    owned.available().hash(&mut hasher);
+    owned.state.ready_replicas.hash(&mut hasher);
     hasher.finish()
 }
 
@@ -1363,25 +1351,6 @@ fn deployment_triggers(
         };
         std::future::ready(trigger)
     })
-}
-
-fn available(deployment: &Deployment) -> bool {
-    let Some(status) = &deployment.status else {
-        return false;
-    };
-    let observed = status.observed_generation >= deployment.metadata.generation;
-    let desired = deployment
-        .spec
-        .as_ref()
-        .and_then(|s| s.replicas)
-        .unwrap_or(1);
-    let updated = status.updated_replicas.unwrap_or(0) >= desired;
-    let condition = status
-        .conditions
-        .iter()
-        .flatten()
-        .any(|c| c.type_ == "Available" && c.status == "True");
-    observed && updated && condition
 }
 
 /// Stages 1 to 3 (the external state). Returns the credentials hash, or `None` when a stage
@@ -1495,7 +1464,7 @@ fn provisioning_key(
         ctx.stores
             .secrets
             .get(&ObjectRef::new(name).within(stack.namespace()))
-            .and_then(|s| s.resource_version())
+            .and_then(|s| s.resource_version.clone())
             .unwrap_or_default()
     })
     .collect();
@@ -1616,15 +1585,14 @@ async fn pipeline(
                 .deployments
                 .get(&ObjectRef::new(&name).within(stack.namespace()));
             if let Some(deployment) = deployment {
-                if available(&deployment) {
+                if deployment.available() {
                     observed.available.insert(*component);
                 }
-                let status = deployment.status.clone().unwrap_or_default();
                 outcome.services.insert(
                     component.name().to_owned(),
                     ServiceStatus {
-                        replicas: status.replicas.unwrap_or(0),
-                        ready_replicas: status.ready_replicas.unwrap_or(0),
+                        replicas: deployment.state.replicas,
+                        ready_replicas: deployment.state.ready_replicas,
                     },
                 );
             }
@@ -1747,6 +1715,7 @@ async fn cleanup(stack: &MiddlewareStack, ctx: &Context) -> Result<Action, Error
                 action: "Cleanup".to_owned(),
                 secondary: None,
             }],
+            false,
         )
         .await;
         return Ok(Action::await_change());
@@ -1786,6 +1755,8 @@ async fn cleanup(stack: &MiddlewareStack, ctx: &Context) -> Result<Action, Error
             action: "Cleanup".to_owned(),
             secondary: None,
         }],
+        // An abandoned cleanup is the last Event: its recorder goes.
+        !abandon,
     )
     .await;
     if abandon {

@@ -14,6 +14,7 @@
 //! - `names` — the names of a stack's topics, Redis user and PostgreSQL role (pure).
 //! - `status` — the stage conditions and how they merge (pure).
 //! - `provision` — Kafka topics, the Redis ACL user, the PostgreSQL role and database.
+//! - `owned` — the compact copies of owned objects that the reflector stores hold.
 //! - `controller` — the kube-runtime `Controller` and the staged reconcile ([`run`]).
 //! - `config` — the operator binary's environment ([`OperatorConfig`]).
 //! - `main.rs` — the `meridian-operator` binary: leader election, `/metrics`, `/health`.
@@ -28,6 +29,7 @@ pub mod controller;
 pub mod crd;
 pub mod gating;
 pub mod names;
+pub mod owned;
 pub mod provision;
 pub mod status;
 pub mod validate;

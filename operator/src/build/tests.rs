@@ -670,7 +670,7 @@ fn a_service_is_recreated_only_when_it_turns_headless_or_gets_a_virtual_ip() {
     ];
     for (existing, desired, recreate) in cases {
         assert_eq!(
-            service_needs_recreate(&with_cluster_ip(existing), &with_cluster_ip(desired)),
+            service_needs_recreate(existing, &with_cluster_ip(desired)),
             recreate,
             "{existing:?} -> {desired:?}"
         );
