@@ -1702,6 +1702,7 @@ async fn cleanup(stack: &MiddlewareStack, ctx: &Context) -> Result<Action, Error
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&uid);
+        forget(stack, ctx);
         publish_events(
             stack,
             ctx,
@@ -1764,9 +1765,56 @@ async fn cleanup(stack: &MiddlewareStack, ctx: &Context) -> Result<Action, Error
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&uid);
+        forget(stack, ctx);
         Ok(Action::await_change())
     } else {
         Err(error)
+    }
+}
+
+/// Drops what the operator keeps about a stack whose finalizer it releases: its stage states
+/// (so `operator_stacks` counts it no more), its provisioning cache, failure count and
+/// Event recorder, and the fingerprints of the objects it applied for it.
+fn forget(stack: &MiddlewareStack, ctx: &Context) {
+    let key = ObjectRef::from_obj(stack);
+    {
+        let mut all = ctx.stage_states.lock().unwrap_or_else(|p| p.into_inner());
+        all.remove(&key);
+        record_stage_gauges(&all);
+    }
+    ctx.provisioned
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(&key);
+    ctx.failures
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(&key);
+    ctx.recorders
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(&key);
+    // An invalid stack never had objects applied.
+    let Ok(validated) = validate(stack) else {
+        return;
+    };
+    let namespace = validated.namespace();
+    let mut keys = vec![
+        object_key::<Secret>(namespace, &build::redis_secret_name(&validated)),
+        object_key::<Secret>(namespace, &build::postgres_secret_name(&validated)),
+    ];
+    for component in Component::ALL {
+        let name = build::object_name(&validated, component);
+        keys.extend([
+            object_key::<Deployment>(namespace, &name),
+            object_key::<Service>(namespace, &name),
+            object_key::<ConfigMap>(namespace, &name),
+            object_key::<PodDisruptionBudget>(namespace, &name),
+        ]);
+    }
+    let mut applied = ctx.applied.lock().unwrap_or_else(|p| p.into_inner());
+    for key in keys {
+        applied.remove(&key);
     }
 }
 
