@@ -262,30 +262,13 @@ pub async fn run(
     };
     // The stores hold compact copies (`crate::owned`); the full objects go on to the
     // controller's owner triggers and are dropped there.
-    let owned_deployments = deployment_triggers(owned::reflect(
-        watcher(scoped::<Deployment>(&client, ns), managed.clone()).default_backoff(),
-        deployments_writer,
-    ));
-    let owned_services = owned::reflect(
-        watcher(scoped::<Service>(&client, ns), managed.clone()).default_backoff(),
-        services_writer,
-    )
-    .touched_objects();
-    let owned_config_maps = owned::reflect(
-        watcher(scoped::<ConfigMap>(&client, ns), managed.clone()).default_backoff(),
-        config_maps_writer,
-    )
-    .touched_objects();
-    let owned_pdbs = owned::reflect(
-        watcher(scoped::<PodDisruptionBudget>(&client, ns), managed.clone()).default_backoff(),
-        pdbs_writer,
-    )
-    .touched_objects();
-    let owned_secrets = owned::reflect(
-        watcher(scoped::<Secret>(&client, ns), managed.clone()).default_backoff(),
-        secrets_writer,
-    )
-    .touched_objects();
+    let owned_deployments =
+        deployment_triggers(owned_events(&client, ns, &managed, deployments_writer));
+    let owned_services = owned_events(&client, ns, &managed, services_writer).touched_objects();
+    let owned_config_maps =
+        owned_events(&client, ns, &managed, config_maps_writer).touched_objects();
+    let owned_pdbs = owned_events(&client, ns, &managed, pdbs_writer).touched_objects();
+    let owned_secrets = owned_events(&client, ns, &managed, secrets_writer).touched_objects();
     // Every Secret's metadata (never its data): a change to an admin or JWT Secret a stack
     // refers to reconciles that stack.
     let (secret_versions, secret_versions_writer) = reflector::store();
@@ -367,6 +350,23 @@ pub async fn run(
         })
         .await;
     Ok(())
+}
+
+/// The watch of the operator's objects of kind `K` (selected by `config`), feeding `writer`'s
+/// store with compact copies ([`owned::reflect`]).
+fn owned_events<K>(
+    client: &Client,
+    namespace: Option<&str>,
+    config: &watcher::Config,
+    writer: reflector::store::Writer<Owned<K>>,
+) -> impl futures::Stream<Item = Result<watcher::Event<K>, watcher::Error>> + use<K>
+where
+    K: Compact<Scope = k8s_openapi::NamespaceResourceScope> + DeserializeOwned + Debug,
+{
+    owned::reflect(
+        watcher(scoped::<K>(client, namespace), config.clone()).default_backoff(),
+        writer,
+    )
 }
 
 /// Drops what reconciles never read before a stack or a referenced Secret's metadata enters
