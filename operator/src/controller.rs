@@ -941,11 +941,6 @@ fn desired_topics(stack: &ValidatedStack) -> Vec<DesiredTopic> {
     .collect()
 }
 
-/// The connection Secrets' names, for the credentials hash.
-fn secret_value(secret: Option<&Owned<Secret>>, key: &str) -> Option<String> {
-    secret.and_then(|s| s.value(key))
-}
-
 fn stack_labels(stack: &ValidatedStack) -> BTreeMap<String, String> {
     BTreeMap::from([
         (
@@ -1011,7 +1006,10 @@ async fn credentials(
 
     // Redis: keep the password unless rotating; a rotation keeps the previous password valid
     // too, so pods that still run with it keep working until they have rolled.
-    let previous = secret_value(redis_secret.as_deref(), "password").map(SecretString::from);
+    let previous = redis_secret
+        .as_ref()
+        .and_then(|s| s.value("password"))
+        .map(SecretString::from);
     let rotate_redis = previous.is_some() && rotate_of(redis_secret.as_deref());
     let redis_password = match (&previous, rotate_redis) {
         (Some(p), false) => p.clone(),
@@ -1044,9 +1042,12 @@ async fn credentials(
     let role = names::postgres_role(stack);
     let second = names::postgres_second_login(stack);
     let database = names::postgres_database(stack);
-    let previous = secret_value(postgres_secret.as_deref(), "password").map(SecretString::from);
+    let previous = postgres_secret
+        .as_ref()
+        .and_then(|s| s.value("password"))
+        .map(SecretString::from);
     let rotate_postgres = previous.is_some() && rotate_of(postgres_secret.as_deref());
-    let in_use = match secret_value(postgres_secret.as_deref(), "username") {
+    let in_use = match postgres_secret.as_ref().and_then(|s| s.value("username")) {
         Some(user) if user == second => &second,
         _ => &role,
     };
@@ -1320,12 +1321,17 @@ async fn delete_disabled(
 /// changes of this hash reconcile the owning stack.
 fn deployment_trigger_hash(deployment: &Deployment) -> u64 {
     use std::hash::{Hash as _, Hasher as _};
-    let owned = Owned::new(deployment);
+    // Runs on every Deployment event: reads the object, copies no strings.
+    let rollout = deployment.state();
+    let generation = deployment.metadata.generation;
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    owned.generation.hash(&mut hasher);
-    owned.applied_hash.hash(&mut hasher);
-    owned.available().hash(&mut hasher);
-    owned.state.ready_replicas.hash(&mut hasher);
+    generation.hash(&mut hasher);
+    deployment
+        .annotations()
+        .get(APPLIED_HASH_ANNOTATION)
+        .hash(&mut hasher);
+    rollout.available(generation).hash(&mut hasher);
+    rollout.ready_replicas.hash(&mut hasher);
     hasher.finish()
 }
 

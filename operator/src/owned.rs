@@ -210,16 +210,22 @@ impl Compact for Deployment {
     }
 }
 
+impl Rollout {
+    /// Whether the Deployment at `generation` has rolled out its current spec and is
+    /// Available: the controller-manager observed that generation, every desired replica
+    /// runs the current template, and the `Available` condition is `True`.
+    pub fn available(&self, generation: Option<i64>) -> bool {
+        self.has_status
+            && self.observed_generation >= generation
+            && self.updated_replicas >= self.desired
+            && self.available_condition
+    }
+}
+
 impl Owned<Deployment> {
-    /// Whether the Deployment has rolled out its current spec and is Available: the
-    /// controller-manager observed the current generation, every desired replica runs the
-    /// current template, and the `Available` condition is `True`.
+    /// [`Rollout::available`] at the stored generation.
     pub fn available(&self) -> bool {
-        let rollout = &self.state;
-        rollout.has_status
-            && rollout.observed_generation >= self.generation
-            && rollout.updated_replicas >= rollout.desired
-            && rollout.available_condition
+        self.state.available(self.generation)
     }
 }
 

@@ -150,12 +150,9 @@ impl KafkaClients {
         let admin = config
             .create()
             .map_err(|e| ProvisionError::Kafka(e.to_string()))?;
-        let metadata = Metadata::new(
-            config
-                .clone()
-                .set("group.id", "meridian-operator-metadata")
-                .clone(),
-        )?;
+        let mut metadata_config = config.clone();
+        metadata_config.set("group.id", "meridian-operator-metadata");
+        let metadata = Metadata::new(metadata_config)?;
         let cluster = Arc::new(KafkaCluster { admin, metadata });
         clusters.insert(key, cluster.clone());
         Ok(cluster)
