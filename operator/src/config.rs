@@ -54,6 +54,17 @@ pub struct OperatorSettings {
     /// `RECONCILE_CONCURRENCY`: stacks reconciled at once. Default 16.
     #[serde(default = "defaults::concurrency")]
     pub reconcile_concurrency: u16,
+    /// `RECONCILE_TIMEOUT_SECONDS`: the bound of one reconcile's work (see
+    /// [`Settings::reconcile_timeout`]). Default 120.
+    #[serde(default = "defaults::reconcile_timeout_seconds")]
+    pub reconcile_timeout_seconds: u64,
+    /// `KUBE_READ_TIMEOUT_SECONDS`: how long the Kubernetes client waits for a response (or
+    /// for the next bytes of a watch) before failing the request. Default 295: the API server
+    /// ends every watch after 290 s, so no healthy connection stays silent longer. kube-rs sets
+    /// no bound by default, and one request the API server never answers would hold a
+    /// reconcile — and the operator's shutdown — forever.
+    #[serde(default = "defaults::kube_read_timeout_seconds")]
+    pub kube_read_timeout_seconds: u64,
 }
 
 mod defaults {
@@ -77,6 +88,12 @@ mod defaults {
     }
     pub fn concurrency() -> u16 {
         16
+    }
+    pub fn reconcile_timeout_seconds() -> u64 {
+        120
+    }
+    pub fn kube_read_timeout_seconds() -> u64 {
+        295
     }
 }
 
@@ -114,22 +131,36 @@ impl OperatorConfig {
             backoff_max: Duration::from_secs(o.backoff_max_seconds),
             cleanup_attempts: o.cleanup_attempts,
             concurrency: o.reconcile_concurrency,
+            reconcile_timeout: Duration::from_secs(o.reconcile_timeout_seconds),
             instance: o.pod_name.clone(),
         }
     }
 }
 
-/// A Kubernetes client (from `KUBECONFIG` or the in-cluster service account) that counts
-/// every request it sends in `operator_api_requests_total{verb, resource}` (`verb` = HTTP
-/// method, so `POST`, `PUT`, `PATCH` and `DELETE` are writes; `resource` = the plural
-/// resource name, e.g. `deployments`, `leases`, `events`).
+/// A Kubernetes client (from `KUBECONFIG` or the in-cluster service account), see
+/// [`client_with`].
 ///
 /// # Errors
 /// When no configuration is found or the client cannot be built.
-pub async fn counting_client() -> anyhow::Result<Client> {
+pub async fn counting_client(read_timeout: Duration) -> anyhow::Result<Client> {
     let config = kube::Config::infer()
         .await
         .context("no Kubernetes configuration (KUBECONFIG or in-cluster)")?;
+    client_with(config, read_timeout)
+}
+
+/// A Kubernetes client for `config` that fails a request whose response (or next watch event)
+/// does not come within `read_timeout`, counted from when the request was written, and that
+/// counts every request it sends in `operator_api_requests_total{verb, resource}` (`verb` =
+/// HTTP method, so `POST`, `PUT`, `PATCH` and `DELETE` are writes; `resource` = the plural
+/// resource name, e.g. `deployments`, `leases`, `events`).
+///
+/// # Errors
+/// When the client cannot be built from `config`.
+pub fn client_with(mut config: kube::Config, read_timeout: Duration) -> anyhow::Result<Client> {
+    config.read_timeout = Some(read_timeout);
+    // Otherwise the time a pooled connection sat idle counts against the next response.
+    config.reset_reader_on_write = true;
     let count = tower::util::MapRequestLayer::new(|request: http::Request<kube::client::Body>| {
         metrics::counter!(
             OPERATOR_API_REQUESTS_TOTAL,
@@ -189,7 +220,8 @@ impl Service for Operator {
                     async move { common::http::serve(listener, router, &ops, shutdown).await },
                 )
             };
-            let client = counting_client().await?;
+            let read_timeout = Duration::from_secs(config.operator.kube_read_timeout_seconds);
+            let client = counting_client(read_timeout).await?;
             let result = lead(client, &config, shutdown.clone()).await;
             shutdown.cancel();
             server.await.context("the HTTP server panicked")??;
@@ -249,7 +281,7 @@ async fn lead(
             }
         }
         stop.cancel();
-        controller.await.context("the controller panicked")??;
+        stop_controller(controller, CONTROLLER_STOP_GRACE).await?;
         if shutdown.is_cancelled() {
             break;
         }
@@ -263,6 +295,32 @@ async fn lead(
     Ok(())
 }
 
+/// How long a stopping controller may take to finish its reconciles before they are cancelled.
+/// Without the Lease another replica is about to lead; this one must stop writing soon.
+const CONTROLLER_STOP_GRACE: Duration = Duration::from_secs(10);
+
+/// Waits up to `grace` for the (cancelled) controller to finish its running reconciles, then
+/// aborts it, which drops them (they are idempotent and retried by the next leader).
+async fn stop_controller(
+    mut controller: tokio::task::JoinHandle<Result<(), crate::controller::Error>>,
+    grace: Duration,
+) -> anyhow::Result<()> {
+    match tokio::time::timeout(grace, &mut controller).await {
+        Ok(finished) => Ok(finished.context("the controller panicked")??),
+        Err(_) => {
+            tracing::warn!(
+                ?grace,
+                "Reconciles still running after the grace period: cancelling them."
+            );
+            controller.abort();
+            match controller.await {
+                Err(error) if error.is_cancelled() => Ok(()),
+                finished => Ok(finished.context("the controller panicked")??),
+            }
+        }
+    }
+}
+
 fn uuid_like() -> String {
     use rand::Rng as _;
     format!("{:016x}", rand::rng().random::<u64>())
@@ -270,7 +328,71 @@ fn uuid_like() -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::resource_of;
+    use std::time::{Duration, Instant};
+
+    use super::{client_with, resource_of, stop_controller};
+
+    /// An API server that accepts connections and reads requests but never answers.
+    async fn silent_server() -> std::net::SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((mut socket, _)) = listener.accept().await {
+                held.push(tokio::spawn(async move {
+                    let mut sink = tokio::io::sink();
+                    let _ = tokio::io::copy(&mut socket, &mut sink).await;
+                }));
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn a_request_the_api_server_never_answers_fails_after_the_read_timeout() {
+        let addr = silent_server().await;
+        let config = kube::Config::new(format!("http://{addr}").parse().unwrap());
+        let client = client_with(config, Duration::from_millis(300)).unwrap();
+        let started = Instant::now();
+        let answer = tokio::time::timeout(Duration::from_secs(10), client.apiserver_version())
+            .await
+            .expect("the request must fail on its own, not hang");
+        assert!(answer.is_err(), "{answer:?}");
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_controller_that_does_not_stop_is_cancelled_after_the_grace_period() {
+        let (dropped_tx, dropped_rx) = tokio::sync::oneshot::channel::<()>();
+        let stuck = tokio::spawn(async move {
+            let _dropped = dropped_tx; // dropped (closing the channel) when the task is aborted
+            futures::future::pending::<Result<(), crate::controller::Error>>().await
+        });
+        stop_controller(stuck, Duration::from_millis(100))
+            .await
+            .unwrap();
+        assert!(dropped_rx.await.is_err(), "the stuck reconcile was dropped");
+
+        let finished = tokio::spawn(async { Ok(()) });
+        stop_controller(finished, Duration::from_secs(10))
+            .await
+            .unwrap();
+        let failed = tokio::spawn(async {
+            Err(crate::controller::Error::TimedOut {
+                work: "reconcile",
+                after: Duration::from_secs(1),
+            })
+        });
+        assert!(
+            stop_controller(failed, Duration::from_secs(10))
+                .await
+                .is_err()
+        );
+    }
 
     #[test]
     fn resources_are_read_from_api_paths() {

@@ -43,7 +43,8 @@ use crate::status::{self, Report, Status};
 use crate::validate::{ValidatedStack, validate};
 use common::metrics::{
     OPERATOR_RECONCILE_DURATION_SECONDS, OPERATOR_RECONCILE_ERRORS_TOTAL,
-    OPERATOR_RECONCILES_TOTAL, OPERATOR_STACKS, OPERATOR_STEP_DURATION_SECONDS,
+    OPERATOR_RECONCILES_IN_FLIGHT, OPERATOR_RECONCILES_TOTAL, OPERATOR_STACKS,
+    OPERATOR_STEP_DURATION_SECONDS,
 };
 
 /// Times one step of a reconcile into `operator_step_duration_seconds`.
@@ -87,6 +88,11 @@ pub struct Settings {
     pub cleanup_attempts: u32,
     /// Stacks reconciled at once.
     pub concurrency: u16,
+    /// The bound of one reconcile's work (the staged pipeline, or a deleted stack's cleanup
+    /// of topics and credentials). A reconcile that takes longer is cancelled — every step
+    /// is idempotent — and retried with backoff, so no stack holds one of the `concurrency`
+    /// slots forever.
+    pub reconcile_timeout: Duration,
     /// The Events' reporting instance (the pod name).
     pub instance: Option<String>,
 }
@@ -101,6 +107,7 @@ impl Default for Settings {
             backoff_max: Duration::from_secs(60),
             cleanup_attempts: 5,
             concurrency: 16,
+            reconcile_timeout: Duration::from_secs(120),
             instance: None,
         }
     }
@@ -128,6 +135,14 @@ pub enum Error {
     /// An object could not be serialized (a bug).
     #[error("serialization failed: {0}")]
     Serialize(#[from] serde_json::Error),
+    /// The reconcile's work did not finish within [`Settings::reconcile_timeout`].
+    #[error("{work} did not finish within {after:?}; cancelled, retried with backoff")]
+    TimedOut {
+        /// What timed out (`reconcile` or `cleanup`).
+        work: &'static str,
+        /// The bound.
+        after: Duration,
+    },
 }
 
 impl Error {
@@ -138,6 +153,7 @@ impl Error {
             Self::Stage { reason, .. } => reason,
             Self::Finalizer(_) => "FinalizerFailed",
             Self::Serialize(_) => "SerializationFailed",
+            Self::TimedOut { .. } => "ReconcileTimedOut",
         }
     }
 
@@ -394,14 +410,16 @@ fn refers_to_secret(stack: &MiddlewareStack, name: &str) -> bool {
 }
 
 async fn reconcile(stack: Arc<MiddlewareStack>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let _in_flight = InFlight::start();
     let started = Instant::now();
     let namespace = stack.namespace().unwrap_or_default();
     let name = stack.name_any();
     let span = tracing::info_span!("reconcile", %namespace, stack = %name);
     let api: Api<MiddlewareStack> = Api::namespaced(ctx.client.clone(), &namespace);
-    let result = finalizer(&api, FINALIZER, stack, |event| async {
+    let bound = ctx.settings.reconcile_timeout;
+    let result = finalizer(&api, FINALIZER, stack.clone(), |event| async {
         match event {
-            Finalizer::Apply(stack) => apply(&stack, &ctx).await,
+            Finalizer::Apply(stack) => deadline("reconcile", bound, apply(&stack, &ctx)).await,
             Finalizer::Cleanup(stack) => cleanup(&stack, &ctx).await,
         }
     })
@@ -411,6 +429,18 @@ async fn reconcile(stack: Arc<MiddlewareStack>, ctx: Arc<Context>) -> Result<Act
         kube::runtime::finalizer::Error::ApplyFailed(e) => e,
         other => Error::Finalizer(Box::new(other)),
     });
+    if let Err(error @ Error::TimedOut { .. }) = &result {
+        // The pipeline was cancelled before it could report: say so where users look.
+        let note = error.to_string();
+        let event = Event {
+            type_: EventType::Warning,
+            reason: "ReconcileTimedOut".to_owned(),
+            note: Some(note),
+            action: "Reconcile".to_owned(),
+            secondary: None,
+        };
+        publish_events(&stack, &ctx, vec![event], true).await;
+    }
     let label = if result.is_ok() { "ok" } else { "error" };
     metrics::counter!(OPERATOR_RECONCILES_TOTAL, "result" => label).increment(1);
     metrics::histogram!(OPERATOR_RECONCILE_DURATION_SECONDS, "result" => label)
@@ -419,6 +449,44 @@ async fn reconcile(stack: Arc<MiddlewareStack>, ctx: Arc<Context>) -> Result<Act
         metrics::counter!(OPERATOR_RECONCILE_ERRORS_TOTAL, "reason" => error.reason()).increment(1);
     }
     result
+}
+
+/// Runs `work` (named `name` in the error), or fails with [`Error::TimedOut`] once `bound`
+/// has passed, dropping `work`: every step of a reconcile is idempotent, and what a step holds
+/// (a `DROP DATABASE` turn, a pooled connection) is released on drop.
+async fn deadline<T>(
+    name: &'static str,
+    bound: Duration,
+    work: impl std::future::Future<Output = Result<T, Error>>,
+) -> Result<T, Error> {
+    tokio::time::timeout(bound, work).await.unwrap_or_else(|_| {
+        tracing::warn!(
+            work = name,
+            ?bound,
+            "Cancelled: longer than the reconcile timeout."
+        );
+        Err(Error::TimedOut {
+            work: name,
+            after: bound,
+        })
+    })
+}
+
+/// Counts a reconcile in `operator_reconciles_in_flight` while it runs, including one that
+/// is cancelled (dropped) midway.
+struct InFlight;
+
+impl InFlight {
+    fn start() -> Self {
+        metrics::gauge!(OPERATOR_RECONCILES_IN_FLIGHT).increment(1.0);
+        Self
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        metrics::gauge!(OPERATOR_RECONCILES_IN_FLIGHT).decrement(1.0);
+    }
 }
 
 fn error_policy(stack: Arc<MiddlewareStack>, error: &Error, ctx: Arc<Context>) -> Action {
@@ -1702,7 +1770,8 @@ async fn pipeline(
 /// Event) after `cleanup_attempts` failures, so namespace deletion never blocks forever.
 async fn cleanup(stack: &MiddlewareStack, ctx: &Context) -> Result<Action, Error> {
     let uid = stack.uid().unwrap_or_default();
-    let result = cleanup_external(stack, ctx).await;
+    let bound = ctx.settings.reconcile_timeout;
+    let result = deadline("cleanup", bound, cleanup_external(stack, ctx)).await;
     let Err(error) = result else {
         ctx.cleanup_failures
             .lock()
@@ -1866,6 +1935,44 @@ async fn cleanup_external(stack: &MiddlewareStack, ctx: &Context) -> Result<(), 
             .map_err(|e| Error::stage(status::CREDENTIALS_READY, &e))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod deadline_tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn work_past_its_bound_is_cancelled_with_a_timed_out_error() {
+        let (dropped_tx, dropped_rx) = tokio::sync::oneshot::channel::<()>();
+        let stuck = async move {
+            let _held = dropped_tx;
+            futures::future::pending::<Result<(), Error>>().await
+        };
+        let error = deadline("cleanup", Duration::from_millis(50), stuck)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                error,
+                Error::TimedOut {
+                    work: "cleanup",
+                    ..
+                }
+            ),
+            "{error}"
+        );
+        assert_eq!(error.reason(), "ReconcileTimedOut");
+        assert!(
+            error
+                .to_string()
+                .starts_with("cleanup did not finish within 50ms"),
+            "{error}"
+        );
+        assert!(dropped_rx.await.is_err(), "the work was dropped");
+
+        let done = deadline("reconcile", Duration::from_secs(5), async { Ok(7) }).await;
+        assert_eq!(done.unwrap(), 7);
+    }
 }
 
 #[cfg(test)]

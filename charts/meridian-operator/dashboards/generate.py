@@ -117,6 +117,8 @@ def operator_panels():
         panel("Reconcile duration p99", [
             "histogram_quantile(0.99, sum by (le) (rate(operator_reconcile_duration_seconds_bucket[5m])))"], "s",
               legend="p99"),
+        panel("Reconciles in flight", ["max by (pod) (operator_reconciles_in_flight)"], "short",
+              legend="{{pod}}"),
         panel("Stacks per stage and status", ["sum by (stage, status) (operator_stacks)"], "short",
               legend="{{stage}} {{status}}"),
         panel("Leader", ["max by (pod) (operator_leader)"], "bool", legend="{{pod}}"),

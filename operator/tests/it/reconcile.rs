@@ -66,6 +66,7 @@ impl Harness {
             backoff_max: Duration::from_secs(2),
             cleanup_attempts: 3,
             concurrency: 4,
+            reconcile_timeout: Duration::from_secs(60),
             instance: Some("it".to_owned()),
         };
         let stop = CancellationToken::new();

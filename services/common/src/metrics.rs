@@ -73,6 +73,9 @@ pub const COMMANDS_DEAD_LETTERED_TOTAL: &str = "commands_dead_lettered_total";
 pub const KAFKA_CONSUMER_LAG: &str = "kafka_consumer_lag";
 /// Counter: reconciles of a `MiddlewareStack`. Labels: `result` (`ok`, `error`).
 pub const OPERATOR_RECONCILES_TOTAL: &str = "operator_reconciles_total";
+/// Gauge: reconciles running now (at most `RECONCILE_CONCURRENCY`). One that stays at the
+/// limit while stacks wait points at a stuck reconcile (`RECONCILE_TIMEOUT_SECONDS` bounds it).
+pub const OPERATOR_RECONCILES_IN_FLIGHT: &str = "operator_reconciles_in_flight";
 /// Histogram: duration of one reconcile. Labels: `result`.
 pub const OPERATOR_RECONCILE_DURATION_SECONDS: &str = "operator_reconcile_duration_seconds";
 /// Histogram: duration of one step of a reconcile. Labels: `step` (`dereference`,
