@@ -20,7 +20,8 @@ NS=meridian-chart-check
 RELEASE=meridian-operator
 
 all_on=(--set metrics.serviceMonitor.enabled=true --set prometheusRules.enabled=true
-  --set 'networkPolicy.metricsFrom[0].namespaceSelector.matchLabels.name=monitoring')
+  --set 'networkPolicy.metricsFrom[0].namespaceSelector.matchLabels.name=monitoring'
+  --set 'extraEnv[0].name=RECONCILE_CONCURRENCY' --set-string 'extraEnv[0].value=8')
 
 monitoring_crds() {
   # The module zip holds example/prometheus-operator-crd/*.yaml (the CRDs the operator ships).
@@ -49,6 +50,9 @@ helm lint --strict "$CHART" >/dev/null
 helm lint --strict "$CHART" "${all_on[@]}" --set watchNamespace=team-a >/dev/null
 if helm lint --strict "$CHART" --set replicaCount=-1 >/dev/null 2>&1; then
   die "values.schema.json accepted replicaCount=-1"
+fi
+if helm lint --strict "$CHART" --set 'extraEnv[0].name=X' --set 'extraEnv[0].value=8' >/dev/null 2>&1; then
+  die "values.schema.json accepted an unquoted number in extraEnv"
 fi
 ok "lint clean (defaults; everything on, namespaced); invalid values refused by values.schema.json"
 

@@ -75,7 +75,8 @@ up() {
 
   step "operator and process runner"
   if is_running demo-operator; then ok "operator already running"; else
-    PORT=8090 BIND_ADDRESS=127.0.0.1 WATCH_NAMESPACE=$NS LEASE_NAMESPACE=$NS POD_NAME=demo-operator \
+    # MALLOC_ARENA_MAX as the Helm chart sets it (see charts/meridian-operator/templates/deployment.yaml).
+    PORT=8090 BIND_ADDRESS=127.0.0.1 WATCH_NAMESPACE=$NS LEASE_NAMESPACE=$NS POD_NAME=demo-operator MALLOC_ARENA_MAX=2 \
       LOG_FORMAT=text RUST_LOG=info start_bg demo-operator "$TARGET_DIR/meridian-operator"
     wait_for "operator /health" 30 curl -fsS http://127.0.0.1:8090/health || die "the operator did not start (log: $MERIDIAN_LOG_DIR/demo-operator.log)"
     ok "meridian-operator on :8090 (log $MERIDIAN_LOG_DIR/demo-operator.log)"

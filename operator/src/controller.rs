@@ -69,6 +69,8 @@ pub const ROTATED_ANNOTATION: &str = "meridian.dev/rotation-token";
 pub const APPLIED_HASH_ANNOTATION: &str = "meridian.dev/applied-hash";
 /// The label selector of every object the operator creates.
 pub const MANAGED_SELECTOR: &str = "app.kubernetes.io/managed-by=meridian-operator";
+/// The label selector of every object the operator did not create.
+pub const UNMANAGED_SELECTOR: &str = "app.kubernetes.io/managed-by!=meridian-operator";
 
 /// How the controller runs.
 #[derive(Clone, Debug)]
@@ -285,15 +287,16 @@ pub async fn run(
         owned_events(&client, ns, &managed, config_maps_writer).touched_objects();
     let owned_pdbs = owned_events(&client, ns, &managed, pdbs_writer).touched_objects();
     let owned_secrets = owned_events(&client, ns, &managed, secrets_writer).touched_objects();
-    // Every Secret's metadata (never its data): a change to an admin or JWT Secret a stack
-    // refers to reconciles that stack.
+    // The identity and resourceVersion of every Secret the operator did not create (never
+    // their data): a change to an admin or JWT Secret a stack refers to reconciles that
+    // stack. The stacks' own connection Secrets (two per stack) are in `owned_secrets`.
     let (secret_versions, secret_versions_writer) = reflector::store();
     let referenced_secrets = watcher(
         scoped::<PartialObjectMeta<Secret>>(&client, ns),
-        watcher::Config::default(),
+        watcher::Config::default().labels(UNMANAGED_SELECTOR),
     )
     .default_backoff()
-    .modify(strip)
+    .modify(identity_only)
     .reflect(secret_versions_writer)
     .touched_objects();
 
@@ -385,15 +388,29 @@ where
     )
 }
 
-/// Drops what reconciles never read before a stack or a referenced Secret's metadata enters
-/// a store (managed fields are often the largest part of an object). Owned objects are
-/// stored as compact copies instead ([`owned`]).
+/// Drops what reconciles never read before a stack enters the store (managed fields are often
+/// the largest part of an object). Owned objects are stored as compact copies instead
+/// ([`owned`]), referenced Secrets as their identity ([`identity_only`]).
 fn strip<K: Resource>(object: &mut K) {
     object.meta_mut().managed_fields = None;
     if let Some(annotations) = &mut object.meta_mut().annotations {
         // kubectl's copy of a whole applied object, if someone used `kubectl apply` on it.
         annotations.remove("kubectl.kubernetes.io/last-applied-configuration");
     }
+}
+
+/// Keeps only what the referenced-Secrets store is read for: name, namespace, uid and
+/// resourceVersion (labels, annotations and owner references can be most of a Secret's
+/// metadata).
+fn identity_only(secret: &mut PartialObjectMeta<Secret>) {
+    let meta = std::mem::take(&mut secret.metadata);
+    secret.metadata = ObjectMeta {
+        name: meta.name,
+        namespace: meta.namespace,
+        uid: meta.uid,
+        resource_version: meta.resource_version,
+        ..ObjectMeta::default()
+    };
 }
 
 /// Whether the stack reads the named Secret (admin credentials or the JWT secret).
@@ -1935,6 +1952,42 @@ async fn cleanup_external(stack: &MiddlewareStack, ctx: &Context) -> Result<(), 
             .map_err(|e| Error::stage(status::CREDENTIALS_READY, &e))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod store_tests {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+
+    use super::*;
+
+    #[test]
+    fn the_referenced_secrets_store_keeps_only_identity_and_version() {
+        let mut secret = PartialObjectMeta::<Secret> {
+            types: None,
+            metadata: ObjectMeta {
+                name: Some("kafka-admin".to_owned()),
+                namespace: Some("team-a".to_owned()),
+                uid: Some("u1".to_owned()),
+                resource_version: Some("42".to_owned()),
+                labels: Some(BTreeMap::from([("a".to_owned(), "b".to_owned())])),
+                annotations: Some(BTreeMap::from([("c".to_owned(), "d".to_owned())])),
+                owner_references: Some(vec![OwnerReference::default()]),
+                ..ObjectMeta::default()
+            },
+            _phantom: std::marker::PhantomData,
+        };
+        identity_only(&mut secret);
+        assert_eq!(
+            secret.metadata,
+            ObjectMeta {
+                name: Some("kafka-admin".to_owned()),
+                namespace: Some("team-a".to_owned()),
+                uid: Some("u1".to_owned()),
+                resource_version: Some("42".to_owned()),
+                ..ObjectMeta::default()
+            }
+        );
+    }
 }
 
 #[cfg(test)]

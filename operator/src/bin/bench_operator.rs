@@ -437,6 +437,12 @@ async fn run(
         // Every stack is fully re-checked (Kafka, Redis, PostgreSQL, objects) during the
         // steady-state window: those reconciles must write nothing.
         .env("RESYNC_SECONDS", "30")
+        // As the Helm chart runs it (charts/meridian-operator/templates/deployment.yaml),
+        // unless the caller sets it (`MALLOC_ARENA_MAX=16` is glibc's default on two cores).
+        .env(
+            "MALLOC_ARENA_MAX",
+            std::env::var("MALLOC_ARENA_MAX").unwrap_or_else(|_| "2".to_owned()),
+        )
         .stdout(Stdio::null())
         .stderr(log)
         .kill_on_drop(true)
