@@ -305,19 +305,20 @@ async fn stop_controller(
     mut controller: tokio::task::JoinHandle<Result<(), crate::controller::Error>>,
     grace: Duration,
 ) -> anyhow::Result<()> {
-    match tokio::time::timeout(grace, &mut controller).await {
-        Ok(finished) => Ok(finished.context("the controller panicked")??),
+    let finished = match tokio::time::timeout(grace, &mut controller).await {
+        Ok(finished) => finished,
         Err(_) => {
             tracing::warn!(
                 ?grace,
                 "Reconciles still running after the grace period: cancelling them."
             );
             controller.abort();
-            match controller.await {
-                Err(error) if error.is_cancelled() => Ok(()),
-                finished => Ok(finished.context("the controller panicked")??),
-            }
+            controller.await
         }
+    };
+    match finished {
+        Err(error) if error.is_cancelled() => Ok(()),
+        finished => Ok(finished.context("the controller panicked")??),
     }
 }
 

@@ -69,8 +69,6 @@ pub const ROTATED_ANNOTATION: &str = "meridian.dev/rotation-token";
 pub const APPLIED_HASH_ANNOTATION: &str = "meridian.dev/applied-hash";
 /// The label selector of every object the operator creates.
 pub const MANAGED_SELECTOR: &str = "app.kubernetes.io/managed-by=meridian-operator";
-/// The label selector of every object the operator did not create.
-pub const UNMANAGED_SELECTOR: &str = "app.kubernetes.io/managed-by!=meridian-operator";
 
 /// How the controller runs.
 #[derive(Clone, Debug)]
@@ -293,7 +291,7 @@ pub async fn run(
     let (secret_versions, secret_versions_writer) = reflector::store();
     let referenced_secrets = watcher(
         scoped::<PartialObjectMeta<Secret>>(&client, ns),
-        watcher::Config::default().labels(UNMANAGED_SELECTOR),
+        watcher::Config::default().labels(&MANAGED_SELECTOR.replacen('=', "!=", 1)),
     )
     .default_backoff()
     .modify(identity_only)
@@ -448,11 +446,10 @@ async fn reconcile(stack: Arc<MiddlewareStack>, ctx: Arc<Context>) -> Result<Act
     });
     if let Err(error @ Error::TimedOut { .. }) = &result {
         // The pipeline was cancelled before it could report: say so where users look.
-        let note = error.to_string();
         let event = Event {
             type_: EventType::Warning,
-            reason: "ReconcileTimedOut".to_owned(),
-            note: Some(note),
+            reason: error.reason().to_owned(),
+            note: Some(error.to_string()),
             action: "Reconcile".to_owned(),
             secondary: None,
         };
@@ -470,23 +467,19 @@ async fn reconcile(stack: Arc<MiddlewareStack>, ctx: Arc<Context>) -> Result<Act
 
 /// Runs `work` (named `name` in the error), or fails with [`Error::TimedOut`] once `bound`
 /// has passed, dropping `work`: every step of a reconcile is idempotent, and what a step holds
-/// (a `DROP DATABASE` turn, a pooled connection) is released on drop.
+/// (a `DROP DATABASE` turn, a pooled connection) is released on drop. The error is logged
+/// with every other reconcile failure, in [`run`].
 async fn deadline<T>(
     name: &'static str,
     bound: Duration,
     work: impl std::future::Future<Output = Result<T, Error>>,
 ) -> Result<T, Error> {
-    tokio::time::timeout(bound, work).await.unwrap_or_else(|_| {
-        tracing::warn!(
-            work = name,
-            ?bound,
-            "Cancelled: longer than the reconcile timeout."
-        );
-        Err(Error::TimedOut {
+    tokio::time::timeout(bound, work)
+        .await
+        .unwrap_or(Err(Error::TimedOut {
             work: name,
             after: bound,
-        })
-    })
+        }))
 }
 
 /// Counts a reconcile in `operator_reconciles_in_flight` while it runs, including one that
