@@ -25,7 +25,10 @@
 //! `BENCH_PIPELINE_ONLY=e2e` skips phases 1 and 2; `BENCH_PIPELINE_RATE=N` offers N/s in
 //! phase 3 instead of 1,000 (the target verdict then says NOT MET: it is set at 1,000/s);
 //! `BENCH_PIPELINE_TIMELINE=1` also prints each run's latency per second of sending (p50,
-//! max), which tells a steady delay from a growing queue.
+//! max), which tells a steady delay from a growing queue; `BENCH_PIPELINE_STAGES=1` taps the
+//! `commands` and `events` topics and splits the latency into its hops (command service's
+//! relay, processor + its relay, cache updater), each from the Kafka message's create time
+//! (when the relay handed it to the producer) and its arrival at the tap.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a benchmark binary
 
 use std::collections::HashMap;
@@ -333,6 +336,114 @@ async fn relayed_per_second(db: &PgPool, redis: &redis::Client) -> (f64, i64) {
     (rate, left)
 }
 
+/// When each command's messages were created (handed to the relay's producer) and arrived at
+/// a consumer of its own, on `commands` and on `events` (`BENCH_PIPELINE_STAGES=1`).
+struct Tap {
+    /// `(on events?, command id)` → (create time, arrival), both since the UNIX epoch.
+    seen: Arc<Mutex<HashMap<(bool, Uuid), (Duration, Duration)>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Tap {
+    async fn start(stack: &Stack) -> Self {
+        use rdkafka::consumer::{Consumer as _, StreamConsumer};
+        use rdkafka::message::{Headers as _, Message as _};
+        let group = format!("bench-tap-{}", Uuid::new_v4().simple());
+        let consumer: StreamConsumer = kafka::consumer_config(&stack.kafka, "bench-tap", &group)
+            .set("enable.auto.commit", "false")
+            .create()
+            .unwrap();
+        let events = stack.kafka.topic(kafka::TOPIC_EVENTS);
+        let mut partitions = rdkafka::TopicPartitionList::new();
+        for topic in [stack.kafka.topic(kafka::TOPIC_COMMANDS), events.clone()] {
+            for partition in 0..6 {
+                partitions
+                    .add_partition_offset(&topic, partition, rdkafka::Offset::End)
+                    .unwrap();
+            }
+        }
+        consumer.assign(&partitions).unwrap();
+        let seen: Arc<Mutex<HashMap<(bool, Uuid), (Duration, Duration)>>> = Arc::default();
+        let task = {
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                loop {
+                    let Ok(message) = consumer.recv().await else {
+                        continue;
+                    };
+                    let arrived = since_epoch(std::time::SystemTime::now());
+                    let id = message.headers().and_then(|headers| {
+                        headers
+                            .iter()
+                            .find(|h| h.key == kafka::HEADER_COMMAND_ID)
+                            .and_then(|h| std::str::from_utf8(h.value?).ok()?.parse().ok())
+                    });
+                    if let (Some(id), Some(created)) = (id, message.timestamp().to_millis()) {
+                        let created = Duration::from_millis(u64::try_from(created).unwrap_or(0));
+                        let on_events = message.topic() == events;
+                        seen.lock()
+                            .unwrap()
+                            .insert((on_events, id), (created, arrived));
+                    }
+                }
+            })
+        };
+        // Let the assignment resolve its end offsets before anything is sent.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        Self { seen, task }
+    }
+
+    /// Prints each hop's p50/p99 over the commands of one run (`accepted` and `notified`
+    /// converted to time since the UNIX epoch).
+    fn report(&self, accepted: &HashMap<Uuid, Duration>, notified: &HashMap<Uuid, Duration>) {
+        let seen = self.seen.lock().unwrap();
+        let hops = [
+            "accepted -> produced on commands (command service relay)",
+            "produced -> consumed (commands)",
+            "consumed -> produced on events (processor + its relay)",
+            "produced -> consumed (events)",
+            "consumed -> notified (cache updater)",
+        ];
+        let mut histograms: Vec<Histogram<u64>> = hops
+            .iter()
+            .map(|_| Histogram::new_with_bounds(1, 60_000_000, 3).unwrap())
+            .collect();
+        for (id, accepted) in accepted {
+            let (Some(command), Some(event), Some(notified)) = (
+                seen.get(&(false, *id)),
+                seen.get(&(true, *id)),
+                notified.get(id),
+            ) else {
+                continue;
+            };
+            let points = [*accepted, command.0, command.1, event.0, event.1, *notified];
+            for (hop, pair) in points.windows(2).enumerate() {
+                let us = pair[1].saturating_sub(pair[0]).as_micros().max(1);
+                histograms[hop].saturating_record(u64::try_from(us).unwrap_or(u64::MAX));
+            }
+        }
+        for (hop, histogram) in hops.iter().zip(&histograms) {
+            println!(
+                "    {hop:<58} n={:>5} p50 {:>6.1} ms  p99 {:>6.1} ms  max {:>6.1} ms",
+                histogram.len(),
+                histogram.value_at_quantile(0.5) as f64 / 1000.0,
+                histogram.value_at_quantile(0.99) as f64 / 1000.0,
+                histogram.max() as f64 / 1000.0,
+            );
+        }
+    }
+}
+
+impl Drop for Tap {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn since_epoch(at: std::time::SystemTime) -> Duration {
+    at.duration_since(std::time::UNIX_EPOCH).unwrap_or_default()
+}
+
 /// The outcome of one open-loop run.
 struct Run {
     offered: u32,
@@ -386,6 +497,7 @@ async fn open_loop(
     db: &PgPool,
     rate: u32,
     duration: Duration,
+    tap: Option<&Tap>,
 ) -> Run {
     let client = Client::new(commands, "e2e");
     let notified: Arc<Mutex<HashMap<Uuid, Instant>>> = Arc::default();
@@ -470,6 +582,13 @@ async fn open_loop(
             latency_us.saturating_record(u64::try_from(us).unwrap_or(u64::MAX));
         }
     }
+    if let Some(tap) = tap {
+        let (now, wall) = (Instant::now(), since_epoch(std::time::SystemTime::now()));
+        let wall_of = |at: &Instant| wall.saturating_sub(now.saturating_duration_since(*at));
+        let accepted = accepted.iter().map(|(id, at)| (*id, wall_of(at))).collect();
+        let notified = notified.iter().map(|(id, at)| (*id, wall_of(at))).collect();
+        tap.report(&accepted, &notified);
+    }
     if std::env::var_os("BENCH_PIPELINE_TIMELINE").is_some() {
         for (second, mut ms) in by_second {
             ms.sort_unstable();
@@ -523,10 +642,32 @@ async fn main() {
     let commands = stack.start::<CommandService>().await;
     let processor = stack.start::<Processor>().await;
     let cache = stack.start::<CacheUpdater>().await;
+    let tap = match std::env::var_os("BENCH_PIPELINE_STAGES") {
+        Some(_) => Some(Tap::start(&stack).await),
+        None => None,
+    };
     // Warm-up (discarded): connections, consumer group assignments, script caches.
-    open_loop(&commands, &stack, &redis, &db, 200, Duration::from_secs(3)).await;
+    open_loop(
+        &commands,
+        &stack,
+        &redis,
+        &db,
+        200,
+        Duration::from_secs(3),
+        None,
+    )
+    .await;
 
-    let fixed = open_loop(&commands, &stack, &redis, &db, fixed_rate, FIXED_DURATION).await;
+    let fixed = open_loop(
+        &commands,
+        &stack,
+        &redis,
+        &db,
+        fixed_rate,
+        FIXED_DURATION,
+        tap.as_ref(),
+    )
+    .await;
     println!(
         "end-to-end            {}   target p99 <= {TARGET_P99_MS:.0} ms at {FIXED_RATE}/s: {}",
         fixed.line(),
@@ -535,7 +676,16 @@ async fn main() {
 
     let mut best = fixed.sustained().then_some(fixed);
     for rate in STEP_RATES.into_iter().filter(|r| *r > fixed_rate) {
-        let run = open_loop(&commands, &stack, &redis, &db, rate, STEP_DURATION).await;
+        let run = open_loop(
+            &commands,
+            &stack,
+            &redis,
+            &db,
+            rate,
+            STEP_DURATION,
+            tap.as_ref(),
+        )
+        .await;
         println!("  step                {}", run.line());
         if !run.sustained() {
             break;

@@ -40,18 +40,23 @@
 //! `outbox_backlog` keeps counting them.
 //!
 //! **Wake-ups.** After a transaction that enqueued rows commits, the writer calls
-//! [`Waker::wake`]: a relay in the same process is woken at once, and the waker's task sends
-//! `NOTIFY <table>` for relays in other processes, which `LISTEN` on that channel. Every relay
-//! also polls every `poll_interval`, so a lost notification (or a listener reconnect) delays a
-//! message by at most one interval. The `NOTIFY` is deliberately *not* part of the writing
-//! transaction (no trigger): PostgreSQL serialises the commits of all transactions that
-//! notified (a database-wide lock held from pre-commit until the commit record is flushed),
-//! which would cap intake at one WAL flush at a time. The waker sends at most one `NOTIFY` at
-//! a time, from a short transaction of its own with `synchronous_commit = off`, and folds every
-//! wake-up that arrives meanwhile into the next one.
+//! [`Waker::wake`]: a relay in the same process is woken at once, and — unless that relay is
+//! the table's leader, when no other relay has anything to do — the waker's task sends
+//! `NOTIFY <table>` for the leader in another process, which `LISTEN`s on that channel. Every
+//! relay also polls every `poll_interval`, so a lost notification (or a listener reconnect, or
+//! the moment a leader elsewhere takes over from this process's) delays a message by at most
+//! one interval. The `NOTIFY` is deliberately *not* part of the writing transaction (no
+//! trigger): PostgreSQL serialises the commits of all transactions that notified (a
+//! database-wide lock held from pre-commit until the commit record is flushed), which would cap
+//! intake at one WAL flush at a time. The waker sends at most one `NOTIFY` at a time, as one
+//! statement in a transaction of its own with `synchronous_commit = off`, and folds every
+//! wake-up that arrives meanwhile into the next one. Skipping it while this process leads
+//! matters under load: one `NOTIFY` per commit was a fifth of the statements the whole
+//! pipeline sent to PostgreSQL.
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use opentelemetry::global;
@@ -208,6 +213,9 @@ struct WakerShared {
     local: Notify,
     /// Asks the task to send a `NOTIFY` (one stored permit: wake-ups coalesce).
     remote: Notify,
+    /// Whether the relay of this process woken by this waker leads the table (then a
+    /// `NOTIFY` would only reach standbys, which have nothing to do).
+    leading: AtomicBool,
 }
 
 impl Waker {
@@ -217,6 +225,7 @@ impl Waker {
             table,
             local: Notify::new(),
             remote: Notify::new(),
+            leading: AtomicBool::new(false),
         }))
     }
 
@@ -228,7 +237,9 @@ impl Waker {
     /// Call after the transaction that enqueued rows committed. Never blocks.
     pub fn wake(&self) {
         self.0.local.notify_one();
-        self.0.remote.notify_one();
+        if !self.0.leading.load(Ordering::Acquire) {
+            self.0.remote.notify_one();
+        }
     }
 
     /// Sends one `NOTIFY <table>` per burst of wake-ups until `shutdown` fires. A failed
@@ -249,14 +260,34 @@ impl Waker {
 }
 
 /// `NOTIFY <table>` in a transaction of its own that does not wait for its WAL flush (losing
-/// a notification in a crash is harmless: relays poll).
+/// a notification in a crash is harmless: relays poll). One statement, so one round trip: the
+/// implicit transaction's commit sees the transaction-local `synchronous_commit`.
 async fn notify(pool: &PgPool, table: &str) -> Result<(), sqlx::Error> {
-    let mut tx = pool.begin().await?;
     sqlx::query("SELECT set_config('synchronous_commit', 'off', true), pg_notify($1, '')")
         .bind(table)
-        .execute(&mut *tx)
-        .await?;
-    tx.commit().await
+        .execute(pool)
+        .await
+        .map(drop)
+}
+
+/// Marks this process's relay as the leader for as long as it lives (see [`Waker::wake`]).
+struct Leading<'a>(Option<&'a Waker>);
+
+impl<'a> Leading<'a> {
+    fn start(waker: Option<&'a Waker>) -> Self {
+        if let Some(waker) = waker {
+            waker.0.leading.store(true, Ordering::Release);
+        }
+        Self(waker)
+    }
+}
+
+impl Drop for Leading<'_> {
+    fn drop(&mut self) {
+        if let Some(waker) = self.0 {
+            waker.0.leading.store(false, Ordering::Release);
+        }
+    }
 }
 
 /// Writes `messages` to `table` in one statement, in order (their ids ascend in slice order,
@@ -456,6 +487,8 @@ impl Relay {
             }
         }
         tracing::info!(service, table, "Outbox relay is the leader.");
+        // Until this returns (shutdown, or an error that gave up the lock with the connection).
+        let _leading = Leading::start(self.waker.as_ref());
         // An outbox is a queue: rows come and go thousands of times a second, so its
         // statistics are always stale and the planner, believing the table nearly empty,
         // would read the batch by scanning every (mostly dead) page and sorting, and delete

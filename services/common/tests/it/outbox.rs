@@ -254,6 +254,59 @@ async fn a_waker_notifies_relays_in_other_processes_long_before_their_poll() {
 }
 
 #[tokio::test]
+async fn a_waker_whose_relay_leads_wakes_it_without_notify_and_notifies_again_after() {
+    let f = Fixture::new().await;
+    let consumer = f.consumer();
+    let mut listener = sqlx::postgres::PgListener::connect_with(&f.db)
+        .await
+        .unwrap();
+    listener.listen(f.table.name()).await.unwrap();
+    let waker = outbox::Waker::new(f.table);
+    let shutdown = CancellationToken::new();
+    // Polls only after a minute: the messages can only arrive in time through the waker.
+    let relay = Relay::new(
+        f.db.clone(),
+        kafka::producer(&f.kafka, "it-relay").unwrap(),
+        RelaySettings {
+            service: "it",
+            table: f.table,
+            batch_size: 16,
+            poll_interval: Duration::from_secs(60),
+        },
+    )
+    .woken_by(&waker);
+    let running = tokio::spawn(relay.run(shutdown.clone()));
+    tokio::time::sleep(Duration::from_secs(2)).await; // leadership, first drain, LISTEN
+
+    for round in 0..3 {
+        let mut conn = f.db.acquire().await.unwrap();
+        f.insert(&mut conn, "docs/local", round).await;
+        waker.wake();
+        let got = receive(&consumer, 1, Duration::from_secs(10)).await;
+        assert_eq!(got, vec![("docs/local".into(), round as u64)]);
+    }
+    // The leader was woken in-process: nobody else was told.
+    let heard = tokio::time::timeout(Duration::from_millis(500), listener.recv()).await;
+    assert!(heard.is_err(), "a NOTIFY was sent while this process led");
+
+    // Not leading any more (stopped): a wake-up is for a leader elsewhere again.
+    shutdown.cancel();
+    running.await.unwrap();
+    let notifier_stop = CancellationToken::new();
+    let notifier = tokio::spawn(waker.clone().run(f.db.clone(), notifier_stop.clone()));
+    waker.wake();
+    let heard = tokio::time::timeout(Duration::from_secs(5), listener.recv())
+        .await
+        .expect("no NOTIFY after the local relay stopped leading")
+        .unwrap();
+    assert_eq!(heard.channel(), f.table.name());
+
+    notifier_stop.cancel();
+    notifier.await.unwrap();
+    f.drop_all().await;
+}
+
+#[tokio::test]
 async fn rows_of_a_topic_that_does_not_exist_do_not_hold_up_later_rows() {
     let f = Fixture::new().await;
     let consumer = f.consumer();
