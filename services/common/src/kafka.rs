@@ -63,7 +63,7 @@ pub fn producer(config: &KafkaConfig, client_id: &str) -> Result<FutureProducer,
     client_config(config, client_id)
         .set("enable.idempotence", "true")
         .set("acks", "all")
-        .set("linger.ms", "5")
+        .set("linger.ms", config.kafka_linger_ms.to_string())
         .set("compression.type", "lz4")
         .set(
             "message.timeout.ms",
