@@ -2,10 +2,9 @@
 //!
 //! Handlers validate and prepare a [`Submission`] (command id, envelope, the exact `202` body)
 //! and hand it to [`Intake::submit`]. A few writer tasks take whatever submissions are queued
-//! — up to `COMMANDS_BATCH_MAX` — and write them in **one transaction** of four round trips
-//! whatever the batch size: `BEGIN`; the idempotency locks; one statement that looks up the
-//! live records and writes the commands without one, their idempotency records and their
-//! outbox rows; the commit (one WAL flush). Every
+//! — up to `COMMANDS_BATCH_MAX` — and write them in **one transaction**: the idempotency locks,
+//! the lookup of live records, the commands, their idempotency records and their outbox rows,
+//! each as one statement for the whole batch, then one commit (one WAL flush). Every
 //! submission gets its own answer. Nothing waits to fill a batch: a writer takes what is
 //! queued when it becomes free, so an idle service writes batches of one with no added
 //! latency, and a busy one writes larger batches instead of queueing behind one flush each.
@@ -26,7 +25,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use common::metrics::COMMANDS_BATCH_SIZE;
-use common::outbox::{self, OutboxTable, TraceContext, Waker};
+use common::outbox::{self, NewMessage, OutboxTable, TraceContext, Waker};
 use common::shutdown::CancellationToken;
 use serde_json::Value;
 use sqlx::PgPool;
@@ -216,10 +215,11 @@ struct Writer {
     settings: Arc<IntakeSettings>,
 }
 
-/// A live idempotency record, of the `n`-th (from 1) submission looked up.
+/// A live idempotency record.
 #[derive(sqlx::FromRow)]
 struct Stored {
-    n: i64,
+    client_id: String,
+    key: String,
     fingerprint: Vec<u8>,
     response_status: i16,
     response_location: Option<String>,
@@ -297,134 +297,135 @@ impl Writer {
             .filter_map(|(i, _)| usize::try_from(i - 1).ok())
             .collect();
 
-        let candidates: Vec<&Submission> = submissions
+        let (clients, keys): (Vec<&str>, Vec<&str>) = submissions
             .iter()
             .enumerate()
             .filter(|(i, _)| locked.contains(i))
-            .map(|(_, s)| *s)
-            .collect();
-        // Positions (1-based, in `candidates`) of the live records found; the others were
-        // written by the same statement.
-        let stored: HashMap<i64, Stored> = if candidates.is_empty() {
-            HashMap::new()
+            .map(|(_, s)| (s.client.as_str(), s.key.as_str()))
+            .unzip();
+        let stored: Vec<Stored> = if clients.is_empty() {
+            Vec::new()
         } else {
-            self.lookup_or_insert(&mut tx, &candidates)
-                .await?
-                .into_iter()
-                .map(|s| (s.n, s))
-                .collect()
+            sqlx::query_as(
+                "SELECT k.client_id, k.key, k.fingerprint, k.response_status, \
+                 k.response_location, k.response_body \
+                 FROM idempotency_keys k JOIN unnest($1::text[], $2::text[]) AS t(client_id, key) \
+                 ON k.client_id = t.client_id AND k.key = t.key WHERE k.expires_at > now()",
+            )
+            .bind(&clients)
+            .bind(&keys)
+            .fetch_all(&mut *tx)
+            .await?
         };
+        let mut stored: HashMap<(String, String), Stored> = stored
+            .into_iter()
+            .map(|s| ((s.client_id.clone(), s.key.clone()), s))
+            .collect();
 
         let mut outcomes = Vec::with_capacity(submissions.len());
-        let mut candidate = 0i64;
+        let mut new = Vec::new();
         for (i, submission) in submissions.iter().enumerate() {
             if !locked.contains(&i) {
-                outcomes.push(Err(ApiError::IdempotencyInProgress));
+                outcomes.push(Some(Err(ApiError::IdempotencyInProgress)));
                 continue;
             }
-            candidate += 1;
-            outcomes.push(match stored.get(&candidate) {
+            let id = (submission.client.clone(), submission.key.clone());
+            match stored.remove(&id) {
                 Some(record) if record.fingerprint != submission.fingerprint => {
-                    Err(ApiError::IdempotencyKeyReused)
+                    outcomes.push(Some(Err(ApiError::IdempotencyKeyReused)));
                 }
-                Some(record) => Ok(Outcome::Replay {
+                Some(record) => outcomes.push(Some(Ok(Outcome::Replay {
                     status: u16::try_from(record.response_status).unwrap_or(202),
-                    location: record.response_location.clone(),
-                    body: record.response_body.clone(),
-                }),
-                None => Ok(Outcome::Accepted),
-            });
+                    location: record.response_location,
+                    body: record.response_body,
+                }))),
+                None => {
+                    outcomes.push(None);
+                    new.push(*submission);
+                }
+            }
+        }
+        if !new.is_empty() {
+            self.insert(&mut tx, &new).await?;
         }
         tx.commit().await?;
-        Ok(outcomes)
+        Ok(outcomes
+            .into_iter()
+            .map(|o| o.unwrap_or(Ok(Outcome::Accepted)))
+            .collect())
     }
 
-    /// One statement for the `candidates` (whose locks this transaction holds): looks up
-    /// their live idempotency records and, for those without one, writes the command, its
-    /// idempotency record and its outbox row. Returns the records found (a submission with a
-    /// record writes nothing: it is a replay or a reused key). The lookup sees everything
-    /// committed before the statement, which started after the locks were taken.
-    async fn lookup_or_insert(
+    /// The commands, their idempotency records (one statement) and their outbox rows.
+    async fn insert(
         &self,
         conn: &mut sqlx::PgConnection,
-        candidates: &[&Submission],
-    ) -> Result<Vec<Stored>, sqlx::Error> {
-        let clients: Vec<&str> = candidates.iter().map(|s| s.client.as_str()).collect();
-        let kinds: Vec<&str> = candidates.iter().map(|s| s.kind.as_str()).collect();
-        let collections: Vec<&str> = candidates.iter().map(|s| s.collection.as_str()).collect();
-        let document_ids: Vec<&str> = candidates.iter().map(|s| s.document_id.as_str()).collect();
-        let keys: Vec<&str> = candidates.iter().map(|s| s.key.as_str()).collect();
-        let locations: Vec<&str> = candidates.iter().map(|s| s.location.as_str()).collect();
-        let ids: Vec<Uuid> = candidates.iter().map(|s| s.command_id).collect();
-        let expected: Vec<Option<i64>> = candidates.iter().map(|s| s.expected_version).collect();
-        let payloads: Vec<Option<Json<&Value>>> = candidates
-            .iter()
-            .map(|s| s.payload.as_ref().map(Json))
-            .collect();
-        let accepted: Vec<DateTime<Utc>> = candidates.iter().map(|s| s.accepted_at).collect();
-        let fingerprints: Vec<&[u8]> = candidates
-            .iter()
-            .map(|s| s.fingerprint.as_slice())
-            .collect();
-        let bodies: Vec<&[u8]> = candidates.iter().map(|s| s.body.as_slice()).collect();
-        let envelopes: Vec<Json<&Value>> = candidates.iter().map(|s| Json(&s.envelope)).collect();
-        let parents: Vec<Option<&str>> = candidates
-            .iter()
-            .map(|s| s.trace.traceparent.as_deref())
-            .collect();
-        let states: Vec<Option<&str>> = candidates
-            .iter()
-            .map(|s| s.trace.tracestate.as_deref())
-            .collect();
-        let sql = format!(
+        new: &[&Submission],
+    ) -> Result<(), sqlx::Error> {
+        let clients: Vec<&str> = new.iter().map(|s| s.client.as_str()).collect();
+        let kinds: Vec<&str> = new.iter().map(|s| s.kind.as_str()).collect();
+        let collections: Vec<&str> = new.iter().map(|s| s.collection.as_str()).collect();
+        let document_ids: Vec<&str> = new.iter().map(|s| s.document_id.as_str()).collect();
+        let keys: Vec<&str> = new.iter().map(|s| s.key.as_str()).collect();
+        let locations: Vec<&str> = new.iter().map(|s| s.location.as_str()).collect();
+        let ids: Vec<Uuid> = new.iter().map(|s| s.command_id).collect();
+        let expected: Vec<Option<i64>> = new.iter().map(|s| s.expected_version).collect();
+        let payloads: Vec<Option<Json<&Value>>> =
+            new.iter().map(|s| s.payload.as_ref().map(Json)).collect();
+        let accepted: Vec<DateTime<Utc>> = new.iter().map(|s| s.accepted_at).collect();
+        let fingerprints: Vec<&[u8]> = new.iter().map(|s| s.fingerprint.as_slice()).collect();
+        let bodies: Vec<&[u8]> = new.iter().map(|s| s.body.as_slice()).collect();
+        sqlx::query(
             "WITH input AS (SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], \
              $5::text[], $6::int8[], $7::jsonb[], $8::timestamptz[], $9::text[], $10::bytea[], \
-             $11::text[], $12::bytea[], $15::jsonb[], $16::text[], $17::text[]) WITH ORDINALITY \
-             AS t(id, client_id, type, collection, document_id, expected_version, payload, \
-             accepted_at, key, fingerprint, location, body, envelope, traceparent, tracestate, n)), \
-             stored AS (SELECT i.n, k.fingerprint, k.response_status, k.response_location, \
-             k.response_body FROM input i JOIN idempotency_keys k \
-             ON k.client_id = i.client_id AND k.key = i.key WHERE k.expires_at > now()), \
-             new AS (SELECT * FROM input WHERE n NOT IN (SELECT n FROM stored)), \
+             $11::text[], $12::bytea[]) AS t(id, client_id, type, collection, document_id, \
+             expected_version, payload, accepted_at, key, fingerprint, location, body)), \
              c AS (INSERT INTO commands (id, client_id, type, collection, document_id, \
              expected_version, payload, accepted_at, updated_at) SELECT id, client_id, type, \
              collection, document_id, expected_version, payload, accepted_at, accepted_at \
-             FROM new), \
-             k AS (INSERT INTO idempotency_keys (client_id, key, fingerprint, command_id, \
+             FROM input) \
+             INSERT INTO idempotency_keys (client_id, key, fingerprint, command_id, \
              response_status, response_location, response_body, expires_at) \
              SELECT client_id, key, fingerprint, id, 202, location, body, \
-             now() + make_interval(secs => $13) FROM new \
+             now() + make_interval(secs => $13) FROM input \
              ON CONFLICT (client_id, key) DO UPDATE SET fingerprint = EXCLUDED.fingerprint, \
              command_id = EXCLUDED.command_id, response_status = EXCLUDED.response_status, \
              response_location = EXCLUDED.response_location, \
              response_body = EXCLUDED.response_body, created_at = now(), \
-             expires_at = EXCLUDED.expires_at), \
-             messages AS (SELECT $14::text AS topic, collection || '/' || document_id AS message_key, \
-             'command.' || type AS message_type, id AS command_id, envelope AS payload, \
-             traceparent, tracestate, n FROM new), \
-             o AS ({}) \
-             SELECT n, fingerprint, response_status, response_location, response_body FROM stored",
-            outbox::insert_from(OutboxTable::DEFAULT, "messages")
-        );
-        sqlx::query_as(&sql)
-            .bind(&ids)
-            .bind(&clients)
-            .bind(&kinds)
-            .bind(&collections)
-            .bind(&document_ids)
-            .bind(&expected)
-            .bind(&payloads)
-            .bind(&accepted)
-            .bind(&keys)
-            .bind(&fingerprints)
-            .bind(&locations)
-            .bind(&bodies)
-            .bind(self.settings.idempotency_ttl.as_secs_f64())
-            .bind(&self.settings.commands_topic)
-            .bind(&envelopes)
-            .bind(&parents)
-            .bind(&states)
-            .fetch_all(&mut *conn)
-            .await
+             expires_at = EXCLUDED.expires_at",
+        )
+        .bind(&ids)
+        .bind(&clients)
+        .bind(&kinds)
+        .bind(&collections)
+        .bind(&document_ids)
+        .bind(&expected)
+        .bind(&payloads)
+        .bind(&accepted)
+        .bind(&keys)
+        .bind(&fingerprints)
+        .bind(&locations)
+        .bind(&bodies)
+        .bind(self.settings.idempotency_ttl.as_secs_f64())
+        .execute(&mut *conn)
+        .await?;
+
+        let message_keys: Vec<String> = new
+            .iter()
+            .map(|s| format!("{}/{}", s.collection, s.document_id))
+            .collect();
+        let types: Vec<String> = new.iter().map(|s| format!("command.{}", s.kind)).collect();
+        let messages: Vec<NewMessage<'_>> = new
+            .iter()
+            .enumerate()
+            .map(|(i, s)| NewMessage {
+                topic: &self.settings.commands_topic,
+                key: &message_keys[i],
+                message_type: &types[i],
+                command_id: Some(s.command_id),
+                payload: &s.envelope,
+                trace: &s.trace,
+            })
+            .collect();
+        outbox::enqueue_many(conn, OutboxTable::DEFAULT, &messages).await
     }
 }

@@ -290,21 +290,6 @@ impl Drop for Leading<'_> {
     }
 }
 
-/// The `INSERT` that enqueues every row of `source` into `table`, in ascending `n` (so ids,
-/// and with them each key's order, follow `n`). `source` is a relation of the caller's
-/// statement — typically a CTE — with the columns `topic`, `message_key`, `message_type`,
-/// `command_id` (uuid), `payload` (jsonb), `traceparent`, `tracestate` and `n`; a writer that
-/// changes other tables in the same statement enqueues with this as one of its CTEs and saves
-/// a round trip per transaction.
-pub fn insert_from(table: OutboxTable, source: &str) -> String {
-    format!(
-        "INSERT INTO {} (topic, message_key, message_type, command_id, payload, traceparent, tracestate) \
-         SELECT topic, message_key, message_type, command_id, payload, traceparent, tracestate \
-         FROM {source} ORDER BY n",
-        table.name()
-    )
-}
-
 /// Writes `messages` to `table` in one statement, in order (their ids ascend in slice order,
 /// so per-key order follows it) — call it inside the transaction that makes the changes.
 pub async fn enqueue_many(
@@ -316,10 +301,12 @@ pub async fn enqueue_many(
         return Ok(());
     }
     let sql = format!(
-        "WITH t AS (SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::uuid[], \
-         $5::jsonb[], $6::text[], $7::text[]) WITH ORDINALITY AS t(topic, message_key, \
-         message_type, command_id, payload, traceparent, tracestate, n)) {}",
-        insert_from(table, "t")
+        "INSERT INTO {} (topic, message_key, message_type, command_id, payload, traceparent, tracestate) \
+         SELECT topic, message_key, message_type, command_id, payload, traceparent, tracestate \
+         FROM unnest($1::text[], $2::text[], $3::text[], $4::uuid[], $5::jsonb[], $6::text[], $7::text[]) \
+         WITH ORDINALITY AS t(topic, message_key, message_type, command_id, payload, traceparent, tracestate, n) \
+         ORDER BY n",
+        table.name()
     );
     let topics: Vec<&str> = messages.iter().map(|m| m.topic).collect();
     let keys: Vec<&str> = messages.iter().map(|m| m.key).collect();

@@ -401,59 +401,56 @@ impl Store {
             reasons.push(reason);
         }
 
+        let mut tx = self.pool.begin().await?;
+        let claimed = sqlx::query(
+            "UPDATE commands AS c SET status = u.status, result_version = u.version, \
+             failure_reason = u.reason, updated_at = $5 \
+             FROM unnest($1::uuid[], $2::text[], $3::int8[], $4::text[]) AS u(id, status, version, reason) \
+             WHERE c.id = u.id AND c.status IN ('accepted', 'processing')",
+        )
+        .bind(&ids)
+        .bind(&statuses)
+        .bind(&versions)
+        .bind(&reasons)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        if claimed.rows_affected() != ids.len() as u64 {
+            return Ok(false); // dropping `tx` rolls back
+        }
         let (updates, inserts): (Vec<_>, Vec<_>) = plan
             .documents
             .iter()
             .partition(|d| d.read_version.is_some());
-        // One statement writes everything and counts what its guards let through; a count
-        // short of the plan rolls the transaction back.
-        let sql = format!(
-            "WITH claimed AS (UPDATE commands AS c SET status = u.status, result_version = u.version, \
-             failure_reason = u.reason, updated_at = $5 \
-             FROM unnest($1::uuid[], $2::text[], $3::int8[], $4::text[]) AS u(id, status, version, reason) \
-             WHERE c.id = u.id AND c.status IN ('accepted', 'processing') RETURNING 1), \
-             updated AS (UPDATE documents AS d SET version = u.version, data = u.data, \
-             deleted = u.data IS NULL, last_command_id = u.command_id, updated_at = $5 \
-             FROM unnest($6::text[], $7::text[], $8::int8[], $9::int8[], $10::jsonb[], $11::uuid[]) \
-             AS u(collection, id, read_version, version, data, command_id) \
-             WHERE d.collection = u.collection AND d.id = u.id AND d.version = u.read_version \
-             RETURNING 1), \
-             inserted AS (INSERT INTO documents (collection, id, version, data, deleted, \
-             last_command_id, created_at, updated_at) \
-             SELECT collection, id, version, data, data IS NULL, command_id, $5, $5 \
-             FROM unnest($12::text[], $13::text[], $14::int8[], $15::jsonb[], $16::uuid[]) \
-             AS u(collection, id, version, data, command_id) \
-             ON CONFLICT DO NOTHING RETURNING 1), \
-             messages AS (SELECT $17::text AS topic, * FROM unnest($18::text[], $19::text[], \
-             $20::uuid[], $21::jsonb[], $22::text[], $23::text[]) WITH ORDINALITY \
-             AS t(message_key, message_type, command_id, payload, traceparent, tracestate, n)), \
-             o AS ({}) \
-             SELECT (SELECT count(*) FROM claimed), (SELECT count(*) FROM updated), \
-             (SELECT count(*) FROM inserted)",
-            outbox::insert_from(self.outbox.table(), "messages")
-        );
-        let mut tx = self.pool.begin().await?;
-        let (claimed, updated, inserted): (i64, i64, i64) = sqlx::query_as(&sql)
-            .bind(&ids)
-            .bind(&statuses)
-            .bind(&versions)
-            .bind(&reasons)
-            .bind(now)
+        if !updates.is_empty() {
+            let written = sqlx::query(
+                "UPDATE documents AS d SET version = u.version, data = u.data, \
+                 deleted = u.data IS NULL, last_command_id = u.command_id, updated_at = $7 \
+                 FROM unnest($1::text[], $2::text[], $3::int8[], $4::int8[], $5::jsonb[], $6::uuid[]) \
+                 AS u(collection, id, read_version, version, data, command_id) \
+                 WHERE d.collection = u.collection AND d.id = u.id AND d.version = u.read_version",
+            )
             .bind(updates.iter().map(|d| d.collection).collect::<Vec<_>>())
             .bind(updates.iter().map(|d| d.id).collect::<Vec<_>>())
             .bind(updates.iter().map(|d| d.read_version).collect::<Vec<_>>())
             .bind(updates.iter().map(|d| d.version).collect::<Vec<_>>())
-            .bind(
-                updates
-                    .iter()
-                    .map(|d| d.data.as_ref().map(sqlx::types::Json))
-                    .collect::<Vec<_>>(),
-            )
-            .bind(
-                updates
-                    .iter()
-                    .map(|d| d.last_command_id)
-                    .collect::<Vec<_>>(),
+            .bind(updates.iter().map(|d| d.data.as_ref().map(sqlx::types::Json)).collect::<Vec<_>>())
+            .bind(updates.iter().map(|d| d.last_command_id).collect::<Vec<_>>())
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+            if written.rows_affected() != updates.len() as u64 {
+                return Ok(false);
+            }
+        }
+        if !inserts.is_empty() {
+            let written = sqlx::query(
+                "INSERT INTO documents (collection, id, version, data, deleted, last_command_id, \
+                 created_at, updated_at) \
+                 SELECT collection, id, version, data, data IS NULL, command_id, $6, $6 \
+                 FROM unnest($1::text[], $2::text[], $3::int8[], $4::jsonb[], $5::uuid[]) \
+                 AS u(collection, id, version, data, command_id) \
+                 ON CONFLICT DO NOTHING",
             )
             .bind(inserts.iter().map(|d| d.collection).collect::<Vec<_>>())
             .bind(inserts.iter().map(|d| d.id).collect::<Vec<_>>())
@@ -470,39 +467,29 @@ impl Store {
                     .map(|d| d.last_command_id)
                     .collect::<Vec<_>>(),
             )
-            .bind(&self.events_topic)
-            .bind(events.iter().map(|e| e.0.as_str()).collect::<Vec<_>>())
-            .bind(events.iter().map(|e| e.1.as_str()).collect::<Vec<_>>())
-            .bind(events.iter().map(|e| e.2).collect::<Vec<_>>())
-            .bind(
-                events
-                    .iter()
-                    .map(|e| sqlx::types::Json(&e.3))
-                    .collect::<Vec<_>>(),
-            )
-            .bind(
-                events
-                    .iter()
-                    .map(|e| e.4.traceparent.as_deref())
-                    .collect::<Vec<_>>(),
-            )
-            .bind(
-                events
-                    .iter()
-                    .map(|e| e.4.tracestate.as_deref())
-                    .collect::<Vec<_>>(),
-            )
-            .fetch_one(&mut *tx)
+            .bind(now)
+            .execute(&mut *tx)
             .await?;
-        let planned = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
-        if claimed != planned(ids.len())
-            || updated != planned(updates.len())
-            || inserted != planned(inserts.len())
-        {
-            return Ok(false); // dropping `tx` rolls back
+            if written.rows_affected() != inserts.len() as u64 {
+                return Ok(false);
+            }
         }
+        let messages: Vec<NewMessage<'_>> = events
+            .iter()
+            .map(
+                |(key, message_type, command_id, payload, trace)| NewMessage {
+                    topic: &self.events_topic,
+                    key,
+                    message_type,
+                    command_id: Some(*command_id),
+                    payload,
+                    trace,
+                },
+            )
+            .collect();
+        outbox::enqueue_many(&mut tx, self.outbox.table(), &messages).await?;
         tx.commit().await?;
-        if !events.is_empty() {
+        if !messages.is_empty() {
             self.outbox.wake();
         }
         Ok(true)

@@ -10,10 +10,7 @@
 //!    one, so the outcomes (versions, conflicts, rejections) are the ones the one-by-one path
 //!    would produce;
 //! 3. one transaction writes every status, each touched document's final state (guarded by
-//!    the version read in step 1) and every event's outbox row, in order — all in one
-//!    statement, so a run costs four round trips (read, `BEGIN`, write, commit) whatever its
-//!    length. A run of one command goes this way too: it is the common case at moderate
-//!    load, when each poll finds a single message waiting.
+//!    the version read in step 1) and every event's outbox row, in order.
 //!
 //! Anything unusual sends the whole run back to the one-by-one path, which has the retry,
 //! race and dead-letter handling: a command without a `commands` row, a handler that is not

@@ -182,7 +182,7 @@ impl Engine {
         while done < messages.len() {
             let rest = &messages[done..];
             let run = self.batchable_run(rest);
-            if !run.is_empty() && self.handle_together(&rest[..run.len()], &run).await {
+            if run.len() > 1 && self.handle_together(&rest[..run.len()], &run).await {
                 done += run.len();
                 continue;
             }
