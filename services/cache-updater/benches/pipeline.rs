@@ -349,11 +349,13 @@ async fn relayed_per_second(db: &PgPool, redis: &redis::Client) -> (f64, i64) {
     (rate, left)
 }
 
+/// `(on events?, command id)` → (create time, arrival), both since the UNIX epoch.
+type Seen = HashMap<(bool, Uuid), (Duration, Duration)>;
+
 /// When each command's messages were created (handed to the relay's producer) and arrived at
 /// a consumer of its own, on `commands` and on `events` (`BENCH_PIPELINE_STAGES=1`).
 struct Tap {
-    /// `(on events?, command id)` → (create time, arrival), both since the UNIX epoch.
-    seen: Arc<Mutex<HashMap<(bool, Uuid), (Duration, Duration)>>>,
+    seen: Arc<Mutex<Seen>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -376,7 +378,7 @@ impl Tap {
             }
         }
         consumer.assign(&partitions).unwrap();
-        let seen: Arc<Mutex<HashMap<(bool, Uuid), (Duration, Duration)>>> = Arc::default();
+        let seen: Arc<Mutex<Seen>> = Arc::default();
         let task = {
             let seen = seen.clone();
             tokio::spawn(async move {
