@@ -384,6 +384,7 @@ impl Tap {
             tokio::spawn(async move {
                 loop {
                     let Ok(message) = consumer.recv().await else {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
                         continue;
                     };
                     let arrived = since_epoch(std::time::SystemTime::now());

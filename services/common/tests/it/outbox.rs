@@ -226,6 +226,18 @@ async fn two_relays_at_once_keep_each_keys_order() {
     f.drop_all().await;
 }
 
+/// Three times: one row of `key` written and `waker` woken; the row must reach Kafka within
+/// seconds (the relays under test poll only once a minute).
+async fn woken_rounds(f: &Fixture, consumer: &StreamConsumer, waker: &outbox::Waker, key: &str) {
+    for round in 0..3 {
+        let mut conn = f.db.acquire().await.unwrap();
+        f.insert(&mut conn, key, round).await;
+        waker.wake();
+        let got = receive(consumer, 1, Duration::from_secs(10)).await;
+        assert_eq!(got, vec![(key.to_owned(), round as u64)]);
+    }
+}
+
 #[tokio::test]
 async fn a_waker_notifies_relays_in_other_processes_long_before_their_poll() {
     let f = Fixture::new().await;
@@ -239,13 +251,7 @@ async fn a_waker_notifies_relays_in_other_processes_long_before_their_poll() {
     // Let the relay take leadership, drain the (empty) table and start listening.
     tokio::time::sleep(Duration::from_secs(2)).await;
 
-    for round in 0..3 {
-        let mut conn = f.db.acquire().await.unwrap();
-        f.insert(&mut conn, "docs/woken", round).await;
-        waker.wake();
-        let got = receive(&consumer, 1, Duration::from_secs(10)).await;
-        assert_eq!(got, vec![("docs/woken".into(), round as u64)]);
-    }
+    woken_rounds(&f, &consumer, &waker, "docs/woken").await;
 
     shutdown.cancel();
     relay.await.unwrap();
@@ -278,13 +284,7 @@ async fn a_waker_whose_relay_leads_wakes_it_without_notify_and_notifies_again_af
     let running = tokio::spawn(relay.run(shutdown.clone()));
     tokio::time::sleep(Duration::from_secs(2)).await; // leadership, first drain, LISTEN
 
-    for round in 0..3 {
-        let mut conn = f.db.acquire().await.unwrap();
-        f.insert(&mut conn, "docs/local", round).await;
-        waker.wake();
-        let got = receive(&consumer, 1, Duration::from_secs(10)).await;
-        assert_eq!(got, vec![("docs/local".into(), round as u64)]);
-    }
+    woken_rounds(&f, &consumer, &waker, "docs/local").await;
     // The leader was woken in-process: nobody else was told.
     let heard = tokio::time::timeout(Duration::from_millis(500), listener.recv()).await;
     assert!(heard.is_err(), "a NOTIFY was sent while this process led");
