@@ -638,6 +638,8 @@ async fn main() {
     });
     let deps = Deps::from_env();
     let db = PgPool::connect(&deps.database_url).await.unwrap();
+    // The services migrate when they start; the benchmark touches the tables before that.
+    common::schema::MIGRATOR.run(&db).await.unwrap();
     let redis = common::redis::client(deps.redis_url.as_str()).unwrap();
     let cores = std::thread::available_parallelism().map_or(1, usize::from);
     println!(
