@@ -70,6 +70,8 @@ const FIXED_DURATION: Duration = Duration::from_secs(15);
 const STEP_RATES: [u32; 5] = [1_500, 2_000, 3_000, 4_000, 5_000];
 const STEP_DURATION: Duration = Duration::from_secs(8);
 const MAX_IN_FLIGHT: usize = 512;
+/// Partitions of each benchmark topic.
+const TOPIC_PARTITIONS: i32 = 6;
 
 /// One isolated stack: variables with its own prefixes and its topics.
 struct Stack {
@@ -91,7 +93,10 @@ impl Stack {
         let kafka: KafkaConfig = vars.parse().unwrap();
         let admin = kafka::admin(&kafka, "bench-admin").unwrap();
         let topics = Self::topics(&kafka);
-        let specs: Vec<(&str, i32)> = topics.iter().map(|t| (t.as_str(), 6)).collect();
+        let specs: Vec<(&str, i32)> = topics
+            .iter()
+            .map(|t| (t.as_str(), TOPIC_PARTITIONS))
+            .collect();
         kafka::ensure_topics(&admin, &specs, 1).await.unwrap();
         Self {
             vars,
@@ -371,7 +376,7 @@ impl Tap {
         let events = stack.kafka.topic(kafka::TOPIC_EVENTS);
         let mut partitions = rdkafka::TopicPartitionList::new();
         for topic in [stack.kafka.topic(kafka::TOPIC_COMMANDS), events.clone()] {
-            for partition in 0..6 {
+            for partition in 0..TOPIC_PARTITIONS {
                 partitions
                     .add_partition_offset(&topic, partition, rdkafka::Offset::End)
                     .unwrap();
@@ -652,11 +657,12 @@ async fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(FIXED_RATE);
-    if !only_e2e {
+    if only_e2e {
+        vacuum(&db).await; // an earlier run's leftovers (phase 1 vacuums after itself)
+    } else {
         accept_and_relay(&db, &redis).await;
     }
 
-    vacuum(&db).await;
     let stack = Stack::new("e2e").await;
     let commands = stack.start::<CommandService>().await;
     let processor = stack.start::<Processor>().await;

@@ -56,8 +56,13 @@ impl Fixture {
         poll_interval: Duration,
         shutdown: &CancellationToken,
     ) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(self.new_relay(poll_interval).run(shutdown.clone()))
+    }
+
+    /// A relay of this fixture's table (not started).
+    fn new_relay(&self, poll_interval: Duration) -> Relay {
         let producer = kafka::producer(&self.kafka, "it-relay").unwrap();
-        let relay = Relay::new(
+        Relay::new(
             self.db.clone(),
             producer,
             RelaySettings {
@@ -66,8 +71,7 @@ impl Fixture {
                 batch_size: 16,
                 poll_interval,
             },
-        );
-        tokio::spawn(relay.run(shutdown.clone()))
+        )
     }
 
     async fn insert(&self, conn: &mut sqlx::PgConnection, key: &str, seq: usize) {
@@ -270,17 +274,7 @@ async fn a_waker_whose_relay_leads_wakes_it_without_notify_and_notifies_again_af
     let waker = outbox::Waker::new(f.table);
     let shutdown = CancellationToken::new();
     // Polls only after a minute: the messages can only arrive in time through the waker.
-    let relay = Relay::new(
-        f.db.clone(),
-        kafka::producer(&f.kafka, "it-relay").unwrap(),
-        RelaySettings {
-            service: "it",
-            table: f.table,
-            batch_size: 16,
-            poll_interval: Duration::from_secs(60),
-        },
-    )
-    .woken_by(&waker);
+    let relay = f.new_relay(Duration::from_secs(60)).woken_by(&waker);
     let running = tokio::spawn(relay.run(shutdown.clone()));
     tokio::time::sleep(Duration::from_secs(2)).await; // leadership, first drain, LISTEN
 
