@@ -5,9 +5,9 @@
 #   3. `helm template | kubectl apply --dry-run=server` — cluster-wide and namespaced RBAC,
 #      ServiceMonitor and PrometheusRule included (validated against the real
 #      prometheus-operator CRDs, fetched from the Go module proxy and installed first);
-#      and the kind e2e's manifests (e2e/kind/*.yaml);
 #   4. a real `helm install --wait` (the operator Deployment becomes Available on the kwok
-#      node), `helm upgrade --wait`, `helm uninstall`, with the CRD kept afterwards.
+#      node), `helm upgrade --wait`, `helm uninstall`, with the CRD kept afterwards;
+#   5. the kind e2e's manifests (e2e/kind/*.yaml) by server-side dry run, against that CRD.
 set -euo pipefail
 # shellcheck source=SCRIPTDIR/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -66,12 +66,6 @@ helm template "$RELEASE" "$CHART" --namespace "$NS" "${all_on[@]}" --set watchNa
   --set crds.install=false |
   kubectl apply --server-side --force-conflicts --field-manager=chart-check --dry-run=server -f - >/dev/null
 ok "server accepted every object (cluster-wide and namespaced)"
-# The kind e2e's manifests cannot run here (no Docker engine) but are validated the same way.
-kubectl create namespace meridian-deps --dry-run=client -o yaml | kubectl apply -f - >/dev/null
-kubectl apply --server-side --field-manager=chart-check --dry-run=server -f "$ROOT/e2e/kind/deps.yaml" >/dev/null
-kubectl apply --server-side --field-manager=chart-check --dry-run=server -n "$NS" \
-  -f "$ROOT/e2e/kind/stack.yaml" -f "$ROOT/e2e/kind/nodeports.yaml" >/dev/null
-ok "kind e2e manifests (dependencies, stack, NodePorts) accepted"
 
 step "helm install / upgrade / uninstall"
 helm uninstall "$RELEASE" --namespace "$NS" --wait >/dev/null 2>&1 || true
@@ -95,3 +89,14 @@ kubectl get crd middlewarestacks.meridian.dev >/dev/null ||
   die "the CRD was removed on uninstall (helm.sh/resource-policy: keep)"
 ! kubectl -n "$NS" get "deployment/$RELEASE" >/dev/null 2>&1 || die "uninstall left the Deployment"
 ok "uninstalled; CRD kept"
+
+# The kind e2e's manifests cannot run here (no Docker engine) but are validated the same way.
+# Last, because the stack needs the MiddlewareStack CRD in the API server: on a new control
+# plane only the install above created it (a dry run of the chart creates nothing).
+step "kind e2e manifests: kubectl apply --dry-run=server"
+kubectl wait --for=condition=Established --timeout=60s crd/middlewarestacks.meridian.dev >/dev/null
+kubectl create namespace meridian-deps --dry-run=client -o yaml | kubectl apply -f - >/dev/null
+kubectl apply --server-side --field-manager=chart-check --dry-run=server -f "$ROOT/e2e/kind/deps.yaml" >/dev/null
+kubectl apply --server-side --field-manager=chart-check --dry-run=server -n "$NS" \
+  -f "$ROOT/e2e/kind/stack.yaml" -f "$ROOT/e2e/kind/nodeports.yaml" >/dev/null
+ok "accepted (dependencies, stack, NodePorts)"
