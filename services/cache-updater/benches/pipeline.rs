@@ -23,7 +23,8 @@
 //!    when the command service accepted at least 95 % of the offered rate, every notification
 //!    arrived within 5 s of the last command, and p99 stayed under 1 s.
 //!
-//! `BENCH_PIPELINE_ONLY=e2e` skips phases 1 and 2; `BENCH_PIPELINE_RATE=N` offers N/s in
+//! `BENCH_PIPELINE_ONLY=e2e` skips phases 1 and 2, `BENCH_PIPELINE_ONLY=fixed` also phase 4
+//! (for A/B comparisons of the fixed-rate latency); `BENCH_PIPELINE_RATE=N` offers N/s in
 //! phase 3 instead of 1,000 (the target verdict then says NOT MET: it is set at 1,000/s);
 //! `BENCH_PIPELINE_TIMELINE=1` also prints each run's latency per second of sending (p50,
 //! max), which tells a steady delay from a growing queue; `BENCH_PIPELINE_STAGES=1` taps the
@@ -652,7 +653,8 @@ async fn main() {
          Kafka and Redis on the same {cores}-core machine."
     );
 
-    let only_e2e = std::env::var("BENCH_PIPELINE_ONLY").is_ok_and(|v| v == "e2e");
+    let only = std::env::var("BENCH_PIPELINE_ONLY").unwrap_or_default();
+    let only_e2e = only == "e2e" || only == "fixed";
     let fixed_rate: u32 = std::env::var("BENCH_PIPELINE_RATE")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -677,7 +679,10 @@ async fn main() {
         &stack,
         &redis,
         &db,
-        200,
+        std::env::var("WARM")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(200),
         Duration::from_secs(3),
         None,
     )
@@ -700,7 +705,12 @@ async fn main() {
     );
 
     let mut best = fixed.sustained().then_some(fixed);
-    for rate in STEP_RATES.into_iter().filter(|r| *r > fixed_rate) {
+    let steps = if only == "fixed" {
+        &[][..]
+    } else {
+        &STEP_RATES[..]
+    };
+    for rate in steps.iter().copied().filter(|r| *r > fixed_rate) {
         let run = open_loop(
             &commands,
             &stack,

@@ -37,6 +37,16 @@ use uuid::Uuid;
 use crate::NAME;
 use crate::error::ApiError;
 
+/// The idempotency records of a batch's keys (`$1` client ids, `$2` keys) that have not
+/// expired: one primary-key probe per key in any plan, whatever the table's statistics say
+/// (see `common::postgres`, "Plans"), because a lateral subquery with a `LIMIT` is never
+/// flattened into a join. Public for the plan tests.
+pub const STORED_KEYS_SQL: &str = "SELECT k.client_id, k.key, k.fingerprint, \
+     k.response_status, k.response_location, k.response_body \
+     FROM unnest($1::text[], $2::text[]) AS t(client_id, key) \
+     CROSS JOIN LATERAL (SELECT * FROM idempotency_keys k \
+     WHERE k.client_id = t.client_id AND k.key = t.key AND k.expires_at > now() LIMIT 1) AS k";
+
 /// A validated command request, ready to be written.
 #[derive(Debug)]
 pub struct Submission {
@@ -306,16 +316,11 @@ impl Writer {
         let stored: Vec<Stored> = if clients.is_empty() {
             Vec::new()
         } else {
-            sqlx::query_as(
-                "SELECT k.client_id, k.key, k.fingerprint, k.response_status, \
-                 k.response_location, k.response_body \
-                 FROM idempotency_keys k JOIN unnest($1::text[], $2::text[]) AS t(client_id, key) \
-                 ON k.client_id = t.client_id AND k.key = t.key WHERE k.expires_at > now()",
-            )
-            .bind(&clients)
-            .bind(&keys)
-            .fetch_all(&mut *tx)
-            .await?
+            sqlx::query_as(STORED_KEYS_SQL)
+                .bind(&clients)
+                .bind(&keys)
+                .fetch_all(&mut *tx)
+                .await?
         };
         let mut stored: HashMap<(String, String), Stored> = stored
             .into_iter()

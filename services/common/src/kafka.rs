@@ -42,6 +42,7 @@ pub fn client_config(config: &KafkaConfig, client_id: &str) -> ClientConfig {
     cc.set("bootstrap.servers", &config.kafka_bootstrap_servers)
         .set("client.id", client_id)
         .set("security.protocol", &config.kafka_security_protocol)
+        .set("socket.nagle.disable", "true")
         .set(
             "socket.connection.setup.timeout.ms",
             config.kafka_timeout_ms.to_string(),

@@ -3,6 +3,8 @@
 //! processes that are cleaned up, and the local dependencies' addresses.
 #![allow(clippy::panic, clippy::unwrap_used)] // test code: failing loudly is the point
 
+pub mod plans;
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::Path;

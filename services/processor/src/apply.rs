@@ -33,6 +33,44 @@ use uuid::Uuid;
 use crate::batch::{Decision, Plan};
 use crate::handler::{Change, Document};
 
+// The statements that read or write a batch's rows. Each finds its rows by primary key in any
+// plan, whatever the tables' statistics say (see `common::postgres`, "Plans"); public for the
+// plan tests, which check that on empty tables.
+
+/// One command's status and its document's state (`$1` command id, `$2` collection, `$3`
+/// document id).
+pub const SNAPSHOT_SQL: &str = "SELECT c.status, d.version, d.data FROM (SELECT $1::uuid AS id) AS k \
+     LEFT JOIN commands c ON c.id = k.id \
+     LEFT JOIN documents d ON d.collection = $2 AND d.id = $3";
+
+/// [`SNAPSHOT_SQL`] for a batch, in its order: lateral subqueries with a `LIMIT` are never
+/// flattened into joins, so each is a primary-key probe per command.
+pub const SNAPSHOT_MANY_SQL: &str = "SELECT c.status, d.version, d.data \
+     FROM unnest($1::uuid[], $2::text[], $3::text[]) WITH ORDINALITY AS k(id, collection, doc, n) \
+     LEFT JOIN LATERAL (SELECT c.status FROM commands c WHERE c.id = k.id LIMIT 1) AS c ON true \
+     LEFT JOIN LATERAL (SELECT d.version, d.data FROM documents d \
+     WHERE d.collection = k.collection AND d.id = k.doc LIMIT 1) AS d ON true \
+     ORDER BY k.n";
+
+/// Ends a batch's commands that are not final yet. `c.id = ANY($1)` makes the batch's ids the
+/// index condition on `commands` on whichever side of the join the planner puts it.
+pub const CLAIM_MANY_SQL: &str = "UPDATE commands AS c SET status = u.status, \
+     result_version = u.version, failure_reason = u.reason, updated_at = $5 \
+     FROM unnest($1::uuid[], $2::text[], $3::int8[], $4::text[]) AS u(id, status, version, reason) \
+     WHERE c.id = ANY($1) AND c.id = u.id AND c.status IN ('accepted', 'processing')";
+
+/// Writes a batch's existing documents, each only if it still has the version read. The key
+/// has two columns, so each row's location comes from a lateral primary-key probe and the
+/// update joins on it; a row updated meanwhile has moved and no longer matches, which counts
+/// as a conflict just as a changed version does.
+pub const UPDATE_DOCUMENTS_MANY_SQL: &str = "UPDATE documents AS d SET version = u.version, \
+     data = u.data, deleted = u.data IS NULL, last_command_id = u.command_id, updated_at = $7 \
+     FROM unnest($1::text[], $2::text[], $3::int8[], $4::int8[], $5::jsonb[], $6::uuid[]) \
+     AS u(collection, id, read_version, version, data, command_id) \
+     CROSS JOIN LATERAL (SELECT x.ctid AS row FROM documents x \
+     WHERE x.collection = u.collection AND x.id = u.id LIMIT 1) AS x \
+     WHERE d.ctid = x.row AND d.version = u.read_version";
+
 /// A command's status and its document's state, read before deciding.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Snapshot {
@@ -149,15 +187,11 @@ impl Store {
     /// the envelope when the command service did not write one.
     pub async fn snapshot(&self, command: &CommandEnvelope) -> Result<Snapshot, sqlx::Error> {
         let read = || {
-            sqlx::query_as::<_, SnapshotRow>(
-                "SELECT c.status, d.version, d.data FROM (SELECT $1::uuid AS id) AS k \
-                 LEFT JOIN commands c ON c.id = k.id \
-                 LEFT JOIN documents d ON d.collection = $2 AND d.id = $3",
-            )
-            .bind(command.command_id)
-            .bind(&command.collection)
-            .bind(&command.id)
-            .fetch_one(&self.pool)
+            sqlx::query_as::<_, SnapshotRow>(SNAPSHOT_SQL)
+                .bind(command.command_id)
+                .bind(&command.collection)
+                .bind(&command.id)
+                .fetch_one(&self.pool)
         };
         let mut found = read().await?;
         if found.status.is_none() {
@@ -325,18 +359,12 @@ impl Store {
         let ids: Vec<Uuid> = commands.iter().map(|c| c.command_id).collect();
         let collections: Vec<&str> = commands.iter().map(|c| c.collection.as_str()).collect();
         let documents: Vec<&str> = commands.iter().map(|c| c.id.as_str()).collect();
-        let rows = sqlx::query_as::<_, SnapshotRow>(
-            "SELECT c.status, d.version, d.data \
-             FROM unnest($1::uuid[], $2::text[], $3::text[]) WITH ORDINALITY AS k(id, collection, doc, n) \
-             LEFT JOIN commands c ON c.id = k.id \
-             LEFT JOIN documents d ON d.collection = k.collection AND d.id = k.doc \
-             ORDER BY k.n",
-        )
-        .bind(&ids)
-        .bind(&collections)
-        .bind(&documents)
-        .fetch_all(&self.pool)
-        .await?;
+        let rows = sqlx::query_as::<_, SnapshotRow>(SNAPSHOT_MANY_SQL)
+            .bind(&ids)
+            .bind(&collections)
+            .bind(&documents)
+            .fetch_all(&self.pool)
+            .await?;
         Ok(rows
             .into_iter()
             .map(|found| {
@@ -402,19 +430,14 @@ impl Store {
         }
 
         let mut tx = self.pool.begin().await?;
-        let claimed = sqlx::query(
-            "UPDATE commands AS c SET status = u.status, result_version = u.version, \
-             failure_reason = u.reason, updated_at = $5 \
-             FROM unnest($1::uuid[], $2::text[], $3::int8[], $4::text[]) AS u(id, status, version, reason) \
-             WHERE c.id = u.id AND c.status IN ('accepted', 'processing')",
-        )
-        .bind(&ids)
-        .bind(&statuses)
-        .bind(&versions)
-        .bind(&reasons)
-        .bind(now)
-        .execute(&mut *tx)
-        .await?;
+        let claimed = sqlx::query(CLAIM_MANY_SQL)
+            .bind(&ids)
+            .bind(&statuses)
+            .bind(&versions)
+            .bind(&reasons)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
         if claimed.rows_affected() != ids.len() as u64 {
             return Ok(false); // dropping `tx` rolls back
         }
@@ -423,22 +446,26 @@ impl Store {
             .iter()
             .partition(|d| d.read_version.is_some());
         if !updates.is_empty() {
-            let written = sqlx::query(
-                "UPDATE documents AS d SET version = u.version, data = u.data, \
-                 deleted = u.data IS NULL, last_command_id = u.command_id, updated_at = $7 \
-                 FROM unnest($1::text[], $2::text[], $3::int8[], $4::int8[], $5::jsonb[], $6::uuid[]) \
-                 AS u(collection, id, read_version, version, data, command_id) \
-                 WHERE d.collection = u.collection AND d.id = u.id AND d.version = u.read_version",
-            )
-            .bind(updates.iter().map(|d| d.collection).collect::<Vec<_>>())
-            .bind(updates.iter().map(|d| d.id).collect::<Vec<_>>())
-            .bind(updates.iter().map(|d| d.read_version).collect::<Vec<_>>())
-            .bind(updates.iter().map(|d| d.version).collect::<Vec<_>>())
-            .bind(updates.iter().map(|d| d.data.as_ref().map(sqlx::types::Json)).collect::<Vec<_>>())
-            .bind(updates.iter().map(|d| d.last_command_id).collect::<Vec<_>>())
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
+            let written = sqlx::query(UPDATE_DOCUMENTS_MANY_SQL)
+                .bind(updates.iter().map(|d| d.collection).collect::<Vec<_>>())
+                .bind(updates.iter().map(|d| d.id).collect::<Vec<_>>())
+                .bind(updates.iter().map(|d| d.read_version).collect::<Vec<_>>())
+                .bind(updates.iter().map(|d| d.version).collect::<Vec<_>>())
+                .bind(
+                    updates
+                        .iter()
+                        .map(|d| d.data.as_ref().map(sqlx::types::Json))
+                        .collect::<Vec<_>>(),
+                )
+                .bind(
+                    updates
+                        .iter()
+                        .map(|d| d.last_command_id)
+                        .collect::<Vec<_>>(),
+                )
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
             if written.rows_affected() != updates.len() as u64 {
                 return Ok(false);
             }

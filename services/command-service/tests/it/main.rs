@@ -24,3 +24,4 @@ async fn ready_is_503_naming_postgres_while_it_is_down_and_200_once_it_is_back()
 
 mod commands;
 mod documents;
+mod plans;

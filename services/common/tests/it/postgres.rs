@@ -2,6 +2,7 @@ use common::config::{PostgresConfig, Vars};
 use common::health::Check;
 use common::postgres::Postgres;
 use common::test_support::Deps;
+use common::test_support::plans::{plan_on_empty_tables, probes};
 use sqlx::Connection;
 
 /// The operator will create a login role per stack; the local server must allow it and let
@@ -39,52 +40,60 @@ async fn a_login_role_can_be_created_and_used() {
         .unwrap();
 }
 
-/// A statement the services prepared while a table was empty (freshly created and analysed)
-/// uses the index once the table has grown: before, the plan PostgreSQL settled on while the
-/// table was small stayed, a sequential scan (4,213 of them on `commands` in one benchmark
-/// run).
+/// The services' sessions plan each statement once, with index access and nested loops only.
 #[tokio::test]
-async fn a_statement_prepared_on_an_empty_table_uses_the_index_once_it_has_grown() {
+async fn service_sessions_plan_once_with_index_access_and_nested_loops_only() {
     let config: PostgresConfig = Vars::from_env().parse().unwrap();
     let postgres = Postgres::connect_lazy(&config).unwrap();
-    let mut conn = postgres.pool().acquire().await.unwrap();
-    let table = format!("plans_{}", uuid::Uuid::new_v4().simple());
-    sqlx::raw_sql(&format!(
-        "CREATE TABLE {table} (id bigint PRIMARY KEY, body text); ANALYZE {table}; \
-         PREPARE early(bigint) AS SELECT body FROM {table} WHERE id = $1"
-    ))
-    .execute(&mut *conn)
+    let settings: Vec<(String, String)> = sqlx::query_as(
+        "SELECT name, setting FROM pg_settings WHERE name IN \
+         ('plan_cache_mode', 'enable_seqscan', 'enable_hashjoin', 'enable_mergejoin') ORDER BY name",
+    )
+    .fetch_all(postgres.pool())
     .await
     .unwrap();
-    // Run while the table is empty, more often than the five custom plans PostgreSQL tries
-    // before it settles on a plan for good.
-    for id in 0..8 {
-        sqlx::raw_sql(&format!("EXECUTE early({id})"))
-            .execute(&mut *conn)
-            .await
-            .unwrap();
-    }
-    sqlx::raw_sql(&format!(
-        "INSERT INTO {table} SELECT g, 'row ' || g FROM generate_series(1, 20000) AS g"
-    ))
-    .execute(&mut *conn)
-    .await
-    .unwrap();
-    let plan: Vec<String> = sqlx::query_scalar("EXPLAIN EXECUTE early(1)")
-        .fetch_all(&mut *conn)
-        .await
-        .unwrap();
-    assert!(
-        plan.iter().any(|line| line.contains("Index Cond")),
-        "{plan:#?}"
-    );
-    let mode: String = sqlx::query_scalar("SELECT current_setting('plan_cache_mode')")
-        .fetch_one(&mut *conn)
-        .await
-        .unwrap();
-    assert_eq!(mode, "force_custom_plan");
-    sqlx::raw_sql(&format!("DEALLOCATE early; DROP TABLE {table}"))
-        .execute(&mut *conn)
-        .await
-        .unwrap();
+    let expected = [
+        ("enable_hashjoin", "off"),
+        ("enable_mergejoin", "off"),
+        ("enable_seqscan", "off"),
+        ("plan_cache_mode", "force_generic_plan"),
+    ];
+    let expected: Vec<(String, String)> = expected
+        .iter()
+        .map(|(n, v)| ((*n).to_owned(), (*v).to_owned()))
+        .collect();
+    assert_eq!(settings, expected);
+}
+
+/// The rule the services' batch statements follow (`common::postgres`, "Plans"): planned once
+/// on tables believed empty, a join of a batch of keys to a table scans the whole table's
+/// index, while the same lookup written as a lateral subquery probes it once per key — and a
+/// point lookup by a parameter is a probe either way.
+#[tokio::test]
+async fn planned_on_empty_tables_only_lateral_lookups_probe_by_key() {
+    let join = plan_on_empty_tables(
+        &["commands"],
+        "SELECT c.status FROM unnest($1::uuid[]) AS t(id) JOIN commands c ON c.id = t.id",
+        1,
+    )
+    .await;
+    let error = probes(&join, "commands", &["id"]).unwrap_err();
+    assert!(error.contains("without a key condition"), "{error}");
+
+    let lateral = plan_on_empty_tables(
+        &["commands"],
+        "SELECT c.status FROM unnest($1::uuid[]) AS t(id) \
+         CROSS JOIN LATERAL (SELECT status FROM commands c WHERE c.id = t.id LIMIT 1) AS c",
+        1,
+    )
+    .await;
+    probes(&lateral, "commands", &["id"]).unwrap();
+
+    let point = plan_on_empty_tables(
+        &["documents"],
+        "SELECT version FROM documents WHERE collection = $1 AND id = $2",
+        2,
+    )
+    .await;
+    probes(&point, "documents", &["collection", "id"]).unwrap();
 }

@@ -24,4 +24,5 @@ async fn ready_is_503_naming_kafka_while_it_is_down_and_200_once_it_is_back() {
 mod crash;
 mod outage;
 mod pipeline;
+mod plans;
 mod support;

@@ -1,0 +1,91 @@
+//! Plans of the services' statements as their sessions make them (see
+//! [`crate::postgres::Postgres::connect_lazy`], "Plans"): once, generically, and here on tables
+//! the planner believes empty — the state in which a plan that scans a table instead of
+//! probing it by key looks cheapest.
+
+use serde_json::Value;
+use sqlx::Connection as _;
+
+use crate::config::{PostgresConfig, Vars};
+use crate::postgres::Postgres;
+
+/// The generic plan (`EXPLAIN (FORMAT JSON)`) of `sql`, which has `params` parameters, in a
+/// service session where each of `tables` is an empty, analysed copy of the migrated table
+/// (`LIKE … INCLUDING ALL` in a schema of its own, first on the search path).
+pub async fn plan_on_empty_tables(tables: &[&str], sql: &str, params: usize) -> Value {
+    let config: PostgresConfig = Vars::from_env().parse().unwrap();
+    let postgres = Postgres::connect_lazy(&config).unwrap();
+    crate::schema::MIGRATOR.run(postgres.pool()).await.unwrap();
+    let mut conn = postgres.pool().acquire().await.unwrap().detach();
+    let schema = format!("plans_{}", uuid::Uuid::new_v4().simple());
+    let mut setup = format!("CREATE SCHEMA {schema}; SET search_path = {schema}, public;");
+    for table in tables {
+        setup.push_str(&format!(
+            "CREATE TABLE {schema}.{table} (LIKE public.{table} INCLUDING ALL); \
+             ANALYZE {schema}.{table};"
+        ));
+    }
+    setup.push_str(&format!("PREPARE planned AS {sql}"));
+    sqlx::raw_sql(&setup).execute(&mut conn).await.unwrap();
+    let args = vec!["NULL"; params].join(", ");
+    let plan: Value = sqlx::query_scalar(&format!("EXPLAIN (FORMAT JSON) EXECUTE planned({args})"))
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    sqlx::raw_sql(&format!("DEALLOCATE planned; DROP SCHEMA {schema} CASCADE"))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    conn.close().await.unwrap();
+    plan
+}
+
+/// Checks that `plan` reads no table by a sequential scan and reads `table` only by probes:
+/// index scans whose index condition constrains every column of `key`, or scans by row
+/// location (TID). Returns what breaks the rule, with the plan.
+pub fn probes(plan: &Value, table: &str, key: &[&str]) -> Result<(), String> {
+    let mut nodes = Vec::new();
+    collect(&plan[0]["Plan"], &mut nodes);
+    let mut reads = 0;
+    for node in nodes {
+        let kind = node["Node Type"].as_str().unwrap_or_default();
+        if kind == "Seq Scan" {
+            return Err(format!("a sequential scan in {plan:#}"));
+        }
+        if node["Relation Name"].as_str() != Some(table) || kind == "ModifyTable" {
+            continue;
+        }
+        reads += 1;
+        let condition = match kind {
+            "Index Scan" | "Index Only Scan" => node["Index Cond"].as_str(),
+            "Bitmap Heap Scan" => node["Recheck Cond"].as_str(),
+            "Tid Scan" => node["TID Cond"].as_str().map(|_| ""),
+            _ => None,
+        };
+        let Some(condition) = condition else {
+            return Err(format!(
+                "{table} read by a {kind} without a key condition in {plan:#}"
+            ));
+        };
+        if kind != "Tid Scan"
+            && let Some(column) = key
+                .iter()
+                .find(|c| !condition.contains(&format!("({c} = ")))
+        {
+            return Err(format!(
+                "{table} read by a {kind} whose condition {condition:?} leaves out {column} in {plan:#}"
+            ));
+        }
+    }
+    if reads == 0 {
+        return Err(format!("{table} is not read in {plan:#}"));
+    }
+    Ok(())
+}
+
+fn collect<'p>(node: &'p Value, into: &mut Vec<&'p Value>) {
+    into.push(node);
+    for child in node["Plans"].as_array().into_iter().flatten() {
+        collect(child, into);
+    }
+}

@@ -1,0 +1,26 @@
+//! The processor's batch statements find their rows by primary key even when planned once on
+//! tables believed empty (`common::postgres`, "Plans"): there a join would scan whole indexes.
+
+use common::test_support::plans::{plan_on_empty_tables, probes};
+use processor::apply::{
+    CLAIM_MANY_SQL, SNAPSHOT_MANY_SQL, SNAPSHOT_SQL, UPDATE_DOCUMENTS_MANY_SQL,
+};
+
+const TABLES: [&str; 2] = ["commands", "documents"];
+
+#[tokio::test]
+async fn snapshots_probe_commands_and_documents_by_key() {
+    for (sql, params) in [(SNAPSHOT_SQL, 3), (SNAPSHOT_MANY_SQL, 3)] {
+        let plan = plan_on_empty_tables(&TABLES, sql, params).await;
+        probes(&plan, "commands", &["id"]).unwrap();
+        probes(&plan, "documents", &["collection", "id"]).unwrap();
+    }
+}
+
+#[tokio::test]
+async fn batch_updates_find_their_rows_by_key() {
+    let claim = plan_on_empty_tables(&TABLES, CLAIM_MANY_SQL, 5).await;
+    probes(&claim, "commands", &["id"]).unwrap();
+    let documents = plan_on_empty_tables(&TABLES, UPDATE_DOCUMENTS_MANY_SQL, 7).await;
+    probes(&documents, "documents", &["collection", "id"]).unwrap();
+}
