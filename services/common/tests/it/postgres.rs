@@ -73,6 +73,7 @@ async fn service_sessions_plan_once_with_index_access_and_nested_loops_only() {
 async fn planned_on_empty_tables_only_lateral_lookups_probe_by_key() {
     let join = plan_on_empty_tables(
         &["commands"],
+        "",
         "SELECT c.status FROM unnest($1::uuid[]) AS t(id) JOIN commands c ON c.id = t.id",
         1,
     )
@@ -82,6 +83,7 @@ async fn planned_on_empty_tables_only_lateral_lookups_probe_by_key() {
 
     let lateral = plan_on_empty_tables(
         &["commands"],
+        "",
         "SELECT c.status FROM unnest($1::uuid[]) AS t(id) \
          CROSS JOIN LATERAL (SELECT status FROM commands c WHERE c.id = t.id LIMIT 1) AS c",
         1,
@@ -91,6 +93,7 @@ async fn planned_on_empty_tables_only_lateral_lookups_probe_by_key() {
 
     let point = plan_on_empty_tables(
         &["documents"],
+        "",
         "SELECT version FROM documents WHERE collection = $1 AND id = $2",
         2,
     )

@@ -8,10 +8,17 @@ use processor::apply::{
 
 const TABLES: [&str; 2] = ["commands", "documents"];
 
+/// Rows shaped like the pipeline's, so that the indexes have the sizes of a used table.
+const FILL: &str = "INSERT INTO commands (id, client_id, type, collection, document_id) \
+     SELECT gen_random_uuid(), 'client', 'create', 'orders', 'order-' || g \
+     FROM generate_series(1, 20000) AS g; \
+     INSERT INTO documents (collection, id, version, data, last_command_id) \
+     SELECT 'orders', 'order-' || g, 1, '{}', gen_random_uuid() FROM generate_series(1, 20000) AS g";
+
 #[tokio::test]
 async fn snapshots_probe_commands_and_documents_by_key() {
     for (sql, params) in [(SNAPSHOT_SQL, 3), (SNAPSHOT_MANY_SQL, 3)] {
-        let plan = plan_on_empty_tables(&TABLES, sql, params).await;
+        let plan = plan_on_empty_tables(&TABLES, FILL, sql, params).await;
         probes(&plan, "commands", &["id"]).unwrap();
         probes(&plan, "documents", &["collection", "id"]).unwrap();
     }
@@ -19,8 +26,8 @@ async fn snapshots_probe_commands_and_documents_by_key() {
 
 #[tokio::test]
 async fn batch_updates_find_their_rows_by_key() {
-    let claim = plan_on_empty_tables(&TABLES, CLAIM_MANY_SQL, 5).await;
+    let claim = plan_on_empty_tables(&TABLES, FILL, CLAIM_MANY_SQL, 5).await;
     probes(&claim, "commands", &["id"]).unwrap();
-    let documents = plan_on_empty_tables(&TABLES, UPDATE_DOCUMENTS_MANY_SQL, 7).await;
+    let documents = plan_on_empty_tables(&TABLES, FILL, UPDATE_DOCUMENTS_MANY_SQL, 7).await;
     probes(&documents, "documents", &["collection", "id"]).unwrap();
 }
