@@ -728,6 +728,7 @@ async fn main() {
         best = Some(run);
     }
     match best {
+        _ if only == "fixed" => {}
         Some(run) => println!("highest sustained     {}", run.line()),
         None => println!("highest sustained     none of the offered rates was sustained"),
     }
