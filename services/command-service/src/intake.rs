@@ -5,9 +5,13 @@
 //! — up to `COMMANDS_BATCH_MAX` — and write them in **one transaction**: the idempotency locks,
 //! the lookup of live records, the commands, their idempotency records and their outbox rows,
 //! each as one statement for the whole batch, then one commit (one WAL flush). Every
-//! submission gets its own answer. Nothing waits to fill a batch: a writer takes what is
-//! queued when it becomes free, so an idle service writes batches of one with no added
-//! latency, and a busy one writes larger batches instead of queueing behind one flush each.
+//! submission gets its own answer. An idle service writes batches of one with no added
+//! latency; nothing waits to fill a batch. What arrives while another writer's transaction
+//! runs waits for that transaction to end — up to `COMMANDS_BATCH_SHARE_MS` — and goes into
+//! the next one with everything that arrived meanwhile: at moderate rates the writers take
+//! turns instead of each writing a batch of one or two (four writers at 1,000 commands/s
+//! averaged 1.3 commands per transaction), and a transaction that is slow or stuck on a lock
+//! holds the others up by that bound at most, after which the next writer starts alongside.
 //!
 //! The idempotency rules are those of one request per transaction (see [`crate::commands`]):
 //! - a transaction-scoped advisory lock on (client, key) marks a request in progress; a
@@ -21,6 +25,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -30,7 +35,7 @@ use common::shutdown::CancellationToken;
 use serde_json::Value;
 use sqlx::PgPool;
 use sqlx::types::Json;
-use tokio::sync::{Mutex, mpsc, oneshot};
+use tokio::sync::{Mutex, Notify, mpsc, oneshot};
 use tracing::Instrument as _;
 use uuid::Uuid;
 
@@ -122,6 +127,9 @@ pub struct IntakeSettings {
     /// Concurrent writer tasks, each with at most one transaction open
     /// (`COMMANDS_BATCH_WRITERS`).
     pub writers: usize,
+    /// How long a batch waits for another writer's running transaction to end before it
+    /// starts alongside it (`COMMANDS_BATCH_SHARE_MS`).
+    pub share: Duration,
     /// Full name of the `commands` topic.
     pub commands_topic: String,
     /// Idempotency record lifetime.
@@ -179,18 +187,23 @@ impl Intake {
             waker,
             settings: Arc::clone(&self.settings),
         });
+        let running = Arc::new(Running::default());
         let mut tasks = tokio::task::JoinSet::new();
         for _ in 0..self.settings.writers {
-            let (queue, writer, shutdown) = (
+            let (queue, writer, running, shutdown) = (
                 Arc::clone(&self.queue),
                 Arc::clone(&writer),
+                Arc::clone(&running),
                 shutdown.clone(),
             );
             tasks.spawn(async move {
                 while let Some(batch) =
-                    next_batch(&queue, writer.settings.max_batch, &shutdown).await
+                    next_batch(&queue, &writer.settings, &running, &shutdown).await
                 {
+                    running.count.fetch_add(1, Ordering::AcqRel);
                     writer.write(batch).await;
+                    running.count.fetch_sub(1, Ordering::AcqRel);
+                    running.ended.notify_waiters();
                 }
             });
         }
@@ -198,10 +211,22 @@ impl Intake {
     }
 }
 
-/// Waits for one job, then takes every job already queued, up to `max`; `None` on shutdown.
+/// The writers' transactions in progress.
+#[derive(Default)]
+struct Running {
+    /// How many.
+    count: AtomicUsize,
+    /// Notified each time one ends.
+    ended: Notify,
+}
+
+/// Waits for one job, then takes every job queued, up to `settings.max_batch`: those already
+/// waiting and, while another writer's transaction runs, those that arrive until it ends or
+/// `settings.share` has passed. `None` on shutdown before the first job.
 async fn next_batch(
     queue: &Mutex<mpsc::Receiver<Job>>,
-    max: usize,
+    settings: &IntakeSettings,
+    running: &Running,
     shutdown: &CancellationToken,
 ) -> Option<Vec<Job>> {
     let mut queue = tokio::select! {
@@ -213,10 +238,33 @@ async fn next_batch(
         job = queue.recv() => job?,
     };
     let mut batch = vec![first];
-    while batch.len() < max {
-        match queue.try_recv() {
-            Ok(job) => batch.push(job),
-            Err(_) => break,
+    let share_until = tokio::time::Instant::now() + settings.share;
+    loop {
+        while batch.len() < settings.max_batch {
+            match queue.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        if batch.len() >= settings.max_batch {
+            break;
+        }
+        // Registered before the count is read, so an end in between is not missed.
+        let ended = running.ended.notified();
+        tokio::pin!(ended);
+        ended.as_mut().enable();
+        if running.count.load(Ordering::Acquire) == 0 {
+            break;
+        }
+        tokio::select! {
+            // The jobs taken are written (and answered) whatever happens.
+            () = shutdown.cancelled() => break,
+            () = tokio::time::sleep_until(share_until) => break,
+            () = &mut ended => {}
+            job = queue.recv() => match job {
+                Some(job) => batch.push(job),
+                None => break,
+            },
         }
     }
     Some(batch)

@@ -74,14 +74,16 @@ pub struct CommandsConfig {
     /// (see `intake`). Default 64.
     #[serde(default = "defaults::batch_max")]
     pub commands_batch_max: usize,
-    /// `COMMANDS_BATCH_WRITERS`: transactions writing commands at once; each holds one
-    /// database connection while it runs (keep it below `DATABASE_MAX_CONNECTIONS`). Default
-    /// 1: requests that arrive while a transaction runs wait for it and share the next one,
-    /// which at moderate rates means several times fewer transactions (1.3 commands per
-    /// transaction with 4 writers at 1,000/s) for at most one transaction's wait. More
-    /// writers overlap the round trips of a database that is far away or has cores to spare.
+    /// `COMMANDS_BATCH_WRITERS`: transactions writing commands at once at most; each holds
+    /// one database connection while it runs (keep it below `DATABASE_MAX_CONNECTIONS`).
+    /// Default 4.
     #[serde(default = "defaults::batch_writers")]
     pub commands_batch_writers: usize,
+    /// `COMMANDS_BATCH_SHARE_MS`: how long requests that arrive while a transaction runs wait
+    /// for it to end, to share the next transaction, before another writer starts one
+    /// alongside (see `intake`). 0 starts one at once, as long as a writer is free. Default 5.
+    #[serde(default = "defaults::batch_share_ms")]
+    pub commands_batch_share_ms: u64,
     /// `COMMANDS_OUTBOX_BATCH_SIZE`: rows the relay publishes per batch. Default 500.
     #[serde(default = "defaults::outbox_batch_size")]
     pub commands_outbox_batch_size: u32,
@@ -105,7 +107,10 @@ mod defaults {
         64
     }
     pub fn batch_writers() -> usize {
-        1
+        4
+    }
+    pub fn batch_share_ms() -> u64 {
+        5
     }
     pub fn outbox_batch_size() -> u32 {
         500
@@ -215,6 +220,7 @@ impl AppState {
             intake: Intake::new(IntakeSettings {
                 max_batch: c.commands_batch_max,
                 writers: c.commands_batch_writers,
+                share: Duration::from_millis(c.commands_batch_share_ms),
                 commands_topic: settings.commands_topic.clone(),
                 idempotency_ttl: settings.idempotency_ttl,
             }),

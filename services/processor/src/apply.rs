@@ -30,7 +30,7 @@ use serde_json::Value;
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use crate::batch::{Decision, Plan};
+use crate::batch::{Decision, DocumentWrite, Plan};
 use crate::handler::{Change, Document};
 
 // The statements that read or write a batch's rows. Each finds its rows by primary key in any
@@ -451,18 +451,8 @@ impl Store {
                 .bind(updates.iter().map(|d| d.id).collect::<Vec<_>>())
                 .bind(updates.iter().map(|d| d.read_version).collect::<Vec<_>>())
                 .bind(updates.iter().map(|d| d.version).collect::<Vec<_>>())
-                .bind(
-                    updates
-                        .iter()
-                        .map(|d| d.data.as_ref().map(sqlx::types::Json))
-                        .collect::<Vec<_>>(),
-                )
-                .bind(
-                    updates
-                        .iter()
-                        .map(|d| d.last_command_id)
-                        .collect::<Vec<_>>(),
-                )
+                .bind(states(&updates))
+                .bind(writers(&updates))
                 .bind(now)
                 .execute(&mut *tx)
                 .await?;
@@ -482,18 +472,8 @@ impl Store {
             .bind(inserts.iter().map(|d| d.collection).collect::<Vec<_>>())
             .bind(inserts.iter().map(|d| d.id).collect::<Vec<_>>())
             .bind(inserts.iter().map(|d| d.version).collect::<Vec<_>>())
-            .bind(
-                inserts
-                    .iter()
-                    .map(|d| d.data.as_ref().map(sqlx::types::Json))
-                    .collect::<Vec<_>>(),
-            )
-            .bind(
-                inserts
-                    .iter()
-                    .map(|d| d.last_command_id)
-                    .collect::<Vec<_>>(),
-            )
+            .bind(states(&inserts))
+            .bind(writers(&inserts))
             .bind(now)
             .execute(&mut *tx)
             .await?;
@@ -624,4 +604,17 @@ pub fn is_unavailable(error: &sqlx::Error) -> bool {
         }),
         _ => false,
     }
+}
+
+/// The final states of `documents`, as the `jsonb[]` parameter of a batch write.
+fn states<'d>(documents: &'d [&DocumentWrite<'_>]) -> Vec<Option<sqlx::types::Json<&'d Value>>> {
+    documents
+        .iter()
+        .map(|d| d.data.as_ref().map(sqlx::types::Json))
+        .collect()
+}
+
+/// The last writing command of each of `documents`.
+fn writers(documents: &[&DocumentWrite<'_>]) -> Vec<Uuid> {
+    documents.iter().map(|d| d.last_command_id).collect()
 }
