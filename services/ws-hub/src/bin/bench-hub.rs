@@ -3,17 +3,20 @@
 //! few minutes:
 //!
 //! 1. memory per idle connection: hub RSS delta over 10 000 connections (each subscribed to
-//!    one room), then again at 50 000 (from several loopback source addresses);
+//!    one room), then again at 50 000 (from several loopback source addresses) — on hub A
+//!    when one process may hold that many descriptors, else spread over fresh hubs that each
+//!    hold what one process may, every one loaded by its own `meridian-loadgen` process;
 //! 2. deliveries/s to one room with 10 000 subscribers (a burst published through
 //!    `common::rooms`, timed until every subscriber has every publication);
 //! 3. publish → deliver latency across replicas: a client publishes through hub A, clients
 //!    on hub B receive (p50/p99 over the run).
 //!
 //! Each figure is printed with its target and whether it was met. The clients run in this
-//! process, on the same cores as the hubs, so figures are conservative.
+//! process (or its load generators), on the same cores as the hubs, so figures are
+//! conservative.
 
 use std::net::{IpAddr, Ipv4Addr};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -27,6 +30,7 @@ use common::rooms::{HistorySettings, Rooms};
 use common::shutdown::CancellationToken;
 use hdrhistogram::Histogram;
 use secrecy::ExposeSecret as _;
+use tokio::io::{AsyncBufReadExt as _, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
 use ws_hub::loadgen::{self, Client, Stats, Target};
@@ -150,6 +154,182 @@ async fn open(
     Ok(clients)
 }
 
+/// The benchmark's token in a file only this user can read, for load-generator processes
+/// (kept off their command lines); removed on drop.
+struct TokenFile(PathBuf);
+
+impl TokenFile {
+    fn write(token: &str) -> anyhow::Result<Self> {
+        use std::io::Write as _;
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let path = std::env::temp_dir().join(format!("bench-hub-{}.jwt", uuid::Uuid::new_v4()));
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .and_then(|mut file| file.write_all(token.as_bytes()))
+            .with_context(|| format!("failed to write {}", path.display()))?;
+        Ok(Self(path))
+    }
+}
+
+impl Drop for TokenFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Memory per idle connection for `max - opened` more connections on hub A, from this
+/// process (which fits them all).
+async fn idle_on_one_hub(
+    hub: &Hub,
+    target: &Target,
+    report: &mut Report,
+    opened: usize,
+    max: usize,
+    baseline: u64,
+) -> anyhow::Result<()> {
+    let more = max - opened;
+    println!("memory: {more} more idle connections on hub A (total {max})");
+    // One loopback source address has ~28k ephemeral ports towards one hub port.
+    let sources: Vec<IpAddr> = (2..=5)
+        .map(|n| IpAddr::V4(Ipv4Addr::new(127, 0, 0, n)))
+        .collect();
+    // The first connections just took part in the fan-out (their buffers grew); the idle
+    // figure is the cost of the connections added now, on top of them.
+    let before = settle_rss(hub).await?;
+    let extra = open(target, more, "bench:idle", &sources).await?;
+    let total = opened + extra.len();
+    let rss = settle_rss(hub).await?;
+    let per = (rss.saturating_sub(before)) as f64 / extra.len().max(1) as f64;
+    let overall = (rss.saturating_sub(baseline)) as f64 / total.max(1) as f64;
+    report.add(
+        &format!("memory per idle connection at {total} connections"),
+        format!(
+            "{per:.1} KiB for the {} added idle (hub RSS {before} → {rss} KiB; \
+             {overall:.1} KiB/connection overall incl. the 10k after fan-out)",
+            extra.len()
+        ),
+        "≤ 12 KB",
+        per <= 12.0 && total == max,
+    );
+    Ok(())
+}
+
+/// Memory per idle connection at `total` connections on this machine when one process may
+/// not hold them: fresh hubs of at most `per_process` connections each, every one loaded by
+/// its own `meridian-loadgen` process (the binary next to this one) from its own loopback
+/// address; the figure is the hubs' summed RSS growth over the connections open.
+async fn idle_on_several_hubs(
+    binary: &Path,
+    env: &[(&str, String)],
+    token: &str,
+    token_file: &TokenFile,
+    report: &mut Report,
+    total: usize,
+    per_process: usize,
+) -> anyhow::Result<()> {
+    let count = total.div_ceil(per_process.max(1));
+    let shares: Vec<usize> = (0..count)
+        .map(|i| total / count + usize::from(i < total % count))
+        .collect();
+    println!("memory: {total} idle connections over {count} fresh hubs ({shares:?})");
+    let mut hubs = Vec::new();
+    for share in &shares {
+        let mut env: Vec<(&str, String)> = env
+            .iter()
+            .filter(|(key, _)| *key != "HUB_MAX_CONNECTIONS")
+            .cloned()
+            .collect();
+        env.push(("HUB_MAX_CONNECTIONS", (share + 100).to_string()));
+        hubs.push(spawn_hub(binary, &env)?);
+    }
+    for hub in &hubs {
+        let url = format!("ws://127.0.0.1:{}/ws", hub.port);
+        wait_subscribable(&Target::new(&url, Some(token.to_owned()), false).await?).await?;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let baselines = hubs
+        .iter()
+        .map(Hub::rss_kib)
+        .collect::<anyhow::Result<Vec<u64>>>()?;
+
+    let loadgen = binary.with_file_name("meridian-loadgen");
+    let started = Instant::now();
+    let mut generators = Vec::new();
+    for (i, (hub, share)) in hubs.iter().zip(&shares).enumerate() {
+        let source = Ipv4Addr::new(127, 0, 0, u8::try_from(2 + i).context("too many hubs")?);
+        let child = Command::new(&loadgen)
+            .arg("--url")
+            .arg(format!("ws://127.0.0.1:{}/ws", hub.port))
+            .arg("--token-file")
+            .arg(&token_file.0)
+            .args(["--connections", &share.to_string()])
+            .args(["--room", "bench:idle", "--samplers", "0"])
+            .args(["--duration-seconds", "3600", "--connect-concurrency", "256"])
+            .args(["--source-ips", &source.to_string()])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("failed to start {}", loadgen.display()))?;
+        generators.push(child);
+    }
+    let mut connected = 0;
+    for generator in &mut generators {
+        let stdout = generator.stdout.take().context("no stdout")?;
+        let mut lines = BufReader::new(stdout).lines();
+        let opened = tokio::time::timeout(Duration::from_secs(300), async {
+            while let Some(line) = lines.next_line().await? {
+                if let Some(rest) = line.strip_prefix("connected ") {
+                    let count = rest.split_whitespace().next().unwrap_or_default();
+                    return count
+                        .parse::<usize>()
+                        .with_context(|| format!("unexpected load generator output: {line}"));
+                }
+                println!("  loadgen: {line}");
+            }
+            bail!("the load generator exited before connecting")
+        })
+        .await
+        .context("the load generator did not connect within 300 s")??;
+        connected += opened;
+        // Keep its pipe drained; show anything but the per-second figures.
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                if !line.starts_with("t=") {
+                    println!("  loadgen: {line}");
+                }
+            }
+        });
+    }
+    println!(
+        "  opened {connected} connections in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut grown = 0;
+    let mut rss_all = Vec::new();
+    for (hub, baseline) in hubs.iter().zip(&baselines) {
+        let rss = hub.rss_kib()?;
+        grown += rss.saturating_sub(*baseline);
+        rss_all.push(format!("{baseline} → {rss}"));
+    }
+    let per = grown as f64 / connected.max(1) as f64;
+    report.add(
+        &format!("memory per idle connection at {connected} connections"),
+        format!(
+            "{per:.1} KiB ({count} hubs, RSS {} KiB)",
+            rss_all.join(", ")
+        ),
+        "≤ 12 KB",
+        per <= 12.0 && connected == total,
+    );
+    drop(generators);
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -186,14 +366,19 @@ async fn main() -> anyhow::Result<()> {
     let a = spawn_hub(&binary, &env)?;
     let b = spawn_hub(&binary, &env)?;
     let token = token(&secret)?;
+    let token_file = TokenFile::write(&token)?;
     let target_a = Target::new(
         &format!("ws://127.0.0.1:{}/ws", a.port),
         Some(token.clone()),
         false,
     )
     .await?;
-    let target_b =
-        Target::new(&format!("ws://127.0.0.1:{}/ws", b.port), Some(token), false).await?;
+    let target_b = Target::new(
+        &format!("ws://127.0.0.1:{}/ws", b.port),
+        Some(token.clone()),
+        false,
+    )
+    .await?;
     wait_subscribable(&target_a).await?;
     wait_subscribable(&target_b).await?;
     let mut report = Report(Vec::new());
@@ -300,49 +485,42 @@ async fn main() -> anyhow::Result<()> {
         rate >= 250_000.0 && delivered == expected,
     );
 
-    // 4. Memory per idle connection at `max_connections` (adding to the ones open).
+    // 4. Memory per idle connection at `max_connections`: added to the ones open on hub A
+    //    when one process may hold them all, else spread over fresh hubs (below).
     if args.max_connections > opened {
         // Each process (this one holds the clients, the hub their peers) needs one descriptor
-        // per connection; without privilege the hard RLIMIT_NOFILE caps what can be measured.
-        let feasible = usize::try_from(limit)
+        // per connection; without privilege the hard RLIMIT_NOFILE caps one process.
+        let per_process = usize::try_from(limit)
             .unwrap_or(usize::MAX)
-            .saturating_sub(opened + 400);
-        let more = (args.max_connections - opened).min(feasible);
-        if more < args.max_connections - opened {
-            println!(
-                "  {} connections cannot be measured here: RLIMIT_NOFILE is {limit} per process \
-                 (hard limit, not raisable without CAP_SYS_RESOURCE); measuring {} instead",
+            .saturating_sub(1000);
+        if args.max_connections <= per_process {
+            idle_on_one_hub(
+                &a,
+                &target_a,
+                &mut report,
+                opened,
                 args.max_connections,
-                opened + more
+                baseline,
+            )
+            .await?;
+        } else {
+            println!(
+                "  {} connections do not fit in one process here: RLIMIT_NOFILE is {limit} \
+                 (hard limit, not raisable without CAP_SYS_RESOURCE); spreading them over hubs \
+                 of at most {per_process}, each with its own load-generator process",
+                args.max_connections
             );
+            idle_on_several_hubs(
+                &binary,
+                &env,
+                &token,
+                &token_file,
+                &mut report,
+                args.max_connections,
+                per_process,
+            )
+            .await?;
         }
-        println!(
-            "memory: {more} more idle connections on hub A (total {})",
-            opened + more
-        );
-        // One loopback source address has ~28k ephemeral ports towards one hub port.
-        let sources: Vec<IpAddr> = (2..=5)
-            .map(|n| IpAddr::V4(Ipv4Addr::new(127, 0, 0, n)))
-            .collect();
-        // The first connections just took part in the fan-out (their buffers grew); the
-        // idle figure is the cost of the connections added now, on top of them.
-        let before = settle_rss(&a).await?;
-        let extra = open(&target_a, more, "bench:idle", &sources).await?;
-        let total = opened + extra.len();
-        let rss = settle_rss(&a).await?;
-        let per = (rss.saturating_sub(before)) as f64 / extra.len().max(1) as f64;
-        let overall = (rss.saturating_sub(baseline)) as f64 / total.max(1) as f64;
-        report.add(
-            &format!("memory per idle connection at {total} connections"),
-            format!(
-                "{per:.1} KiB for the {} added idle (hub RSS {before} → {rss} KiB; \
-                 {overall:.1} KiB/connection overall incl. the 10k after fan-out)",
-                extra.len()
-            ),
-            "≤ 12 KB",
-            per <= 12.0,
-        );
-        drop(extra);
     }
 
     println!("\nsummary");
