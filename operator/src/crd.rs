@@ -418,8 +418,9 @@ pub struct RateLimitPolicy {
     /// The period `rate` counts over.
     #[serde(default)]
     pub period: RatePeriod,
-    /// How many requests may arrive at once above the steady rate (at least 1). Unset: equal
-    /// to `rate`.
+    /// How many requests may arrive at once (the bucket's size, at least 1); the gateway
+    /// advertises it as `q` of `RateLimit-Policy`, over the seconds it takes to refill at
+    /// `rate`. Unset: equal to `rate`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub burst: Option<i32>,

@@ -15,9 +15,13 @@
 //!
 //! Responses carry the IETF `RateLimit-Policy` and `RateLimit` fields
 //! (draft-ietf-httpapi-ratelimit-headers), serialised as RFC 9651 structured fields by `sfv`:
-//! `RateLimit-Policy: "per-user";q=100;w=60` (`q` = rate, `w` = period in seconds) and
-//! `RateLimit: "per-user";r=42;t=35` (`r` = requests possible right now, `t` = seconds until
-//! the bucket is full again).
+//! `RateLimit-Policy: "per-user";q=100;w=2` and `RateLimit: "per-user";r=42;t=2`. A GCRA
+//! bucket has no fixed window, so the policy is advertised as the window the bucket takes to
+//! refill: `q` = `burst` (what may be sent at once), `w` = the seconds `burst` requests take
+//! at the sustained rate, rounded up (rate 50/s with burst 100 is `q=100;w=2`). So `r`
+//! (requests possible right now) never exceeds `q`, `t` (seconds until the bucket is full
+//! again, when `r` is back to `q`) never exceeds `w`, and a client that keeps to `q` per `w`
+//! is never refused (rounding `w` up only makes it stricter than the sustained rate).
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -186,6 +190,15 @@ impl Policy {
     /// The configured name.
     pub fn name(&self) -> &str {
         &self.spec.name
+    }
+
+    /// `(q, w)` of `RateLimit-Policy`: the burst, and the whole seconds (at least one) the
+    /// burst takes at the sustained rate (see the module documentation).
+    fn advertised(&self) -> (u64, u64) {
+        let refill_us = u128::from(self.burst) * u128::from(self.spec.period.seconds()) * 1_000_000
+            / u128::from(self.spec.rate);
+        let window = refill_us.div_ceil(1_000_000).max(1);
+        (self.burst, u64::try_from(window).unwrap_or(u64::MAX))
     }
 
     fn applies_to(&self, route: &str) -> bool {
@@ -495,10 +508,11 @@ impl RateLimiter {
             let Ok(name) = sfv::StringRef::from_str(&policy.spec.name) else {
                 continue;
             };
+            let (quota, window) = policy.advertised();
             policy_list
                 .bare_item(name)
-                .parameter(sfv::key_ref("q"), integer(policy.spec.rate))
-                .parameter(sfv::key_ref("w"), integer(policy.spec.period.seconds()));
+                .parameter(sfv::key_ref("q"), integer(quota))
+                .parameter(sfv::key_ref("w"), integer(window));
             state_list
                 .bare_item(name)
                 .parameter(sfv::key_ref("r"), integer(state.remaining))
@@ -584,6 +598,29 @@ mod tests {
             ))
             .is_err()
         );
+    }
+
+    #[test]
+    fn the_advertised_window_is_the_time_the_burst_takes_to_refill() {
+        for (rate, period, burst, advertised) in [
+            (50, "Second", Some(100), (100, 2)),
+            (50, "Second", None, (50, 1)),
+            (50, "Second", Some(75), (75, 2)), // 1.5 s, rounded up: stricter, never looser
+            (600, "Minute", Some(10), (10, 1)),
+            (20, "Hour", Some(20), (20, 3600)),
+            (100, "Minute", Some(1), (1, 1)), // 0.6 s: at least one second
+            (1, "Hour", Some(3), (3, 3 * 3600)),
+        ] {
+            let policy = Policy::new(spec(serde_json::json!(
+                {"name": "p", "key": "ip", "rate": rate, "period": period, "burst": burst}
+            )))
+            .unwrap();
+            assert_eq!(
+                policy.advertised(),
+                advertised,
+                "{rate}/{period} burst {burst:?}"
+            );
+        }
     }
 
     #[test]
