@@ -6,6 +6,10 @@
 //! - the time until all N are `Ready=True` (target for 1,000: ≤ 120 s);
 //! - the operator's API writes per stack until Ready, by verb and resource (where the API
 //!   server's load comes from);
+//! - every client's API writes per stack until Ready, from the API server's own
+//!   `apiserver_request_total` (the operator's, Kubernetes' controllers', the scheduler's,
+//!   kwok's), and the CPU each process used meanwhile (`/proc`): where a slow rollout's time
+//!   goes on this machine;
 //! - the operator's peak RSS (`VmHWM`, target ≤ 64 MiB);
 //! - API writes per stack in steady state over `BENCH_STEADY_SECONDS` (default 60; the issue
 //!   asks 300), from the operator's own `operator_api_requests_total` (target 0; Lease
@@ -31,7 +35,9 @@ use kube::{Client, ResourceExt as _};
 use operator::crd::MiddlewareStack;
 use serde_json::json;
 
-const WRITE_VERBS: [&str; 4] = ["POST", "PUT", "PATCH", "DELETE"];
+/// Write verbs, as the operator's and the API server's request counters name them (the API
+/// server counts a server-side apply as `APPLY`).
+const WRITE_VERBS: [&str; 5] = ["POST", "PUT", "PATCH", "APPLY", "DELETE"];
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name)
@@ -82,6 +88,11 @@ struct Result_ {
     /// Its API writes during the steady-state window.
     writes: BTreeMap<String, f64>,
     window: Duration,
+    /// Every client's writes the API server served from the first stack created until all
+    /// were Ready (or the timeout); `None` when its metrics could not be read.
+    apiserver_ramp_writes: Option<BTreeMap<String, f64>>,
+    /// CPU over the same span: share of one core per process name, and the machine's idle.
+    ramp_cpu: (Vec<(String, f64)>, f64),
 }
 
 /// Lease renewals are leader election, not work for any stack.
@@ -100,7 +111,8 @@ impl Result_ {
     }
 
     fn print(&self) {
-        let per_stack: f64 = self.per_stack(&self.writes).values().sum();
+        // `+ 0.0`: an empty sum is -0.0, which would print as "-0.000".
+        let per_stack: f64 = self.per_stack(&self.writes).values().sum::<f64>() + 0.0;
         let leases: f64 = self
             .writes
             .iter()
@@ -148,6 +160,35 @@ impl Result_ {
         println!(
             "         API writes per stack until Ready: {:.1}; by verb/resource: {ramp:?}",
             ramp.values().sum::<f64>()
+        );
+        let span = self
+            .ready_after
+            .unwrap_or(self.window)
+            .as_secs_f64()
+            .max(1.0);
+        if let Some(all) = &self.apiserver_ramp_writes {
+            let total: f64 = all.values().sum();
+            let by: BTreeMap<&str, f64> = all
+                .iter()
+                .map(|(k, v)| (k.as_str(), (v / self.n as f64 * 10.0).round() / 10.0))
+                .filter(|(_, v)| *v > 0.0)
+                .collect();
+            println!(
+                "         API server writes until Ready, every client (operator, Kubernetes' controllers, scheduler, kwok, this benchmark): {:.1} per stack, {:.0}/s; by verb/resource: {by:?}",
+                total / self.n as f64,
+                total / span
+            );
+        }
+        let (shares, idle) = &self.ramp_cpu;
+        let top: Vec<String> = shares
+            .iter()
+            .take(10)
+            .map(|(name, share)| format!("{name} {:.0} %", share * 100.0))
+            .collect();
+        println!(
+            "         CPU until Ready (share of one core): {}; machine idle {:.1} %",
+            top.join(", "),
+            idle * 100.0
         );
         println!(
             "         operator peak RSS {:.1} MiB (target ≤ 64 MiB — {})",
@@ -231,11 +272,35 @@ async fn writes(port: u16) -> anyhow::Result<BTreeMap<String, f64>> {
         .await?
         .text()
         .await?;
+    Ok(write_counters(&body, "operator_api_requests_total"))
+}
+
+/// What each counter in `after` grew by since `before` (the ones that grew).
+fn counter_delta(
+    before: &BTreeMap<String, f64>,
+    after: &BTreeMap<String, f64>,
+) -> BTreeMap<String, f64> {
+    after
+        .iter()
+        .map(|(k, v)| (k.clone(), v - before.get(k).copied().unwrap_or(0.0)))
+        .filter(|(_, d)| *d > 0.0)
+        .collect()
+}
+
+/// The API server's own count of the writes it served (`apiserver_request_total`, every
+/// client: the operator, Kubernetes' controllers, the scheduler, kwok), by `verb/resource`.
+async fn apiserver_writes(client: &Client) -> anyhow::Result<BTreeMap<String, f64>> {
+    let request = http::Request::get("/metrics").body(Vec::new())?;
+    let body = client.request_text(request).await?;
+    Ok(write_counters(&body, "apiserver_request_total"))
+}
+
+/// Sums the samples of counter `metric` in Prometheus text `body` whose `verb` label is a
+/// write, by `verb/resource`.
+fn write_counters(body: &str, metric: &str) -> BTreeMap<String, f64> {
+    let prefix = format!("{metric}{{");
     let mut out = BTreeMap::new();
-    for line in body
-        .lines()
-        .filter(|l| l.starts_with("operator_api_requests_total{"))
-    {
+    for line in body.lines().filter(|l| l.starts_with(&prefix)) {
         let Some((labels, value)) = line.rsplit_once(' ') else {
             continue;
         };
@@ -249,11 +314,100 @@ async fn writes(port: u16) -> anyhow::Result<BTreeMap<String, f64>> {
         };
         let verb = label("verb");
         if WRITE_VERBS.contains(&verb.as_str()) {
-            *out.entry(format!("{verb}/{}", label("resource")))
-                .or_insert(0.0) += value.parse::<f64>().unwrap_or(0.0);
+            let mut key = format!("{verb}/{}", label("resource"));
+            let subresource = label("subresource");
+            if !subresource.is_empty() {
+                key = format!("{key}/{subresource}");
+            }
+            *out.entry(key).or_insert(0.0) += value.parse::<f64>().unwrap_or(0.0);
         }
     }
-    Ok(out)
+    out
+}
+
+/// CPU time of every process (`utime + stime` from `/proc/<pid>/stat`, in clock ticks) by
+/// pid, with its name, and the machine's busy and total ticks (`/proc/stat`).
+struct CpuSnapshot {
+    processes: BTreeMap<u32, (String, u64)>,
+    busy: u64,
+    total: u64,
+    cores: usize,
+}
+
+impl CpuSnapshot {
+    fn take() -> Self {
+        let mut processes = BTreeMap::new();
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+                continue;
+            };
+            // `pid (comm) state ppid …`: comm may hold spaces, so split at the last ')'.
+            let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+                continue;
+            };
+            let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+            // After the comm: field 3 (state) is index 0, utime (14) 11, stime (15) 12.
+            let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<u64>().ok());
+            if let (Some(user), Some(system)) = (ticks(11), ticks(12)) {
+                processes.insert(pid, (stat[open + 1..close].to_owned(), user + system));
+            }
+        }
+        let machine = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+        let times: Vec<u64> = machine
+            .lines()
+            .find(|l| l.starts_with("cpu "))
+            .map(|l| {
+                l.split_whitespace()
+                    .skip(1)
+                    .filter_map(|v| v.parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        // user nice system idle iowait irq softirq steal: idle and iowait are not busy.
+        let total: u64 = times.iter().take(8).sum();
+        let idle = times.get(3).copied().unwrap_or(0) + times.get(4).copied().unwrap_or(0);
+        let cores = machine
+            .lines()
+            .filter(|l| l.starts_with("cpu") && !l.starts_with("cpu "))
+            .count();
+        Self {
+            processes,
+            busy: total.saturating_sub(idle),
+            total,
+            cores: cores.max(1),
+        }
+    }
+
+    /// Since `before`: each process name's CPU as a share of one core (processes that
+    /// started in between count whole, ones that ended are missing), largest first, and the
+    /// machine's idle share.
+    fn since(&self, before: &Self) -> (Vec<(String, f64)>, f64) {
+        let total = self.total.saturating_sub(before.total).max(1) as f64;
+        let core = total / self.cores as f64;
+        let mut by_name: BTreeMap<&str, u64> = BTreeMap::new();
+        for (pid, (name, ticks)) in &self.processes {
+            let earlier = match before.processes.get(pid) {
+                Some((old, ticks)) if old == name => *ticks,
+                _ => 0,
+            };
+            *by_name.entry(name).or_default() += ticks.saturating_sub(earlier);
+        }
+        let mut shares: Vec<(String, f64)> = by_name
+            .into_iter()
+            .map(|(name, ticks)| (name.to_owned(), ticks as f64 / core))
+            .filter(|(_, share)| *share >= 0.005)
+            .collect();
+        shares.sort_by(|a, b| b.1.total_cmp(&a.1));
+        let busy = self.busy.saturating_sub(before.busy) as f64;
+        (shares, 1.0 - busy / total)
+    }
 }
 
 fn peak_rss_kib(pid: u32) -> u64 {
@@ -457,6 +611,8 @@ async fn run(
     eprintln!("N={n}: namespace {ns}, operator pid {pid}, creating stacks...");
 
     let stacks: Api<MiddlewareStack> = Api::namespaced(client.clone(), &ns);
+    let cpu_before = CpuSnapshot::take();
+    let apiserver_before = apiserver_writes(client).await;
     let started = Instant::now();
     futures::stream::iter(0..n)
         .map(|i| {
@@ -502,6 +658,14 @@ async fn run(
         tokio::time::sleep(Duration::from_millis(500)).await;
     };
     watch.abort();
+    let ramp_cpu = CpuSnapshot::take().since(&cpu_before);
+    let apiserver_ramp_writes = match (apiserver_before, apiserver_writes(client).await) {
+        (Ok(before), Ok(after)) => Some(counter_delta(&before, &after)),
+        (Err(error), _) | (_, Err(error)) => {
+            eprintln!("N={n}: the API server's metrics could not be read: {error}");
+            None
+        }
+    };
     eprintln!(
         "N={n}: {ready}/{n} Ready after {:.1} s; steady-state window {} s...",
         started.elapsed().as_secs_f64(),
@@ -512,13 +676,7 @@ async fn run(
     let before = writes(port).await?;
     tokio::time::sleep(steady).await;
     let after = writes(port).await?;
-    let mut delta = BTreeMap::new();
-    for (k, v) in &after {
-        let d = v - before.get(k).copied().unwrap_or(0.0);
-        if d > 0.0 {
-            delta.insert(k.clone(), d);
-        }
-    }
+    let delta = counter_delta(&before, &after);
     let rss_kib = peak_rss_kib(pid);
 
     eprintln!("N={n}: deleting the stacks (cleanup per deletionPolicy)...");
@@ -597,5 +755,7 @@ async fn run(
         ramp_writes: before,
         writes: delta,
         window: steady,
+        apiserver_ramp_writes,
+        ramp_cpu,
     })
 }
