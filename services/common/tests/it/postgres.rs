@@ -100,3 +100,61 @@ async fn planned_on_empty_tables_only_lateral_lookups_probe_by_key() {
     .await;
     probes(&point, "documents", &["collection", "id"]).unwrap();
 }
+
+/// The migrations apply to an empty database and leave `commands` with its primary key only;
+/// a database migrated by a newer release (a version this build does not know) is still
+/// accepted, as a rollback or an older pod during a rolling upgrade needs; a changed migration
+/// this build does know is still refused.
+#[tokio::test]
+async fn migrations_apply_and_tolerate_a_newer_release_but_not_a_changed_migration() {
+    let deps = Deps::from_env();
+    let config: PostgresConfig = Vars::from_env().parse().unwrap();
+    let admin = Postgres::connect_lazy(&config).unwrap();
+    let database = format!("migrations_{}", uuid::Uuid::new_v4().simple());
+    sqlx::query(&format!("CREATE DATABASE {database}"))
+        .execute(admin.pool())
+        .await
+        .unwrap();
+    let mut url = url::Url::parse(&deps.database_url).unwrap();
+    url.set_path(&database);
+    let pool = sqlx::PgPool::connect(url.as_str()).await.unwrap();
+
+    common::schema::MIGRATOR.run(&pool).await.unwrap();
+    let indexes: Vec<(String,)> = sqlx::query_as(
+        "SELECT indexname::text FROM pg_indexes WHERE tablename = 'commands' ORDER BY 1",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(indexes, [("commands_pkey".to_owned(),)]);
+
+    // A newer release applied a migration this build has never seen.
+    sqlx::query(
+        "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) \
+         VALUES (99991231000000, 'from a newer release', true, '\\x00', 0)",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    common::schema::MIGRATOR.run(&pool).await.unwrap();
+
+    // A migration this build knows, changed after it was applied.
+    sqlx::query(
+        "UPDATE _sqlx_migrations SET checksum = '\\x00' \
+         WHERE version = (SELECT min(version) FROM _sqlx_migrations)",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let refused = common::schema::MIGRATOR.run(&pool).await.unwrap_err();
+    assert!(
+        matches!(refused, sqlx::migrate::MigrateError::VersionMismatch(_)),
+        "{refused}"
+    );
+
+    pool.close().await;
+    sqlx::query(&format!("DROP DATABASE {database} WITH (FORCE)"))
+        .execute(admin.pool())
+        .await
+        .unwrap();
+}
