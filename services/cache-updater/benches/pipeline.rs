@@ -654,7 +654,8 @@ async fn main() {
     );
 
     let only = std::env::var("BENCH_PIPELINE_ONLY").unwrap_or_default();
-    let only_e2e = only == "e2e" || only == "fixed";
+    let fixed_only = only == "fixed";
+    let only_e2e = only == "e2e" || fixed_only;
     let fixed_rate: u32 = std::env::var("BENCH_PIPELINE_RATE")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -679,10 +680,7 @@ async fn main() {
         &stack,
         &redis,
         &db,
-        std::env::var("WARM")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(200),
+        200,
         Duration::from_secs(3),
         None,
     )
@@ -705,11 +703,7 @@ async fn main() {
     );
 
     let mut best = fixed.sustained().then_some(fixed);
-    let steps = if only == "fixed" {
-        &[][..]
-    } else {
-        &STEP_RATES[..]
-    };
+    let steps = if fixed_only { &[][..] } else { &STEP_RATES[..] };
     for rate in steps.iter().copied().filter(|r| *r > fixed_rate) {
         let run = open_loop(
             &commands,
@@ -728,7 +722,7 @@ async fn main() {
         best = Some(run);
     }
     match best {
-        _ if only == "fixed" => {}
+        _ if fixed_only => {}
         Some(run) => println!("highest sustained     {}", run.line()),
         None => println!("highest sustained     none of the offered rates was sustained"),
     }

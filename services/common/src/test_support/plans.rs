@@ -34,29 +34,29 @@ pub async fn plan_on_empty_tables(tables: &[&str], fill: &str, sql: &str, params
             ";ANALYZE {schema}.{table}; DELETE FROM {schema}.{table}"
         ));
     }
-    sqlx::raw_sql(&setup).execute(&mut conn).await.unwrap();
+    run(&mut conn, &setup).await;
     for table in tables {
         // Not in a transaction block, so one statement per call.
-        sqlx::raw_sql(&format!("VACUUM {schema}.{table}"))
-            .execute(&mut conn)
-            .await
-            .unwrap();
+        run(&mut conn, &format!("VACUUM {schema}.{table}")).await;
     }
-    sqlx::raw_sql(&format!("PREPARE planned AS {sql}"))
-        .execute(&mut conn)
-        .await
-        .unwrap();
+    run(&mut conn, &format!("PREPARE planned AS {sql}")).await;
     let args = vec!["NULL"; params].join(", ");
     let plan: Value = sqlx::query_scalar(&format!("EXPLAIN (FORMAT JSON) EXECUTE planned({args})"))
         .fetch_one(&mut conn)
         .await
         .unwrap();
-    sqlx::raw_sql(&format!("DEALLOCATE planned; DROP SCHEMA {schema} CASCADE"))
-        .execute(&mut conn)
-        .await
-        .unwrap();
+    run(
+        &mut conn,
+        &format!("DEALLOCATE planned; DROP SCHEMA {schema} CASCADE"),
+    )
+    .await;
     conn.close().await.unwrap();
     plan
+}
+
+/// Runs `sql` (one or more statements, no parameters) on `conn`; panics on failure.
+async fn run(conn: &mut sqlx::PgConnection, sql: &str) {
+    sqlx::raw_sql(sql).execute(conn).await.unwrap();
 }
 
 /// Checks that `plan` reads no table by a sequential scan and reads `table` only by probes:

@@ -52,17 +52,19 @@ async fn service_sessions_plan_once_with_index_access_and_nested_loops_only() {
     .fetch_all(postgres.pool())
     .await
     .unwrap();
-    let expected = [
-        ("enable_hashjoin", "off"),
-        ("enable_mergejoin", "off"),
-        ("enable_seqscan", "off"),
-        ("plan_cache_mode", "force_generic_plan"),
-    ];
-    let expected: Vec<(String, String)> = expected
+    let settings: Vec<(&str, &str)> = settings
         .iter()
-        .map(|(n, v)| ((*n).to_owned(), (*v).to_owned()))
+        .map(|(name, value)| (name.as_str(), value.as_str()))
         .collect();
-    assert_eq!(settings, expected);
+    assert_eq!(
+        settings,
+        [
+            ("enable_hashjoin", "off"),
+            ("enable_mergejoin", "off"),
+            ("enable_seqscan", "off"),
+            ("plan_cache_mode", "force_generic_plan"),
+        ]
+    );
 }
 
 /// The rule the services' batch statements follow (`common::postgres`, "Plans"): planned once
