@@ -300,14 +300,39 @@ pub async fn enqueue_many(
     if messages.is_empty() {
         return Ok(());
     }
-    let sql = format!(
+    bind_many(sqlx::query(&insert_many_sql(table, 1)), messages)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// The `INSERT` that [`enqueue_many`] runs, with its seven array parameters numbered from
+/// `$first`, for a writer that makes it part of a larger statement (a data-modifying `WITH`
+/// clause); bind them with [`bind_many`]. Rows are inserted in the arrays' order.
+pub fn insert_many_sql(table: OutboxTable, first: usize) -> String {
+    let p: Vec<String> = (first..first + 7).map(|i| format!("${i}")).collect();
+    format!(
         "INSERT INTO {} (topic, message_key, message_type, command_id, payload, traceparent, tracestate) \
          SELECT topic, message_key, message_type, command_id, payload, traceparent, tracestate \
-         FROM unnest($1::text[], $2::text[], $3::text[], $4::uuid[], $5::jsonb[], $6::text[], $7::text[]) \
+         FROM unnest({}::text[], {}::text[], {}::text[], {}::uuid[], {}::jsonb[], {}::text[], {}::text[]) \
          WITH ORDINALITY AS t(topic, message_key, message_type, command_id, payload, traceparent, tracestate, n) \
          ORDER BY n",
-        table.name()
-    );
+        table.name(),
+        p[0],
+        p[1],
+        p[2],
+        p[3],
+        p[4],
+        p[5],
+        p[6]
+    )
+}
+
+/// Binds `messages` as the seven parameters of [`insert_many_sql`], next in `query`'s order.
+pub fn bind_many<'q>(
+    query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    messages: &[NewMessage<'q>],
+) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
     let topics: Vec<&str> = messages.iter().map(|m| m.topic).collect();
     let keys: Vec<&str> = messages.iter().map(|m| m.key).collect();
     let types: Vec<&str> = messages.iter().map(|m| m.message_type).collect();
@@ -324,17 +349,14 @@ pub async fn enqueue_many(
         .iter()
         .map(|m| m.trace.tracestate.as_deref())
         .collect();
-    sqlx::query(&sql)
-        .bind(&topics)
-        .bind(&keys)
-        .bind(&types)
-        .bind(&command_ids)
-        .bind(&payloads)
-        .bind(&parents)
-        .bind(&states)
-        .execute(conn)
-        .await?;
-    Ok(())
+    query
+        .bind(topics)
+        .bind(keys)
+        .bind(types)
+        .bind(command_ids)
+        .bind(payloads)
+        .bind(parents)
+        .bind(states)
 }
 
 /// How a relay runs.
@@ -765,6 +787,15 @@ fn is_missing_topic(error: &KafkaError) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_batch_insert_numbers_its_seven_parameters_from_the_one_given() {
+        let sql = insert_many_sql(OutboxTable::DEFAULT, 17);
+        assert!(sql.starts_with("INSERT INTO outbox "));
+        let numbered: Vec<usize> = (1..30).filter(|i| sql.contains(&format!("${i}:"))).collect();
+        assert_eq!(numbered, (17..=23).collect::<Vec<_>>());
+        assert!(sql.ends_with("ORDER BY n"));
+    }
 
     #[test]
     fn missing_topics_are_recognised_and_quarantined_for_a_while() {

@@ -8,12 +8,19 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 use secrecy::ExposeSecret;
+use sqlx::Connection as _;
 use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 
 use crate::config::PostgresConfig;
 use crate::health::Check;
 use crate::shutdown::CancellationToken;
+
+/// How long a pooled connection may sit idle before it is checked with a round trip when it
+/// is taken again (see [`Postgres::connect_lazy`], "Liveness checks"). HikariCP skips the
+/// check for connections used within the last 500 ms (`aliveBypassWindowMs`); this is the
+/// same idea.
+pub const PING_IDLE_AFTER: Duration = Duration::from_millis(500);
 
 /// The PostgreSQL settings could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +57,13 @@ impl Postgres {
     /// primary-key probes in any plan: lookups as `LATERAL (… LIMIT 1)` subqueries (never
     /// flattened into joins), updates with the batch's keys as their index condition. The
     /// services' plan tests check each such statement on a new, empty schema.
+    ///
+    /// # Liveness checks
+    /// A connection taken from the pool is checked with a round trip (a `Sync`) only when it
+    /// sat idle for [`PING_IDLE_AFTER`] or longer: sqlx's default checks every one, which in
+    /// a busy service doubled the round trips of every single-statement query and added one
+    /// to every transaction. A connection used moments ago that has died meanwhile fails its
+    /// next statement instead, which the callers handle like any other connection error.
     pub fn connect_lazy(config: &PostgresConfig) -> Result<Self, PostgresError> {
         let timeout = config.database_statement_timeout_ms.to_string();
         let options = PgConnectOptions::from_str(config.database_url.expose_secret())
@@ -64,6 +78,15 @@ impl Postgres {
         let pool = PgPoolOptions::new()
             .max_connections(config.database_max_connections)
             .acquire_timeout(Duration::from_millis(config.database_acquire_timeout_ms))
+            .test_before_acquire(false)
+            .before_acquire(|conn, meta| {
+                Box::pin(async move {
+                    if meta.idle_for >= PING_IDLE_AFTER {
+                        conn.ping().await?;
+                    }
+                    Ok(true)
+                })
+            })
             .connect_lazy_with(options);
         Ok(Self {
             pool,

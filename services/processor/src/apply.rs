@@ -23,11 +23,13 @@
 //! tombstone row, so re-creating the document continues the sequence. `expectedVersion` is
 //! compared with the live document's version (0 when it does not exist or was deleted).
 
+use std::sync::Arc;
+
 use chrono::{DateTime, SecondsFormat, Utc};
 use common::envelope::{CommandEnvelope, EVENT_DELETED, EventEnvelope, document_key};
-use common::outbox::{self, NewMessage, TraceContext, Waker};
+use common::outbox::{self, NewMessage, OutboxTable, TraceContext, Waker};
 use serde_json::Value;
-use sqlx::PgPool;
+use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
 use crate::batch::{Decision, DocumentWrite, Plan};
@@ -52,24 +54,56 @@ pub const SNAPSHOT_MANY_SQL: &str = "SELECT c.status, d.version, d.data \
      WHERE d.collection = k.collection AND d.id = k.doc LIMIT 1) AS d ON true \
      ORDER BY k.n";
 
-/// Ends a batch's commands that are not final yet. `c.id = ANY($1)` makes the batch's ids the
-/// index condition on `commands` on whichever side of the join the planner puts it.
-pub const CLAIM_MANY_SQL: &str = "UPDATE commands AS c SET status = u.status, \
-     result_version = u.version, failure_reason = u.reason, updated_at = $5 \
-     FROM unnest($1::uuid[], $2::text[], $3::int8[], $4::text[]) AS u(id, status, version, reason) \
-     WHERE c.id = ANY($1) AND c.id = u.id AND c.status IN ('accepted', 'processing')";
+/// SQLSTATE of the error `meridian_require` raises (see the migration that creates it).
+pub const GUARD_FAILED: &str = "MRD01";
 
-/// Writes a batch's existing documents, each only if it still has the version read. The key
-/// has two columns, so each row's location comes from a lateral primary-key probe and the
-/// update joins on it; a row updated meanwhile has moved and no longer matches, which counts
-/// as a conflict just as a changed version does.
-pub const UPDATE_DOCUMENTS_MANY_SQL: &str = "UPDATE documents AS d SET version = u.version, \
-     data = u.data, deleted = u.data IS NULL, last_command_id = u.command_id, updated_at = $7 \
-     FROM unnest($1::text[], $2::text[], $3::int8[], $4::int8[], $5::jsonb[], $6::uuid[]) \
-     AS u(collection, id, read_version, version, data, command_id) \
-     CROSS JOIN LATERAL (SELECT x.ctid AS row FROM documents x \
-     WHERE x.collection = u.collection AND x.id = u.id LIMIT 1) AS x \
-     WHERE d.ctid = x.row AND d.version = u.read_version";
+/// Writes a batch's decisions in one statement, which is its own transaction: every status,
+/// each changed document's final state and every event's outbox row, each part for the whole
+/// batch. The last line checks what the parts did — every command claimed (still not final),
+/// every existing document still at the version read, every new document really new — and
+/// raises [`GUARD_FAILED`] otherwise, which rolls the whole statement back.
+///
+/// - `$1`–`$4`, `$5`: the commands (ids, statuses, versions, reasons) and the time;
+///   `c.id = ANY($1)` makes the batch's ids the index condition on `commands` on whichever
+///   side of the join the planner puts it.
+/// - `$6`–`$11`: the existing documents (collection, id, version read, new version, state,
+///   writer). The key has two columns, so each row's location comes from a lateral
+///   primary-key probe and the update joins on it; a row updated meanwhile has moved and no
+///   longer matches, which counts as a conflict just as a changed version does.
+/// - `$12`–`$16`: the new documents (collection, id, version, state, writer).
+/// - `$17`–`$23`: the events, as [`outbox::insert_many_sql`] takes them.
+///
+/// Sent as separate statements in a transaction, the same writes took six round trips
+/// (`BEGIN`, four statements, `COMMIT`); every one is a wake-up of the session's backend and
+/// of this service, on cores the whole pipeline shares.
+pub fn commit_plan_sql(outbox: OutboxTable) -> String {
+    format!(
+        "WITH claimed AS (UPDATE commands AS c SET status = u.status, \
+         result_version = u.version, failure_reason = u.reason, updated_at = $5 \
+         FROM unnest($1::uuid[], $2::text[], $3::int8[], $4::text[]) AS u(id, status, version, reason) \
+         WHERE c.id = ANY($1) AND c.id = u.id AND c.status IN ('accepted', 'processing') \
+         RETURNING 1), \
+         updated AS (UPDATE documents AS d SET version = u.version, \
+         data = u.data, deleted = u.data IS NULL, last_command_id = u.command_id, updated_at = $5 \
+         FROM unnest($6::text[], $7::text[], $8::int8[], $9::int8[], $10::jsonb[], $11::uuid[]) \
+         AS u(collection, id, read_version, version, data, command_id) \
+         CROSS JOIN LATERAL (SELECT x.ctid AS row FROM documents x \
+         WHERE x.collection = u.collection AND x.id = u.id LIMIT 1) AS x \
+         WHERE d.ctid = x.row AND d.version = u.read_version RETURNING 1), \
+         inserted AS (INSERT INTO documents (collection, id, version, data, deleted, \
+         last_command_id, created_at, updated_at) \
+         SELECT collection, id, version, data, data IS NULL, command_id, $5, $5 \
+         FROM unnest($12::text[], $13::text[], $14::int8[], $15::jsonb[], $16::uuid[]) \
+         AS u(collection, id, version, data, command_id) \
+         ON CONFLICT DO NOTHING RETURNING 1), \
+         queued AS ({}) \
+         SELECT meridian_require((SELECT count(*) FROM claimed) = cardinality($1) \
+         AND (SELECT count(*) FROM updated) = cardinality($6) \
+         AND (SELECT count(*) FROM inserted) = cardinality($12), \
+         'a command or document changed under the batch')",
+        outbox::insert_many_sql(outbox, 17)
+    )
+}
 
 /// A command's status and its document's state, read before deciding.
 #[derive(Debug, Clone, PartialEq)]
@@ -144,6 +178,8 @@ pub struct Store {
     pool: PgPool,
     outbox: Waker,
     events_topic: String,
+    /// [`commit_plan_sql`] for `outbox`'s table.
+    commit_plan_sql: Arc<str>,
 }
 
 #[derive(sqlx::FromRow)]
@@ -172,6 +208,7 @@ impl Store {
     /// after each commit).
     pub fn new(pool: PgPool, outbox: Waker, events_topic: String) -> Self {
         Self {
+            commit_plan_sql: commit_plan_sql(outbox.table()).into(),
             pool,
             outbox,
             events_topic,
@@ -350,10 +387,11 @@ impl Store {
         Ok(Committed::Applied { version })
     }
 
-    /// [`Self::snapshot`] for a run of commands in one query, without inserting missing
-    /// command rows: `None` for a command that has none.
+    /// [`Self::snapshot`] for a run of commands in one query on `conn`, without inserting
+    /// missing command rows: `None` for a command that has none.
     pub async fn snapshot_many(
         &self,
+        conn: &mut PgConnection,
         commands: &[CommandEnvelope],
     ) -> Result<Vec<Option<Snapshot>>, sqlx::Error> {
         let ids: Vec<Uuid> = commands.iter().map(|c| c.command_id).collect();
@@ -363,7 +401,7 @@ impl Store {
             .bind(&ids)
             .bind(&collections)
             .bind(&documents)
-            .fetch_all(&self.pool)
+            .fetch_all(conn)
             .await?;
         Ok(rows
             .into_iter()
@@ -377,12 +415,14 @@ impl Store {
             .collect())
     }
 
-    /// Writes a [`Plan`] of `commands` in one transaction: every status, each document's
-    /// final state (guarded by the version read), every event's outbox row (`traces[i]` for
-    /// `commands[i]`). `Ok(false)`, with nothing written, when a guard did not hold: another
-    /// writer got there first, and the run must go the one-by-one way.
+    /// Writes a [`Plan`] of `commands` on `conn` in one statement ([`commit_plan_sql`]):
+    /// every status, each document's final state (guarded by the version read), every
+    /// event's outbox row (`traces[i]` for `commands[i]`). `Ok(false)`, with nothing written,
+    /// when a guard did not hold: another writer got there first, and the run must go the
+    /// one-by-one way.
     pub async fn commit_plan(
         &self,
+        conn: &mut PgConnection,
         commands: &[CommandEnvelope],
         plan: &Plan<'_>,
         traces: &[TraceContext],
@@ -428,58 +468,8 @@ impl Store {
             versions.push(version);
             reasons.push(reason);
         }
-
-        let mut tx = self.pool.begin().await?;
-        let claimed = sqlx::query(CLAIM_MANY_SQL)
-            .bind(&ids)
-            .bind(&statuses)
-            .bind(&versions)
-            .bind(&reasons)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
-        if claimed.rows_affected() != ids.len() as u64 {
-            return Ok(false); // dropping `tx` rolls back
-        }
-        let (updates, inserts): (Vec<_>, Vec<_>) = plan
-            .documents
-            .iter()
-            .partition(|d| d.read_version.is_some());
-        if !updates.is_empty() {
-            let written = sqlx::query(UPDATE_DOCUMENTS_MANY_SQL)
-                .bind(updates.iter().map(|d| d.collection).collect::<Vec<_>>())
-                .bind(updates.iter().map(|d| d.id).collect::<Vec<_>>())
-                .bind(updates.iter().map(|d| d.read_version).collect::<Vec<_>>())
-                .bind(updates.iter().map(|d| d.version).collect::<Vec<_>>())
-                .bind(states(&updates))
-                .bind(writers(&updates))
-                .bind(now)
-                .execute(&mut *tx)
-                .await?;
-            if written.rows_affected() != updates.len() as u64 {
-                return Ok(false);
-            }
-        }
-        if !inserts.is_empty() {
-            let written = sqlx::query(
-                "INSERT INTO documents (collection, id, version, data, deleted, last_command_id, \
-                 created_at, updated_at) \
-                 SELECT collection, id, version, data, data IS NULL, command_id, $6, $6 \
-                 FROM unnest($1::text[], $2::text[], $3::int8[], $4::jsonb[], $5::uuid[]) \
-                 AS u(collection, id, version, data, command_id) \
-                 ON CONFLICT DO NOTHING",
-            )
-            .bind(inserts.iter().map(|d| d.collection).collect::<Vec<_>>())
-            .bind(inserts.iter().map(|d| d.id).collect::<Vec<_>>())
-            .bind(inserts.iter().map(|d| d.version).collect::<Vec<_>>())
-            .bind(states(&inserts))
-            .bind(writers(&inserts))
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
-            if written.rows_affected() != inserts.len() as u64 {
-                return Ok(false);
-            }
+        if ids.is_empty() {
+            return Ok(true); // every command was final already: nothing to write
         }
         let messages: Vec<NewMessage<'_>> = events
             .iter()
@@ -494,8 +484,34 @@ impl Store {
                 },
             )
             .collect();
-        outbox::enqueue_many(&mut tx, self.outbox.table(), &messages).await?;
-        tx.commit().await?;
+        let (updates, inserts): (Vec<_>, Vec<_>) = plan
+            .documents
+            .iter()
+            .partition(|d| d.read_version.is_some());
+        let query = sqlx::query(&self.commit_plan_sql)
+            .bind(&ids)
+            .bind(&statuses)
+            .bind(&versions)
+            .bind(&reasons)
+            .bind(now)
+            .bind(updates.iter().map(|d| d.collection).collect::<Vec<_>>())
+            .bind(updates.iter().map(|d| d.id).collect::<Vec<_>>())
+            .bind(updates.iter().map(|d| d.read_version).collect::<Vec<_>>())
+            .bind(updates.iter().map(|d| d.version).collect::<Vec<_>>())
+            .bind(states(&updates))
+            .bind(writers(&updates))
+            .bind(inserts.iter().map(|d| d.collection).collect::<Vec<_>>())
+            .bind(inserts.iter().map(|d| d.id).collect::<Vec<_>>())
+            .bind(inserts.iter().map(|d| d.version).collect::<Vec<_>>())
+            .bind(states(&inserts))
+            .bind(writers(&inserts));
+        match outbox::bind_many(query, &messages).execute(conn).await {
+            Ok(_) => {}
+            Err(sqlx::Error::Database(error)) if error.code().as_deref() == Some(GUARD_FAILED) => {
+                return Ok(false);
+            }
+            Err(error) => return Err(error.into()),
+        }
         if !messages.is_empty() {
             self.outbox.wake();
         }

@@ -2,21 +2,23 @@
 //!
 //! A partition's worker hands the engine every message already waiting (up to
 //! `PROCESSOR_BATCH_MAX`). The longest leading run of commands with built-in handlers (which
-//! decide synchronously, from the document alone) is handled as one batch:
+//! decide synchronously, from the document alone) is handled as one batch — a run of one
+//! included — on one connection, in two round trips:
 //!
 //! 1. one query reads every command's status and every addressed document;
 //! 2. [`plan`] decides the commands in order, in memory: a command sees the document as the
 //!    commands before it in the run left it, exactly as if they had been committed one by
 //!    one, so the outcomes (versions, conflicts, rejections) are the ones the one-by-one path
 //!    would produce;
-//! 3. one transaction writes every status, each touched document's final state (guarded by
-//!    the version read in step 1) and every event's outbox row, in order.
+//! 3. one statement (its own transaction: `apply::commit_plan_sql`) writes every status, each
+//!    touched document's final state (guarded by the version read in step 1) and every
+//!    event's outbox row, in order, and rolls all of it back if a guard did not hold.
 //!
 //! Anything unusual sends the whole run back to the one-by-one path, which has the retry,
 //! race and dead-letter handling: a command without a `commands` row, a handler that is not
 //! ready at once or errs, a change that is not an object, a database error, or a guard that
 //! did not hold (another processor wrote during a rebalance overlap). Nothing is written in
-//! those cases (the transaction rolls back), so the fallback starts from the same state.
+//! those cases (the statement rolls back), so the fallback starts from the same state.
 
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};

@@ -182,7 +182,7 @@ impl Engine {
         while done < messages.len() {
             let rest = &messages[done..];
             let run = self.batchable_run(rest);
-            if run.len() > 1 && self.handle_together(&rest[..run.len()], &run).await {
+            if !run.is_empty() && self.handle_together(&rest[..run.len()], &run).await {
                 done += run.len();
                 continue;
             }
@@ -228,7 +228,15 @@ impl Engine {
             span.record("command_id", tracing::field::display(command.command_id));
             span.record("command_type", command.command_type.as_str());
         }
-        let reads = match self.store.snapshot_many(commands).await {
+        // One connection for the read and the write: two round trips for the whole run.
+        let mut conn = match self.store.pool().acquire().await {
+            Ok(conn) => conn,
+            Err(error) => {
+                tracing::debug!(%error, "No connection for the batch; handling the commands one by one.");
+                return false;
+            }
+        };
+        let reads = match self.store.snapshot_many(&mut conn, commands).await {
             Ok(reads) => reads,
             Err(error) => {
                 tracing::debug!(%error, "Batch read failed; handling the commands one by one.");
@@ -258,7 +266,12 @@ impl Engine {
                 return false;
             }
         };
-        match self.store.commit_plan(commands, &plan, &traces).await {
+        let committed = self
+            .store
+            .commit_plan(&mut conn, commands, &plan, &traces)
+            .await;
+        drop(conn);
+        match committed {
             Ok(true) => {}
             Ok(false) => {
                 tracing::debug!(

@@ -105,7 +105,8 @@ pub struct ProcessorConfig {
     #[serde(default = "defaults::session_timeout_ms")]
     pub processor_session_timeout_ms: u64,
     /// `PROCESSOR_BATCH_MAX`: commands of one partition decided and written in one
-    /// transaction at most, when that many are waiting (`1` turns batching off). Default 128.
+    /// statement at most, when that many are waiting (`1`: one command per statement).
+    /// Default 128.
     #[serde(default = "defaults::batch_max")]
     pub processor_batch_max: usize,
 }

@@ -25,4 +25,5 @@ mod crash;
 mod outage;
 mod pipeline;
 mod plans;
+mod store;
 mod support;

@@ -2,9 +2,7 @@
 //! tables believed empty (`common::postgres`, "Plans"): there a join would scan whole indexes.
 
 use common::test_support::plans::{plan_on_empty_tables, probes};
-use processor::apply::{
-    CLAIM_MANY_SQL, SNAPSHOT_MANY_SQL, SNAPSHOT_SQL, UPDATE_DOCUMENTS_MANY_SQL,
-};
+use processor::apply::{SNAPSHOT_MANY_SQL, SNAPSHOT_SQL, commit_plan_sql};
 
 const TABLES: [&str; 2] = ["commands", "documents"];
 
@@ -25,9 +23,10 @@ async fn snapshots_probe_commands_and_documents_by_key() {
 }
 
 #[tokio::test]
-async fn batch_updates_find_their_rows_by_key() {
-    let claim = plan_on_empty_tables(&TABLES, FILL, CLAIM_MANY_SQL, 5).await;
-    probes(&claim, "commands", &["id"]).unwrap();
-    let documents = plan_on_empty_tables(&TABLES, FILL, UPDATE_DOCUMENTS_MANY_SQL, 7).await;
-    probes(&documents, "documents", &["collection", "id"]).unwrap();
+async fn batch_writes_find_their_rows_by_key() {
+    let table = common::outbox::OutboxTable::new(processor::OUTBOX_TABLE).unwrap();
+    let sql = commit_plan_sql(table);
+    let plan = plan_on_empty_tables(&TABLES, FILL, &sql, 23).await;
+    probes(&plan, "commands", &["id"]).unwrap();
+    probes(&plan, "documents", &["collection", "id"]).unwrap();
 }
