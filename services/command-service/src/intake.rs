@@ -24,8 +24,8 @@
 //! own, so one bad submission cannot fail the others, and each failure is its own error.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -54,6 +54,33 @@ pub const STORED_KEYS_SQL: &str = "SELECT k.client_id, k.key, k.fingerprint, \
      CROSS JOIN LATERAL (SELECT * FROM idempotency_keys k \
      WHERE k.client_id = t.client_id AND k.key = t.key LIMIT 1) AS k \
      WHERE k.expires_at > now()";
+
+/// Writes a batch's commands (`$1`–`$8`), their idempotency records (`$9`–`$13`, `$13` the
+/// time to live in seconds) and their outbox rows (`$14`–`$20`, as
+/// [`outbox::insert_many_sql`] takes them) in one statement: one round trip instead of two.
+static INSERT_SQL: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "WITH input AS (SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], \
+         $5::text[], $6::int8[], $7::jsonb[], $8::timestamptz[], $9::text[], $10::bytea[], \
+         $11::text[], $12::bytea[]) AS t(id, client_id, type, collection, document_id, \
+         expected_version, payload, accepted_at, key, fingerprint, location, body)), \
+         c AS (INSERT INTO commands (id, client_id, type, collection, document_id, \
+         expected_version, payload, accepted_at, updated_at) SELECT id, client_id, type, \
+         collection, document_id, expected_version, payload, accepted_at, accepted_at \
+         FROM input), \
+         k AS (INSERT INTO idempotency_keys (client_id, key, fingerprint, command_id, \
+         response_status, response_location, response_body, expires_at) \
+         SELECT client_id, key, fingerprint, id, 202, location, body, \
+         now() + make_interval(secs => $13) FROM input \
+         ON CONFLICT (client_id, key) DO UPDATE SET fingerprint = EXCLUDED.fingerprint, \
+         command_id = EXCLUDED.command_id, response_status = EXCLUDED.response_status, \
+         response_location = EXCLUDED.response_location, \
+         response_body = EXCLUDED.response_body, created_at = now(), \
+         expires_at = EXCLUDED.expires_at) \
+         {}",
+        outbox::insert_many_sql(OutboxTable::DEFAULT, 14)
+    )
+});
 
 /// A validated command request, ready to be written.
 #[derive(Debug)]
@@ -411,7 +438,8 @@ impl Writer {
             .collect())
     }
 
-    /// The commands, their idempotency records (one statement) and their outbox rows.
+    /// The commands, their idempotency records and their outbox rows, in one statement
+    /// ([`INSERT_SQL`]).
     async fn insert(
         &self,
         conn: &mut sqlx::PgConnection,
@@ -430,41 +458,6 @@ impl Writer {
         let accepted: Vec<DateTime<Utc>> = new.iter().map(|s| s.accepted_at).collect();
         let fingerprints: Vec<&[u8]> = new.iter().map(|s| s.fingerprint.as_slice()).collect();
         let bodies: Vec<&[u8]> = new.iter().map(|s| s.body.as_slice()).collect();
-        sqlx::query(
-            "WITH input AS (SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], \
-             $5::text[], $6::int8[], $7::jsonb[], $8::timestamptz[], $9::text[], $10::bytea[], \
-             $11::text[], $12::bytea[]) AS t(id, client_id, type, collection, document_id, \
-             expected_version, payload, accepted_at, key, fingerprint, location, body)), \
-             c AS (INSERT INTO commands (id, client_id, type, collection, document_id, \
-             expected_version, payload, accepted_at, updated_at) SELECT id, client_id, type, \
-             collection, document_id, expected_version, payload, accepted_at, accepted_at \
-             FROM input) \
-             INSERT INTO idempotency_keys (client_id, key, fingerprint, command_id, \
-             response_status, response_location, response_body, expires_at) \
-             SELECT client_id, key, fingerprint, id, 202, location, body, \
-             now() + make_interval(secs => $13) FROM input \
-             ON CONFLICT (client_id, key) DO UPDATE SET fingerprint = EXCLUDED.fingerprint, \
-             command_id = EXCLUDED.command_id, response_status = EXCLUDED.response_status, \
-             response_location = EXCLUDED.response_location, \
-             response_body = EXCLUDED.response_body, created_at = now(), \
-             expires_at = EXCLUDED.expires_at",
-        )
-        .bind(&ids)
-        .bind(&clients)
-        .bind(&kinds)
-        .bind(&collections)
-        .bind(&document_ids)
-        .bind(&expected)
-        .bind(&payloads)
-        .bind(&accepted)
-        .bind(&keys)
-        .bind(&fingerprints)
-        .bind(&locations)
-        .bind(&bodies)
-        .bind(self.settings.idempotency_ttl.as_secs_f64())
-        .execute(&mut *conn)
-        .await?;
-
         let message_keys: Vec<String> = new
             .iter()
             .map(|s| format!("{}/{}", s.collection, s.document_id))
@@ -482,6 +475,23 @@ impl Writer {
                 trace: &s.trace,
             })
             .collect();
-        outbox::enqueue_many(conn, OutboxTable::DEFAULT, &messages).await
+        let query = sqlx::query(&INSERT_SQL)
+            .bind(&ids)
+            .bind(&clients)
+            .bind(&kinds)
+            .bind(&collections)
+            .bind(&document_ids)
+            .bind(&expected)
+            .bind(&payloads)
+            .bind(&accepted)
+            .bind(&keys)
+            .bind(&fingerprints)
+            .bind(&locations)
+            .bind(&bodies)
+            .bind(self.settings.idempotency_ttl.as_secs_f64());
+        outbox::bind_many(query, &messages)
+            .execute(&mut *conn)
+            .await
+            .map(drop)
     }
 }

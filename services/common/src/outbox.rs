@@ -26,8 +26,11 @@
 //! across retries) keeps each key's order with full batching; throughput scales with the batch
 //! size, not the number of relays. The standbys are for availability.
 //!
-//! **Delivery.** At least once: a leader that dies after Kafka acknowledged a batch but before
-//! the delete commits has its successor publish those rows again (consumers deduplicate by
+//! **Delivery.** At least once. Acknowledged rows are deleted by the statement that reads the
+//! next batch (a data-modifying `WITH`; the read leaves them out), or by a `DELETE` of their
+//! own once no read came for [`DELETE_ACKED_AFTER`]: one round trip per batch instead of two
+//! under load. A leader that dies after Kafka acknowledged a batch but before the delete
+//! commits has its successor publish those rows again (consumers deduplicate by
 //! `command-id`); so does a database crash that loses the relay's latest deletes (they commit
 //! asynchronously: they need no WAL flush, and only ever lose a suffix, so order holds). Rows
 //! whose delivery fails stay and are retried; a failed row can be overtaken by a later row of
@@ -359,6 +362,12 @@ pub fn bind_many<'q>(
         .bind(states)
 }
 
+/// How long acknowledged rows wait to be deleted by the next batch's read before a
+/// statement of their own deletes them. Under load the next read comes within milliseconds
+/// and deletes them in the same round trip; a relay that dies meanwhile has its successor
+/// publish them again (at least once, as after any crash between acknowledgement and delete).
+pub const DELETE_ACKED_AFTER: Duration = Duration::from_millis(20);
+
 /// How a relay runs.
 #[derive(Debug, Clone)]
 pub struct RelaySettings {
@@ -531,59 +540,105 @@ impl Relay {
         listener.listen(table).await?;
         let mut quarantine = Quarantine::default();
         let mut backlog_measured: Option<Instant> = None;
+        // Acknowledged by Kafka, not deleted yet (see `relay_batch`).
+        let mut acked: Vec<i64> = Vec::new();
         loop {
             // Drain: full batches mean there is probably more.
             loop {
-                let relayed = self.relay_batch(&mut conn, &mut quarantine).await?;
+                let relayed = self
+                    .relay_batch(&mut conn, &mut quarantine, &mut acked)
+                    .await?;
                 if relayed < self.settings.batch_size as usize || shutdown.is_cancelled() {
                     break;
                 }
             }
-            // The backlog gauge (a full count) at most once per poll interval, not per drain.
+            // The backlog gauge (a full count, less the rows about to be deleted) at most once
+            // per poll interval, not per drain.
             if backlog_measured.is_none_or(|at| at.elapsed() >= self.settings.poll_interval) {
                 let backlog: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM {table}"))
                     .fetch_one(&mut conn)
                     .await?;
+                let backlog = backlog.saturating_sub(acked.len() as i64).max(0);
                 metrics::gauge!(OUTBOX_BACKLOG, "service" => service, "table" => table)
                     .set(backlog as f64);
                 backlog_measured = Some(Instant::now());
             }
-            let local = async {
-                match &self.waker {
-                    Some(waker) => waker.0.local.notified().await,
-                    None => std::future::pending().await,
+            let poll = tokio::time::sleep(self.settings.poll_interval);
+            tokio::pin!(poll);
+            let delete_after = tokio::time::sleep(DELETE_ACKED_AFTER);
+            tokio::pin!(delete_after);
+            loop {
+                let local = async {
+                    match &self.waker {
+                        Some(waker) => waker.0.local.notified().await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    () = shutdown.cancelled() => {
+                        self.delete_acked(&mut conn, &mut acked).await?;
+                        return Ok(());
+                    }
+                    notification = listener.recv() => {
+                        notification?;
+                        // One drain serves every notification already received.
+                        while listener.next_buffered().is_some() {}
+                        break;
+                    }
+                    () = local => break,
+                    () = &mut poll => break,
+                    () = &mut delete_after, if !acked.is_empty() => {
+                        self.delete_acked(&mut conn, &mut acked).await?;
+                    }
                 }
-            };
-            tokio::select! {
-                () = shutdown.cancelled() => return Ok(()),
-                notification = listener.recv() => {
-                    notification?;
-                    // One drain serves every notification already received.
-                    while listener.next_buffered().is_some() {}
-                }
-                () = local => {}
-                () = tokio::time::sleep(self.settings.poll_interval) => {}
             }
         }
     }
 
-    /// Publishes the oldest rows and deletes the acknowledged ones; returns how many rows were
-    /// read.
+    /// Deletes the rows of `acked` (acknowledged by Kafka) now, when no batch read is coming
+    /// to do it (see [`Self::relay_batch`]).
+    async fn delete_acked(
+        &self,
+        conn: &mut PgConnection,
+        acked: &mut Vec<i64>,
+    ) -> Result<(), RelayError> {
+        if !acked.is_empty() {
+            sqlx::query(&format!(
+                "DELETE FROM {} WHERE id = ANY($1)",
+                self.settings.table.name()
+            ))
+            .bind(&*acked)
+            .execute(&mut *conn)
+            .await?;
+            acked.clear();
+        }
+        Ok(())
+    }
+
+    /// Publishes the oldest rows; returns how many rows were read. The rows Kafka
+    /// acknowledged are added to `acked` and deleted by the statement that reads the next
+    /// batch (one round trip for both; that read leaves them out, as its snapshot still shows
+    /// them) or, if none comes within [`DELETE_ACKED_AFTER`], by [`Self::delete_acked`].
     async fn relay_batch(
         &self,
         conn: &mut PgConnection,
         quarantine: &mut Quarantine,
+        acked: &mut Vec<i64>,
     ) -> Result<usize, RelayError> {
         let (service, table) = (self.settings.service, self.settings.table.name());
         let started = Instant::now();
         let rows: Vec<Row> = sqlx::query_as(&format!(
-            "SELECT id, topic, message_key, message_type, command_id, payload::text AS payload, \
-             traceparent, tracestate FROM {table} WHERE NOT (topic = ANY($2)) ORDER BY id LIMIT $1"
+            "WITH deleted AS (DELETE FROM {table} WHERE id = ANY($3)) \
+             SELECT id, topic, message_key, message_type, command_id, payload::text AS payload, \
+             traceparent, tracestate FROM {table} \
+             WHERE NOT (topic = ANY($2)) AND NOT (id = ANY($3)) ORDER BY id LIMIT $1"
         ))
         .bind(i64::from(self.settings.batch_size))
         .bind(quarantine.topics())
+        .bind(&*acked)
         .fetch_all(&mut *conn)
         .await?;
+        acked.clear();
         if rows.is_empty() {
             return Ok(0);
         }
@@ -596,7 +651,7 @@ impl Relay {
             .filter(|r| !missing.contains(&r.topic))
             .collect();
         let span = tracing::debug_span!("outbox.relay_batch", table, rows = sendable.len());
-        let (acked, failed, missing_on_send) = self.publish(&sendable).instrument(span).await;
+        let (delivered, failed, missing_on_send) = self.publish(&sendable).instrument(span).await;
         for topic in missing_on_send {
             if !missing.contains(&topic) {
                 missing.push(topic);
@@ -614,14 +669,8 @@ impl Relay {
             );
             quarantine.add(topic.clone());
         }
-        if !acked.is_empty() {
-            sqlx::query(&format!("DELETE FROM {table} WHERE id = ANY($1)"))
-                .bind(&acked)
-                .execute(&mut *conn)
-                .await?;
-        }
         metrics::counter!(OUTBOX_RELAYED_TOTAL, "service" => service, "table" => table)
-            .increment(acked.len() as u64);
+            .increment(delivered.len() as u64);
         if failed > 0 {
             metrics::counter!(OUTBOX_RELAY_FAILURES_TOTAL, "service" => service, "table" => table)
                 .increment(failed as u64);
@@ -630,9 +679,10 @@ impl Relay {
             .record(started.elapsed().as_secs_f64());
         // Rows of a missing topic are not a relay failure (they wait in quarantine); anything
         // else that made a whole batch fail is, and restarts the relay with back-off.
-        if acked.is_empty() && missing.is_empty() {
+        if delivered.is_empty() && missing.is_empty() {
             return Err(RelayError::Delivery(read));
         }
+        acked.extend(delivered);
         Ok(read)
     }
 
@@ -792,7 +842,9 @@ mod tests {
     fn the_batch_insert_numbers_its_seven_parameters_from_the_one_given() {
         let sql = insert_many_sql(OutboxTable::DEFAULT, 17);
         assert!(sql.starts_with("INSERT INTO outbox "));
-        let numbered: Vec<usize> = (1..30).filter(|i| sql.contains(&format!("${i}:"))).collect();
+        let numbered: Vec<usize> = (1..30)
+            .filter(|i| sql.contains(&format!("${i}:")))
+            .collect();
         assert_eq!(numbered, (17..=23).collect::<Vec<_>>());
         assert!(sql.ends_with("ORDER BY n"));
     }
