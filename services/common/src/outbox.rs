@@ -27,9 +27,9 @@
 //! size, not the number of relays. The standbys are for availability.
 //!
 //! **Delivery.** At least once. Acknowledged rows are deleted by the statement that reads the
-//! next batch (a data-modifying `WITH`; the read leaves them out), or by a `DELETE` of their
-//! own once no read came for [`DELETE_ACKED_AFTER`]: one round trip per batch instead of two
-//! under load. A leader that dies after Kafka acknowledged a batch but before the delete
+//! next batch (a data-modifying `WITH`; the read leaves them out; small batches only, see
+//! [`FOLD_DELETES_UP_TO`]), or by a `DELETE` of their own once no read came for
+//! [`DELETE_ACKED_AFTER`]: one round trip per batch instead of two at moderate rates. A leader that dies after Kafka acknowledged a batch but before the delete
 //! commits has its successor publish those rows again (consumers deduplicate by
 //! `command-id`); so does a database crash that loses the relay's latest deletes (they commit
 //! asynchronously: they need no WAL flush, and only ever lose a suffix, so order holds). Rows
@@ -368,6 +368,14 @@ pub fn bind_many<'q>(
 /// publish them again (at least once, as after any crash between acknowledgement and delete).
 pub const DELETE_ACKED_AFTER: Duration = Duration::from_millis(20);
 
+/// Acknowledged rows deleted by the next batch's read at most; more get a `DELETE` of their
+/// own first. The read leaves the rows it deletes out by comparing each row it passes with
+/// every one of them (`NOT (id = ANY($3))`: a parameter array is not hashed), which for full
+/// batches of 500 cost more than the round trip saved (the relay phase of `just
+/// bench-pipeline`, alternating: 43–57k against 52–83k rows/s). Under a latency-bound load
+/// batches are a few rows, and those are the round trips worth saving.
+pub const FOLD_DELETES_UP_TO: usize = 32;
+
 /// How a relay runs.
 #[derive(Debug, Clone)]
 pub struct RelaySettings {
@@ -618,7 +626,8 @@ impl Relay {
     /// Publishes the oldest rows; returns how many rows were read. The rows Kafka
     /// acknowledged are added to `acked` and deleted by the statement that reads the next
     /// batch (one round trip for both; that read leaves them out, as its snapshot still shows
-    /// them) or, if none comes within [`DELETE_ACKED_AFTER`], by [`Self::delete_acked`].
+    /// them; up to [`FOLD_DELETES_UP_TO`] rows) or, if none comes within
+    /// [`DELETE_ACKED_AFTER`], by [`Self::delete_acked`].
     async fn relay_batch(
         &self,
         conn: &mut PgConnection,
@@ -627,6 +636,9 @@ impl Relay {
     ) -> Result<usize, RelayError> {
         let (service, table) = (self.settings.service, self.settings.table.name());
         let started = Instant::now();
+        if acked.len() > FOLD_DELETES_UP_TO {
+            self.delete_acked(conn, acked).await?;
+        }
         let rows: Vec<Row> = sqlx::query_as(&format!(
             "WITH deleted AS (DELETE FROM {table} WHERE id = ANY($3)) \
              SELECT id, topic, message_key, message_type, command_id, payload::text AS payload, \
