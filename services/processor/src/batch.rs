@@ -200,7 +200,6 @@ mod tests {
     use super::*;
     use crate::handler::{Handlers, Invocation};
     use common::outbox::TraceContext;
-    use futures::FutureExt as _;
     use serde_json::json;
 
     fn command(kind: &str, id: &str, expected: Option<i64>, payload: Value) -> CommandEnvelope {
@@ -234,15 +233,11 @@ mod tests {
         let handlers = Handlers::built_in();
         let trace = TraceContext::default();
         plan(commands, reads, |i, current| {
-            handlers
-                .get(&commands[i].command_type)?
-                .handler
-                .handle(Invocation {
-                    command: &commands[i],
-                    current,
-                    trace: &trace,
-                })
-                .now_or_never()
+            handlers.decide_now(Invocation {
+                command: &commands[i],
+                current,
+                trace: &trace,
+            })
         })
     }
 

@@ -34,7 +34,6 @@ use common::metrics::{
 };
 use common::outbox::TraceContext;
 use common::shutdown::CancellationToken;
-use futures::FutureExt as _;
 use rdkafka::Message;
 use rdkafka::message::{Header, Headers, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -245,16 +244,12 @@ impl Engine {
         };
         let planned = batch::plan(commands, reads, |index, current| {
             let command = &commands[index];
-            let registered = self.handlers.get(&command.command_type)?;
             let started = Instant::now();
-            let decided = registered
-                .handler
-                .handle(Invocation {
-                    command,
-                    current,
-                    trace: &traces[index],
-                })
-                .now_or_never();
+            let decided = self.handlers.decide_now(Invocation {
+                command,
+                current,
+                trace: &traces[index],
+            });
             metrics::histogram!(COMMAND_HANDLER_DURATION_SECONDS, "service" => NAME, "type" => command.command_type.clone())
                 .record(started.elapsed().as_secs_f64());
             decided

@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use common::envelope::CommandEnvelope;
 use common::outbox::TraceContext;
+use futures::FutureExt as _;
 use futures::future::BoxFuture;
 use serde_json::Value;
 
@@ -248,6 +249,15 @@ impl Handlers {
     /// The handler of `command_type`, if one is registered.
     pub fn get(&self, command_type: &str) -> Option<&Registered> {
         self.0.get(command_type)
+    }
+
+    /// Runs `call.command`'s handler and returns its decision if it is ready at once (the
+    /// built-ins always are); `None` when no handler is registered or it would have to wait.
+    pub fn decide_now(&self, call: Invocation<'_>) -> Option<Result<Change, HandlerError>> {
+        self.get(&call.command.command_type)?
+            .handler
+            .handle(call)
+            .now_or_never()
     }
 }
 

@@ -5,7 +5,6 @@ use common::config::{PostgresConfig, Vars};
 use common::envelope::CommandEnvelope;
 use common::outbox::{OutboxTable, TraceContext, Waker};
 use common::postgres::Postgres;
-use futures::FutureExt as _;
 use processor::apply::Store;
 use processor::batch;
 use processor::handler::{Handlers, Invocation};
@@ -70,15 +69,11 @@ impl Fixture {
         let mut conn = self.pool.acquire().await.unwrap();
         let reads = self.store.snapshot_many(&mut conn, commands).await.unwrap();
         let plan = batch::plan(commands, reads, |i, current| {
-            handlers
-                .get(&commands[i].command_type)?
-                .handler
-                .handle(Invocation {
-                    command: &commands[i],
-                    current,
-                    trace: &trace,
-                })
-                .now_or_never()
+            handlers.decide_now(Invocation {
+                command: &commands[i],
+                current,
+                trace: &trace,
+            })
         })
         .unwrap();
         if !meanwhile.is_empty() {
