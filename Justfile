@@ -86,7 +86,7 @@ crds:
 
 # The pipeline benchmark (release build, local dependencies): accepted commands/s, relayed
 # events/s, end-to-end latency at 1,000 commands/s and at the highest sustained rate.
-bench-pipeline: build-deps target-trim deps-up
+bench-pipeline: build-deps target-trim (deps-up "postgres" "redis" "kafka")
     eval "$(bash e2e/deps.sh env)" && cargo bench --locked -p cache-updater --bench pipeline
 
 # Hub benchmark (release, two hubs on the local Redis): memory per idle connection at 10k/50k, deliveries/s to one room with 10k subscribers, publish→deliver p99 across replicas.
