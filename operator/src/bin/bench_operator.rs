@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use backon::Retryable as _;
+use common::procstat::CpuSnapshot;
 use futures::{StreamExt as _, TryStreamExt as _};
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Secret};
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
@@ -323,91 +324,6 @@ fn write_counters(body: &str, metric: &str) -> BTreeMap<String, f64> {
         }
     }
     out
-}
-
-/// CPU time of every process (`utime + stime` from `/proc/<pid>/stat`, in clock ticks) by
-/// pid, with its name, and the machine's busy and total ticks (`/proc/stat`).
-struct CpuSnapshot {
-    processes: BTreeMap<u32, (String, u64)>,
-    busy: u64,
-    total: u64,
-    cores: usize,
-}
-
-impl CpuSnapshot {
-    fn take() -> Self {
-        let mut processes = BTreeMap::new();
-        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-            let Some(pid) = entry
-                .file_name()
-                .to_str()
-                .and_then(|n| n.parse::<u32>().ok())
-            else {
-                continue;
-            };
-            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-                continue;
-            };
-            // `pid (comm) state ppid …`: comm may hold spaces, so split at the last ')'.
-            let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
-                continue;
-            };
-            let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
-            // After the comm: field 3 (state) is index 0, utime (14) 11, stime (15) 12.
-            let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<u64>().ok());
-            if let (Some(user), Some(system)) = (ticks(11), ticks(12)) {
-                processes.insert(pid, (stat[open + 1..close].to_owned(), user + system));
-            }
-        }
-        let machine = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-        let times: Vec<u64> = machine
-            .lines()
-            .find(|l| l.starts_with("cpu "))
-            .map(|l| {
-                l.split_whitespace()
-                    .skip(1)
-                    .filter_map(|v| v.parse().ok())
-                    .collect()
-            })
-            .unwrap_or_default();
-        // user nice system idle iowait irq softirq steal: idle and iowait are not busy.
-        let total: u64 = times.iter().take(8).sum();
-        let idle = times.get(3).copied().unwrap_or(0) + times.get(4).copied().unwrap_or(0);
-        let cores = machine
-            .lines()
-            .filter(|l| l.starts_with("cpu") && !l.starts_with("cpu "))
-            .count();
-        Self {
-            processes,
-            busy: total.saturating_sub(idle),
-            total,
-            cores: cores.max(1),
-        }
-    }
-
-    /// Since `before`: each process name's CPU as a share of one core (processes that
-    /// started in between count whole, ones that ended are missing), largest first, and the
-    /// machine's idle share.
-    fn since(&self, before: &Self) -> (Vec<(String, f64)>, f64) {
-        let total = self.total.saturating_sub(before.total).max(1) as f64;
-        let core = total / self.cores as f64;
-        let mut by_name: BTreeMap<&str, u64> = BTreeMap::new();
-        for (pid, (name, ticks)) in &self.processes {
-            let earlier = match before.processes.get(pid) {
-                Some((old, ticks)) if old == name => *ticks,
-                _ => 0,
-            };
-            *by_name.entry(name).or_default() += ticks.saturating_sub(earlier);
-        }
-        let mut shares: Vec<(String, f64)> = by_name
-            .into_iter()
-            .map(|(name, ticks)| (name.to_owned(), ticks as f64 / core))
-            .filter(|(_, share)| *share >= 0.005)
-            .collect();
-        shares.sort_by(|a, b| b.1.total_cmp(&a.1));
-        let busy = self.busy.saturating_sub(before.busy) as f64;
-        (shares, 1.0 - busy / total)
-    }
 }
 
 fn peak_rss_kib(pid: u32) -> u64 {

@@ -17,7 +17,8 @@
 //! 3. **End-to-end latency** at a fixed offered rate (open loop: commands are sent on schedule
 //!    whether or not earlier ones finished): from the `202` of a command to the moment a Redis
 //!    subscriber on the collection's room channel receives the cache updater's notification of
-//!    its event. Recorded in an HDR histogram.
+//!    its event. Recorded in an HDR histogram. Also printed: the CPU each process used
+//!    meanwhile (`/proc`), and how idle the machine was.
 //!
 //! 4. **Highest sustained rate**: the same at increasing offered rates; a rate is sustained
 //!    when the command service accepted at least 95 % of the offered rate, every notification
@@ -44,6 +45,7 @@ use common::config::{KafkaConfig, Vars};
 use common::envelope::EventEnvelope;
 use common::kafka;
 use common::outbox::{OutboxTable, Relay, RelaySettings};
+use common::procstat::{self, CpuSnapshot};
 use common::rooms::Publication;
 use common::service::Service;
 use common::shutdown::CancellationToken;
@@ -686,6 +688,9 @@ async fn main() {
     )
     .await;
 
+    let cpu_before = tokio::task::spawn_blocking(CpuSnapshot::take)
+        .await
+        .unwrap();
     let fixed = open_loop(
         &commands,
         &stack,
@@ -696,10 +701,17 @@ async fn main() {
         tap.as_ref(),
     )
     .await;
+    let cpu = tokio::task::spawn_blocking(CpuSnapshot::take)
+        .await
+        .unwrap();
     println!(
         "end-to-end            {}   target p99 <= {TARGET_P99_MS:.0} ms at {FIXED_RATE}/s: {}",
         fixed.line(),
         verdict(fixed_rate == FIXED_RATE && fixed.sustained() && fixed.ms(0.99) <= TARGET_P99_MS)
+    );
+    println!(
+        "  cpu at {fixed_rate}/s       (share of one core, this process = services + load generator) {}",
+        procstat::describe(&cpu.since(&cpu_before))
     );
 
     let mut best = fixed.sustained().then_some(fixed);

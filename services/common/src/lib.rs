@@ -38,6 +38,8 @@ pub mod metrics;
 pub mod outbox;
 pub mod postgres;
 pub mod problem;
+#[cfg(feature = "procstat")]
+pub mod procstat;
 pub mod readmodel;
 pub mod redis;
 pub mod retry;
