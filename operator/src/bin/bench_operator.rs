@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use backon::Retryable as _;
-use common::procstat::CpuSnapshot;
+use common::procstat::{self, CpuSnapshot};
 use futures::{StreamExt as _, TryStreamExt as _};
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Secret};
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
@@ -181,15 +181,10 @@ impl Result_ {
             );
         }
         let (shares, idle) = &self.ramp_cpu;
-        let top: Vec<String> = shares
-            .iter()
-            .take(10)
-            .map(|(name, share)| format!("{name} {:.0} %", share * 100.0))
-            .collect();
+        let top = (shares.iter().take(10).cloned().collect(), *idle);
         println!(
-            "         CPU until Ready (share of one core): {}; machine idle {:.1} %",
-            top.join(", "),
-            idle * 100.0
+            "         CPU until Ready (share of one core): {}",
+            procstat::describe(&top)
         );
         println!(
             "         operator peak RSS {:.1} MiB (target ≤ 64 MiB — {})",

@@ -29,8 +29,9 @@
 //! **Delivery.** At least once. Acknowledged rows are deleted by the statement that reads the
 //! next batch (a data-modifying `WITH`; the read leaves them out; small batches only, see
 //! [`FOLD_DELETES_UP_TO`]), or by a `DELETE` of their own once no read came for
-//! [`DELETE_ACKED_AFTER`]: one round trip per batch instead of two at moderate rates. A leader that dies after Kafka acknowledged a batch but before the delete
-//! commits has its successor publish those rows again (consumers deduplicate by
+//! [`DELETE_ACKED_AFTER`]: one round trip per batch instead of two at moderate rates. A
+//! leader that dies after Kafka acknowledged a batch but before the delete commits has its
+//! successor publish those rows again (consumers deduplicate by
 //! `command-id`); so does a database crash that loses the relay's latest deletes (they commit
 //! asynchronously: they need no WAL flush, and only ever lose a suffix, so order holds). Rows
 //! whose delivery fails stay and are retried; a failed row can be overtaken by a later row of
@@ -313,21 +314,19 @@ pub async fn enqueue_many(
 /// `$first`, for a writer that makes it part of a larger statement (a data-modifying `WITH`
 /// clause); bind them with [`bind_many`]. Rows are inserted in the arrays' order.
 pub fn insert_many_sql(table: OutboxTable, first: usize) -> String {
-    let p: Vec<String> = (first..first + 7).map(|i| format!("${i}")).collect();
+    let arrays: Vec<String> = ["text", "text", "text", "uuid", "jsonb", "text", "text"]
+        .iter()
+        .enumerate()
+        .map(|(i, kind)| format!("${}::{kind}[]", first + i))
+        .collect();
     format!(
         "INSERT INTO {} (topic, message_key, message_type, command_id, payload, traceparent, tracestate) \
          SELECT topic, message_key, message_type, command_id, payload, traceparent, tracestate \
-         FROM unnest({}::text[], {}::text[], {}::text[], {}::uuid[], {}::jsonb[], {}::text[], {}::text[]) \
+         FROM unnest({}) \
          WITH ORDINALITY AS t(topic, message_key, message_type, command_id, payload, traceparent, tracestate, n) \
          ORDER BY n",
         table.name(),
-        p[0],
-        p[1],
-        p[2],
-        p[3],
-        p[4],
-        p[5],
-        p[6]
+        arrays.join(", ")
     )
 }
 
