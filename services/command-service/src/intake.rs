@@ -31,10 +31,11 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use common::metrics::COMMANDS_BATCH_SIZE;
 use common::outbox::{self, NewMessage, OutboxTable, TraceContext, Waker};
+use common::postgres::HeldConnection;
 use common::shutdown::CancellationToken;
 use serde_json::Value;
-use sqlx::PgPool;
 use sqlx::types::Json;
+use sqlx::{Connection as _, PgPool};
 use tokio::sync::{Mutex, Notify, mpsc, oneshot};
 use tracing::Instrument as _;
 use uuid::Uuid;
@@ -224,11 +225,13 @@ impl Intake {
                 shutdown.clone(),
             );
             tasks.spawn(async move {
+                // Kept between batches (see `HeldConnection`).
+                let mut conn = HeldConnection::new(writer.pool.clone());
                 while let Some(batch) =
-                    next_batch(&queue, &writer.settings, &running, &shutdown).await
+                    next_batch(&queue, &writer.settings, &running, &mut conn, &shutdown).await
                 {
                     running.count.fetch_add(1, Ordering::AcqRel);
-                    writer.write(batch).await;
+                    writer.write(batch, &mut conn).await;
                     running.count.fetch_sub(1, Ordering::AcqRel);
                     running.ended.notify_waiters();
                 }
@@ -249,20 +252,28 @@ struct Running {
 
 /// Waits for one job, then takes every job queued, up to `settings.max_batch`: those already
 /// waiting and, while another writer's transaction runs, those that arrive until it ends or
-/// `settings.share` has passed. `None` on shutdown before the first job.
+/// `settings.share` has passed. `None` on shutdown before the first job. Until the first job
+/// comes, `conn` goes back to the pool once idle for long enough.
 async fn next_batch(
     queue: &Mutex<mpsc::Receiver<Job>>,
     settings: &IntakeSettings,
     running: &Running,
+    conn: &mut HeldConnection,
     shutdown: &CancellationToken,
 ) -> Option<Vec<Job>> {
-    let mut queue = tokio::select! {
-        () = shutdown.cancelled() => return None,
-        queue = queue.lock() => queue,
+    let mut queue = loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return None,
+            queue = queue.lock() => break queue,
+            () = conn.release_when_idle() => {}
+        }
     };
-    let first = tokio::select! {
-        () = shutdown.cancelled() => return None,
-        job = queue.recv() => job?,
+    let first = loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return None,
+            job = queue.recv() => break job?,
+            () = conn.release_when_idle() => {}
+        }
     };
     let mut batch = vec![first];
     let share_until = tokio::time::Instant::now() + settings.share;
@@ -315,7 +326,7 @@ struct Stored {
 }
 
 impl Writer {
-    async fn write(&self, batch: Vec<Job>) {
+    async fn write(&self, batch: Vec<Job>, conn: &mut HeldConnection) {
         metrics::histogram!(COMMANDS_BATCH_SIZE, "service" => NAME).record(batch.len() as f64);
         // A key repeated within the batch: the first occurrence is "in progress" for the rest.
         let mut seen = HashSet::with_capacity(batch.len());
@@ -330,14 +341,14 @@ impl Writer {
         }
         let submissions: Vec<&Submission> = jobs.iter().map(|j| &j.submission).collect();
         let span = tracing::debug_span!("commands.write_batch", size = submissions.len());
-        match self.transact(&submissions).instrument(span).await {
+        match self.transact(conn, &submissions).instrument(span).await {
             Ok(outcomes) => {
                 self.finish(jobs.into_iter().zip(outcomes));
             }
             Err(error) if jobs.len() > 1 => {
                 tracing::warn!(%error, size = jobs.len(), "A batch of commands failed; writing them one by one.");
                 for job in jobs {
-                    let outcome = match self.transact(&[&job.submission]).await {
+                    let outcome = match self.transact(conn, &[&job.submission]).await {
                         // One submission in, one outcome out.
                         Ok(mut outcomes) => outcomes.pop().unwrap_or(Ok(Outcome::Accepted)),
                         Err(error) => Err(ApiError::Database(error)),
@@ -365,12 +376,28 @@ impl Writer {
         }
     }
 
-    /// One transaction for `submissions` (no repeated keys); one outcome each, in order.
+    /// One transaction for `submissions` (no repeated keys) on `conn`; one outcome each, in
+    /// order. After a failure the connection goes back to the pool (which checks it).
     async fn transact(
         &self,
+        conn: &mut HeldConnection,
         submissions: &[&Submission],
     ) -> Result<Vec<Result<Outcome, ApiError>>, sqlx::Error> {
-        let mut tx = self.pool.begin().await?;
+        let transacted = self.transact_on(conn, submissions).await;
+        match transacted {
+            Ok(_) => conn.done(),
+            Err(_) => conn.release(),
+        }
+        transacted
+    }
+
+    /// [`Self::transact`] on `held`.
+    async fn transact_on(
+        &self,
+        held: &mut HeldConnection,
+        submissions: &[&Submission],
+    ) -> Result<Vec<Result<Outcome, ApiError>>, sqlx::Error> {
+        let mut tx = held.get().await?.begin().await?;
         let locks: Vec<String> = submissions.iter().map(|s| s.lock_name()).collect();
         let locked: Vec<(i64, bool)> = sqlx::query_as(
             "SELECT i, pg_try_advisory_xact_lock(hashtextextended(name, 0)) \

@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use common::kafka::ensure_topics;
 use common::metrics::KAFKA_CONSUMER_LAG;
-use common::postgres::Postgres;
+use common::postgres::{HeldConnection, Postgres};
 use common::shutdown::CancellationToken;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::OwnedMessage;
@@ -145,7 +145,8 @@ pub async fn run(
 }
 
 /// One partition's messages, in order: whatever is waiting (up to `batch_max`) is handled
-/// together, and the offset of the last message handled is stored.
+/// together, and the offset of the last message handled is stored. The worker keeps its
+/// database connection between batches (see [`HeldConnection`]).
 async fn work(
     mut messages: mpsc::Receiver<OwnedMessage>,
     consumer: Arc<StreamConsumer>,
@@ -154,6 +155,7 @@ async fn work(
     shutdown: CancellationToken,
 ) {
     let mut batch = Vec::with_capacity(batch_max);
+    let mut conn = HeldConnection::new(engine.pool().clone());
     loop {
         let first = tokio::select! {
             () = shutdown.cancelled() => return,
@@ -161,6 +163,7 @@ async fn work(
                 Some(message) => message,
                 None => return,
             },
+            () = conn.release_when_idle() => continue,
         };
         batch.push(first);
         while batch.len() < batch_max {
@@ -169,7 +172,7 @@ async fn work(
                 Err(_) => break,
             }
         }
-        let done = engine.handle_all(&batch, &shutdown).await;
+        let done = engine.handle_all(&batch, &mut conn, &shutdown).await;
         if let Some(last) = batch[..done].last()
             && let Err(error) = consumer.store_offset(last.topic(), last.partition(), last.offset())
         {

@@ -33,6 +33,7 @@ use common::metrics::{
     COMMANDS_PROCESSED_TOTAL, PROCESSOR_BATCH_SIZE,
 };
 use common::outbox::TraceContext;
+use common::postgres::HeldConnection;
 use common::shutdown::CancellationToken;
 use rdkafka::Message;
 use rdkafka::message::{Header, Headers, OwnedHeaders, OwnedMessage};
@@ -167,21 +168,29 @@ impl Engine {
         }
     }
 
+    /// The database pool the engine's store writes through.
+    pub fn pool(&self) -> &sqlx::PgPool {
+        self.store.pool()
+    }
+
     /// Processes consecutive messages of one partition in order, each to its final outcome;
     /// returns how many were (fewer than all only when `shutdown` interrupted, and then the
     /// rest must not have their offsets stored). Leading runs of commands with built-in
     /// handlers are decided and written together (see [`crate::batch`]); the others, and any
     /// run the batch path hands back, go one by one through [`Self::handle`].
+    ///
+    /// Batches are read and written on `conn` (the worker's, kept between batches).
     pub async fn handle_all(
         &self,
         messages: &[OwnedMessage],
+        conn: &mut HeldConnection,
         shutdown: &CancellationToken,
     ) -> usize {
         let mut done = 0;
         while done < messages.len() {
             let rest = &messages[done..];
             let run = self.batchable_run(rest);
-            if !run.is_empty() && self.handle_together(&rest[..run.len()], &run).await {
+            if !run.is_empty() && self.handle_together(&rest[..run.len()], &run, conn).await {
                 done += run.len();
                 continue;
             }
@@ -216,6 +225,24 @@ impl Engine {
         &self,
         messages: &[OwnedMessage],
         commands: &[CommandEnvelope],
+        held: &mut HeldConnection,
+    ) -> bool {
+        let together = self.write_together(messages, commands, held).await;
+        if together {
+            held.done();
+        } else {
+            // Whatever went wrong, the connection may be the cause: the pool checks it.
+            held.release();
+        }
+        together
+    }
+
+    /// [`Self::handle_together`] on `held`.
+    async fn write_together(
+        &self,
+        messages: &[OwnedMessage],
+        commands: &[CommandEnvelope],
+        held: &mut HeldConnection,
     ) -> bool {
         let spans: Vec<tracing::Span> = messages.iter().map(command_span).collect();
         let traces: Vec<TraceContext> = spans
@@ -228,14 +255,14 @@ impl Engine {
             span.record("command_type", command.command_type.as_str());
         }
         // One connection for the read and the write: two round trips for the whole run.
-        let mut conn = match self.store.pool().acquire().await {
+        let conn = match held.get().await {
             Ok(conn) => conn,
             Err(error) => {
                 tracing::debug!(%error, "No connection for the batch; handling the commands one by one.");
                 return false;
             }
         };
-        let reads = match self.store.snapshot_many(&mut conn, commands).await {
+        let reads = match self.store.snapshot_many(conn, commands).await {
             Ok(reads) => reads,
             Err(error) => {
                 tracing::debug!(%error, "Batch read failed; handling the commands one by one.");
@@ -261,11 +288,7 @@ impl Engine {
                 return false;
             }
         };
-        let committed = self
-            .store
-            .commit_plan(&mut conn, commands, &plan, &traces)
-            .await;
-        drop(conn);
+        let committed = self.store.commit_plan(conn, commands, &plan, &traces).await;
         match committed {
             Ok(true) => {}
             Ok(false) => {

@@ -1,6 +1,8 @@
+#![allow(clippy::unwrap_used, clippy::panic)] // test helpers: failing loudly is the point
+
 use common::config::{PostgresConfig, Vars};
 use common::health::Check;
-use common::postgres::Postgres;
+use common::postgres::{HOLD_IDLE_FOR, HeldConnection, Postgres};
 use common::test_support::Deps;
 use common::test_support::plans::{plan_on_empty_tables, probes};
 use sqlx::Connection;
@@ -38,6 +40,93 @@ async fn a_login_role_can_be_created_and_used() {
         .execute(admin.pool())
         .await
         .unwrap();
+}
+
+async fn backend_pid(held: &mut HeldConnection) -> i32 {
+    sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(held.get().await.unwrap())
+        .await
+        .unwrap()
+}
+
+/// A held connection stays the same session across uses, goes back to the pool when idle,
+/// when the pool has none left for others and when released after an error — and one whose
+/// session died is replaced, not handed out again.
+#[tokio::test]
+async fn a_held_connection_is_kept_between_uses_and_given_back_when_others_need_it() {
+    let config: PostgresConfig = Vars::from_env()
+        .with("DATABASE_MAX_CONNECTIONS", "2")
+        .parse()
+        .unwrap();
+    let postgres = Postgres::connect_lazy(&config).unwrap();
+    let pool = postgres.pool().clone();
+    let mut held = HeldConnection::new(pool.clone());
+    assert!(!held.is_held());
+
+    // Kept: the same session for back-to-back uses, while the pool can still open another.
+    let first = backend_pid(&mut held).await;
+    held.done();
+    assert!(held.is_held());
+    assert_eq!(backend_pid(&mut held).await, first);
+    held.done();
+    assert!(held.is_held());
+
+    // Given back after a while with nothing to do.
+    tokio::time::timeout(HOLD_IDLE_FOR * 5, held.release_when_idle())
+        .await
+        .expect("an idle held connection goes back to the pool");
+    assert!(!held.is_held());
+    wait_until_idle(&pool, 1).await;
+
+    // Given back at once when the pool is exhausted: the other connection is taken.
+    let other = pool.acquire().await.unwrap();
+    backend_pid(&mut held).await;
+    held.done();
+    assert!(!held.is_held(), "the pool had no idle connection left");
+    drop(other);
+
+    // A session that died is not kept: released after the error, the pool checks and closes
+    // it, and the next use gets a live one.
+    let doomed = backend_pid(&mut held).await;
+    sqlx::query("SELECT pg_terminate_backend($1)")
+        .bind(doomed)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let failed = loop {
+        // The terminated backend's socket closes asynchronously.
+        match sqlx::query("SELECT 1")
+            .execute(held.get().await.unwrap())
+            .await
+        {
+            Ok(_) => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
+            Err(error) => break error,
+        }
+    };
+    assert!(
+        matches!(
+            failed,
+            sqlx::Error::Io(_) | sqlx::Error::Protocol(_) | sqlx::Error::Database(_)
+        ),
+        "{failed:?}"
+    );
+    held.release();
+    let replaced = backend_pid(&mut held).await;
+    assert_ne!(replaced, doomed);
+}
+
+/// Waits until `pool` has `idle` idle connections (a returned connection is checked first).
+async fn wait_until_idle(pool: &sqlx::PgPool, idle: usize) {
+    for _ in 0..100 {
+        if pool.num_idle() >= idle {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    panic!(
+        "the pool has {} idle connections, not {idle}",
+        pool.num_idle()
+    );
 }
 
 /// The services' sessions plan each statement once, with index access and nested loops only.
