@@ -2,10 +2,10 @@
 //!
 //! Handlers validate and prepare a [`Submission`] (command id, envelope, the exact `202` body)
 //! and hand it to [`Intake::submit`]. A few writer tasks take whatever submissions are queued
-//! — up to `COMMANDS_BATCH_MAX` — and write them in **one transaction**: the idempotency locks,
-//! the lookup of live records, the commands, their idempotency records and their outbox rows,
-//! each as one statement for the whole batch, then one commit (one WAL flush). Every
-//! submission gets its own answer. An idle service writes batches of one with no added
+//! — up to `COMMANDS_BATCH_MAX` — and write them in **one statement** ([`INTAKE_SQL`], its own
+//! transaction: one round trip and one WAL flush for the batch): the idempotency claims (lock,
+//! then live record), and the commands, their idempotency records and their outbox rows of
+//! the submissions whose claim came back free. Every submission gets its own answer. An idle service writes batches of one with no added
 //! latency; nothing waits to fill a batch. What arrives while another writer's transaction
 //! runs waits for that transaction to end — up to `COMMANDS_BATCH_SHARE_MS` — and goes into
 //! the next one with everything that arrived meanwhile: at moderate rates the writers take
@@ -18,12 +18,14 @@
 //!   submission whose lock is taken by another transaction — or whose key already appears
 //!   earlier in the same batch — answers 409;
 //! - a live record with the same fingerprint is replayed byte for byte, one with another
-//!   fingerprint answers 422; both write nothing.
+//!   fingerprint answers 422; both write nothing. The record is read after the lock is held,
+//!   with a snapshot of its own (`meridian_claim_idempotency_key`): the statement's snapshot
+//!   predates the lock and could miss a record its previous holder committed meanwhile.
 //!
 //! If a batch's transaction fails, each of its submissions is retried in a transaction of its
 //! own, so one bad submission cannot fail the others, and each failure is its own error.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
@@ -34,8 +36,9 @@ use common::outbox::{self, NewMessage, OutboxTable, TraceContext, Waker};
 use common::postgres::HeldConnection;
 use common::shutdown::CancellationToken;
 use serde_json::Value;
+use sqlx::postgres::PgRow;
 use sqlx::types::Json;
-use sqlx::{Connection as _, PgPool};
+use sqlx::{FromRow as _, PgPool};
 use tokio::sync::{Mutex, Notify, mpsc, oneshot};
 use tracing::Instrument as _;
 use uuid::Uuid;
@@ -43,43 +46,49 @@ use uuid::Uuid;
 use crate::NAME;
 use crate::error::ApiError;
 
-/// The idempotency records of a batch's keys (`$1` client ids, `$2` keys) that have not
-/// expired: one primary-key probe per key in any plan, whatever the table's statistics say
-/// (see `common::postgres`, "Plans"), because a lateral subquery with a `LIMIT` is never
-/// flattened into a join. The expiry is checked outside the probe: inside, the index on
-/// `expires_at` could serve it, and on a table believed empty that smaller index won (a
-/// benchmark read 347 M index entries through it). Public for the plan tests.
-pub const STORED_KEYS_SQL: &str = "SELECT k.client_id, k.key, k.fingerprint, \
-     k.response_status, k.response_location, k.response_body \
-     FROM unnest($1::text[], $2::text[]) AS t(client_id, key) \
-     CROSS JOIN LATERAL (SELECT * FROM idempotency_keys k \
-     WHERE k.client_id = t.client_id AND k.key = t.key LIMIT 1) AS k \
-     WHERE k.expires_at > now()";
-
-/// Writes a batch's commands (`$1`–`$8`), their idempotency records (`$9`–`$13`, `$13` the
-/// time to live in seconds) and their outbox rows (`$14`–`$20`, as
-/// [`outbox::insert_many_sql`] takes them) in one statement: one round trip instead of two.
-static INSERT_SQL: LazyLock<String> = LazyLock::new(|| {
+/// A batch's whole write, in one statement (its own transaction, so one round trip): for each
+/// submission, in order, the claim on its (client, key) — the advisory lock of a request in
+/// progress and, only once that is held, the key's live record (the migration's
+/// `meridian_claim_idempotency_key`, which reads with a snapshot taken after the lock) — then,
+/// for the submissions that got the lock and have no live record, the command (`$1`–`$8`),
+/// its idempotency record (`$9`–`$13`, `$13` the time to live in seconds, replacing an
+/// expired one) and its outbox row (`$14`–`$20`, as [`outbox::insert_many_sql_where`] takes
+/// them; one per submission, matched by command id). `$21` holds the lock names. Returns
+/// each submission's claim, in order: whether it got the lock, and the live record if any.
+/// Public for the plan tests.
+pub static INTAKE_SQL: LazyLock<String> = LazyLock::new(|| {
     format!(
         "WITH input AS (SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], \
          $5::text[], $6::int8[], $7::jsonb[], $8::timestamptz[], $9::text[], $10::bytea[], \
-         $11::text[], $12::bytea[]) AS t(id, client_id, type, collection, document_id, \
-         expected_version, payload, accepted_at, key, fingerprint, location, body)), \
+         $11::text[], $12::bytea[], $21::text[]) WITH ORDINALITY AS t(id, client_id, type, \
+         collection, document_id, expected_version, payload, accepted_at, key, fingerprint, \
+         location, body, lock_name, i)), \
+         claimed AS MATERIALIZED (SELECT input.*, c.locked, c.fingerprint AS stored_fingerprint, \
+         c.response_status, c.response_location, c.response_body FROM input \
+         CROSS JOIN LATERAL meridian_claim_idempotency_key(input.lock_name, input.client_id, \
+         input.key) AS c), \
+         new AS (SELECT * FROM claimed WHERE locked AND stored_fingerprint IS NULL), \
          c AS (INSERT INTO commands (id, client_id, type, collection, document_id, \
          expected_version, payload, accepted_at, updated_at) SELECT id, client_id, type, \
          collection, document_id, expected_version, payload, accepted_at, accepted_at \
-         FROM input), \
+         FROM new ORDER BY i), \
          k AS (INSERT INTO idempotency_keys (client_id, key, fingerprint, command_id, \
          response_status, response_location, response_body, expires_at) \
          SELECT client_id, key, fingerprint, id, 202, location, body, \
-         now() + make_interval(secs => $13) FROM input \
+         now() + make_interval(secs => $13) FROM new ORDER BY i \
          ON CONFLICT (client_id, key) DO UPDATE SET fingerprint = EXCLUDED.fingerprint, \
          command_id = EXCLUDED.command_id, response_status = EXCLUDED.response_status, \
          response_location = EXCLUDED.response_location, \
          response_body = EXCLUDED.response_body, created_at = now(), \
-         expires_at = EXCLUDED.expires_at) \
-         {}",
-        outbox::insert_many_sql(OutboxTable::DEFAULT, 14)
+         expires_at = EXCLUDED.expires_at), \
+         o AS ({}) \
+         SELECT locked, stored_fingerprint AS fingerprint, response_status, response_location, \
+         response_body FROM claimed ORDER BY i",
+        outbox::insert_many_sql_where(
+            OutboxTable::DEFAULT,
+            14,
+            "command_id IN (SELECT id FROM new)"
+        )
     )
 });
 
@@ -314,15 +323,37 @@ struct Writer {
     settings: Arc<IntakeSettings>,
 }
 
-/// A live idempotency record.
+/// A submission's claim on its key, as [`INTAKE_SQL`] returns it.
 #[derive(sqlx::FromRow)]
-struct Stored {
-    client_id: String,
-    key: String,
-    fingerprint: Vec<u8>,
-    response_status: i16,
+struct Claim {
+    /// Whether the advisory lock was free (else another request with the key is in progress).
+    locked: bool,
+    /// The live record's fingerprint; `None` when there is none (then the command was written).
+    fingerprint: Option<Vec<u8>>,
+    response_status: Option<i16>,
     response_location: Option<String>,
-    response_body: Vec<u8>,
+    response_body: Option<Vec<u8>>,
+}
+
+impl Claim {
+    /// What becomes of `submission`, given this claim.
+    fn outcome(self, submission: &Submission) -> Result<Outcome, ApiError> {
+        if !self.locked {
+            return Err(ApiError::IdempotencyInProgress);
+        }
+        match self.fingerprint {
+            None => Ok(Outcome::Accepted),
+            Some(stored) if stored != submission.fingerprint => Err(ApiError::IdempotencyKeyReused),
+            Some(_) => Ok(Outcome::Replay {
+                status: self
+                    .response_status
+                    .and_then(|s| u16::try_from(s).ok())
+                    .unwrap_or(202),
+                location: self.response_location,
+                body: self.response_body.unwrap_or_default(),
+            }),
+        }
+    }
 }
 
 impl Writer {
@@ -391,106 +422,41 @@ impl Writer {
         transacted
     }
 
-    /// [`Self::transact`] on `held`.
+    /// [`Self::transact`] on `held`: [`INTAKE_SQL`].
     async fn transact_on(
         &self,
         held: &mut HeldConnection,
         submissions: &[&Submission],
     ) -> Result<Vec<Result<Outcome, ApiError>>, sqlx::Error> {
-        let mut tx = held.get().await?.begin().await?;
-        let locks: Vec<String> = submissions.iter().map(|s| s.lock_name()).collect();
-        let locked: Vec<(i64, bool)> = sqlx::query_as(
-            "SELECT i, pg_try_advisory_xact_lock(hashtextextended(name, 0)) \
-             FROM unnest($1::text[]) WITH ORDINALITY AS t(name, i) ORDER BY i",
-        )
-        .bind(&locks)
-        .fetch_all(&mut *tx)
-        .await?;
-        let locked: HashSet<usize> = locked
-            .into_iter()
-            .filter(|(_, locked)| *locked)
-            .filter_map(|(i, _)| usize::try_from(i - 1).ok())
-            .collect();
-
-        let (clients, keys): (Vec<&str>, Vec<&str>) = submissions
+        let conn = held.get().await?;
+        let clients: Vec<&str> = submissions.iter().map(|s| s.client.as_str()).collect();
+        let kinds: Vec<&str> = submissions.iter().map(|s| s.kind.as_str()).collect();
+        let collections: Vec<&str> = submissions.iter().map(|s| s.collection.as_str()).collect();
+        let document_ids: Vec<&str> = submissions.iter().map(|s| s.document_id.as_str()).collect();
+        let keys: Vec<&str> = submissions.iter().map(|s| s.key.as_str()).collect();
+        let locations: Vec<&str> = submissions.iter().map(|s| s.location.as_str()).collect();
+        let ids: Vec<Uuid> = submissions.iter().map(|s| s.command_id).collect();
+        let expected: Vec<Option<i64>> = submissions.iter().map(|s| s.expected_version).collect();
+        let payloads: Vec<Option<Json<&Value>>> = submissions
             .iter()
-            .enumerate()
-            .filter(|(i, _)| locked.contains(i))
-            .map(|(_, s)| (s.client.as_str(), s.key.as_str()))
-            .unzip();
-        let stored: Vec<Stored> = if clients.is_empty() {
-            Vec::new()
-        } else {
-            sqlx::query_as(STORED_KEYS_SQL)
-                .bind(&clients)
-                .bind(&keys)
-                .fetch_all(&mut *tx)
-                .await?
-        };
-        let mut stored: HashMap<(String, String), Stored> = stored
-            .into_iter()
-            .map(|s| ((s.client_id.clone(), s.key.clone()), s))
+            .map(|s| s.payload.as_ref().map(Json))
             .collect();
-
-        let mut outcomes = Vec::with_capacity(submissions.len());
-        let mut new = Vec::new();
-        for (i, submission) in submissions.iter().enumerate() {
-            if !locked.contains(&i) {
-                outcomes.push(Some(Err(ApiError::IdempotencyInProgress)));
-                continue;
-            }
-            let id = (submission.client.clone(), submission.key.clone());
-            match stored.remove(&id) {
-                Some(record) if record.fingerprint != submission.fingerprint => {
-                    outcomes.push(Some(Err(ApiError::IdempotencyKeyReused)));
-                }
-                Some(record) => outcomes.push(Some(Ok(Outcome::Replay {
-                    status: u16::try_from(record.response_status).unwrap_or(202),
-                    location: record.response_location,
-                    body: record.response_body,
-                }))),
-                None => {
-                    outcomes.push(None);
-                    new.push(*submission);
-                }
-            }
-        }
-        if !new.is_empty() {
-            self.insert(&mut tx, &new).await?;
-        }
-        tx.commit().await?;
-        Ok(outcomes
-            .into_iter()
-            .map(|o| o.unwrap_or(Ok(Outcome::Accepted)))
-            .collect())
-    }
-
-    /// The commands, their idempotency records and their outbox rows, in one statement
-    /// ([`INSERT_SQL`]).
-    async fn insert(
-        &self,
-        conn: &mut sqlx::PgConnection,
-        new: &[&Submission],
-    ) -> Result<(), sqlx::Error> {
-        let clients: Vec<&str> = new.iter().map(|s| s.client.as_str()).collect();
-        let kinds: Vec<&str> = new.iter().map(|s| s.kind.as_str()).collect();
-        let collections: Vec<&str> = new.iter().map(|s| s.collection.as_str()).collect();
-        let document_ids: Vec<&str> = new.iter().map(|s| s.document_id.as_str()).collect();
-        let keys: Vec<&str> = new.iter().map(|s| s.key.as_str()).collect();
-        let locations: Vec<&str> = new.iter().map(|s| s.location.as_str()).collect();
-        let ids: Vec<Uuid> = new.iter().map(|s| s.command_id).collect();
-        let expected: Vec<Option<i64>> = new.iter().map(|s| s.expected_version).collect();
-        let payloads: Vec<Option<Json<&Value>>> =
-            new.iter().map(|s| s.payload.as_ref().map(Json)).collect();
-        let accepted: Vec<DateTime<Utc>> = new.iter().map(|s| s.accepted_at).collect();
-        let fingerprints: Vec<&[u8]> = new.iter().map(|s| s.fingerprint.as_slice()).collect();
-        let bodies: Vec<&[u8]> = new.iter().map(|s| s.body.as_slice()).collect();
-        let message_keys: Vec<String> = new
+        let accepted: Vec<DateTime<Utc>> = submissions.iter().map(|s| s.accepted_at).collect();
+        let fingerprints: Vec<&[u8]> = submissions
+            .iter()
+            .map(|s| s.fingerprint.as_slice())
+            .collect();
+        let bodies: Vec<&[u8]> = submissions.iter().map(|s| s.body.as_slice()).collect();
+        let locks: Vec<String> = submissions.iter().map(|s| s.lock_name()).collect();
+        let message_keys: Vec<String> = submissions
             .iter()
             .map(|s| format!("{}/{}", s.collection, s.document_id))
             .collect();
-        let types: Vec<String> = new.iter().map(|s| format!("command.{}", s.kind)).collect();
-        let messages: Vec<NewMessage<'_>> = new
+        let types: Vec<String> = submissions
+            .iter()
+            .map(|s| format!("command.{}", s.kind))
+            .collect();
+        let messages: Vec<NewMessage<'_>> = submissions
             .iter()
             .enumerate()
             .map(|(i, s)| NewMessage {
@@ -502,7 +468,7 @@ impl Writer {
                 trace: &s.trace,
             })
             .collect();
-        let query = sqlx::query(&INSERT_SQL)
+        let query = sqlx::query(&INTAKE_SQL)
             .bind(&ids)
             .bind(&clients)
             .bind(&kinds)
@@ -516,9 +482,22 @@ impl Writer {
             .bind(&locations)
             .bind(&bodies)
             .bind(self.settings.idempotency_ttl.as_secs_f64());
-        outbox::bind_many(query, &messages)
-            .execute(&mut *conn)
-            .await
-            .map(drop)
+        let claims = outbox::bind_many(query, &messages)
+            .bind(&locks)
+            .try_map(|row: PgRow| Claim::from_row(&row))
+            .fetch_all(&mut *conn)
+            .await?;
+        if claims.len() != submissions.len() {
+            return Err(sqlx::Error::Protocol(format!(
+                "the intake statement returned {} claims for {} submissions",
+                claims.len(),
+                submissions.len()
+            )));
+        }
+        Ok(claims
+            .into_iter()
+            .zip(submissions)
+            .map(|(claim, submission)| claim.outcome(submission))
+            .collect())
     }
 }

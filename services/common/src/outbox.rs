@@ -314,6 +314,14 @@ pub async fn enqueue_many(
 /// `$first`, for a writer that makes it part of a larger statement (a data-modifying `WITH`
 /// clause); bind them with [`bind_many`]. Rows are inserted in the arrays' order.
 pub fn insert_many_sql(table: OutboxTable, first: usize) -> String {
+    insert_many_sql_where(table, first, "true")
+}
+
+/// [`insert_many_sql`] inserting only the messages for which `condition` (an SQL boolean
+/// expression over the columns `topic`, `message_key`, `message_type`, `command_id`,
+/// `payload`, `traceparent` and `tracestate`) holds: for a statement that decides in SQL
+/// which of the messages it was given are to be sent.
+pub fn insert_many_sql_where(table: OutboxTable, first: usize, condition: &str) -> String {
     let arrays: Vec<String> = ["text", "text", "text", "uuid", "jsonb", "text", "text"]
         .iter()
         .enumerate()
@@ -324,7 +332,7 @@ pub fn insert_many_sql(table: OutboxTable, first: usize) -> String {
          SELECT topic, message_key, message_type, command_id, payload, traceparent, tracestate \
          FROM unnest({}) \
          WITH ORDINALITY AS t(topic, message_key, message_type, command_id, payload, traceparent, tracestate, n) \
-         ORDER BY n",
+         WHERE {condition} ORDER BY n",
         table.name(),
         arrays.join(", ")
     )

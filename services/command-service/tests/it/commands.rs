@@ -291,6 +291,79 @@ async fn a_missing_key_is_400_and_a_key_in_progress_is_409() {
     h.stop().await;
 }
 
+/// The intake claims a key (`meridian_claim_idempotency_key`) by taking its lock, then reading
+/// its record with a snapshot of its own: a record that the lock's previous holder committed
+/// after the claiming statement began is seen. The statement's own snapshot (the same
+/// statement's subquery, the control) does not see it: a claim reading with it would let the
+/// request be written a second time.
+#[tokio::test]
+async fn a_claim_sees_a_record_committed_by_the_previous_lock_holder_after_it_began() {
+    let h = Harness::start(&[]).await;
+    let lock = format!("{}:{}:k-race", h.client.len(), h.client);
+    let mut holder = h.db.begin().await.unwrap();
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
+        .bind(&lock)
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO idempotency_keys (client_id, key, fingerprint, command_id, response_status, \
+         response_body, expires_at) VALUES ($1, 'k-race', '\\x01', $2, 202, '\\x00', now() + interval '1 hour')",
+    )
+    .bind(&h.client)
+    .bind(Uuid::now_v7())
+    .execute(&mut *holder)
+    .await
+    .unwrap();
+
+    // Begins now (its snapshot), claims once the holder has committed.
+    let (db, client) = (h.db.clone(), h.client.clone());
+    let claim = tokio::spawn(async move {
+        sqlx::query_as::<_, (bool, Option<Vec<u8>>, Option<Vec<u8>>)>(
+            "WITH began AS MATERIALIZED (SELECT pg_sleep(1) /* claim-race */) \
+             SELECT c.locked, c.fingerprint, (SELECT k.fingerprint FROM idempotency_keys k \
+             WHERE k.client_id = $2 AND k.key = 'k-race') \
+             FROM began CROSS JOIN LATERAL meridian_claim_idempotency_key($1, $2, 'k-race') AS c",
+        )
+        .bind(lock)
+        .bind(client)
+        .fetch_one(&db)
+        .await
+        .unwrap()
+    });
+    let db = h.db.clone();
+    wait_until(
+        "the claiming statement to begin",
+        Duration::from_secs(10),
+        || {
+            let db = db.clone();
+            async move {
+                sqlx::query_scalar::<_, bool>(
+                    "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE state = 'active' \
+                 AND query LIKE '%/* claim-race */%' AND pid <> pg_backend_pid())",
+                )
+                .fetch_one(&db)
+                .await
+                .unwrap()
+            }
+        },
+    )
+    .await;
+    holder.commit().await.unwrap();
+    let (locked, claimed, seen_by_statement) = claim.await.unwrap();
+    assert!(locked, "the holder's lock ended with its transaction");
+    assert_eq!(
+        claimed.as_deref(),
+        Some(&[1u8][..]),
+        "the claim saw the record"
+    );
+    assert_eq!(
+        seen_by_statement, None,
+        "the statement's snapshot predates the record"
+    );
+    h.stop().await;
+}
+
 #[tokio::test]
 async fn a_burst_is_written_in_shared_transactions_with_one_command_per_key() {
     const KEYS: usize = 100;
