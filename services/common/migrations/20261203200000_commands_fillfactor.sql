@@ -1,0 +1,11 @@
+-- Room on every `commands` page for its rows' next versions. A command row is updated soon
+-- after it is inserted (`processing`, then `succeeded`/`failed`/`dead_lettered`), and none of
+-- the columns an update sets is indexed, so with free space on the row's own page PostgreSQL
+-- writes the new version there as a heap-only tuple: no new primary-key entry, one page
+-- dirtied instead of two. Inserting 40,000 rows in batches of 20 and updating each batch
+-- right after wrote 725 WAL bytes per row with full pages (19 % of the updates heap-only),
+-- 597 at fillfactor 80 (60 %) and 484 at 60 (95 %) on the development machine; 80 keeps the
+-- table's size the same in that run (the dead versions are pruned in place). Applies to pages
+-- written from now on; takes a SHARE UPDATE EXCLUSIVE lock, so writers are not held up; an
+-- older release is unaffected.
+ALTER TABLE commands SET (fillfactor = 80);
