@@ -240,6 +240,22 @@ async fn a_repeated_key_replays_the_first_response_and_a_changed_payload_is_refu
     h.stop().await;
 }
 
+/// Writes a live idempotency record for (`client`, `key`) with `fingerprint` on `conn` (in the
+/// caller's transaction, which decides when it is seen).
+async fn insert_record(conn: &mut sqlx::PgConnection, client: &str, key: &str, fingerprint: &[u8]) {
+    sqlx::query(
+        "INSERT INTO idempotency_keys (client_id, key, fingerprint, command_id, response_status, \
+         response_body, expires_at) VALUES ($1, $2, $3, $4, 202, '\\x00', now() + interval '1 hour')",
+    )
+    .bind(client)
+    .bind(key)
+    .bind(fingerprint)
+    .bind(Uuid::now_v7())
+    .execute(conn)
+    .await
+    .unwrap();
+}
+
 #[tokio::test]
 async fn a_missing_key_is_400_and_a_key_in_progress_is_409() {
     let h = Harness::start(&[]).await;
@@ -250,15 +266,7 @@ async fn a_missing_key_is_400_and_a_key_in_progress_is_409() {
     // Hold the first request inside its transaction: an uncommitted idempotency row for the
     // same (client, key) makes its final insert wait on our transaction.
     let mut blocker = h.db.begin().await.unwrap();
-    sqlx::query(
-        "INSERT INTO idempotency_keys (client_id, key, fingerprint, command_id, response_status, \
-         response_body, expires_at) VALUES ($1, 'k-2', '\\x00', $2, 202, '\\x00', now() + interval '1 hour')",
-    )
-    .bind(&h.client)
-    .bind(Uuid::now_v7())
-    .execute(&mut *blocker)
-    .await
-    .unwrap();
+    insert_record(&mut blocker, &h.client, "k-2", &[0]).await;
     let our_pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
         .fetch_one(&mut *blocker)
         .await
@@ -306,15 +314,7 @@ async fn a_claim_sees_a_record_committed_by_the_previous_lock_holder_after_it_be
         .execute(&mut *holder)
         .await
         .unwrap();
-    sqlx::query(
-        "INSERT INTO idempotency_keys (client_id, key, fingerprint, command_id, response_status, \
-         response_body, expires_at) VALUES ($1, 'k-race', '\\x01', $2, 202, '\\x00', now() + interval '1 hour')",
-    )
-    .bind(&h.client)
-    .bind(Uuid::now_v7())
-    .execute(&mut *holder)
-    .await
-    .unwrap();
+    insert_record(&mut holder, &h.client, "k-race", &[1]).await;
 
     // Begins now (its snapshot), claims once the holder has committed.
     let (db, client) = (h.db.clone(), h.client.clone());
