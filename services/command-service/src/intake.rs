@@ -5,13 +5,14 @@
 //! — up to `COMMANDS_BATCH_MAX` — and write them in **one statement** ([`INTAKE_SQL`], its own
 //! transaction: one round trip and one WAL flush for the batch): the idempotency claims (lock,
 //! then live record), and the commands, their idempotency records and their outbox rows of
-//! the submissions whose claim came back free. Every submission gets its own answer. An idle service writes batches of one with no added
-//! latency; nothing waits to fill a batch. What arrives while another writer's transaction
-//! runs waits for that transaction to end — up to `COMMANDS_BATCH_SHARE_MS` — and goes into
-//! the next one with everything that arrived meanwhile: at moderate rates the writers take
-//! turns instead of each writing a batch of one or two (four writers at 1,000 commands/s
-//! averaged 1.3 commands per transaction), and a transaction that is slow or stuck on a lock
-//! holds the others up by that bound at most, after which the next writer starts alongside.
+//! the submissions whose claim came back free. Every submission gets its own answer. An idle
+//! service writes batches of one with no added latency; nothing waits to fill a batch. What
+//! arrives while another writer's transaction runs waits for that transaction to end — up to
+//! `COMMANDS_BATCH_SHARE_MS` — and goes into the next one with everything that arrived
+//! meanwhile: at moderate rates the writers take turns instead of each writing a batch of one
+//! or two (four writers at 1,000 commands/s averaged 1.3 commands per transaction), and a
+//! transaction that is slow or stuck on a lock holds the others up by that bound at most,
+//! after which the next writer starts alongside.
 //!
 //! The idempotency rules are those of one request per transaction (see [`crate::commands`]):
 //! - a transaction-scoped advisory lock on (client, key) marks a request in progress; a
