@@ -416,10 +416,7 @@ impl Writer {
         submissions: &[&Submission],
     ) -> Result<Vec<Result<Outcome, ApiError>>, sqlx::Error> {
         let transacted = self.transact_on(conn, submissions).await;
-        match transacted {
-            Ok(_) => conn.done(),
-            Err(_) => conn.release(),
-        }
+        conn.settle(transacted.is_ok());
         transacted
     }
 

@@ -142,7 +142,9 @@ impl Postgres {
 /// - after [`HOLD_IDLE_FOR`] with nothing to do ([`Self::release_when_idle`]),
 /// - after an error ([`Self::release`]): the connection may be broken, and the pool's check
 ///   on its return closes it if it is,
-/// - at once when the pool has no idle connection left for anybody else ([`Self::done`]).
+/// - at once when the pool has no idle connection left for anybody else ([`Self::done`]);
+///
+/// [`Self::settle`] after each use does the right one of the last two.
 ///
 /// A transaction begun on the held connection and dropped unfinished is rolled back before
 /// the connection's next statement (sqlx queues the `ROLLBACK`), as with a pooled one.
@@ -177,8 +179,19 @@ impl HeldConnection {
         self.conn = None;
     }
 
-    /// Call after each use: gives the connection back if the pool has none idle and cannot
-    /// open more, so that a task waiting for one is not kept waiting by a held one.
+    /// Call after each use, with whether it succeeded: after a failure the connection goes
+    /// back to the pool ([`Self::release`]), after a success only if others need it
+    /// ([`Self::done`]).
+    pub fn settle(&mut self, succeeded: bool) {
+        if succeeded {
+            self.done();
+        } else {
+            self.release();
+        }
+    }
+
+    /// Call after each successful use: gives the connection back if the pool has none idle
+    /// and cannot open more, so that a task waiting for one is not kept waiting by a held one.
     pub fn done(&mut self) {
         let exhausted = self.pool.num_idle() == 0
             && self.pool.size() >= self.pool.options().get_max_connections();

@@ -110,6 +110,7 @@ pub async fn run(
                 rx,
                 consumer.clone(),
                 engine.clone(),
+                HeldConnection::new(db.pool().clone()),
                 settings.batch_max,
                 shutdown.clone(),
             ));
@@ -145,17 +146,17 @@ pub async fn run(
 }
 
 /// One partition's messages, in order: whatever is waiting (up to `batch_max`) is handled
-/// together, and the offset of the last message handled is stored. The worker keeps its
-/// database connection between batches (see [`HeldConnection`]).
+/// together, and the offset of the last message handled is stored. Batches are written on
+/// `conn`, kept between them (see [`HeldConnection`]).
 async fn work(
     mut messages: mpsc::Receiver<OwnedMessage>,
     consumer: Arc<StreamConsumer>,
     engine: Engine,
+    mut conn: HeldConnection,
     batch_max: usize,
     shutdown: CancellationToken,
 ) {
     let mut batch = Vec::with_capacity(batch_max);
-    let mut conn = HeldConnection::new(engine.pool().clone());
     loop {
         let first = tokio::select! {
             () = shutdown.cancelled() => return,

@@ -168,11 +168,6 @@ impl Engine {
         }
     }
 
-    /// The database pool the engine's store writes through.
-    pub fn pool(&self) -> &sqlx::PgPool {
-        self.store.pool()
-    }
-
     /// Processes consecutive messages of one partition in order, each to its final outcome;
     /// returns how many were (fewer than all only when `shutdown` interrupted, and then the
     /// rest must not have their offsets stored). Leading runs of commands with built-in
@@ -228,12 +223,8 @@ impl Engine {
         held: &mut HeldConnection,
     ) -> bool {
         let together = self.write_together(messages, commands, held).await;
-        if together {
-            held.done();
-        } else {
-            // Whatever went wrong, the connection may be the cause: the pool checks it.
-            held.release();
-        }
+        // Whatever went wrong, the connection may be the cause: the pool checks it.
+        held.settle(together);
         together
     }
 

@@ -3,11 +3,8 @@
 #![allow(clippy::unwrap_used, clippy::panic)] // test code: failing loudly is the point
 
 use command_service::intake::INTAKE_SQL;
-use common::config::{PostgresConfig, Vars};
-use common::postgres::Postgres;
-use common::test_support::plans::plan_on_empty_tables;
+use common::test_support::plans::{EmptyTables, nodes, plan_on_empty_tables};
 use serde_json::Value;
-use sqlx::Connection as _;
 
 /// Keys shaped like the benchmark's and the clients' (a JWT subject and a UUID), so that the
 /// primary key's index outgrows the one on `expires_at`, as it does in a real table.
@@ -15,15 +12,6 @@ const FILL: &str = "INSERT INTO idempotency_keys (client_id, key, fingerprint, c
      response_status, response_body, expires_at) \
      SELECT 'client-' || (g % 7), gen_random_uuid()::text, '\\x00', gen_random_uuid(), 202, \
      '\\x00', now() + interval '1 day' FROM generate_series(1, 20000) AS g";
-
-/// Every node of `plan`, depth first.
-fn nodes(plan: &Value) -> Vec<&Value> {
-    let mut all = vec![plan];
-    for child in plan["Plans"].as_array().into_iter().flatten() {
-        all.extend(nodes(child));
-    }
-    all
-}
 
 /// The statement itself reads no table: it claims each key through the function, and its
 /// inserts check conflicts through the primary keys.
@@ -50,22 +38,8 @@ async fn the_intake_statement_reads_no_table_by_a_scan() {
 /// records would touch dozens).
 #[tokio::test]
 async fn a_claim_probes_its_key_however_the_table_grew_since_its_plan() {
-    let config: PostgresConfig = Vars::from_env().parse().unwrap();
-    let postgres = Postgres::connect_lazy(&config).unwrap();
-    common::schema::MIGRATOR.run(postgres.pool()).await.unwrap();
-    // A service session (its planner settings), of its own: the schema is on its search path.
-    let mut conn = postgres.pool().acquire().await.unwrap().detach();
-    let schema = format!("plans_{}", uuid::Uuid::new_v4().simple());
-    let setup = format!(
-        "CREATE SCHEMA {schema}; SET search_path = {schema}, public; \
-         CREATE TABLE {schema}.idempotency_keys (LIKE public.idempotency_keys INCLUDING ALL); \
-         {FILL}; ANALYZE {schema}.idempotency_keys; DELETE FROM {schema}.idempotency_keys"
-    );
-    sqlx::raw_sql(&setup).execute(&mut conn).await.unwrap();
-    sqlx::raw_sql(&format!("VACUUM {schema}.idempotency_keys"))
-        .execute(&mut conn)
-        .await
-        .unwrap();
+    let mut session = EmptyTables::new(&["idempotency_keys"], FILL).await;
+    let conn = &mut session.conn;
     let claim = "SELECT * FROM meridian_claim_idempotency_key($1, $2, $3)";
     // The first call plans the lookup, on the empty table.
     let (locked, fingerprint): (bool, Option<Vec<u8>>) =
@@ -73,23 +47,23 @@ async fn a_claim_probes_its_key_however_the_table_grew_since_its_plan() {
             .bind("plans-first")
             .bind("client-3")
             .bind("no-such-key")
-            .fetch_one(&mut conn)
+            .fetch_one(&mut *conn)
             .await
             .unwrap();
     assert!(locked);
     assert_eq!(fingerprint, None);
 
-    sqlx::raw_sql(FILL).execute(&mut conn).await.unwrap();
+    sqlx::raw_sql(FILL).execute(&mut *conn).await.unwrap();
     let (client, key): (String, String) =
         sqlx::query_as("SELECT client_id, key FROM idempotency_keys OFFSET 12345 LIMIT 1")
-            .fetch_one(&mut conn)
+            .fetch_one(&mut *conn)
             .await
             .unwrap();
     let explained: Value = sqlx::query_scalar(&format!(
         "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) \
          SELECT * FROM meridian_claim_idempotency_key('plans-second', '{client}', '{key}')"
     ))
-    .fetch_one(&mut conn)
+    .fetch_one(&mut *conn)
     .await
     .unwrap();
     let top = &explained[0]["Plan"];
@@ -105,14 +79,10 @@ async fn a_claim_probes_its_key_however_the_table_grew_since_its_plan() {
             .bind("plans-third")
             .bind(&client)
             .bind(&key)
-            .fetch_one(&mut conn)
+            .fetch_one(&mut *conn)
             .await
             .unwrap();
     assert_eq!(fingerprint.as_deref(), Some(&[0u8][..]));
 
-    sqlx::raw_sql(&format!("DROP SCHEMA {schema} CASCADE"))
-        .execute(&mut conn)
-        .await
-        .unwrap();
-    conn.close().await.unwrap();
+    session.drop().await;
 }

@@ -9,48 +9,70 @@ use sqlx::Connection as _;
 use crate::config::{PostgresConfig, Vars};
 use crate::postgres::Postgres;
 
+/// A service session (its planner settings) in which each of `tables` is a copy of the
+/// migrated table (`LIKE … INCLUDING ALL`, in a schema of its own first on the search path)
+/// that the planner believes empty: filled by `fill` (any statements on the unqualified table
+/// names; empty for none), analysed full, then emptied and vacuumed. That is the state of a
+/// service's table after a clean-up, or of a queue: no rows, column statistics of a full
+/// table, and index files of their full size, which is what decides between two indexes that
+/// both look as if they held nothing. [`EmptyTables::drop`] removes the schema.
+pub struct EmptyTables {
+    /// The session.
+    pub conn: sqlx::PgConnection,
+    schema: String,
+}
+
+impl EmptyTables {
+    /// Sets up `tables` as described on [`EmptyTables`].
+    pub async fn new(tables: &[&str], fill: &str) -> Self {
+        let config: PostgresConfig = Vars::from_env().parse().unwrap();
+        let postgres = Postgres::connect_lazy(&config).unwrap();
+        crate::schema::MIGRATOR.run(postgres.pool()).await.unwrap();
+        let mut conn = postgres.pool().acquire().await.unwrap().detach();
+        let schema = format!("plans_{}", uuid::Uuid::new_v4().simple());
+        let mut setup = format!("CREATE SCHEMA {schema}; SET search_path = {schema}, public;");
+        for table in tables {
+            setup.push_str(&format!(
+                "CREATE TABLE {schema}.{table} (LIKE public.{table} INCLUDING ALL);"
+            ));
+        }
+        setup.push_str(fill);
+        for table in tables {
+            setup.push_str(&format!(
+                ";ANALYZE {schema}.{table}; DELETE FROM {schema}.{table}"
+            ));
+        }
+        run(&mut conn, &setup).await;
+        for table in tables {
+            // Not in a transaction block, so one statement per call.
+            run(&mut conn, &format!("VACUUM {schema}.{table}")).await;
+        }
+        Self { conn, schema }
+    }
+
+    /// Drops the schema and closes the session.
+    pub async fn drop(mut self) {
+        run(
+            &mut self.conn,
+            &format!("DROP SCHEMA {} CASCADE", self.schema),
+        )
+        .await;
+        self.conn.close().await.unwrap();
+    }
+}
+
 /// The generic plan (`EXPLAIN (FORMAT JSON)`) of `sql`, which has `params` parameters, in a
-/// service session where each of `tables` is a copy of the migrated table (`LIKE … INCLUDING
-/// ALL`, in a schema of its own first on the search path) that the planner believes empty:
-/// filled by `fill` (any statements on the unqualified table names; empty for none), analysed
-/// full, then emptied and vacuumed. That is the state of a service's table after a clean-up,
-/// or of a queue: no rows, column statistics of a full table, and index files of their full
-/// size, which is what decides between two indexes that both look as if they held nothing.
+/// session on `tables` believed empty (see [`EmptyTables`]).
 pub async fn plan_on_empty_tables(tables: &[&str], fill: &str, sql: &str, params: usize) -> Value {
-    let config: PostgresConfig = Vars::from_env().parse().unwrap();
-    let postgres = Postgres::connect_lazy(&config).unwrap();
-    crate::schema::MIGRATOR.run(postgres.pool()).await.unwrap();
-    let mut conn = postgres.pool().acquire().await.unwrap().detach();
-    let schema = format!("plans_{}", uuid::Uuid::new_v4().simple());
-    let mut setup = format!("CREATE SCHEMA {schema}; SET search_path = {schema}, public;");
-    for table in tables {
-        setup.push_str(&format!(
-            "CREATE TABLE {schema}.{table} (LIKE public.{table} INCLUDING ALL);"
-        ));
-    }
-    setup.push_str(fill);
-    for table in tables {
-        setup.push_str(&format!(
-            ";ANALYZE {schema}.{table}; DELETE FROM {schema}.{table}"
-        ));
-    }
-    run(&mut conn, &setup).await;
-    for table in tables {
-        // Not in a transaction block, so one statement per call.
-        run(&mut conn, &format!("VACUUM {schema}.{table}")).await;
-    }
-    run(&mut conn, &format!("PREPARE planned AS {sql}")).await;
+    let mut session = EmptyTables::new(tables, fill).await;
+    run(&mut session.conn, &format!("PREPARE planned AS {sql}")).await;
     let args = vec!["NULL"; params].join(", ");
     let plan: Value = sqlx::query_scalar(&format!("EXPLAIN (FORMAT JSON) EXECUTE planned({args})"))
-        .fetch_one(&mut conn)
+        .fetch_one(&mut session.conn)
         .await
         .unwrap();
-    run(
-        &mut conn,
-        &format!("DEALLOCATE planned; DROP SCHEMA {schema} CASCADE"),
-    )
-    .await;
-    conn.close().await.unwrap();
+    run(&mut session.conn, "DEALLOCATE planned").await;
+    session.drop().await;
     plan
 }
 
@@ -64,11 +86,9 @@ async fn run(conn: &mut sqlx::PgConnection, sql: &str) {
 /// bitmap heap scan) whose index condition constrains every column of `key`, or scans by row
 /// location (TID). Returns what breaks the rule, with the plan.
 pub fn probes(plan: &Value, table: &str, key: &[&str]) -> Result<(), String> {
-    let mut nodes = Vec::new();
-    collect(&plan[0]["Plan"], &mut nodes);
     let primary_key = format!("{table}_pkey");
     let mut reads = 0;
-    for node in nodes {
+    for node in nodes(&plan[0]["Plan"]) {
         let kind = node["Node Type"].as_str().unwrap_or_default();
         if kind == "Seq Scan" {
             return Err(format!("a sequential scan in {plan:#}"));
@@ -112,6 +132,14 @@ pub fn probes(plan: &Value, table: &str, key: &[&str]) -> Result<(), String> {
         return Err(format!("{table} is not read in {plan:#}"));
     }
     Ok(())
+}
+
+/// Every node of the plan tree under `node` (`plan[0]["Plan"]` of an `EXPLAIN (FORMAT JSON)`),
+/// depth first.
+pub fn nodes(node: &Value) -> Vec<&Value> {
+    let mut all = Vec::new();
+    collect(node, &mut all);
+    all
 }
 
 fn collect<'p>(node: &'p Value, into: &mut Vec<&'p Value>) {
