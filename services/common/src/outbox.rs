@@ -455,6 +455,31 @@ pub struct Relay {
     producer: FutureProducer,
     settings: RelaySettings,
     waker: Option<Waker>,
+    statements: Arc<Statements>,
+}
+
+/// A relay's statements on its table, written once.
+struct Statements {
+    /// `$1` batch size, `$2` quarantined topics, `$3` acknowledged ids to delete meanwhile.
+    read_batch: String,
+    /// `$1` acknowledged ids.
+    delete_acked: String,
+    backlog: String,
+}
+
+impl Statements {
+    fn new(table: &str) -> Self {
+        Self {
+            read_batch: format!(
+                "WITH deleted AS (DELETE FROM {table} WHERE id = ANY($3)) \
+                 SELECT id, topic, message_key, message_type, command_id, payload::text AS payload, \
+                 traceparent, tracestate FROM {table} \
+                 WHERE NOT (topic = ANY($2)) AND NOT (id = ANY($3)) ORDER BY id LIMIT $1"
+            ),
+            delete_acked: format!("DELETE FROM {table} WHERE id = ANY($1)"),
+            backlog: format!("SELECT count(*) FROM {table}"),
+        }
+    }
 }
 
 impl Relay {
@@ -462,6 +487,7 @@ impl Relay {
     /// [`crate::kafka::producer`]).
     pub fn new(pool: PgPool, producer: FutureProducer, settings: RelaySettings) -> Self {
         Self {
+            statements: Arc::new(Statements::new(settings.table.name())),
             pool,
             producer,
             settings,
@@ -570,7 +596,7 @@ impl Relay {
             // The backlog gauge (a full count, less the rows about to be deleted) at most once
             // per poll interval, not per drain.
             if backlog_measured.is_none_or(|at| at.elapsed() >= self.settings.poll_interval) {
-                let backlog: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM {table}"))
+                let backlog: i64 = sqlx::query_scalar(&self.statements.backlog)
                     .fetch_one(&mut conn)
                     .await?;
                 let backlog = backlog.saturating_sub(acked.len() as i64).max(0);
@@ -618,13 +644,10 @@ impl Relay {
         acked: &mut Vec<i64>,
     ) -> Result<(), RelayError> {
         if !acked.is_empty() {
-            sqlx::query(&format!(
-                "DELETE FROM {} WHERE id = ANY($1)",
-                self.settings.table.name()
-            ))
-            .bind(&*acked)
-            .execute(&mut *conn)
-            .await?;
+            sqlx::query(&self.statements.delete_acked)
+                .bind(&*acked)
+                .execute(&mut *conn)
+                .await?;
             acked.clear();
         }
         Ok(())
@@ -646,17 +669,12 @@ impl Relay {
         if acked.len() > FOLD_DELETES_UP_TO {
             self.delete_acked(conn, acked).await?;
         }
-        let rows: Vec<Row> = sqlx::query_as(&format!(
-            "WITH deleted AS (DELETE FROM {table} WHERE id = ANY($3)) \
-             SELECT id, topic, message_key, message_type, command_id, payload::text AS payload, \
-             traceparent, tracestate FROM {table} \
-             WHERE NOT (topic = ANY($2)) AND NOT (id = ANY($3)) ORDER BY id LIMIT $1"
-        ))
-        .bind(i64::from(self.settings.batch_size))
-        .bind(quarantine.topics())
-        .bind(&*acked)
-        .fetch_all(&mut *conn)
-        .await?;
+        let rows: Vec<Row> = sqlx::query_as(&self.statements.read_batch)
+            .bind(i64::from(self.settings.batch_size))
+            .bind(quarantine.topics())
+            .bind(&*acked)
+            .fetch_all(&mut *conn)
+            .await?;
         acked.clear();
         if rows.is_empty() {
             return Ok(0);
