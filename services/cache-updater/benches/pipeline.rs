@@ -27,11 +27,13 @@
 //! `BENCH_PIPELINE_ONLY=e2e` skips phases 1 and 2, `BENCH_PIPELINE_ONLY=fixed` also phase 4
 //! (for A/B comparisons of the fixed-rate latency); `BENCH_PIPELINE_RATE=N` offers N/s in
 //! phase 3 instead of 1,000 (the target verdict then says NOT MET: it is set at 1,000/s);
-//! `BENCH_PIPELINE_TIMELINE=1` also prints each run's latency per second of sending (p50,
-//! max), which tells a steady delay from a growing queue; `BENCH_PIPELINE_STAGES=1` taps the
-//! `commands` and `events` topics and splits the latency into its hops (command service's
-//! relay, processor + its relay, cache updater), each from the Kafka message's create time
-//! (when the relay handed it to the producer) and its arrival at the tap.
+//! `BENCH_PIPELINE_PARTITIONS=N` gives the benchmark's topics N partitions instead of the
+//! operator's default of 3; `BENCH_PIPELINE_TIMELINE=1` also prints each run's latency per
+//! second of sending (p50, max), which tells a steady delay from a growing queue;
+//! `BENCH_PIPELINE_STAGES=1` taps the `commands` and `events` topics and splits the latency
+//! into its hops (command service's relay, processor + its relay, cache updater), each from
+//! the Kafka message's create time (when the relay handed it to the producer) and its arrival
+//! at the tap.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a benchmark binary
 
 use std::collections::HashMap;
@@ -73,8 +75,14 @@ const FIXED_DURATION: Duration = Duration::from_secs(15);
 const STEP_RATES: [u32; 5] = [1_500, 2_000, 3_000, 4_000, 5_000];
 const STEP_DURATION: Duration = Duration::from_secs(8);
 const MAX_IN_FLIGHT: usize = 512;
-/// Partitions of each benchmark topic.
-const TOPIC_PARTITIONS: i32 = 6;
+/// Partitions of each benchmark topic: 3, what the operator gives each topic of a
+/// `MiddlewareStack` that does not set `partitions` (`BENCH_PIPELINE_PARTITIONS=N` for others).
+fn topic_partitions() -> i32 {
+    std::env::var("BENCH_PIPELINE_PARTITIONS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3)
+}
 
 /// One isolated stack: variables with its own prefixes and its topics.
 struct Stack {
@@ -98,7 +106,7 @@ impl Stack {
         let topics = Self::topics(&kafka);
         let specs: Vec<(&str, i32)> = topics
             .iter()
-            .map(|t| (t.as_str(), TOPIC_PARTITIONS))
+            .map(|t| (t.as_str(), topic_partitions()))
             .collect();
         kafka::ensure_topics(&admin, &specs, 1).await.unwrap();
         Self {
@@ -379,7 +387,7 @@ impl Tap {
         let events = stack.kafka.topic(kafka::TOPIC_EVENTS);
         let mut partitions = rdkafka::TopicPartitionList::new();
         for topic in [stack.kafka.topic(kafka::TOPIC_COMMANDS), events.clone()] {
-            for partition in 0..TOPIC_PARTITIONS {
+            for partition in 0..topic_partitions() {
                 partitions
                     .add_partition_offset(&topic, partition, rdkafka::Offset::End)
                     .unwrap();
@@ -652,7 +660,8 @@ async fn main() {
     let cores = std::thread::available_parallelism().map_or(1, usize::from);
     println!(
         "Meridian pipeline benchmark: release build, services in one process, PostgreSQL, \
-         Kafka and Redis on the same {cores}-core machine."
+         Kafka and Redis on the same {cores}-core machine; topics of {} partitions.",
+        topic_partitions()
     );
 
     let only = std::env::var("BENCH_PIPELINE_ONLY").unwrap_or_default();
