@@ -316,7 +316,7 @@ async fn a_claim_sees_a_record_committed_by_the_previous_lock_holder_after_it_be
         .unwrap();
     insert_record(&mut holder, &h.client, "k-race", &[1]).await;
 
-    // Begins now (its snapshot), claims once the holder has committed.
+    // Takes its snapshot now, sleeps until the holder has committed, then claims.
     let (db, client) = (h.db.clone(), h.client.clone());
     let claim = tokio::spawn(async move {
         sqlx::query_as::<_, (bool, Option<Vec<u8>>, Option<Vec<u8>>)>(
@@ -332,14 +332,16 @@ async fn a_claim_sees_a_record_committed_by_the_previous_lock_holder_after_it_be
         .unwrap()
     });
     let db = h.db.clone();
+    // In its sleep, not just `active`: a session shows the statement as active already while
+    // it is being prepared (sqlx's Parse), and its snapshot is only taken at Bind.
     wait_until(
-        "the claiming statement to begin",
+        "the claiming statement to sleep",
         Duration::from_secs(10),
         || {
             let db = db.clone();
             async move {
                 sqlx::query_scalar::<_, bool>(
-                    "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE state = 'active' \
+                    "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE wait_event = 'PgSleep' \
                  AND query LIKE '%/* claim-race */%' AND pid <> pg_backend_pid())",
                 )
                 .fetch_one(&db)
