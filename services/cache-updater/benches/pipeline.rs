@@ -78,10 +78,24 @@ const MAX_IN_FLIGHT: usize = 512;
 /// Partitions of each benchmark topic: 3, what the operator gives each topic of a
 /// `MiddlewareStack` that does not set `partitions` (`BENCH_PIPELINE_PARTITIONS=N` for others).
 fn topic_partitions() -> i32 {
-    std::env::var("BENCH_PIPELINE_PARTITIONS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(3)
+    static PARTITIONS: std::sync::LazyLock<i32> =
+        std::sync::LazyLock::new(|| positive_from_env("BENCH_PIPELINE_PARTITIONS", 3));
+    *PARTITIONS
+}
+
+/// The positive number in variable `name`, `default` when it is unset; anything else stops
+/// the benchmark (a typo must not quietly measure the default).
+fn positive_from_env<T>(name: &str, default: T) -> T
+where
+    T: std::str::FromStr + PartialOrd + Default,
+{
+    match std::env::var(name) {
+        Err(_) => default,
+        Ok(value) => match value.parse::<T>() {
+            Ok(n) if n > T::default() => n,
+            _ => panic!("{name}={value:?}: expected a positive whole number"),
+        },
+    }
 }
 
 /// One isolated stack: variables with its own prefixes and its topics.
@@ -667,10 +681,7 @@ async fn main() {
     let only = std::env::var("BENCH_PIPELINE_ONLY").unwrap_or_default();
     let fixed_only = only == "fixed";
     let only_e2e = only == "e2e" || fixed_only;
-    let fixed_rate: u32 = std::env::var("BENCH_PIPELINE_RATE")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(FIXED_RATE);
+    let fixed_rate: u32 = positive_from_env("BENCH_PIPELINE_RATE", FIXED_RATE);
     if only_e2e {
         vacuum(&db).await; // an earlier run's leftovers (phase 1 vacuums after itself)
     } else {
