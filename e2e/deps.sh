@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs, starts, stops and reports the platform's local dependencies as plain processes
-# (no containers): PostgreSQL, Redis, Kafka (KRaft) and a Kubernetes control plane with kwok.
+# (no containers): PostgreSQL, Redis, Kafka (KRaft) and a Kubernetes control plane with kwok;
+# and the Docker engine that builds the images and runs the kind e2e.
 #
 #   e2e/deps.sh up     [group...]   install (cached) and start; idempotent
 #   e2e/deps.sh down   [group...]   stop (data is kept under $MERIDIAN_STATE_DIR)
@@ -9,11 +10,11 @@
 #                                   default: those three) — before a benchmark, for example
 #   e2e/deps.sh env                 print the environment variables the services and tests use
 #
-# Groups: postgres redis kafka kube (default: all). Each group is e2e/deps/<group>.sh and
+# Groups: postgres redis kafka kube engine (default: all). Each group is e2e/deps/<group>.sh and
 # implements the same three verbs.
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-ALL_GROUPS=(postgres redis kafka kube)
+ALL_GROUPS=(postgres redis kafka kube engine)
 verb=${1:-status}; shift || true
 groups=("$@"); [ ${#groups[@]} -eq 0 ] && groups=("${ALL_GROUPS[@]}")
 
@@ -44,7 +45,7 @@ case "$verb" in
     for g in "${groups[@]}"; do
       case $g in
         postgres | redis | kafka) bash "$E2E_DIR/deps/$g.sh" reset ;;
-        kube) warn "kube has no reset; skipped" ;;
+        kube | engine) warn "$g has no reset; skipped" ;;
         *) die "unknown group '$g'" ;;
       esac
     done

@@ -4,7 +4,8 @@
 # e2e/kafka/pom.xml and are cached in $MERIDIAN_CACHE_DIR/kafka/<version>/libs; data, config and
 # the cluster id live in $MERIDIAN_STATE_DIR/kafka. Creates the platform's topics.
 #
-#   e2e/deps/kafka.sh up|down|status
+#   e2e/deps/kafka.sh up|down|status|reset
+#   e2e/deps/kafka.sh libs    fetch the jars (cached) and print their directory (the kafka image)
 # shellcheck source-path=SCRIPTDIR source=../lib.sh
 source "$(dirname "$0")/../lib.sh"
 
@@ -80,7 +81,8 @@ fetch_libs() {
 }
 
 write_config() {
-  sed -e "s|@KAFKA_PORT@|$PORT|g" -e "s|@CONTROLLER_PORT@|$CONTROLLER_PORT|g" -e "s|@LOG_DIRS@|$DATA|g" \
+  sed -e "s|@LISTEN_HOST@|127.0.0.1|g" -e "s|@ADVERTISED_HOST@|127.0.0.1|g" -e "s|@CONTROLLER_HOST@|127.0.0.1|g" \
+    -e "s|@KAFKA_PORT@|$PORT|g" -e "s|@CONTROLLER_PORT@|$CONTROLLER_PORT|g" -e "s|@LOG_DIRS@|$DATA|g" \
     "$E2E_DIR/kafka/server.properties" >"$PROPS"
 }
 
@@ -222,5 +224,6 @@ case "${1:-}" in
   status) status ;;
   # Stop, delete the log directory and the cluster id (every topic), start a fresh broker.
   reset) down && rm -rf "$DATA" "$CLUSTER_ID_FILE" && up ;;
-  *) die "usage: $0 up|down|status|reset" ;;
+  libs) fetch_libs >&2 && echo "$LIBS" ;;
+  *) die "usage: $0 up|down|status|reset|libs" ;;
 esac
