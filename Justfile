@@ -91,19 +91,19 @@ bench-pipeline: build-deps target-trim (deps-up "postgres" "redis" "kafka")
 
 # Hub benchmark (release, two hubs on the local Redis): memory per idle connection at 10k/50k, deliveries/s to one room with 10k subscribers, publish→deliver p99 across replicas.
 bench-hub *args: target-trim (deps-up "redis")
-    cargo build --release --locked -p ws-hub --bins
+    cargo build --release --locked -p ws-hub -p tools --bin ws-hub --bin bench-hub --bin meridian-loadgen
     eval "$(bash e2e/deps.sh env)" && "$CARGO_TARGET_DIR/release/bench-hub" {{args}}
 
 # Operator benchmark on the kwok control plane with real provisioning: N=100 and N=1,000 stacks
 # to Ready, operator peak RSS, steady-state API writes per stack. BENCH_STACKS, BENCH_STEADY_SECONDS
 # (default 60; the issue asks 300), BENCH_READY_TIMEOUT_SECONDS, BENCH_REPLICAS override.
 bench-operator: target-trim deps-up
-    cargo build --release --locked -p operator --bin meridian-operator --bin bench-operator
+    cargo build --release --locked -p operator -p tools --bin meridian-operator --bin bench-operator
     eval "$(bash e2e/deps.sh env)" && "${CARGO_TARGET_DIR:-target}/release/bench-operator"
 
 # Gateway benchmark (release): req/s and added latency vs the upstream direct, with JWT + rate limiting, and rate-limit checks/s.
 bench-gateway: target-trim (deps-up "redis")
-    cargo build --release --locked -p api-gateway --bins
+    cargo build --release --locked -p api-gateway -p tools --bin api-gateway --bin bench-gateway
     eval "$(bash e2e/deps.sh env)" && "${CARGO_TARGET_DIR:-target}/release/bench-gateway"
 
 # Edge benchmarks: the gateway's, then the hub's.

@@ -86,7 +86,7 @@ run() {
   kubectl describe middlewarestack demo
 
   step "smoke flow through localhost:8080 (gateway) and :8085 (hub)"
-  cargo run --release --locked -p operator --bin meridian-smoke -- \
+  cargo run --release --locked -p tools --bin meridian-smoke -- \
     --gateway http://127.0.0.1:8080 --hub ws://127.0.0.1:8085 \
     --jwt-secret "$JWT_SECRET" --issuer https://auth.example.invalid/ --audience meridian
   ok "kind e2e passed"
