@@ -7,8 +7,8 @@
 # describe`; the cluster is deleted at the end unless KEEP_CLUSTER=1.
 # Usage: e2e/kind.sh [run|down]
 set -euo pipefail
-# shellcheck source=SCRIPTDIR/lib.sh
-source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+# shellcheck source=SCRIPTDIR/../dev/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/../dev/lib.sh"
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 CLUSTER=meridian
@@ -19,8 +19,8 @@ JWT_SECRET="kind-e2e-only-not-a-real-secret"
 
 kind_bin() {
   if command -v kind >/dev/null; then command -v kind; else
-    bash "$ROOT/e2e/tools.sh" install kind >&2
-    bash "$ROOT/e2e/tools.sh" path kind
+    bash "$ROOT/dev/tools.sh" install kind >&2
+    bash "$ROOT/dev/tools.sh" path kind
   fi
 }
 
