@@ -10,27 +10,27 @@ default:
 
 # Install (cached) and start the local dependencies: postgres redis kafka kube (default: all).
 deps-up *groups:
-    bash e2e/deps.sh up {{groups}}
+    bash dev/deps.sh up {{groups}}
 
 # Stop the local dependencies (their data is kept).
 deps-down *groups:
-    bash e2e/deps.sh down {{groups}}
+    bash dev/deps.sh down {{groups}}
 
 # Show each dependency group, the log folder and the kubeconfig path.
 deps-status *groups:
-    bash e2e/deps.sh status {{groups}}
+    bash dev/deps.sh status {{groups}}
 
 # Stop PostgreSQL, Redis and Kafka (or the named ones), delete their data, start them fresh.
 deps-reset *groups:
-    bash e2e/deps.sh reset {{groups}}
+    bash dev/deps.sh reset {{groups}}
 
 # Install what building the workspace needs (C toolchain, CMake, headers for librdkafka).
 build-deps:
-    bash e2e/build-deps.sh
+    bash dev/build-deps.sh
 
 # Keep the shared target directory within its size budget and make sure a build has room.
 target-trim:
-    bash e2e/target-trim.sh
+    bash dev/target-trim.sh
 
 # Build every binary (debug profile, shared with the tests).
 build: build-deps target-trim
@@ -39,13 +39,13 @@ build: build-deps target-trim
 # The main job: dependencies, control plane, operator, the example MiddlewareStack and its
 # services (run by the process runner), the smoke flow; prints URLs, a JWT and examples.
 demo: build deps-up
-    bash e2e/demo.sh up
+    bash dev/demo.sh up
 
 # Stop everything the demo started: the stack (cleaned up by the operator), the operator and
 # runner, then the dependencies.
 demo-down:
-    bash e2e/demo.sh down
-    bash e2e/deps.sh down
+    bash dev/demo.sh down
+    bash dev/deps.sh down
 
 # The whole suite as CI runs it: fmt, clippy, unit and integration tests on real dependencies.
 test: build-deps target-trim deps-up lint-scripts lint-delivery
@@ -53,13 +53,13 @@ test: build-deps target-trim deps-up lint-scripts lint-delivery
     cargo clippy --workspace --all-targets --locked -- -D warnings
     cargo build --workspace --bins --locked
     bash e2e/chart.sh
-    eval "$(bash e2e/deps.sh env)" && cargo test --workspace --locked
+    eval "$(bash dev/deps.sh env)" && cargo test --workspace --locked
 
 # Lint the Dockerfile (hadolint) and the GitHub Actions workflows (actionlint).
 lint-delivery:
-    bash e2e/tools.sh install hadolint actionlint
-    "$(bash e2e/tools.sh path hadolint)" Dockerfile
-    "$(bash e2e/tools.sh path actionlint)" .github/workflows/*.yaml
+    bash dev/tools.sh install hadolint actionlint
+    "$(bash dev/tools.sh path hadolint)" Dockerfile
+    "$(bash dev/tools.sh path actionlint)" .github/workflows/*.yaml
 
 # Helm chart checks against the local control plane: lint, server-side dry run, install/upgrade/uninstall.
 chart-check: deps-up
@@ -75,8 +75,8 @@ fmt:
 
 # Lint the shell scripts (shellcheck from Debian).
 lint-scripts:
-    bash -c 'source e2e/lib.sh && apt_install shellcheck'
-    shellcheck -x e2e/*.sh e2e/deps/*.sh .ci/run
+    bash -c 'source dev/lib.sh && apt_install shellcheck'
+    shellcheck -x dev/*.sh dev/deps/*.sh e2e/*.sh .ci/run
 
 # Regenerate the CRD YAML in crds/ from the operator's Rust types (a test checks for drift).
 crds:
@@ -87,24 +87,24 @@ crds:
 # The pipeline benchmark (release build, local dependencies): accepted commands/s, relayed
 # events/s, end-to-end latency at 1,000 commands/s and at the highest sustained rate.
 bench-pipeline: build-deps target-trim (deps-up "postgres" "redis" "kafka")
-    eval "$(bash e2e/deps.sh env)" && cargo bench --locked -p cache-updater --bench pipeline
+    eval "$(bash dev/deps.sh env)" && cargo bench --locked -p cache-updater --bench pipeline
 
 # Hub benchmark (release, two hubs on the local Redis): memory per idle connection at 10k/50k, deliveries/s to one room with 10k subscribers, publish→deliver p99 across replicas.
 bench-hub *args: target-trim (deps-up "redis")
-    cargo build --release --locked -p ws-hub --bins
-    eval "$(bash e2e/deps.sh env)" && "$CARGO_TARGET_DIR/release/bench-hub" {{args}}
+    cargo build --release --locked -p ws-hub -p tools --bin ws-hub --bin bench-hub --bin meridian-loadgen
+    eval "$(bash dev/deps.sh env)" && "$CARGO_TARGET_DIR/release/bench-hub" {{args}}
 
 # Operator benchmark on the kwok control plane with real provisioning: N=100 and N=1,000 stacks
 # to Ready, operator peak RSS, steady-state API writes per stack. BENCH_STACKS, BENCH_STEADY_SECONDS
 # (default 60; the issue asks 300), BENCH_READY_TIMEOUT_SECONDS, BENCH_REPLICAS override.
 bench-operator: target-trim deps-up
-    cargo build --release --locked -p operator --bin meridian-operator --bin bench-operator
-    eval "$(bash e2e/deps.sh env)" && "${CARGO_TARGET_DIR:-target}/release/bench-operator"
+    cargo build --release --locked -p operator -p tools --bin meridian-operator --bin bench-operator
+    eval "$(bash dev/deps.sh env)" && "${CARGO_TARGET_DIR:-target}/release/bench-operator"
 
 # Gateway benchmark (release): req/s and added latency vs the upstream direct, with JWT + rate limiting, and rate-limit checks/s.
 bench-gateway: target-trim (deps-up "redis")
-    cargo build --release --locked -p api-gateway --bins
-    eval "$(bash e2e/deps.sh env)" && "${CARGO_TARGET_DIR:-target}/release/bench-gateway"
+    cargo build --release --locked -p api-gateway -p tools --bin api-gateway --bin bench-gateway
+    eval "$(bash dev/deps.sh env)" && "${CARGO_TARGET_DIR:-target}/release/bench-gateway"
 
 # Edge benchmarks: the gateway's, then the hub's.
 bench-edge: bench-gateway bench-hub

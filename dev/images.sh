@@ -13,6 +13,7 @@
 #   dev/images.sh [build]   build all (idempotent: unchanged inputs are cache hits)
 #   dev/images.sh list      print the image references, one a line
 #   dev/images.sh base      print the base image reference (building it when missing)
+# shellcheck source-path=SCRIPTDIR source=lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 : "${MERIDIAN_DEBIAN_RELEASE:=bookworm}"

@@ -9,13 +9,13 @@
 #      node), `helm upgrade --wait`, `helm uninstall`, with the CRD kept afterwards;
 #   5. the kind e2e's manifests (e2e/kind/*.yaml) by server-side dry run, against that CRD.
 set -euo pipefail
-# shellcheck source=SCRIPTDIR/lib.sh
-source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+# shellcheck source=SCRIPTDIR/../dev/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/../dev/lib.sh"
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 CHART=$ROOT/charts/meridian-operator
 : "${MERIDIAN_PROMETHEUS_OPERATOR_VERSION:=v0.90.1}"
-eval "$(bash "$ROOT/e2e/deps.sh" env)"
+eval "$(bash "$ROOT/dev/deps.sh" env)"
 NS=meridian-chart-check
 RELEASE=meridian-operator
 

@@ -7,8 +7,8 @@
 # describe`; the cluster is deleted at the end unless KEEP_CLUSTER=1.
 # Usage: e2e/kind.sh [run|down]
 set -euo pipefail
-# shellcheck source=SCRIPTDIR/lib.sh
-source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+# shellcheck source=SCRIPTDIR/../dev/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/../dev/lib.sh"
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 CLUSTER=meridian
@@ -19,8 +19,8 @@ JWT_SECRET="kind-e2e-only-not-a-real-secret"
 
 kind_bin() {
   if command -v kind >/dev/null; then command -v kind; else
-    bash "$ROOT/e2e/tools.sh" install kind >&2
-    bash "$ROOT/e2e/tools.sh" path kind
+    bash "$ROOT/dev/tools.sh" install kind >&2
+    bash "$ROOT/dev/tools.sh" path kind
   fi
 }
 
@@ -86,7 +86,7 @@ run() {
   kubectl describe middlewarestack demo
 
   step "smoke flow through localhost:8080 (gateway) and :8085 (hub)"
-  cargo run --release --locked -p operator --bin meridian-smoke -- \
+  cargo run --release --locked -p tools --bin meridian-smoke -- \
     --gateway http://127.0.0.1:8080 --hub ws://127.0.0.1:8085 \
     --jwt-secret "$JWT_SECRET" --issuer https://auth.example.invalid/ --audience meridian
   ok "kind e2e passed"

@@ -12,6 +12,7 @@
 # On such a host, and only there, the engine's default runtime becomes `meridian-runc`
 # (dev/engine/runc-wrapper), which drops that one capability from each container's spec
 # before running the real runc. Everything else is Debian's engine as packaged.
+# shellcheck source-path=SCRIPTDIR source=../lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/../lib.sh"
 
 DAEMON_JSON=/etc/docker/daemon.json

@@ -25,7 +25,7 @@ fn kubectl(args: &[&str]) -> std::process::Output {
     std::process::Command::new("kubectl")
         .args(args)
         .output()
-        .expect("kubectl is on PATH after `eval \"$(bash e2e/deps.sh env)\"`")
+        .expect("kubectl is on PATH after `eval \"$(bash dev/deps.sh env)\"`")
 }
 
 fn log_dir() -> PathBuf {

@@ -52,17 +52,18 @@ impl Deps {
     }
 }
 
-/// A binary of another workspace crate (`command-service`, `processor`, …), next to the
-/// running test executable (`target/debug/deps/it-…` → `target/debug/<name>`). `just test`
+/// A binary of any workspace crate (`command-service`, `processor`, the tools'
+/// `meridian-runner`, …), next to the running test executable (`target/debug/deps/it-…` →
+/// `target/debug/<name>`): every package's binaries land in the same folder. `just test`
 /// builds every binary before the tests run; when running one crate's tests by hand, build
-/// the binaries it uses first (`cargo build -p <crate> --bins`).
+/// them first (`cargo build --workspace --bins`, or `cargo build --bin <name>`).
 pub fn workspace_binary(name: &str) -> std::path::PathBuf {
     let exe = std::env::current_exe().unwrap();
     let dir = exe.parent().and_then(Path::parent).unwrap();
     let path = dir.join(name);
     assert!(
         path.exists(),
-        "{} is missing: build it with `cargo build -p {name} --bins`",
+        "{} is missing: build it with `cargo build --bin {name}` (or `cargo build --workspace --bins`)",
         path.display()
     );
     path

@@ -5,7 +5,7 @@
 #   actionlint — GitHub Actions workflow linter (Go module)
 #   kind       — Kubernetes in Docker, for `just e2e-kind` on machines with a Docker engine
 #   cargo-sweep — removes least recently used Cargo artifacts (crate, built with cargo install)
-# Usage: e2e/tools.sh install [tool...]  |  e2e/tools.sh path <tool>
+# Usage: dev/tools.sh install [tool...]  |  dev/tools.sh path <tool>
 set -euo pipefail
 # shellcheck source=SCRIPTDIR/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"

@@ -19,7 +19,7 @@
 //! waits for the finalizers, stops the operator and deletes the namespace.
 //!
 //! Environment: `KUBECONFIG`, `KAFKA_BOOTSTRAP_SERVERS`, `REDIS_URL`, `DATABASE_URL` (the
-//! `e2e/deps.sh env` values), `BENCH_STACKS` (default `100,1000`), `BENCH_STEADY_SECONDS`,
+//! `dev/deps.sh env` values), `BENCH_STACKS` (default `100,1000`), `BENCH_STEADY_SECONDS`,
 //! `BENCH_READY_TIMEOUT_SECONDS` (default 300), `BENCH_REPLICAS` (pods per service, default 1).
 use std::collections::BTreeMap;
 use std::process::Stdio;
@@ -59,7 +59,7 @@ async fn main() -> anyhow::Result<()> {
     let replicas: i32 = env_or("BENCH_REPLICAS", 1);
     let client = Client::try_default()
         .await
-        .context("no KUBECONFIG: eval \"$(bash e2e/deps.sh env)\"")?;
+        .context("no KUBECONFIG: eval \"$(bash dev/deps.sh env)\"")?;
     operator_crd(&client).await?;
     let mut results = Vec::new();
     for n in counts {
@@ -355,7 +355,7 @@ fn count_ready(store: &reflector::Store<MiddlewareStack>) -> (usize, usize) {
 
 /// Pods per stack and replica: one per service.
 const SERVICES: usize = 5;
-/// Pods per added kwok node, as `e2e/k8s/node.yaml` gives the cluster's one node.
+/// Pods per added kwok node, as `dev/k8s/node.yaml` gives the cluster's one node.
 const PODS_PER_NODE: usize = 500;
 /// The annotation that makes kwok play a node (`--manage-nodes-with-annotation-selector`).
 const KWOK_NODE_ANNOTATION: &str = "kwok.x-k8s.io/node";

@@ -3,7 +3,7 @@
 # service) on 127.0.0.1:$MERIDIAN_REDIS_PORT, config and ACL file in $MERIDIAN_STATE_DIR/redis.
 # No persistence; the `default` user stays enabled without a password; ACL SETUSER/ACL SAVE work.
 #
-#   e2e/deps/redis.sh up|down|status
+#   dev/deps/redis.sh up|down|status
 # shellcheck source-path=SCRIPTDIR source=../lib.sh
 source "$(dirname "$0")/../lib.sh"
 
@@ -37,7 +37,7 @@ apt_install_nostart() {
   if [ -e "$policy" ]; then apt_install "$@"; return; fi
   # shellcheck disable=SC2064 # expand $policy now
   trap "as_root rm -f '$policy'" EXIT
-  printf '#!/bin/sh\n# temporary, from meridian e2e/deps: do not start services during apt-get install\nexit 101\n' |
+  printf '#!/bin/sh\n# temporary, from meridian dev/deps: do not start services during apt-get install\nexit 101\n' |
     as_root tee "$policy" >/dev/null
   as_root chmod 755 "$policy"
   apt_install "$@" || rc=$?
@@ -75,7 +75,7 @@ disable_debian_redis() {
 
 write_config() {
   cat >"$CONF" <<CONF
-# Written by e2e/deps/redis.sh on every start; edits are lost.
+# Written by dev/deps/redis.sh on every start; edits are lost.
 bind 127.0.0.1
 port $PORT
 protected-mode yes

@@ -10,13 +10,13 @@
 # turns True, proves the platform with the smoke flow, and prints the URLs, a JWT, a curl
 # and a WebSocket example, and `kubectl describe middlewarestack demo`.
 #
-#   e2e/demo.sh up     start (idempotent)
-#   e2e/demo.sh down   delete the stack (the operator cleans up), stop the operator and runner
+#   dev/demo.sh up     start (idempotent)
+#   dev/demo.sh down   delete the stack (the operator cleans up), stop the operator and runner
 set -euo pipefail
 # shellcheck source=SCRIPTDIR/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-ROOT=$(cd "$E2E_DIR/.." && pwd)
+ROOT=$(cd "$DEV_DIR/.." && pwd)
 NS=meridian-demo
 STACK=demo
 TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/meridian/target}/debug"
@@ -61,7 +61,7 @@ wait_ready() {
 
 up() {
   command -v curl >/dev/null || apt_install curl
-  eval "$(bash "$E2E_DIR/deps.sh" env)"
+  eval "$(bash "$DEV_DIR/deps.sh" env)"
   local b
   for b in meridian-operator meridian-runner meridian-smoke api-gateway command-service processor cache-updater ws-hub; do
     [ -x "$TARGET_DIR/$b" ] || die "$TARGET_DIR/$b is missing: run \`just build\` first"
@@ -132,7 +132,7 @@ EOT
 }
 
 down() {
-  eval "$(bash "$E2E_DIR/deps.sh" env)"
+  eval "$(bash "$DEV_DIR/deps.sh" env)"
   if is_running demo-operator && kubectl get namespace "$NS" >/dev/null 2>&1; then
     step "deleting the stack (the operator cleans up per its deletionPolicy)"
     kubectl -n "$NS" delete middlewarestack "$STACK" --ignore-not-found --wait --timeout=120s >/dev/null ||
@@ -149,5 +149,5 @@ down() {
 case "${1:-up}" in
   up) up ;;
   down) down ;;
-  *) die "usage: e2e/demo.sh up|down" ;;
+  *) die "usage: dev/demo.sh up|down" ;;
 esac

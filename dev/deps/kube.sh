@@ -6,12 +6,12 @@
 # succeed and `helm install --wait` returns. No container ever runs; a bare Pod (no Job owning
 # it, e.g. a `helm test` pod) stays Running forever.
 #
-#   e2e/deps/kube.sh up|down|status
-#   e2e/deps/kube.sh module    regenerate e2e/k8s/build/go.{mod,sum} for $MERIDIAN_K8S_VERSION
+#   dev/deps/kube.sh up|down|status
+#   dev/deps/kube.sh module    regenerate dev/k8s/build/go.{mod,sum} for $MERIDIAN_K8S_VERSION
 #
 # Every binary is built from Go modules, once per version, into $MERIDIAN_CACHE_DIR and linked
 # into $MERIDIAN_STATE_DIR/bin: kube-apiserver, kube-controller-manager, kube-scheduler and kubectl
-# (wrapper module e2e/k8s/build), etcd (wrapper module e2e/k8s/build-etcd), kwok and helm.
+# (wrapper module dev/k8s/build), etcd (wrapper module dev/k8s/build-etcd), kwok and helm.
 # Certificates (openssl), kubeconfigs and etcd data live in $MERIDIAN_STATE_DIR/kube and are kept
 # across down/up. The admin kubeconfig is $MERIDIAN_STATE_DIR/kube/admin.kubeconfig (context
 # "meridian", user CN=meridian-admin in system:masters).
@@ -43,7 +43,7 @@ source "$(dirname "$0")/../lib.sh"
 # Bump when the build commands or flags change, so that cached builds are redone.
 BUILD_REV=1
 
-K8S_SRC=$E2E_DIR/k8s
+K8S_SRC=$DEV_DIR/k8s
 KUBE_DIR=$MERIDIAN_STATE_DIR/kube
 PKI=$KUBE_DIR/pki
 ADMIN_KC=$KUBE_DIR/admin.kubeconfig
@@ -71,7 +71,9 @@ need_go() {
     die "the Kubernetes binaries are built from source: install Go >= 1.26 (https://go.dev/dl) first"
 }
 
-# fingerprint FILE... : short hash of the files and the build revision.
+# fingerprint FILE... : short hash of the files and the build revision. The committed wrapper
+# modules are hashed byte for byte, so their text (e.g. the `meridian.local/e2e/...` module paths
+# and comments from before the scripts moved to dev/) changes only with a version bump.
 fingerprint() { { cat "$@"; echo "rev $BUILD_REV"; } | sha256sum | cut -c1-16; }
 
 # built DIR STAMP: was DIR completely built from inputs with this fingerprint?
@@ -91,9 +93,9 @@ gen_k8s_module() {
 // Wrapper module that builds the Kubernetes control-plane binaries from the published
 // k8s.io/kubernetes module. k8s.io/kubernetes requires its staging modules at v0.0.0 and replaces
 // them with ./staging/src/..., which only resolves inside its own repository; here every staging
-// module is replaced with its published release instead. Built by e2e/deps/kube.sh; regenerate
-// with \`MERIDIAN_K8S_VERSION=vX.Y.Z e2e/deps/kube.sh module\`.
-module meridian.local/e2e/k8s/build
+// module is replaced with its published release instead. Built by dev/deps/kube.sh; regenerate
+// with \`MERIDIAN_K8S_VERSION=vX.Y.Z dev/deps/kube.sh module\`.
+module meridian.local/dev/k8s/build
 
 EOF
     grep -E '^(go|godebug) ' "$kmod"
@@ -481,7 +483,7 @@ component_cmd() {
         --profiling=false)
       ;;
     kwok)
-      # Stages come from --config files (kwok's own "fast" stages, copied into e2e/k8s/kwok),
+      # Stages come from --config files (kwok's own "fast" stages, copied into dev/k8s/kwok),
       # so no kwok CRDs are needed. KWOK_WORKDIR keeps a ~/.kwok/kwok.yaml out of it. The
       # server (healthz, metrics, and kubelet-like logs/exec endpoints) binds to loopback.
       for f in "$K8S_SRC"/kwok/*.yaml; do stages+=(--config="$f"); done

@@ -52,8 +52,8 @@ if [ "$(size_kib "${incremental[@]}")" -gt $((MERIDIAN_INCREMENTAL_MAX_GIB * GIB
   ok "incremental caches over ${MERIDIAN_INCREMENTAL_MAX_GIB} GiB: deleted"
 fi
 
-bash "$E2E_DIR/tools.sh" install cargo-sweep >/dev/null
-sweep=$(bash "$E2E_DIR/tools.sh" path cargo-sweep)
+bash "$DEV_DIR/tools.sh" install cargo-sweep >/dev/null
+sweep=$(bash "$DEV_DIR/tools.sh" path cargo-sweep)
 (cd "$REPO_ROOT" && "$sweep" sweep --maxsize "${MERIDIAN_TARGET_MAX_GIB}GiB" >/dev/null) ||
   die "cargo-sweep could not trim $CARGO_TARGET_DIR"
 

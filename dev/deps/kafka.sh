@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Kafka for tests: Apache Kafka (default 4.1.1, MERIDIAN_KAFKA_VERSION) in KRaft combined mode
 # (broker + controller in one JVM, no ZooKeeper). The jars come from Maven Central through
-# e2e/kafka/pom.xml and are cached in $MERIDIAN_CACHE_DIR/kafka/<version>/libs; data, config and
+# dev/kafka/pom.xml and are cached in $MERIDIAN_CACHE_DIR/kafka/<version>/libs; data, config and
 # the cluster id live in $MERIDIAN_STATE_DIR/kafka. Creates the platform's topics.
 #
-#   e2e/deps/kafka.sh up|down|status|reset
-#   e2e/deps/kafka.sh libs    fetch the jars (cached) and print their directory (the kafka image)
+#   dev/deps/kafka.sh up|down|status|reset
+#   dev/deps/kafka.sh libs    fetch the jars (cached) and print their directory (the kafka image)
 # shellcheck source-path=SCRIPTDIR source=../lib.sh
 source "$(dirname "$0")/../lib.sh"
 
@@ -21,7 +21,7 @@ DATA=$KAFKA_DIR/data
 PROPS=$KAFKA_DIR/server.properties
 CLUSTER_ID_FILE=$KAFKA_DIR/cluster.id
 VERSION_FILE=$KAFKA_DIR/running.version
-LOG4J=$E2E_DIR/kafka/log4j2.properties
+LOG4J=$DEV_DIR/kafka/log4j2.properties
 TOPICS=(commands events cache commands.dlq)
 TOPIC_PARTITIONS=6
 
@@ -72,7 +72,7 @@ fetch_libs() {
   step "fetching Kafka $KAFKA_VERSION jars from Maven Central into $LIBS"
   rm -rf "$LIBS"
   mkdir -p "$KAFKA_CACHE"
-  spin "kafka maven copy-dependencies" mvn -q -B -Dstyle.color=never -f "$E2E_DIR/kafka/pom.xml" \
+  spin "kafka maven copy-dependencies" mvn -q -B -Dstyle.color=never -f "$DEV_DIR/kafka/pom.xml" \
     dependency:copy-dependencies -Dkafka.version="$KAFKA_VERSION" -DoutputDirectory="$LIBS" ||
     { rm -rf "$LIBS"; rmdir "$KAFKA_CACHE" 2>/dev/null || true; die "could not fetch Kafka $KAFKA_VERSION from Maven Central (is MERIDIAN_KAFKA_VERSION a released version?)"; }
   ls "$LIBS"/kafka_2.13-"$KAFKA_VERSION".jar >/dev/null 2>&1 || die "kafka_2.13-$KAFKA_VERSION.jar missing in $LIBS"
@@ -83,7 +83,7 @@ fetch_libs() {
 write_config() {
   sed -e "s|@LISTEN_HOST@|127.0.0.1|g" -e "s|@ADVERTISED_HOST@|127.0.0.1|g" -e "s|@CONTROLLER_HOST@|127.0.0.1|g" \
     -e "s|@KAFKA_PORT@|$PORT|g" -e "s|@CONTROLLER_PORT@|$CONTROLLER_PORT|g" -e "s|@LOG_DIRS@|$DATA|g" \
-    "$E2E_DIR/kafka/server.properties" >"$PROPS"
+    "$DEV_DIR/kafka/server.properties" >"$PROPS"
 }
 
 format_storage() {

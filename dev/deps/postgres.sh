@@ -3,7 +3,7 @@
 # pg_ctlcluster one) in $MERIDIAN_STATE_DIR/postgres, listening on 127.0.0.1:$MERIDIAN_PG_PORT.
 # Superuser postgres/postgres (scram-sha-256), database `middleware`.
 #
-#   e2e/deps/postgres.sh up|down|status
+#   dev/deps/postgres.sh up|down|status
 # shellcheck source-path=SCRIPTDIR source=../lib.sh
 source "$(dirname "$0")/../lib.sh"
 
@@ -77,7 +77,7 @@ apt_install_nostart() {
   if [ -e "$policy" ]; then apt_install "$@"; return; fi
   # shellcheck disable=SC2064 # expand $policy now
   trap "as_root rm -f '$policy'" EXIT
-  printf '#!/bin/sh\n# temporary, from meridian e2e/deps: do not start services during apt-get install\nexit 101\n' |
+  printf '#!/bin/sh\n# temporary, from meridian dev/deps: do not start services during apt-get install\nexit 101\n' |
     as_root tee "$policy" >/dev/null
   as_root chmod 755 "$policy"
   apt_install "$@" || rc=$?
@@ -100,7 +100,7 @@ tame_debian_clusters() {
 
 write_config() {
   cat >"$PG_DATA/meridian.conf" <<CONF
-# Written by e2e/deps/postgres.sh on every start; edits are lost.
+# Written by dev/deps/postgres.sh on every start; edits are lost.
 listen_addresses = '127.0.0.1'
 port = $PORT
 unix_socket_directories = '$PG_RUN'
@@ -125,7 +125,7 @@ log_timezone = 'UTC'
 timezone = 'UTC'
 CONF
   cat >"$PG_DATA/pg_hba.conf" <<'HBA'
-# Written by e2e/deps/postgres.sh on every start; edits are lost.
+# Written by dev/deps/postgres.sh on every start; edits are lost.
 # TYPE  DATABASE     USER  ADDRESS        METHOD
 local   all          all                  scram-sha-256
 host    all          all   127.0.0.1/32   scram-sha-256

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Shared helpers for the local-dependency scripts under e2e/. Source it; do not run it.
+# Shared helpers for the dev-environment scripts under dev/ (and the e2e scripts under e2e/).
+# Source it; do not run it.
 #
 # Layout (all overridable, so two copies can coexist):
 #   MERIDIAN_CACHE_DIR  downloads and builds, keyed by version   (default ~/.cache/meridian)
@@ -26,9 +27,9 @@ export MERIDIAN_CACHE_DIR MERIDIAN_STATE_DIR MERIDIAN_LOG_DIR
 export MERIDIAN_PG_PORT MERIDIAN_REDIS_PORT MERIDIAN_KAFKA_PORT MERIDIAN_KAFKA_CONTROLLER_PORT \
   MERIDIAN_ETCD_PORT MERIDIAN_ETCD_PEER_PORT MERIDIAN_APISERVER_PORT
 
-E2E_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-REPO_ROOT="$(cd "$E2E_DIR/.." && pwd)"
-export E2E_DIR REPO_ROOT
+DEV_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+REPO_ROOT="$(cd "$DEV_DIR/.." && pwd)"
+export DEV_DIR REPO_ROOT
 
 mkdir -p "$MERIDIAN_CACHE_DIR" "$MERIDIAN_STATE_DIR" "$MERIDIAN_LOG_DIR" "$MERIDIAN_STATE_DIR/pids"
 

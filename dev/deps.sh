@@ -3,14 +3,14 @@
 # (no containers): PostgreSQL, Redis, Kafka (KRaft) and a Kubernetes control plane with kwok;
 # and the Docker engine that builds the images and runs the kind e2e.
 #
-#   e2e/deps.sh up     [group...]   install (cached) and start; idempotent
-#   e2e/deps.sh down   [group...]   stop (data is kept under $MERIDIAN_STATE_DIR)
-#   e2e/deps.sh status [group...]   one line per group; exit 1 when any is down
-#   e2e/deps.sh reset  [group...]   stop, delete the data, start fresh (postgres redis kafka;
+#   dev/deps.sh up     [group...]   install (cached) and start; idempotent
+#   dev/deps.sh down   [group...]   stop (data is kept under $MERIDIAN_STATE_DIR)
+#   dev/deps.sh status [group...]   one line per group; exit 1 when any is down
+#   dev/deps.sh reset  [group...]   stop, delete the data, start fresh (postgres redis kafka;
 #                                   default: those three) — before a benchmark, for example
-#   e2e/deps.sh env                 print the environment variables the services and tests use
+#   dev/deps.sh env                 print the environment variables the services and tests use
 #
-# Groups: postgres redis kafka kube engine (default: all). Each group is e2e/deps/<group>.sh and
+# Groups: postgres redis kafka kube engine (default: all). Each group is dev/deps/<group>.sh and
 # implements the same three verbs.
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
@@ -31,20 +31,20 @@ ENV
 case "$verb" in
   up)
     start=$SECONDS
-    for g in "${groups[@]}"; do bash "$E2E_DIR/deps/$g.sh" up; done
+    for g in "${groups[@]}"; do bash "$DEV_DIR/deps/$g.sh" up; done
     print_env > "$MERIDIAN_STATE_DIR/env"
     step "dependencies up in $((SECONDS - start))s; logs in $MERIDIAN_LOG_DIR"
     echo "    source $MERIDIAN_STATE_DIR/env   # for DATABASE_URL, REDIS_URL, KAFKA_BOOTSTRAP_SERVERS, KUBECONFIG"
     ;;
   down)
     # Reverse order: the control plane first, the databases last.
-    for ((i = ${#groups[@]} - 1; i >= 0; i--)); do bash "$E2E_DIR/deps/${groups[i]}.sh" down; done
+    for ((i = ${#groups[@]} - 1; i >= 0; i--)); do bash "$DEV_DIR/deps/${groups[i]}.sh" down; done
     ;;
   reset)
     [ $# -eq 0 ] && groups=(postgres redis kafka)
     for g in "${groups[@]}"; do
       case $g in
-        postgres | redis | kafka) bash "$E2E_DIR/deps/$g.sh" reset ;;
+        postgres | redis | kafka) bash "$DEV_DIR/deps/$g.sh" reset ;;
         kube | engine) warn "$g has no reset; skipped" ;;
         *) die "unknown group '$g'" ;;
       esac
@@ -53,7 +53,7 @@ case "$verb" in
     ;;
   status)
     rc=0
-    for g in "${groups[@]}"; do bash "$E2E_DIR/deps/$g.sh" status || rc=1; done
+    for g in "${groups[@]}"; do bash "$DEV_DIR/deps/$g.sh" status || rc=1; done
     echo "logs:       $MERIDIAN_LOG_DIR"
     echo "kubeconfig: $MERIDIAN_STATE_DIR/kube/admin.kubeconfig"
     exit $rc
