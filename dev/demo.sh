@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The demo, the main job: the whole platform on this machine from nothing, the way a cluster
+# The demo, the main job: the whole platform on the local host from nothing, the way a cluster
 # runs it. The local Kubernetes control plane (with its kwok node) and the real dependencies
 # are already up (`just demo` runs `just deps-up` first); this script then starts
 #   - the operator (meridian-operator), watching namespace meridian-demo,

@@ -9,7 +9,7 @@
 //! 3. rate-limit checks/s against Redis (the limiter alone, `BENCH_CONCURRENCY` tasks).
 //!
 //! Settings: `BENCH_SECONDS` (per throughput phase, default 8), `BENCH_CONCURRENCY`
-//! (default 64), `REDIS_URL`. Everything shares this machine's cores, as it would in a pod.
+//! (default 64), `REDIS_URL`. Everything shares the host's cores, as it would in a pod.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -1,5 +1,5 @@
 //! `bench-hub` (`just bench-hub`): starts two hub processes (the `ws-hub` binary next to this
-//! one, normally the release build) on this machine's Redis and measures, in one run of a
+//! one, normally the release build) on the local Redis and measures, in one run of a
 //! few minutes:
 //!
 //! 1. memory per idle connection: hub RSS delta over 10 000 connections (each subscribed to
@@ -217,7 +217,7 @@ async fn idle_on_one_hub(
     Ok(())
 }
 
-/// Memory per idle connection at `total` connections on this machine when one process may
+/// Memory per idle connection at `total` connections on the local host when one process may
 /// not hold them: fresh hubs of at most `per_process` connections each, every one loaded by
 /// its own `meridian-loadgen` process (the binary next to this one) from its own loopback
 /// address; the figure is the hubs' summed RSS growth over the connections open.

@@ -9,7 +9,7 @@
 //! - every client's API writes per stack until Ready, from the API server's own
 //!   `apiserver_request_total` (the operator's, Kubernetes' controllers', the scheduler's,
 //!   kwok's), and the CPU each process used meanwhile (`/proc`): where a slow rollout's time
-//!   goes on this machine;
+//!   goes on the local host;
 //! - the operator's peak RSS (`VmHWM`, target ≤ 64 MiB);
 //! - API writes per stack in steady state over `BENCH_STEADY_SECONDS` (default 60; the issue
 //!   asks 300), from the operator's own `operator_api_requests_total` (target 0; Lease
@@ -69,7 +69,7 @@ async fn main() -> anyhow::Result<()> {
     println!("bench-operator: real provisioning (Kafka topics 1 partition each, Redis ACL user,");
     println!("PostgreSQL role + database per stack), {replicas} pod(s) per service on kwok,");
     println!(
-        "steady-state window {} s (the issue asks 300 s)",
+        "steady-state window {} s (300 s for a long soak)",
         steady.as_secs()
     );
     for r in &results {

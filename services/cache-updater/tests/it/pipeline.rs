@@ -196,7 +196,7 @@ async fn a_command_reaches_the_read_model_and_the_document_room() {
     pipeline.stop().await;
 }
 
-/// The ordering case. A patch needs an existing document and every change counts, the
+/// The ordering case. A patch needs an existing document and every change counts, the
 /// create included (version 1 = the create), so "1,000 changes end at version 1,000" is one
 /// create followed by 999 concurrent patches, each with its own idempotency key and each
 /// setting its own field: the final version proves that every patch was applied exactly

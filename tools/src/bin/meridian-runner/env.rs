@@ -172,7 +172,7 @@ fn field_value(pod: &Pod, path: &str) -> String {
             .as_ref()
             .and_then(|s| s.service_account_name.clone())
             .unwrap_or_default(),
-        // Processes run on this machine: their address is the loopback one.
+        // Processes run on the local host: their address is the loopback one.
         "status.podIP" | "status.hostIP" => "127.0.0.1".to_owned(),
         _ => String::new(),
     }

@@ -1,10 +1,10 @@
 //! `meridian-runner` plays the kubelet (and kube-proxy) for the container-free e2e and the
 //! demo: for every pod of a Meridian stack that the scheduler placed on a node (the kwok node
 //! of the local control plane, where no container ever runs), it starts the matching service
-//! binary on this machine with exactly the container's environment — Secret and ConfigMap
+//! binary on the local host with exactly the container's environment — Secret and ConfigMap
 //! references resolved as the kubelet resolves them — and stops it when the pod goes.
 //!
-//! Because processes share this machine's network, each gets a free `PORT` (and
+//! Because processes share the host's network, each gets a free `PORT` (and
 //! `BIND_ADDRESS=127.0.0.1`), and every in-cluster Service address in its environment
 //! (`name.namespace.svc:port`) is rewritten to a local TCP proxy that forwards to the running
 //! processes of the pods the Service selects. Nothing else is changed, so the operator's
