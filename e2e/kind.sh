@@ -1,95 +1,166 @@
 #!/usr/bin/env bash
-# The container-based e2e, for machines with a Docker engine (GitHub Actions): a kind cluster
-# (kind-config.yaml), the six images built and loaded, dev Kafka/Redis/PostgreSQL from
-# e2e/kind/deps.yaml, the operator installed with the Helm chart, the demo stack applied and
-# awaited, then the smoke client against localhost:8080 (gateway) and :8085 (hub), which
-# kind-config.yaml maps to the node's NodePorts. On failure it dumps logs and `kubectl
-# describe`; the cluster is deleted at the end unless KEEP_CLUSTER=1.
+# The container-based e2e, as a user runs the platform: a kind cluster from kind-config.yaml,
+# every image built here (`just images`) and loaded into it, the development Kafka, Redis and
+# PostgreSQL of e2e/kind/deps.yaml, the operator installed from its image with the Helm chart,
+# the demo stack applied and awaited Ready, the smoke flow through localhost:8080 (gateway) and
+# :8085 (hub) — which kind-config.yaml maps to the node's NodePorts — then real faults on real
+# pods: a service's process killed, a pod deleted, the Redis pod restarted; after each the
+# stack's conditions must say so and recover by themselves, and a smoke flow must pass again
+# with every document written before still there.
+#
+# The kind binary and its node image are built here too (dev/kind/node-image.sh), unless
+# KIND_NODE_IMAGE names one to use (kind's published images, where a registry is reachable).
+# On failure it prints the cluster's state; the cluster is deleted at the end unless
+# KEEP_CLUSTER=1.
 # Usage: e2e/kind.sh [run|down]
 set -euo pipefail
-# shellcheck source=SCRIPTDIR/../dev/lib.sh
+# shellcheck source=../dev/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/../dev/lib.sh"
 
-ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 CLUSTER=meridian
-TAG=e2e
-REGISTRY=meridian.local
+NODE=$CLUSTER-control-plane
 SERVICES=(api-gateway command-service processor cache-updater ws-hub)
 JWT_SECRET="kind-e2e-only-not-a-real-secret"
+: "${CARGO_TARGET_DIR:=$MERIDIAN_CACHE_DIR/target}"
+VERSION=$(sed -n 's/^version = "\(.*\)"$/\1/p' "$REPO_ROOT/Cargo.toml" | head -n 1)
+# kubectl and helm as `just deps-up` builds them; the cluster's own kubeconfig.
+export PATH=$MERIDIAN_STATE_DIR/bin:$PATH KUBECONFIG=$MERIDIAN_STATE_DIR/kind/kubeconfig
 
-kind_bin() {
-  if command -v kind >/dev/null; then command -v kind; else
-    bash "$ROOT/dev/tools.sh" install kind >&2
-    bash "$ROOT/dev/tools.sh" path kind
-  fi
-}
-
-need() { command -v "$1" >/dev/null || die "$1 not found: $2"; }
+kind_bin() { bash "$REPO_ROOT/dev/kind/node-image.sh" kind; }
 
 dump() {
-  warn "e2e failed; state of the cluster follows"
-  kubectl get all,middlewarestacks -A -o wide || true
+  warn "kind e2e failed; state of the cluster follows"
+  kubectl get nodes,all,middlewarestacks -A -o wide || true
   kubectl describe middlewarestack demo || true
-  kubectl -n meridian-system logs deployment/meridian-operator --all-containers --tail=300 || true
-  for s in "${SERVICES[@]}"; do
-    kubectl logs "deployment/demo-$s" --all-containers --tail=100 || true
-  done
-  kubectl get events -A --sort-by=.lastTimestamp | tail -80 || true
+  kubectl -n meridian-system logs deployment/meridian-operator --all-containers --tail=200 || true
+  for s in "${SERVICES[@]}"; do kubectl logs "deployment/demo-$s" --all-containers --tail=60 || true; done
+  kubectl get events -A --sort-by=.lastTimestamp | tail -60 || true
 }
 
 down() {
-  "$(kind_bin)" delete cluster --name "$CLUSTER"
+  "$(kind_bin)" delete cluster --name "$CLUSTER" --kubeconfig "$KUBECONFIG"
+}
+
+smoke() {
+  "$CARGO_TARGET_DIR/debug/meridian-smoke" --gateway http://127.0.0.1:8080 --hub ws://127.0.0.1:8085 \
+    --jwt-secret "$JWT_SECRET" --issuer https://auth.example.invalid/ --audience meridian "$@"
+}
+
+# condition TYPE: the stack's condition as "Status/Reason".
+condition() {
+  kubectl get middlewarestack demo \
+    -o jsonpath="{.status.conditions[?(@.type==\"$1\")].status}/{.status.conditions[?(@.type==\"$1\")].reason}"
+}
+
+# await_condition TYPE STATUS SECONDS: until the stack's condition TYPE has STATUS.
+await_condition() {
+  local type=$1 want=$2 deadline=$((SECONDS + $3))
+  until [ "$(condition "$type" | cut -d/ -f1)" = "$want" ]; do
+    (( SECONDS < deadline )) || die "$type did not become $want within $3s (now $(condition "$type"))"
+    sleep 1
+  done
+  ok "$type=$want ($(condition "$type" | cut -d/ -f2))"
+}
+
+# fault NAME CONDITION ACTION...: run ACTION, see CONDITION go False with a reason, then the
+# stack become Ready again by itself.
+fault() {
+  local name=$1 type=$2; shift 2
+  step "fault: $name"
+  "$@"
+  await_condition "$type" False 120
+  await_condition Ready True 300
+}
+
+kill_service_process() {
+  local id pid
+  id=$(docker exec "$NODE" crictl ps --name "$1" --label "io.kubernetes.pod.namespace=default" -q | head -n 1)
+  [ -n "$id" ] || die "no running container named $1"
+  pid=$(docker exec "$NODE" crictl inspect --output go-template --template '{{.info.pid}}' "$id")
+  docker exec "$NODE" kill -KILL "$pid"
+  ok "killed $1 (pid $pid on the node)"
+}
+
+restart_count() {
+  kubectl get pods -l "app.kubernetes.io/name=$1,app.kubernetes.io/instance=demo" \
+    -o jsonpath='{.items[0].status.containerStatuses[0].restartCount}'
 }
 
 run() {
-  need docker "the kind e2e needs a Docker engine (use the container-free e2e in just test otherwise)"
-  need kubectl "install kubectl"
-  need helm "install helm 3"
-  local kind
-  kind=$(kind_bin)
+  local start=$SECONDS kind node_image
+  step "Docker engine"
+  bash "$REPO_ROOT/dev/deps.sh" up engine
 
-  step "kind cluster $CLUSTER"
+  step "kind and its node image"
+  bash "$REPO_ROOT/dev/kind/node-image.sh" build
+  kind=$(kind_bin)
+  node_image=${KIND_NODE_IMAGE:-$(bash "$REPO_ROOT/dev/kind/node-image.sh" ref)}
+
+  step "images"
+  bash "$REPO_ROOT/dev/images.sh" build
+  [ -x "$CARGO_TARGET_DIR/debug/meridian-smoke" ] ||
+    cargo build --locked -p tools --bin meridian-smoke
+
+  step "kind cluster $CLUSTER ($node_image)"
+  mkdir -p "$(dirname "$KUBECONFIG")"
   if ! "$kind" get clusters | grep -qx "$CLUSTER"; then
-    "$kind" create cluster --config "$ROOT/kind-config.yaml" --wait 120s
+    "$kind" create cluster --config "$REPO_ROOT/kind-config.yaml" --image "$node_image" \
+      --kubeconfig "$KUBECONFIG" --wait 180s
   fi
-  kubectl config use-context "kind-$CLUSTER" >/dev/null
   if [ "${KEEP_CLUSTER:-0}" != 1 ]; then trap down EXIT; fi
   trap 'dump' ERR
+  ok "cluster up after $((SECONDS - start))s"
 
-  step "images (one per binary) built and loaded into kind"
-  local image
-  for s in operator "${SERVICES[@]}"; do
-    image="$REGISTRY/$s:$TAG"
-    if [ "$s" = operator ]; then
-      docker build --quiet --build-arg PACKAGE=operator --build-arg BINARY=meridian-operator -t "$image" "$ROOT"
-    else
-      docker build --quiet --build-arg "PACKAGE=$s" -t "$image" "$ROOT"
-    fi
-    "$kind" load docker-image --name "$CLUSTER" "$image"
-  done
+  step "images loaded into the node"
+  local images=()
+  mapfile -t images < <(bash "$REPO_ROOT/dev/images.sh" list)
+  "$kind" load docker-image --name "$CLUSTER" "${images[@]}"
 
-  step "dev dependencies (Kafka KRaft, Redis, PostgreSQL)"
-  kubectl apply -f "$ROOT/e2e/kind/deps.yaml"
+  step "dependencies (Kafka KRaft, Redis, PostgreSQL)"
+  kubectl apply -f "$REPO_ROOT/e2e/kind/deps.yaml"
   kubectl -n meridian-deps rollout status statefulset/kafka --timeout=300s
   kubectl -n meridian-deps rollout status deployment/redis --timeout=180s
   kubectl -n meridian-deps rollout status deployment/postgres --timeout=180s
 
-  step "operator (Helm chart)"
-  helm upgrade --install meridian-operator "$ROOT/charts/meridian-operator" \
-    --namespace meridian-system --create-namespace \
-    --set image.repository="$REGISTRY/operator" --set image.tag="$TAG" \
+  step "operator (Helm chart, image meridian/operator:$VERSION)"
+  helm upgrade --install meridian-operator \
+    "$REPO_ROOT/charts/meridian-operator" --namespace meridian-system --create-namespace \
+    --set image.repository=meridian/operator --set image.tag="$VERSION" \
     --set image.pullPolicy=Never --wait --timeout 5m
+  kubectl -n meridian-system get pods -o wide
 
   step "demo stack"
-  kubectl apply -f "$ROOT/e2e/kind/stack.yaml" -f "$ROOT/e2e/kind/nodeports.yaml"
+  kubectl apply -f "$REPO_ROOT/e2e/kind/stack.yaml" -f "$REPO_ROOT/e2e/kind/nodeports.yaml"
   kubectl wait --for=condition=Ready middlewarestack/demo --timeout=10m
   kubectl describe middlewarestack demo
 
   step "smoke flow through localhost:8080 (gateway) and :8085 (hub)"
-  cargo run --release --locked -p tools --bin meridian-smoke -- \
-    --gateway http://127.0.0.1:8080 --hub ws://127.0.0.1:8085 \
-    --jwt-secret "$JWT_SECRET" --issuer https://auth.example.invalid/ --audience meridian
-  ok "kind e2e passed"
+  local out document token
+  out=$(smoke) || { echo "$out"; die "smoke flow failed"; }
+  echo "$out"
+  document=$(sed -n 's|^ok   GET \(/v1/documents/[^ ]*\) returned it$|\1|p' <<<"$out")
+  [ -n "$document" ] || die "the smoke flow did not name its document"
+
+  local before
+  before=$(restart_count processor)
+  fault "the processor's process killed" CoreAvailable kill_service_process processor
+  (( $(restart_count processor) > before )) || die "the processor's restart count did not rise"
+  ok "processor restart count $before -> $(restart_count processor)"
+
+  fault "the gateway's pod deleted" EdgeAvailable \
+    kubectl delete pod -l app.kubernetes.io/name=api-gateway,app.kubernetes.io/instance=demo --wait=false
+
+  fault "the Redis pod restarted" DependenciesReady \
+    kubectl -n meridian-deps delete pod -l app=redis --wait=false
+
+  step "after the faults: smoke flow again; the first document is still there"
+  smoke
+  token=$(smoke --print-token)
+  curl -fsS -H "Authorization: Bearer $token" "http://127.0.0.1:8080$document" >/dev/null ||
+    die "GET $document failed after the faults"
+  ok "GET $document still answers"
+  kubectl describe middlewarestack demo
+  ok "kind e2e passed in $((SECONDS - start))s"
 }
 
 case "${1:-run}" in
