@@ -19,6 +19,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 : "${MERIDIAN_DEBIAN_RELEASE:=bookworm}"
 : "${MERIDIAN_DEBIAN_MIRROR:=http://deb.debian.org/debian}"
 : "${CARGO_TARGET_DIR:=$MERIDIAN_CACHE_DIR/target}"
+export CARGO_TARGET_DIR
 VERSION=$(sed -n 's/^version = "\(.*\)"$/\1/p' "$REPO_ROOT/Cargo.toml" | head -n 1)
 IMAGES_CACHE=$MERIDIAN_CACHE_DIR/images
 # Cargo package and binary of each product image.

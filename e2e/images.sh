@@ -14,7 +14,7 @@ eval "$(bash "$REPO_ROOT/dev/deps.sh" env)"
 PREFIX=meridian-image-check
 SERVICES=(api-gateway command-service processor cache-updater ws-hub operator)
 WORK=$(mktemp -d)
-trap 'docker ps -aq --filter "name=^$PREFIX-" | xargs -r docker rm -f >/dev/null; rm -rf "$WORK"' EXIT
+trap 'docker ps -aq --filter "name=^$PREFIX-" | xargs -r docker rm -f -v >/dev/null; rm -rf "$WORK"' EXIT
 failures=0
 fail() { warn "$*"; failures=$((failures + 1)); }
 
@@ -87,21 +87,21 @@ await_exec() {
 check_dependencies() {
   local image
   for image in redis postgres kafka; do check_user "meridian/$image:$VERSION"; done
-  # Their data lives in a volume, as in e2e/kind/deps.yaml; their own bridge network.
+  # Their data in a volume of their own, as in e2e/kind/deps.yaml; a network of their own.
   docker network create "$PREFIX" >/dev/null 2>&1 || true
   run redis "meridian/redis:$VERSION" --network "$PREFIX"
   if await_exec redis 30 redis-cli ping; then ok "meridian/redis:$VERSION answers PING"; else fail "redis did not answer"; fi
-  run postgres "meridian/postgres:$VERSION" --network "$PREFIX" --tmpfs /var/lib/postgresql/data -e POSTGRES_PASSWORD=check -e POSTGRES_DB=middleware
+  run postgres "meridian/postgres:$VERSION" --network "$PREFIX" -v /var/lib/postgresql/data -e POSTGRES_PASSWORD=check -e POSTGRES_DB=middleware
   if await_exec postgres 60 env PGPASSWORD=check psql -h 127.0.0.1 -U postgres -d middleware -c 'select 1'; then
     ok "meridian/postgres:$VERSION serves database middleware over TCP with a password"
   else fail "postgres did not answer"; fi
-  run kafka "meridian/kafka:$VERSION" --network "$PREFIX" --network-alias kafka --tmpfs /var/lib/kafka \
+  run kafka "meridian/kafka:$VERSION" --network "$PREFIX" --network-alias kafka -v /var/lib/kafka \
     -e KAFKA_ADVERTISED_HOST=kafka
   if await_exec kafka 120 java -Xmx128m -cp '/opt/kafka/libs/*' org.apache.kafka.tools.TopicCommand \
     --bootstrap-server kafka:9092 --list; then
     ok "meridian/kafka:$VERSION answers a metadata request"
   else fail "kafka did not answer"; fi
-  docker rm -f "$PREFIX-redis" "$PREFIX-postgres" "$PREFIX-kafka" >/dev/null
+  docker rm -f -v "$PREFIX-redis" "$PREFIX-postgres" "$PREFIX-kafka" >/dev/null
   docker network rm "$PREFIX" >/dev/null
 }
 

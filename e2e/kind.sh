@@ -22,6 +22,7 @@ NODE=$CLUSTER-control-plane
 SERVICES=(api-gateway command-service processor cache-updater ws-hub)
 JWT_SECRET="kind-e2e-only-not-a-real-secret"
 : "${CARGO_TARGET_DIR:=$MERIDIAN_CACHE_DIR/target}"
+export CARGO_TARGET_DIR
 VERSION=$(sed -n 's/^version = "\(.*\)"$/\1/p' "$REPO_ROOT/Cargo.toml" | head -n 1)
 # kubectl and helm as `just deps-up` builds them; the cluster's own kubeconfig.
 export PATH=$MERIDIAN_STATE_DIR/bin:$PATH KUBECONFIG=$MERIDIAN_STATE_DIR/kind/kubeconfig
