@@ -1,13 +1,18 @@
 //! Redis: a [`ConnectionManager`] (multiplexed, reconnecting) established in the background
 //! with the shared backoff, so the service starts and reports not-ready while Redis is down.
+//!
+//! A `ConnectionManager` whose reconnect was refused (`AuthenticationFailed`: Redis restarted
+//! without the stack's ACL user, which the operator re-creates moments later) never tries
+//! again: redis-rs reconnects only after I/O errors. [`Redis`] replaces such a manager with a
+//! new one, connected in the background with the same backoff, so the service heals by itself.
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use secrecy::ExposeSecret;
-use tokio::sync::OnceCell;
 
 use crate::config::RedisConfig;
 use crate::health::Check;
@@ -43,9 +48,44 @@ pub fn client(url: &str) -> redis::RedisResult<redis::Client> {
 /// A handle to Redis that fills in once the first connection succeeds. Cheap to clone.
 #[derive(Clone)]
 pub struct Redis {
-    manager: Arc<OnceCell<ConnectionManager>>,
+    shared: Arc<Shared>,
     key_prefix: Arc<str>,
     timeout: Duration,
+}
+
+/// What every clone of a [`Redis`] shares: the current manager and how to make a new one.
+struct Shared {
+    manager: RwLock<Option<ConnectionManager>>,
+    /// A replacement manager is being connected.
+    replacing: AtomicBool,
+    client: redis::Client,
+    config: ConnectionManagerConfig,
+    service: &'static str,
+    shutdown: CancellationToken,
+}
+
+impl Shared {
+    /// Connects a new manager in the background (retrying until `shutdown`) and installs it;
+    /// a no-op while one is being connected already.
+    fn connect_in_background(self: &Arc<Self>) {
+        if self.replacing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let shared = self.clone();
+        tokio::spawn(async move {
+            let connected =
+                crate::retry::until_connected(shared.service, "redis", &shared.shutdown, || {
+                    ConnectionManager::new_with_config(shared.client.clone(), shared.config.clone())
+                })
+                .await;
+            if let Some(manager) = connected {
+                tracing::info!(service = shared.service, "Connected to Redis.");
+                // A poisoned lock only means a reader panicked; the value is still a manager.
+                *shared.manager.write().unwrap_or_else(|e| e.into_inner()) = Some(manager);
+            }
+            shared.replacing.store(false, Ordering::Release);
+        });
+    }
 }
 
 impl Redis {
@@ -57,32 +97,40 @@ impl Redis {
     ) -> Result<Self, RedisError> {
         let client = client(config.redis_url.expose_secret()).map_err(RedisError::Url)?;
         let timeout = Duration::from_millis(config.redis_timeout_ms);
-        let redis = Self {
-            manager: Arc::default(),
+        let shared = Arc::new(Shared {
+            manager: RwLock::new(None),
+            replacing: AtomicBool::new(false),
+            client,
+            config: ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(timeout))
+                .set_response_timeout(Some(timeout)),
+            service,
+            shutdown: shutdown.clone(),
+        });
+        shared.connect_in_background();
+        Ok(Self {
+            shared,
             key_prefix: config.redis_key_prefix.as_str().into(),
             timeout,
-        };
-        let (cell, shutdown) = (redis.manager.clone(), shutdown.clone());
-        tokio::spawn(async move {
-            let manager_config = ConnectionManagerConfig::new()
-                .set_connection_timeout(Some(timeout))
-                .set_response_timeout(Some(timeout));
-            let connected = crate::retry::until_connected(service, "redis", &shutdown, || {
-                ConnectionManager::new_with_config(client.clone(), manager_config.clone())
-            })
-            .await;
-            if let Some(manager) = connected {
-                tracing::info!(service, "Connected to Redis.");
-                let _ = cell.set(manager);
-            }
-        });
-        Ok(redis)
+        })
     }
 
     /// A connection (clones share one multiplexed socket), or `NotConnected` before the first
     /// connection succeeded.
     pub fn connection(&self) -> Result<ConnectionManager, RedisError> {
-        self.manager.get().cloned().ok_or(RedisError::NotConnected)
+        let manager = self.shared.manager.read().unwrap_or_else(|e| e.into_inner());
+        manager.clone().ok_or(RedisError::NotConnected)
+    }
+
+    /// Looks at an error a command on [`Self::connection`] returned: when it says the
+    /// manager's connection was refused for good (its reconnect failed authentication), a new
+    /// manager is connected in the background. The readiness check passes its errors here,
+    /// so a service heals within one probe period without a restart.
+    pub fn observe(&self, error: &redis::RedisError) {
+        if error.kind() == redis::ErrorKind::AuthenticationFailed {
+            tracing::warn!(service = self.shared.service, %error, "Redis refused the connection; connecting anew.");
+            self.shared.connect_in_background();
+        }
     }
 
     /// `prefix` + `suffix`: every key and channel of this stack carries the prefix, which the
@@ -108,6 +156,7 @@ impl Check for Redis {
             let pong: String = redis::cmd("PING")
                 .query_async(&mut conn)
                 .await
+                .inspect_err(|e| self.observe(e))
                 .map_err(|e| e.to_string())?;
             if pong == "PONG" {
                 Ok(())
