@@ -76,6 +76,9 @@ status() {
 case "${1:-status}" in
   up)
     step "Docker engine"
+    # An engine that is up and needs no runtime change is used as it is (Docker CE on a CI
+    # runner, say): installing docker.io beside it would conflict.
+    if engine_up && ! lacks_sys_resource; then ok "$(status)"; exit 0; fi
     apt_install docker.io jq
     configure
     start
