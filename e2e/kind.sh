@@ -133,7 +133,8 @@ run() {
   helm upgrade --install meridian-operator \
     "$REPO_ROOT/charts/meridian-operator" --namespace meridian-system --create-namespace \
     --set image.repository=meridian/operator --set image.tag="$VERSION" \
-    --set image.pullPolicy=Never --wait --timeout 5m
+    --set image.pullPolicy=Never --wait --timeout 5m \
+    --set 'extraEnv[0].name=RESYNC_SECONDS' --set-string 'extraEnv[0].value=30'
   kubectl -n meridian-system get pods -o wide
 
   step "demo stack"
@@ -175,7 +176,8 @@ run() {
   await_condition Ready True 300
 
   # Redis keeps its ACL users in memory: a restart loses the stack's user until the operator
-  # re-creates it; the services' Redis clients are refused meanwhile and must heal by themselves.
+  # re-creates it, at its next resync (RESYNC_SECONDS, 30 here instead of 300, so the test
+  # is short); the services' Redis clients are refused meanwhile and must heal by themselves.
   fault "the Redis pod restarted" Ready \
     kubectl -n meridian-deps delete pod -l app=redis --wait=false
 
