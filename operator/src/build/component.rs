@@ -104,7 +104,7 @@ impl Component {
     /// their Services are headless. That keeps two of a stack's five Services out of the
     /// cluster's service CIDR and out of kube-proxy's rules on every node, and skips the API
     /// server's ClusterIP allocation, which Kubernetes serialises cluster-wide (one
-    /// `IPAddress` create at a time): at 1,000 stacks it set the pace of the whole rollout.
+    /// `IPAddress` create at a time).
     pub fn has_virtual_ip(self) -> bool {
         matches!(self, Self::Gateway | Self::CommandService | Self::WsHub)
     }

@@ -104,7 +104,7 @@ pub(super) fn watches(client: &Client, settings: &Settings) -> Watches {
     .touched_objects();
 
     // The stacks' own watch and store, stripped like the owned objects': a stack's managed
-    // fields (every field of its spec and status, per field manager) were most of its size.
+    // fields (every field of its spec and status, per field manager) can be most of its size.
     let (stacks, stacks_writer) = reflector::store();
     let stack_changes = watcher(
         scoped::<MiddlewareStack>(client, ns),
