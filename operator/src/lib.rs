@@ -15,7 +15,8 @@
 //! - `status` — the stage conditions and how they merge (pure).
 //! - `provision` — Kafka topics, the Redis ACL user, the PostgreSQL role and database.
 //! - `owned` — the compact copies of owned objects that the reflector stores hold.
-//! - `controller` — the kube-runtime `Controller` and the staged reconcile ([`run`]).
+//! - `controller` — the kube-runtime `Controller` and the staged reconcile ([`run`]), one
+//!   submodule per step: watch, dereference, provision, apply, stages, status, cleanup.
 //! - `config` — the operator binary's environment ([`OperatorConfig`]).
 //! - `main.rs` — the `meridian-operator` binary: leader election, `/metrics`, `/health`.
 //! - `bin/crdgen.rs` — prints [`crd_yaml`] (`just crds` writes `crds/middlewarestack.yaml`).

@@ -2,12 +2,9 @@
 //!
 //! A reconcile reads little of an owned object: its identity, the applied-hash annotation,
 //! its owners, whether it is being deleted, and per kind a few fields (a Deployment's rollout
-//! and replica counts, a Service's `clusterIP`, a Secret's data and rotation token). A
-//! `k8s-openapi` object is much larger than that even when stripped: every optional field is
-//! inline, so a `Deployment` whose pod template was emptied still takes ~2.6 KiB, and with its
-//! labels and annotations (one B-tree node of 11 slots each) ~5 KiB. A stack owns about 20
-//! objects. Measured with heaptrack at 300 stacks, the stores of full (stripped) objects held
-//! 17.7 MiB, a third of the operator's heap; [`Owned`] keeps only what is read.
+//! and replica counts, a Service's `clusterIP`, a Secret's data and rotation token). [`Owned`]
+//! keeps only that, because a `k8s-openapi` object holds every optional field inline even
+//! when stripped.
 //!
 //! [`Owned<K>`] implements kube-runtime's [`Lookup`], so the maintained reflector [`Store`]
 //! holds it; [`reflect`] feeds a store from a watch of the full objects and passes the

@@ -1,5 +1,8 @@
 use std::collections::BTreeSet;
 
+use k8s_openapi::api::core::v1::{Container, EnvVar, Probe, ServiceSpec as CoreServiceSpec};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
 use super::*;
 use crate::fixtures;
 

@@ -50,12 +50,8 @@ pub struct KafkaCluster {
 const METADATA_CLIENT_TOPICS: usize = 256;
 
 /// The metadata-only consumer, replaced by a new one after [`METADATA_CLIENT_TOPICS`]
-/// distinct topics.
-///
-/// librdkafka keeps an object for every topic a client was asked about (with a queue per
-/// partition, ~2.8 KiB for a topic of one partition) until the client is destroyed: a single
-/// long-lived consumer held 3.3 MiB at 300 stacks of four topics each (heaptrack), and would
-/// grow with every stack ever reconciled.
+/// distinct topics, because librdkafka keeps every topic a client was asked about (with a
+/// queue per partition) until the client is destroyed.
 struct Metadata {
     config: ClientConfig,
     current: Mutex<MetadataClient>,

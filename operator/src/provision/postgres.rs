@@ -5,13 +5,12 @@
 //! At most [`DROP_DATABASE_CONCURRENCY`] `DROP DATABASE` statements run at once per server,
 //! fewer than the admin pool's connections. A burst of them — a namespace of hundreds of stacks
 //! deleted at once — would otherwise take every connection and queue inside the server, where
-//! each one's timeout runs out while it waits for the others (databases were left behind).
+//! each one's timeout runs out while it waits for the others, leaving databases behind.
 //! Waiting for the turn does not count against the statement's timeout, and the statement itself
 //! gets a longer bound ([`DROP_DATABASE_BOUND`] dependency timeouts) than other DDL: it waits for
-//! a checkpoint, which on a busy server takes seconds. Concurrent drops share checkpoints: 20
-//! drops take ~1.4 s eight at a time, ~2 s four at a time, ~6.2 s one at a time.
-//! `CREATE DATABASE` (WAL-logged since PostgreSQL 15, no checkpoint) runs concurrently: 20 at
-//! once take ~1.6 s here, one at a time ~2.8 s.
+//! a checkpoint, which on a busy server takes seconds. The limit is above one because concurrent
+//! drops share checkpoints. `CREATE DATABASE` (WAL-logged since PostgreSQL 15, so no
+//! checkpoint) runs without a limit.
 //!
 //! Role and database names are [`crate::names`] identifiers (`[a-z0-9_]`, at most 63 bytes)
 //! and passwords are alphanumeric, so both are safe to splice into DDL, which takes no bind

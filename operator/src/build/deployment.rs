@@ -1,0 +1,227 @@
+//! A service's Deployment (probes on `/health` and `/ready`, non-root, read-only root
+//! filesystem, secrets from Secret refs), and the PodDisruptionBudget of its pods.
+use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
+use k8s_openapi::api::core::v1::{
+    Capabilities, ConfigMap, ConfigMapEnvSource, Container, ContainerPort, EmptyDirVolumeSource,
+    EnvFromSource, EnvVar, EnvVarSource, HTTPGetAction, PodSecurityContext, PodSpec,
+    PodTemplateSpec, Probe, SeccompProfile, SecretKeySelector, SecurityContext, Volume,
+    VolumeMount,
+};
+use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+use super::config_map::config_hash;
+use super::{
+    CONFIG_HASH_ANNOTATION, Component, RUN_AS, SHUTDOWN_GRACE_SECONDS, URL_KEY, labels, metadata,
+    object_name, postgres_secret_name, redis_secret_name, selector_labels,
+};
+use crate::validate::ValidatedStack;
+
+/// The variables that come from Secrets, never from the ConfigMap.
+fn secret_env(stack: &ValidatedStack, component: Component) -> Vec<EnvVar> {
+    let from_secret = |name: &str, secret: String, key: String| EnvVar {
+        name: name.to_owned(),
+        value_from: Some(EnvVarSource {
+            secret_key_ref: Some(SecretKeySelector {
+                name: secret,
+                key,
+                optional: Some(false),
+            }),
+            ..EnvVarSource::default()
+        }),
+        ..EnvVar::default()
+    };
+    let mut env = Vec::new();
+    if component.uses_postgres() {
+        env.push(from_secret(
+            "DATABASE_URL",
+            postgres_secret_name(stack),
+            URL_KEY.to_owned(),
+        ));
+    }
+    if component.uses_redis() {
+        env.push(from_secret(
+            "REDIS_URL",
+            redis_secret_name(stack),
+            URL_KEY.to_owned(),
+        ));
+    }
+    if matches!(component, Component::Gateway | Component::WsHub)
+        && let Some(secret) = stack
+            .spec()
+            .auth
+            .as_ref()
+            .and_then(|a| a.jwt_secret_ref.as_ref())
+    {
+        env.push(from_secret(
+            "JWT_SECRET",
+            secret.name.clone(),
+            secret.key.clone(),
+        ));
+    }
+    env
+}
+
+/// `ours`, then `extra`; an extra variable replaces ours of the same name in place (the
+/// Deployment's `env` is a list keyed by name, so it must not hold duplicates).
+fn merge_env(ours: Vec<EnvVar>, extra: &[EnvVar]) -> Vec<EnvVar> {
+    let mut env = ours;
+    for var in extra {
+        match env.iter_mut().find(|e| e.name == var.name) {
+            Some(existing) => *existing = var.clone(),
+            None => env.push(var.clone()),
+        }
+    }
+    env
+}
+
+fn image(stack: &ValidatedStack, component: Component) -> (String, String) {
+    let defaults = &stack.spec().image;
+    let overrides = component
+        .spec(&stack.spec().services)
+        .image
+        .clone()
+        .unwrap_or_default();
+    let registry = overrides.registry.as_deref().unwrap_or(&defaults.registry);
+    let tag = overrides.tag.as_deref().unwrap_or(&defaults.tag);
+    let policy = overrides.pull_policy.unwrap_or(defaults.pull_policy);
+    let policy = match policy {
+        crate::crd::PullPolicy::Always => "Always",
+        crate::crd::PullPolicy::IfNotPresent => "IfNotPresent",
+        crate::crd::PullPolicy::Never => "Never",
+    };
+    (
+        format!(
+            "{}/{}:{tag}",
+            registry.trim_end_matches('/'),
+            component.name()
+        ),
+        policy.to_owned(),
+    )
+}
+
+fn http_probe(path: &str, period: i32, timeout: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.to_owned()),
+            port: IntOrString::String("http".to_owned()),
+            ..HTTPGetAction::default()
+        }),
+        period_seconds: Some(period),
+        timeout_seconds: Some(timeout),
+        failure_threshold: Some(3),
+        ..Probe::default()
+    }
+}
+
+pub(super) fn deployment(
+    stack: &ValidatedStack,
+    component: Component,
+    config_map: &ConfigMap,
+) -> Deployment {
+    let spec = component.spec(&stack.spec().services);
+    let (image, image_pull_policy) = image(stack, component);
+    let mut annotations = spec.annotations.clone();
+    annotations.insert(CONFIG_HASH_ANNOTATION.to_owned(), config_hash(config_map));
+    let container = Container {
+        name: component.name().to_owned(),
+        image: Some(image),
+        image_pull_policy: Some(image_pull_policy),
+        ports: Some(vec![ContainerPort {
+            name: Some("http".to_owned()),
+            container_port: component.port(),
+            protocol: Some("TCP".to_owned()),
+            ..ContainerPort::default()
+        }]),
+        env_from: Some(vec![EnvFromSource {
+            config_map_ref: Some(ConfigMapEnvSource {
+                name: object_name(stack, component),
+                optional: Some(false),
+            }),
+            ..EnvFromSource::default()
+        }]),
+        env: Some(merge_env(secret_env(stack, component), &spec.env)),
+        resources: spec.resources.clone(),
+        // Liveness never checks dependencies (a database outage must not restart every pod);
+        // readiness does, each check bounded by READINESS_TIMEOUT_MS (2 s by default).
+        liveness_probe: Some(http_probe("/health", 10, 1)),
+        readiness_probe: Some(http_probe("/ready", 5, 3)),
+        security_context: Some(SecurityContext {
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            run_as_non_root: Some(true),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".to_owned()]),
+                ..Capabilities::default()
+            }),
+            ..SecurityContext::default()
+        }),
+        volume_mounts: Some(vec![VolumeMount {
+            name: "tmp".to_owned(),
+            mount_path: "/tmp".to_owned(),
+            ..VolumeMount::default()
+        }]),
+        ..Container::default()
+    };
+    Deployment {
+        metadata: metadata(stack, component),
+        spec: Some(DeploymentSpec {
+            replicas: Some(spec.replicas),
+            selector: LabelSelector {
+                match_labels: Some(selector_labels(stack, component)),
+                ..LabelSelector::default()
+            },
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(labels(stack, component)),
+                    annotations: Some(annotations),
+                    ..ObjectMeta::default()
+                }),
+                spec: Some(PodSpec {
+                    containers: vec![container],
+                    // The drain window plus a margin, so SIGKILL never cuts a drain short.
+                    termination_grace_period_seconds: Some(SHUTDOWN_GRACE_SECONDS + 5),
+                    automount_service_account_token: Some(false),
+                    security_context: Some(PodSecurityContext {
+                        run_as_non_root: Some(true),
+                        run_as_user: Some(RUN_AS),
+                        run_as_group: Some(RUN_AS),
+                        fs_group: Some(RUN_AS),
+                        seccomp_profile: Some(SeccompProfile {
+                            type_: "RuntimeDefault".to_owned(),
+                            ..SeccompProfile::default()
+                        }),
+                        ..PodSecurityContext::default()
+                    }),
+                    volumes: Some(vec![Volume {
+                        name: "tmp".to_owned(),
+                        empty_dir: Some(EmptyDirVolumeSource::default()),
+                        ..Volume::default()
+                    }]),
+                    ..PodSpec::default()
+                }),
+            },
+            ..DeploymentSpec::default()
+        }),
+        ..Deployment::default()
+    }
+}
+
+pub(super) fn pod_disruption_budget(
+    stack: &ValidatedStack,
+    component: Component,
+) -> PodDisruptionBudget {
+    PodDisruptionBudget {
+        metadata: metadata(stack, component),
+        spec: Some(PodDisruptionBudgetSpec {
+            max_unavailable: Some(IntOrString::Int(1)),
+            selector: Some(LabelSelector {
+                match_labels: Some(selector_labels(stack, component)),
+                ..LabelSelector::default()
+            }),
+            ..PodDisruptionBudgetSpec::default()
+        }),
+        ..PodDisruptionBudget::default()
+    }
+}

@@ -1,0 +1,170 @@
+//! The *apply* step: server-side apply of one object the operator owns, skipped while the
+//! store shows the object exactly as this operator last applied it.
+use std::fmt::Debug;
+use std::time::{Duration, Instant};
+
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::{Resource, ResourceExt as _};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use super::{APPLIED_HASH_ANNOTATION, Context, FIELD_MANAGER};
+use crate::build;
+use crate::owned::{self, Compact, Owned};
+
+/// Why an object could not be applied.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The object could not be serialized (a bug).
+    #[error("failed to serialize {key}")]
+    Serialize {
+        /// The object ([`object_key`]).
+        key: String,
+        /// What the serializer said.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The API server refused or failed the apply.
+    #[error("failed to apply {key}")]
+    Patch {
+        /// The object ([`object_key`]).
+        key: String,
+        /// What the API server (or the connection to it) said.
+        #[source]
+        source: kube::Error,
+    },
+}
+
+impl Error {
+    /// The metric label.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Serialize { .. } => "SerializationFailed",
+            Self::Patch { .. } => "KubernetesApiError",
+        }
+    }
+
+    /// The cause, as a condition message.
+    pub(super) fn message(&self) -> String {
+        match self {
+            Self::Serialize { source, .. } => format!("serialization failed: {source}"),
+            Self::Patch { source, .. } => format!("Kubernetes API request failed: {source}"),
+        }
+    }
+}
+
+/// What the operator last applied to one object.
+#[derive(Clone, Debug)]
+pub(super) struct Applied {
+    /// The fingerprint of the desired object.
+    hash: String,
+    /// The generation (or resourceVersion) the API server answered with.
+    version: String,
+    /// When: the watch may not have delivered the object to the store yet.
+    at: Instant,
+}
+
+/// How long an applied object may be missing from the store before it is applied again
+/// (the watch delivers it within milliseconds; a longer gap means it was deleted).
+const STORE_LAG: Duration = Duration::from_secs(10);
+
+/// The key of an object in [`Context::applied`]: `<apiVersion>/<kind>/<namespace>/<name>`.
+pub(super) fn object_key<K: Resource<DynamicType = ()>>(namespace: &str, name: &str) -> String {
+    format!(
+        "{}/{}/{namespace}/{name}",
+        K::api_version(&()),
+        K::kind(&())
+    )
+}
+
+/// The generation of an object with a spec, else its resourceVersion.
+fn version_of<K: Resource>(object: &K) -> String {
+    let meta = object.meta();
+    owned::version(meta.generation, meta.resource_version.as_deref())
+}
+
+/// Whether version `a` is older than `b` (generations compare as numbers; resourceVersions
+/// are opaque, so a different one counts as older only while the store may lag).
+fn older(a: &str, b: &str) -> bool {
+    match (a.strip_prefix('g'), b.strip_prefix('g')) {
+        (Some(a), Some(b)) => a.parse::<i64>().ok() < b.parse::<i64>().ok(),
+        _ => a.starts_with('r') && b.starts_with('r'),
+    }
+}
+
+/// Server-side applies `object` unless the store shows it exactly as last applied. Returns
+/// whether it was applied.
+pub(super) async fn apply<K>(
+    ctx: &Context,
+    store: &Store<Owned<K>>,
+    mut object: K,
+) -> Result<bool, Error>
+where
+    K: Compact<Scope = k8s_openapi::NamespaceResourceScope> + Serialize + DeserializeOwned + Debug,
+{
+    let name = object.name_any();
+    let namespace = object.namespace().unwrap_or_default();
+    let key = object_key::<K>(&namespace, &name);
+    let serialized = serde_json::to_vec(&object).map_err(|source| Error::Serialize {
+        key: key.clone(),
+        source,
+    })?;
+    let hash = build::fingerprint([serialized.as_slice()]);
+    let last = ctx
+        .applied
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(&key)
+        .cloned();
+    match store.get(&ObjectRef::new(&name).within(&namespace)) {
+        Some(existing) => {
+            let same_hash = existing.applied_hash.as_ref() == Some(&hash);
+            let untouched = match &last {
+                Some(last) => {
+                    let current = existing.version();
+                    last.hash == hash
+                        && (last.version == current
+                            || (last.at.elapsed() < STORE_LAG && older(&current, &last.version)))
+                }
+                // Not applied by this process yet: trust the annotation.
+                None => true,
+            };
+            if same_hash && untouched {
+                return Ok(false);
+            }
+        }
+        // Just applied, and the watch has not delivered it yet.
+        None if last.is_some_and(|l| l.hash == hash && l.at.elapsed() < STORE_LAG) => {
+            return Ok(false);
+        }
+        None => {}
+    }
+    object
+        .annotations_mut()
+        .insert(APPLIED_HASH_ANNOTATION.to_owned(), hash.clone());
+    let api: Api<K> = Api::namespaced(ctx.client.clone(), &namespace);
+    let applied = api
+        .patch(
+            &name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&object),
+        )
+        .await
+        .map_err(|source| Error::Patch {
+            key: key.clone(),
+            source,
+        })?;
+    ctx.applied
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(
+            key,
+            Applied {
+                hash,
+                version: version_of(&applied),
+                at: Instant::now(),
+            },
+        );
+    Ok(true)
+}

@@ -1,0 +1,216 @@
+//! The *cleanup* step: the finalizer's work on a deleted stack — its topics and credentials
+//! deleted or retained per `spec.deletionPolicy` — and forgetting what the operator kept
+//! about it.
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use kube::ResourceExt as _;
+use kube::runtime::controller::Action;
+use kube::runtime::events::EventType;
+use kube::runtime::reflector::ObjectRef;
+
+use super::apply::object_key;
+use super::status::{event, publish_events, record_stage_gauges};
+use super::{Chain, Context, deadline, dereference, provision};
+use crate::build::{self, Component};
+use crate::crd::{MiddlewareStack, Retention};
+use crate::names;
+use crate::provision::ProvisionError;
+use crate::validate::validate;
+
+/// Why a deleted stack's topics or credentials could not be removed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The admin credentials could not be read, or the dependencies not reached.
+    #[error("failed to reach the stack's dependencies")]
+    Dereference(#[from] dereference::Error),
+    /// Kafka failed to delete the topics.
+    #[error("failed to delete the topics")]
+    DeleteTopics(#[source] ProvisionError),
+    /// Redis failed to delete the ACL user.
+    #[error("failed to delete Redis user {user}")]
+    DeleteRedisUser {
+        /// The ACL user.
+        user: String,
+        /// What Redis said.
+        #[source]
+        source: ProvisionError,
+    },
+    /// PostgreSQL failed to drop the roles and the database.
+    #[error("failed to drop PostgreSQL database {database} and its roles")]
+    DropPostgresRole {
+        /// The database.
+        database: String,
+        /// What PostgreSQL said.
+        #[source]
+        source: ProvisionError,
+    },
+}
+
+impl Error {
+    /// The reason of the failed dependency.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Dereference(error) => error.reason(),
+            Self::DeleteTopics(source)
+            | Self::DeleteRedisUser { source, .. }
+            | Self::DropPostgresRole { source, .. } => source.reason(),
+        }
+    }
+}
+
+/// The finalizer's cleanup, per `spec.deletionPolicy`; released anyway (with a Warning
+/// Event) after `cleanup_attempts` failures, so namespace deletion never blocks forever.
+pub(super) async fn cleanup(
+    stack: &MiddlewareStack,
+    ctx: &Context,
+) -> Result<Action, super::Error> {
+    let uid = stack.uid().unwrap_or_default();
+    let bound = ctx.settings.reconcile_timeout;
+    let external = async { Ok(cleanup_external(stack, ctx).await?) };
+    let result = deadline("cleanup", bound, external).await;
+    let Err(error) = result else {
+        ctx.cleanup_failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&uid);
+        forget(stack, ctx);
+        let note = format!(
+            "deletionPolicy applied (topics {:?}, credentials {:?}); finalizer released",
+            stack.spec.deletion_policy.topics, stack.spec.deletion_policy.credentials
+        );
+        let cleaned = event(EventType::Normal, "CleanedUp", "Cleanup", note);
+        publish_events(stack, ctx, vec![cleaned], false).await;
+        return Ok(Action::await_change());
+    };
+    let attempts = {
+        let mut failures = ctx
+            .cleanup_failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let attempts = failures.entry(uid.clone()).or_insert(0);
+        *attempts += 1;
+        *attempts
+    };
+    let abandon = attempts >= ctx.settings.cleanup_attempts;
+    let note = if abandon {
+        format!(
+            "cleanup failed {attempts} times, releasing the finalizer; clean up by hand: {}",
+            Chain(&error)
+        )
+    } else {
+        format!(
+            "cleanup attempt {attempts} of {} failed: {}",
+            ctx.settings.cleanup_attempts,
+            Chain(&error)
+        )
+    };
+    let reason = if abandon {
+        "CleanupAbandoned"
+    } else {
+        "CleanupFailed"
+    };
+    let failed = event(EventType::Warning, reason, "Cleanup", note);
+    // An abandoned cleanup is the last Event: its recorder goes.
+    publish_events(stack, ctx, vec![failed], !abandon).await;
+    if abandon {
+        ctx.cleanup_failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&uid);
+        forget(stack, ctx);
+        Ok(Action::await_change())
+    } else {
+        Err(error)
+    }
+}
+
+/// Drops what the operator keeps about a stack whose finalizer it releases: its stage states
+/// (so `operator_stacks` counts it no more), its provisioning cache, failure count and
+/// Event recorder, and the fingerprints of the objects it applied for it.
+fn forget(stack: &MiddlewareStack, ctx: &Context) {
+    let key = ObjectRef::from_obj(stack);
+    {
+        let mut all = ctx.stage_states.lock().unwrap_or_else(|p| p.into_inner());
+        all.remove(&key);
+        record_stage_gauges(&all);
+    }
+    provision::forget(ctx, stack);
+    ctx.failures
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(&key);
+    ctx.recorders
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(&key);
+    // An invalid stack never had objects applied.
+    let Ok(validated) = validate(stack) else {
+        return;
+    };
+    let namespace = validated.namespace();
+    let mut keys = vec![
+        object_key::<Secret>(namespace, &build::redis_secret_name(&validated)),
+        object_key::<Secret>(namespace, &build::postgres_secret_name(&validated)),
+    ];
+    for component in Component::ALL {
+        let name = build::object_name(&validated, component);
+        keys.extend([
+            object_key::<Deployment>(namespace, &name),
+            object_key::<Service>(namespace, &name),
+            object_key::<ConfigMap>(namespace, &name),
+            object_key::<PodDisruptionBudget>(namespace, &name),
+        ]);
+    }
+    let mut applied = ctx.applied.lock().unwrap_or_else(|p| p.into_inner());
+    for key in keys {
+        applied.remove(&key);
+    }
+}
+
+/// Deletes the topics and credentials `spec.deletionPolicy` does not retain.
+async fn cleanup_external(stack: &MiddlewareStack, ctx: &Context) -> Result<(), Error> {
+    let policy = &stack.spec.deletion_policy;
+    if policy.topics == Retention::Retain && policy.credentials == Retention::Retain {
+        return Ok(());
+    }
+    // An invalid stack never provisioned anything.
+    let Ok(validated) = validate(stack) else {
+        return Ok(());
+    };
+    let refs = dereference::secrets(ctx, &validated).await?;
+    let clients = dereference::dependencies(ctx, &validated, &refs).await?;
+    let timeout = ctx.settings.dependency_timeout;
+    if policy.topics == Retention::Delete {
+        let names: Vec<String> = provision::desired_topics(&validated)
+            .into_iter()
+            .map(|t| t.name)
+            .collect();
+        clients
+            .kafka
+            .delete_topics(&names, timeout)
+            .await
+            .map_err(Error::DeleteTopics)?;
+    }
+    if policy.credentials == Retention::Delete {
+        let user = names::redis_user(&validated);
+        clients
+            .redis
+            .delete_user(&user)
+            .await
+            .map_err(|source| Error::DeleteRedisUser { user, source })?;
+        let database = names::postgres_database(&validated);
+        clients
+            .postgres
+            .drop_role_and_database(
+                &[
+                    &names::postgres_second_login(&validated),
+                    &names::postgres_role(&validated),
+                ],
+                &database,
+            )
+            .await
+            .map_err(|source| Error::DropPostgresRole { database, source })?;
+    }
+    Ok(())
+}

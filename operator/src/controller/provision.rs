@@ -1,0 +1,265 @@
+//! The *provision* step: the stack's Kafka topics (the *topics* stage), and its credentials —
+//! the Redis ACL user, the PostgreSQL role and database, and the connection Secrets the
+//! services read them from (the *credentials* stage) — through [`crate::provision`]. Each
+//! returns its stage's report and Events about what it changed; the outcome of both is reused
+//! while their inputs are unchanged ([`Provisioned`]).
+use std::time::Instant;
+
+use kube::ResourceExt as _;
+use kube::runtime::events::{Event, EventType};
+use kube::runtime::reflector::ObjectRef;
+
+use super::dereference::{Clients, Dereferenced};
+use super::{Context, ROTATE_ANNOTATION, apply, status};
+use crate::build;
+use crate::crd::MiddlewareStack;
+use crate::names;
+use crate::provision::ProvisionError;
+use crate::provision::kafka::DesiredTopic;
+use crate::status::{CREDENTIALS_READY, Report, Status, TOPICS_READY};
+use crate::validate::ValidatedStack;
+
+mod credentials;
+
+pub(super) use credentials::credentials;
+
+/// Why the topics or the credentials could not be provisioned.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Kafka failed to bring the topics to the requested state.
+    #[error("failed to reconcile the topics")]
+    Topics(#[source] ProvisionError),
+    /// Redis failed to create or update the stack's ACL user.
+    #[error("failed to provision Redis user {user}")]
+    RedisUser {
+        /// The ACL user.
+        user: String,
+        /// What Redis said.
+        #[source]
+        source: ProvisionError,
+    },
+    /// The services' Redis URL could not be built.
+    #[error("failed to build the Redis connection URL")]
+    RedisUrl(#[source] ProvisionError),
+    /// PostgreSQL failed to create or update the stack's role and database.
+    #[error("failed to provision PostgreSQL role {role}")]
+    PostgresRole {
+        /// The role.
+        role: String,
+        /// What PostgreSQL said.
+        #[source]
+        source: ProvisionError,
+    },
+    /// A connection Secret could not be applied.
+    #[error("failed to write the connection Secrets")]
+    ConnectionSecret(#[from] apply::Error),
+}
+
+impl Error {
+    /// The metric label and condition reason.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Topics(source)
+            | Self::RedisUser { source, .. }
+            | Self::RedisUrl(source)
+            | Self::PostgresRole { source, .. } => source.reason(),
+            Self::ConnectionSecret(error) => error.reason(),
+        }
+    }
+
+    /// The `TopicsReady=False` or `CredentialsReady=False` condition, except for a failed
+    /// API request.
+    pub(super) fn report(&self) -> Option<Report> {
+        let (stage, source) = match self {
+            Self::Topics(source) => (TOPICS_READY, source),
+            Self::RedisUser { source, .. }
+            | Self::RedisUrl(source)
+            | Self::PostgresRole { source, .. } => (CREDENTIALS_READY, source),
+            Self::ConnectionSecret(_) => return None,
+        };
+        Some(Report::new(
+            stage,
+            Status::False,
+            source.reason(),
+            source.to_string(),
+        ))
+    }
+}
+
+/// The outcome of the last successful external stages (dependencies, topics, credentials)
+/// of a stack, reused while its inputs are unchanged and it is younger than the resync period:
+/// a Deployment's status change then costs no call to Kafka, Redis or PostgreSQL.
+#[derive(Clone, Debug)]
+pub(super) struct Provisioned {
+    /// Fingerprint of the inputs: generation, rotation token, the resourceVersions of the
+    /// Secrets read and of the connection Secrets.
+    key: String,
+    at: Instant,
+    /// The stages' reports.
+    pub(super) reports: Vec<Report>,
+    /// The fingerprint of the connection Secrets' contents.
+    pub(super) credentials_hash: String,
+}
+
+/// The last successful external stages of `stack`, if their inputs are unchanged and they are
+/// younger than the resync period.
+pub(super) fn cached(
+    ctx: &Context,
+    stack: &MiddlewareStack,
+    validated: &ValidatedStack,
+    refs: &Dereferenced,
+) -> Option<Provisioned> {
+    let key = provisioning_key(ctx, stack, validated, refs);
+    ctx.provisioned
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(&ObjectRef::from_obj(stack))
+        .filter(|p| p.key == key && p.at.elapsed() < ctx.settings.resync)
+        .cloned()
+}
+
+/// Keeps the outcome of successful external stages for [`cached`].
+pub(super) fn remember(
+    ctx: &Context,
+    stack: &MiddlewareStack,
+    validated: &ValidatedStack,
+    refs: &Dereferenced,
+    reports: &[Report],
+    credentials_hash: &str,
+) {
+    // The connection Secrets may just have been written: key on what is stored now.
+    let key = provisioning_key(ctx, stack, validated, refs);
+    ctx.provisioned
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(
+            ObjectRef::from_obj(stack),
+            Provisioned {
+                key,
+                at: Instant::now(),
+                reports: reports.to_vec(),
+                credentials_hash: credentials_hash.to_owned(),
+            },
+        );
+}
+
+/// Drops the last outcome of the external stages of `stack` (they failed or stopped, or the
+/// stack is gone).
+pub(super) fn forget(ctx: &Context, stack: &MiddlewareStack) {
+    ctx.provisioned
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(&ObjectRef::from_obj(stack));
+}
+
+/// The inputs of the external stages, fingerprinted.
+fn provisioning_key(
+    ctx: &Context,
+    stack: &MiddlewareStack,
+    validated: &ValidatedStack,
+    refs: &Dereferenced,
+) -> String {
+    let connection_versions: Vec<String> = [
+        build::redis_secret_name(validated),
+        build::postgres_secret_name(validated),
+    ]
+    .iter()
+    .map(|name| {
+        ctx.stores
+            .secrets
+            .get(&ObjectRef::new(name).within(validated.namespace()))
+            .and_then(|s| s.resource_version.clone())
+            .unwrap_or_default()
+    })
+    .collect();
+    let generation = stack.metadata.generation.unwrap_or_default().to_string();
+    let token = stack
+        .annotations()
+        .get(ROTATE_ANNOTATION)
+        .cloned()
+        .unwrap_or_default();
+    build::fingerprint(
+        [generation.as_str(), token.as_str()]
+            .into_iter()
+            .chain(refs.versions.iter().map(String::as_str))
+            .chain(connection_versions.iter().map(String::as_str))
+            .map(str::as_bytes),
+    )
+}
+
+/// The stack's four topics as its spec asks for them.
+pub(super) fn desired_topics(validated: &ValidatedStack) -> Vec<DesiredTopic> {
+    let topics = &validated.spec().kafka.topics;
+    [
+        ("commands", &topics.commands),
+        ("events", &topics.events),
+        ("cache", &topics.cache),
+        ("commands.dlq", &topics.dlq),
+    ]
+    .into_iter()
+    .map(|(name, spec)| DesiredTopic {
+        name: names::topic(validated, name),
+        partitions: spec.partitions,
+        replication_factor: spec.replication_factor,
+        config: spec.config.clone(),
+    })
+    .collect()
+}
+
+/// What the topics stage did.
+pub(super) enum Topics {
+    /// Every topic is as requested: the `TopicsReady=True` report, and Events about the
+    /// topics created, grown or reconfigured.
+    Reconciled { report: Report, events: Vec<Event> },
+    /// The spec asks for changes Kafka cannot make (`TopicsReady=False`). Not an error:
+    /// retrying cannot help, the spec (or the topic) has to change.
+    Unsupported(Report),
+}
+
+/// Stage 2: creates the missing topics, adds partitions, sets the requested configuration.
+pub(super) async fn topics(
+    ctx: &Context,
+    validated: &ValidatedStack,
+    clients: &Clients,
+) -> Result<Topics, Error> {
+    let topics = desired_topics(validated);
+    let result = clients
+        .kafka
+        .reconcile_topics(&topics, ctx.settings.dependency_timeout)
+        .await
+        .map_err(Error::Topics)?;
+    if !result.unsupported.is_empty() {
+        let message = result.unsupported.join("; ");
+        return Ok(Topics::Unsupported(Report::new(
+            TOPICS_READY,
+            Status::False,
+            "UnsupportedChange",
+            message,
+        )));
+    }
+    let events = [
+        (&result.created, "created"),
+        (&result.grown, "given more partitions"),
+        (&result.configured, "reconfigured"),
+    ]
+    .into_iter()
+    .filter(|(list, _)| !list.is_empty())
+    .map(|(list, what)| {
+        status::event(
+            EventType::Normal,
+            "TopicsUpdated",
+            "ReconcileTopics",
+            format!("{what}: {}", list.join(", ")),
+        )
+    })
+    .collect();
+    let summary = topics
+        .iter()
+        .map(|t| format!("{} ({}×{})", t.name, t.partitions, t.replication_factor))
+        .collect::<Vec<_>>()
+        .join(", ");
+    Ok(Topics::Reconciled {
+        report: Report::new(TOPICS_READY, Status::True, "TopicsReconciled", summary),
+        events,
+    })
+}

@@ -1,0 +1,224 @@
+//! Stage 3, *credentials*: the Redis ACL user, the PostgreSQL role and database, and the
+//! connection Secrets the services read them from; new passwords when the stack's
+//! [`ROTATE_ANNOTATION`] asks for them.
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::ResourceExt as _;
+use kube::runtime::events::{Event, EventType};
+use kube::runtime::reflector::ObjectRef;
+use secrecy::{ExposeSecret as _, SecretString};
+
+use super::Error;
+use crate::build::{self, MANAGED_BY, PART_OF, URL_KEY};
+use crate::controller::dereference::Clients;
+use crate::controller::{Context, ROTATE_ANNOTATION, ROTATED_ANNOTATION, apply, status};
+use crate::crd::MiddlewareStack;
+use crate::names;
+use crate::owned::Owned;
+use crate::provision::generate_password;
+use crate::status::{CREDENTIALS_READY, Report, Status};
+use crate::validate::ValidatedStack;
+
+/// What the credentials stage did.
+pub(in crate::controller) struct Credentials {
+    /// The fingerprint of the connection Secrets' contents (stamped on the pod templates).
+    pub(in crate::controller) hash: String,
+    /// `CredentialsReady=True`.
+    pub(in crate::controller) report: Report,
+    /// `CredentialsRotated` when a rotation gave new passwords.
+    pub(in crate::controller) events: Vec<Event>,
+}
+
+/// Provisions the Redis ACL user, the PostgreSQL role and database, and writes the connection
+/// Secrets.
+pub(in crate::controller) async fn credentials(
+    ctx: &Context,
+    stack: &MiddlewareStack,
+    validated: &ValidatedStack,
+    clients: &Clients,
+) -> Result<Credentials, Error> {
+    let spec = validated.spec();
+    let token = stack.annotations().get(ROTATE_ANNOTATION).cloned();
+    let lookup = |name: &str| {
+        ctx.stores
+            .secrets
+            .get(&ObjectRef::new(name).within(validated.namespace()))
+    };
+    let redis_secret = lookup(&build::redis_secret_name(validated));
+    let postgres_secret = lookup(&build::postgres_secret_name(validated));
+    let rotate_of = |secret: Option<&Owned<Secret>>| {
+        let applied = secret.and_then(|s| s.state.rotated.clone());
+        token.is_some() && applied != token
+    };
+
+    // Redis: keep the password unless rotating; a rotation keeps the previous password valid
+    // too, so pods that still run with it keep working until they have rolled.
+    let previous = redis_secret
+        .as_ref()
+        .and_then(|s| s.value("password"))
+        .map(SecretString::from);
+    let rotate_redis = previous.is_some() && rotate_of(redis_secret.as_deref());
+    let redis_password = match (&previous, rotate_redis) {
+        (Some(p), false) => p.clone(),
+        _ => generate_password(),
+    };
+    let user = names::redis_user(validated);
+    let passwords: Vec<&SecretString> = match (&previous, rotate_redis) {
+        (Some(p), true) => vec![p, &redis_password],
+        _ => vec![&redis_password],
+    };
+    clients
+        .redis
+        .ensure_user(
+            &user,
+            &validated.redis_key_prefix(),
+            &passwords,
+            previous.is_none() || rotate_redis,
+        )
+        .await
+        .map_err(|source| Error::RedisUser {
+            user: user.clone(),
+            source,
+        })?;
+    let redis_url = crate::provision::redis::url_with_credentials(
+        &spec.redis.url,
+        &user,
+        redis_password.expose_secret(),
+    )
+    .map_err(Error::RedisUrl)?;
+
+    // PostgreSQL: two logins take turns (see `names::postgres_second_login`); a rotation
+    // gives the one the services do not use a new password and switches the Secret to it.
+    let role = names::postgres_role(validated);
+    let second = names::postgres_second_login(validated);
+    let database = names::postgres_database(validated);
+    let previous = postgres_secret
+        .as_ref()
+        .and_then(|s| s.value("password"))
+        .map(SecretString::from);
+    let rotate_postgres = previous.is_some() && rotate_of(postgres_secret.as_deref());
+    let in_use = match postgres_secret.as_ref().and_then(|s| s.value("username")) {
+        Some(user) if user == second => &second,
+        _ => &role,
+    };
+    let (login, postgres_password) = match (&previous, rotate_postgres) {
+        (Some(p), false) => (in_use, p.clone()),
+        (Some(_), true) if in_use == &role => (&second, generate_password()),
+        _ => (&role, generate_password()),
+    };
+    clients
+        .postgres
+        .ensure_role_and_database(
+            &role,
+            &database,
+            login,
+            &postgres_password,
+            previous.is_none() || rotate_postgres,
+        )
+        .await
+        .map_err(|source| Error::PostgresRole {
+            role: role.clone(),
+            source,
+        })?;
+    let postgres_url = crate::provision::postgres::service_url(
+        &spec.postgres,
+        login,
+        &database,
+        postgres_password.expose_secret(),
+    );
+
+    let redis_secret = connection_secret(
+        validated,
+        build::redis_secret_name(validated),
+        token.as_deref(),
+        [
+            (URL_KEY, redis_url.expose_secret()),
+            ("username", &user),
+            ("password", redis_password.expose_secret()),
+        ],
+    );
+    let postgres_secret = connection_secret(
+        validated,
+        build::postgres_secret_name(validated),
+        token.as_deref(),
+        [
+            (URL_KEY, &postgres_url),
+            ("username", login),
+            ("password", postgres_password.expose_secret()),
+        ],
+    );
+    apply::apply(ctx, &ctx.stores.secrets, redis_secret).await?;
+    apply::apply(ctx, &ctx.stores.secrets, postgres_secret).await?;
+    let mut events = Vec::new();
+    if rotate_redis || rotate_postgres {
+        events.push(status::event(
+            EventType::Normal,
+            "CredentialsRotated",
+            "RotateCredentials",
+            format!(
+                "new passwords for Redis user {user} and PostgreSQL login {login}; the pods roll \
+                 onto them, and the previous passwords keep working until the next rotation"
+            ),
+        ));
+    }
+    let report = Report::new(
+        CREDENTIALS_READY,
+        Status::True,
+        "Provisioned",
+        format!(
+            "Redis user {user} (keys and channels {}*), PostgreSQL role and database {role} \
+             (services log in as {login})",
+            validated.redis_key_prefix()
+        ),
+    );
+    Ok(Credentials {
+        hash: build::fingerprint([
+            redis_url.expose_secret().as_bytes(),
+            postgres_url.as_bytes(),
+        ]),
+        report,
+        events,
+    })
+}
+
+fn stack_labels(validated: &ValidatedStack) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (
+            "app.kubernetes.io/instance".to_owned(),
+            validated.name().to_owned(),
+        ),
+        ("app.kubernetes.io/part-of".to_owned(), PART_OF.to_owned()),
+        (
+            "app.kubernetes.io/managed-by".to_owned(),
+            MANAGED_BY.to_owned(),
+        ),
+    ])
+}
+
+fn connection_secret(
+    validated: &ValidatedStack,
+    name: String,
+    token: Option<&str>,
+    data: [(&str, &str); 3],
+) -> Secret {
+    Secret {
+        metadata: ObjectMeta {
+            name: Some(name),
+            namespace: Some(validated.namespace().to_owned()),
+            labels: Some(stack_labels(validated)),
+            annotations: token
+                .map(|t| BTreeMap::from([(ROTATED_ANNOTATION.to_owned(), t.to_owned())])),
+            owner_references: Some(vec![validated.owner().clone()]),
+            ..ObjectMeta::default()
+        },
+        type_: Some("Opaque".to_owned()),
+        string_data: Some(
+            data.into_iter()
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .collect(),
+        ),
+        ..Secret::default()
+    }
+}

@@ -1,0 +1,357 @@
+//! The *stages*: the gated pipeline of [`crate::gating`] — dependencies → topics →
+//! credentials → core services → WebSocket hub → API gateway. A stage runs only once every
+//! stage before it is healthy; a stage that fails or cannot proceed reports why, and every
+//! later stage reports that it is waiting. Each stage returns what it did (its report, Events
+//! about its changes, or its error); [`run`] combines them into an [`Outcome`].
+use std::collections::BTreeMap;
+
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType};
+
+use super::provision::Topics;
+use super::status::{event, waiting_after};
+use super::{Context, apply, dereference, provision, timed};
+use crate::build::{self, Component, Tier};
+use crate::crd::{MiddlewareStack, ServiceStatus};
+use crate::status::{CORE_AVAILABLE, DEPENDENCIES_READY, EDGE_AVAILABLE, TOPICS_READY};
+use crate::status::{Report, Status};
+use crate::validate::ValidatedStack;
+
+mod services;
+
+/// Why the stages could not run, or a service's objects could not be written.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The reflector stores have not received their initial lists yet.
+    #[error("failed to read the operator's caches: they are not synced yet")]
+    CachesNotSynced,
+    /// Deleting the objects of a service that is no longer enabled failed.
+    #[error("failed to delete the objects of disabled service {}", .component.name())]
+    DeleteDisabled {
+        /// The disabled service.
+        component: Component,
+        /// What the API server (or the connection to it) said.
+        #[source]
+        source: kube::Error,
+    },
+    /// Applying one of a service's objects failed.
+    #[error("failed to apply the objects of {}", .component.name())]
+    Apply {
+        /// The service.
+        component: Component,
+        /// The object that failed.
+        #[source]
+        source: apply::Error,
+    },
+    /// Deleting an object of a service that cannot be applied over (a Service whose
+    /// `clusterIP` must change) or is no longer wanted (a PodDisruptionBudget) failed.
+    #[error("failed to delete the stale {kind} of {}", .component.name())]
+    DeleteStale {
+        /// The service.
+        component: Component,
+        /// The object's kind.
+        kind: &'static str,
+        /// What the API server (or the connection to it) said.
+        #[source]
+        source: kube::Error,
+    },
+}
+
+impl Error {
+    /// The metric label and condition reason.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::CachesNotSynced => "CachesNotSynced",
+            Self::DeleteDisabled { .. } => "KubernetesApiError",
+            Self::Apply { .. } | Self::DeleteStale { .. } => "ApplyFailed",
+        }
+    }
+
+    /// The `False` condition of the stage that failed, except for a failed deletion of a
+    /// disabled service's objects.
+    pub(super) fn report(&self) -> Option<Report> {
+        let (stage, message) = match self {
+            Self::CachesNotSynced => (
+                DEPENDENCIES_READY,
+                "the operator's caches are not synced yet".to_owned(),
+            ),
+            Self::DeleteDisabled { .. } => return None,
+            Self::Apply { component, source } => (stage_of(*component), source.message()),
+            Self::DeleteStale {
+                component, source, ..
+            } => (
+                stage_of(*component),
+                format!("Kubernetes API request failed: {source}"),
+            ),
+        };
+        Some(Report::new(stage, Status::False, self.reason(), message))
+    }
+}
+
+/// The condition of the stage a service is started in.
+fn stage_of(component: Component) -> &'static str {
+    match component.tier() {
+        Tier::Core => CORE_AVAILABLE,
+        Tier::Edge => EDGE_AVAILABLE,
+    }
+}
+
+/// What the stages did.
+pub(super) struct Outcome {
+    /// The stage reports, in order (`Ready` is derived from them).
+    pub(super) reports: Vec<Report>,
+    /// Each service's replicas, as last observed.
+    pub(super) services: BTreeMap<String, ServiceStatus>,
+    /// Events about what the stages changed.
+    pub(super) events: Vec<Event>,
+    /// How the reconcile ends.
+    pub(super) result: Result<Action, super::Error>,
+}
+
+impl Outcome {
+    /// The outcome of stages that did not run (an invalid or paused stack).
+    pub(super) fn skipped() -> Self {
+        Self {
+            reports: Vec::new(),
+            services: BTreeMap::new(),
+            events: Vec::new(),
+            result: Ok(Action::await_change()),
+        }
+    }
+
+    /// Stopped by `error`: the failed stage's report, if the error concerns one, and every
+    /// later stage waiting for it.
+    fn failed(
+        mut reports: Vec<Report>,
+        services: BTreeMap<String, ServiceStatus>,
+        events: Vec<Event>,
+        error: super::Error,
+    ) -> Self {
+        if let Some(report) = error.report() {
+            let stage = report.type_;
+            reports.push(report);
+            waiting_after(&mut reports, stage);
+        }
+        Self {
+            reports,
+            services,
+            events,
+            result: Err(error),
+        }
+    }
+}
+
+/// Runs the stages of `stack` (`validated`) as far as they can go.
+pub(super) async fn run(
+    ctx: &Context,
+    stack: &MiddlewareStack,
+    validated: &ValidatedStack,
+) -> Outcome {
+    if !ctx.stores.synced().await {
+        let error = Error::CachesNotSynced.into();
+        return Outcome::failed(Vec::new(), BTreeMap::new(), Vec::new(), error);
+    }
+    let refs = match timed("dereference", dereference::secrets(ctx, validated)).await {
+        Ok(refs) => refs,
+        Err(error) => {
+            return Outcome::failed(Vec::new(), BTreeMap::new(), Vec::new(), error.into());
+        }
+    };
+
+    // 1. Dependencies, 2. topics, 3. credentials, unless their last outcome can be reused.
+    let (mut reports, mut events, credentials_hash) =
+        match provision::cached(ctx, stack, validated, &refs) {
+            Some(cached) => (cached.reports, Vec::new(), cached.credentials_hash),
+            None => {
+                let External {
+                    mut reports,
+                    events,
+                    end,
+                } = external(ctx, stack, validated, &refs).await;
+                match end {
+                    End::Provisioned(hash) => {
+                        provision::remember(ctx, stack, validated, &refs, &reports, &hash);
+                        (reports, events, hash)
+                    }
+                    End::Failed(error) => {
+                        provision::forget(ctx, stack);
+                        return Outcome::failed(reports, BTreeMap::new(), events, error);
+                    }
+                    End::Unsupported => {
+                        provision::forget(ctx, stack);
+                        waiting_after(&mut reports, TOPICS_READY);
+                        return Outcome {
+                            reports,
+                            services: BTreeMap::new(),
+                            events,
+                            result: Ok(Action::requeue(ctx.settings.resync)),
+                        };
+                    }
+                }
+            }
+        };
+
+    // 4. Core, 5. edge: build (pure), then apply in the order gating allows.
+    let desired = build::with_credentials_hash(build::build(validated), &credentials_hash);
+    let enabled = validated.enabled();
+    match services::delete_disabled(ctx, validated, &enabled).await {
+        Ok(deleted) if !deleted.is_empty() => events.push(event(
+            EventType::Normal,
+            "ServicesRemoved",
+            "DeleteDisabled",
+            format!(
+                "deleted the objects of disabled services: {}",
+                deleted.join(", ")
+            ),
+        )),
+        Ok(_) => {}
+        Err(error) => return Outcome::failed(reports, BTreeMap::new(), events, error.into()),
+    }
+    let rollout = services::roll_out(ctx, validated, &desired, &enabled).await;
+    if let Err(error) = rollout.result {
+        return Outcome::failed(reports, rollout.services, events, error.into());
+    }
+    if !rollout.applied.is_empty() {
+        events.push(event(
+            EventType::Normal,
+            "Applied",
+            "ApplyServices",
+            format!("applied the objects of {}", rollout.applied.join(", ")),
+        ));
+    }
+    let waiting = |tier: Tier| {
+        enabled
+            .iter()
+            .filter(|c| c.tier() == tier && !rollout.observed.available.contains(c))
+            .map(|c| c.name())
+            .collect::<Vec<_>>()
+    };
+    let core_waiting = waiting(Tier::Core);
+    if core_waiting.is_empty() {
+        reports.push(Report::new(
+            CORE_AVAILABLE,
+            Status::True,
+            "Available",
+            "command-service, processor and cache-updater are Available",
+        ));
+        let edge_waiting = waiting(Tier::Edge);
+        reports.push(if edge_waiting.is_empty() {
+            Report::new(
+                EDGE_AVAILABLE,
+                Status::True,
+                "Available",
+                "ws-hub and api-gateway are Available",
+            )
+        } else {
+            Report::new(
+                EDGE_AVAILABLE,
+                Status::False,
+                "Progressing",
+                format!(
+                    "waiting for {} to become Available",
+                    edge_waiting.join(", ")
+                ),
+            )
+        });
+    } else {
+        reports.push(Report::new(
+            CORE_AVAILABLE,
+            Status::False,
+            "Progressing",
+            format!(
+                "waiting for {} to become Available",
+                core_waiting.join(", ")
+            ),
+        ));
+        waiting_after(&mut reports, CORE_AVAILABLE);
+    }
+    Outcome {
+        reports,
+        services: rollout.services,
+        events,
+        result: Ok(Action::await_change()),
+    }
+}
+
+/// What stages 1 to 3 did.
+struct External {
+    /// The reports of the stages that ran, in order.
+    reports: Vec<Report>,
+    /// Events about what they changed.
+    events: Vec<Event>,
+    /// How they ended.
+    end: End,
+}
+
+/// How stages 1 to 3 ended.
+enum End {
+    /// All three succeeded: the fingerprint of the connection Secrets' contents.
+    Provisioned(String),
+    /// One failed.
+    Failed(super::Error),
+    /// The topics ask for changes Kafka cannot make (the last report says which).
+    Unsupported,
+}
+
+/// Stages 1 to 3 (the external state): dependencies, topics, credentials.
+async fn external(
+    ctx: &Context,
+    stack: &MiddlewareStack,
+    validated: &ValidatedStack,
+    refs: &dereference::Dereferenced,
+) -> External {
+    let mut reports = Vec::new();
+    let mut events = Vec::new();
+    let dependencies = dereference::dependencies(ctx, validated, refs);
+    let clients = match timed("dependencies", dependencies).await {
+        Ok(clients) => clients,
+        Err(error) => {
+            let end = End::Failed(error.into());
+            return External {
+                reports,
+                events,
+                end,
+            };
+        }
+    };
+    reports.push(Report::new(
+        DEPENDENCIES_READY,
+        Status::True,
+        "Reachable",
+        "Kafka, Redis and PostgreSQL answer with the admin credentials",
+    ));
+    let end = match timed("topics", provision::topics(ctx, validated, &clients)).await {
+        Ok(Topics::Reconciled {
+            report,
+            events: changed,
+        }) => {
+            reports.push(report);
+            events.extend(changed);
+            None
+        }
+        Ok(Topics::Unsupported(report)) => {
+            reports.push(report);
+            Some(End::Unsupported)
+        }
+        Err(error) => Some(End::Failed(error.into())),
+    };
+    let end = match end {
+        Some(end) => end,
+        None => {
+            let credentials = provision::credentials(ctx, stack, validated, &clients);
+            match timed("credentials", credentials).await {
+                Ok(credentials) => {
+                    reports.push(credentials.report);
+                    events.extend(credentials.events);
+                    End::Provisioned(credentials.hash)
+                }
+                Err(error) => End::Failed(error.into()),
+            }
+        }
+    };
+    External {
+        reports,
+        events,
+        end,
+    }
+}

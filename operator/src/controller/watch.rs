@@ -1,0 +1,235 @@
+//! The *watch* step: the [`Controller`] on `MiddlewareStack`, the watches of the objects the
+//! operator owns (feeding the reflector stores reconciles read) and of the Secrets stacks refer
+//! to, and which of their events reconcile which stack.
+use std::collections::HashMap;
+use std::fmt::Debug;
+use std::time::Duration;
+
+use futures::StreamExt as _;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::api::{Api, PartialObjectMeta};
+use kube::runtime::controller::{Config as ControllerConfig, Controller};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt as _, watcher};
+use kube::{Client, Resource, ResourceExt as _};
+use serde::de::DeserializeOwned;
+
+use super::{APPLIED_HASH_ANNOTATION, MANAGED_SELECTOR, Settings, dereference};
+use crate::crd::MiddlewareStack;
+use crate::owned::{self, Compact, Owned};
+
+/// The reflector stores of the objects the operator owns.
+#[derive(Clone)]
+pub(super) struct Stores {
+    pub(super) deployments: Store<Owned<Deployment>>,
+    pub(super) services: Store<Owned<Service>>,
+    pub(super) config_maps: Store<Owned<ConfigMap>>,
+    pub(super) pdbs: Store<Owned<PodDisruptionBudget>>,
+    pub(super) secrets: Store<Owned<Secret>>,
+}
+
+impl Stores {
+    /// Whether every store has received its watch's initial list.
+    pub(super) async fn synced(&self) -> bool {
+        self.deployments.wait_until_ready().await.is_ok()
+            && self.services.wait_until_ready().await.is_ok()
+            && self.config_maps.wait_until_ready().await.is_ok()
+            && self.pdbs.wait_until_ready().await.is_ok()
+            && self.secrets.wait_until_ready().await.is_ok()
+    }
+}
+
+/// The controller, its triggers wired, and the stores its watches fill.
+pub(super) struct Watches {
+    /// The controller on `MiddlewareStack`, owning the objects in [`Stores`] and watching the
+    /// Secrets stacks refer to.
+    pub(super) controller: Controller<MiddlewareStack>,
+    /// The objects the operator owns.
+    pub(super) stores: Stores,
+    /// Every Secret's metadata in the watch scope (the referenced-Secrets watch).
+    pub(super) secret_versions: Store<PartialObjectMeta<Secret>>,
+}
+
+fn scoped<K>(client: &Client, namespace: Option<&str>) -> Api<K>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+/// The watches of the stacks (in `settings.namespace`, or the whole cluster), of the objects
+/// they own and of the Secrets they refer to, wired into one [`Controller`].
+pub(super) fn watches(client: &Client, settings: &Settings) -> Watches {
+    let ns = settings.namespace.as_deref();
+    let managed = watcher::Config::default().labels(MANAGED_SELECTOR);
+
+    let (deployments, deployments_writer) = reflector::store();
+    let (services, services_writer) = reflector::store();
+    let (config_maps, config_maps_writer) = reflector::store();
+    let (pdbs, pdbs_writer) = reflector::store();
+    let (secrets, secrets_writer) = reflector::store();
+    let stores = Stores {
+        deployments,
+        services,
+        config_maps,
+        pdbs,
+        secrets,
+    };
+    // The stores hold compact copies (`crate::owned`); the full objects go on to the
+    // controller's owner triggers and are dropped there.
+    let owned_deployments =
+        deployment_triggers(owned_events(client, ns, &managed, deployments_writer));
+    let owned_services = owned_events(client, ns, &managed, services_writer).touched_objects();
+    let owned_config_maps =
+        owned_events(client, ns, &managed, config_maps_writer).touched_objects();
+    let owned_pdbs = owned_events(client, ns, &managed, pdbs_writer).touched_objects();
+    let owned_secrets = owned_events(client, ns, &managed, secrets_writer).touched_objects();
+    // The identity and resourceVersion of every Secret the operator did not create (never
+    // their data): a change to an admin or JWT Secret a stack refers to reconciles that
+    // stack. The stacks' own connection Secrets (two per stack) are in `owned_secrets`.
+    let (secret_versions, secret_versions_writer) = reflector::store();
+    let referenced_secrets = watcher(
+        scoped::<PartialObjectMeta<Secret>>(client, ns),
+        watcher::Config::default().labels(&MANAGED_SELECTOR.replacen('=', "!=", 1)),
+    )
+    .default_backoff()
+    .modify(identity_only)
+    .reflect(secret_versions_writer)
+    .touched_objects();
+
+    // The stacks' own watch and store, stripped like the owned objects': a stack's managed
+    // fields (every field of its spec and status, per field manager) can be most of its size.
+    let (stacks, stacks_writer) = reflector::store();
+    let stack_changes = watcher(
+        scoped::<MiddlewareStack>(client, ns),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .modify(strip)
+    .reflect(stacks_writer)
+    .applied_objects();
+    let controller = Controller::for_stream(stack_changes, stacks.clone())
+        .with_config(
+            ControllerConfig::default()
+                .concurrency(settings.concurrency)
+                .debounce(Duration::from_millis(100)),
+        )
+        .owns_stream(owned_deployments)
+        .owns_stream(owned_services)
+        .owns_stream(owned_config_maps)
+        .owns_stream(owned_pdbs)
+        .owns_stream(owned_secrets)
+        .watches_stream(referenced_secrets, move |secret| {
+            let (Some(namespace), name) = (secret.namespace(), secret.name_any()) else {
+                return Vec::new();
+            };
+            stacks
+                .state()
+                .into_iter()
+                .filter(|s| s.namespace().as_deref() == Some(namespace.as_str()))
+                .filter(|s| dereference::refers_to(s, &name))
+                .map(|s| ObjectRef::from_obj(&*s))
+                .collect::<Vec<_>>()
+        });
+    Watches {
+        controller,
+        stores,
+        secret_versions,
+    }
+}
+
+/// The watch of the operator's objects of kind `K` (selected by `config`), feeding `writer`'s
+/// store with compact copies ([`owned::reflect`]).
+fn owned_events<K>(
+    client: &Client,
+    namespace: Option<&str>,
+    config: &watcher::Config,
+    writer: reflector::store::Writer<Owned<K>>,
+) -> impl futures::Stream<Item = Result<watcher::Event<K>, watcher::Error>> + use<K>
+where
+    K: Compact<Scope = k8s_openapi::NamespaceResourceScope> + DeserializeOwned + Debug,
+{
+    owned::reflect(
+        watcher(scoped::<K>(client, namespace), config.clone()).default_backoff(),
+        writer,
+    )
+}
+
+/// Drops what reconciles never read before a stack enters the store (managed fields are often
+/// the largest part of an object). Owned objects are stored as compact copies instead
+/// ([`owned`]), referenced Secrets as their identity ([`identity_only`]).
+fn strip<K: Resource>(object: &mut K) {
+    object.meta_mut().managed_fields = None;
+    if let Some(annotations) = &mut object.meta_mut().annotations {
+        // kubectl's copy of a whole applied object, if someone used `kubectl apply` on it.
+        annotations.remove("kubectl.kubernetes.io/last-applied-configuration");
+    }
+}
+
+/// Keeps only what the referenced-Secrets store is read for: name, namespace, uid and
+/// resourceVersion (labels, annotations and owner references can be most of a Secret's
+/// metadata).
+fn identity_only(secret: &mut PartialObjectMeta<Secret>) {
+    let meta = std::mem::take(&mut secret.metadata);
+    secret.metadata = ObjectMeta {
+        name: meta.name,
+        namespace: meta.namespace,
+        uid: meta.uid,
+        resource_version: meta.resource_version,
+        ..ObjectMeta::default()
+    };
+}
+
+/// What of an owned Deployment a reconcile acts on: its generation (spec changed, by us or
+/// someone else), the applied-hash annotation, availability and ready replicas (reported in
+/// the stack's status). The controller-manager updates a Deployment's status several times
+/// while it rolls out (observed generation, updated replicas, condition timestamps); only
+/// changes of this hash reconcile the owning stack.
+fn deployment_trigger_hash(deployment: &Deployment) -> u64 {
+    use std::hash::{Hash as _, Hasher as _};
+    // Runs on every Deployment event: reads the object, copies no strings.
+    let rollout = deployment.state();
+    let generation = deployment.metadata.generation;
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    generation.hash(&mut hasher);
+    deployment
+        .annotations()
+        .get(APPLIED_HASH_ANNOTATION)
+        .hash(&mut hasher);
+    rollout.available(generation).hash(&mut hasher);
+    rollout.ready_replicas.hash(&mut hasher);
+    hasher.finish()
+}
+
+/// The owned-Deployment events that should reconcile the owner: every deletion, and changes
+/// of [`deployment_trigger_hash`] (a plain predicate filter would also swallow deletions).
+fn deployment_triggers(
+    events: impl futures::Stream<Item = Result<watcher::Event<Deployment>, watcher::Error>>,
+) -> impl futures::Stream<Item = Result<Deployment, watcher::Error>> {
+    let mut seen: HashMap<ObjectRef<Deployment>, u64> = HashMap::new();
+    events.filter_map(move |event| {
+        let trigger = match event {
+            Ok(watcher::Event::Apply(deployment) | watcher::Event::InitApply(deployment)) => {
+                let hash = deployment_trigger_hash(&deployment);
+                let previous = seen.insert(ObjectRef::from_obj(&deployment), hash);
+                (previous != Some(hash)).then_some(Ok(deployment))
+            }
+            Ok(watcher::Event::Delete(deployment)) => {
+                seen.remove(&ObjectRef::from_obj(&deployment));
+                Some(Ok(deployment))
+            }
+            Ok(watcher::Event::Init | watcher::Event::InitDone) => None,
+            Err(error) => Some(Err(error)),
+        };
+        std::future::ready(trigger)
+    })
+}
+
+#[cfg(test)]
+mod tests;

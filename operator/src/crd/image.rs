@@ -1,0 +1,50 @@
+//! Where a stack's container images come from.
+use kube::KubeSchema;
+use serde::{Deserialize, Serialize};
+
+/// Where container images come from: `<registry>/<service>:<tag>`.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ImageSpec {
+    /// The registry and path prefix of the images, for example `ghcr.io/example/meridian`.
+    /// The service name is appended (`<registry>/api-gateway`).
+    #[schemars(length(min = 1, max = 253))]
+    pub registry: String,
+    /// The image tag every service uses, for example `0.1.0`.
+    #[schemars(length(min = 1, max = 128))]
+    pub tag: String,
+    /// When the kubelet pulls the images.
+    #[serde(default)]
+    pub pull_policy: PullPolicy,
+}
+
+/// A service's deviation from the stack-wide image settings; unset fields inherit them.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ImageOverride {
+    /// The registry of this service's image, instead of `spec.image.registry`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub registry: Option<String>,
+    /// The tag of this service's image, instead of `spec.image.tag`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 128))]
+    pub tag: Option<String>,
+    /// The pull policy of this service's image, instead of `spec.image.pullPolicy`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pull_policy: Option<PullPolicy>,
+}
+
+/// When the kubelet pulls an image (the container's `imagePullPolicy`).
+#[derive(
+    Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, schemars::JsonSchema,
+)]
+pub enum PullPolicy {
+    /// Pull on every start.
+    Always,
+    /// Pull only when the image is not on the node.
+    #[default]
+    IfNotPresent,
+    /// Never pull; the image must be on the node.
+    Never,
+}

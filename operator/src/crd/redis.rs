@@ -1,0 +1,22 @@
+//! The Redis server.
+use kube::KubeSchema;
+use serde::{Deserialize, Serialize};
+
+/// The Redis server.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new(
+    "self.url.startsWith('redis://') || self.url.startsWith('rediss://')"
+).message("redis.url must start with redis:// or rediss://"))]
+#[x_kube(validation = Rule::new("!self.url.contains('@')").message(
+    "redis.url must not contain credentials: put them in adminCredentialsSecret"
+))]
+pub struct RedisSpec {
+    /// The server's URL without credentials, `redis://host:port` or `rediss://host:port` (TLS).
+    #[schemars(length(min = 1, max = 2048))]
+    pub url: String,
+    /// The name of a Secret in the stack's namespace with `username` and `password` of a
+    /// Redis user allowed to manage ACL users. The stack's services get their own user.
+    #[schemars(length(min = 1, max = 253))]
+    pub admin_credentials_secret: String,
+}

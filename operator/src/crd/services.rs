@@ -1,0 +1,78 @@
+//! The five services of a stack and how each runs.
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{EnvVar, ResourceRequirements};
+use kube::KubeSchema;
+use serde::{Deserialize, Serialize};
+
+use super::ImageOverride;
+
+/// The five services of a stack.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ServicesSpec {
+    /// The API gateway (port 8080): authentication, rate limits, reads from Redis, commands
+    /// forwarded to the command service. Starts only after the core services are Available.
+    #[serde(default)]
+    pub gateway: ServiceSpec,
+    /// The command service (port 8082): accepts commands with idempotency keys and relays
+    /// them to Kafka through the outbox.
+    #[serde(default)]
+    pub command_service: ServiceSpec,
+    /// The processor (port 8083): applies commands to the write model and emits events.
+    #[serde(default)]
+    pub processor: ServiceSpec,
+    /// The cache updater (port 8084): projects events into Redis and notifies rooms.
+    #[serde(default)]
+    pub cache_updater: ServiceSpec,
+    /// The WebSocket hub (port 8085): pushes changes to connected clients.
+    #[serde(default)]
+    pub ws_hub: ServiceSpec,
+}
+
+/// How one service runs.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceSpec {
+    /// Whether the service runs at all. A disabled service has no Deployment.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// The number of pods. At least 0; a PodDisruptionBudget is created when it is above 1.
+    #[serde(default = "default_replicas")]
+    #[schemars(range(min = 0))]
+    pub replicas: i32,
+    /// CPU and memory requests and limits of the service's container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+    /// Extra environment variables, added after (and so overriding) the ones the operator
+    /// sets.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env: Vec<EnvVar>,
+    /// Annotations added to the service's pods.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+    /// This service's image, where it differs from `spec.image`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<ImageOverride>,
+}
+
+impl Default for ServiceSpec {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            replicas: default_replicas(),
+            resources: None,
+            env: Vec::new(),
+            annotations: BTreeMap::new(),
+            image: None,
+        }
+    }
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn default_replicas() -> i32 {
+    1
+}

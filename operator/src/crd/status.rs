@@ -1,0 +1,54 @@
+//! What the operator last observed of a stack.
+use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::KubeSchema;
+use serde::{Deserialize, Serialize};
+
+/// What the operator last observed of the stack.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct MiddlewareStackStatus {
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// The stage the stack is in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<Phase>,
+    /// Each service's replicas, keyed by service name (`api-gateway`, `command-service`, ...).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub services: BTreeMap<String, ServiceStatus>,
+    /// One condition per stage (`DependenciesReady`, `TopicsReady`, `CredentialsReady`,
+    /// `CoreAvailable`, `EdgeAvailable`) and `Ready`, each with `type`, `status`, `reason`,
+    /// `message`, `lastTransitionTime` and `observedGeneration`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
+    pub conditions: Vec<Condition>,
+}
+
+/// One service's replicas.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceStatus {
+    /// The replicas the Deployment asks for.
+    pub replicas: i32,
+    /// The replicas whose readiness probe passes.
+    pub ready_replicas: i32,
+}
+
+/// The stage a stack is in.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, schemars::JsonSchema)]
+pub enum Phase {
+    /// Nothing has been reconciled yet.
+    Pending,
+    /// Stages are being brought up.
+    Progressing,
+    /// Every stage is healthy.
+    Ready,
+    /// A stage that was healthy no longer is.
+    Degraded,
+    /// The spec is invalid or asks for a change the operator cannot make.
+    Failed,
+    /// `spec.paused` is true.
+    Paused,
+}
