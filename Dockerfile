@@ -62,26 +62,33 @@ FROM ${APP_FROM} AS app
 
 # ---- development dependencies for the kind e2e ------------------------------------------
 FROM ${DEBIAN_IMAGE} AS redis
+# The package's user, created first with a fixed id so that USER can be numeric (the kubelet
+# checks runAsNonRoot against it).
 # hadolint ignore=DL3008
-RUN apt-get update \
+RUN groupadd --system --gid 999 redis \
+    && useradd --system --uid 999 --gid 999 --home-dir /var/lib/redis --shell /usr/sbin/nologin redis \
+    && apt-get update \
     && apt-get install -y --no-install-recommends redis-server \
     && rm -rf /var/lib/apt/lists/*
-USER redis
+USER 999:999
 WORKDIR /var/lib/redis
 EXPOSE 6379
 # In memory only; the operator's ACL users are re-created by its resync after a restart.
 ENTRYPOINT ["redis-server", "--bind", "0.0.0.0", "--protected-mode", "no", "--save", "", "--appendonly", "no"]
 
 FROM ${DEBIAN_IMAGE} AS postgres
+# As for redis: the package's user first, with a fixed id.
 # hadolint ignore=DL3008
-RUN apt-get update \
+RUN groupadd --system --gid 999 postgres \
+    && useradd --system --uid 999 --gid 999 --home-dir /var/lib/postgresql --shell /bin/bash postgres \
+    && apt-get update \
     && apt-get install -y --no-install-recommends postgresql-15 \
     && rm -rf /var/lib/apt/lists/* \
     && install -d -o postgres -g postgres -m 0700 /var/lib/postgresql/data
 COPY dev/images/postgres-entrypoint.sh /usr/local/bin/postgres-entrypoint
 # A directory below the volume's mount point: initdb wants a directory it can own.
 ENV PATH=/usr/lib/postgresql/15/bin:$PATH PGDATA=/var/lib/postgresql/data/pgdata
-USER postgres
+USER 999:999
 EXPOSE 5432
 ENTRYPOINT ["/usr/local/bin/postgres-entrypoint"]
 
