@@ -118,7 +118,11 @@ impl Redis {
     /// A connection (clones share one multiplexed socket), or `NotConnected` before the first
     /// connection succeeded.
     pub fn connection(&self) -> Result<ConnectionManager, RedisError> {
-        let manager = self.shared.manager.read().unwrap_or_else(|e| e.into_inner());
+        let manager = self
+            .shared
+            .manager
+            .read()
+            .unwrap_or_else(|e| e.into_inner());
         manager.clone().ok_or(RedisError::NotConnected)
     }
 

@@ -92,7 +92,9 @@ async fn a_handle_refused_after_its_user_vanished_heals_once_the_user_is_back() 
         cmd.arg(verb).arg(&user);
         if verb == "SETUSER" {
             cmd.arg("reset").arg("on").arg(">s3cret");
-            cmd.arg(format!("~{user}:*")).arg(format!("&{user}:*")).arg("+@all");
+            cmd.arg(format!("~{user}:*"))
+                .arg(format!("&{user}:*"))
+                .arg("+@all");
         }
         cmd
     };
@@ -125,7 +127,12 @@ async fn a_handle_refused_after_its_user_vanished_heals_once_the_user_is_back() 
                 .is_err_and(|e| e.contains("uthentication"))
         }
     };
-    wait_until("the reconnect to be refused", Duration::from_secs(10), refused).await;
+    wait_until(
+        "the reconnect to be refused",
+        Duration::from_secs(10),
+        refused,
+    )
+    .await;
 
     // The user is back: the handle heals within the backoff's bound.
     let _: () = acl("SETUSER").query_async(&mut admin).await.unwrap();
