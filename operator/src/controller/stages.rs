@@ -269,7 +269,10 @@ pub(super) async fn run(
         reports,
         services: rollout.services,
         events,
-        result: Ok(Action::await_change()),
+        // Also a stack still waiting for its services is looked at again after the resync
+        // period: what it waits for may need the external stages redone (a Redis restart
+        // loses the stack's ACL user, and the services stay unready until it is back).
+        result: Ok(Action::requeue(ctx.settings.resync)),
     }
 }
 
