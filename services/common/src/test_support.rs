@@ -105,11 +105,14 @@ pub async fn get_json(url: &str) -> Option<(u16, serde_json::Value)> {
 }
 
 /// A TCP forwarder on a fixed local port that plays a dependency going down and coming back:
-/// while down, nothing listens (connections are refused) and open connections are cut.
+/// while down, nothing listens (connections are refused) and open connections are cut. While
+/// frozen it plays a peer that vanished without closing anything: connections stay open and
+/// new ones are accepted, but no byte passes either way.
 pub struct TcpToggle {
     port: u16,
     target: SocketAddr,
     running: Option<CancellationToken>,
+    frozen: CancellationToken,
 }
 
 impl TcpToggle {
@@ -119,6 +122,7 @@ impl TcpToggle {
             port: free_port(),
             target,
             running: None,
+            frozen: CancellationToken::new(),
         }
     }
 
@@ -134,7 +138,8 @@ impl TcpToggle {
         }
         let listener = TcpListener::bind(("127.0.0.1", self.port)).await.unwrap();
         let token = CancellationToken::new();
-        let (stop, target) = (token.clone(), self.target);
+        self.frozen = CancellationToken::new();
+        let (stop, target, frozen) = (token.clone(), self.target, self.frozen.clone());
         tokio::spawn(async move {
             loop {
                 let accepted = tokio::select! {
@@ -144,19 +149,33 @@ impl TcpToggle {
                 let Ok((mut inbound, _)) = accepted else {
                     continue;
                 };
-                let stop = stop.clone();
+                let (stop, frozen) = (stop.clone(), frozen.clone());
                 tokio::spawn(async move {
+                    if frozen.is_cancelled() {
+                        // Accepted, never answered.
+                        stop.cancelled().await;
+                        return;
+                    }
                     let Ok(mut outbound) = TcpStream::connect(target).await else {
                         return;
                     };
                     tokio::select! {
-                        () = stop.cancelled() => {}
-                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        () = stop.cancelled() => return,
+                        () = frozen.cancelled() => {}
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => return,
                     }
+                    // Frozen: both sockets stay open, silent, until the toggle goes down.
+                    stop.cancelled().await;
+                    drop((inbound, outbound));
                 });
             }
         });
         self.running = Some(token);
+    }
+
+    /// Stops forwarding without closing anything (until [`TcpToggle::down`]).
+    pub fn freeze(&self) {
+        self.frozen.cancel();
     }
 
     /// Stops listening and cuts every forwarded connection.
@@ -352,7 +371,9 @@ pub async fn assert_binary_lifecycle(program: &Path, service: &str) {
 
 /// The readiness contract for one dependency: with `var` pointing at a closed port the
 /// service still starts, `/ready` is 503 and names `dependency` as down; once the dependency
-/// answers on that port, `/ready` turns 200 without a restart.
+/// answers on that port, `/ready` turns 200 without a restart. Checks named
+/// `<dependency>-<something>` (the hub's `redis-pubsub`) are other connections to the same
+/// dependency and go down with it.
 pub async fn assert_ready_tracks_dependency<S: crate::service::Service>(
     dependency: &str,
     var: &str,
@@ -365,10 +386,16 @@ pub async fn assert_ready_tracks_dependency<S: crate::service::Service>(
 
     // The other dependencies connect in the background; wait for them, so that the report
     // below can only be about the one that is down.
+    let same = |name: &str| {
+        name == dependency
+            || name
+                .strip_prefix(dependency)
+                .is_some_and(|rest| rest.starts_with('-'))
+    };
     let others_up = |report: &serde_json::Value| {
         report["dependencies"].as_object().is_some_and(|deps| {
             deps.iter()
-                .all(|(name, s)| name == dependency || s["status"] == "up")
+                .all(|(name, s)| same(name) || s["status"] == "up")
         })
     };
     wait_until(

@@ -218,12 +218,15 @@ impl AppState {
             .map_err(RedisError::Url)?;
         let rooms = Rooms::new(redis.clone(), config.hub.history());
         let verifier = Verifier::new(&config.auth)?;
-        let hub = Hub::new(
-            config.hub.settings(),
-            Registry::new(rooms, pubsub),
-            verifier,
+        let registry = Registry::new(
+            rooms,
+            pubsub,
+            Duration::from_millis(config.redis.redis_timeout_ms),
         );
-        let ops = Ops::new(NAME, &config.common).with(redis.clone());
+        let hub = Hub::new(config.hub.settings(), registry.clone(), verifier);
+        let ops = Ops::new(NAME, &config.common)
+            .with(redis.clone())
+            .with(registry);
         Ok(Self { ops, redis, hub })
     }
 }

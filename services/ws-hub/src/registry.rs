@@ -10,7 +10,11 @@
 //!
 //! When the pub/sub connection drops, the task reconnects with the shared backoff,
 //! resubscribes every room, and fetches from each room's history what was published while
-//! it was away (members drop duplicates by offset).
+//! it was away (members drop duplicates by offset). A connection that dies without closing
+//! (its peer vanished) is found by a periodic PING; each connect attempt is bounded, as a
+//! SYN to an address that vanished is otherwise retried by the kernel for two minutes. The
+//! registry is also a readiness [`Check`]: a node whose pub/sub connection is down cannot
+//! serve joins, so it leaves the Service until it is back.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
@@ -18,16 +22,24 @@ use std::time::Duration;
 
 use axum::body::Bytes;
 use backon::{ExponentialBuilder, Retryable as _};
+use common::health::Check;
 use common::metrics::{HUB_DELIVERIES_TOTAL, HUB_PUBLISH_DELIVER_SECONDS, HUB_ROOMS};
 use common::rooms::{Position, Publication, Rooms};
 use common::shutdown::CancellationToken;
 use futures::StreamExt as _;
+use futures::future::BoxFuture;
 use redis::aio::PubSubSink;
 use tokio::sync::mpsc::error::TrySendError;
 
 use crate::NAME;
 use crate::connection::{CloseReason, Control, Outbound};
 use crate::protocol::Delivery;
+
+/// How long one pub/sub connect attempt (TCP, TLS, AUTH, HELLO) may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How often the pub/sub connection is pinged; an unanswered ping drops it.
+const PING_INTERVAL: Duration = Duration::from_secs(10);
 
 /// A room could not be joined.
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +50,15 @@ pub enum JoinError {
     /// Redis refused the subscription.
     #[error("failed to subscribe in Redis: {0}")]
     Redis(#[from] redis::RedisError),
+}
+
+/// A pub/sub connect attempt failed.
+#[derive(Debug, thiserror::Error)]
+enum ConnectError {
+    #[error("no connection within {0:?}")]
+    TimedOut(Duration),
+    #[error(transparent)]
+    Redis(redis::RedisError),
 }
 
 /// One local member of a room: a connection's send queue and its control block.
@@ -61,6 +82,8 @@ struct Room {
 struct Inner {
     rooms: Rooms,
     client: redis::Client,
+    /// How long a ping may go unanswered (`REDIS_TIMEOUT_MS`).
+    timeout: Duration,
     map: Mutex<HashMap<Arc<str>, Arc<Room>>>,
     sink: Mutex<Option<PubSubSink>>,
 }
@@ -76,12 +99,14 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Registry {
-    /// A registry reading room channels through its own pub/sub connection from `client`.
-    pub fn new(rooms: Rooms, client: redis::Client) -> Self {
+    /// A registry reading room channels through its own pub/sub connection from `client`,
+    /// which is dropped when a ping goes unanswered for `timeout`.
+    pub fn new(rooms: Rooms, client: redis::Client, timeout: Duration) -> Self {
         Self {
             inner: Arc::new(Inner {
                 rooms,
                 client,
+                timeout,
                 map: Mutex::default(),
                 sink: Mutex::default(),
             }),
@@ -200,14 +225,19 @@ impl Registry {
     }
 
     /// Reads the room channels until `shutdown`, reconnecting (and catching up from
-    /// history) whenever the pub/sub connection drops.
+    /// history) whenever the pub/sub connection drops or stops answering pings.
     pub async fn run(self, shutdown: CancellationToken) {
         let mut first = true;
         loop {
             let client = self.inner.client.clone();
             let connected = common::retry::until_connected(NAME, "redis-pubsub", &shutdown, || {
                 let client = client.clone();
-                async move { client.get_async_pubsub().await }
+                async move {
+                    tokio::time::timeout(CONNECT_TIMEOUT, client.get_async_pubsub())
+                        .await
+                        .map_err(|_| ConnectError::TimedOut(CONNECT_TIMEOUT))?
+                        .map_err(ConnectError::Redis)
+                }
             })
             .await;
             let Some(pubsub) = connected else {
@@ -217,24 +247,46 @@ impl Registry {
             *lock(&self.inner.sink) = Some(sink.clone());
             if !first {
                 tracing::info!("Reconnected to Redis pub/sub; resubscribing rooms.");
-                self.resubscribe(sink).await;
+                self.resubscribe(sink.clone()).await;
             }
             first = false;
-            loop {
-                let message = tokio::select! {
+            let mut ping = tokio::time::interval(PING_INTERVAL);
+            ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            ping.reset();
+            let lost = loop {
+                tokio::select! {
                     () = shutdown.cancelled() => return,
-                    message = stream.next() => message,
-                };
-                let Some(message) = message else {
-                    break;
-                };
-                self.fan_out_message(message.get_channel_name(), message.get_payload_bytes());
-            }
-            tracing::warn!("Lost the Redis pub/sub connection; reconnecting.");
+                    message = stream.next() => match message {
+                        Some(message) => self.fan_out_message(
+                            message.get_channel_name(),
+                            message.get_payload_bytes(),
+                        ),
+                        None => break "the connection closed".to_owned(),
+                    },
+                    _ = ping.tick() => {
+                        if let Err(why) = self.ping(sink.clone()).await {
+                            break why;
+                        }
+                    }
+                }
+            };
+            tracing::warn!(reason = %lost, "Lost the Redis pub/sub connection; reconnecting.");
             *lock(&self.inner.sink) = None;
             for room in self.snapshot() {
                 *room.gate.lock().await = false;
             }
+        }
+    }
+
+    /// Pings Redis over the pub/sub connection; the error says why it is considered lost.
+    async fn ping(&self, mut sink: PubSubSink) -> Result<(), String> {
+        match tokio::time::timeout(self.inner.timeout, sink.ping::<redis::Value>()).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(error)) => Err(format!("PING failed: {error}")),
+            Err(_) => Err(format!(
+                "PING unanswered for {} ms",
+                self.inner.timeout.as_millis()
+            )),
         }
     }
 
@@ -334,5 +386,23 @@ impl Registry {
         let latency = common::rooms::now_micros().saturating_sub(published_at);
         metrics::histogram!(HUB_PUBLISH_DELIVER_SECONDS, "service" => NAME)
             .record(Duration::from_micros(latency).as_secs_f64());
+    }
+}
+
+/// Ready while the pub/sub connection is up: joins need it.
+impl Check for Registry {
+    fn name(&self) -> &'static str {
+        "redis-pubsub"
+    }
+
+    fn check(&self) -> BoxFuture<'_, Result<(), String>> {
+        let connected = lock(&self.inner.sink).is_some();
+        Box::pin(async move {
+            if connected {
+                Ok(())
+            } else {
+                Err("the pub/sub connection is down; reconnecting".to_owned())
+            }
+        })
     }
 }

@@ -551,3 +551,59 @@ async fn publications_made_while_the_pubsub_connection_was_down_are_delivered_af
     );
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_pubsub_connection_whose_peer_vanished_is_dropped_and_replaced() {
+    let prefix = prefix();
+    let deps = common::test_support::Deps::from_env();
+    let mut toggle = common::test_support::TcpToggle::new(common::test_support::Deps::socket_of(
+        &deps.redis_url,
+    ));
+    toggle.up().await;
+    let vars = hub_vars(&prefix).with(
+        "REDIS_URL",
+        common::test_support::with_port(&deps.redis_url, toggle.port()),
+    );
+    let app = start(&vars).await;
+    let rooms = rooms(&prefix, HistorySettings::default()).await;
+    let mut client = client(&app, &["chat:*"]).await;
+    subscribe(&mut client, "chat:vanished").await;
+    rooms.publish("chat:vanished", b"1").await.unwrap();
+    assert_eq!(next_json(&mut client).await["data"], 1);
+
+    // Nothing closes: only the hub's ping can tell, and /ready then names the connection.
+    toggle.freeze();
+    rooms.publish("chat:vanished", b"2").await.unwrap();
+    let ready = app.url("/ready");
+    wait_until(
+        "/ready to report the pub/sub connection down",
+        Duration::from_secs(30),
+        || {
+            let ready = ready.clone();
+            async move {
+                matches!(
+                    common::test_support::get_json(&ready).await,
+                    Some((503, body)) if body["dependencies"]["redis-pubsub"]["status"] == "down"
+                )
+            }
+        },
+    )
+    .await;
+
+    // The peer is back: the hub reconnects (a frozen attempt times out), catches up, goes on.
+    toggle.down().await;
+    toggle.up().await;
+    let pushed = next_json(&mut client).await;
+    assert_eq!(
+        (pushed["offset"].as_u64(), pushed["data"].as_u64()),
+        (Some(2), Some(2))
+    );
+    rooms.publish("chat:vanished", b"3").await.unwrap();
+    assert_eq!(next_json(&mut client).await["data"], 3);
+    wait_until("/ready to be 200 again", Duration::from_secs(30), || {
+        let ready = ready.clone();
+        async move { matches!(common::test_support::get_json(&ready).await, Some((200, _))) }
+    })
+    .await;
+    app.stop().await;
+}
