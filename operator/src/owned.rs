@@ -217,6 +217,12 @@ impl Rollout {
             && self.updated_replicas >= self.desired
             && self.available_condition
     }
+
+    /// Whether fewer replicas are ready than the Deployment asks for: it is rolling out, or
+    /// its pods are failing (for instance refused by a dependency that lost their user).
+    pub fn short_of_ready(&self) -> bool {
+        self.ready_replicas < self.desired
+    }
 }
 
 impl Owned<Deployment> {

@@ -3,7 +3,7 @@
 //! services read them from (the *credentials* stage) — through [`crate::provision`]. Each
 //! returns its stage's report and Events about what it changed; the outcome of both is reused
 //! while their inputs are unchanged ([`Provisioned`]).
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use kube::ResourceExt as _;
 use kube::runtime::events::{Event, EventType};
@@ -88,7 +88,11 @@ impl Error {
 
 /// The outcome of the last successful external stages (dependencies, topics, credentials)
 /// of a stack, reused while its inputs are unchanged and it is younger than the resync period:
-/// a Deployment's status change then costs no call to Kafka, Redis or PostgreSQL.
+/// a Deployment's status change then costs no call to Kafka, Redis or PostgreSQL. While one
+/// of the stack's services has fewer ready replicas than it asks for, the outcome is reused
+/// for [`DEGRADED_REUSE`] only: a dependency that lost what was provisioned in it (Redis
+/// keeps ACL users in memory and forgets them when it restarts) makes the services unready,
+/// and the stages then put it back without waiting for the resync.
 #[derive(Clone, Debug)]
 pub(super) struct Provisioned {
     /// Fingerprint of the inputs: generation, rotation token, the resourceVersions of the
@@ -101,8 +105,13 @@ pub(super) struct Provisioned {
     pub(super) credentials_hash: String,
 }
 
+/// How long the outcome of the external stages is reused while a service is short of ready
+/// replicas (see [`Provisioned`]).
+pub(super) const DEGRADED_REUSE: Duration = Duration::from_secs(10);
+
 /// The last successful external stages of `stack`, if their inputs are unchanged and they are
-/// younger than the resync period.
+/// younger than the resync period ([`DEGRADED_REUSE`] while a service is short of ready
+/// replicas).
 pub(super) fn cached(
     ctx: &Context,
     stack: &MiddlewareStack,
@@ -110,12 +119,28 @@ pub(super) fn cached(
     refs: &Dereferenced,
 ) -> Option<Provisioned> {
     let key = provisioning_key(ctx, stack, validated, refs);
+    let max_age = if services_short_of_ready(ctx, validated) {
+        DEGRADED_REUSE.min(ctx.settings.resync)
+    } else {
+        ctx.settings.resync
+    };
     ctx.provisioned
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .get(&ObjectRef::from_obj(stack))
-        .filter(|p| p.key == key && p.at.elapsed() < ctx.settings.resync)
+        .filter(|p| p.key == key && p.at.elapsed() < max_age)
         .cloned()
+}
+
+/// Whether one of the stack's Deployments has fewer ready replicas than it asks for.
+pub(super) fn services_short_of_ready(ctx: &Context, validated: &ValidatedStack) -> bool {
+    validated.enabled().iter().any(|component| {
+        let name = build::object_name(validated, *component);
+        ctx.stores
+            .deployments
+            .get(&ObjectRef::new(&name).within(validated.namespace()))
+            .is_some_and(|deployment| deployment.state.short_of_ready())
+    })
 }
 
 /// Keeps the outcome of successful external stages for [`cached`].

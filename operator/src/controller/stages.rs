@@ -269,10 +269,16 @@ pub(super) async fn run(
         reports,
         services: rollout.services,
         events,
-        // Also a stack still waiting for its services is looked at again after the resync
-        // period: what it waits for may need the external stages redone (a Redis restart
-        // loses the stack's ACL user, and the services stay unready until it is back).
-        result: Ok(Action::requeue(ctx.settings.resync)),
+        // A stack whose services are short of ready replicas is looked at again soon: what
+        // they wait for may need the external stages redone (a Redis restart loses the
+        // stack's ACL user, and the services stay unready until it is back).
+        result: Ok(Action::requeue(
+            if provision::services_short_of_ready(ctx, validated) {
+                provision::DEGRADED_REUSE.min(ctx.settings.resync)
+            } else {
+                ctx.settings.resync
+            },
+        )),
     }
 }
 

@@ -93,6 +93,16 @@ fn deployment_availability() {
 }
 
 #[test]
+fn short_of_ready_compares_ready_with_desired_replicas() {
+    let mut rollout = Owned::new(&deployment(3, Some(2), Some((3, 2, "True")))).state;
+    assert!(!rollout.short_of_ready());
+    rollout.ready_replicas = 1;
+    assert!(rollout.short_of_ready());
+    rollout.desired = 0;
+    assert!(!rollout.short_of_ready(), "scaled to zero");
+}
+
+#[test]
 fn versions() {
     assert_eq!(version(Some(7), Some("100")), "g7");
     assert_eq!(version(None, Some("100")), "r100");
