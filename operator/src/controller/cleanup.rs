@@ -36,8 +36,8 @@ pub enum Error {
         #[source]
         source: ProvisionError,
     },
-    /// PostgreSQL failed to drop the roles and the database.
-    #[error("failed to drop PostgreSQL database {database} and its roles")]
+    /// PostgreSQL failed to drop the database, drop the logins or revoke the owner's login.
+    #[error("failed to clean up PostgreSQL database {database} and its roles")]
     DropPostgresRole {
         /// The database.
         database: String,
@@ -76,8 +76,10 @@ pub(super) async fn cleanup(
             .remove(&uid);
         forget(stack, ctx);
         let note = format!(
-            "deletionPolicy applied (topics {:?}, credentials {:?}); finalizer released",
-            stack.spec.deletion_policy.topics, stack.spec.deletion_policy.credentials
+            "deletionPolicy applied (topics {:?}, database {:?}, credentials {:?}); finalizer released",
+            stack.spec.deletion_policy.topics,
+            stack.spec.deletion_policy.database,
+            stack.spec.deletion_policy.credentials
         );
         let cleaned = event(EventType::Normal, "CleanedUp", "Cleanup", note);
         publish_events(stack, ctx, vec![cleaned], false).await;
@@ -168,10 +170,13 @@ fn forget(stack: &MiddlewareStack, ctx: &Context) {
     }
 }
 
-/// Deletes the topics and credentials `spec.deletionPolicy` does not retain.
+/// Deletes the topics, database and credentials `spec.deletionPolicy` does not retain.
 async fn cleanup_external(stack: &MiddlewareStack, ctx: &Context) -> Result<(), Error> {
     let policy = &stack.spec.deletion_policy;
-    if policy.topics == Retention::Retain && policy.credentials == Retention::Retain {
+    if [policy.topics, policy.database, policy.credentials]
+        .iter()
+        .all(|p| *p == Retention::Retain)
+    {
         return Ok(());
     }
     // An invalid stack never provisioned anything.
@@ -192,6 +197,18 @@ async fn cleanup_external(stack: &MiddlewareStack, ctx: &Context) -> Result<(), 
             .await
             .map_err(Error::DeleteTopics)?;
     }
+    let database = names::postgres_database(&validated);
+    let postgres_error = |source| Error::DropPostgresRole {
+        database: database.clone(),
+        source,
+    };
+    if policy.database == Retention::Delete {
+        clients
+            .postgres
+            .drop_database(&database)
+            .await
+            .map_err(postgres_error)?;
+    }
     if policy.credentials == Retention::Delete {
         let user = names::redis_user(&validated);
         clients
@@ -199,18 +216,18 @@ async fn cleanup_external(stack: &MiddlewareStack, ctx: &Context) -> Result<(), 
             .delete_user(&user)
             .await
             .map_err(|source| Error::DeleteRedisUser { user, source })?;
-        let database = names::postgres_database(&validated);
-        clients
-            .postgres
-            .drop_role_and_database(
-                &[
-                    &names::postgres_second_login(&validated),
-                    &names::postgres_role(&validated),
-                ],
-                &database,
-            )
-            .await
-            .map_err(|source| Error::DropPostgresRole { database, source })?;
+        let owner = names::postgres_role(&validated);
+        let second = names::postgres_second_login(&validated);
+        let result = if policy.database == Retention::Delete {
+            clients.postgres.drop_roles(&[&second, &owner]).await
+        } else {
+            // The retained database keeps its owner; only logging in as it ends.
+            match clients.postgres.drop_roles(&[&second]).await {
+                Ok(()) => clients.postgres.revoke_login(&owner).await,
+                Err(error) => Err(error),
+            }
+        };
+        result.map_err(postgres_error)?;
     }
     Ok(())
 }

@@ -206,6 +206,7 @@ fn a_minimal_spec_gets_the_documented_defaults() {
     assert_eq!(spec.postgres.ssl_mode, SslMode::Prefer);
     assert_eq!(spec.telemetry.sampling_ratio, 1.0);
     assert_eq!(spec.deletion_policy.topics, Retention::Retain);
+    assert_eq!(spec.deletion_policy.database, Retention::Retain);
     assert_eq!(spec.deletion_policy.credentials, Retention::Delete);
     assert!(!spec.paused);
     assert!(spec.auth.is_none());

@@ -215,28 +215,50 @@ impl PostgresAdmin {
         .await
     }
 
-    /// Drops `database` (disconnecting its sessions) and `roles`; missing ones are fine.
-    pub async fn drop_role_and_database(
-        &self,
-        roles: &[&str],
-        database: &str,
-    ) -> Result<(), ProvisionError> {
-        if self.database_exists(database).await? {
-            let _turn = self.turn().await?;
-            bounded("PostgreSQL", self.timeout * DROP_DATABASE_BOUND, async {
-                self.execute(&format!(
-                    "DROP DATABASE IF EXISTS \"{database}\" WITH (FORCE)"
-                ))
-                .await
-            })
-            .await?;
+    /// Drops `database`, disconnecting its sessions; a missing one is fine.
+    pub async fn drop_database(&self, database: &str) -> Result<(), ProvisionError> {
+        if !self.database_exists(database).await? {
+            return Ok(());
         }
+        let _turn = self.turn().await?;
+        bounded("PostgreSQL", self.timeout * DROP_DATABASE_BOUND, async {
+            self.execute(&format!(
+                "DROP DATABASE IF EXISTS \"{database}\" WITH (FORCE)"
+            ))
+            .await
+        })
+        .await
+    }
+
+    /// Drops `roles`; missing ones are fine. A role that still owns a database cannot go.
+    pub async fn drop_roles(&self, roles: &[&str]) -> Result<(), ProvisionError> {
         let roles: Vec<String> = roles.iter().map(|r| format!("\"{r}\"")).collect();
         bounded(
             "PostgreSQL",
             self.timeout,
             self.execute(&format!("DROP ROLE IF EXISTS {}", roles.join(", "))),
         )
+        .await
+    }
+
+    /// Takes `role`'s login away (no `LOGIN`, no password) and ends its sessions; it keeps
+    /// what it owns. A missing role is fine.
+    pub async fn revoke_login(&self, role: &str) -> Result<(), ProvisionError> {
+        if !self.role_exists(role).await? {
+            return Ok(());
+        }
+        bounded("PostgreSQL", self.timeout, async {
+            self.execute(&format!("ALTER ROLE \"{role}\" WITH NOLOGIN PASSWORD NULL"))
+                .await?;
+            sqlx::query(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1",
+            )
+            .bind(role)
+            .execute(&self.pool)
+            .await
+            .map_err(|e| pg_error(&e))?;
+            Ok(())
+        })
         .await
     }
 

@@ -7,16 +7,10 @@ use operator::crd::{PostgresSpec, SslMode};
 use operator::provision::AdminCredentials;
 use operator::provision::postgres::{DROP_DATABASE_CONCURRENCY, PostgresAdmins};
 use secrecy::SecretString;
+use sqlx::Connection as _;
 use uuid::Uuid;
 
-/// A burst of stacks created and deleted at once: their `DROP DATABASE` statements take turns
-/// on the server, a few at a time (before, a namespace of stacks deleted together queued them
-/// all inside PostgreSQL and for the pool's connections, where their timeouts ran out and
-/// databases were left behind). A sampler watches `pg_stat_activity` during the burst: never
-/// more of this burst's drops run at once than the limit, and all of them finish within their
-/// bound of the operator's default dependency timeout.
-#[tokio::test]
-async fn a_burst_of_databases_is_created_and_dropped_without_timeouts() {
+fn admin() -> operator::provision::postgres::PostgresAdmin {
     let spec = PostgresSpec {
         host: "127.0.0.1".into(),
         port: 5432,
@@ -28,10 +22,74 @@ async fn a_burst_of_databases_is_created_and_dropped_without_timeouts() {
         username: "postgres".into(),
         password: SecretString::from("postgres"),
     };
-    let admins = PostgresAdmins::default();
-    let admin = admins
+    PostgresAdmins::default()
         .admin(&spec, &credentials, Settings::default().dependency_timeout)
+        .unwrap()
+}
+
+/// `deletionPolicy: {database: Retain, credentials: Delete}`: the owner loses its login and
+/// keeps its database; provisioned again (a stack of the same name), it logs in and finds it.
+#[tokio::test]
+async fn a_retained_database_outlives_its_login_and_is_found_again() {
+    let admin = admin();
+    let run = Uuid::new_v4().simple().to_string()[..8].to_owned();
+    let (role, db) = (format!("it_keep_{run}"), format!("it_keep_{run}_db"));
+    let url = |password: &str| format!("postgres://{role}:{password}@127.0.0.1:5432/{db}");
+    let first = SecretString::from("Keep0Password");
+    admin
+        .ensure_role_and_database(&role, &db, &role, &first, true)
+        .await
         .unwrap();
+    let mut session = sqlx::PgConnection::connect(&url("Keep0Password"))
+        .await
+        .unwrap();
+    sqlx::raw_sql("CREATE TABLE documents (id int); INSERT INTO documents VALUES (7)")
+        .execute(&mut session)
+        .await
+        .unwrap();
+
+    admin.revoke_login(&role).await.unwrap();
+    assert!(
+        sqlx::query("SELECT 1").execute(&mut session).await.is_err(),
+        "the owner's open session is ended"
+    );
+    let refused = sqlx::PgConnection::connect(&url("Keep0Password"))
+        .await
+        .expect_err("the owner logged in after its login was revoked");
+    let refused = refused.to_string();
+    assert!(
+        refused.contains("password authentication failed")
+            || refused.contains("not permitted to log in"),
+        "{refused}"
+    );
+
+    let second = SecretString::from("Keep1Password");
+    admin
+        .ensure_role_and_database(&role, &db, &role, &second, true)
+        .await
+        .unwrap();
+    let mut session = sqlx::PgConnection::connect(&url("Keep1Password"))
+        .await
+        .unwrap();
+    let kept: i32 = sqlx::query_scalar("SELECT id FROM documents")
+        .fetch_one(&mut session)
+        .await
+        .unwrap();
+    assert_eq!(kept, 7);
+    session.close().await.unwrap();
+    admin.drop_database(&db).await.unwrap();
+    admin.drop_roles(&[&role]).await.unwrap();
+}
+
+/// A burst of stacks created and deleted at once: their `DROP DATABASE` statements take turns
+/// on the server, a few at a time (before, a namespace of stacks deleted together queued them
+/// all inside PostgreSQL and for the pool's connections, where their timeouts ran out and
+/// databases were left behind). A sampler watches `pg_stat_activity` during the burst: never
+/// more of this burst's drops run at once than the limit, and all of them finish within their
+/// bound of the operator's default dependency timeout.
+#[tokio::test]
+async fn a_burst_of_databases_is_created_and_dropped_without_timeouts() {
+    let admin = admin();
     let run = Uuid::new_v4().simple().to_string()[..8].to_owned();
     let names: Vec<(String, String)> = (0..20)
         .map(|i| {
@@ -85,11 +143,10 @@ async fn a_burst_of_databases_is_created_and_dropped_without_timeouts() {
     };
 
     let started = Instant::now();
-    let dropped = futures::future::join_all(
-        names
-            .iter()
-            .map(|(role, db)| async { admin.drop_role_and_database(&[role], db).await }),
-    )
+    let dropped = futures::future::join_all(names.iter().map(|(role, db)| async {
+        admin.drop_database(db).await?;
+        admin.drop_roles(&[role]).await
+    }))
     .await;
     done.0.send(true).unwrap();
     let (most, samples_with_a_drop) = sampler.await.unwrap();

@@ -187,7 +187,9 @@ fn stack(name: &str, redis_url: &str, topics_policy: &str) -> Value {
                 "jwtSecretRef": { "name": "jwt", "key": "hmac-secret" },
                 "issuer": "https://issuer.test/", "audience": "meridian"
             },
-            "deletionPolicy": { "topics": topics_policy, "credentials": "Delete" }
+            "deletionPolicy": {
+                "topics": topics_policy, "database": topics_policy, "credentials": "Delete"
+            }
         }
     })
 }
@@ -352,6 +354,7 @@ async fn a_stack_is_provisioned_in_stage_order_becomes_ready_follows_changes_and
     // The PostgreSQL role connects to its own database, not to another stack's.
     let alpha_url = secret_url(&secrets.get("alpha-postgres").await.unwrap());
     let beta_url = secret_url(&secrets.get("beta-postgres").await.unwrap());
+    let beta_role = secret_key(&secrets.get("beta-postgres").await.unwrap(), "username");
     let mut pg = sqlx::PgConnection::connect(&alpha_url).await.unwrap();
     let database: String = sqlx::query_scalar("SELECT current_database()")
         .fetch_one(&mut pg)
@@ -545,7 +548,8 @@ async fn a_stack_is_provisioned_in_stage_order_becomes_ready_follows_changes_and
     assert!(describe.contains("ReadyTrue"), "{describe}");
     println!("{describe}");
 
-    // Delete: credentials dropped (policy Delete); alpha's topics kept, beta's deleted.
+    // Delete: logins dropped (policy Delete); alpha's topics and database kept (its owner
+    // role can no longer log in), beta's deleted.
     let stacks = harness.stacks();
     for name in ["alpha", "beta"] {
         stacks.delete(name, &DeleteParams::default()).await.unwrap();
@@ -577,18 +581,56 @@ async fn a_stack_is_provisioned_in_stage_order_becomes_ready_follows_changes_and
     let mut pg = sqlx::PgConnection::connect(&deps.database_url)
         .await
         .unwrap();
-    let roles: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_roles WHERE rolname = $1")
-        .bind(&alpha_role)
-        .fetch_one(&mut pg)
+    let can_login = |role: String| {
+        sqlx::query_scalar::<_, bool>("SELECT rolcanlogin FROM pg_roles WHERE rolname = $1")
+            .bind(role)
+    };
+    let alpha_login = can_login(alpha_role.clone())
+        .fetch_optional(&mut pg)
         .await
         .unwrap();
-    assert_eq!(roles, 0, "the PostgreSQL role is dropped");
-    let databases: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_database WHERE datname = $1")
-        .bind(&alpha_role)
-        .fetch_one(&mut pg)
+    assert_eq!(
+        alpha_login,
+        Some(false),
+        "alpha's owner role stays, without login"
+    );
+    let beta_login = can_login(beta_role.clone())
+        .fetch_optional(&mut pg)
         .await
         .unwrap();
-    assert_eq!(databases, 0, "the PostgreSQL database is dropped");
+    assert_eq!(beta_login, None, "beta's role is dropped");
+    let databases: Vec<String> = sqlx::query_scalar(
+        "SELECT datname::text FROM pg_database WHERE datname = ANY($1) ORDER BY datname",
+    )
+    .bind(vec![alpha_role.clone(), beta_db.clone()])
+    .fetch_all(&mut pg)
+    .await
+    .unwrap();
+    assert_eq!(
+        databases,
+        vec![alpha_role.clone()],
+        "alpha's database alone is kept"
+    );
+    let alpha_admin_url = {
+        let mut url = url::Url::parse(&deps.database_url).unwrap();
+        url.set_path(&alpha_role);
+        url.to_string()
+    };
+    let mut alpha_db = sqlx::PgConnection::connect(&alpha_admin_url).await.unwrap();
+    let probe: Option<String> = sqlx::query_scalar("SELECT to_regclass('probe')::text")
+        .fetch_one(&mut alpha_db)
+        .await
+        .unwrap();
+    assert_eq!(probe.as_deref(), Some("probe"), "alpha's tables are kept");
+    alpha_db.close().await.unwrap();
+    sqlx::query(&format!("DROP DATABASE \"{alpha_role}\" WITH (FORCE)"))
+        .execute(&mut pg)
+        .await
+        .unwrap();
+    sqlx::query(&format!("DROP ROLE \"{alpha_role}\""))
+        .execute(&mut pg)
+        .await
+        .unwrap();
     assert!(
         topic_partitions(&alpha_topics)
             .values()
