@@ -99,6 +99,8 @@ async fn the_operator_brings_up_a_stack_whose_real_services_pass_the_smoke_flow(
     ] {
         stack["spec"]["services"][service]["replicas"] = json!(1);
     }
+    // Each run's namespace is new: drop its database when done rather than keep one per run.
+    stack["spec"]["deletionPolicy"]["database"] = json!("Delete");
     let stacks: Api<MiddlewareStack> = ns.stacks();
     stacks
         .patch(

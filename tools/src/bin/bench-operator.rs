@@ -15,7 +15,7 @@
 //!   asks 300), from the operator's own `operator_api_requests_total` (target 0; Lease
 //!   renewals are leader election, not per stack, and are reported separately).
 //!
-//! Then it deletes the stacks (topics and credentials deleted per `deletionPolicy: Delete`),
+//! Then it deletes the stacks (topics, databases and credentials deleted per `deletionPolicy`),
 //! waits for the finalizers, stops the operator and deletes the namespace.
 //!
 //! Environment: `KUBECONFIG`, `KAFKA_BOOTSTRAP_SERVERS`, `REDIS_URL`, `DATABASE_URL` (the
@@ -257,7 +257,7 @@ fn stack(name: &str, replicas: i32) -> serde_json::Value {
                 "host": "127.0.0.1", "port": 5432, "database": "postgres",
                 "sslMode": "disable", "adminCredentialsSecret": "pg-admin"
             },
-            "deletionPolicy": { "topics": "Delete", "credentials": "Delete" }
+            "deletionPolicy": { "topics": "Delete", "database": "Delete", "credentials": "Delete" }
         }
     })
 }
