@@ -148,6 +148,11 @@ crash_loop() {
     sleep 1
   done
   kill_service_process "$1"
+  until (( $(restart_count "$1") >= before + 2 )); do
+    (( SECONDS < deadline )) || die "$1 was not restarted twice within 120s"
+    sleep 1
+  done
+  ok "$1 restarted twice"
 }
 
 restart_count() {

@@ -181,6 +181,12 @@ pub struct KafkaConfig {
     /// to every message's latency (each of the pipeline's two Kafka hops paid 5 ms more at 5).
     #[serde(default = "defaults::kafka_linger_ms")]
     pub kafka_linger_ms: u64,
+    /// `KAFKA_SESSION_TIMEOUT_MS` (`session.timeout.ms`, heartbeats every third of it): how
+    /// long the partitions of a crashed consumer stay unassigned before another member (or
+    /// its restarted self) takes them over. The broker bounds it (by default 6000–1800000).
+    /// Default 10000.
+    #[serde(default = "defaults::kafka_session_timeout_ms")]
+    pub kafka_session_timeout_ms: u64,
 }
 
 impl KafkaConfig {
@@ -216,6 +222,9 @@ mod defaults {
     }
     pub fn timeout_5s() -> u64 {
         5000
+    }
+    pub fn kafka_session_timeout_ms() -> u64 {
+        10_000
     }
     pub fn kafka_linger_ms() -> u64 {
         1

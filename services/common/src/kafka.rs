@@ -73,8 +73,9 @@ pub fn producer(config: &KafkaConfig, client_id: &str) -> Result<FutureProducer,
         .create()
 }
 
-/// A consumer in `group_id` that starts from the earliest offset of new partitions and only
-/// commits offsets the service stored explicitly after processing.
+/// A consumer in `group_id` that starts from the earliest offset of new partitions, only
+/// commits offsets the service stored explicitly after processing, and whose partitions move
+/// to another member within `KAFKA_SESSION_TIMEOUT_MS` when it crashes.
 pub fn consumer(
     config: &KafkaConfig,
     client_id: &str,
@@ -83,11 +84,13 @@ pub fn consumer(
     consumer_config(config, client_id, group_id).create()
 }
 
-/// The configuration [`consumer`] uses, for a service that needs to tune more (for example
-/// `session.timeout.ms`, which bounds how long a crashed member keeps its partitions).
+/// The configuration [`consumer`] uses, for a service that needs to tune more.
 pub fn consumer_config(config: &KafkaConfig, client_id: &str, group_id: &str) -> ClientConfig {
     let mut cc = client_config(config, client_id);
+    let session = config.kafka_session_timeout_ms;
     cc.set("group.id", group_id)
+        .set("session.timeout.ms", session.to_string())
+        .set("heartbeat.interval.ms", (session / 3).max(1).to_string())
         .set("enable.auto.commit", "true")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")

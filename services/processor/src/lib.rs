@@ -98,12 +98,6 @@ pub struct ProcessorConfig {
     /// `PROCESSOR_CONSUMER_GROUP`: the Kafka consumer group. Default
     /// `<KAFKA_TOPIC_PREFIX>processor`.
     pub processor_consumer_group: Option<String>,
-    /// `PROCESSOR_SESSION_TIMEOUT_MS`: the consumer group session timeout: how long the
-    /// partitions of a crashed processor stay unassigned before another member (or its
-    /// restarted self) takes them over. The broker bounds it (by default 6000–1800000).
-    /// Default 10000.
-    #[serde(default = "defaults::session_timeout_ms")]
-    pub processor_session_timeout_ms: u64,
     /// `PROCESSOR_BATCH_MAX`: commands of one partition decided and written in one
     /// statement at most, when that many are waiting (`1`: one command per statement).
     /// Default 128.
@@ -140,9 +134,6 @@ mod defaults {
     }
     pub fn outbox_poll_interval_ms() -> u64 {
         1000
-    }
-    pub fn session_timeout_ms() -> u64 {
-        10_000
     }
     pub fn batch_max() -> usize {
         128
@@ -225,16 +216,7 @@ impl AppState {
             .processor_consumer_group
             .clone()
             .unwrap_or_else(|| format!("{}processor", config.kafka.kafka_topic_prefix));
-        let consumer: StreamConsumer = common::kafka::consumer_config(&config.kafka, NAME, &group)
-            .set(
-                "session.timeout.ms",
-                p.processor_session_timeout_ms.to_string(),
-            )
-            .set(
-                "heartbeat.interval.ms",
-                (p.processor_session_timeout_ms / 3).max(1).to_string(),
-            )
-            .create()?;
+        let consumer: StreamConsumer = common::kafka::consumer(&config.kafka, NAME, &group)?;
         let consumer = Arc::new(consumer);
         let admin = Arc::new(common::kafka::admin(&config.kafka, NAME)?);
         let ops = Ops::new(NAME, &config.common)

@@ -81,7 +81,7 @@ async fn kill_9_of_processor_and_relay_mid_stream_loses_nothing_and_applies_noth
     let mut stack = Stack::start(
         &[
             ("PROCESSOR_OUTBOX_BATCH_SIZE", "200"),
-            ("PROCESSOR_SESSION_TIMEOUT_MS", "6000"),
+            ("KAFKA_SESSION_TIMEOUT_MS", "6000"),
         ],
         None,
     )
