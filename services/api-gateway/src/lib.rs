@@ -285,7 +285,13 @@ impl AppState {
                 fail_mode: g.gateway_rate_limit_fail_mode,
             },
         );
-        let mut ops = Ops::new(NAME, &config.common).with(redis.clone());
+        // Without Redis the gateway still serves: reads fall back to the write model, and rate
+        // limiting fails open (unless it is set to fail closed).
+        let mut ops = Ops::new(NAME, &config.common);
+        ops = match g.gateway_rate_limit_fail_mode {
+            FailMode::Open => ops.with_optional(redis.clone()),
+            FailMode::Closed => ops.with(redis.clone()),
+        };
         if g.gateway_ready_check_upstreams {
             let mut seen = Vec::new();
             for route in &config.routes {

@@ -191,9 +191,10 @@ impl AppState {
         let db = Postgres::connect_lazy(&config.postgres)?;
         let producer = common::kafka::producer(&config.kafka, NAME)?;
         let admin = Arc::new(common::kafka::admin(&config.kafka, NAME)?);
+        // Without Kafka commands are still accepted: the outbox keeps them for the relay.
         let ops = Ops::new(NAME, &config.common)
             .with(db.clone())
-            .with(KafkaCheck::producer(
+            .with_optional(KafkaCheck::producer(
                 &producer,
                 config.common.readiness_timeout(),
             ));

@@ -1,9 +1,13 @@
 //! Liveness and readiness.
 //!
 //! `/health` answers 200 while the process runs. `/ready` runs every registered dependency
-//! [`Check`] concurrently, each bounded by a timeout, and answers 200 only when all pass,
-//! otherwise 503; the JSON body names each dependency's state. Checks run on every request,
-//! so a dependency that comes back turns the service ready again without a restart.
+//! [`Check`] concurrently, each bounded by a timeout, and answers 200 when every *required*
+//! one passes, otherwise 503; the JSON body names each dependency's state. A dependency the
+//! service can serve without (the command service's Kafka: the outbox buffers; the gateway's
+//! Redis: rate limiting fails open, reads fall back) is *optional*: when it is down the
+//! status is `degraded`, still 200, so a blip does not empty the service's endpoints. Checks
+//! run on every request, so a dependency that comes back turns the service ready again without
+//! a restart.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -34,6 +38,8 @@ pub struct DependencyState {
     pub error: Option<String>,
     /// How long the check took.
     pub latency_ms: u64,
+    /// Whether the service is unready while this dependency is down (otherwise degraded).
+    pub required: bool,
 }
 
 /// Whether a dependency is usable.
@@ -49,7 +55,7 @@ pub enum DependencyStatus {
 /// The body of `/ready`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ReadinessReport {
-    /// `ready`, `not_ready` or `shutting_down`.
+    /// `ready`, `degraded` (an optional dependency is down), `not_ready` or `shutting_down`.
     pub status: &'static str,
     /// The service reporting.
     pub service: &'static str,
@@ -60,23 +66,29 @@ pub struct ReadinessReport {
 impl ReadinessReport {
     /// Whether the service should receive traffic.
     pub fn is_ready(&self) -> bool {
-        self.status == "ready"
+        matches!(self.status, "ready" | "degraded")
     }
 
-    /// Aggregates individual results: ready only when every dependency is up and the
-    /// service is not draining.
+    /// Aggregates individual results: ready when every required dependency is up and the
+    /// service is not draining; degraded when an optional one is down.
     pub fn aggregate(
         service: &'static str,
         draining: bool,
         dependencies: BTreeMap<&'static str, DependencyState>,
     ) -> Self {
-        let all_up = dependencies
-            .values()
-            .all(|d| d.status == DependencyStatus::Up);
-        let status = match (draining, all_up) {
-            (true, _) => "shutting_down",
-            (false, true) => "ready",
-            (false, false) => "not_ready",
+        let down = |required: bool| {
+            dependencies
+                .values()
+                .any(|d| d.required == required && d.status == DependencyStatus::Down)
+        };
+        let status = if draining {
+            "shutting_down"
+        } else if down(true) {
+            "not_ready"
+        } else if down(false) {
+            "degraded"
+        } else {
+            "ready"
         };
         Self {
             status,
@@ -91,7 +103,8 @@ impl ReadinessReport {
 pub struct Readiness {
     service: &'static str,
     timeout: Duration,
-    checks: Arc<Vec<Arc<dyn Check>>>,
+    /// Each check and whether it is required.
+    checks: Arc<Vec<(Arc<dyn Check>, bool)>>,
     draining: Arc<AtomicBool>,
 }
 
@@ -106,10 +119,17 @@ impl Readiness {
         }
     }
 
-    /// Adds a dependency check.
+    /// Adds a required dependency check: while it fails, the service is not ready.
     #[must_use]
     pub fn with(mut self, check: impl Check + 'static) -> Self {
-        Arc::make_mut(&mut self.checks).push(Arc::new(check));
+        Arc::make_mut(&mut self.checks).push((Arc::new(check), true));
+        self
+    }
+
+    /// Adds an optional dependency check: while it fails, the service is degraded but ready.
+    #[must_use]
+    pub fn with_optional(mut self, check: impl Check + 'static) -> Self {
+        Arc::make_mut(&mut self.checks).push((Arc::new(check), false));
         self
     }
 
@@ -125,7 +145,7 @@ impl Readiness {
 
     /// Runs every check concurrently and aggregates the results.
     pub async fn report(&self) -> ReadinessReport {
-        let results = join_all(self.checks.iter().map(|check| async move {
+        let results = join_all(self.checks.iter().map(|(check, required)| async move {
             let started = Instant::now();
             let outcome = match tokio::time::timeout(self.timeout, check.check()).await {
                 Ok(Ok(())) => Ok(()),
@@ -140,10 +160,18 @@ impl Readiness {
                 .set(if outcome.is_ok() { 1.0 } else { 0.0 });
             let latency_ms = u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX);
             let state = match outcome {
-                Ok(()) => DependencyState { status: DependencyStatus::Up, error: None, latency_ms },
-                Err(error) => {
-                    DependencyState { status: DependencyStatus::Down, error: Some(error), latency_ms }
-                }
+                Ok(()) => DependencyState {
+                    status: DependencyStatus::Up,
+                    error: None,
+                    latency_ms,
+                    required: *required,
+                },
+                Err(error) => DependencyState {
+                    status: DependencyStatus::Down,
+                    error: Some(error),
+                    latency_ms,
+                    required: *required,
+                },
             };
             (name, state)
         }))

@@ -48,10 +48,17 @@ impl Ops {
         }
     }
 
-    /// Adds a dependency check.
+    /// Adds a required dependency check (see [`Readiness::with`]).
     #[must_use]
     pub fn with(mut self, check: impl crate::health::Check + 'static) -> Self {
         self.readiness = self.readiness.with(check);
+        self
+    }
+
+    /// Adds an optional dependency check (see [`Readiness::with_optional`]).
+    #[must_use]
+    pub fn with_optional(mut self, check: impl crate::health::Check + 'static) -> Self {
+        self.readiness = self.readiness.with_optional(check);
         self
     }
 }

@@ -369,15 +369,34 @@ pub async fn assert_binary_lifecycle(program: &Path, service: &str) {
     );
 }
 
-/// The readiness contract for one dependency: with `var` pointing at a closed port the
-/// service still starts, `/ready` is 503 and names `dependency` as down; once the dependency
-/// answers on that port, `/ready` turns 200 without a restart. Checks named
+/// The readiness contract for a required dependency: with `var` pointing at a closed port the
+/// service still starts, `/ready` is 503 (`not_ready`) and names `dependency` as down; once
+/// the dependency answers on that port, `/ready` turns 200 without a restart. Checks named
 /// `<dependency>-<something>` (the hub's `redis-pubsub`) are other connections to the same
 /// dependency and go down with it.
 pub async fn assert_ready_tracks_dependency<S: crate::service::Service>(
     dependency: &str,
     var: &str,
     real_address: &str,
+) {
+    ready_follows::<S>(dependency, var, real_address, true).await;
+}
+
+/// The readiness contract for an optional dependency: while it is down, `/ready` stays 200
+/// with status `degraded` and names it as down and not required; once it is back, `ready`.
+pub async fn assert_ready_degrades_without_dependency<S: crate::service::Service>(
+    dependency: &str,
+    var: &str,
+    real_address: &str,
+) {
+    ready_follows::<S>(dependency, var, real_address, false).await;
+}
+
+async fn ready_follows<S: crate::service::Service>(
+    dependency: &str,
+    var: &str,
+    real_address: &str,
+    required: bool,
 ) {
     let mut toggle = TcpToggle::new(Deps::socket_of(&as_url(real_address)));
     let vars = test_vars().with(var, with_port(real_address, toggle.port()));
@@ -412,8 +431,20 @@ pub async fn assert_ready_tracks_dependency<S: crate::service::Service>(
     )
     .await;
     let (status, report) = get_json(&ready).await.unwrap();
-    assert_eq!(status, 503, "{report}");
-    assert_eq!(report["status"], "not_ready");
+    let expected = if required {
+        (503, "not_ready")
+    } else {
+        (200, "degraded")
+    };
+    assert_eq!(
+        (status, report["status"].as_str()),
+        (expected.0, Some(expected.1)),
+        "{report}"
+    );
+    assert_eq!(
+        report["dependencies"][dependency]["required"], required,
+        "{report}"
+    );
     assert_eq!(
         report["dependencies"][dependency]["status"], "down",
         "{report}"
@@ -429,11 +460,13 @@ pub async fn assert_ready_tracks_dependency<S: crate::service::Service>(
 
     toggle.up().await;
     wait_until(
-        &format!("/ready to turn 200 after {dependency} came back"),
+        &format!("/ready to be 200 `ready` after {dependency} came back"),
         Duration::from_secs(45),
         || {
             let ready = ready.clone();
-            async move { matches!(get_json(&ready).await, Some((200, _))) }
+            async move {
+                matches!(get_json(&ready).await, Some((200, report)) if report["status"] == "ready")
+            }
         },
     )
     .await;

@@ -28,6 +28,7 @@ fn up() -> DependencyState {
         status: DependencyStatus::Up,
         error: None,
         latency_ms: 1,
+        required: true,
     }
 }
 
@@ -36,6 +37,14 @@ fn down() -> DependencyState {
         status: DependencyStatus::Down,
         error: Some("refused".into()),
         latency_ms: 1,
+        required: true,
+    }
+}
+
+fn optional(state: DependencyState) -> DependencyState {
+    DependencyState {
+        required: false,
+        ..state
     }
 }
 
@@ -52,6 +61,37 @@ fn ready_only_when_every_dependency_is_up() {
         ReadinessReport::aggregate("svc", false, one_down).status,
         "not_ready"
     );
+}
+
+#[test]
+fn an_optional_dependency_down_degrades_but_keeps_the_service_ready() {
+    let degraded = BTreeMap::from([("postgres", up()), ("kafka", optional(down()))]);
+    let report = ReadinessReport::aggregate("svc", false, degraded);
+    assert_eq!(report.status, "degraded");
+    assert!(report.is_ready());
+
+    let both = BTreeMap::from([("postgres", down()), ("kafka", optional(down()))]);
+    let report = ReadinessReport::aggregate("svc", false, both);
+    assert_eq!(report.status, "not_ready");
+    assert!(!report.is_ready());
+
+    let optional_up = BTreeMap::from([("kafka", optional(up()))]);
+    assert_eq!(
+        ReadinessReport::aggregate("svc", false, optional_up).status,
+        "ready"
+    );
+}
+
+#[tokio::test]
+async fn an_optional_check_is_reported_as_not_required() {
+    let readiness = Readiness::new("svc", Duration::from_secs(1))
+        .with(Fixed("postgres", Ok(())))
+        .with_optional(Fixed("kafka", Err("broker down")));
+    let json = serde_json::to_value(readiness.report().await).unwrap();
+    assert_eq!(json["status"], "degraded");
+    assert_eq!(json["dependencies"]["kafka"]["status"], "down");
+    assert_eq!(json["dependencies"]["kafka"]["required"], false);
+    assert_eq!(json["dependencies"]["postgres"]["required"], true);
 }
 
 #[test]
