@@ -50,6 +50,10 @@ pub const VERSION: &str = "v1alpha1";
     shortname = "mws",
     status = "MiddlewareStackStatus",
     derive = "PartialEq",
+    validation = Rule::new("size(self.metadata.name) <= 47").message(
+        "metadata.name must be at most 47 characters: the stack's object names \
+         (<name>-command-service) must fit in 63"
+    ),
     doc = "A MiddlewareStack is one Meridian platform: the API gateway, command service, \
            processor, cache updater and WebSocket hub, with the Kafka topics, Redis ACL user \
            and PostgreSQL role they use.",

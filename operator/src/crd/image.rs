@@ -6,12 +6,21 @@ use serde::{Deserialize, Serialize};
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct ImageSpec {
-    /// The registry and path prefix of the images, for example `ghcr.io/example/meridian`.
-    /// The service name is appended (`<registry>/api-gateway`).
+    /// The registry and path prefix of the images, for example `ghcr.io/example/meridian`
+    /// (no scheme). The service name is appended (`<registry>/api-gateway`).
     #[schemars(length(min = 1, max = 253))]
+    #[x_kube(validation = Rule::new(
+        "self.matches('^[a-zA-Z0-9]([a-zA-Z0-9.-]*[a-zA-Z0-9])?(:[0-9]+)?(/[a-z0-9]+([._-]+[a-z0-9]+)*)*$')"
+    ).message(
+        "image.registry must be a registry host and path such as ghcr.io/example/meridian: \
+         no scheme (https://), no spaces, a lowercase path"
+    ))]
     pub registry: String,
     /// The image tag every service uses, for example `0.1.0`.
     #[schemars(length(min = 1, max = 128))]
+    #[x_kube(validation = Rule::new("self.matches('^[a-zA-Z0-9_][a-zA-Z0-9_.-]*$')").message(
+        "image.tag must be letters, digits, '_', '.' and '-', not starting with '.' or '-'"
+    ))]
     pub tag: String,
     /// When the kubelet pulls the images.
     #[serde(default)]
@@ -25,10 +34,19 @@ pub struct ImageOverride {
     /// The registry of this service's image, instead of `spec.image.registry`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 253))]
+    #[x_kube(validation = Rule::new(
+        "self.matches('^[a-zA-Z0-9]([a-zA-Z0-9.-]*[a-zA-Z0-9])?(:[0-9]+)?(/[a-z0-9]+([._-]+[a-z0-9]+)*)*$')"
+    ).message(
+        "image.registry must be a registry host and path such as ghcr.io/example/meridian: \
+         no scheme (https://), no spaces, a lowercase path"
+    ))]
     pub registry: Option<String>,
     /// The tag of this service's image, instead of `spec.image.tag`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 128))]
+    #[x_kube(validation = Rule::new("self.matches('^[a-zA-Z0-9_][a-zA-Z0-9_.-]*$')").message(
+        "image.tag must be letters, digits, '_', '.' and '-', not starting with '.' or '-'"
+    ))]
     pub tag: Option<String>,
     /// The pull policy of this service's image, instead of `spec.image.pullPolicy`.
     #[serde(default, skip_serializing_if = "Option::is_none")]

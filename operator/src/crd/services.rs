@@ -10,6 +10,18 @@ use super::ImageOverride;
 /// The five services of a stack.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!self.commandService.enabled || self.commandService.replicas >= 1").message(
+    "services.commandService.replicas must be at least 1 while it is enabled: without a replica the \
+     command service accepts no command (set spec.paused to stop the operator's changes instead)"
+))]
+#[x_kube(validation = Rule::new("!self.processor.enabled || self.processor.replicas >= 1").message(
+    "services.processor.replicas must be at least 1 while it is enabled: without a replica the \
+     processor processes no command (set spec.paused to stop the operator's changes instead)"
+))]
+#[x_kube(validation = Rule::new("!self.cacheUpdater.enabled || self.cacheUpdater.replicas >= 1").message(
+    "services.cacheUpdater.replicas must be at least 1 while it is enabled: without a replica the \
+     cache updater projects no event (set spec.paused to stop the operator's changes instead)"
+))]
 pub struct ServicesSpec {
     /// The API gateway (port 8080): authentication, rate limits, reads from Redis, commands
     /// forwarded to the command service. Starts only after the core services are Available.
@@ -37,9 +49,10 @@ pub struct ServiceSpec {
     /// Whether the service runs at all. A disabled service has no Deployment.
     #[serde(default = "default_true")]
     pub enabled: bool,
-    /// The number of pods. At least 0; a PodDisruptionBudget is created when it is above 1.
+    /// The number of pods, from 0 to 500 (at least 1 for the command service, processor and
+    /// cache updater while enabled); a PodDisruptionBudget is created when it is above 1.
     #[serde(default = "default_replicas")]
-    #[schemars(range(min = 0))]
+    #[schemars(range(min = 0, max = 500))]
     pub replicas: i32,
     /// CPU and memory requests and limits of the service's container.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -55,6 +55,16 @@ fn the_crd_is_namespaced_v1alpha1_in_the_meridian_group_with_a_short_name() {
 }
 
 #[test]
+fn the_admitted_name_length_is_the_one_validation_allows() {
+    let crd = serde_json::to_string(&MiddlewareStack::crd()).unwrap();
+    let rule = format!(
+        "size(self.metadata.name) <= {}",
+        crate::validate::MAX_STACK_NAME_LEN
+    );
+    assert!(crd.contains(&rule), "the CRD lacks `{rule}`");
+}
+
+#[test]
 fn the_crd_has_a_status_subresource_and_ready_phase_age_columns() {
     let crd = MiddlewareStack::crd();
     let version = &crd.spec.versions[0];
@@ -114,8 +124,8 @@ fn every_field_has_a_description_for_kubectl_explain() {
 #[test]
 fn numeric_fields_carry_their_openapi_bounds() {
     let cases = [
-        ("spec.services.gateway.replicas", Some(0.0), None),
-        ("spec.services.wsHub.replicas", Some(0.0), None),
+        ("spec.services.gateway.replicas", Some(0.0), Some(500.0)),
+        ("spec.services.wsHub.replicas", Some(0.0), Some(500.0)),
         ("spec.kafka.topics.events.partitions", Some(1.0), None),
         ("spec.kafka.topics.dlq.replicationFactor", Some(1.0), None),
         ("spec.postgres.port", Some(1.0), Some(65535.0)),

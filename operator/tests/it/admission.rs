@@ -170,7 +170,7 @@ async fn invalid_specs_are_rejected_at_admission_with_a_message_a_user_understan
     let stacks = ns.stacks();
 
     type Mutation = fn(&mut Value);
-    let cases: [(&str, Mutation, &str); 8] = [
+    let cases: [(&str, Mutation, &str); 13] = [
         (
             "negative replicas",
             |s| s["spec"]["services"]["processor"]["replicas"] = json!(-1),
@@ -216,11 +216,51 @@ async fn invalid_specs_are_rejected_at_admission_with_a_message_a_user_understan
             |s| s["spec"]["redis"]["url"] = json!("redis://admin:hunter2@127.0.0.1:6379"),
             "redis.url must not contain credentials",
         ),
+        (
+            "100000 replicas",
+            |s| s["spec"]["services"]["gateway"]["replicas"] = json!(100_000),
+            "spec.services.gateway.replicas in body should be less than or equal to 500",
+        ),
+        (
+            "no processor replica",
+            |s| s["spec"]["services"]["processor"]["replicas"] = json!(0),
+            "services.processor.replicas must be at least 1 while it is enabled",
+        ),
+        (
+            "a registry with a scheme and a space",
+            |s| s["spec"]["image"]["registry"] = json!("https://ghcr.io/Example Org/meridian"),
+            "image.registry must be a registry host and path such as ghcr.io/example/meridian",
+        ),
+        (
+            "a service's tag with a space",
+            |s| s["spec"]["services"]["wsHub"]["image"] = json!({ "tag": "1.0 beta" }),
+            "image.tag must be letters, digits",
+        ),
+        (
+            "a 48-character name",
+            |s| s["metadata"]["name"] = json!("a".repeat(48)),
+            "metadata.name must be at most 47 characters",
+        ),
     ];
     for (i, (case, mutate, expected)) in cases.into_iter().enumerate() {
         let mut stack = example_stack(&format!("invalid-{i}"));
         mutate(&mut stack);
         assert_rejected(case, apply(&stacks, &stack).await, expected);
+    }
+    let accepted = [
+        "meridian",
+        "localhost:5000/meridian",
+        "ghcr.io/example-org/meridian",
+        "Registry.Example.com:443/team/sub_path/meridian",
+    ];
+    for (i, registry) in accepted.into_iter().enumerate() {
+        let mut stack = example_stack(&format!("registry-{i}"));
+        stack["spec"]["image"]["registry"] = json!(registry);
+        stack["spec"]["services"]["processor"]["enabled"] = json!(false);
+        stack["spec"]["services"]["processor"]["replicas"] = json!(0);
+        stack["metadata"]["name"] = json!(format!("{}{i}", "b".repeat(46)));
+        let result = apply(&stacks, &stack).await;
+        assert!(result.is_ok(), "{registry} refused: {result:?}");
     }
     ns.delete().await;
 }
