@@ -10,7 +10,7 @@ pub struct ImageSpec {
     /// (no scheme). The service name is appended (`<registry>/api-gateway`).
     #[schemars(length(min = 1, max = 253))]
     #[x_kube(validation = Rule::new(
-        "self.matches('^[a-zA-Z0-9]([a-zA-Z0-9.-]*[a-zA-Z0-9])?(:[0-9]+)?(/[a-z0-9]+([._-]+[a-z0-9]+)*)*$')"
+        "self.matches('^[a-zA-Z0-9]([a-zA-Z0-9.-]*[a-zA-Z0-9])?(:[0-9]+)?(/[a-z0-9]+([._-]+[a-z0-9]+)*)*/?$')"
     ).message(
         "image.registry must be a registry host and path such as ghcr.io/example/meridian: \
          no scheme (https://), no spaces, a lowercase path"
@@ -35,7 +35,7 @@ pub struct ImageOverride {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 253))]
     #[x_kube(validation = Rule::new(
-        "self.matches('^[a-zA-Z0-9]([a-zA-Z0-9.-]*[a-zA-Z0-9])?(:[0-9]+)?(/[a-z0-9]+([._-]+[a-z0-9]+)*)*$')"
+        "self.matches('^[a-zA-Z0-9]([a-zA-Z0-9.-]*[a-zA-Z0-9])?(:[0-9]+)?(/[a-z0-9]+([._-]+[a-z0-9]+)*)*/?$')"
     ).message(
         "image.registry must be a registry host and path such as ghcr.io/example/meridian: \
          no scheme (https://), no spaces, a lowercase path"

@@ -251,7 +251,7 @@ async fn invalid_specs_are_rejected_at_admission_with_a_message_a_user_understan
         "meridian",
         "localhost:5000/meridian",
         "ghcr.io/example-org/meridian",
-        "Registry.Example.com:443/team/sub_path/meridian",
+        "Registry.Example.com:443/team/sub_path/meridian/",
     ];
     for (i, registry) in accepted.into_iter().enumerate() {
         let mut stack = example_stack(&format!("registry-{i}"));
