@@ -75,12 +75,12 @@ condition() {
 
 # await_condition TYPE STATUS SECONDS: until the stack's condition TYPE has STATUS.
 await_condition() {
-  local type=$1 want=$2 deadline=$((SECONDS + $3))
+  local type=$1 want=$2 started=$SECONDS deadline=$((SECONDS + $3))
   until [ "$(condition "$type" | cut -d/ -f1)" = "$want" ]; do
     (( SECONDS < deadline )) || die "$type did not become $want within $3s (now $(condition "$type"))"
     sleep 1
   done
-  ok "$type=$want ($(condition "$type" | cut -d/ -f2))"
+  ok "$type=$want ($(condition "$type" | cut -d/ -f2)) after $((SECONDS - started))s"
 }
 
 transition_time() {

@@ -135,8 +135,10 @@ impl Proxy {
         connector.set_connect_timeout(Some(settings.connect_timeout));
         connector.set_nodelay(true);
         connector.set_keepalive(Some(Duration::from_secs(60)));
+        // Idle connections are dropped before the upstream's idle timeout closes them
+        // (`HTTP_HEADER_READ_TIMEOUT_MS`, 30 s by default), so a request never races a close.
         let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_idle_timeout(Duration::from_secs(20))
             .pool_max_idle_per_host(settings.pool_max_idle_per_host)
             .build(connector);
         Self {

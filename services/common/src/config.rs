@@ -99,6 +99,20 @@ pub struct CommonConfig {
     /// (under Kubernetes' default 30 s termination grace period).
     #[serde(default = "defaults::shutdown_grace_seconds")]
     pub shutdown_grace_seconds: u64,
+    /// `HTTP_HEADER_READ_TIMEOUT_MS`: how long a client has to send a request's headers, and
+    /// so how long an idle keep-alive connection stays open (keep a load balancer's idle
+    /// timeout below it). Default 30000.
+    #[serde(default = "defaults::http_header_read_timeout_ms")]
+    pub http_header_read_timeout_ms: u64,
+    /// `HTTP_BODY_TIMEOUT_MS`: the longest wait for the next part of a request body; a body
+    /// that stalls longer fails the request. Default 30000.
+    #[serde(default = "defaults::http_body_timeout_ms")]
+    pub http_body_timeout_ms: u64,
+    /// `HTTP_MAX_CONCURRENT_REQUESTS`: requests handled at once; beyond it a request is
+    /// answered 503 with `Retry-After` at once (`/health`, `/ready`, `/metrics` are exempt).
+    /// Default 1024.
+    #[serde(default = "defaults::http_max_concurrent_requests")]
+    pub http_max_concurrent_requests: usize,
 }
 
 impl CommonConfig {
@@ -234,6 +248,15 @@ mod defaults {
     }
     pub fn redis_key_prefix() -> String {
         "meridian:".into()
+    }
+    pub fn http_header_read_timeout_ms() -> u64 {
+        30_000
+    }
+    pub fn http_body_timeout_ms() -> u64 {
+        30_000
+    }
+    pub fn http_max_concurrent_requests() -> usize {
+        1024
     }
     pub fn redis_timeout_ms() -> u64 {
         1000

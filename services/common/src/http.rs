@@ -1,23 +1,41 @@
 //! The HTTP pieces every service shares: the operational routes, request tracing that joins
-//! the caller's W3C trace, request metrics, and serving with graceful shutdown.
+//! the caller's W3C trace, request metrics, and a bounded server with graceful shutdown.
+//!
+//! The server bounds what one client can hold: the time to send a request's headers (which is
+//! also how long an idle keep-alive connection stays open), the wait for each part of a request
+//! body, and the requests handled at once, beyond which requests are shed with 503 and
+//! `Retry-After` instead of queueing (the operational routes are exempt, so probes and scrapes
+//! still answer under load).
 
+use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::Router;
+use axum::extract::connect_info::ConnectInfo;
 use axum::extract::{MatchedPath, Request, State};
 use axum::http::{HeaderName, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::serve::ListenerExt as _;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tower::ServiceExt as _;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::timeout::RequestBodyTimeoutLayer;
 use tower_http::trace::TraceLayer;
 
 use crate::config::CommonConfig;
 use crate::health::Readiness;
-use crate::metrics::{HTTP_REQUEST_DURATION_SECONDS, HTTP_REQUESTS_TOTAL};
+use crate::metrics::{
+    HTTP_REQUEST_DURATION_SECONDS, HTTP_REQUESTS_SHED_TOTAL, HTTP_REQUESTS_TOTAL,
+};
+use crate::problem::{ProblemType, retry_later};
 use crate::shutdown::CancellationToken;
 use crate::telemetry;
 
@@ -34,6 +52,30 @@ pub struct Ops {
     pub metrics: PrometheusHandle,
     /// How long in-flight requests may take after a shutdown signal.
     pub grace: Duration,
+    /// What one client can hold of the server.
+    pub limits: ServerLimits,
+}
+
+/// The server's bounds (`HTTP_*`, see [`CommonConfig`]).
+#[derive(Debug, Clone, Copy)]
+pub struct ServerLimits {
+    /// Time to send a request's headers; also the idle keep-alive timeout.
+    pub header_read_timeout: Duration,
+    /// Longest wait for the next part of a request body.
+    pub body_timeout: Duration,
+    /// Requests handled at once before shedding.
+    pub max_concurrent_requests: usize,
+}
+
+impl ServerLimits {
+    /// The limits `common` configures.
+    pub fn from_config(common: &CommonConfig) -> Self {
+        Self {
+            header_read_timeout: Duration::from_millis(common.http_header_read_timeout_ms.max(1)),
+            body_timeout: Duration::from_millis(common.http_body_timeout_ms.max(1)),
+            max_concurrent_requests: common.http_max_concurrent_requests.max(1),
+        }
+    }
 }
 
 impl Ops {
@@ -45,6 +87,7 @@ impl Ops {
             readiness: Readiness::new(service, common.readiness_timeout()),
             metrics,
             grace: common.shutdown_grace(),
+            limits: ServerLimits::from_config(common),
         }
     }
 
@@ -147,6 +190,36 @@ async fn record_metrics(service: &'static str, req: Request, next: Next) -> Resp
     response
 }
 
+/// The operational routes, exempt from shedding.
+fn is_ops_path(path: &str) -> bool {
+    matches!(path, "/health" | "/ready" | "/metrics")
+}
+
+/// Adds the request-level bounds to `router`: shedding beyond the concurrency limit and the
+/// body timeout.
+fn bounded(router: Router, service: &'static str, limits: ServerLimits) -> Router {
+    let permits = Arc::new(Semaphore::new(limits.max_concurrent_requests));
+    let max = limits.max_concurrent_requests;
+    router
+        .layer(middleware::from_fn(move |request: Request, next: Next| {
+            let permits = permits.clone();
+            async move {
+                if is_ops_path(request.uri().path()) {
+                    return next.run(request).await;
+                }
+                let Ok(_permit) = permits.try_acquire_owned() else {
+                    metrics::counter!(HTTP_REQUESTS_SHED_TOTAL, "service" => service).increment(1);
+                    return retry_later(
+                        ProblemType::CapacityExceeded,
+                        format!("this node is handling its limit of {max} requests; retry later"),
+                    );
+                };
+                next.run(request).await
+            }
+        }))
+        .layer(RequestBodyTimeoutLayer::new(limits.body_timeout))
+}
+
 /// Serves `router` on `listener` until `shutdown` fires; then reports not-ready, stops
 /// accepting, and lets in-flight requests finish within the grace period.
 pub async fn serve(
@@ -155,32 +228,63 @@ pub async fn serve(
     ops: &Ops,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    let (readiness, grace) = (ops.readiness.clone(), ops.grace);
+    let (readiness, grace, limits) = (ops.readiness.clone(), ops.grace, ops.limits);
     let addr = listener.local_addr()?;
     tracing::info!(service = readiness.service(), %addr, "Listening.");
-    let drained = shutdown.clone();
-    // Handlers that need the peer address (the gateway's forwarding fields and `ip` rate
-    // limits) read `ConnectInfo<SocketAddr>`; for the others it costs nothing.
-    let app = router.into_make_service_with_connect_info::<std::net::SocketAddr>();
-    // Nagle's algorithm would hold a small write (a WebSocket frame, a streamed chunk) back
-    // until the client's delayed ACK of the previous one: up to 40 ms of tail latency.
-    let listener = listener.tap_io(|tcp| {
-        if let Err(error) = tcp.set_nodelay(true) {
+    let app = bounded(router, readiness.service(), limits);
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout);
+    builder.http2().timer(TokioTimer::new());
+    let connections = GracefulShutdown::new();
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // Out of file descriptors, or a connection reset before it was accepted:
+                    // the listener itself is fine.
+                    tracing::warn!(%error, "Failed to accept a connection.");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = shutdown.cancelled() => break,
+        };
+        // Nagle's algorithm would hold a small write (a WebSocket frame, a streamed chunk)
+        // back until the client's delayed ACK of the previous one: up to 40 ms of tail latency.
+        if let Err(error) = stream.set_nodelay(true) {
             tracing::debug!(%error, "Failed to set TCP_NODELAY.");
         }
-    });
-    let server = axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            drained.cancelled().await;
-            readiness.start_draining();
-        })
-        .into_future();
-    tokio::pin!(server);
+        // Handlers that need the peer address (the gateway's forwarding fields and `ip` rate
+        // limits) read `ConnectInfo<SocketAddr>`.
+        let service =
+            app.clone()
+                .map_request(move |mut request: Request<hyper::body::Incoming>| {
+                    request
+                        .extensions_mut()
+                        .insert(ConnectInfo::<SocketAddr>(peer));
+                    request.map(axum::body::Body::new)
+                });
+        let connection = builder
+            .serve_connection_with_upgrades(TokioIo::new(stream), TowerToHyperService::new(service))
+            .into_owned();
+        let connection = connections.watch(connection);
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(error = %error, "Connection ended with an error.");
+            }
+        });
+    }
+    readiness.start_draining();
+    drop(listener);
     tokio::select! {
-        result = &mut server => result,
-        () = async { shutdown.cancelled().await; tokio::time::sleep(grace).await } => {
+        () = connections.shutdown() => {}
+        () = tokio::time::sleep(grace) => {
             tracing::warn!(grace_seconds = grace.as_secs(), "In-flight requests outlived the grace period; stopping.");
-            Ok(())
         }
     }
+    Ok(())
 }

@@ -11,6 +11,9 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 pub const HTTP_REQUESTS_TOTAL: &str = "http_requests_total";
 /// Histogram: HTTP request duration. Labels: `service`, `method`, `route`, `status`.
 pub const HTTP_REQUEST_DURATION_SECONDS: &str = "http_request_duration_seconds";
+/// Counter: requests refused with 503 because the node was at `HTTP_MAX_CONCURRENT_REQUESTS`.
+/// Labels: `service`.
+pub const HTTP_REQUESTS_SHED_TOTAL: &str = "http_requests_shed_total";
 /// Gauge: 1 when the last readiness check of a dependency succeeded, else 0.
 /// Labels: `service`, `dependency`.
 pub const DEPENDENCY_UP: &str = "dependency_up";

@@ -155,6 +155,18 @@ impl IntoResponse for Problem {
     }
 }
 
+/// A 503 problem of `kind` with `Retry-After: 1`: this node cannot take the request now, a
+/// retry (here or on another replica) can.
+pub fn retry_later(kind: ProblemType, detail: impl Into<String>) -> Response {
+    let mut response = Problem::new(kind, StatusCode::SERVICE_UNAVAILABLE)
+        .detail(detail)
+        .into_response();
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    response
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -23,7 +23,7 @@ use axum::extract::State;
 use axum::extract::ws::{
     CloseFrame, Message, WebSocket, WebSocketUpgrade, rejection::WebSocketUpgradeRejection,
 };
-use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use common::auth::{AuthError, Verifier};
 use common::metrics::{
@@ -283,13 +283,7 @@ fn rejected(reason: &'static str, problem: Problem) -> Response {
 }
 
 fn unavailable(kind: ProblemType, detail: &str) -> Response {
-    let mut response = Problem::new(kind, StatusCode::SERVICE_UNAVAILABLE)
-        .detail(detail)
-        .into_response();
-    response
-        .headers_mut()
-        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-    response
+    common::problem::retry_later(kind, detail)
 }
 
 /// `GET /ws`: checks the node's limits and the token, then upgrades.
