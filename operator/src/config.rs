@@ -43,6 +43,11 @@ pub struct OperatorSettings {
     /// nothing they depend on changed. Default 300.
     #[serde(default = "defaults::resync_seconds")]
     pub resync_seconds: u64,
+    /// `HEALTH_CHECK_SECONDS`: how often a stack's Kafka, Redis and PostgreSQL are checked
+    /// (a metadata request, `PING`, `SELECT 1`) between resyncs, so that `DependenciesReady`
+    /// follows an outage within this period. Default 30.
+    #[serde(default = "defaults::health_check_seconds")]
+    pub health_check_seconds: u64,
     /// `BACKOFF_MAX_SECONDS`: the longest retry delay after failures (it starts at 1 s and
     /// doubles). Default 60.
     #[serde(default = "defaults::backoff_max_seconds")]
@@ -76,6 +81,9 @@ mod defaults {
     }
     pub fn dependency_timeout_ms() -> u64 {
         3000
+    }
+    pub fn health_check_seconds() -> u64 {
+        30
     }
     pub fn resync_seconds() -> u64 {
         300
@@ -127,6 +135,7 @@ impl OperatorConfig {
             namespace: o.watch_namespace.clone().filter(|n| !n.is_empty()),
             dependency_timeout: Duration::from_millis(o.dependency_timeout_ms),
             resync: Duration::from_secs(o.resync_seconds),
+            health_check: Duration::from_secs(o.health_check_seconds.max(1)),
             backoff_base: Duration::from_secs(1),
             backoff_max: Duration::from_secs(o.backoff_max_seconds),
             cleanup_attempts: o.cleanup_attempts,

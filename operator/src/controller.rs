@@ -81,6 +81,9 @@ pub struct Settings {
     /// How often a Ready stack is checked again (dependencies, topics, credentials, drift),
     /// and how long a successful external check is reused while its inputs are unchanged.
     pub resync: Duration,
+    /// How often the dependencies of a stack whose external stages are reused are checked
+    /// again; also the longest a Ready stack waits before it is looked at again.
+    pub health_check: Duration,
     /// The first retry delay after a transient failure; it doubles up to `backoff_max`.
     pub backoff_base: Duration,
     /// The longest retry delay.
@@ -98,12 +101,20 @@ pub struct Settings {
     pub instance: Option<String>,
 }
 
+impl Settings {
+    /// When a stack with nothing to wait for is looked at again: at the next health check.
+    pub fn next_look(&self) -> Duration {
+        self.health_check.min(self.resync)
+    }
+}
+
 impl Default for Settings {
     fn default() -> Self {
         Self {
             namespace: None,
             dependency_timeout: Duration::from_secs(3),
             resync: Duration::from_secs(300),
+            health_check: Duration::from_secs(30),
             backoff_base: Duration::from_secs(1),
             backoff_max: Duration::from_secs(60),
             cleanup_attempts: 5,
@@ -204,6 +215,9 @@ pub struct Context {
     failures: Mutex<HashMap<ObjectRef<MiddlewareStack>, u32>>,
     /// Failed cleanups per stack uid.
     cleanup_failures: Mutex<HashMap<String, u32>>,
+    /// The admin credentials each stack last provisioned with, for its cleanup: deleting a
+    /// namespace deletes its admin Secrets too, often before the stack's finalizer runs.
+    admin_credentials: Mutex<HashMap<ObjectRef<MiddlewareStack>, dereference::Dereferenced>>,
     /// What the operator last applied, per object: the desired fingerprint and the
     /// generation (or resourceVersion) the API server answered with. Anything else in the
     /// store means someone changed the object, and it is applied again.
@@ -248,6 +262,7 @@ pub async fn run(
         postgres: PostgresAdmins::default(),
         failures: Mutex::default(),
         cleanup_failures: Mutex::default(),
+        admin_credentials: Mutex::default(),
         applied: Mutex::default(),
         stage_states: Mutex::default(),
         provisioned: Mutex::default(),
@@ -357,7 +372,7 @@ async fn reconcile_stack(stack: &MiddlewareStack, ctx: &Context) -> Result<Actio
             .remove(&ObjectRef::from_obj(stack));
     }
     match outcome.result {
-        Ok(_) if ready => Ok(Action::requeue(ctx.settings.resync)),
+        Ok(_) if ready => Ok(Action::requeue(ctx.settings.next_look())),
         other => other,
     }
 }

@@ -1,6 +1,8 @@
-//! The *cleanup* step: the finalizer's work on a deleted stack — its topics and credentials
-//! deleted or retained per `spec.deletionPolicy` — and forgetting what the operator kept
-//! about it.
+//! The *cleanup* step: the finalizer's work on a deleted stack — its topics, database and
+//! credentials deleted or retained per `spec.deletionPolicy` — and forgetting what the
+//! operator kept about it. The admin credentials come from the stack's Secrets or, once those
+//! are gone (its namespace is being deleted), from the ones it last provisioned with; a
+//! cleanup given up names everything it leaves behind.
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
@@ -16,7 +18,7 @@ use crate::build::{self, Component};
 use crate::crd::{MiddlewareStack, Retention};
 use crate::names;
 use crate::provision::ProvisionError;
-use crate::validate::validate;
+use crate::validate::{ValidatedStack, validate};
 
 /// Why a deleted stack's topics or credentials could not be removed.
 #[derive(Debug, thiserror::Error)]
@@ -96,8 +98,16 @@ pub(super) async fn cleanup(
     };
     let abandon = attempts >= ctx.settings.cleanup_attempts;
     let note = if abandon {
+        let left = validate(stack).map_or_else(|_| "nothing".to_owned(), |v| leftovers(&v));
+        tracing::error!(
+            stack = %ObjectRef::from_obj(stack),
+            leftovers = %left,
+            error = %Chain(&error),
+            "Cleanup abandoned; remove what is left by hand."
+        );
         format!(
-            "cleanup failed {attempts} times, releasing the finalizer; clean up by hand: {}",
+            "cleanup failed {attempts} times, releasing the finalizer; left behind, to remove \
+             by hand: {left}; last error: {}",
             Chain(&error)
         )
     } else {
@@ -138,6 +148,7 @@ fn forget(stack: &MiddlewareStack, ctx: &Context) {
         record_stage_gauges(&all);
     }
     provision::forget(ctx, stack);
+    dereference::forget(ctx, stack);
     ctx.failures
         .lock()
         .unwrap_or_else(|p| p.into_inner())
@@ -183,7 +194,20 @@ async fn cleanup_external(stack: &MiddlewareStack, ctx: &Context) -> Result<(), 
     let Ok(validated) = validate(stack) else {
         return Ok(());
     };
-    let refs = dereference::secrets(ctx, &validated).await?;
+    let refs = match dereference::secrets(ctx, &validated).await {
+        Ok(refs) => refs,
+        Err(error) => match dereference::remembered(ctx, stack) {
+            Some(refs) => {
+                tracing::info!(
+                    stack = %ObjectRef::from_obj(stack),
+                    error = %Chain(&error),
+                    "Cleaning up with the admin credentials the stack last used."
+                );
+                refs
+            }
+            None => return Err(error.into()),
+        },
+    };
     let clients = dereference::dependencies(ctx, &validated, &refs).await?;
     let timeout = ctx.settings.dependency_timeout;
     if policy.topics == Retention::Delete {
@@ -230,4 +254,76 @@ async fn cleanup_external(stack: &MiddlewareStack, ctx: &Context) -> Result<(), 
         result.map_err(postgres_error)?;
     }
     Ok(())
+}
+
+/// What the cleanup of `validated` was to remove, per its `deletionPolicy`, for a user who
+/// has to remove it by hand.
+fn leftovers(validated: &ValidatedStack) -> String {
+    let spec = validated.spec();
+    let policy = &spec.deletion_policy;
+    let mut left = Vec::new();
+    if policy.topics == Retention::Delete {
+        let topics: Vec<String> = provision::desired_topics(validated)
+            .into_iter()
+            .map(|t| t.name)
+            .collect();
+        left.push(format!(
+            "Kafka topics {} on {}",
+            topics.join(", "),
+            spec.kafka.bootstrap_servers
+        ));
+    }
+    let server = format!("{}:{}", spec.postgres.host, spec.postgres.port);
+    let database = names::postgres_database(validated);
+    if policy.database == Retention::Delete {
+        left.push(format!("PostgreSQL database {database} on {server}"));
+    }
+    if policy.credentials == Retention::Delete {
+        left.push(format!(
+            "Redis ACL user {} on {}",
+            names::redis_user(validated),
+            spec.redis.url
+        ));
+        let owner = names::postgres_role(validated);
+        let second = names::postgres_second_login(validated);
+        left.push(if policy.database == Retention::Delete {
+            format!("PostgreSQL roles {owner} and {second} on {server}")
+        } else {
+            format!("PostgreSQL role {second}, and the login of role {owner}, on {server}")
+        });
+    }
+    if left.is_empty() {
+        "nothing".to_owned()
+    } else {
+        left.join("; ")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn leftovers_name_what_the_policy_deletes() {
+        let mut stack = crate::fixtures::example();
+        let left = leftovers(&crate::fixtures::validated(&stack));
+        assert!(left.starts_with("Redis ACL user meridian:"), "{left}");
+        assert!(left.contains("the login of role mws_"), "{left}");
+        assert!(
+            !left.contains("topics") && !left.contains("database"),
+            "{left}"
+        );
+
+        stack.spec.deletion_policy.topics = Retention::Delete;
+        stack.spec.deletion_policy.database = Retention::Delete;
+        let left = leftovers(&crate::fixtures::validated(&stack));
+        assert!(left.starts_with("Kafka topics "), "{left}");
+        assert!(left.contains("PostgreSQL database mws_"), "{left}");
+        assert!(left.contains("PostgreSQL roles mws_"), "{left}");
+
+        stack.spec.deletion_policy.credentials = Retention::Retain;
+        stack.spec.deletion_policy.database = Retention::Retain;
+        stack.spec.deletion_policy.topics = Retention::Retain;
+        assert_eq!(leftovers(&crate::fixtures::validated(&stack)), "nothing");
+    }
 }

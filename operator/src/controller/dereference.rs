@@ -134,6 +134,7 @@ pub(super) fn refers_to(stack: &MiddlewareStack, name: &str) -> bool {
 }
 
 /// The admin credentials a stack refers to.
+#[derive(Clone)]
 pub(super) struct Dereferenced {
     redis: AdminCredentials,
     postgres: AdminCredentials,
@@ -304,4 +305,30 @@ pub(super) async fn dependencies(
         redis,
         postgres,
     })
+}
+
+/// Keeps `refs` as the admin credentials `stack` last used (see [`remembered`]).
+pub(super) fn remember(ctx: &Context, stack: &MiddlewareStack, refs: &Dereferenced) {
+    ctx.admin_credentials
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(ObjectRef::from_obj(stack), refs.clone());
+}
+
+/// The admin credentials `stack` last used in this process, if any: the cleanup's fallback
+/// once the Secrets holding them are gone (a namespace being deleted).
+pub(super) fn remembered(ctx: &Context, stack: &MiddlewareStack) -> Option<Dereferenced> {
+    ctx.admin_credentials
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(&ObjectRef::from_obj(stack))
+        .cloned()
+}
+
+/// Forgets the admin credentials of `stack` (it is gone).
+pub(super) fn forget(ctx: &Context, stack: &MiddlewareStack) {
+    ctx.admin_credentials
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(&ObjectRef::from_obj(stack));
 }

@@ -99,6 +99,8 @@ pub(super) struct Provisioned {
     /// Secrets read and of the connection Secrets.
     key: String,
     at: Instant,
+    /// When the dependencies last answered (at `at`, then at each health check).
+    pub(super) checked: Instant,
     /// The stages' reports.
     pub(super) reports: Vec<Report>,
     /// The fingerprint of the connection Secrets' contents.
@@ -162,10 +164,23 @@ pub(super) fn remember(
             Provisioned {
                 key,
                 at: Instant::now(),
+                checked: Instant::now(),
                 reports: reports.to_vec(),
                 credentials_hash: credentials_hash.to_owned(),
             },
         );
+}
+
+/// Records that the dependencies of `stack` answered a health check just now.
+pub(super) fn checked(ctx: &Context, stack: &MiddlewareStack) {
+    if let Some(provisioned) = ctx
+        .provisioned
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get_mut(&ObjectRef::from_obj(stack))
+    {
+        provisioned.checked = Instant::now();
+    }
 }
 
 /// Drops the last outcome of the external stages of `stack` (they failed or stopped, or the

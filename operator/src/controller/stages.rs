@@ -152,7 +152,10 @@ pub(super) async fn run(
         return Outcome::failed(Vec::new(), BTreeMap::new(), Vec::new(), error);
     }
     let refs = match timed("dereference", dereference::secrets(ctx, validated)).await {
-        Ok(refs) => refs,
+        Ok(refs) => {
+            dereference::remember(ctx, stack, &refs);
+            refs
+        }
         Err(error) => {
             return Outcome::failed(Vec::new(), BTreeMap::new(), Vec::new(), error.into());
         }
@@ -161,7 +164,19 @@ pub(super) async fn run(
     // 1. Dependencies, 2. topics, 3. credentials, unless their last outcome can be reused.
     let (mut reports, mut events, credentials_hash) =
         match provision::cached(ctx, stack, validated, &refs) {
-            Some(cached) => (cached.reports, Vec::new(), cached.credentials_hash),
+            Some(cached) => {
+                // Reused, but the dependencies are checked again every health-check period.
+                if cached.checked.elapsed() >= ctx.settings.health_check {
+                    let dependencies = dereference::dependencies(ctx, validated, &refs);
+                    if let Err(error) = timed("dependencies", dependencies).await {
+                        provision::forget(ctx, stack);
+                        let error = error.into();
+                        return Outcome::failed(Vec::new(), BTreeMap::new(), Vec::new(), error);
+                    }
+                    provision::checked(ctx, stack);
+                }
+                (cached.reports, Vec::new(), cached.credentials_hash)
+            }
             None => {
                 let External {
                     mut reports,
@@ -276,7 +291,7 @@ pub(super) async fn run(
             if provision::services_short_of_ready(ctx, validated) {
                 provision::DEGRADED_REUSE.min(ctx.settings.resync)
             } else {
-                ctx.settings.resync
+                ctx.settings.next_look()
             },
         )),
     }

@@ -10,7 +10,7 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Secret, Service, ServiceSpec};
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use kube::runtime::{WatchStreamExt as _, watcher};
 use kube::{Client, ResourceExt as _};
 use operator::crd::MiddlewareStack;
@@ -34,6 +34,12 @@ struct Harness {
 
 impl Harness {
     async fn start(prefix: &str) -> Self {
+        Self::start_with(prefix, Duration::from_secs(2)).await
+    }
+
+    /// An operator that redoes the external stages every `resync` and checks the
+    /// dependencies every second.
+    async fn start_with(prefix: &str, resync: Duration) -> Self {
         let client = client().await;
         install_crd(&client).await;
         let ns = TestNamespace::create(&client, prefix).await;
@@ -61,7 +67,8 @@ impl Harness {
         let settings = operator::Settings {
             namespace: Some(ns.name.clone()),
             dependency_timeout: Duration::from_secs(2),
-            resync: Duration::from_secs(2),
+            resync,
+            health_check: Duration::from_secs(1),
             backoff_base: Duration::from_millis(250),
             backoff_max: Duration::from_secs(2),
             cleanup_attempts: 3,
@@ -665,7 +672,8 @@ async fn a_stack_is_provisioned_in_stage_order_becomes_ready_follows_changes_and
 
 #[tokio::test]
 async fn a_dependency_outage_turns_its_condition_false_and_the_stack_recovers_by_itself() {
-    let harness = Harness::start("outage").await;
+    // The external stages are reused for 5 minutes: only the health check can notice.
+    let harness = Harness::start_with("outage", Duration::from_secs(300)).await;
     let deps = Deps::from_env();
     let mut redis = TcpToggle::new(Deps::socket_of(&deps.redis_url));
     redis.up().await;
@@ -676,16 +684,6 @@ async fn a_dependency_outage_turns_its_condition_false_and_the_stack_recovers_by
         .await;
 
     redis.down().await;
-    // A resync or any change reconciles; a metadata change is the quickest trigger.
-    harness
-        .stacks()
-        .patch(
-            "gamma",
-            &PatchParams::default(),
-            &Patch::Merge(json!({ "metadata": { "labels": { "poke": "1" } } })),
-        )
-        .await
-        .unwrap();
     harness
         .wait_for_condition(
             "gamma",
@@ -853,4 +851,72 @@ async fn a_paused_stack_is_left_alone_and_a_rotation_rolls_new_credentials() {
     let pong: String = redis::cmd("PING").query_async(&mut redis).await.unwrap();
     assert_eq!(pong, "PONG");
     harness.finish().await;
+}
+
+/// Deleting a namespace deletes the stack's admin Secrets too, often before its finalizer
+/// runs: the cleanup then uses the credentials the stack last provisioned with, removes its
+/// Redis user, PostgreSQL roles and database, and the namespace goes.
+#[tokio::test]
+async fn a_deleted_namespace_is_cleaned_up_although_its_admin_secrets_went_first() {
+    let harness = Harness::start("nsdelete").await;
+    let deps = Deps::from_env();
+    harness
+        .apply(&stack("epsilon", &deps.redis_url, "Delete"))
+        .await;
+    harness
+        .wait_for_condition("epsilon", "Ready", "True", None)
+        .await;
+    let secrets = harness.api::<Secret>();
+    let role = secret_key(&secrets.get("epsilon-postgres").await.unwrap(), "username");
+    let user = secret_key(&secrets.get("epsilon-redis").await.unwrap(), "username");
+
+    // The worst order the namespace controller may pick: the admin Secrets first.
+    for name in ["redis-admin", "pg-admin"] {
+        secrets
+            .delete(name, &DeleteParams::default())
+            .await
+            .unwrap();
+    }
+    let Harness {
+        client,
+        ns,
+        stop,
+        task,
+    } = harness;
+    let name = ns.name.clone();
+    ns.delete().await;
+    let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client);
+    wait_until("the namespace to be gone", READY_TIMEOUT, || {
+        let namespaces = namespaces.clone();
+        let name = name.clone();
+        async move { namespaces.get_opt(&name).await.unwrap().is_none() }
+    })
+    .await;
+
+    let mut admin = redis::Client::open(deps.redis_url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let acl: redis::Value = redis::cmd("ACL")
+        .arg("GETUSER")
+        .arg(&user)
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    assert_eq!(acl, redis::Value::Nil, "the Redis user is deleted");
+    let mut pg = sqlx::PgConnection::connect(&deps.database_url)
+        .await
+        .unwrap();
+    let left: i64 = sqlx::query_scalar(
+        "SELECT (SELECT count(*) FROM pg_roles WHERE rolname IN ($1, 'mwsr_' || substr($1, 5))) \
+              + (SELECT count(*) FROM pg_database WHERE datname = $1)",
+    )
+    .bind(&role)
+    .fetch_one(&mut pg)
+    .await
+    .unwrap();
+    assert_eq!(left, 0, "the roles and the database of {role} are dropped");
+    stop.cancel();
+    task.await.unwrap().unwrap();
 }
