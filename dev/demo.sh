@@ -2,7 +2,8 @@
 # The demo, the main job: the whole platform on the local host from nothing, the way a cluster
 # runs it. The local Kubernetes control plane (with its kwok node) and the real dependencies
 # are already up (`just demo` runs `just deps-up` first); this script then starts
-#   - the operator (meridian-operator), watching namespace meridian-demo,
+#   - the operator (meridian-operator), watching namespace meridian-demo, restarted whenever
+#     it exits (dev/supervise.sh, as the kubelet would restart its pod),
 #   - the process runner (meridian-runner), which plays the kubelet for the kwok node: every
 #     pod the operator's Deployments create runs as a local process of its service binary,
 #     with the container's environment and the operator's provisioned credentials,
@@ -77,7 +78,8 @@ up() {
   if is_running demo-operator; then ok "operator already running"; else
     # MALLOC_ARENA_MAX as the Helm chart sets it (see charts/meridian-operator/templates/deployment.yaml).
     PORT=8090 BIND_ADDRESS=127.0.0.1 WATCH_NAMESPACE=$NS LEASE_NAMESPACE=$NS POD_NAME=demo-operator MALLOC_ARENA_MAX=2 \
-      LOG_FORMAT=text RUST_LOG=info start_bg demo-operator "$TARGET_DIR/meridian-operator"
+      LOG_FORMAT=text RUST_LOG=info start_bg demo-operator \
+      bash "$DEV_DIR/supervise.sh" "$TARGET_DIR/meridian-operator"
     wait_for "operator /health" 30 curl -fsS http://127.0.0.1:8090/health || die "the operator did not start (log: $MERIDIAN_LOG_DIR/demo-operator.log)"
     ok "meridian-operator on :8090 (log $MERIDIAN_LOG_DIR/demo-operator.log)"
   fi
