@@ -247,6 +247,10 @@ pub(super) fn desired_topics(validated: &ValidatedStack) -> Vec<DesiredTopic> {
 }
 
 /// What the topics stage did.
+/// The `TopicsReady=False` reason when the broker refuses what the spec asks for; the phase is
+/// then `Failed` (the spec has to change).
+pub(super) const INVALID_TOPIC_CONFIG: &str = "InvalidTopicConfig";
+
 pub(super) enum Topics {
     /// Every topic is as requested: the `TopicsReady=True` report, and Events about the
     /// topics created, grown or reconfigured.
@@ -268,6 +272,14 @@ pub(super) async fn topics(
         .reconcile_topics(&topics, ctx.settings.dependency_timeout)
         .await
         .map_err(Error::Topics)?;
+    if !result.refused.is_empty() {
+        return Ok(Topics::Unsupported(Report::new(
+            TOPICS_READY,
+            Status::False,
+            INVALID_TOPIC_CONFIG,
+            result.refused.join("; "),
+        )));
+    }
     if !result.unsupported.is_empty() {
         let message = result.unsupported.join("; ");
         return Ok(Topics::Unsupported(Report::new(

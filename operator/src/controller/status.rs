@@ -88,9 +88,16 @@ pub(super) fn paused(stack: &MiddlewareStack) -> Vec<Report> {
     reports
 }
 
-/// The phase of a stack whose stages ran: `Ready`, or `Degraded` when it was Ready for this
-/// very spec, else `Progressing` (a spec change rolling out).
+/// The phase of a stack whose stages ran: `Ready`, `Failed` when Kafka refused the topics the
+/// spec asks for, or `Degraded` when it was Ready for this very spec, else `Progressing` (a
+/// spec change rolling out).
 pub(super) fn phase(stack: &MiddlewareStack, reports: &[Report]) -> Phase {
+    if reports
+        .iter()
+        .any(|r| r.reason == super::provision::INVALID_TOPIC_CONFIG)
+    {
+        return Phase::Failed;
+    }
     let ready = reports
         .iter()
         .any(|r| r.type_ == READY && r.status == Status::True);

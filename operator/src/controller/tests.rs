@@ -187,3 +187,22 @@ fn an_error_displays_with_every_cause() {
         "{text}"
     );
 }
+
+#[test]
+fn topics_the_broker_refuses_fail_the_stack_other_stage_failures_do_not() {
+    let stack = crate::fixtures::example();
+    let refused = [Report::new(
+        crate::status::TOPICS_READY,
+        crate::status::Status::False,
+        provision::INVALID_TOPIC_CONFIG,
+        "the broker refused to create topic t: Broker: Configuration is invalid",
+    )];
+    assert_eq!(status::phase(&stack, &refused), Phase::Failed);
+    let unavailable = [Report::new(
+        crate::status::TOPICS_READY,
+        crate::status::Status::False,
+        "KafkaUnavailable",
+        "no broker in the metadata",
+    )];
+    assert_eq!(status::phase(&stack, &unavailable), Phase::Progressing);
+}

@@ -259,6 +259,9 @@ impl KafkaCluster {
                 match result {
                     Ok(name) => outcome.created.push(name),
                     Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                    Err((name, code)) if refused_by_broker(code) => outcome
+                        .refused
+                        .push(format!("the broker refused to create topic {name}: {code}")),
                     Err((name, code)) => {
                         return Err(ProvisionError::Kafka(format!(
                             "creating topic {name} failed: {code}"
@@ -295,53 +298,126 @@ impl KafkaCluster {
             .filter(|t| !t.config.is_empty() && !missing.iter().any(|m| m.name == t.name))
             .collect();
         if !configured.is_empty() {
-            let specifiers: Vec<ResourceSpecifier<'_>> = configured
-                .iter()
-                .map(|t| ResourceSpecifier::Topic(&t.name))
-                .collect();
-            let described = bounded("Kafka", timeout, async {
-                self.admin
-                    .describe_configs(&specifiers, &options)
-                    .await
-                    .map_err(|e| ProvisionError::Kafka(e.to_string()))
-            })
-            .await?;
-            let mut alter = Vec::new();
-            for (topic, resource) in configured.iter().zip(described) {
-                let resource = resource.map_err(|code| {
-                    ProvisionError::Kafka(format!("describing {} failed: {code}", topic.name))
-                })?;
-                let differs = topic.config.iter().any(|(k, v)| {
-                    resource.get(k).and_then(|e| e.value.as_deref()) != Some(v.as_str())
-                });
-                if differs {
-                    alter.push(topic.config.iter().fold(
-                        AlterConfig::new(ResourceSpecifier::Topic(&topic.name)),
-                        |a, (k, v)| a.set(k, v),
-                    ));
-                }
-            }
-            if !alter.is_empty() {
-                let results = bounded("Kafka", timeout, async {
-                    self.admin
-                        .alter_configs(&alter, &options)
-                        .await
-                        .map_err(|e| ProvisionError::Kafka(e.to_string()))
-                })
+            let differing = self
+                .differing_configs(&configured, &options, timeout)
                 .await?;
-                for result in results {
-                    match result {
-                        Ok(specifier) => outcome.configured.push(format!("{specifier:?}")),
-                        Err((specifier, code)) => {
-                            return Err(ProvisionError::Kafka(format!(
-                                "altering the configuration of {specifier:?} failed: {code}"
-                            )));
-                        }
-                    }
-                }
+            if !differing.is_empty() {
+                self.alter_configs(&differing, &options, timeout, &mut outcome)
+                    .await?;
             }
         }
         Ok(outcome)
+    }
+
+    /// The topics among `configured` whose settings in Kafka differ from the requested ones,
+    /// each with the settings that differ (requested value, current value).
+    async fn differing_configs<'a>(
+        &self,
+        configured: &[&'a DesiredTopic],
+        options: &AdminOptions,
+        timeout: Duration,
+    ) -> Result<Vec<(&'a DesiredTopic, Vec<String>)>, ProvisionError> {
+        let specifiers: Vec<ResourceSpecifier<'_>> = configured
+            .iter()
+            .map(|t| ResourceSpecifier::Topic(&t.name))
+            .collect();
+        let described = bounded("Kafka", timeout, async {
+            self.admin
+                .describe_configs(&specifiers, options)
+                .await
+                .map_err(|e| ProvisionError::Kafka(e.to_string()))
+        })
+        .await?;
+        let mut differing = Vec::new();
+        for (topic, resource) in configured.iter().zip(described) {
+            let resource = resource.map_err(|code| {
+                ProvisionError::Kafka(format!("describing {} failed: {code}", topic.name))
+            })?;
+            let keys: Vec<String> = topic
+                .config
+                .iter()
+                .filter_map(|(k, v)| {
+                    let current = resource.get(k).and_then(|e| e.value.as_deref());
+                    (current != Some(v.as_str()))
+                        .then(|| format!("{k}={v} (it keeps {})", current.unwrap_or("its default")))
+                })
+                .collect();
+            if !keys.is_empty() {
+                differing.push((*topic, keys));
+            }
+        }
+        Ok(differing)
+    }
+
+    /// Sets the requested settings of `differing`, then checks that Kafka took them: a value
+    /// it cannot parse may be acknowledged and ignored. What it refused or ignored goes to
+    /// `outcome.refused`.
+    async fn alter_configs(
+        &self,
+        differing: &[(&DesiredTopic, Vec<String>)],
+        options: &AdminOptions,
+        timeout: Duration,
+        outcome: &mut TopicsOutcome,
+    ) -> Result<(), ProvisionError> {
+        let alter: Vec<AlterConfig<'_>> = differing
+            .iter()
+            .map(|(topic, _)| {
+                topic.config.iter().fold(
+                    AlterConfig::new(ResourceSpecifier::Topic(&topic.name)),
+                    |a, (k, v)| a.set(k, v),
+                )
+            })
+            .collect();
+        let results = bounded("Kafka", timeout, async {
+            self.admin
+                .alter_configs(&alter, options)
+                .await
+                .map_err(|e| ProvisionError::Kafka(e.to_string()))
+        })
+        .await?;
+        let mut acknowledged = Vec::new();
+        for (result, (topic, _)) in results.into_iter().zip(differing) {
+            match result {
+                Ok(_) => acknowledged.push(*topic),
+                Err((_, code)) if refused_by_broker(code) => outcome.refused.push(format!(
+                    "the broker refused the configuration of topic {}: {code}",
+                    topic.name
+                )),
+                Err((_, code)) => {
+                    return Err(ProvisionError::Kafka(format!(
+                        "altering the configuration of {} failed: {code}",
+                        topic.name
+                    )));
+                }
+            }
+        }
+        // The brokers learn a change from the controller within moments: look a few times.
+        let mut still = Vec::new();
+        for attempt in 0..5 {
+            if attempt > 0 {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            still = self
+                .differing_configs(&acknowledged, options, timeout)
+                .await?;
+            if still.is_empty() {
+                break;
+            }
+        }
+        for (topic, keys) in &still {
+            outcome.refused.push(format!(
+                "the broker did not apply {} to topic {}",
+                keys.join(", "),
+                topic.name
+            ));
+        }
+        outcome.configured.extend(
+            acknowledged
+                .iter()
+                .filter(|t| !still.iter().any(|(s, _)| s.name == t.name))
+                .map(|t| t.name.clone()),
+        );
+        Ok(())
     }
 
     /// Deletes the named topics; topics that are already gone count as deleted.
@@ -384,6 +460,22 @@ pub struct TopicsOutcome {
     pub configured: Vec<String>,
     /// Requested changes Kafka cannot make, one sentence each.
     pub unsupported: Vec<String>,
+    /// Requests the broker refused for what they asked (an invalid topic setting, more
+    /// replicas than brokers), one sentence each: the spec has to change.
+    pub refused: Vec<String>,
+}
+
+/// Whether the broker refused a topic request for what it asked, not because it could not
+/// serve it: the same request can never succeed.
+fn refused_by_broker(code: RDKafkaErrorCode) -> bool {
+    matches!(
+        code,
+        RDKafkaErrorCode::InvalidConfig
+            | RDKafkaErrorCode::InvalidReplicationFactor
+            | RDKafkaErrorCode::InvalidPartitions
+            | RDKafkaErrorCode::InvalidReplicaAssignment
+            | RDKafkaErrorCode::PolicyViolation
+    )
 }
 
 #[cfg(test)]

@@ -177,3 +177,62 @@ async fn a_burst_of_databases_is_created_and_dropped_without_timeouts() {
     .unwrap();
     assert_eq!(left, 0, "databases or roles left behind");
 }
+
+/// What the broker refuses for what it asks — a setting it rejects, more replicas than there
+/// are brokers — is reported as refused (the spec has to change), not as Kafka unavailable;
+/// the valid topics of the same request are created.
+#[tokio::test]
+async fn topics_the_broker_refuses_are_reported_as_refused_and_the_others_created() {
+    use std::collections::BTreeMap;
+
+    use operator::provision::kafka::{DesiredTopic, KafkaClients};
+
+    let bootstrap = common::test_support::Deps::from_env().kafka_bootstrap_servers;
+    let clients = KafkaClients::default();
+    let cluster = clients.cluster(&bootstrap, None).unwrap();
+    let run = Uuid::new_v4().simple().to_string()[..8].to_owned();
+    let topic = |name: &str, replication_factor: i32, config: &[(&str, &str)]| DesiredTopic {
+        name: format!("it-refused-{run}-{name}"),
+        partitions: 1,
+        replication_factor,
+        config: config
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect::<BTreeMap<_, _>>(),
+    };
+    let topics = [
+        topic("good", 1, &[("retention.ms", "3600000")]),
+        topic("days", 1, &[("retention.ms", "7d")]),
+        topic("replicas", 3, &[]),
+    ];
+    let timeout = Settings::default().dependency_timeout;
+    let outcome = cluster.reconcile_topics(&topics, timeout).await.unwrap();
+    assert_eq!(outcome.created, vec![topics[0].name.clone()]);
+    assert_eq!(outcome.refused.len(), 2, "{outcome:?}");
+    assert!(outcome.refused[0].contains(&topics[1].name), "{outcome:?}");
+    assert!(outcome.refused[1].contains(&topics[2].name), "{outcome:?}");
+
+    // A valid change is applied once, and then there is nothing left to change.
+    let valid = [topic("good", 1, &[("retention.ms", "7200000")])];
+    let outcome = cluster.reconcile_topics(&valid, timeout).await.unwrap();
+    assert_eq!(
+        outcome.configured,
+        vec![valid[0].name.clone()],
+        "{outcome:?}"
+    );
+    let outcome = cluster.reconcile_topics(&valid, timeout).await.unwrap();
+    assert!(outcome.configured.is_empty(), "{outcome:?}");
+    // A value the broker cannot parse is acknowledged but never applied: refused.
+    let altered = [topic("good", 1, &[("retention.ms", "7d")])];
+    let outcome = cluster.reconcile_topics(&altered, timeout).await.unwrap();
+    assert!(outcome.configured.is_empty(), "{outcome:?}");
+    assert_eq!(outcome.refused.len(), 1, "{outcome:?}");
+    assert!(
+        outcome.refused[0].contains("retention.ms=7d (it keeps 7200000)"),
+        "{outcome:?}"
+    );
+    cluster
+        .delete_topics(&[topics[0].name.clone()], timeout)
+        .await
+        .unwrap();
+}
