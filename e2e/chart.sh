@@ -79,6 +79,17 @@ fi
 helm install "$RELEASE" "$CHART" --namespace "$NS" "${all_on[@]}" --wait --timeout 120s >/dev/null
 kubectl -n "$NS" wait --for=condition=Available --timeout=60s "deployment/$RELEASE" >/dev/null
 ok "installed; deployment/$RELEASE Available"
+# Kubernetes' edit role now covers stacks (aggregation by the controller-manager), view reads.
+kubectl -n "$NS" create rolebinding chart-check-edit --clusterrole=edit \
+  --serviceaccount="$NS:chart-check-editor" --dry-run=client -o yaml | kubectl apply -f - >/dev/null
+kubectl -n "$NS" create rolebinding chart-check-view --clusterrole=view \
+  --serviceaccount="$NS:chart-check-viewer" --dry-run=client -o yaml | kubectl apply -f - >/dev/null
+can() { kubectl auth can-i "$1" middlewarestacks.meridian.dev -n "$NS" --as="system:serviceaccount:$NS:$2" 2>/dev/null; }
+for _ in $(seq 1 30); do [ "$(can create chart-check-editor)" = yes ] && break; sleep 1; done
+[ "$(can create chart-check-editor)" = yes ] || die "the edit role does not let its holder create stacks"
+[ "$(can list chart-check-viewer)" = yes ] || die "the view role does not let its holder list stacks"
+[ "$(can create chart-check-viewer)" = no ] || die "the view role lets its holder create stacks"
+ok "edit creates stacks, view only reads them (aggregated ClusterRoles)"
 helm upgrade "$RELEASE" "$CHART" --namespace "$NS" "${all_on[@]}" --set replicaCount=3 \
   --wait --timeout 120s >/dev/null
 [ "$(kubectl -n "$NS" get "deployment/$RELEASE" -o jsonpath='{.status.readyReplicas}')" = 3 ] ||

@@ -48,6 +48,7 @@ pub const VERSION: &str = "v1alpha1";
     kind = "MiddlewareStack",
     namespaced,
     shortname = "mws",
+    category = "meridian",
     status = "MiddlewareStackStatus",
     derive = "PartialEq",
     validation = Rule::new("size(self.metadata.name) <= 47").message(
@@ -64,10 +65,22 @@ pub const VERSION: &str = "v1alpha1";
         json_path = ".status.conditions[?(@.type==\"Ready\")].status"
     ),
     printcolumn(
+        name = "Services",
+        type_ = "string",
+        description = "Services with all their replicas ready, of those enabled",
+        json_path = ".status.servicesReady"
+    ),
+    printcolumn(
         name = "Phase",
         type_ = "string",
         description = "The stage the stack is in",
         json_path = ".status.phase"
+    ),
+    printcolumn(
+        name = "Reason",
+        type_ = "string",
+        description = "Why the stack is or is not Ready",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].reason"
     ),
     printcolumn(
         name = "Age",

@@ -171,6 +171,7 @@ pub(super) async fn write(
     let status = MiddlewareStackStatus {
         observed_generation: stack.metadata.generation,
         phase: Some(phase),
+        services_ready: MiddlewareStackStatus::count_ready(&services),
         services,
         conditions,
     };

@@ -18,12 +18,30 @@ pub struct MiddlewareStackStatus {
     /// Each service's replicas, keyed by service name (`api-gateway`, `command-service`, ...).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub services: BTreeMap<String, ServiceStatus>,
+    /// How many of the stack's services have all their replicas ready, as `ready/total`
+    /// (`kubectl get mws` shows it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub services_ready: Option<String>,
     /// One condition per stage (`DependenciesReady`, `TopicsReady`, `CredentialsReady`,
     /// `CoreAvailable`, `EdgeAvailable`) and `Ready`, each with `type`, `status`, `reason`,
     /// `message`, `lastTransitionTime` and `observedGeneration`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
     pub conditions: Vec<Condition>,
+}
+
+impl MiddlewareStackStatus {
+    /// `ready/total` of `services` (see [`Self::services_ready`]); `None` without services.
+    pub fn count_ready(services: &BTreeMap<String, ServiceStatus>) -> Option<String> {
+        if services.is_empty() {
+            return None;
+        }
+        let ready = services
+            .values()
+            .filter(|s| s.ready_replicas >= s.replicas)
+            .count();
+        Some(format!("{ready}/{}", services.len()))
+    }
 }
 
 /// One service's replicas.

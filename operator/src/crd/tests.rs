@@ -65,7 +65,7 @@ fn the_admitted_name_length_is_the_one_validation_allows() {
 }
 
 #[test]
-fn the_crd_has_a_status_subresource_and_ready_phase_age_columns() {
+fn the_crd_has_a_status_subresource_columns_and_a_category() {
     let crd = MiddlewareStack::crd();
     let version = &crd.spec.versions[0];
     assert!(version.subresources.as_ref().unwrap().status.is_some());
@@ -80,10 +80,32 @@ fn the_crd_has_a_status_subresource_and_ready_phase_age_columns() {
         columns,
         [
             ("Ready", r#".status.conditions[?(@.type=="Ready")].status"#),
+            ("Services", ".status.servicesReady"),
             ("Phase", ".status.phase"),
+            ("Reason", r#".status.conditions[?(@.type=="Ready")].reason"#),
             ("Age", ".metadata.creationTimestamp"),
         ]
     );
+    assert_eq!(crd.spec.names.categories, Some(vec!["meridian".to_owned()]));
+}
+
+#[test]
+fn services_ready_counts_services_with_every_replica_ready() {
+    use std::collections::BTreeMap;
+    let service = |replicas, ready_replicas| ServiceStatus {
+        replicas,
+        ready_replicas,
+    };
+    let services = BTreeMap::from([
+        ("api-gateway".to_owned(), service(2, 2)),
+        ("processor".to_owned(), service(3, 1)),
+        ("ws-hub".to_owned(), service(1, 1)),
+    ]);
+    assert_eq!(
+        MiddlewareStackStatus::count_ready(&services).as_deref(),
+        Some("2/3")
+    );
+    assert_eq!(MiddlewareStackStatus::count_ready(&BTreeMap::new()), None);
 }
 
 /// Walks every property below `node`, calling `f(path, property)`.
