@@ -44,6 +44,8 @@ pub const RUN_AS: i64 = 65532;
 /// Everything a stack should own in its namespace.
 #[derive(Clone, Debug, PartialEq, Default)]
 pub struct DesiredState {
+    /// The stack's endpoints ConfigMap, for applications.
+    pub endpoints: ConfigMap,
     /// One entry per enabled service, in start-up order.
     pub services: Vec<ServiceObjects>,
 }
@@ -117,9 +119,83 @@ pub fn labels(stack: &ValidatedStack, component: Component) -> BTreeMap<String, 
     labels
 }
 
+/// The labels of the stack's own objects (its connection Secrets, its endpoints ConfigMap).
+pub fn stack_labels(stack: &ValidatedStack) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (
+            "app.kubernetes.io/instance".to_owned(),
+            stack.name().to_owned(),
+        ),
+        ("app.kubernetes.io/part-of".to_owned(), PART_OF.to_owned()),
+        (
+            "app.kubernetes.io/managed-by".to_owned(),
+            MANAGED_BY.to_owned(),
+        ),
+    ])
+}
+
+/// The name of the stack's endpoints ConfigMap.
+pub fn endpoints_name(stack: &ValidatedStack) -> String {
+    format!("{}-endpoints", stack.name())
+}
+
+/// What an application needs to use the stack, as a ConfigMap it can mount or read through
+/// `envFrom`: the gateway's and the hub's in-cluster URLs (of the enabled ones), the JWT
+/// issuer and audience its tokens must carry, and the API's conventions.
+pub fn endpoints(stack: &ValidatedStack) -> ConfigMap {
+    let spec = stack.spec();
+    let host = |component: Component| {
+        format!(
+            "{}.{}.svc:{}",
+            object_name(stack, component),
+            stack.namespace(),
+            component.port()
+        )
+    };
+    let mut data = BTreeMap::from([
+        ("COMMANDS_PATH".to_owned(), "/v1/commands".to_owned()),
+        (
+            "DOCUMENTS_PATH".to_owned(),
+            "/v1/documents/{collection}/{id}".to_owned(),
+        ),
+        (
+            "DOCUMENT_ROOM".to_owned(),
+            "doc:{collection}:{id}".to_owned(),
+        ),
+    ]);
+    if spec.services.gateway.enabled {
+        data.insert(
+            "GATEWAY_URL".to_owned(),
+            format!("http://{}", host(Component::Gateway)),
+        );
+    }
+    if spec.services.ws_hub.enabled {
+        data.insert(
+            "HUB_URL".to_owned(),
+            format!("ws://{}/ws", host(Component::WsHub)),
+        );
+    }
+    if let Some(auth) = &spec.auth {
+        data.insert("JWT_ISSUER".to_owned(), auth.issuer.clone());
+        data.insert("JWT_AUDIENCE".to_owned(), auth.audience.clone());
+    }
+    ConfigMap {
+        metadata: ObjectMeta {
+            name: Some(endpoints_name(stack)),
+            namespace: Some(stack.namespace().to_owned()),
+            labels: Some(stack_labels(stack)),
+            owner_references: Some(vec![stack.owner().clone()]),
+            ..ObjectMeta::default()
+        },
+        data: Some(data),
+        ..ConfigMap::default()
+    }
+}
+
 /// Builds the objects of every enabled service.
 pub fn build(stack: &ValidatedStack) -> DesiredState {
     DesiredState {
+        endpoints: endpoints(stack),
         services: Component::ALL
             .into_iter()
             .filter(|c| c.spec(&stack.spec().services).enabled)

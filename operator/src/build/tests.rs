@@ -679,3 +679,38 @@ fn a_service_is_recreated_only_when_it_turns_headless_or_gets_a_virtual_ip() {
         );
     }
 }
+
+#[test]
+fn the_endpoints_config_map_gives_applications_the_urls_and_token_settings() {
+    let stack = fixtures::example();
+    let endpoints = example().endpoints;
+    assert_eq!(
+        endpoints.metadata.name.as_deref(),
+        Some(format!("{}-endpoints", stack.metadata.name.as_deref().unwrap()).as_str())
+    );
+    assert_eq!(
+        endpoints.metadata.owner_references.as_ref().unwrap().len(),
+        1
+    );
+    let data = endpoints.data.unwrap();
+    let namespace = stack.metadata.namespace.as_deref().unwrap();
+    assert_eq!(
+        data["GATEWAY_URL"],
+        format!("http://demo-api-gateway.{namespace}.svc:8080")
+    );
+    assert_eq!(
+        data["HUB_URL"],
+        format!("ws://demo-ws-hub.{namespace}.svc:8085/ws")
+    );
+    let auth = stack.spec.auth.as_ref().unwrap();
+    assert_eq!(data["JWT_ISSUER"], auth.issuer);
+    assert_eq!(data["JWT_AUDIENCE"], auth.audience);
+    assert_eq!(data["DOCUMENT_ROOM"], "doc:{collection}:{id}");
+
+    // Without the edge services there is nothing to call: no URL.
+    let core_only = build(&fixtures::validated(&fixtures::stack(
+        fixtures::EDGE_DISABLED,
+    )));
+    let data = core_only.endpoints.data.unwrap();
+    assert!(!data.contains_key("GATEWAY_URL") && !data.contains_key("HUB_URL"));
+}

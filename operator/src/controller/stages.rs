@@ -55,6 +55,9 @@ pub enum Error {
         #[source]
         source: kube::Error,
     },
+    /// Applying the stack's endpoints ConfigMap failed.
+    #[error("failed to apply the stack's endpoints ConfigMap")]
+    ApplyEndpoints(#[source] apply::Error),
 }
 
 impl Error {
@@ -63,7 +66,9 @@ impl Error {
         match self {
             Self::CachesNotSynced => "CachesNotSynced",
             Self::DeleteDisabled { .. } => "KubernetesApiError",
-            Self::Apply { .. } | Self::DeleteStale { .. } => "ApplyFailed",
+            Self::Apply { .. } | Self::DeleteStale { .. } | Self::ApplyEndpoints(_) => {
+                "ApplyFailed"
+            }
         }
     }
 
@@ -77,6 +82,7 @@ impl Error {
             ),
             Self::DeleteDisabled { .. } => return None,
             Self::Apply { component, source } => (stage_of(*component), source.message()),
+            Self::ApplyEndpoints(source) => (EDGE_AVAILABLE, source.message()),
             Self::DeleteStale {
                 component, source, ..
             } => (
@@ -221,6 +227,23 @@ pub(super) async fn run(
         )),
         Ok(_) => {}
         Err(error) => return Outcome::failed(reports, BTreeMap::new(), events, error.into()),
+    }
+    let endpoints = apply::apply(ctx, &ctx.stores.config_maps, desired.endpoints.clone()).await;
+    match endpoints {
+        Ok(true) => events.push(event(
+            EventType::Normal,
+            "Applied",
+            "ApplyEndpoints",
+            format!(
+                "applied ConfigMap {} (the stack's URLs for applications)",
+                build::endpoints_name(validated)
+            ),
+        )),
+        Ok(false) => {}
+        Err(error) => {
+            let error = Error::ApplyEndpoints(error).into();
+            return Outcome::failed(reports, BTreeMap::new(), events, error);
+        }
     }
     let rollout = services::roll_out(ctx, validated, &desired, &enabled).await;
     if let Err(error) = rollout.result {

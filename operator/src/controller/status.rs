@@ -172,6 +172,8 @@ pub(super) async fn write(
         observed_generation: stack.metadata.generation,
         phase: Some(phase),
         services_ready: MiddlewareStackStatus::count_ready(&services),
+        // The services are rolled out only after the endpoints ConfigMap is applied.
+        endpoints: (!services.is_empty()).then(|| format!("{}-endpoints", stack.name_any())),
         services,
         conditions,
     };

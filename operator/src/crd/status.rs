@@ -22,6 +22,10 @@ pub struct MiddlewareStackStatus {
     /// (`kubectl get mws` shows it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub services_ready: Option<String>,
+    /// The ConfigMap with what applications need to use the stack: `GATEWAY_URL`, `HUB_URL`,
+    /// `JWT_ISSUER`, `JWT_AUDIENCE` and the API's paths and room names.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoints: Option<String>,
     /// One condition per stage (`DependenciesReady`, `TopicsReady`, `CredentialsReady`,
     /// `CoreAvailable`, `EdgeAvailable`) and `Ready`, each with `type`, `status`, `reason`,
     /// `message`, `lastTransitionTime` and `observedGeneration`.

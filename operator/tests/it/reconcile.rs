@@ -298,6 +298,21 @@ async fn a_stack_is_provisioned_in_stage_order_becomes_ready_follows_changes_and
 
     let alpha = harness.get("alpha").await;
     let status = alpha.status.clone().unwrap();
+    // Applications find the stack's URLs in its endpoints ConfigMap, named in the status.
+    assert_eq!(status.endpoints.as_deref(), Some("alpha-endpoints"));
+    assert_eq!(status.services_ready.as_deref(), Some("5/5"));
+    let endpoints = harness
+        .api::<k8s_openapi::api::core::v1::ConfigMap>()
+        .get("alpha-endpoints")
+        .await
+        .unwrap()
+        .data
+        .unwrap();
+    assert_eq!(
+        endpoints["GATEWAY_URL"],
+        format!("http://alpha-api-gateway.{}.svc:8080", harness.ns.name)
+    );
+    assert_eq!(endpoints["JWT_AUDIENCE"], "meridian");
     assert_eq!(status.observed_generation, alpha.metadata.generation);
     assert_eq!(status.phase, Some(operator::crd::Phase::Ready));
     for type_ in [

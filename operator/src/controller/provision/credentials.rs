@@ -11,7 +11,7 @@ use kube::runtime::reflector::ObjectRef;
 use secrecy::{ExposeSecret as _, SecretString};
 
 use super::Error;
-use crate::build::{self, MANAGED_BY, PART_OF, URL_KEY};
+use crate::build::{self, URL_KEY};
 use crate::controller::dereference::Clients;
 use crate::controller::{Context, ROTATE_ANNOTATION, ROTATED_ANNOTATION, apply, status};
 use crate::crd::MiddlewareStack;
@@ -183,20 +183,6 @@ pub(in crate::controller) async fn credentials(
     })
 }
 
-fn stack_labels(validated: &ValidatedStack) -> BTreeMap<String, String> {
-    BTreeMap::from([
-        (
-            "app.kubernetes.io/instance".to_owned(),
-            validated.name().to_owned(),
-        ),
-        ("app.kubernetes.io/part-of".to_owned(), PART_OF.to_owned()),
-        (
-            "app.kubernetes.io/managed-by".to_owned(),
-            MANAGED_BY.to_owned(),
-        ),
-    ])
-}
-
 fn connection_secret(
     validated: &ValidatedStack,
     name: String,
@@ -207,7 +193,7 @@ fn connection_secret(
         metadata: ObjectMeta {
             name: Some(name),
             namespace: Some(validated.namespace().to_owned()),
-            labels: Some(stack_labels(validated)),
+            labels: Some(build::stack_labels(validated)),
             annotations: token
                 .map(|t| BTreeMap::from([(ROTATED_ANNOTATION.to_owned(), t.to_owned())])),
             owner_references: Some(vec![validated.owner().clone()]),
