@@ -515,16 +515,7 @@ async fn shutdown_tells_clients_to_reconnect_and_closes_with_1012() {
 #[tokio::test]
 async fn publications_made_while_the_pubsub_connection_was_down_are_delivered_after_it_returns() {
     let prefix = prefix();
-    let deps = common::test_support::Deps::from_env();
-    let mut toggle = common::test_support::TcpToggle::new(common::test_support::Deps::socket_of(
-        &deps.redis_url,
-    ));
-    toggle.up().await;
-    let vars = hub_vars(&prefix).with(
-        "REDIS_URL",
-        common::test_support::with_port(&deps.redis_url, toggle.port()),
-    );
-    let app = start(&vars).await;
+    let (mut toggle, app) = start_behind_toggle(&prefix).await;
     let rooms = rooms(&prefix, HistorySettings::default()).await;
     let mut client = client(&app, &["chat:*"]).await;
     subscribe(&mut client, "chat:outage").await;
@@ -555,16 +546,7 @@ async fn publications_made_while_the_pubsub_connection_was_down_are_delivered_af
 #[tokio::test]
 async fn a_pubsub_connection_whose_peer_vanished_is_dropped_and_replaced() {
     let prefix = prefix();
-    let deps = common::test_support::Deps::from_env();
-    let mut toggle = common::test_support::TcpToggle::new(common::test_support::Deps::socket_of(
-        &deps.redis_url,
-    ));
-    toggle.up().await;
-    let vars = hub_vars(&prefix).with(
-        "REDIS_URL",
-        common::test_support::with_port(&deps.redis_url, toggle.port()),
-    );
-    let app = start(&vars).await;
+    let (mut toggle, app) = start_behind_toggle(&prefix).await;
     let rooms = rooms(&prefix, HistorySettings::default()).await;
     let mut client = client(&app, &["chat:*"]).await;
     subscribe(&mut client, "chat:vanished").await;

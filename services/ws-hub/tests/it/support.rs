@@ -6,7 +6,7 @@ use common::config::{RedisConfig, Vars};
 use common::redis::Redis;
 use common::rooms::{HistorySettings, Rooms};
 use common::shutdown::CancellationToken;
-use common::test_support::{TestApp, test_vars, wait_until};
+use common::test_support::{Deps, TcpToggle, TestApp, test_vars, wait_until, with_port};
 use futures::{SinkExt as _, StreamExt as _};
 use tokio_tungstenite::tungstenite::Message;
 use ws_hub::loadgen::{Client, Target};
@@ -36,6 +36,15 @@ pub async fn start(vars: &Vars) -> TestApp {
     })
     .await;
     app
+}
+
+/// A hub on `prefix` that reaches Redis through a [`TcpToggle`] (up), to play outages.
+pub async fn start_behind_toggle(prefix: &str) -> (TcpToggle, TestApp) {
+    let deps = Deps::from_env();
+    let mut toggle = TcpToggle::new(Deps::socket_of(&deps.redis_url));
+    toggle.up().await;
+    let vars = hub_vars(prefix).with("REDIS_URL", with_port(&deps.redis_url, toggle.port()));
+    (toggle, start(&vars).await)
 }
 
 /// A token for `rooms`, expiring in `ttl_seconds` (negative: already expired).
