@@ -21,7 +21,7 @@ mod telemetry;
 
 pub use auth::{AuthSpec, SecretKeyRef};
 pub use deletion_policy::{DeletionPolicy, Retention};
-pub use image::{ImageOverride, ImageSpec, PullPolicy};
+pub use image::{ImageOverride, ImageSpec, PullPolicy, RELEASE_REGISTRY, RELEASE_TAG};
 pub use kafka::{KafkaSpec, TopicSpec, TopicsSpec};
 pub use postgres::{PostgresSpec, SslMode};
 pub use rate_limits::{RateLimitKey, RateLimitPolicy, RateLimitsSpec, RatePeriod};
@@ -90,7 +90,10 @@ pub const VERSION: &str = "v1alpha1";
 )]
 #[serde(rename_all = "camelCase")]
 pub struct MiddlewareStackSpec {
-    /// Where the services' container images come from. Each service may override it.
+    /// Where the services' container images come from; by default the images of the
+    /// operator's release (`ghcr.io/meridian-dev/meridian/<service>:<operator version>`). Each
+    /// service may override it.
+    #[serde(default)]
     pub image: ImageSpec,
     /// The five services: replicas, resources, extra environment, annotations, and whether
     /// each runs at all.

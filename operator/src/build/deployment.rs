@@ -83,8 +83,16 @@ fn image(stack: &ValidatedStack, component: Component) -> (String, String) {
         .image
         .clone()
         .unwrap_or_default();
-    let registry = overrides.registry.as_deref().unwrap_or(&defaults.registry);
-    let tag = overrides.tag.as_deref().unwrap_or(&defaults.tag);
+    let registry = overrides
+        .registry
+        .as_deref()
+        .or(defaults.registry.as_deref())
+        .unwrap_or(crate::crd::RELEASE_REGISTRY);
+    let tag = overrides
+        .tag
+        .as_deref()
+        .or(defaults.tag.as_deref())
+        .unwrap_or(crate::crd::RELEASE_TAG);
     let policy = overrides.pull_policy.unwrap_or(defaults.pull_policy);
     let policy = match policy {
         crate::crd::PullPolicy::Always => "Always",

@@ -2,12 +2,20 @@
 use kube::KubeSchema;
 use serde::{Deserialize, Serialize};
 
-/// Where container images come from: `<registry>/<service>:<tag>`.
-#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+/// The registry of the images of the operator's release (see [`ImageSpec::registry`]).
+pub const RELEASE_REGISTRY: &str = "ghcr.io/meridian-dev/meridian";
+
+/// The tag of the images of the operator's release: its own version.
+pub const RELEASE_TAG: &str = env!("CARGO_PKG_VERSION");
+
+/// Where container images come from: `<registry>/<service>:<tag>`. Unset fields follow the
+/// operator's release, so upgrading the operator rolls the services onto its images.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct ImageSpec {
     /// The registry and path prefix of the images, for example `ghcr.io/example/meridian`
-    /// (no scheme). The service name is appended (`<registry>/api-gateway`).
+    /// (no scheme). The service name is appended (`<registry>/api-gateway`). Default: the
+    /// operator release's, `ghcr.io/meridian-dev/meridian`.
     #[schemars(length(min = 1, max = 253))]
     #[x_kube(validation = Rule::new(
         "self.matches('^[a-zA-Z0-9]([a-zA-Z0-9.-]*[a-zA-Z0-9])?(:[0-9]+)?(/[a-z0-9]+([._-]+[a-z0-9]+)*)*/?$')"
@@ -15,13 +23,16 @@ pub struct ImageSpec {
         "image.registry must be a registry host and path such as ghcr.io/example/meridian: \
          no scheme (https://), no spaces, a lowercase path"
     ))]
-    pub registry: String,
-    /// The image tag every service uses, for example `0.1.0`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registry: Option<String>,
+    /// The image tag every service uses, for example `0.1.0`. Default: the operator's own
+    /// version.
     #[schemars(length(min = 1, max = 128))]
     #[x_kube(validation = Rule::new("self.matches('^[a-zA-Z0-9_][a-zA-Z0-9_.-]*$')").message(
         "image.tag must be letters, digits, '_', '.' and '-', not starting with '.' or '-'"
     ))]
-    pub tag: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tag: Option<String>,
     /// When the kubelet pulls the images.
     #[serde(default)]
     pub pull_policy: PullPolicy,

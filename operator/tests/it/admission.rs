@@ -159,6 +159,12 @@ async fn the_example_stack_and_its_secrets_are_accepted_with_defaults_filled_in(
     // Fields the example leaves out come back with the schema's defaults.
     assert!(stack.spec.services.cache_updater.enabled);
     assert_eq!(stack.spec.services.cache_updater.replicas, 1);
+
+    // No `image`: the operator's release decides.
+    let mut minimal = example_stack("minimal");
+    minimal["spec"].as_object_mut().unwrap().remove("image");
+    let minimal = apply(&ns.stacks(), &minimal).await.unwrap();
+    assert_eq!(minimal.spec.image, operator::crd::ImageSpec::default());
     ns.delete().await;
 }
 
