@@ -4,9 +4,10 @@
 # PostgreSQL of e2e/kind/deps.yaml, the operator installed from its image with the Helm chart,
 # the demo stack applied and awaited Ready, the smoke flow through localhost:8080 (gateway) and
 # :8085 (hub) — which kind-config.yaml maps to the node's NodePorts — then real faults on real
-# pods: a service crash-looping, a pod deleted, the Redis pod restarted; after each the
-# stack's conditions must say so and recover by themselves, and a smoke flow must pass again
-# with every document written before still there.
+# pods: a service crash-looping, a pod deleted, PostgreSQL and Kafka restarted, the Redis pod
+# replaced; after each the stack's conditions must say so and recover by themselves (no
+# service restarted after a dependency restart), and a smoke flow must pass again with every
+# document written before still there.
 #
 # The kind binary and its node image are built here too (dev/kind/node-image.sh), unless
 # KIND_NODE_IMAGE names one to use (kind's published images, where a registry is reachable).
@@ -125,14 +126,48 @@ pod_of() {
     -o jsonpath='{.items[0].metadata.name}'
 }
 
-# kill_service_process SERVICE: SIGKILL to the process of SERVICE's running container.
-kill_service_process() {
+# kill_process NAMESPACE CONTAINER: SIGKILL to the process of the running container named
+# CONTAINER of a pod in NAMESPACE; the kubelet restarts the container (an emptyDir stays).
+kill_process() {
   local id pid
-  id=$(docker exec "$NODE" crictl ps --name "$1" --label "io.kubernetes.pod.namespace=default" -q | head -n 1)
-  [ -n "$id" ] || die "no running container named $1"
+  id=$(docker exec "$NODE" crictl ps --name "$2" --label "io.kubernetes.pod.namespace=$1" -q | head -n 1)
+  [ -n "$id" ] || die "no running container named $2 in namespace $1"
   pid=$(docker exec "$NODE" crictl inspect --output go-template --template '{{.info.pid}}' "$id")
   docker exec "$NODE" kill -KILL "$pid"
-  ok "killed $1 (pid $pid on the node)"
+  ok "killed $2 (pid $pid on the node)"
+}
+
+kill_service_process() { kill_process default "$1"; }
+
+# service_restarts: every demo pod with its container's restart count.
+service_restarts() {
+  kubectl get pods -l app.kubernetes.io/instance=demo \
+    -o jsonpath='{range .items[*]}{.metadata.name}={.status.containerStatuses[0].restartCount} {end}'
+}
+
+# dependency_restart NAME: kills the dependency's server process (its data stays) and waits
+# for the kubelet to restart it; then the smoke flow must pass again by itself within 60 s of
+# the kill, and no service may have restarted: every client reconnects.
+dependency_restart() {
+  local name=$1 before started restarts
+  step "fault: $name restarted (its process killed)"
+  before=$(service_restarts)
+  restarts=$(kubectl -n meridian-deps get pods -l "app=$name" \
+    -o jsonpath='{.items[0].status.containerStatuses[0].restartCount}')
+  started=$SECONDS
+  kill_process meridian-deps "$name"
+  until [ "$(kubectl -n meridian-deps get pods -l "app=$name" \
+    -o jsonpath='{.items[0].status.containerStatuses[0].restartCount}')" -gt "$restarts" ]; do
+    (( SECONDS - started < 60 )) || die "$name was not restarted within 60s"
+    sleep 1
+  done
+  until smoke >/dev/null 2>&1; do
+    (( SECONDS - started < 60 )) || { smoke || true; die "the smoke flow did not pass within 60s of the $name restart"; }
+    sleep 1
+  done
+  ok "smoke flow passed again $((SECONDS - started))s after the kill"
+  [ "$(service_restarts)" = "$before" ] || die "a service restarted: $before -> $(service_restarts)"
+  ok "no service restarted ($before)"
 }
 
 # crash_loop SERVICE: kills SERVICE's process, and once the kubelet restarted it, kills it
@@ -235,6 +270,11 @@ run() {
   step "after the process kill and the pod deletion: smoke flow again"
   smoke_tries >/dev/null
   ok "smoke flow passed"
+
+  # PostgreSQL and Kafka restart in place (their data is in the pod's emptyDir): the services'
+  # pools, producers and consumers reconnect by themselves.
+  dependency_restart postgres
+  dependency_restart kafka
 
   # Redis keeps its ACL users in memory: a restart loses the stack's user. The services are
   # refused meanwhile and turn unready, which makes the operator provision the stack again
