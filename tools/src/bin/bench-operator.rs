@@ -294,29 +294,27 @@ async fn apiserver_writes(client: &Client) -> anyhow::Result<BTreeMap<String, f6
 /// Sums the samples of counter `metric` in Prometheus text `body` whose `verb` label is a
 /// write, by `verb/resource`.
 fn write_counters(body: &str, metric: &str) -> BTreeMap<String, f64> {
-    let prefix = format!("{metric}{{");
     let mut out = BTreeMap::new();
-    for line in body.lines().filter(|l| l.starts_with(&prefix)) {
-        let Some((labels, value)) = line.rsplit_once(' ') else {
-            continue;
-        };
-        let label = |name: &str| {
-            labels
-                .split(&format!("{name}=\""))
-                .nth(1)
-                .and_then(|r| r.split('"').next())
-                .unwrap_or("")
-                .to_owned()
-        };
+    let Ok(scrape) = prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_owned())))
+    else {
+        return out;
+    };
+    for sample in scrape.samples.iter().filter(|s| s.metric == metric) {
+        let label = |name: &str| sample.labels.get(name).unwrap_or_default();
         let verb = label("verb");
-        if WRITE_VERBS.contains(&verb.as_str()) {
-            let mut key = format!("{verb}/{}", label("resource"));
-            let subresource = label("subresource");
-            if !subresource.is_empty() {
-                key = format!("{key}/{subresource}");
-            }
-            *out.entry(key).or_insert(0.0) += value.parse::<f64>().unwrap_or(0.0);
+        if !WRITE_VERBS.contains(&verb) {
+            continue;
         }
+        let mut key = format!("{verb}/{}", label("resource"));
+        let subresource = label("subresource");
+        if !subresource.is_empty() {
+            key = format!("{key}/{subresource}");
+        }
+        let value = match sample.value {
+            prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Untyped(v) => v,
+            _ => 0.0,
+        };
+        *out.entry(key).or_insert(0.0) += value;
     }
     out
 }
@@ -669,4 +667,28 @@ async fn run(
         apiserver_ramp_writes,
         ramp_cpu,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn write_counters_sum_the_write_verbs_by_resource() {
+        let body = r#"# HELP apiserver_request_total Counter of apiserver requests.
+# TYPE apiserver_request_total counter
+apiserver_request_total{code="200",component="apiserver",resource="deployments",verb="PATCH"} 3
+apiserver_request_total{code="409",component="apiserver",resource="deployments",verb="PATCH"} 1
+apiserver_request_total{code="200",resource="middlewarestacks",subresource="status",verb="PATCH"} 2
+apiserver_request_total{code="200",resource="deployments",verb="GET"} 40
+"#;
+        let counters = write_counters(body, "apiserver_request_total");
+        assert_eq!(
+            counters,
+            BTreeMap::from([
+                ("PATCH/deployments".to_owned(), 4.0),
+                ("PATCH/middlewarestacks/status".to_owned(), 2.0),
+            ])
+        );
+    }
 }

@@ -11,15 +11,21 @@ use crate::support::{InProcess, Stack};
 
 /// The value of `command_retries_total` for `type` and `cause` in a Prometheus text body.
 fn retries(metrics: &str, kind: &str, cause: &str) -> u64 {
-    metrics
-        .lines()
-        .filter(|l| l.starts_with("command_retries_total{"))
-        .filter(|l| {
-            l.contains(&format!("type=\"{kind}\"")) && l.contains(&format!("cause=\"{cause}\""))
+    let scrape = prometheus_parse::Scrape::parse(metrics.lines().map(|l| Ok(l.to_owned())))
+        .expect("a Prometheus text body");
+    scrape
+        .samples
+        .iter()
+        .filter(|s| {
+            s.metric == "command_retries_total"
+                && s.labels.get("type") == Some(kind)
+                && s.labels.get("cause") == Some(cause)
         })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .map(|v| v as u64)
-        .sum()
+        .map(|s| match s.value {
+            prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Untyped(v) => v,
+            _ => 0.0,
+        })
+        .sum::<f64>() as u64
 }
 
 #[tokio::test]
