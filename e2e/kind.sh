@@ -168,6 +168,19 @@ dependency_restart() {
   ok "smoke flow passed again $((SECONDS - started))s after the kill"
   [ "$(service_restarts)" = "$before" ] || die "a service restarted: $before -> $(service_restarts)"
   ok "no service restarted ($before)"
+  settle
+}
+
+# settle: until the stack has been Ready for 10 s in a row, so that the operator has seen the
+# last fault end (its health check runs every 5 s here) before the next one starts.
+settle() {
+  local since=$SECONDS deadline=$((SECONDS + 180))
+  while (( SECONDS - since < 10 )); do
+    (( SECONDS < deadline )) || die "the stack did not stay Ready for 10s within 180s (now $(condition Ready))"
+    [ "$(condition Ready | cut -d/ -f1)" = True ] || since=$SECONDS
+    sleep 1
+  done
+  ok "stack Ready for 10s"
 }
 
 # crash_loop SERVICE: kills SERVICE's process, and once the kubelet restarted it, kills it
@@ -234,7 +247,8 @@ run() {
   helm upgrade --install meridian-operator \
     "$REPO_ROOT/charts/meridian-operator" --namespace meridian-system --create-namespace \
     --set image.repository=meridian/operator --set image.tag="$VERSION" \
-    --set image.pullPolicy=Never --wait --timeout 5m
+    --set image.pullPolicy=Never --wait --timeout 5m \
+    --set 'extraEnv[0].name=HEALTH_CHECK_SECONDS' --set-string 'extraEnv[0].value=5'
   kubectl -n meridian-system get pods -o wide
 
   step "demo stack"
