@@ -66,10 +66,13 @@ LIST
   echo "$ref"
 }
 
+# The label of every image built here: what `prune` may remove once a rebuild replaced it.
+LABEL=dev.meridian.built-by=images.sh
+
 # build TARGET REF CONTEXT [--build-arg ...]
 build() {
   local target=$1 ref=$2 context=$3; shift 3
-  spin "image $ref" "$DOCKER" build --target "$target" --tag "$ref" \
+  spin "image $ref" "$DOCKER" build --target "$target" --tag "$ref" --label "$LABEL" \
     --build-arg "DEBIAN_IMAGE=$BASE" "$@" --file "$REPO_ROOT/Dockerfile" "$context" ||
     die "building $ref failed"
 }
@@ -103,6 +106,8 @@ build_all() {
   for name in "${DEPENDENCIES[@]}"; do
     build "$name" "meridian/$name:$VERSION" "$context"
   done
+  # A rebuild leaves the image it replaced untagged: remove those, not to fill the disk.
+  docker image prune --force --filter "label=$LABEL" >/dev/null
   docker image ls --format '{{.Repository}}:{{.Tag}}\t{{.Size}}' | grep "^meridian/" | grep ":$VERSION\b" |
     sort | while IFS=$'\t' read -r ref size; do printf '    %-40s %s\n' "$ref" "$size"; done
 }
