@@ -295,8 +295,7 @@ async fn apiserver_writes(client: &Client) -> anyhow::Result<BTreeMap<String, f6
 /// write, by `verb/resource`.
 fn write_counters(body: &str, metric: &str) -> BTreeMap<String, f64> {
     let mut out = BTreeMap::new();
-    let Ok(scrape) = prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_owned())))
-    else {
+    let Ok(scrape) = prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_owned()))) else {
         return out;
     };
     for sample in scrape.samples.iter().filter(|s| s.metric == metric) {
