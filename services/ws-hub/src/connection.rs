@@ -286,7 +286,7 @@ fn unavailable(kind: ProblemType, detail: &str) -> Response {
     common::problem::retry_later(kind, detail)
 }
 
-/// `GET /ws`: checks the node's limits and the token, then upgrades.
+/// `GET /ws`: checks the token, then the node's limits, then upgrades.
 pub async fn upgrade(
     State(hub): State<Arc<Hub>>,
     uri: Uri,
@@ -310,17 +310,6 @@ pub async fn upgrade(
             "this hub node is shutting down; connect to another one",
         );
     }
-    let Some(slot) = hub.reserve() else {
-        metrics::counter!(HUB_CONNECTIONS_REJECTED_TOTAL, "service" => NAME, "reason" => "connection_limit")
-            .increment(1);
-        return unavailable(
-            ProblemType::CapacityExceeded,
-            &format!(
-                "this hub node has reached its limit of {} connections; retry later",
-                hub.settings.max_connections
-            ),
-        );
-    };
     let access = match crate::access::token(uri.query(), &headers) {
         Some(token) => match hub.verifier.verify(&token).await {
             Ok(claims) => Access::from_claims(&claims),
@@ -343,6 +332,19 @@ pub async fn upgrade(
                     .detail("an access token is required (?token=, Authorization: Bearer, or a bearer.<token> subprotocol)"),
             );
         }
+    };
+    // A slot only for a caller whose token checked out: a flood of bad tokens gets its 401s
+    // and never makes the node answer 503 to anyone.
+    let Some(slot) = hub.reserve() else {
+        metrics::counter!(HUB_CONNECTIONS_REJECTED_TOTAL, "service" => NAME, "reason" => "connection_limit")
+            .increment(1);
+        return unavailable(
+            ProblemType::CapacityExceeded,
+            &format!(
+                "this hub node has reached its limit of {} connections; retry later",
+                hub.settings.max_connections
+            ),
+        );
     };
     let ws = ws.protocols([PROTOCOL_MSGPACK, PROTOCOL_JSON]);
     let encoding = match ws.selected_protocol().map(HeaderValue::as_bytes) {

@@ -356,7 +356,7 @@ async fn a_slow_consumer_is_cut_without_delaying_the_others() {
 }
 
 #[tokio::test]
-async fn the_connection_limit_answers_503_problem_json() {
+async fn the_connection_limit_answers_503_problem_json_after_the_token_check() {
     let app = start(&hub_vars(&prefix()).with("HUB_MAX_CONNECTIONS", "2")).await;
     let target = target(&app, Some(token(&["*"])), false).await;
     let _one = target.connect(None).await.unwrap();
@@ -377,6 +377,15 @@ async fn the_connection_limit_answers_503_problem_json() {
             );
         }
         other => panic!("expected 503, got {other}"),
+    }
+    // The token is checked before a slot is looked for: a bad one is told so even when full.
+    let forged = token_with(&["*"], 600, "another-secret-of-32-bytes-or-more!");
+    let forged = crate::support::target(&app, Some(forged), false).await;
+    match forged.connect(None).await.unwrap_err() {
+        ws_hub::loadgen::LoadError::WebSocket(tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status(), 401);
+        }
+        other => panic!("expected 401, got {other}"),
     }
     drop(_one);
     wait_until("a slot to free up", Duration::from_secs(10), || {
