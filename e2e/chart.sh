@@ -101,8 +101,8 @@ kubectl get crd middlewarestacks.meridian.dev >/dev/null ||
 ! kubectl -n "$NS" get "deployment/$RELEASE" >/dev/null 2>&1 || die "uninstall left the Deployment"
 ok "uninstalled; CRD kept"
 
-# The kind e2e's manifests cannot run here (no Docker engine) but are validated the same way.
-# Last, because the stack needs the MiddlewareStack CRD in the API server: on a new control
+# The kind e2e's manifests, validated against the local control plane before the kind e2e
+# applies them to its cluster. Last, because the stack needs the MiddlewareStack CRD in the API server: on a new control
 # plane only the install above created it (a dry run of the chart creates nothing).
 step "kind e2e manifests: kubectl apply --dry-run=server"
 kubectl wait --for=condition=Established --timeout=60s crd/middlewarestacks.meridian.dev >/dev/null
