@@ -13,8 +13,8 @@
 //! 2. One pipeline runs, for every event in read order, one script that applies it to the
 //!    read model if it is newer than the stored version and, only then, publishes it to the
 //!    rooms `doc:<collection>:<id>`, `collection:<collection>` and `cmd:<commandId>`
-//!    ([`readmodel::apply_and_publish_invocation`]). Redis executes a pipeline in order and
-//!    each script atomically, so each document's events apply in order, every applied event
+//!    ([`readmodel::apply_and_publish_invocation`]). Redis executes the batch as one
+//!    transaction (MULTI/EXEC), in order, so each document's events apply in order, every applied event
 //!    is announced exactly once by its script, and a stale one (a redelivery, or an event
 //!    overtaken) changes and announces nothing. Scripts run by EVALSHA; if Redis lost one
 //!    (restart, `SCRIPT FLUSH`), it is loaded and the invocations that got `NOSCRIPT` run
@@ -552,10 +552,14 @@ fn parse_message<'m>(
     })
 }
 
-/// Runs `invocations` as one pipeline (Redis executes its commands in order, in one round trip)
-/// and returns each one's reply; an `Err` is the round trip's own failure. Scripts run by
-/// EVALSHA: when Redis does not have one (after a restart or `SCRIPT FLUSH`), it is loaded and
-/// the invocations that got `NOSCRIPT` run once more, in order, in a second pipeline.
+/// Runs `invocations` as one transaction (MULTI/EXEC: in order, in one round trip, with no
+/// other client's command in between) and returns each one's reply; an `Err` is the round
+/// trip's own failure. Scripts run by EVALSHA: when Redis does not have one (after a restart or
+/// `SCRIPT FLUSH`), it is loaded and the invocations that got `NOSCRIPT` run once more, in
+/// order, in a second transaction. Without the transaction another client could load the
+/// script in the middle of the pipeline: the invocations after that point would succeed, the
+/// earlier ones be retried after them, and a document's older versions be applied after a
+/// newer one (so found stale, their room notifications lost).
 async fn run_scripts<T: redis::FromRedisValue>(
     redis: &Redis,
     invocations: &[ScriptInvocation<'_>],
@@ -564,7 +568,7 @@ async fn run_scripts<T: redis::FromRedisValue>(
         invocations: impl Iterator<Item = &'a ScriptInvocation<'a>>,
     ) -> redis::Pipeline {
         let mut pipe = redis::pipe();
-        pipe.ignore_errors();
+        pipe.atomic().ignore_errors();
         for invocation in invocations {
             pipe.invoke_script(invocation);
         }
