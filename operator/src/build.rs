@@ -134,9 +134,9 @@ pub fn stack_labels(stack: &ValidatedStack) -> BTreeMap<String, String> {
     ])
 }
 
-/// The name of the stack's endpoints ConfigMap.
-pub fn endpoints_name(stack: &ValidatedStack) -> String {
-    format!("{}-endpoints", stack.name())
+/// The name of the endpoints ConfigMap of the stack named `stack`.
+pub fn endpoints_name(stack: &str) -> String {
+    format!("{stack}-endpoints")
 }
 
 /// What an application needs to use the stack, as a ConfigMap it can mount or read through
@@ -181,7 +181,7 @@ pub fn endpoints(stack: &ValidatedStack) -> ConfigMap {
     }
     ConfigMap {
         metadata: ObjectMeta {
-            name: Some(endpoints_name(stack)),
+            name: Some(endpoints_name(stack.name())),
             namespace: Some(stack.namespace().to_owned()),
             labels: Some(stack_labels(stack)),
             owner_references: Some(vec![stack.owner().clone()]),

@@ -717,32 +717,21 @@ fn the_endpoints_config_map_gives_applications_the_urls_and_token_settings() {
 
 #[test]
 fn without_spec_image_the_services_run_the_images_of_the_operators_release() {
+    let release = env!("CARGO_PKG_VERSION");
     let mut stack = fixtures::example();
     stack.spec.image = crate::crd::ImageSpec::default();
-    let state = build(&fixtures::validated(&stack));
-    let processor = container(objects(&state, Component::Processor));
-    assert_eq!(
-        processor.image.as_deref(),
-        Some(
-            format!(
-                "ghcr.io/meridian-dev/meridian/processor:{}",
-                env!("CARGO_PKG_VERSION")
-            )
-            .as_str()
-        )
-    );
-    // A registry alone keeps the release's tag.
-    stack.spec.image.registry = Some("mirror.example/meridian".to_owned());
-    let state = build(&fixtures::validated(&stack));
-    let processor = container(objects(&state, Component::Processor));
-    assert_eq!(
-        processor.image.as_deref(),
-        Some(
-            format!(
-                "mirror.example/meridian/processor:{}",
-                env!("CARGO_PKG_VERSION")
-            )
-            .as_str()
-        )
-    );
+    let cases = [
+        (None, "ghcr.io/meridian-dev/meridian"),
+        // A registry alone keeps the release's tag.
+        (Some("mirror.example/meridian"), "mirror.example/meridian"),
+    ];
+    for (registry, expected) in cases {
+        stack.spec.image.registry = registry.map(str::to_owned);
+        let state = build(&fixtures::validated(&stack));
+        let processor = container(objects(&state, Component::Processor));
+        assert_eq!(
+            processor.image.as_deref(),
+            Some(format!("{expected}/processor:{release}").as_str())
+        );
+    }
 }

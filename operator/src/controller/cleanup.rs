@@ -163,7 +163,7 @@ fn forget(stack: &MiddlewareStack, ctx: &Context) {
     };
     let namespace = validated.namespace();
     let mut keys = vec![
-        object_key::<ConfigMap>(namespace, &build::endpoints_name(&validated)),
+        object_key::<ConfigMap>(namespace, &build::endpoints_name(validated.name())),
         object_key::<Secret>(namespace, &build::redis_secret_name(&validated)),
         object_key::<Secret>(namespace, &build::postgres_secret_name(&validated)),
     ];

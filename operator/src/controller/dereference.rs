@@ -307,12 +307,17 @@ pub(super) async fn dependencies(
     })
 }
 
-/// Keeps `refs` as the admin credentials `stack` last used (see [`remembered`]).
+/// Keeps `refs` as the admin credentials `stack` last used (see [`remembered`]); copied only
+/// when the Secrets they come from changed.
 pub(super) fn remember(ctx: &Context, stack: &MiddlewareStack, refs: &Dereferenced) {
-    ctx.admin_credentials
+    let mut all = ctx
+        .admin_credentials
         .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .insert(ObjectRef::from_obj(stack), refs.clone());
+        .unwrap_or_else(|p| p.into_inner());
+    let key = ObjectRef::from_obj(stack);
+    if all.get(&key).map(|known| &known.versions) != Some(&refs.versions) {
+        all.insert(key, refs.clone());
+    }
 }
 
 /// The admin credentials `stack` last used in this process, if any: the cleanup's fallback

@@ -236,7 +236,7 @@ pub(super) async fn run(
             "ApplyEndpoints",
             format!(
                 "applied ConfigMap {} (the stack's URLs for applications)",
-                build::endpoints_name(validated)
+                build::endpoints_name(validated.name())
             ),
         )),
         Ok(false) => {}

@@ -173,7 +173,7 @@ pub(super) async fn write(
         phase: Some(phase),
         services_ready: MiddlewareStackStatus::count_ready(&services),
         // The services are rolled out only after the endpoints ConfigMap is applied.
-        endpoints: (!services.is_empty()).then(|| format!("{}-endpoints", stack.name_any())),
+        endpoints: (!services.is_empty()).then(|| crate::build::endpoints_name(&stack.name_any())),
         services,
         conditions,
     };

@@ -97,6 +97,13 @@ impl Harness {
         Api::namespaced(self.client.clone(), &self.ns.name)
     }
 
+    /// Applies `stack` and waits until it is Ready.
+    async fn apply_ready(&self, stack: &Value) {
+        self.apply(stack).await;
+        let name = stack["metadata"]["name"].as_str().unwrap();
+        self.wait_for_condition(name, "Ready", "True", None).await;
+    }
+
     async fn apply(&self, stack: &Value) -> MiddlewareStack {
         crate::admission::apply(&self.stacks(), stack)
             .await
@@ -693,10 +700,7 @@ async fn a_dependency_outage_turns_its_condition_false_and_the_stack_recovers_by
     let mut redis = TcpToggle::new(Deps::socket_of(&deps.redis_url));
     redis.up().await;
     let url = format!("redis://127.0.0.1:{}", redis.port());
-    harness.apply(&stack("gamma", &url, "Delete")).await;
-    harness
-        .wait_for_condition("gamma", "Ready", "True", None)
-        .await;
+    harness.apply_ready(&stack("gamma", &url, "Delete")).await;
 
     redis.down().await;
     harness
@@ -732,10 +736,7 @@ async fn a_paused_stack_is_left_alone_and_a_rotation_rolls_new_credentials() {
     let harness = Harness::start("rotate").await;
     let deps = Deps::from_env();
     harness
-        .apply(&stack("delta", &deps.redis_url, "Delete"))
-        .await;
-    harness
-        .wait_for_condition("delta", "Ready", "True", None)
+        .apply_ready(&stack("delta", &deps.redis_url, "Delete"))
         .await;
     let secrets: Api<Secret> = harness.api();
     let deployments: Api<Deployment> = harness.api();
@@ -876,10 +877,7 @@ async fn a_deleted_namespace_is_cleaned_up_although_its_admin_secrets_went_first
     let harness = Harness::start("nsdelete").await;
     let deps = Deps::from_env();
     harness
-        .apply(&stack("epsilon", &deps.redis_url, "Delete"))
-        .await;
-    harness
-        .wait_for_condition("epsilon", "Ready", "True", None)
+        .apply_ready(&stack("epsilon", &deps.redis_url, "Delete"))
         .await;
     let secrets = harness.api::<Secret>();
     let role = secret_key(&secrets.get("epsilon-postgres").await.unwrap(), "username");

@@ -30,7 +30,7 @@ use common::metrics::{
     HUB_CONNECTIONS, HUB_CONNECTIONS_REJECTED_TOTAL, HUB_DISCONNECTS_TOTAL,
     HUB_MESSAGES_REJECTED_TOTAL, HUB_PUBLICATIONS_TOTAL,
 };
-use common::problem::{Problem, ProblemType};
+use common::problem::{Problem, ProblemType, retry_later};
 use common::rooms::Position;
 use common::shutdown::CancellationToken;
 use futures::stream::{SplitSink, SplitStream};
@@ -282,10 +282,6 @@ fn rejected(reason: &'static str, problem: Problem) -> Response {
     problem.into_response()
 }
 
-fn unavailable(kind: ProblemType, detail: &str) -> Response {
-    common::problem::retry_later(kind, detail)
-}
-
 /// `GET /ws`: checks the token, then the node's limits, then upgrades.
 pub async fn upgrade(
     State(hub): State<Arc<Hub>>,
@@ -305,7 +301,7 @@ pub async fn upgrade(
     if hub.draining.load(Ordering::Acquire) {
         metrics::counter!(HUB_CONNECTIONS_REJECTED_TOTAL, "service" => NAME, "reason" => "draining")
             .increment(1);
-        return unavailable(
+        return retry_later(
             ProblemType::ShuttingDown,
             "this hub node is shutting down; connect to another one",
         );
@@ -315,7 +311,7 @@ pub async fn upgrade(
             Ok(claims) => Access::from_claims(&claims),
             Err(error) if error.is_unavailable() => {
                 tracing::warn!(%error, "Cannot verify a token.");
-                return unavailable(
+                return retry_later(
                     ProblemType::DependencyUnavailable,
                     "the token cannot be verified right now; retry later",
                 );
@@ -338,9 +334,9 @@ pub async fn upgrade(
     let Some(slot) = hub.reserve() else {
         metrics::counter!(HUB_CONNECTIONS_REJECTED_TOTAL, "service" => NAME, "reason" => "connection_limit")
             .increment(1);
-        return unavailable(
+        return retry_later(
             ProblemType::CapacityExceeded,
-            &format!(
+            format!(
                 "this hub node has reached its limit of {} connections; retry later",
                 hub.settings.max_connections
             ),
