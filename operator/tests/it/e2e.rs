@@ -3,13 +3,16 @@
 //! the stack runs as a local process of its service binary, with exactly the container's
 //! environment and the operator's provisioned credentials), and `meridian-smoke` walks the
 //! user's path: JWT → command through the gateway → `succeeded` → document → WebSocket event.
-//! Then `kubectl describe` must show every condition True and the Events.
+//! Then `kubectl describe` must show every condition True and the Events, and the spans every
+//! service exported to an in-process OTLP receiver must make one trace per command, from the
+//! gateway to the hub's fan-out.
 //!
 //! Needs every binary built (`just test` builds them first; by hand: `cargo build --workspace
 //! --bins`).
 use std::path::PathBuf;
 use std::time::Duration;
 
+use common::test_support::otlp::{OtlpReceiver, ReceivedSpan};
 use common::test_support::{ChildProcess, free_port, wait_until, workspace_binary};
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
@@ -20,6 +23,105 @@ use crate::admission::{TestNamespace, client, install_crd};
 
 const EXAMPLE: &str = include_str!("../../../crds/example-stack.yaml");
 const JWT_SECRET: &str = "e2e-only-secret";
+/// A caller's sampled trace, and one its caller chose not to sample.
+const SAMPLED: &str = "00-5e2e5e2e5e2e5e2e5e2e5e2e5e2e0001-00f067aa0ba902b7-01";
+const UNSAMPLED: &str = "00-5e2e5e2e5e2e5e2e5e2e5e2e5e2e0002-00f067aa0ba902b7-00";
+
+/// The hops of a command, as (service, span) along the ancestry of the hub's fan-out span.
+const HOPS: [(&str, &str); 7] = [
+    ("api-gateway", "http.request"),
+    ("command-service", "http.request"),
+    ("command-service", "outbox.publish"),
+    ("processor", "processor.command"),
+    ("processor", "outbox.publish"),
+    ("cache-updater", "cache.apply"),
+    ("ws-hub", "hub.fan_out"),
+];
+
+/// The first span `matches` accepts, once exported (batches leave every 5 s).
+async fn await_span(
+    traces: &OtlpReceiver,
+    matches: impl Fn(&ReceivedSpan) -> bool,
+) -> ReceivedSpan {
+    let mut found = None;
+    wait_until("the span to be exported", Duration::from_secs(60), || {
+        found = traces.spans().into_iter().find(&matches);
+        std::future::ready(found.is_some())
+    })
+    .await;
+    found.unwrap()
+}
+
+/// Waits (60 s at most) until the trace holds a hub fan-out span whose ancestry is [`HOPS`] in
+/// order (other spans may sit between them) and whose root's parent is `caller` (the caller's
+/// span, not exported) or none; then no span of the trace may be an orphan.
+async fn assert_one_trace_through_every_hop(
+    traces: &OtlpReceiver,
+    trace_id: &str,
+    caller: Option<&str>,
+) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let spans = traces.trace(trace_id);
+        match trace_through_every_hop(&spans, caller) {
+            Ok(path) => {
+                eprintln!("trace {trace_id}: {path}");
+                break;
+            }
+            Err(why) if tokio::time::Instant::now() > deadline => {
+                panic!("trace {trace_id}: {why}")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+        }
+    }
+    let spans = traces.trace(trace_id);
+    for span in &spans {
+        let parent = span.parent_span_id.as_deref();
+        assert!(
+            parent.is_none_or(|p| Some(p) == caller || spans.iter().any(|s| s.span_id == p)),
+            "trace {trace_id}: orphan span {}/{}",
+            span.service,
+            span.name,
+        );
+    }
+}
+
+/// The described path from the root to the hub's fan-out, or why it is not complete yet.
+fn trace_through_every_hop(spans: &[ReceivedSpan], caller: Option<&str>) -> Result<String, String> {
+    let leaf = spans
+        .iter()
+        .find(|s| s.name == "hub.fan_out")
+        .ok_or("no hub.fan_out span")?;
+    let mut path = vec![leaf];
+    while let Some(parent) = path.last().and_then(|s| s.parent_span_id.as_deref()) {
+        match spans.iter().find(|s| s.span_id == parent) {
+            Some(span) => path.push(span),
+            None => break,
+        }
+    }
+    path.reverse();
+    let described = path
+        .iter()
+        .map(|s| format!("{}/{}", s.service, s.name))
+        .collect::<Vec<_>>()
+        .join(" -> ");
+    if path[0].parent_span_id.as_deref() != caller {
+        return Err(format!("starts elsewhere than {caller:?}: {described}"));
+    }
+    let mut hops = HOPS.iter().peekable();
+    for span in &path {
+        if hops
+            .peek()
+            .is_some_and(|(service, name)| span.service == *service && span.name == *name)
+        {
+            hops.next();
+        }
+    }
+    match hops.next() {
+        Some(missing) => Err(format!("no {missing:?} in {described}")),
+        None => Ok(described),
+    }
+}
 
 fn kubectl(args: &[&str]) -> std::process::Output {
     std::process::Command::new("kubectl")
@@ -101,6 +203,9 @@ async fn the_operator_brings_up_a_stack_whose_real_services_pass_the_smoke_flow(
     }
     // Each run's namespace is new: drop its database when done rather than keep one per run.
     stack["spec"]["deletionPolicy"]["database"] = json!("Delete");
+    // Every service exports its spans to the test.
+    let traces = OtlpReceiver::start().await;
+    stack["spec"]["telemetry"] = json!({ "otlpEndpoint": traces.endpoint(), "samplingRatio": 1.0 });
     let stacks: Api<MiddlewareStack> = ns.stacks();
     stacks
         .patch(
@@ -157,27 +262,60 @@ async fn the_operator_brings_up_a_stack_whose_real_services_pass_the_smoke_flow(
     )
     .await;
 
-    let smoke = tokio::process::Command::new(workspace_binary("meridian-smoke"))
-        .args([
-            "--gateway",
-            &format!("http://{gateway}"),
-            "--hub",
-            &format!("ws://{hub}"),
-        ])
-        .env("SMOKE_JWT_SECRET", JWT_SECRET)
-        .output()
-        .await
-        .unwrap();
-    assert!(
-        smoke.status.success(),
-        "the smoke flow failed:\n{}{}\n(service logs in {}/logs)",
-        String::from_utf8_lossy(&smoke.stdout),
-        String::from_utf8_lossy(&smoke.stderr),
-        state.display()
+    let smoke = |traceparent: Option<&'static str>| {
+        let (gateway, hub, state) = (gateway.clone(), hub.clone(), state.clone());
+        async move {
+            let mut command = tokio::process::Command::new(workspace_binary("meridian-smoke"));
+            command
+                .args([
+                    "--gateway",
+                    &format!("http://{gateway}"),
+                    "--hub",
+                    &format!("ws://{hub}"),
+                ])
+                .env("SMOKE_JWT_SECRET", JWT_SECRET);
+            if let Some(traceparent) = traceparent {
+                command.args(["--traceparent", traceparent]);
+            }
+            let smoke = command.output().await.unwrap();
+            let out = String::from_utf8_lossy(&smoke.stdout).into_owned();
+            assert!(
+                smoke.status.success(),
+                "the smoke flow failed:\n{out}{}\n(service logs in {}/logs)",
+                String::from_utf8_lossy(&smoke.stderr),
+                state.display()
+            );
+            eprintln!("{out}");
+            assert!(out.contains("smoke flow passed"), "{out}");
+            out
+        }
+    };
+    // A caller whose trace is not sampled, one with no trace, one with a sampled trace.
+    smoke(Some(UNSAMPLED)).await;
+    let untraced = smoke(None).await;
+    smoke(Some(SAMPLED)).await;
+
+    // One trace per command, through every hop, with the caller's parent when it sent one.
+    let (caller_trace, caller_span) = (&SAMPLED[3..35], &SAMPLED[36..52]);
+    assert_one_trace_through_every_hop(&traces, caller_trace, Some(caller_span)).await;
+    let command_id = untraced
+        .split_whitespace()
+        .skip_while(|word| *word != "command")
+        .nth(1)
+        .unwrap()
+        .to_owned();
+    let processed = await_span(&traces, |span| {
+        span.name == "processor.command" && span.attributes.get("command_id") == Some(&command_id)
+    })
+    .await;
+    assert_one_trace_through_every_hop(&traces, &processed.trace_id, None).await;
+    // Not sampled by the caller: dropped at every hop (its spans would have been exported
+    // before the later traces' spans).
+    assert_eq!(
+        traces.trace(&UNSAMPLED[3..35]),
+        vec![],
+        "an unsampled trace was exported"
     );
-    let smoke_out = String::from_utf8_lossy(&smoke.stdout);
-    eprintln!("{smoke_out}");
-    assert!(smoke_out.contains("smoke flow passed"), "{smoke_out}");
 
     // `kubectl describe` tells the whole story.
     let describe = kubectl(&["-n", &ns.name, "describe", "middlewarestack", "shop"]);

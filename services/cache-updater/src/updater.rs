@@ -405,6 +405,7 @@ impl Updater {
             &self.rooms,
             &rooms_of(&parsed.event),
             parsed.payload,
+            common::telemetry::traceparent_of(&parsed.span).as_deref(),
         )
     }
 

@@ -420,10 +420,35 @@ struct Row {
 }
 
 impl Row {
-    fn headers(&self) -> OwnedHeaders {
+    /// A producer span for this row when it carries a sampled trace: a child of the stored
+    /// context, so the trace shows the hop through the outbox and Kafka. Rows without a
+    /// sampled trace cost no span.
+    fn publish_span(&self) -> Option<tracing::Span> {
+        let traceparent = self
+            .traceparent
+            .as_deref()
+            .filter(|tp| crate::telemetry::traceparent_is_sampled(tp))?;
+        let span = tracing::info_span!(
+            "outbox.publish",
+            otel.kind = "producer",
+            messaging.system = "kafka",
+            messaging.destination.name = %self.topic,
+            message_type = %self.message_type,
+            outbox_id = self.id,
+        );
+        crate::telemetry::set_parent_from_traceparent(&span, traceparent);
+        Some(span)
+    }
+
+    /// The Kafka headers; `traceparent` is that of `span` (the row's producer span) when there
+    /// is one, else the stored one.
+    fn headers(&self, span: Option<&tracing::Span>) -> OwnedHeaders {
         let command_id = self.command_id.map(|id| id.to_string());
+        let traceparent = span
+            .and_then(crate::telemetry::traceparent_of)
+            .or_else(|| self.traceparent.clone());
         let optional = [
-            (HEADER_TRACEPARENT, self.traceparent.as_deref()),
+            (HEADER_TRACEPARENT, traceparent.as_deref()),
             (HEADER_TRACESTATE, self.tracestate.as_deref()),
             (HEADER_COMMAND_ID, command_id.as_deref()),
         ];
@@ -773,14 +798,16 @@ impl Relay {
             }
         };
         for row in rows {
+            let span = row.publish_span();
             let mut record = FutureRecord::to(&row.topic)
                 .key(&row.message_key)
                 .payload(&row.payload)
-                .headers(row.headers());
+                .headers(row.headers(span.as_ref()));
             loop {
                 match self.producer.send_result(record) {
                     Ok(delivery) => {
-                        pending.push((row.id, row.topic.as_str(), delivery));
+                        // The span ends when Kafka acknowledged the message.
+                        pending.push((row.id, row.topic.as_str(), delivery, span));
                         break;
                     }
                     Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
@@ -797,8 +824,11 @@ impl Relay {
             }
         }
         let mut acked = Vec::with_capacity(pending.len());
-        for (id, topic, delivery) in pending {
-            match delivery.await {
+        for (id, topic, delivery, span) in pending {
+            match delivery
+                .instrument(span.unwrap_or_else(tracing::Span::none))
+                .await
+            {
                 Ok(Ok(_)) => acked.push(id),
                 Ok(Err((error, _))) => {
                     tracing::warn!(%error, id, topic, "Kafka did not acknowledge an outbox message.");
@@ -936,7 +966,7 @@ mod tests {
             traceparent: Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into()),
             tracestate: None,
         };
-        let headers = row.headers();
+        let headers = row.headers(None);
         let found: HashMap<&str, &[u8]> = headers
             .iter()
             .map(|h| (h.key, h.value.unwrap_or_default()))

@@ -145,16 +145,16 @@ return apply(KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5])
 ";
 
 /// As [`APPLY_LUA_MAIN`], then, only if the event applied, `publish_room` for each room:
-/// `ARGV[6..=9]` are the payload, history size, TTL (ms) and publish time (µs), then a channel
-/// and a candidate epoch per room; `KEYS[2..]` an epoch hash and a history stream per room (see
+/// `ARGV[6..=10]` are the payload, history size, TTL (ms), publish time (µs) and traceparent,
+/// then a channel and a candidate epoch per room; `KEYS[2..]` an epoch hash and a history stream per room (see
 /// `Rooms::publication_args`).
 const APPLY_AND_PUBLISH_LUA_MAIN: &str = r"
 if apply(KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]) == 0 then
   return 0
 end
 for room = 1, (#KEYS - 1) / 2 do
-  publish_room(KEYS[2 * room], KEYS[2 * room + 1], ARGV[8 + 2 * room], ARGV[9 + 2 * room],
-    ARGV[7], ARGV[8], ARGV[9], ARGV[6])
+  publish_room(KEYS[2 * room], KEYS[2 * room + 1], ARGV[9 + 2 * room], ARGV[10 + 2 * room],
+    ARGV[7], ARGV[8], ARGV[9], ARGV[10], ARGV[6])
 end
 return 1
 ";
@@ -214,8 +214,9 @@ pub fn apply_invocation(
 /// [`apply_invocation`] that, when the event applies, also publishes `payload` to each of
 /// `rooms` ([`Rooms::publish`](crate::rooms::Rooms::publish)'s steps), all in one atomic
 /// script: an applied event is always announced, a stale one never is, and the read model,
-/// the rooms' histories and their channels never disagree. Its reply is the same as
-/// [`apply_invocation`]'s.
+/// the rooms' histories and their channels never disagree. The publications carry
+/// `trace_parent` (the event's span) so the hub's fan-out continues the event's trace. Its
+/// reply is the same as [`apply_invocation`]'s.
 pub fn apply_and_publish_invocation<R: AsRef<str>>(
     prefix: &str,
     event: &EventEnvelope,
@@ -223,11 +224,12 @@ pub fn apply_and_publish_invocation<R: AsRef<str>>(
     rooms: &crate::rooms::Rooms,
     room_names: &[R],
     payload: &[u8],
+    trace_parent: Option<&str>,
 ) -> redis::ScriptInvocation<'static> {
     let script: &'static redis::Script = &APPLY_AND_PUBLISH;
     let mut invocation = script.prepare_invoke();
     apply_args(&mut invocation, prefix, event, tombstone_ttl);
-    rooms.publication_args(&mut invocation, room_names, payload);
+    rooms.publication_args(&mut invocation, room_names, payload, trace_parent);
     invocation
 }
 

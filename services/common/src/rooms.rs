@@ -64,6 +64,9 @@ pub struct Publication {
     pub epoch: String,
     /// Its offset within the epoch.
     pub offset: u64,
+    /// The W3C `traceparent` of the publisher's span, when it had one: the hub's fan-out span
+    /// continues that trace.
+    pub trace_parent: Option<String>,
     /// When the publisher sent it, in microseconds since the Unix epoch (publisher's clock;
     /// used for the publish → deliver latency metric).
     pub published_at_micros: u64,
@@ -102,12 +105,13 @@ impl From<redis::RedisError> for RoomsError {
 const FRAME_MAGIC: &[u8] = b"m1 ";
 
 /// Lua: `publish_room(epoch_key, history_key, channel, candidate_epoch, history_size, ttl_ms,
-/// published_at_micros, payload)` returns `epoch, offset`: the steps of one publication (ensure
-/// the epoch, bump the offset, `XADD` with an exact `MAXLEN`, refresh the TTLs, `PUBLISH`). The
+/// published_at_micros, traceparent, payload)` returns `epoch, offset`: the steps of one
+/// publication (ensure the epoch, bump the offset, `XADD` with an exact `MAXLEN`, refresh the
+/// TTLs, `PUBLISH`); an empty `traceparent` is left out of the entry and the frame. The
 /// one definition for every script that publishes: [`Rooms::publish`]'s and
 /// [`crate::readmodel::apply_and_publish_invocation`]'s.
 pub(crate) const PUBLISH_ROOM_LUA_FN: &str = r"
-local function publish_room(epoch_key, history_key, channel, candidate, size, ttl, micros, payload)
+local function publish_room(epoch_key, history_key, channel, candidate, size, ttl, micros, tp, payload)
   local epoch = redis.call('HGET', epoch_key, 'epoch')
   if not epoch then
     epoch = candidate
@@ -115,17 +119,23 @@ local function publish_room(epoch_key, history_key, channel, candidate, size, tt
     redis.call('HSET', epoch_key, 'epoch', epoch, 'offset', 0)
   end
   local offset = redis.call('HINCRBY', epoch_key, 'offset', 1)
-  redis.call('XADD', history_key, 'MAXLEN', '=', size, offset .. '-0', 't', micros, 'p', payload)
+  local header = 'm1 ' .. epoch .. ' ' .. offset .. ' ' .. micros
+  if tp == '' then
+    redis.call('XADD', history_key, 'MAXLEN', '=', size, offset .. '-0', 't', micros, 'p', payload)
+  else
+    redis.call('XADD', history_key, 'MAXLEN', '=', size, offset .. '-0', 't', micros, 'c', tp, 'p', payload)
+    header = header .. ' ' .. tp
+  end
   redis.call('PEXPIRE', epoch_key, ttl)
   redis.call('PEXPIRE', history_key, ttl)
-  redis.call('PUBLISH', channel, 'm1 ' .. epoch .. ' ' .. offset .. ' ' .. micros .. '\n' .. payload)
+  redis.call('PUBLISH', channel, header .. '\n' .. payload)
   return epoch, offset
 end
 ";
 
 /// One room, arguments as [`Rooms::publication_args`] lays them out. Returns `{epoch, offset}`.
 const PUBLISH_LUA_MAIN: &str = r"
-local epoch, offset = publish_room(KEYS[1], KEYS[2], ARGV[5], ARGV[6], ARGV[2], ARGV[3], ARGV[4], ARGV[1])
+local epoch, offset = publish_room(KEYS[1], KEYS[2], ARGV[6], ARGV[7], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[1])
 return {epoch, offset}
 ";
 
@@ -215,30 +225,39 @@ impl Rooms {
     }
 
     /// Appends `payload` to the room's history and publishes it to the room's channel, in one
-    /// atomic step; returns the position it was given.
+    /// atomic step; returns the position it was given. The publication carries the current
+    /// span's trace context.
     pub async fn publish(&self, room: &str, payload: &[u8]) -> Result<Position, RoomsError> {
         let mut conn = self.redis.connection()?;
         let mut invocation = self.publish.prepare_invoke();
-        self.publication_args(&mut invocation, &[room], payload);
+        let trace_parent = crate::telemetry::traceparent_of(&tracing::Span::current());
+        self.publication_args(&mut invocation, &[room], payload, trace_parent.as_deref());
         let (epoch, offset): (String, u64) = invocation.invoke_async(&mut conn).await?;
         Ok(Position { epoch, offset })
     }
 
     /// Adds the arguments of a script built on [`PUBLISH_ROOM_LUA_FN`] that publishes
-    /// `payload` to each of `rooms`: ARGV gets the payload, the history size, the TTL (ms) and
-    /// the publish time (µs), then a channel and a candidate epoch per room; KEYS gets each
-    /// room's epoch hash and history stream. Call it after the script's own KEYS and ARGV.
+    /// `payload` to each of `rooms`: ARGV gets the payload, the history size, the TTL (ms), the
+    /// publish time (µs) and the `traceparent` (empty for none), then a channel and a candidate
+    /// epoch per room; KEYS gets each room's epoch hash and history stream. Call it after the
+    /// script's own KEYS and ARGV.
     pub(crate) fn publication_args<R: AsRef<str>>(
         &self,
         invocation: &mut redis::ScriptInvocation<'_>,
         rooms: &[R],
         payload: &[u8],
+        trace_parent: Option<&str>,
     ) {
+        // A header field: anything but a W3C traceparent's characters is dropped, not sent.
+        let trace_parent = trace_parent
+            .filter(|tp| tp.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'))
+            .unwrap_or("");
         invocation
             .arg(payload)
             .arg(self.settings.size.max(1))
             .arg(self.ttl_millis())
-            .arg(now_micros());
+            .arg(now_micros())
+            .arg(trace_parent);
         for room in rooms {
             let room = room.as_ref();
             invocation
@@ -302,7 +321,7 @@ fn history_entry(
         .split_once('-')
         .and_then(|(ms, _)| ms.parse().ok())
         .ok_or(RoomsError::Malformed("history entry id"))?;
-    let (mut published_at_micros, mut payload) = (0, None);
+    let (mut published_at_micros, mut payload, mut trace_parent) = (0, None, None);
     for (name, value) in fields {
         match name.as_str() {
             "t" => {
@@ -312,26 +331,33 @@ fn history_entry(
                     .ok_or(RoomsError::Malformed("history entry time"))?;
             }
             "p" => payload = Some(Bytes::from(value)),
+            "c" => trace_parent = String::from_utf8(value).ok(),
             _ => {}
         }
     }
     Ok(Publication {
         epoch: epoch.to_owned(),
         offset,
+        trace_parent,
         published_at_micros,
         payload: payload.ok_or(RoomsError::Malformed("history entry without payload"))?,
     })
 }
 
 impl Publication {
-    /// The channel frame: `m1 <epoch> <offset> <published_at_micros>\n<payload bytes>`
-    /// (a short ASCII header, then the payload untouched). The publish script builds the
-    /// same bytes inside Redis.
+    /// The channel frame: `m1 <epoch> <offset> <published_at_micros>[ <traceparent>]\n<payload
+    /// bytes>` (a short ASCII header, then the payload untouched). The publish script builds
+    /// the same bytes inside Redis.
     pub fn encode(&self) -> Vec<u8> {
-        let header = format!(
-            "m1 {} {} {}\n",
+        let mut header = format!(
+            "m1 {} {} {}",
             self.epoch, self.offset, self.published_at_micros
         );
+        if let Some(tp) = &self.trace_parent {
+            header.push(' ');
+            header.push_str(tp);
+        }
+        header.push('\n');
         let mut frame = Vec::with_capacity(header.len() + self.payload.len());
         frame.extend_from_slice(header.as_bytes());
         frame.extend_from_slice(&self.payload);
@@ -351,10 +377,16 @@ impl Publication {
         let header = std::str::from_utf8(&rest[..newline])
             .map_err(|_| RoomsError::Malformed("header is not UTF-8"))?;
         let mut fields = header.split(' ');
-        let (Some(epoch), Some(offset), Some(at), None) =
-            (fields.next(), fields.next(), fields.next(), fields.next())
-        else {
-            return Err(RoomsError::Malformed("header needs epoch, offset and time"));
+        let (Some(epoch), Some(offset), Some(at), trace_parent, None) = (
+            fields.next(),
+            fields.next(),
+            fields.next(),
+            fields.next(),
+            fields.next(),
+        ) else {
+            return Err(RoomsError::Malformed(
+                "header needs epoch, offset, time and at most a traceparent",
+            ));
         };
         let offset = offset
             .parse()
@@ -366,6 +398,7 @@ impl Publication {
         Ok(Self {
             epoch: epoch.to_owned(),
             offset,
+            trace_parent: trace_parent.map(str::to_owned),
             published_at_micros,
             payload: frame.slice(start..),
         })
@@ -392,14 +425,20 @@ mod tests {
 
     #[test]
     fn a_frame_round_trips_with_a_binary_payload() {
-        let publication = Publication {
-            epoch: "abc123".into(),
-            offset: 42,
-            published_at_micros: 1_700_000_000_000_000,
-            payload: Bytes::from_static(&[0xff, 0x00, b'\n', 0xc3, 0x28]),
-        };
-        let decoded = Publication::decode(Bytes::from(publication.encode())).unwrap();
-        assert_eq!(decoded, publication);
+        for trace_parent in [
+            None,
+            Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".to_owned()),
+        ] {
+            let publication = Publication {
+                epoch: "abc123".into(),
+                offset: 42,
+                trace_parent,
+                published_at_micros: 1_700_000_000_000_000,
+                payload: Bytes::from_static(&[0xff, 0x00, b'\n', 0xc3, 0x28]),
+            };
+            let decoded = Publication::decode(Bytes::from(publication.encode())).unwrap();
+            assert_eq!(decoded, publication);
+        }
     }
 
     #[test]
@@ -409,6 +448,7 @@ mod tests {
             b"m1 e 1\npayload",
             b"m1 e x 1\n",
             b"m1 e 1 2",
+            b"m1 e 1 2 00-ab-cd-01 extra\npayload",
         ] {
             assert!(
                 Publication::decode(Bytes::copy_from_slice(frame)).is_err(),

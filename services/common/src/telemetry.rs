@@ -144,6 +144,37 @@ pub fn set_parent_from_kafka<H: Headers>(span: &tracing::Span, headers: Option<&
     set_parent(span, extract_kafka(headers));
 }
 
+/// The W3C `traceparent` of `span`'s context, for carriers that are not HTTP or Kafka headers
+/// (room publications); `None` when the span has no valid context (disabled, or no tracer).
+pub fn traceparent_of(span: &tracing::Span) -> Option<String> {
+    let cx = span.context();
+    let mut fields = std::collections::HashMap::new();
+    global::get_text_map_propagator(|p| p.inject_context(&cx, &mut fields));
+    fields.remove("traceparent")
+}
+
+/// The remote context a `traceparent` value names (an empty context when it does not parse).
+pub fn context_from_traceparent(traceparent: &str) -> Context {
+    let fields =
+        std::collections::HashMap::from([("traceparent".to_owned(), traceparent.to_owned())]);
+    global::get_text_map_propagator(|p| p.extract(&fields))
+}
+
+/// Whether a `traceparent` value names a valid context that is sampled (a span continuing it
+/// would be exported).
+pub fn traceparent_is_sampled(traceparent: &str) -> bool {
+    use opentelemetry::trace::TraceContextExt as _;
+    let cx = context_from_traceparent(traceparent);
+    let span = cx.span();
+    let context = span.span_context();
+    context.is_valid() && context.is_sampled()
+}
+
+/// Makes `span` a child of the context a `traceparent` value names.
+pub fn set_parent_from_traceparent(span: &tracing::Span, traceparent: &str) {
+    set_parent(span, context_from_traceparent(traceparent));
+}
+
 fn set_parent(span: &tracing::Span, cx: Context) {
     // Fails only when the span is disabled (filtered out), in which case there is nothing
     // to link.

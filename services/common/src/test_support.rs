@@ -3,6 +3,7 @@
 //! processes that are cleaned up, and the local dependencies' addresses.
 #![allow(clippy::panic, clippy::unwrap_used)] // test code: failing loudly is the point
 
+pub mod otlp;
 pub mod plans;
 
 use std::future::Future;

@@ -699,7 +699,17 @@ impl Session {
             );
             return;
         }
-        match self.hub.registry.rooms().publish(&room, &payload).await {
+        // Its own span, so the room's fan-out on every hub node continues this publication's
+        // trace rather than the whole connection's.
+        let span = tracing::info_span!("ws.publish", room = %room);
+        match self
+            .hub
+            .registry
+            .rooms()
+            .publish(&room, &payload)
+            .instrument(span)
+            .await
+        {
             Ok(position) => {
                 metrics::counter!(HUB_PUBLICATIONS_TOTAL, "service" => NAME).increment(1);
                 self.send(Outbound::Reply(Box::new(Reply::Published {

@@ -363,6 +363,23 @@ impl Registry {
     }
 
     fn fan_out(&self, room: &Room, publication: Publication) {
+        // A span per publication (not per client) that continues the publisher's trace, when
+        // the publication carries a sampled one: an untraced fan-out costs nothing extra.
+        let span = publication
+            .trace_parent
+            .as_deref()
+            .filter(|tp| common::telemetry::traceparent_is_sampled(tp))
+            .map(|tp| {
+                let span = tracing::info_span!(
+                    "hub.fan_out",
+                    otel.kind = "consumer",
+                    room = &*room.name,
+                    offset = publication.offset,
+                    recipients = tracing::field::Empty,
+                );
+                common::telemetry::set_parent_from_traceparent(&span, tp);
+                span
+            });
         let published_at = publication.published_at_micros;
         *lock(&room.last) = Some(Position {
             epoch: publication.epoch.clone(),
@@ -381,6 +398,9 @@ impl Registry {
                     Err(TrySendError::Closed(_)) => {}
                 }
             }
+        }
+        if let Some(span) = span {
+            span.record("recipients", delivered);
         }
         metrics::counter!(HUB_DELIVERIES_TOTAL, "service" => NAME).increment(delivered);
         let latency = common::rooms::now_micros().saturating_sub(published_at);

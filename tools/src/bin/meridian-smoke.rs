@@ -70,6 +70,23 @@ struct RunArgs {
     /// How long each step may take, in seconds.
     #[arg(long, default_value_t = 60)]
     timeout_seconds: u64,
+    /// A W3C `traceparent` to send with the command, so its trace can be found in the trace
+    /// backend (`00-<32 hex trace id>-<16 hex span id>-<01 sampled | 00 not>`).
+    #[arg(long, value_parser = parse_traceparent)]
+    traceparent: Option<String>,
+}
+
+fn parse_traceparent(value: &str) -> Result<String, String> {
+    let fields: Vec<&str> = value.split('-').collect();
+    let hex = |s: &str, len: usize| s.len() == len && s.bytes().all(|b| b.is_ascii_hexdigit());
+    match fields[..] {
+        [version, trace, span, flags]
+            if version == "00" && hex(trace, 32) && hex(span, 16) && hex(flags, 2) =>
+        {
+            Ok(value.to_ascii_lowercase())
+        }
+        _ => Err("expected 00-<32 hex digits>-<16 hex digits>-<2 hex digits>".to_owned()),
+    }
 }
 
 fn mint(args: &TokenArgs) -> anyhow::Result<String> {
@@ -133,14 +150,15 @@ async fn smoke(args: &RunArgs, token: &str) -> anyhow::Result<()> {
         "type": "create", "collection": args.collection, "id": id,
         "payload": {"message": "hello from meridian-smoke", "at": chrono::Utc::now().to_rfc3339()},
     });
-    let response = http
+    let mut request = http
         .post(format!("{gateway}/v1/commands"))
         .bearer_auth(token)
         .header("Idempotency-Key", uuid::Uuid::new_v4().to_string())
-        .json(&body)
-        .send()
-        .await
-        .context("POST /v1/commands failed")?;
+        .json(&body);
+    if let Some(traceparent) = &args.traceparent {
+        request = request.header("traceparent", traceparent);
+    }
+    let response = request.send().await.context("POST /v1/commands failed")?;
     let status = response.status();
     let accepted: Value = response
         .json()
@@ -242,6 +260,26 @@ where
             if want(&value) {
                 return Ok(value);
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_traceparent;
+
+    #[test]
+    fn a_traceparent_argument_must_be_a_w3c_version_00_value() {
+        let good = "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01";
+        assert_eq!(parse_traceparent(good).unwrap(), good.to_ascii_lowercase());
+        for bad in [
+            "",
+            "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e473-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902bz-01",
+        ] {
+            assert!(parse_traceparent(bad).is_err(), "{bad}");
         }
     }
 }

@@ -18,7 +18,7 @@ use rdkafka::message::Headers as _;
 use rdkafka::{Message as _, TopicPartitionList};
 use serde_json::json;
 
-use crate::support::{Stack, event, next_publication};
+use crate::support::{Stack, event, next_publication, next_traced_publication};
 
 #[tokio::test]
 async fn events_are_projected_announced_and_invalidated_and_bad_ones_skipped() {
@@ -247,13 +247,19 @@ async fn a_burst_is_handled_in_batches_in_order_without_stale_events_and_with_ea
     wait_ready(&format!("{base}/ready"), Duration::from_secs(60)).await;
 
     // Each document's room gets exactly its versions in order: no stale event, none missing
-    // (a stale one would come before the document's last version, its last message).
+    // (a stale one would come before the document's last version, its last message); each
+    // publication continues its event's trace (the hub's fan-out span joins it).
     let all: Vec<i64> = (1..=VERSIONS).collect();
     for (d, room) in doc_rooms.iter_mut().enumerate() {
         let mut versions = Vec::new();
         while versions.last() != Some(&VERSIONS) {
-            let event = next_publication(room).await;
+            let (event, traceparent) = next_traced_publication(room).await;
             assert_eq!(event, sent[&(d, event.version)], "log: {}", log.display());
+            let traceparent = traceparent.expect("a publication without traceparent");
+            assert_eq!(
+                traceparent.split('-').nth(1),
+                Some(trace_id(d, event.version).as_str())
+            );
             versions.push(event.version);
         }
         assert_eq!(versions, all, "room of {} (log: {})", ids[d], log.display());

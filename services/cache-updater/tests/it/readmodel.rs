@@ -213,6 +213,7 @@ async fn apply_and_publish_announces_applied_events_only() {
         async move { shared.connection().is_ok() }
     })
     .await;
+    const TRACE_PARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
     let rooms = Rooms::new(shared, HistorySettings::default());
     let names = ["doc:books:b1".to_owned(), "collection:books".to_owned()];
     let client = redis::Client::open(Deps::from_env().redis_url).unwrap();
@@ -227,7 +228,13 @@ async fn apply_and_publish_announces_applied_events_only() {
             (conn.clone(), prefix.clone(), rooms.clone(), names.clone());
         async move {
             let applied: i64 = readmodel::apply_and_publish_invocation(
-                &prefix, &event, TTL, &rooms, &names, payload,
+                &prefix,
+                &event,
+                TTL,
+                &rooms,
+                &names,
+                payload,
+                Some(TRACE_PARENT),
             )
             .invoke_async(&mut conn)
             .await
@@ -257,6 +264,7 @@ async fn apply_and_publish_announces_applied_events_only() {
         assert_eq!(channel, &rooms.channel(name));
         assert_eq!(publication.offset, 1);
         assert_eq!(&publication.payload[..], b"\x00event two\xff");
+        assert_eq!(publication.trace_parent.as_deref(), Some(TRACE_PARENT));
         let recovery = rooms
             .recover(
                 name,

@@ -211,12 +211,22 @@ pub fn event(
 
 /// The next event published on a room channel, decoded from its publication frame.
 pub async fn next_publication(stream: &mut redis::aio::PubSubStream) -> EventEnvelope {
+    next_traced_publication(stream).await.0
+}
+
+/// The next publication on a room subscription: its event and its `traceparent`, if any.
+pub async fn next_traced_publication(
+    stream: &mut redis::aio::PubSubStream,
+) -> (EventEnvelope, Option<String>) {
     let message = tokio::time::timeout(Duration::from_secs(30), stream.next())
         .await
         .expect("no room publication within 30 s")
         .expect("the subscription ended");
     let frame = Publication::decode(Bytes::from(message.get_payload_bytes().to_vec())).unwrap();
-    serde_json::from_slice(&frame.payload).unwrap()
+    (
+        serde_json::from_slice(&frame.payload).unwrap(),
+        frame.trace_parent,
+    )
 }
 
 /// Removes every key under `prefix` (SCAN + UNLINK; the prefix is a plain test id).

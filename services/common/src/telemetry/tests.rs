@@ -73,3 +73,21 @@ fn a_message_without_headers_yields_an_empty_context() {
             .is_valid()
     );
 }
+
+#[test]
+fn a_traceparent_value_round_trips_and_says_whether_it_is_sampled() {
+    global::set_text_map_propagator(TraceContextPropagator::new());
+    let sampled = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let cx = context_from_traceparent(sampled);
+    assert_eq!(
+        cx.span().span_context().trace_id().to_string(),
+        "4bf92f3577b34da6a3ce929d0e0e4736"
+    );
+    assert!(traceparent_is_sampled(sampled));
+    assert!(!traceparent_is_sampled(
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00"
+    ));
+    assert!(!traceparent_is_sampled("garbage"));
+    // A span outside any tracer has no context to give.
+    assert_eq!(traceparent_of(&tracing::Span::none()), None);
+}

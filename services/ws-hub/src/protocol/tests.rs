@@ -4,6 +4,7 @@ fn publication(payload: &'static [u8]) -> Publication {
     Publication {
         epoch: "e1".into(),
         offset: 7,
+        trace_parent: None,
         published_at_micros: 1,
         payload: Bytes::from_static(payload),
     }
