@@ -31,13 +31,14 @@ monitoring_crds() {
     sed -n 's/.*"Dir": "\(.*\)".*/\1/p')
   [ -d "$dir/example/prometheus-operator-crd" ] || die "prometheus-operator CRDs not found in $dir"
   local crd
-  for crd in servicemonitors prometheusrules; do
+  for crd in servicemonitors podmonitors prometheusrules; do
     kubectl apply --server-side --force-conflicts \
       -f "$dir/example/prometheus-operator-crd/monitoring.coreos.com_$crd.yaml" >/dev/null
   done
   kubectl wait --for=condition=Established --timeout=60s \
-    crd/servicemonitors.monitoring.coreos.com crd/prometheusrules.monitoring.coreos.com >/dev/null
-  ok "prometheus-operator $MERIDIAN_PROMETHEUS_OPERATOR_VERSION CRDs installed (ServiceMonitor, PrometheusRule)"
+    crd/servicemonitors.monitoring.coreos.com crd/podmonitors.monitoring.coreos.com \
+    crd/prometheusrules.monitoring.coreos.com >/dev/null
+  ok "prometheus-operator $MERIDIAN_PROMETHEUS_OPERATOR_VERSION CRDs installed (ServiceMonitor, PodMonitor, PrometheusRule)"
 }
 
 step "chart CRD matches crds/"

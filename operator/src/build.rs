@@ -18,10 +18,12 @@ use crate::validate::ValidatedStack;
 mod component;
 mod config_map;
 mod deployment;
+mod monitoring;
 mod service;
 
 pub use component::{Component, Tier};
 pub use config_map::{service_url, settings};
+pub use monitoring::{Scraping, pod_monitor, pod_monitor_kind, pod_monitor_name};
 pub use service::service_needs_recreate;
 
 /// `app.kubernetes.io/part-of` of everything the operator creates.
@@ -48,6 +50,9 @@ pub struct DesiredState {
     pub endpoints: ConfigMap,
     /// One entry per enabled service, in start-up order.
     pub services: Vec<ServiceObjects>,
+    /// How the services are scraped; with [`Scraping::PodMonitor`] the stack owns a PodMonitor
+    /// ([`pod_monitor`]), otherwise its pods carry scrape annotations.
+    pub scraping: Scraping,
 }
 
 impl DesiredState {
@@ -192,15 +197,16 @@ pub fn endpoints(stack: &ValidatedStack) -> ConfigMap {
     }
 }
 
-/// Builds the objects of every enabled service.
-pub fn build(stack: &ValidatedStack) -> DesiredState {
+/// Builds the objects of every enabled service, scraped as `scraping` says.
+pub fn build(stack: &ValidatedStack, scraping: Scraping) -> DesiredState {
     DesiredState {
         endpoints: endpoints(stack),
         services: Component::ALL
             .into_iter()
             .filter(|c| c.spec(&stack.spec().services).enabled)
-            .map(|c| build_service(stack, c))
+            .map(|c| build_service(stack, c, scraping))
             .collect(),
+        scraping,
     }
 }
 
@@ -241,14 +247,18 @@ pub fn fingerprint<'a>(parts: impl IntoIterator<Item = &'a [u8]>) -> String {
     digest[..8].iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn build_service(stack: &ValidatedStack, component: Component) -> ServiceObjects {
+fn build_service(
+    stack: &ValidatedStack,
+    component: Component,
+    scraping: Scraping,
+) -> ServiceObjects {
     let spec = component.spec(&stack.spec().services);
     let config_map = config_map::config_map(stack, component);
     let pod_disruption_budget =
         (spec.replicas > 1).then(|| deployment::pod_disruption_budget(stack, component));
     ServiceObjects {
         component,
-        deployment: deployment::deployment(stack, component, &config_map),
+        deployment: deployment::deployment(stack, component, &config_map, scraping),
         service: service::service(stack, component),
         config_map,
         pod_disruption_budget,

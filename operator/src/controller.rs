@@ -52,6 +52,7 @@ use common::metrics::{
 mod apply;
 mod cleanup;
 mod dereference;
+mod monitoring;
 mod provision;
 mod stages;
 mod status;
@@ -232,6 +233,8 @@ pub struct Context {
     /// their resourceVersion in `secret_versions` is unchanged, so a reconcile reads them
     /// from the API server only after they changed (many stacks may share one admin Secret).
     referenced: Mutex<HashMap<ObjectRef<Secret>, Arc<Secret>>>,
+    /// Whether the cluster serves PodMonitors, and the ones this process wrote.
+    pod_monitors: monitoring::PodMonitors,
 }
 
 /// Runs the controller until `shutdown` fires.
@@ -268,6 +271,7 @@ pub async fn run(
         provisioned: Mutex::default(),
         secret_versions,
         referenced: Mutex::default(),
+        pod_monitors: monitoring::PodMonitors::default(),
         settings,
     });
     controller

@@ -12,6 +12,7 @@ mod auth;
 mod deletion_policy;
 mod image;
 mod kafka;
+mod monitoring;
 mod postgres;
 mod rate_limits;
 mod redis;
@@ -23,6 +24,7 @@ pub use auth::{AuthSpec, SecretKeyRef};
 pub use deletion_policy::{DeletionPolicy, Retention};
 pub use image::{ImageOverride, ImageSpec, PullPolicy, RELEASE_REGISTRY, RELEASE_TAG};
 pub use kafka::{KafkaSpec, TopicSpec, TopicsSpec};
+pub use monitoring::MonitoringSpec;
 pub use postgres::{PostgresSpec, SslMode};
 pub use rate_limits::{RateLimitKey, RateLimitPolicy, RateLimitsSpec, RatePeriod};
 pub use redis::RedisSpec;
@@ -115,6 +117,10 @@ pub struct MiddlewareStackSpec {
     /// Where traces are exported, and how many are sampled.
     #[serde(default)]
     pub telemetry: TelemetrySpec,
+    /// How Prometheus finds the services' metrics: a PodMonitor when the cluster has the
+    /// prometheus-operator CRDs, scrape annotations on the pods otherwise.
+    #[serde(default)]
+    pub monitoring: MonitoringSpec,
     /// What happens to topics and credentials when the stack is deleted.
     #[serde(default)]
     pub deletion_policy: DeletionPolicy,

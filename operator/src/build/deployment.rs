@@ -13,8 +13,8 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::config_map::config_hash;
 use super::{
-    CONFIG_HASH_ANNOTATION, Component, RUN_AS, SHUTDOWN_GRACE_SECONDS, URL_KEY, labels, metadata,
-    object_name, postgres_secret_name, redis_secret_name, selector_labels,
+    CONFIG_HASH_ANNOTATION, Component, RUN_AS, SHUTDOWN_GRACE_SECONDS, Scraping, URL_KEY, labels,
+    metadata, object_name, postgres_secret_name, redis_secret_name, selector_labels,
 };
 use crate::validate::ValidatedStack;
 
@@ -127,10 +127,16 @@ pub(super) fn deployment(
     stack: &ValidatedStack,
     component: Component,
     config_map: &ConfigMap,
+    scraping: Scraping,
 ) -> Deployment {
     let spec = component.spec(&stack.spec().services);
     let (image, image_pull_policy) = image(stack, component);
     let mut annotations = spec.annotations.clone();
+    if scraping == Scraping::Annotations {
+        for (key, value) in super::monitoring::scrape_annotations(component) {
+            annotations.entry(key).or_insert(value);
+        }
+    }
     annotations.insert(CONFIG_HASH_ANNOTATION.to_owned(), config_hash(config_map));
     let container = Container {
         name: component.name().to_owned(),

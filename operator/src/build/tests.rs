@@ -7,7 +7,10 @@ use super::*;
 use crate::fixtures;
 
 fn example() -> DesiredState {
-    build(&fixtures::validated(&fixtures::example()))
+    build(
+        &fixtures::validated(&fixtures::example()),
+        Scraping::Annotations,
+    )
 }
 
 fn objects(state: &DesiredState, component: Component) -> &ServiceObjects {
@@ -96,9 +99,10 @@ fn every_enabled_service_gets_a_config_map_deployment_and_service_named_after_th
 
 #[test]
 fn disabled_services_get_no_objects_at_all() {
-    let state = build(&fixtures::validated(&fixtures::stack(
-        fixtures::EDGE_DISABLED,
-    )));
+    let state = build(
+        &fixtures::validated(&fixtures::stack(fixtures::EDGE_DISABLED)),
+        Scraping::Annotations,
+    );
     assert!(state.service(Component::Gateway).is_none());
     assert!(state.service(Component::WsHub).is_none());
     assert_eq!(state.services.len(), 3);
@@ -242,9 +246,10 @@ fn settings_carry_the_specs_values_and_the_derived_prefixes() {
         ])
     );
 
-    let core_only = build(&fixtures::validated(&fixtures::stack(
-        fixtures::EDGE_DISABLED,
-    )));
+    let core_only = build(
+        &fixtures::validated(&fixtures::stack(fixtures::EDGE_DISABLED)),
+        Scraping::Annotations,
+    );
     let updater = objects(&core_only, Component::CacheUpdater);
     assert_eq!(
         setting(updater, "OTEL_EXPORTER_OTLP_ENDPOINT"),
@@ -310,7 +315,7 @@ fn a_jwks_issuer_is_a_plain_setting_and_no_secret_is_referenced() {
     let auth = stack.spec.auth.as_mut().unwrap();
     auth.jwt_secret_ref = None;
     auth.jwks_url = Some("https://auth.example.invalid/jwks.json".to_owned());
-    let state = build(&fixtures::validated(&stack));
+    let state = build(&fixtures::validated(&stack), Scraping::Annotations);
     let gateway = objects(&state, Component::Gateway);
     for edge in [gateway, objects(&state, Component::WsHub)] {
         assert_eq!(
@@ -424,7 +429,7 @@ fn a_pod_disruption_budget_exists_only_above_one_replica() {
     for (replicas, expected) in cases {
         let mut stack = fixtures::example();
         stack.spec.services.processor.replicas = replicas;
-        let state = build(&fixtures::validated(&stack));
+        let state = build(&fixtures::validated(&stack), Scraping::Annotations);
         let processor = objects(&state, Component::Processor);
         assert_eq!(
             processor.deployment.spec.as_ref().unwrap().replicas,
@@ -451,9 +456,10 @@ fn a_pod_disruption_budget_exists_only_above_one_replica() {
 
 #[test]
 fn image_overrides_replace_only_the_fields_they_set() {
-    let state = build(&fixtures::validated(&fixtures::stack(
-        fixtures::EDGE_DISABLED,
-    )));
+    let state = build(
+        &fixtures::validated(&fixtures::stack(fixtures::EDGE_DISABLED)),
+        Scraping::Annotations,
+    );
     let cases = [
         (
             Component::CommandService,
@@ -488,7 +494,7 @@ fn extra_env_replaces_the_operators_variable_of_the_same_name_without_duplicates
             ..EnvVar::default()
         },
     ];
-    let state = build(&fixtures::validated(&stack));
+    let state = build(&fixtures::validated(&stack), Scraping::Annotations);
     let env = container(objects(&state, Component::CommandService))
         .env
         .clone()
@@ -526,7 +532,7 @@ fn resources_and_annotations_pass_through_to_the_pod() {
         .as_ref()
         .unwrap();
     let annotations = template.annotations.as_ref().unwrap();
-    assert_eq!(annotations["prometheus.io/scrape"], "true");
+    assert_eq!(annotations["example.com/owner"], "storefront-team");
     assert!(annotations.contains_key(CONFIG_HASH_ANNOTATION));
 }
 
@@ -534,7 +540,10 @@ fn resources_and_annotations_pass_through_to_the_pod() {
 fn the_same_spec_always_builds_identical_objects() {
     assert_eq!(example(), example());
     let minimal = fixtures::validated(&fixtures::stack(fixtures::MINIMAL));
-    assert_eq!(build(&minimal), build(&minimal));
+    assert_eq!(
+        build(&minimal, Scraping::Annotations),
+        build(&minimal, Scraping::Annotations)
+    );
 }
 
 #[test]
@@ -553,7 +562,7 @@ fn a_settings_change_changes_the_config_hash_so_pods_roll() {
     let mut stack = fixtures::example();
     stack.spec.telemetry.sampling_ratio = 0.5;
     stack.spec.kafka.bootstrap_servers = "kafka-0:9092".to_owned();
-    let after = build(&fixtures::validated(&stack));
+    let after = build(&fixtures::validated(&stack), Scraping::Annotations);
     assert_ne!(
         hash(&before, Component::Processor),
         hash(&after, Component::Processor)
@@ -561,7 +570,7 @@ fn a_settings_change_changes_the_config_hash_so_pods_roll() {
     // Replicas are not a setting: scaling does not roll the pods.
     let mut scaled = fixtures::example();
     scaled.spec.services.processor.replicas = 4;
-    let scaled = build(&fixtures::validated(&scaled));
+    let scaled = build(&fixtures::validated(&scaled), Scraping::Annotations);
     assert_eq!(
         hash(&before, Component::Processor),
         hash(&scaled, Component::Processor)
@@ -570,7 +579,10 @@ fn a_settings_change_changes_the_config_hash_so_pods_roll() {
 
 #[test]
 fn the_minimal_fixture_builds_every_service_with_defaults() {
-    let state = build(&fixtures::validated(&fixtures::stack(fixtures::MINIMAL)));
+    let state = build(
+        &fixtures::validated(&fixtures::stack(fixtures::MINIMAL)),
+        Scraping::Annotations,
+    );
     assert_eq!(state.services.len(), 5);
     for objects in &state.services {
         let spec = objects.deployment.spec.as_ref().unwrap();
@@ -620,7 +632,7 @@ fn the_cache_updater_keeps_as_much_room_history_as_the_hub_resumes_from() {
     // The cache updater's own `env` still wins (it comes after the ConfigMap).
     stack.spec.services.cache_updater.env = vec![plain("CACHE_ROOM_HISTORY_SIZE", "50")];
     let env = container(objects(
-        &build(&fixtures::validated(&stack)),
+        &build(&fixtures::validated(&stack), Scraping::Annotations),
         Component::CacheUpdater,
     ))
     .env
@@ -708,9 +720,10 @@ fn the_endpoints_config_map_gives_applications_the_urls_and_token_settings() {
     assert_eq!(data["DOCUMENT_ROOM"], "doc:{collection}:{id}");
 
     // Without the edge services there is nothing to call: no URL.
-    let core_only = build(&fixtures::validated(&fixtures::stack(
-        fixtures::EDGE_DISABLED,
-    )));
+    let core_only = build(
+        &fixtures::validated(&fixtures::stack(fixtures::EDGE_DISABLED)),
+        Scraping::Annotations,
+    );
     let data = core_only.endpoints.data.unwrap();
     assert!(!data.contains_key("GATEWAY_URL") && !data.contains_key("HUB_URL"));
 }
@@ -727,11 +740,136 @@ fn without_spec_image_the_services_run_the_images_of_the_operators_release() {
     ];
     for (registry, expected) in cases {
         stack.spec.image.registry = registry.map(str::to_owned);
-        let state = build(&fixtures::validated(&stack));
+        let state = build(&fixtures::validated(&stack), Scraping::Annotations);
         let processor = container(objects(&state, Component::Processor));
         assert_eq!(
             processor.image.as_deref(),
             Some(format!("{expected}/processor:{release}").as_str())
+        );
+    }
+}
+
+fn pod_template(objects: &ServiceObjects) -> &ObjectMeta {
+    objects
+        .deployment
+        .spec
+        .as_ref()
+        .unwrap()
+        .template
+        .metadata
+        .as_ref()
+        .unwrap()
+}
+
+#[test]
+fn without_a_pod_monitor_every_pod_carries_the_scrape_annotations_of_its_port() {
+    let minimal = fixtures::validated(&fixtures::stack(fixtures::MINIMAL));
+    let state = build(&minimal, Scraping::Annotations);
+    assert_eq!(state.services.len(), Component::ALL.len());
+    for objects in &state.services {
+        let annotations = pod_template(objects).annotations.as_ref().unwrap();
+        let name = objects.component.name();
+        assert_eq!(annotations["prometheus.io/scrape"], "true", "{name}");
+        assert_eq!(
+            annotations["prometheus.io/port"],
+            objects.component.port().to_string(),
+            "{name}"
+        );
+        assert_eq!(annotations["prometheus.io/path"], "/metrics", "{name}");
+    }
+}
+
+#[test]
+fn a_users_scrape_annotation_wins_over_the_generated_one() {
+    let mut stack = fixtures::stack(fixtures::MINIMAL);
+    stack
+        .spec
+        .services
+        .gateway
+        .annotations
+        .insert("prometheus.io/scrape".to_owned(), "false".to_owned());
+    let state = build(&fixtures::validated(&stack), Scraping::Annotations);
+    let annotations = pod_template(objects(&state, Component::Gateway))
+        .annotations
+        .as_ref()
+        .unwrap();
+    assert_eq!(annotations["prometheus.io/scrape"], "false");
+}
+
+#[test]
+fn with_a_pod_monitor_one_monitor_selects_every_pod_and_no_pod_is_annotated() {
+    let mut stack = fixtures::stack(fixtures::MINIMAL);
+    stack
+        .spec
+        .monitoring
+        .pod_monitor_labels
+        .insert("release".to_owned(), "kube-prometheus".to_owned());
+    let validated = fixtures::validated(&stack);
+    let state = build(&validated, Scraping::PodMonitor);
+    let monitor = pod_monitor(&validated);
+    assert_eq!(monitor.types.as_ref().unwrap().kind, "PodMonitor");
+    assert_eq!(
+        monitor.types.as_ref().unwrap().api_version,
+        "monitoring.coreos.com/v1"
+    );
+    assert_eq!(monitor.metadata.name.as_deref(), Some("mini"));
+    assert_eq!(monitor.metadata.namespace.as_deref(), Some("team-a"));
+    assert_eq!(
+        monitor.metadata.owner_references.as_ref().unwrap()[0].kind,
+        "MiddlewareStack"
+    );
+    let labels = monitor.metadata.labels.as_ref().unwrap();
+    assert_eq!(labels["release"], "kube-prometheus");
+    assert_eq!(labels["app.kubernetes.io/managed-by"], MANAGED_BY);
+
+    let spec = &monitor.data["spec"];
+    let selector = spec["selector"]["matchLabels"].as_object().unwrap();
+    let endpoint = &spec["podMetricsEndpoints"][0];
+    assert_eq!(endpoint["path"], "/metrics");
+    for objects in &state.services {
+        let name = objects.component.name();
+        let template = pod_template(objects);
+        let pod_labels = template.labels.as_ref().unwrap();
+        for (key, value) in selector {
+            assert_eq!(
+                Some(pod_labels[key].as_str()),
+                value.as_str(),
+                "{name}: {key}"
+            );
+        }
+        let port = &container(objects).ports.as_ref().unwrap()[0];
+        assert_eq!(endpoint["port"], port.name.as_deref().unwrap(), "{name}");
+        assert!(
+            template
+                .annotations
+                .as_ref()
+                .unwrap()
+                .keys()
+                .all(|k| !k.starts_with("prometheus.io/")),
+            "{name} is annotated for scraping as well"
+        );
+    }
+}
+
+#[test]
+fn a_pod_monitor_is_chosen_when_the_cluster_has_its_crd_unless_turned_off() {
+    use crate::crd::MonitoringSpec;
+    let spec = |pod_monitor| MonitoringSpec {
+        pod_monitor,
+        ..MonitoringSpec::default()
+    };
+    for (wanted, crd, chosen) in [
+        (None, true, Scraping::PodMonitor),
+        (None, false, Scraping::Annotations),
+        (Some(true), true, Scraping::PodMonitor),
+        (Some(true), false, Scraping::Annotations),
+        (Some(false), true, Scraping::Annotations),
+        (Some(false), false, Scraping::Annotations),
+    ] {
+        assert_eq!(
+            Scraping::choose(&spec(wanted), crd),
+            chosen,
+            "{wanted:?}, CRD {crd}"
         );
     }
 }

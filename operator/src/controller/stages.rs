@@ -10,8 +10,8 @@ use kube::runtime::events::{Event, EventType};
 
 use super::provision::Topics;
 use super::status::{event, waiting_after};
-use super::{Context, apply, dereference, provision, timed};
-use crate::build::{self, Component, Tier};
+use super::{Context, apply, dereference, monitoring, provision, timed};
+use crate::build::{self, Component, Scraping, Tier};
 use crate::crd::{MiddlewareStack, ServiceStatus};
 use crate::status::{CORE_AVAILABLE, DEPENDENCIES_READY, EDGE_AVAILABLE, TOPICS_READY};
 use crate::status::{Report, Status};
@@ -213,7 +213,10 @@ pub(super) async fn run(
         };
 
     // 4. Core, 5. edge: build (pure), then apply in the order gating allows.
-    let desired = build::with_credentials_hash(build::build(validated), &credentials_hash);
+    let pod_monitor_api = monitoring::pod_monitor_api(ctx).await;
+    let scraping = Scraping::choose(&validated.spec().monitoring, pod_monitor_api.is_some());
+    let desired =
+        build::with_credentials_hash(build::build(validated, scraping), &credentials_hash);
     let enabled = validated.enabled();
     match services::delete_disabled(ctx, validated, &enabled).await {
         Ok(deleted) if !deleted.is_empty() => events.push(event(
@@ -244,6 +247,35 @@ pub(super) async fn run(
             let error = Error::ApplyEndpoints(error).into();
             return Outcome::failed(reports, BTreeMap::new(), events, error);
         }
+    }
+    // Monitoring never holds the stack back: a failure is a Warning Event, tried again on the
+    // next reconcile.
+    match monitoring::reconcile(ctx, validated, &desired, pod_monitor_api.as_ref()).await {
+        Ok(monitoring::Outcome::Unchanged) => {}
+        Ok(monitoring::Outcome::Applied) => events.push(event(
+            EventType::Normal,
+            "Applied",
+            "ApplyPodMonitor",
+            format!(
+                "applied PodMonitor {} (Prometheus scrapes every service's /metrics)",
+                build::pod_monitor_name(validated)
+            ),
+        )),
+        Ok(monitoring::Outcome::Deleted) => events.push(event(
+            EventType::Normal,
+            "Deleted",
+            "DeletePodMonitor",
+            format!(
+                "deleted PodMonitor {}: the pods carry scrape annotations instead",
+                build::pod_monitor_name(validated)
+            ),
+        )),
+        Err(error) => events.push(event(
+            EventType::Warning,
+            "PodMonitorFailed",
+            "ApplyPodMonitor",
+            error.message(),
+        )),
     }
     let rollout = services::roll_out(ctx, validated, &desired, &enabled).await;
     if let Err(error) = rollout.result {

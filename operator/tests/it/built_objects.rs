@@ -5,7 +5,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::Resource;
 use kube::api::{Api, Patch, PatchParams};
-use operator::build::{Component, build};
+use operator::build::{Component, Scraping, build};
 use operator::validate::validate;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -61,7 +61,7 @@ async fn every_object_built_from_the_example_stack_passes_a_strict_server_side_d
     }
     let stored = apply(&ns.stacks(), &stack).await.unwrap();
 
-    let desired = build(&validate(&stored).unwrap());
+    let desired = build(&validate(&stored).unwrap(), Scraping::Annotations);
     assert_eq!(desired.services.len(), Component::ALL.len());
     for objects in &desired.services {
         dry_run_apply::<ConfigMap>(&client, &ns.name, &objects.config_map).await;

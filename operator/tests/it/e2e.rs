@@ -14,8 +14,10 @@ use std::time::Duration;
 
 use common::test_support::otlp::{OtlpReceiver, ReceivedSpan};
 use common::test_support::{ChildProcess, free_port, wait_until, workspace_binary};
+use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Secret;
-use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams};
 use operator::crd::MiddlewareStack;
 use serde_json::{Value, json};
 
@@ -316,6 +318,49 @@ async fn the_operator_brings_up_a_stack_whose_real_services_pass_the_smoke_flow(
         vec![],
         "an unsampled trace was exported"
     );
+
+    // Prometheus finds every service: through the stack's PodMonitor when the cluster serves
+    // them (`just test` installs the prometheus-operator CRDs first), else through the pods'
+    // scrape annotations.
+    let kind = operator::build::pod_monitor_kind();
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
+    let templates = deployments
+        .list(&ListParams::default().labels("app.kubernetes.io/instance=shop"))
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .map(|d| d.spec.unwrap().template.metadata.unwrap())
+        .collect::<Vec<_>>();
+    assert_eq!(templates.len(), 5);
+    let scrape_annotated = |meta: &ObjectMeta| {
+        meta.annotations
+            .as_ref()
+            .is_some_and(|a| a.get("prometheus.io/scrape").map(String::as_str) == Some("true"))
+    };
+    if let Ok((resource, _)) = kube::discovery::pinned_kind(&client, &kind).await {
+        let monitors: Api<DynamicObject> =
+            Api::namespaced_with(client.clone(), &ns.name, &resource);
+        let monitor = monitors.get("shop").await.unwrap();
+        let selector = monitor.data["spec"]["selector"]["matchLabels"]
+            .as_object()
+            .unwrap()
+            .clone();
+        for meta in &templates {
+            let labels = meta.labels.as_ref().unwrap();
+            assert!(
+                selector
+                    .iter()
+                    .all(|(k, v)| labels.get(k).map(String::as_str) == v.as_str()),
+                "the PodMonitor does not select {labels:?}"
+            );
+            assert!(!scrape_annotated(meta), "scraped twice: {labels:?}");
+        }
+        eprintln!("ok   PodMonitor shop selects every service's pods");
+    } else {
+        assert!(templates.iter().all(scrape_annotated), "{templates:?}");
+        eprintln!("ok   no PodMonitor API: every service's pods carry scrape annotations");
+    }
 
     // `kubectl describe` tells the whole story.
     let describe = kubectl(&["-n", &ns.name, "describe", "middlewarestack", "shop"]);
