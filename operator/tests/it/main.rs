@@ -7,5 +7,6 @@ mod admission;
 mod built_objects;
 mod control_plane;
 mod e2e;
+mod plugin;
 mod provision;
 mod reconcile;

@@ -200,6 +200,52 @@ pub struct Claims {
     pub iss: Option<String>,
 }
 
+/// What [`mint_hs256`] puts in a token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant {
+    /// `sub`.
+    pub subject: String,
+    /// `iss` (the stack's `auth.issuer`), if any.
+    pub issuer: Option<String>,
+    /// `aud` (the stack's `auth.audience`), if any.
+    pub audience: Option<String>,
+    /// `client_id`, if any (rate limits are per client when present).
+    pub client_id: Option<String>,
+    /// `rooms`: the WebSocket room patterns the subject may join.
+    pub rooms: Vec<String>,
+    /// How long the token is valid (`exp` = now + ttl; `nbf` 5 s in the past for clock skew).
+    pub ttl: Duration,
+}
+
+/// Signs a token for `grant` with the shared HMAC `secret` (HS256), as the stack's gateway
+/// and hub verify it with `JWT_SECRET`. For tools that hand out tokens (`kubectl meridian
+/// token`, the smoke client), never used by the services themselves.
+pub fn mint_hs256(secret: &[u8], grant: &Grant) -> Result<String, jsonwebtoken::errors::Error> {
+    let now = chrono::Utc::now().timestamp();
+    let ttl = i64::try_from(grant.ttl.as_secs()).unwrap_or(i64::MAX);
+    let mut claims = serde_json::json!({
+        "sub": grant.subject,
+        "iat": now,
+        "nbf": now - 5,
+        "exp": now.saturating_add(ttl),
+        "rooms": grant.rooms,
+    });
+    for (name, value) in [
+        ("iss", &grant.issuer),
+        ("aud", &grant.audience),
+        ("client_id", &grant.client_id),
+    ] {
+        if let Some(value) = value {
+            claims[name] = serde_json::Value::String(value.clone());
+        }
+    }
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret),
+    )
+}
+
 #[derive(Deserialize)]
 struct RawClaims {
     // Optional here so that a missing claim is reported by the validation step by name.

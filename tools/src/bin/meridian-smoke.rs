@@ -90,18 +90,15 @@ fn parse_traceparent(value: &str) -> Result<String, String> {
 }
 
 fn mint(args: &TokenArgs) -> anyhow::Result<String> {
-    let now = chrono::Utc::now().timestamp();
-    let claims = json!({
-        "sub": args.subject, "iss": args.issuer, "aud": args.audience,
-        "iat": now, "nbf": now - 5, "exp": now + args.ttl_seconds,
-        "rooms": args.rooms,
-    });
-    jsonwebtoken::encode(
-        &jsonwebtoken::Header::default(),
-        &claims,
-        &jsonwebtoken::EncodingKey::from_secret(args.jwt_secret.as_bytes()),
-    )
-    .context("cannot sign the token")
+    let grant = common::auth::Grant {
+        subject: args.subject.clone(),
+        issuer: Some(args.issuer.clone()),
+        audience: Some(args.audience.clone()),
+        client_id: None,
+        rooms: args.rooms.clone(),
+        ttl: Duration::from_secs(u64::try_from(args.ttl_seconds).unwrap_or(0)),
+    };
+    common::auth::mint_hs256(args.jwt_secret.as_bytes(), &grant).context("cannot sign the token")
 }
 
 #[tokio::main]

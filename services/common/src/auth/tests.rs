@@ -350,3 +350,33 @@ fn every_error_has_a_metric_reason_and_says_nothing_secret() {
     assert!(AuthError::JwksUnavailable.is_unavailable());
     assert!(!AuthError::Expired.is_unavailable());
 }
+
+#[tokio::test]
+async fn a_minted_token_is_accepted_by_the_verifier_of_the_same_stack() {
+    let config = AuthConfig {
+        jwt_audience: Some("meridian".into()),
+        jwt_issuer: Some("https://idp.example".into()),
+        ..secret_config()
+    };
+    let grant = Grant {
+        subject: "alice".into(),
+        issuer: Some("https://idp.example".into()),
+        audience: Some("meridian".into()),
+        client_id: Some("cli".into()),
+        rooms: vec!["doc:orders:*".into()],
+        ttl: Duration::from_secs(600),
+    };
+    let token = mint_hs256(SECRET.as_bytes(), &grant).unwrap();
+    let claims = verifier(&config).verify(&token).await.unwrap();
+    assert_eq!(claims.sub, "alice");
+    assert_eq!(claims.client_id.as_deref(), Some("cli"));
+    assert_eq!(claims.rooms, ["doc:orders:*"]);
+    assert!((claims.exp - now() - 600).abs() <= 2, "exp {}", claims.exp);
+
+    let elsewhere = Grant {
+        audience: Some("another-stack".into()),
+        ..grant
+    };
+    let token = mint_hs256(SECRET.as_bytes(), &elsewhere).unwrap();
+    assert!(verifier(&config).verify(&token).await.is_err());
+}

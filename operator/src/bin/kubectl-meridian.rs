@@ -1,0 +1,290 @@
+//! `kubectl meridian`: day-2 commands for MiddlewareStacks (a kubectl plugin: put
+//! `kubectl-meridian` on the `PATH`).
+//!
+//! - `kubectl meridian status <stack>`: one screen with the phase, every stage's condition,
+//!   each service's ready/desired replicas, the endpoints applications use, and the stack's
+//!   latest Events.
+//! - `kubectl meridian token <stack> --subject alice --room 'doc:orders:*'`: a JWT signed with
+//!   the stack's own HMAC secret (`spec.auth.jwtSecretRef`), with its issuer and audience.
+//!
+//! It talks to the cluster of the current kubeconfig context, as kubectl does, and needs only
+//! read access to the stack, its ConfigMap and Events (`status`) or its JWT Secret (`token`).
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use clap::{Args, Parser, Subcommand};
+use k8s_openapi::api::core::v1::{ConfigMap, Event, Secret};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, ListParams};
+use kube::{Client, ResourceExt as _};
+use operator::crd::MiddlewareStack;
+
+#[derive(Parser)]
+#[command(
+    name = "kubectl meridian",
+    version,
+    about = "Day-2 commands for Meridian stacks"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// The stack in one screen: phase, conditions, services, endpoints, latest Events.
+    Status(Target),
+    /// Print a JWT signed with the stack's HMAC secret (for curl, WebSocket clients, tests).
+    Token(TokenArgs),
+}
+
+#[derive(Args)]
+struct Target {
+    /// The MiddlewareStack.
+    stack: String,
+    /// Its namespace (default: the current context's).
+    #[arg(short, long)]
+    namespace: Option<String>,
+}
+
+#[derive(Args)]
+struct TokenArgs {
+    #[command(flatten)]
+    target: Target,
+    /// The `sub` claim: who the token is for.
+    #[arg(long)]
+    subject: String,
+    /// A room pattern the token allows on the hub (`rooms` claim); repeatable.
+    #[arg(long = "room")]
+    rooms: Vec<String>,
+    /// The `client_id` claim (rate limits are per client when present).
+    #[arg(long)]
+    client_id: Option<String>,
+    /// How long the token is valid, in seconds.
+    #[arg(long, default_value_t = 3600, value_parser = clap::value_parser!(u64).range(1..=31_536_000))]
+    ttl_seconds: u64,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let client = Client::try_default()
+        .await
+        .context("cannot reach the cluster of the current kubeconfig context")?;
+    match cli.command {
+        Command::Status(target) => status(&client, &target).await,
+        Command::Token(args) => token(&client, &args).await,
+    }
+}
+
+async fn stack(client: &Client, target: &Target) -> anyhow::Result<(String, MiddlewareStack)> {
+    let namespace = target
+        .namespace
+        .clone()
+        .unwrap_or_else(|| client.default_namespace().to_owned());
+    let stacks: Api<MiddlewareStack> = Api::namespaced(client.clone(), &namespace);
+    let stack = stacks
+        .get_opt(&target.stack)
+        .await
+        .with_context(|| format!("cannot read middlewarestack {namespace}/{}", target.stack))?
+        .with_context(|| format!("no middlewarestack {namespace}/{}", target.stack))?;
+    Ok((namespace, stack))
+}
+
+async fn status(client: &Client, target: &Target) -> anyhow::Result<()> {
+    let (namespace, stack) = stack(client, target).await?;
+    let status = stack.status.clone().unwrap_or_default();
+    let now = Timestamp::now();
+    let phase = status
+        .phase
+        .map_or_else(|| "Pending".to_owned(), |p| format!("{p:?}"));
+    let generation = stack.metadata.generation.unwrap_or_default();
+    let observed = status.observed_generation.unwrap_or_default();
+    println!("Stack      {namespace}/{}", stack.name_any());
+    println!(
+        "Phase      {phase}{}",
+        if stack.spec.paused { " (paused)" } else { "" }
+    );
+    println!(
+        "Generation {generation}{}",
+        if observed == generation {
+            String::new()
+        } else {
+            format!(" (status describes {observed}: the operator has not caught up)")
+        }
+    );
+
+    println!("\nConditions");
+    let mut rows = vec![row(["TYPE", "STATUS", "REASON", "SINCE", "MESSAGE"])];
+    for c in &status.conditions {
+        rows.push(row([
+            &c.type_,
+            &c.status,
+            &c.reason,
+            &age(now, c.last_transition_time.0),
+            &c.message,
+        ]));
+    }
+    print_table(&rows);
+
+    println!(
+        "\nServices   {}",
+        status
+            .services_ready
+            .as_deref()
+            .unwrap_or("none observed yet")
+    );
+    let mut rows = vec![row(["SERVICE", "READY", "DESIRED"])];
+    for (name, service) in &status.services {
+        rows.push(row([
+            name,
+            &service.ready_replicas.to_string(),
+            &service.replicas.to_string(),
+        ]));
+    }
+    print_table(&rows);
+
+    if let Some(name) = &status.endpoints {
+        let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), &namespace);
+        if let Some(endpoints) = config_maps.get_opt(name).await? {
+            println!("\nEndpoints  (ConfigMap {name})");
+            let data = endpoints.data.unwrap_or_default();
+            let rows: Vec<Vec<String>> = data
+                .iter()
+                .map(|(key, value)| row([key.as_str(), value.as_str()]))
+                .collect();
+            print_table(&rows);
+        }
+    }
+
+    println!("\nEvents (latest 10)");
+    let events: Api<Event> = Api::namespaced(client.clone(), &namespace);
+    let selector = format!(
+        "involvedObject.kind=MiddlewareStack,involvedObject.name={}",
+        stack.name_any()
+    );
+    let mut listed = events
+        .list(&ListParams::default().fields(&selector))
+        .await
+        .context("cannot list the stack's Events")?
+        .items;
+    let when = |e: &Event| {
+        e.event_time
+            .as_ref()
+            .map(|t| t.0)
+            .or_else(|| e.last_timestamp.as_ref().map(|t| t.0))
+            .or_else(|| e.metadata.creation_timestamp.as_ref().map(|t| t.0))
+            .unwrap_or(Timestamp::UNIX_EPOCH)
+    };
+    listed.sort_by_key(|e| std::cmp::Reverse(when(e)));
+    let mut rows = vec![row(["AGE", "TYPE", "REASON", "MESSAGE"])];
+    for event in listed.iter().take(10) {
+        rows.push(row([
+            &age(now, when(event)),
+            event.type_.as_deref().unwrap_or(""),
+            event.reason.as_deref().unwrap_or(""),
+            event.message.as_deref().unwrap_or(""),
+        ]));
+    }
+    print_table(&rows);
+    Ok(())
+}
+
+async fn token(client: &Client, args: &TokenArgs) -> anyhow::Result<()> {
+    let (namespace, stack) = stack(client, &args.target).await?;
+    let Some(auth) = &stack.spec.auth else {
+        bail!(
+            "middlewarestack {namespace}/{} has no spec.auth: its gateway accepts no tokens",
+            stack.name_any()
+        );
+    };
+    let Some(reference) = &auth.jwt_secret_ref else {
+        bail!(
+            "middlewarestack {namespace}/{} verifies tokens against a JWKS URL: mint them with \
+             that identity provider",
+            stack.name_any()
+        );
+    };
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &namespace);
+    let secret = secrets
+        .get(&reference.name)
+        .await
+        .with_context(|| format!("cannot read Secret {namespace}/{}", reference.name))?;
+    let key = secret
+        .data
+        .as_ref()
+        .and_then(|data| data.get(&reference.key))
+        .with_context(|| {
+            format!(
+                "Secret {namespace}/{} has no key {}",
+                reference.name, reference.key
+            )
+        })?;
+    let grant = common::auth::Grant {
+        subject: args.subject.clone(),
+        issuer: Some(auth.issuer.clone()),
+        audience: Some(auth.audience.clone()),
+        client_id: args.client_id.clone(),
+        rooms: args.rooms.clone(),
+        ttl: Duration::from_secs(args.ttl_seconds),
+    };
+    let token = common::auth::mint_hs256(&key.0, &grant).context("cannot sign the token")?;
+    println!("{token}");
+    Ok(())
+}
+
+fn row<const N: usize>(cells: [&str; N]) -> Vec<String> {
+    cells.iter().map(|c| (*c).to_owned()).collect()
+}
+
+/// Left-aligned columns, two spaces apart (like kubectl's tables); the last one unpadded.
+fn print_table(rows: &[Vec<String>]) {
+    let mut widths: BTreeMap<usize, usize> = BTreeMap::new();
+    for row in rows {
+        for (i, cell) in row.iter().enumerate() {
+            let width = widths.entry(i).or_default();
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    for row in rows {
+        let mut line = String::from("  ");
+        for (i, cell) in row.iter().enumerate() {
+            if i + 1 == row.len() {
+                line.push_str(cell);
+            } else {
+                line.push_str(&format!("{cell:<width$}  ", width = widths[&i]));
+            }
+        }
+        println!("{}", line.trim_end());
+    }
+}
+
+/// How long ago `then` was, as kubectl shows ages: `42s`, `7m`, `3h`, `2d`.
+fn age(now: Timestamp, then: Timestamp) -> String {
+    let seconds = now.as_second().saturating_sub(then.as_second()).max(0);
+    match seconds {
+        0..=119 => format!("{seconds}s"),
+        120..=7_199 => format!("{}m", seconds / 60),
+        7_200..=172_799 => format!("{}h", seconds / 3_600),
+        _ => format!("{}d", seconds / 86_400),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ages_read_like_kubectls() {
+        let now = Timestamp::from_second(1_000_000).unwrap();
+        let ago = |s: i64| age(now, Timestamp::from_second(1_000_000 - s).unwrap());
+        assert_eq!(ago(0), "0s");
+        assert_eq!(ago(119), "119s");
+        assert_eq!(ago(600), "10m");
+        assert_eq!(ago(3 * 3_600), "3h");
+        assert_eq!(ago(3 * 86_400), "3d");
+        // A clock behind the server's never shows a negative age.
+        assert_eq!(age(now, Timestamp::from_second(1_000_100).unwrap()), "0s");
+    }
+}
