@@ -348,6 +348,7 @@ pub async fn upgrade(
         Some(_) => Encoding::Json,
         None => encoding_from_query(uri.query()),
     };
+    let trace_context = query_flag(uri.query(), "trace");
     let max = hub.settings.max_message_bytes;
     // The connection outlives the upgrade request; its span is a child of the request's (and
     // so of the caller's `traceparent`).
@@ -356,7 +357,9 @@ pub async fn upgrade(
         .write_buffer_size(8 * 1024)
         .max_message_size(max)
         .max_frame_size(max)
-        .on_upgrade(move |socket| serve(hub, socket, access, encoding, slot).instrument(span))
+        .on_upgrade(move |socket| {
+            serve(hub, socket, access, (encoding, trace_context), slot).instrument(span)
+        })
 }
 
 fn unauthorized(error: &AuthError) -> Response {
@@ -364,6 +367,14 @@ fn unauthorized(error: &AuthError) -> Response {
         "unauthorized",
         Problem::new(ProblemType::Unauthorized, StatusCode::UNAUTHORIZED).detail(error.to_string()),
     )
+}
+
+/// Whether the query has `name=1` or `name=true`.
+fn query_flag(query: Option<&str>, name: &str) -> bool {
+    query.is_some_and(|q| {
+        url::form_urlencoded::parse(q.as_bytes())
+            .any(|(k, v)| k == name && (v == "1" || v == "true"))
+    })
 }
 
 fn encoding_from_query(query: Option<&str>) -> Encoding {
@@ -378,7 +389,14 @@ fn encoding_from_query(query: Option<&str>) -> Encoding {
     }
 }
 
-async fn serve(hub: Arc<Hub>, socket: WebSocket, access: Access, encoding: Encoding, slot: Slot) {
+/// `format`: the connection's encoding, and whether publications carry their `traceparent`.
+async fn serve(
+    hub: Arc<Hub>,
+    socket: WebSocket,
+    access: Access,
+    format: (Encoding, bool),
+    slot: Slot,
+) {
     let id = hub.next_id.fetch_add(1, Ordering::Relaxed);
     let (tx, rx) = mpsc::channel(hub.settings.send_queue.max(1));
     let control = Arc::new(Control {
@@ -400,7 +418,7 @@ async fn serve(hub: Arc<Hub>, socket: WebSocket, access: Access, encoding: Encod
         sink,
         rx,
         control.clone(),
-        encoding,
+        format,
         hub.settings.send_queue,
         hub.settings.drain_jitter,
     ));
@@ -761,6 +779,8 @@ const BATCH: usize = 64;
 struct Writer {
     control: Arc<Control>,
     encoding: Encoding,
+    /// Whether publications carry their `traceparent` (the client asked with `trace=1`).
+    trace_context: bool,
     hold_limit: usize,
     cursors: HashMap<Arc<str>, Cursor>,
     out: Vec<Message>,
@@ -779,7 +799,8 @@ impl Writer {
             Some(Cursor::Active(position)) if newer(position, delivery) => {
                 position.epoch.clone_from(&delivery.publication.epoch);
                 position.offset = delivery.publication.offset;
-                self.out.push(delivery.frame(self.encoding));
+                self.out
+                    .push(delivery.frame(self.encoding, self.trace_context));
             }
             // Already delivered (history overlap), or not (or no longer) subscribed.
             Some(Cursor::Active(_)) | None => {}
@@ -794,7 +815,8 @@ impl Writer {
             }
             Outbound::Ping => self.out.push(Message::Ping(Bytes::new())),
             Outbound::Reply(reply) => {
-                self.out.push(reply.encode(self.encoding));
+                self.out
+                    .push(reply.encode(self.encoding, self.trace_context));
                 match *reply {
                     Reply::Subscribed { room, position, .. } => {
                         let held = match self.cursors.insert(room.clone(), Cursor::Active(position))
@@ -827,13 +849,14 @@ async fn write_loop(
     mut sink: SplitSink<WebSocket, Message>,
     mut rx: mpsc::Receiver<Outbound>,
     control: Arc<Control>,
-    encoding: Encoding,
+    (encoding, trace_context): (Encoding, bool),
     hold_limit: usize,
     drain_jitter: Duration,
 ) {
     let mut writer = Writer {
         control: control.clone(),
         encoding,
+        trace_context,
         hold_limit,
         cursors: HashMap::new(),
         out: Vec::new(),

@@ -175,29 +175,45 @@ impl Request {
 }
 
 /// One publication in a frame (pushed, or listed in `subscribed`): `room`, `epoch`,
-/// `offset`, and `data` (bin, or a JSON value) or `dataBase64`.
+/// `offset`, `data` (bin, or a JSON value) or `dataBase64`, and `traceparent` when the
+/// connection asked for trace context and the publisher had a trace.
 struct PublicationOut<'a> {
     room: &'a str,
     publication: &'a Publication,
     encoding: Encoding,
+    trace_context: bool,
 }
 
 impl<'a> PublicationOut<'a> {
-    fn new(room: &'a str, publication: &'a Publication, encoding: Encoding) -> Self {
+    fn new(
+        room: &'a str,
+        publication: &'a Publication,
+        encoding: Encoding,
+        trace_context: bool,
+    ) -> Self {
         Self {
             room,
             publication,
             encoding,
+            trace_context,
         }
     }
 }
 
 impl Serialize for PublicationOut<'_> {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        let mut map = serializer.serialize_map(Some(4))?;
+        let trace_parent = self
+            .publication
+            .trace_parent
+            .as_deref()
+            .filter(|_| self.trace_context);
+        let mut map = serializer.serialize_map(Some(4 + usize::from(trace_parent.is_some())))?;
         map.serialize_entry("room", self.room)?;
         map.serialize_entry("epoch", &self.publication.epoch)?;
         map.serialize_entry("offset", &self.publication.offset)?;
+        if let Some(trace_parent) = trace_parent {
+            map.serialize_entry("traceparent", trace_parent)?;
+        }
         let payload = &self.publication.payload[..];
         match self.encoding {
             Encoding::MessagePack => {
@@ -316,8 +332,9 @@ pub enum Reply {
 }
 
 impl Reply {
-    /// The frame for this answer.
-    pub fn encode(&self, encoding: Encoding) -> Message {
+    /// The frame for this answer (`trace_context`: listed publications carry their
+    /// `traceparent`).
+    pub fn encode(&self, encoding: Encoding, trace_context: bool) -> Message {
         let message = match self {
             Self::Subscribed {
                 room,
@@ -332,7 +349,7 @@ impl Reply {
                 recovered: *recovered,
                 publications: publications
                     .iter()
-                    .map(|p| PublicationOut::new(room, p, encoding))
+                    .map(|p| PublicationOut::new(room, p, encoding, trace_context))
                     .collect(),
                 reference: *reference,
             },
@@ -378,16 +395,16 @@ pub fn reconnect_notice(delay_ms: u64, encoding: Encoding) -> Message {
     )
 }
 
-/// A publication on its way to local subscribers: encoded at most once per encoding on
-/// this node, however many clients receive it.
+/// A publication on its way to local subscribers: encoded at most once per encoding (with and
+/// without trace context) on this node, however many clients receive it.
 #[derive(Debug)]
 pub struct Delivery {
     /// The room.
     pub room: Arc<str>,
     /// The publication.
     pub publication: Publication,
-    json: OnceLock<Utf8Bytes>,
-    msgpack: OnceLock<Bytes>,
+    /// JSON, MessagePack, JSON with trace context, MessagePack with trace context.
+    frames: [OnceLock<Message>; 4],
 }
 
 impl Delivery {
@@ -396,41 +413,30 @@ impl Delivery {
         Self {
             room,
             publication,
-            json: OnceLock::new(),
-            msgpack: OnceLock::new(),
+            frames: Default::default(),
         }
     }
 
-    /// The `publication` frame in `encoding` (a cheap clone after the first call).
-    pub fn frame(&self, encoding: Encoding) -> Message {
-        let encoded = || {
-            encode(
-                &ServerMessage::Publication(PublicationOut::new(
-                    &self.room,
-                    &self.publication,
+    /// The `publication` frame in `encoding`, with its `traceparent` when `trace_context` (a
+    /// cheap clone after the first call).
+    pub fn frame(&self, encoding: Encoding, trace_context: bool) -> Message {
+        let slot = match encoding {
+            Encoding::Json => 0,
+            Encoding::MessagePack => 1,
+        } + if trace_context { 2 } else { 0 };
+        self.frames[slot]
+            .get_or_init(|| {
+                encode(
+                    &ServerMessage::Publication(PublicationOut::new(
+                        &self.room,
+                        &self.publication,
+                        encoding,
+                        trace_context,
+                    )),
                     encoding,
-                )),
-                encoding,
-            )
-        };
-        match encoding {
-            Encoding::Json => Message::Text(
-                self.json
-                    .get_or_init(|| match encoded() {
-                        Message::Text(text) => text,
-                        _ => Utf8Bytes::default(),
-                    })
-                    .clone(),
-            ),
-            Encoding::MessagePack => Message::Binary(
-                self.msgpack
-                    .get_or_init(|| match encoded() {
-                        Message::Binary(bytes) => bytes,
-                        _ => Bytes::new(),
-                    })
-                    .clone(),
-            ),
-        }
+                )
+            })
+            .clone()
     }
 }
 

@@ -84,12 +84,12 @@ fn a_msgpack_publish_keeps_binary_data_byte_exact() {
 fn a_json_payload_is_pushed_as_data_and_other_bytes_as_base64() {
     let json = Delivery::new("r".into(), publication(br#"{"n":1}"#));
     assert_eq!(
-        text(json.frame(Encoding::Json)),
+        text(json.frame(Encoding::Json, false)),
         serde_json::json!({"type":"publication","room":"r","epoch":"e1","offset":7,"data":{"n":1}})
     );
     let binary = Delivery::new("r".into(), publication(&[0xff, 0x00]));
     assert_eq!(
-        text(binary.frame(Encoding::Json)),
+        text(binary.frame(Encoding::Json, false)),
         serde_json::json!({"type":"publication","room":"r","epoch":"e1","offset":7,"dataBase64":"/wA="})
     );
 }
@@ -104,7 +104,7 @@ fn a_msgpack_push_carries_the_payload_as_bin() {
         data: serde_bytes::ByteBuf,
     }
     let delivery = Delivery::new("r".into(), publication(&[0xff, 0x00, 0x80]));
-    let Message::Binary(frame) = delivery.frame(Encoding::MessagePack) else {
+    let Message::Binary(frame) = delivery.frame(Encoding::MessagePack, false) else {
         panic!("expected a binary frame");
     };
     let push: Push = rmp_serde::from_slice(&frame).unwrap();
@@ -127,7 +127,7 @@ fn subscribed_lists_the_recovered_publications_and_echoes_the_ref() {
         reference: Some(4),
     };
     assert_eq!(
-        text(reply.encode(Encoding::Json)),
+        text(reply.encode(Encoding::Json, false)),
         serde_json::json!({
             "type": "subscribed", "room": "r", "epoch": "e1", "offset": 7, "recovered": true,
             "publications": [{"room": "r", "epoch": "e1", "offset": 7, "data": 1}], "ref": 4,
@@ -140,5 +140,32 @@ fn the_drain_notice_says_when_to_reconnect() {
     assert_eq!(
         text(reconnect_notice(250, Encoding::Json)),
         serde_json::json!({"type": "reconnect", "reason": "draining", "delayMs": 250})
+    );
+}
+
+#[test]
+fn a_publication_carries_its_traceparent_only_where_the_client_asked_for_it() {
+    let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let delivery = Delivery::new(
+        "doc:c:1".into(),
+        Publication {
+            trace_parent: Some(traceparent.into()),
+            ..publication(br#"{"v":1}"#)
+        },
+    );
+    let plain = text(delivery.frame(Encoding::Json, false));
+    assert!(plain.get("traceparent").is_none(), "{plain}");
+    let traced = text(delivery.frame(Encoding::Json, true));
+    assert_eq!(traced["traceparent"], traceparent);
+    assert_eq!(traced["data"], plain["data"]);
+    // Each variant is encoded once and kept.
+    assert_eq!(text(delivery.frame(Encoding::Json, false)), plain);
+
+    // Without a trace there is nothing to add.
+    let untraced = Delivery::new("doc:c:1".into(), publication(br#"{"v":1}"#));
+    assert!(
+        text(untraced.frame(Encoding::Json, true))
+            .get("traceparent")
+            .is_none()
     );
 }

@@ -598,3 +598,43 @@ async fn a_pubsub_connection_whose_peer_vanished_is_dropped_and_replaced() {
     .await;
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_client_that_asks_for_trace_context_gets_each_publications_traceparent() {
+    let prefix = prefix();
+    let app = start(&hub_vars(&prefix)).await;
+    let room = "doc:orders:9";
+    let mut traced = target(&app, Some(token(&["doc:orders:*"])), false).await;
+    traced.url.set_query(Some("trace=1"));
+    let mut traced = traced.connect(None).await.unwrap();
+    let mut plain = client(&app, &["doc:orders:*"]).await;
+    subscribe(&mut traced, room).await;
+    subscribe(&mut plain, room).await;
+
+    // A frame as the publish script builds it for a publisher with a trace.
+    let rooms = rooms(&prefix, HistorySettings::default()).await;
+    let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let frame = common::rooms::Publication {
+        epoch: "e1".into(),
+        offset: 1,
+        trace_parent: Some(traceparent.into()),
+        published_at_micros: common::rooms::now_micros(),
+        payload: axum::body::Bytes::from_static(br#"{"version":1}"#),
+    }
+    .encode();
+    let () = redis::cmd("PUBLISH")
+        .arg(rooms.channel(room))
+        .arg(frame)
+        .query_async(&mut redis().await)
+        .await
+        .unwrap();
+
+    let pushed = next_json(&mut traced).await;
+    assert_eq!(pushed["type"], "publication", "{pushed}");
+    assert_eq!(pushed["traceparent"], traceparent);
+    let pushed = next_json(&mut plain).await;
+    assert_eq!(pushed["type"], "publication", "{pushed}");
+    assert!(pushed.get("traceparent").is_none(), "{pushed}");
+    assert_eq!(pushed["data"]["version"], 1);
+    app.stop().await;
+}
