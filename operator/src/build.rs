@@ -3,12 +3,14 @@
 //! builds byte-identical objects (and server-side apply of an unchanged stack writes nothing).
 //!
 //! Per enabled service: a ConfigMap with its plain settings, a Deployment (probes on `/health`
-//! and `/ready`, non-root, read-only root filesystem, secrets from Secret refs), a Service, and
-//! a PodDisruptionBudget when it runs more than one replica. Every object carries the
+//! and `/ready`, non-root, read-only root filesystem, secrets from Secret refs), a Service, a
+//! PodDisruptionBudget when it runs more than one replica, and a HorizontalPodAutoscaler when
+//! it scales automatically (the Deployment then leaves `replicas` to it). Every object carries the
 //! `app.kubernetes.io/*` labels and a controller owner reference to the stack.
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::{ConfigMap, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -74,8 +76,10 @@ pub struct ServiceObjects {
     /// Its Service on the HTTP port: a ClusterIP Service, headless unless
     /// [`Component::has_virtual_ip`].
     pub service: Service,
-    /// Present when it runs more than one replica.
+    /// Present when it runs more than one replica (or may scale down to more than one).
     pub pod_disruption_budget: Option<PodDisruptionBudget>,
+    /// Present when the service scales automatically (`autoscaling`).
+    pub autoscaler: Option<HorizontalPodAutoscaler>,
 }
 
 /// The name of the Secret (key [`URL_KEY`]) with the stack's PostgreSQL connection URL.
@@ -254,10 +258,15 @@ fn build_service(
 ) -> ServiceObjects {
     let spec = component.spec(&stack.spec().services);
     let config_map = config_map::config_map(stack, component);
+    let fewest = spec
+        .autoscaling
+        .as_ref()
+        .map_or(spec.replicas, |a| a.min_replicas);
     let pod_disruption_budget =
-        (spec.replicas > 1).then(|| deployment::pod_disruption_budget(stack, component));
+        (fewest > 1).then(|| deployment::pod_disruption_budget(stack, component));
     ServiceObjects {
         component,
+        autoscaler: deployment::autoscaler(stack, component),
         deployment: deployment::deployment(stack, component, &config_map, scraping),
         service: service::service(stack, component),
         config_map,

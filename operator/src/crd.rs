@@ -28,7 +28,7 @@ pub use monitoring::MonitoringSpec;
 pub use postgres::{PostgresSpec, SslMode};
 pub use rate_limits::{RateLimitKey, RateLimitPolicy, RateLimitsSpec, RatePeriod};
 pub use redis::RedisSpec;
-pub use services::{ServiceSpec, ServicesSpec};
+pub use services::{AutoscalingSpec, ServiceSpec, ServicesSpec};
 pub use status::{MiddlewareStackStatus, Phase, ServiceStatus};
 pub use telemetry::TelemetrySpec;
 

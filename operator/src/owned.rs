@@ -18,13 +18,14 @@ use std::marker::PhantomData;
 use futures::{Stream, TryStreamExt as _};
 use k8s_openapi::ByteString;
 use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::Resource;
 use kube::runtime::reflector::{Lookup, store::Writer};
 use kube::runtime::watcher;
 
-use crate::controller::{APPLIED_HASH_ANNOTATION, ROTATED_ANNOTATION};
+use crate::controller::{APPLIED_HASH_ANNOTATION, FIELD_MANAGER, ROTATED_ANNOTATION};
 
 /// A kind the operator owns, and what of it a reconcile reads besides the metadata.
 pub trait Compact: Resource<DynamicType = ()> + Clone + Send + Sync + 'static {
@@ -184,6 +185,9 @@ pub struct Rollout {
     pub available_condition: bool,
     /// Whether the Deployment has a status at all.
     pub has_status: bool,
+    /// Whether the operator's field manager owns `spec.replicas` (it lets go when an
+    /// autoscaler takes the count over).
+    pub operator_owns_replicas: bool,
 }
 
 impl Compact for Deployment {
@@ -203,6 +207,14 @@ impl Compact for Deployment {
                 .flatten()
                 .any(|c| c.type_ == "Available" && c.status == "True"),
             has_status: status.is_some(),
+            operator_owns_replicas: self
+                .metadata
+                .managed_fields
+                .iter()
+                .flatten()
+                .filter(|m| m.manager.as_deref() == Some(FIELD_MANAGER))
+                .filter_map(|m| m.fields_v1.as_ref())
+                .any(|f| f.0.pointer("/f:spec/f:replicas").is_some()),
         }
     }
 }
@@ -248,6 +260,12 @@ impl Compact for ConfigMap {
 }
 
 impl Compact for PodDisruptionBudget {
+    type State = ();
+
+    fn state(&self) {}
+}
+
+impl Compact for HorizontalPodAutoscaler {
     type State = ();
 
     fn state(&self) {}

@@ -11,6 +11,11 @@ use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec}
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
+use k8s_openapi::api::autoscaling::v2::{
+    CrossVersionObjectReference, HorizontalPodAutoscaler, HorizontalPodAutoscalerSpec, MetricSpec,
+    MetricTarget, ResourceMetricSource,
+};
+
 use super::config_map::config_hash;
 use super::{
     CONFIG_HASH_ANNOTATION, Component, RUN_AS, SHUTDOWN_GRACE_SECONDS, Scraping, URL_KEY, labels,
@@ -181,7 +186,8 @@ pub(super) fn deployment(
     Deployment {
         metadata: metadata(stack, component),
         spec: Some(DeploymentSpec {
-            replicas: Some(spec.replicas),
+            // With an autoscaler the replica count is its to set: left out of the apply.
+            replicas: spec.autoscaling.is_none().then_some(spec.replicas),
             selector: LabelSelector {
                 match_labels: Some(selector_labels(stack, component)),
                 ..LabelSelector::default()
@@ -238,4 +244,42 @@ pub(super) fn pod_disruption_budget(
         }),
         ..PodDisruptionBudget::default()
     }
+}
+
+/// The service's HorizontalPodAutoscaler (autoscaling/v2) on average CPU utilisation, when
+/// `autoscaling` is set.
+pub(super) fn autoscaler(
+    stack: &ValidatedStack,
+    component: Component,
+) -> Option<HorizontalPodAutoscaler> {
+    let autoscaling = component
+        .spec(&stack.spec().services)
+        .autoscaling
+        .as_ref()?;
+    Some(HorizontalPodAutoscaler {
+        metadata: metadata(stack, component),
+        spec: Some(HorizontalPodAutoscalerSpec {
+            scale_target_ref: CrossVersionObjectReference {
+                api_version: Some("apps/v1".to_owned()),
+                kind: "Deployment".to_owned(),
+                name: object_name(stack, component),
+            },
+            min_replicas: Some(autoscaling.min_replicas),
+            max_replicas: autoscaling.max_replicas,
+            metrics: Some(vec![MetricSpec {
+                type_: "Resource".to_owned(),
+                resource: Some(ResourceMetricSource {
+                    name: "cpu".to_owned(),
+                    target: MetricTarget {
+                        type_: "Utilization".to_owned(),
+                        average_utilization: Some(autoscaling.target_cpu_utilization_percentage),
+                        ..MetricTarget::default()
+                    },
+                }),
+                ..MetricSpec::default()
+            }]),
+            ..HorizontalPodAutoscalerSpec::default()
+        }),
+        ..HorizontalPodAutoscaler::default()
+    })
 }

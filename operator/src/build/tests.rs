@@ -873,3 +873,46 @@ fn a_pod_monitor_is_chosen_when_the_cluster_has_its_crd_unless_turned_off() {
         );
     }
 }
+
+#[test]
+fn an_autoscaled_service_gets_an_autoscaler_and_leaves_replicas_to_it() {
+    let mut stack = fixtures::stack(fixtures::MINIMAL);
+    stack.spec.services.gateway.replicas = 1;
+    stack.spec.services.gateway.autoscaling = Some(crate::crd::AutoscalingSpec {
+        min_replicas: 2,
+        max_replicas: 6,
+        target_cpu_utilization_percentage: 60,
+    });
+    let state = build(&fixtures::validated(&stack), Scraping::Annotations);
+    let gateway = objects(&state, Component::Gateway);
+    assert_eq!(gateway.deployment.spec.as_ref().unwrap().replicas, None);
+    let serialized = serde_json::to_value(&gateway.deployment).unwrap();
+    assert!(
+        serialized["spec"].get("replicas").is_none(),
+        "replicas would be applied: {serialized}"
+    );
+    let autoscaler = gateway.autoscaler.as_ref().unwrap();
+    assert_eq!(
+        autoscaler.metadata.name.as_deref(),
+        Some("mini-api-gateway")
+    );
+    assert!(autoscaler.metadata.owner_references.is_some());
+    let spec = autoscaler.spec.as_ref().unwrap();
+    assert_eq!(spec.scale_target_ref.kind, "Deployment");
+    assert_eq!(spec.scale_target_ref.name, "mini-api-gateway");
+    assert_eq!((spec.min_replicas, spec.max_replicas), (Some(2), 6));
+    let metric = &spec.metrics.as_ref().unwrap()[0];
+    let resource = metric.resource.as_ref().unwrap();
+    assert_eq!(resource.name, "cpu");
+    assert_eq!(resource.target.average_utilization, Some(60));
+    // It never scales below two: one pod at a time may be disrupted.
+    assert!(gateway.pod_disruption_budget.is_some());
+
+    // The others keep their fixed count and get no autoscaler.
+    let processor = objects(&state, Component::Processor);
+    assert!(processor.autoscaler.is_none());
+    assert_eq!(
+        processor.deployment.spec.as_ref().unwrap().replicas,
+        Some(stack.spec.services.processor.replicas)
+    );
+}

@@ -4,6 +4,7 @@
 //! are gone (its namespace is being deleted), from the ones it last provisioned with; a
 //! cleanup given up names everything it leaves behind.
 use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::ResourceExt as _;
@@ -174,6 +175,7 @@ fn forget(stack: &MiddlewareStack, ctx: &Context) {
             object_key::<Service>(namespace, &name),
             object_key::<ConfigMap>(namespace, &name),
             object_key::<PodDisruptionBudget>(namespace, &name),
+            object_key::<HorizontalPodAutoscaler>(namespace, &name),
         ]);
     }
     let mut applied = ctx.applied.lock().unwrap_or_else(|p| p.into_inner());

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use futures::StreamExt as _;
 use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -28,6 +29,7 @@ pub(super) struct Stores {
     pub(super) services: Store<Owned<Service>>,
     pub(super) config_maps: Store<Owned<ConfigMap>>,
     pub(super) pdbs: Store<Owned<PodDisruptionBudget>>,
+    pub(super) autoscalers: Store<Owned<HorizontalPodAutoscaler>>,
     pub(super) secrets: Store<Owned<Secret>>,
 }
 
@@ -38,6 +40,7 @@ impl Stores {
             && self.services.wait_until_ready().await.is_ok()
             && self.config_maps.wait_until_ready().await.is_ok()
             && self.pdbs.wait_until_ready().await.is_ok()
+            && self.autoscalers.wait_until_ready().await.is_ok()
             && self.secrets.wait_until_ready().await.is_ok()
     }
 }
@@ -73,12 +76,14 @@ pub(super) fn watches(client: &Client, settings: &Settings) -> Watches {
     let (services, services_writer) = reflector::store();
     let (config_maps, config_maps_writer) = reflector::store();
     let (pdbs, pdbs_writer) = reflector::store();
+    let (autoscalers, autoscalers_writer) = reflector::store();
     let (secrets, secrets_writer) = reflector::store();
     let stores = Stores {
         deployments,
         services,
         config_maps,
         pdbs,
+        autoscalers,
         secrets,
     };
     // The stores hold compact copies (`crate::owned`); the full objects go on to the
@@ -89,6 +94,9 @@ pub(super) fn watches(client: &Client, settings: &Settings) -> Watches {
     let owned_config_maps =
         owned_events(client, ns, &managed, config_maps_writer).touched_objects();
     let owned_pdbs = owned_events(client, ns, &managed, pdbs_writer).touched_objects();
+    // An autoscaler's status changes every sync period: only its spec or its deletion matter.
+    let owned_autoscalers =
+        generation_triggers(owned_events(client, ns, &managed, autoscalers_writer));
     let owned_secrets = owned_events(client, ns, &managed, secrets_writer).touched_objects();
     // The identity and resourceVersion of every Secret the operator did not create (never
     // their data): a change to an admin or JWT Secret a stack refers to reconciles that
@@ -124,6 +132,7 @@ pub(super) fn watches(client: &Client, settings: &Settings) -> Watches {
         .owns_stream(owned_services)
         .owns_stream(owned_config_maps)
         .owns_stream(owned_pdbs)
+        .owns_stream(owned_autoscalers)
         .owns_stream(owned_secrets)
         .watches_stream(referenced_secrets, move |secret| {
             let (Some(namespace), name) = (secret.namespace(), secret.name_any()) else {
@@ -223,6 +232,33 @@ fn deployment_triggers(
             Ok(watcher::Event::Delete(deployment)) => {
                 seen.remove(&ObjectRef::from_obj(&deployment));
                 Some(Ok(deployment))
+            }
+            Ok(watcher::Event::Init | watcher::Event::InitDone) => None,
+            Err(error) => Some(Err(error)),
+        };
+        std::future::ready(trigger)
+    })
+}
+
+/// Passes on an owned object's events only when its generation (its spec) changed or it was
+/// deleted.
+fn generation_triggers<K>(
+    events: impl futures::Stream<Item = Result<watcher::Event<K>, watcher::Error>>,
+) -> impl futures::Stream<Item = Result<K, watcher::Error>>
+where
+    K: Resource<DynamicType = ()> + Clone,
+{
+    let mut seen: HashMap<ObjectRef<K>, Option<i64>> = HashMap::new();
+    events.filter_map(move |event| {
+        let trigger = match event {
+            Ok(watcher::Event::Apply(object) | watcher::Event::InitApply(object)) => {
+                let generation = object.meta().generation;
+                let previous = seen.insert(ObjectRef::from_obj(&object), generation);
+                (previous != Some(generation)).then_some(Ok(object))
+            }
+            Ok(watcher::Event::Delete(object)) => {
+                seen.remove(&ObjectRef::from_obj(&object));
+                Some(Ok(object))
             }
             Ok(watcher::Event::Init | watcher::Event::InitDone) => None,
             Err(error) => Some(Err(error)),

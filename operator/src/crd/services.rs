@@ -22,6 +22,10 @@ use super::ImageOverride;
     "services.cacheUpdater.replicas must be at least 1 while it is enabled: without a replica the \
      cache updater projects no event (set spec.paused to stop the operator's changes instead)"
 ))]
+#[x_kube(validation = Rule::new("!has(self.processor.autoscaling) && !has(self.cacheUpdater.autoscaling)").message(
+    "autoscaling is available for the gateway, the command service and the hub: the processor and \
+     the cache updater are bounded by their topics' partitions (set their replicas instead)"
+))]
 pub struct ServicesSpec {
     /// The API gateway (port 8080): authentication, rate limits, reads from Redis, commands
     /// forwarded to the command service. Starts only after the core services are Available.
@@ -67,6 +71,38 @@ pub struct ServiceSpec {
     /// This service's image, where it differs from `spec.image`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<ImageOverride>,
+    /// Scale on CPU with a HorizontalPodAutoscaler the operator owns (gateway, command service
+    /// and hub only). While set, `replicas` is ignored: the autoscaler owns the Deployment's
+    /// replica count and the operator never resets it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscaling: Option<AutoscalingSpec>,
+}
+
+/// A HorizontalPodAutoscaler on the service's average CPU use (its pods need a CPU request).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.maxReplicas >= self.minReplicas").message(
+    "autoscaling.maxReplicas must be at least autoscaling.minReplicas"
+))]
+pub struct AutoscalingSpec {
+    /// The fewest pods, from 1 to 500; a PodDisruptionBudget is created when it is above 1.
+    #[schemars(range(min = 1, max = 500))]
+    pub min_replicas: i32,
+    /// The most pods, from 1 to 500.
+    #[schemars(range(min = 1, max = 500))]
+    pub max_replicas: i32,
+    /// The average CPU use, in percent of the pods' CPU request, the autoscaler keeps the
+    /// service at (default 70).
+    #[serde(
+        default = "default_cpu_target",
+        rename = "targetCPUUtilizationPercentage"
+    )]
+    #[schemars(range(min = 1, max = 100))]
+    pub target_cpu_utilization_percentage: i32,
+}
+
+fn default_cpu_target() -> i32 {
+    70
 }
 
 impl Default for ServiceSpec {
@@ -78,6 +114,7 @@ impl Default for ServiceSpec {
             env: Vec::new(),
             annotations: BTreeMap::new(),
             image: None,
+            autoscaling: None,
         }
     }
 }

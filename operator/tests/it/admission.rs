@@ -176,7 +176,7 @@ async fn invalid_specs_are_rejected_at_admission_with_a_message_a_user_understan
     let stacks = ns.stacks();
 
     type Mutation = fn(&mut Value);
-    let cases: [(&str, Mutation, &str); 13] = [
+    let cases: [(&str, Mutation, &str); 15] = [
         (
             "negative replicas",
             |s| s["spec"]["services"]["processor"]["replicas"] = json!(-1),
@@ -241,6 +241,22 @@ async fn invalid_specs_are_rejected_at_admission_with_a_message_a_user_understan
             "a service's tag with a space",
             |s| s["spec"]["services"]["wsHub"]["image"] = json!({ "tag": "1.0 beta" }),
             "image.tag must be letters, digits",
+        ),
+        (
+            "an autoscaled processor",
+            |s| {
+                s["spec"]["services"]["processor"]["autoscaling"] =
+                    json!({ "minReplicas": 1, "maxReplicas": 3 });
+            },
+            "autoscaling is available for the gateway, the command service and the hub",
+        ),
+        (
+            "fewer max than min replicas",
+            |s| {
+                s["spec"]["services"]["gateway"]["autoscaling"] =
+                    json!({ "minReplicas": 3, "maxReplicas": 2 });
+            },
+            "autoscaling.maxReplicas must be at least autoscaling.minReplicas",
         ),
         (
             "a 48-character name",

@@ -933,3 +933,97 @@ async fn a_deleted_namespace_is_cleaned_up_although_its_admin_secrets_went_first
     stop.cancel();
     task.await.unwrap().unwrap();
 }
+
+/// Whether the operator's own field manager still owns the Deployment's `spec.replicas`.
+fn operator_owns_replicas(deployment: &Deployment) -> bool {
+    deployment
+        .metadata
+        .managed_fields
+        .iter()
+        .flatten()
+        .filter(|m| m.manager.as_deref() == Some("meridian-operator"))
+        .filter_map(|m| m.fields_v1.as_ref())
+        .any(|f| f.0.pointer("/f:spec/f:replicas").is_some())
+}
+
+#[tokio::test]
+async fn an_autoscaled_service_keeps_the_replica_count_its_autoscaler_sets() {
+    use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
+    use kube::api::{Patch, PatchParams};
+
+    let harness = Harness::start("autoscale").await;
+    let deps = Deps::from_env();
+    let mut spec = stack("delta", &deps.redis_url, "Delete");
+    spec["spec"]["services"]["gateway"]["replicas"] = json!(3);
+    harness.apply_ready(&spec).await;
+    let deployments: Api<Deployment> = harness.api();
+    let autoscalers: Api<HorizontalPodAutoscaler> = harness.api();
+    let replicas = |d: &Deployment| d.spec.as_ref().and_then(|s| s.replicas);
+    let gateway = "delta-api-gateway";
+    assert_eq!(replicas(&deployments.get(gateway).await.unwrap()), Some(3));
+
+    // Autoscaling on: an autoscaler appears and the operator lets go of the count without the
+    // Deployment ever falling back to one replica.
+    spec["spec"]["services"]["gateway"]["autoscaling"] =
+        json!({ "minReplicas": 2, "maxReplicas": 6, "targetCPUUtilizationPercentage": 50 });
+    harness.apply(&spec).await;
+    wait_until("the operator to let go of replicas", READY_TIMEOUT, || {
+        let deployments = deployments.clone();
+        async move {
+            let deployment = deployments.get(gateway).await.unwrap();
+            assert_eq!(
+                replicas(&deployment),
+                Some(3),
+                "the count changed on hand-over"
+            );
+            !operator_owns_replicas(&deployment)
+        }
+    })
+    .await;
+    let autoscaler = autoscalers.get(gateway).await.unwrap();
+    let hpa = autoscaler.spec.unwrap();
+    assert_eq!((hpa.min_replicas, hpa.max_replicas), (Some(2), 6));
+    assert_eq!(hpa.scale_target_ref.name, gateway);
+
+    // The autoscaler's decision (written through the scale subresource, as its controller
+    // does) survives the reconciles that follow, including one that rolls the pods.
+    deployments
+        .patch_scale(
+            gateway,
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "spec": { "replicas": 5 } })),
+        )
+        .await
+        .unwrap();
+    spec["spec"]["services"]["gateway"]["annotations"] = json!({ "example.com/rev": "2" });
+    harness.apply(&spec).await;
+    wait_until("the pod template to change", READY_TIMEOUT, || {
+        let deployments = deployments.clone();
+        async move {
+            let deployment = deployments.get(gateway).await.unwrap();
+            deployment
+                .spec
+                .and_then(|s| s.template.metadata)
+                .and_then(|m| m.annotations)
+                .is_some_and(|a| a.get("example.com/rev").map(String::as_str) == Some("2"))
+        }
+    })
+    .await;
+    assert_eq!(replicas(&deployments.get(gateway).await.unwrap()), Some(5));
+
+    // Off again: the autoscaler goes and the spec's count applies.
+    spec["spec"]["services"]["gateway"]
+        .as_object_mut()
+        .unwrap()
+        .remove("autoscaling");
+    harness.apply(&spec).await;
+    wait_until("the autoscaler to go", READY_TIMEOUT, || {
+        let (autoscalers, deployments) = (autoscalers.clone(), deployments.clone());
+        async move {
+            autoscalers.get_opt(gateway).await.unwrap().is_none()
+                && replicas(&deployments.get(gateway).await.unwrap()) == Some(3)
+        }
+    })
+    .await;
+    harness.finish().await;
+}

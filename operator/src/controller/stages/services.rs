@@ -4,9 +4,10 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Debug;
 
+use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Service;
 use kube::ResourceExt as _;
-use kube::api::{Api, DeleteParams, Preconditions};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, Preconditions};
 use kube::runtime::reflector::{ObjectRef, Store};
 use serde::de::DeserializeOwned;
 
@@ -143,9 +144,27 @@ async fn write_service(
     changed |= apply::apply(ctx, &stores.services, objects.service.clone())
         .await
         .map_err(applied)?;
+    if objects.autoscaler.is_some() {
+        hand_replicas_over(ctx, validated, objects)
+            .await
+            .map_err(applied)?;
+    }
     changed |= apply::apply(ctx, &stores.deployments, objects.deployment.clone())
         .await
         .map_err(applied)?;
+    match &objects.autoscaler {
+        Some(autoscaler) => {
+            changed |= apply::apply(ctx, &stores.autoscalers, autoscaler.clone())
+                .await
+                .map_err(applied)?;
+        }
+        None => {
+            let name = build::object_name(validated, component);
+            changed |= delete_owned(ctx, &stores.autoscalers, validated, &name)
+                .await
+                .map_err(stale("HorizontalPodAutoscaler"))?;
+        }
+    }
     match &objects.pod_disruption_budget {
         Some(pdb) => {
             changed |= apply::apply(ctx, &stores.pdbs, pdb.clone())
@@ -160,6 +179,50 @@ async fn write_service(
         }
     }
     Ok(changed)
+}
+
+/// The field manager that keeps a Deployment's replica count while an autoscaler takes it over.
+const REPLICAS_HANDOVER: &str = "meridian-operator-replicas-handover";
+
+/// Before the operator applies a Deployment without `replicas` (its service now scales
+/// automatically) while it still owns that field, another field manager applies the current
+/// count: when the operator drops a field it alone owned, the API server removes it and the
+/// Deployment would fall back to one replica until the autoscaler scaled it up again. With a
+/// co-owner the count stays; the autoscaler's scale updates take the field over from there.
+/// Once the operator no longer owns the field nothing is written here, so a count the
+/// autoscaler set is never overwritten.
+async fn hand_replicas_over(
+    ctx: &Context,
+    validated: &ValidatedStack,
+    objects: &ServiceObjects,
+) -> Result<(), apply::Error> {
+    let name = build::object_name(validated, objects.component);
+    let Some(existing) = ctx
+        .stores
+        .deployments
+        .get(&ObjectRef::new(&name).within(validated.namespace()))
+    else {
+        return Ok(());
+    };
+    if !existing.state.operator_owns_replicas {
+        return Ok(());
+    }
+    let key = apply::object_key::<Deployment>(validated.namespace(), &name);
+    let handover = serde_json::json!({
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": { "name": name, "namespace": validated.namespace() },
+        "spec": { "replicas": existing.state.desired },
+    });
+    let api: Api<Deployment> = Api::namespaced(ctx.client.clone(), validated.namespace());
+    api.patch(
+        &name,
+        &PatchParams::apply(REPLICAS_HANDOVER),
+        &Patch::Apply(&handover),
+    )
+    .await
+    .map_err(|source| apply::Error::Patch { key, source })?;
+    Ok(())
 }
 
 /// Deletes the stack's Service named like `desired` when `desired` cannot be applied over it
@@ -204,6 +267,7 @@ pub(super) async fn delete_disabled(
             any |= delete_owned(ctx, &stores.services, validated, &name).await?;
             any |= delete_owned(ctx, &stores.config_maps, validated, &name).await?;
             any |= delete_owned(ctx, &stores.pdbs, validated, &name).await?;
+            any |= delete_owned(ctx, &stores.autoscalers, validated, &name).await?;
             Ok(any)
         };
         if any
