@@ -1,7 +1,7 @@
 //! Who is calling: the bearer token checked with [`common::auth`], per the route's
 //! [`AuthMode`], and the 401 answer (RFC 6750 `WWW-Authenticate` + problem+json).
 
-use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderName, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use common::auth::{AuthError, Claims, Verifier};
 use common::metrics::JWT_FAILURES_TOTAL;
@@ -13,9 +13,6 @@ use crate::routes::AuthMode;
 /// keys by it). Set from the JWT subject; a caller-supplied value is dropped when a token is
 /// present.
 pub const X_CLIENT_ID: HeaderName = HeaderName::from_static("x-client-id");
-
-/// The realm named in challenges.
-const REALM: &str = "meridian";
 
 /// The caller's identity for one request.
 #[derive(Debug, Clone)]
@@ -102,30 +99,13 @@ fn refused(error: &AuthError) -> Response {
 
 /// 401 with a problem body and an RFC 6750 challenge.
 fn unauthorized(detail: &str, error: Option<&str>) -> Response {
-    let mut challenge = format!("Bearer realm=\"{REALM}\"");
-    if let Some(error) = error {
-        // RFC 6750 §3: error_description is limited to printable ASCII without `"` and `\`.
-        let description: String = detail
-            .chars()
-            .filter(|c| (' '..='~').contains(c) && *c != '"' && *c != '\\')
-            .collect();
-        challenge.push_str(&format!(
-            ", error=\"{error}\", error_description=\"{description}\""
-        ));
-    }
-    let mut response = Problem::new(ProblemType::Unauthorized, StatusCode::UNAUTHORIZED)
-        .detail(detail)
-        .into_response();
-    if let Ok(value) = HeaderValue::from_str(&challenge) {
-        response
-            .headers_mut()
-            .insert(header::WWW_AUTHENTICATE, value);
-    }
-    response
+    common::problem::unauthorized(detail, error)
 }
 
 #[cfg(test)]
 mod tests {
+    use axum::http::HeaderValue;
+
     use super::*;
 
     fn headers(authorization: &str) -> HeaderMap {

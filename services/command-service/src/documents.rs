@@ -4,7 +4,7 @@
 //! `ETag: "<version>"`, and `If-None-Match` with that tag (or `*`) gets `304 Not Modified`.
 //! A deleted or never-written document is `404` (`not-found`).
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -14,7 +14,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::AppState;
-use crate::error::ApiError;
+use crate::error::{ApiError, Path};
 
 /// `/v1/documents` routes.
 pub fn router(state: &AppState) -> Router {

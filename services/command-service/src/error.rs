@@ -1,9 +1,10 @@
 //! [`ApiError`]: every way a request can fail, rendered as `application/problem+json`, and
-//! [`Json`], the body extractor whose rejection is an [`ApiError`] (so malformed JSON, wrong
-//! types and oversize bodies get our problem body, not axum's plain text).
+//! [`Json`] and [`Path`], the extractors whose rejection is an [`ApiError`] (so malformed JSON,
+//! wrong types, oversize bodies and undecodable paths get our problem body, not axum's plain
+//! text).
 
-use axum::extract::FromRequest;
-use axum::extract::rejection::JsonRejection;
+use axum::extract::rejection::{JsonRejection, PathRejection};
+use axum::extract::{FromRequest, FromRequestParts};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use common::problem::{Problem, ProblemType};
@@ -24,6 +25,9 @@ pub enum ApiError {
     /// A header is malformed.
     #[error("{0}")]
     InvalidHeader(String),
+    /// A path segment does not decode (for example percent-encoded bytes that are not UTF-8).
+    #[error("invalid path: {0}")]
+    InvalidPath(String),
     /// The body exceeds `COMMANDS_MAX_BODY_BYTES`.
     #[error("the body exceeds the configured limit")]
     PayloadTooLarge,
@@ -58,7 +62,9 @@ impl ApiError {
             Self::InvalidJson(_) => (P::InvalidJson, StatusCode::BAD_REQUEST),
             Self::UnsupportedMediaType => (P::InvalidJson, StatusCode::UNSUPPORTED_MEDIA_TYPE),
             Self::Validation(_) => (P::ValidationFailed, StatusCode::UNPROCESSABLE_ENTITY),
-            Self::InvalidHeader(_) => (P::ValidationFailed, StatusCode::BAD_REQUEST),
+            Self::InvalidHeader(_) | Self::InvalidPath(_) => {
+                (P::ValidationFailed, StatusCode::BAD_REQUEST)
+            }
             Self::PayloadTooLarge => (P::PayloadTooLarge, StatusCode::PAYLOAD_TOO_LARGE),
             Self::IdempotencyKeyMissing => (P::IdempotencyKeyMissing, StatusCode::BAD_REQUEST),
             Self::IdempotencyKeyReused => {
@@ -110,6 +116,17 @@ impl From<JsonRejection> for ApiError {
         }
     }
 }
+
+impl From<PathRejection> for ApiError {
+    fn from(rejection: PathRejection) -> Self {
+        Self::InvalidPath(rejection.body_text())
+    }
+}
+
+/// `axum::extract::Path` with [`ApiError`] as its rejection.
+#[derive(Debug, FromRequestParts)]
+#[from_request(via(axum::extract::Path), rejection(ApiError))]
+pub struct Path<T>(pub T);
 
 /// `axum::Json` with [`ApiError`] as its rejection.
 #[derive(Debug, FromRequest)]

@@ -167,9 +167,55 @@ pub fn retry_later(kind: ProblemType, detail: impl Into<String>) -> Response {
     response
 }
 
+/// The realm of the platform's bearer challenges.
+pub const REALM: &str = "meridian";
+
+/// 401 `unauthorized` with an RFC 6750 `WWW-Authenticate: Bearer` challenge; `error` (for
+/// example `invalid_token`) adds `error` and `error_description` (the detail, reduced to the
+/// printable ASCII the RFC allows there). Every service that takes bearer tokens answers with
+/// it, as RFC 9110 requires of a 401.
+pub fn unauthorized(detail: &str, error: Option<&str>) -> Response {
+    let mut challenge = format!("Bearer realm=\"{REALM}\"");
+    if let Some(error) = error {
+        let description: String = detail
+            .chars()
+            .filter(|c| (' '..='~').contains(c) && *c != '"' && *c != '\\')
+            .collect();
+        challenge.push_str(&format!(
+            ", error=\"{error}\", error_description=\"{description}\""
+        ));
+    }
+    let mut response = Problem::new(ProblemType::Unauthorized, StatusCode::UNAUTHORIZED)
+        .detail(detail)
+        .into_response();
+    if let Ok(value) = HeaderValue::from_str(&challenge) {
+        response
+            .headers_mut()
+            .insert(header::WWW_AUTHENTICATE, value);
+    }
+    response
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_401_carries_a_bearer_challenge() {
+        let response = unauthorized("the token has \"expired\"", Some("invalid_token"));
+        assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(
+            response.headers()[header::WWW_AUTHENTICATE],
+            "Bearer realm=\"meridian\", error=\"invalid_token\", \
+             error_description=\"the token has expired\""
+        );
+        let missing = unauthorized("a bearer token is required", None);
+        assert_eq!(
+            missing.headers()[header::WWW_AUTHENTICATE],
+            "Bearer realm=\"meridian\""
+        );
+        assert_eq!(missing.headers()[header::CONTENT_TYPE], CONTENT_TYPE);
+    }
 
     #[test]
     fn a_problem_renders_its_type_uri_title_status_and_detail() {

@@ -23,9 +23,9 @@ use axum::extract::State;
 use axum::extract::ws::{
     CloseFrame, Message, WebSocket, WebSocketUpgrade, rejection::WebSocketUpgradeRejection,
 };
-use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri};
+use axum::http::{HeaderMap, HeaderValue, Uri};
 use axum::response::{IntoResponse, Response};
-use common::auth::{AuthError, Verifier};
+use common::auth::Verifier;
 use common::metrics::{
     HUB_CONNECTIONS, HUB_CONNECTIONS_REJECTED_TOTAL, HUB_DISCONNECTS_TOTAL,
     HUB_MESSAGES_REJECTED_TOTAL, HUB_PUBLICATIONS_TOTAL,
@@ -276,12 +276,6 @@ impl Hub {
     }
 }
 
-fn rejected(reason: &'static str, problem: Problem) -> Response {
-    metrics::counter!(HUB_CONNECTIONS_REJECTED_TOTAL, "service" => NAME, "reason" => reason)
-        .increment(1);
-    problem.into_response()
-}
-
 /// `GET /ws`: checks the token, then the node's limits, then upgrades.
 pub async fn upgrade(
     State(hub): State<Arc<Hub>>,
@@ -316,16 +310,15 @@ pub async fn upgrade(
                     "the token cannot be verified right now; retry later",
                 );
             }
-            Err(error) => return unauthorized(&error),
+            Err(error) => return unauthorized(&error.to_string(), Some("invalid_token")),
         },
         None if !hub.settings.anonymous_rooms.is_empty() => {
             Access::anonymous(&hub.settings.anonymous_rooms)
         }
         None => {
-            return rejected(
-                "unauthorized",
-                Problem::new(ProblemType::Unauthorized, StatusCode::UNAUTHORIZED)
-                    .detail("an access token is required (?token=, Authorization: Bearer, or a bearer.<token> subprotocol)"),
+            return unauthorized(
+                "an access token is required (?token=, Authorization: Bearer, or a bearer.<token> subprotocol)",
+                None,
             );
         }
     };
@@ -362,11 +355,11 @@ pub async fn upgrade(
         })
 }
 
-fn unauthorized(error: &AuthError) -> Response {
-    rejected(
-        "unauthorized",
-        Problem::new(ProblemType::Unauthorized, StatusCode::UNAUTHORIZED).detail(error.to_string()),
-    )
+/// 401 with a bearer challenge (RFC 6750), counted as a rejected connection.
+fn unauthorized(detail: &str, error: Option<&str>) -> Response {
+    metrics::counter!(HUB_CONNECTIONS_REJECTED_TOTAL, "service" => NAME, "reason" => "unauthorized")
+        .increment(1);
+    common::problem::unauthorized(detail, error)
 }
 
 /// Whether the query has `name=1` or `name=true`.

@@ -68,6 +68,27 @@ async fn a_document_is_served_with_its_version_as_etag_and_deleted_or_missing_on
         let body: Value = response.json().await.unwrap();
         assert_eq!(body["type"], "https://meridian.dev/problems/not-found");
     }
+    // A path that does not decode (bytes that are not UTF-8) is a problem, not plain text.
+    let response = http
+        .get(app.url(&format!("/v1/documents/{collection}/%ff")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 400);
+    assert_eq!(
+        response.headers()["content-type"],
+        "application/problem+json"
+    );
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(
+        body["type"],
+        "https://meridian.dev/problems/validation-failed"
+    );
+    assert!(
+        body["detail"].as_str().unwrap().starts_with("invalid path"),
+        "{body}"
+    );
+
     sqlx::query("DELETE FROM documents WHERE collection = $1")
         .bind(&collection)
         .execute(&db)

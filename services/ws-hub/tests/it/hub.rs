@@ -168,6 +168,17 @@ async fn an_unauthorized_room_is_refused_and_bad_or_expired_tokens_are_refused_a
                     "application/problem+json",
                     "{what}"
                 );
+                // RFC 9110: a 401 carries a challenge; a refused token says why (RFC 6750).
+                let challenge = response.headers()["www-authenticate"].to_str().unwrap();
+                assert!(
+                    challenge.starts_with("Bearer realm=\"meridian\""),
+                    "{what}: {challenge}"
+                );
+                assert_eq!(
+                    challenge.contains("error=\"invalid_token\""),
+                    what != "missing",
+                    "{what}: {challenge}"
+                );
             }
             other => panic!("{what}: expected a 401 response, got {other}"),
         }
