@@ -355,56 +355,38 @@ async fn handle(state: AppState, route: Arc<Route>, mut request: Request) -> Res
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
         .map_or(SocketAddr::from(([0, 0, 0, 0], 0)), |info| info.0);
+    let ip = client_ip(
+        peer.ip(),
+        request.headers(),
+        state.settings.trusted_proxy_hops,
+    );
     let identity =
         match identity::authenticate(NAME, &state.verifier, route.auth, request.headers()).await {
             Ok(identity) => identity,
-            Err(response) => return *response,
+            // A refused request still counts against the caller's address (and the route), so
+            // a flood of bad tokens is limited like any other: 429 once over, the RateLimit
+            // fields on the 401 until then.
+            Err(response) => {
+                let subjects = Subjects {
+                    route: &route.name,
+                    user: None,
+                    client: None,
+                    ip,
+                };
+                return limited(&state, &subjects, *response).await;
+            }
         };
-
-    let decision = if state.limiter.is_enabled() {
-        let ip = client_ip(
-            peer.ip(),
-            request.headers(),
-            state.settings.trusted_proxy_hops,
-        );
-        let subjects = Subjects {
-            route: &route.name,
-            user: identity.user(),
-            client: identity.client(request.headers()),
-            ip,
-        };
-        state.limiter.check(&subjects).await
-    } else {
-        Decision::Unlimited
+    let client = identity.client(request.headers());
+    let subjects = Subjects {
+        route: &route.name,
+        user: identity.user(),
+        client,
+        ip,
     };
-    match &decision {
-        Decision::Denied { retry_after, .. } => {
-            let mut response =
-                Problem::new(ProblemType::RateLimited, StatusCode::TOO_MANY_REQUESTS)
-                    .detail(format!(
-                        "rate limit exceeded; retry in {} s",
-                        retry_after.as_secs_f64().ceil()
-                    ))
-                    .into_response();
-            state
-                .limiter
-                .write_headers(&decision, response.headers_mut());
-            return response;
-        }
-        Decision::FailedClosed => {
-            let mut response = Problem::new(
-                ProblemType::DependencyUnavailable,
-                StatusCode::SERVICE_UNAVAILABLE,
-            )
-            .detail("rate limiting is unavailable")
-            .into_response();
-            state
-                .limiter
-                .write_headers(&decision, response.headers_mut());
-            return response;
-        }
-        Decision::Unlimited | Decision::Allowed(_) | Decision::FailedOpen => {}
-    }
+    let decision = match check(&state, &subjects).await {
+        Ok(decision) => decision,
+        Err(refused) => return *refused,
+    };
 
     // The authenticated subject is the client upstream; a caller-supplied value never is.
     if let Identity::User(claims) = &identity {
@@ -442,6 +424,48 @@ async fn handle(state: AppState, route: Arc<Route>, mut request: Request) -> Res
         .limiter
         .write_headers(&decision, response.headers_mut());
     response
+}
+
+/// The rate-limit decision for `subjects`, or the response that refuses the request (429 over
+/// the limit, 503 when the limiter fails closed).
+async fn check(state: &AppState, subjects: &Subjects<'_>) -> Result<Decision, Box<Response>> {
+    if !state.limiter.is_enabled() {
+        return Ok(Decision::Unlimited);
+    }
+    let decision = state.limiter.check(subjects).await;
+    let refusal = match &decision {
+        Decision::Denied { retry_after, .. } => {
+            Problem::new(ProblemType::RateLimited, StatusCode::TOO_MANY_REQUESTS).detail(format!(
+                "rate limit exceeded; retry in {} s",
+                retry_after.as_secs_f64().ceil()
+            ))
+        }
+        Decision::FailedClosed => Problem::new(
+            ProblemType::DependencyUnavailable,
+            StatusCode::SERVICE_UNAVAILABLE,
+        )
+        .detail("rate limiting is unavailable"),
+        Decision::Unlimited | Decision::Allowed(_) | Decision::FailedOpen => return Ok(decision),
+    };
+    let mut response = refusal.into_response();
+    state
+        .limiter
+        .write_headers(&decision, response.headers_mut());
+    Err(Box::new(response))
+}
+
+/// `response` (a refusal) once the request is counted: the refusal with the RateLimit fields,
+/// or the 429 when the caller is over its limit.
+async fn limited(state: &AppState, subjects: &Subjects<'_>, mut response: Response) -> Response {
+    match check(state, subjects).await {
+        Ok(decision) => {
+            state
+                .limiter
+                .write_headers(&decision, response.headers_mut());
+            response
+        }
+        Err(refused) => *refused,
+    }
 }
 
 /// The client address: the TCP peer, or with `hops` trusted proxies in front, the

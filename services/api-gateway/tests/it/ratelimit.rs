@@ -218,3 +218,54 @@ async fn rate_limiting_fails_closed_when_configured_and_redis_is_down() {
     .await;
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_flood_of_bad_tokens_is_counted_per_address_and_refused_with_429() {
+    const BURST: usize = 5;
+    let upstream = echo_upstream().await;
+    let policies = json!([
+        {"name": "per-ip", "key": "ip", "rate": 1, "period": "Hour", "burst": BURST},
+        {"name": "per-user", "key": "user", "rate": 1000, "period": "Second"}
+    ]);
+    let env = [
+        ("REDIS_URL", Deps::from_env().redis_url),
+        ("REDIS_KEY_PREFIX", prefix("bad-tokens")),
+        ("GATEWAY_COMMAND_SERVICE_URL", upstream.url()),
+        ("JWT_SECRET", SECRET.to_owned()),
+        ("JWT_AUDIENCE", AUDIENCE.to_owned()),
+        ("GATEWAY_RATE_LIMITS", policies.to_string()),
+        ("GATEWAY_RATE_LIMIT_TIMEOUT_MS", "5000".to_owned()),
+    ];
+    let (process, base) = spawn_gateway("rl-bad-tokens", &env).await;
+    let client = http();
+    let mut statuses = Vec::new();
+    for i in 0..2 * BURST {
+        let response = client
+            .get(format!("{base}/v1/commands/{i}"))
+            .header("authorization", "Bearer not.a.token")
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        // Every answer, refused or not, says where the caller stands.
+        let state = members(response.headers()["ratelimit"].to_str().unwrap());
+        assert_eq!(state[0].0, "per-ip", "{state:?}");
+        if status == 401 {
+            assert!(response.headers().contains_key("www-authenticate"));
+        } else {
+            assert!(response.headers().contains_key("retry-after"));
+        }
+        statuses.push(status);
+    }
+    let expected: Vec<u16> = [401; BURST].into_iter().chain([429; BURST]).collect();
+    assert_eq!(statuses, expected);
+    // The address is over its limit for valid tokens too: it is the address that flooded.
+    let response = client
+        .get(format!("{base}/v1/commands/1"))
+        .header("authorization", bearer("erin"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 429);
+    process.terminate(Duration::from_secs(30)).await;
+}
