@@ -46,7 +46,11 @@ pub fn client_config(config: &KafkaConfig, client_id: &str) -> ClientConfig {
         .set(
             "socket.connection.setup.timeout.ms",
             config.kafka_timeout_ms.to_string(),
-        );
+        )
+        // librdkafka backs reconnects off exponentially up to 10 s by default, so after a
+        // broker restart a client could wait 10 s more before noticing it is back; a 1 s ceiling
+        // costs one connection attempt per second during an outage.
+        .set("reconnect.backoff.max.ms", "1000");
     if let Some(mechanism) = &config.kafka_sasl_mechanism {
         cc.set("sasl.mechanism", mechanism);
     }
