@@ -7,6 +7,7 @@
 
 use common::test_support::{Deps, assert_binary_lifecycle, assert_ready_tracks_dependency};
 
+mod freshness;
 mod pipeline;
 mod projection;
 mod readmodel;
