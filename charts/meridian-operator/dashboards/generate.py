@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Writes the Grafana dashboards of the chart (one JSON file per component) from the metric
-names the platform declares (services/common/src/metrics.rs, operator/src/metrics.rs).
+names the platform declares (services/common/src/metrics.rs; its `drift` test fails when a
+query here or in the alert rules names a metric that is not declared there).
 
 Run after changing a metric: `python3 charts/meridian-operator/dashboards/generate.py`.
 The chart ships the JSON files as ConfigMaps labelled for the Grafana sidecar.

@@ -54,7 +54,7 @@ pub fn pod_monitor_name(stack: &ValidatedStack) -> String {
 }
 
 /// The stack's PodMonitor: every pod of the stack (its `instance` and `part-of` labels), the
-/// `http` port's `/metrics`, with the pod's service, namespace and stack as target labels.
+/// `http` port's `/metrics`, with the stack's name as the `stack` target label.
 pub fn pod_monitor(stack: &ValidatedStack) -> DynamicObject {
     let mut labels = stack.spec().monitoring.pod_monitor_labels.clone();
     labels.extend(stack_labels(stack));
@@ -72,11 +72,9 @@ pub fn pod_monitor(stack: &ValidatedStack) -> DynamicObject {
                 "podMetricsEndpoints": [{
                     "port": "http",
                     "path": "/metrics",
+                    // Every series already carries `service`; the prometheus-operator adds
+                    // `namespace` and `pod`; `stack` tells two stacks of a namespace apart.
                     "relabelings": [
-                        {
-                            "sourceLabels": ["__meta_kubernetes_pod_label_app_kubernetes_io_name"],
-                            "targetLabel": "service",
-                        },
                         {
                             "sourceLabels": ["__meta_kubernetes_pod_label_app_kubernetes_io_instance"],
                             "targetLabel": "stack",

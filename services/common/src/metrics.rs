@@ -162,3 +162,203 @@ pub fn record_build_info(service: &'static str) {
     metrics::gauge!(BUILD_INFO, "service" => service, "version" => env!("CARGO_PKG_VERSION"))
         .set(1.0);
 }
+
+#[cfg(test)]
+mod drift {
+    //! The chart's dashboards and alert rules query metrics by name: a metric renamed here
+    //! and not there would leave a panel empty or an alert silent, with nothing failing.
+    //! Every metric name their queries use must be one declared above.
+    use std::collections::BTreeSet;
+
+    const DASHBOARDS: [&str; 6] = [
+        include_str!("../../../charts/meridian-operator/dashboards/api-gateway.json"),
+        include_str!("../../../charts/meridian-operator/dashboards/command-service.json"),
+        include_str!("../../../charts/meridian-operator/dashboards/processor.json"),
+        include_str!("../../../charts/meridian-operator/dashboards/cache-updater.json"),
+        include_str!("../../../charts/meridian-operator/dashboards/ws-hub.json"),
+        include_str!("../../../charts/meridian-operator/dashboards/operator.json"),
+    ];
+    const RULES: &str =
+        include_str!("../../../charts/meridian-operator/templates/prometheusrule.yaml");
+    const DECLARED: &str = include_str!("metrics.rs");
+
+    /// PromQL's functions, aggregations and keywords that the queries use.
+    const PROMQL: &[&str] = &[
+        "sum",
+        "min",
+        "max",
+        "avg",
+        "count",
+        "rate",
+        "irate",
+        "increase",
+        "histogram_quantile",
+        "by",
+        "without",
+        "on",
+        "ignoring",
+        "group_left",
+        "group_right",
+        "and",
+        "or",
+        "unless",
+        "bool",
+        "offset",
+        "topk",
+        "bottomk",
+        "clamp_min",
+        "clamp_max",
+        "abs",
+        "absent",
+    ];
+
+    /// The names declared as `pub const NAME: &str = "name";` above.
+    fn declared() -> BTreeSet<String> {
+        DECLARED
+            .lines()
+            .filter_map(|line| line.strip_prefix("pub const "))
+            .filter_map(|rest| rest.split_once(": &str = \""))
+            .filter_map(|(_, value)| value.split_once('"'))
+            .map(|(name, _)| name.to_owned())
+            .collect()
+    }
+
+    /// Removes what is not a metric name from a query: strings, label matchers (`{…}`), ranges
+    /// (`[…]`), grouping label lists (`by (…)` and the like), Grafana variables.
+    fn metric_names(query: &str) -> Vec<String> {
+        let mut kept = String::new();
+        let (mut braces, mut brackets, mut in_string) = (0, 0, false);
+        for c in query.chars() {
+            match c {
+                '"' if braces == 0 => in_string = !in_string,
+                _ if in_string => {}
+                '{' => braces += 1,
+                '}' => braces -= 1,
+                '[' => brackets += 1,
+                ']' => brackets -= 1,
+                _ if braces > 0 || brackets > 0 => {}
+                c => kept.push(c),
+            }
+        }
+        // Grouping label lists: `by (…)`, `without (…)`, `on (…)`, `ignoring (…)`,
+        // `group_left (…)`, `group_right (…)`.
+        let mut text = kept;
+        for keyword in [
+            "by",
+            "without",
+            "on",
+            "ignoring",
+            "group_left",
+            "group_right",
+        ] {
+            let mut out = String::new();
+            let mut rest = text.as_str();
+            while let Some(at) = find_word(rest, keyword) {
+                out.push_str(&rest[..at]);
+                let after = rest[at + keyword.len()..].trim_start();
+                match after.strip_prefix('(') {
+                    Some(list) => rest = list.split_once(')').map_or("", |(_, tail)| tail),
+                    None => {
+                        out.push_str(keyword);
+                        rest = &rest[at + keyword.len()..];
+                    }
+                }
+            }
+            out.push_str(rest);
+            text = out;
+        }
+        text.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '$'))
+            .filter(|t| !t.is_empty())
+            .filter(|t| !t.starts_with('$') && !t.starts_with(|c: char| c.is_ascii_digit()))
+            .filter(|t| !PROMQL.contains(t))
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// Where `word` starts in `text` as a whole word.
+    fn find_word(text: &str, word: &str) -> Option<usize> {
+        let is_ident = |c: char| c.is_ascii_alphanumeric() || c == '_';
+        text.match_indices(word).map(|(at, _)| at).find(|&at| {
+            let before = text[..at].chars().next_back();
+            let after = text[at + word.len()..].chars().next();
+            !before.is_some_and(is_ident) && !after.is_some_and(is_ident)
+        })
+    }
+
+    fn queries() -> Vec<String> {
+        let mut queries = Vec::new();
+        for dashboard in DASHBOARDS {
+            let json: serde_json::Value = serde_json::from_str(dashboard).unwrap();
+            collect_exprs(&json, &mut queries);
+        }
+        // The rules' `expr:` values (one line, or a `|` block of indented lines).
+        let mut lines = RULES.lines().peekable();
+        while let Some(line) = lines.next() {
+            let Some(expr) = line.trim_start().strip_prefix("expr:") else {
+                continue;
+            };
+            let expr = expr.trim();
+            if expr == "|" {
+                let mut block = String::new();
+                while let Some(next) = lines.next_if(|l| l.starts_with("              ")) {
+                    block.push_str(next.trim());
+                    block.push(' ');
+                }
+                queries.push(block);
+            } else {
+                queries.push(expr.split("{{").next().unwrap_or(expr).to_owned());
+            }
+        }
+        queries
+    }
+
+    fn collect_exprs(value: &serde_json::Value, out: &mut Vec<String>) {
+        match value {
+            serde_json::Value::Object(map) => {
+                for (key, value) in map {
+                    match value {
+                        serde_json::Value::String(expr) if key == "expr" => out.push(expr.clone()),
+                        other => collect_exprs(other, out),
+                    }
+                }
+            }
+            serde_json::Value::Array(items) => items.iter().for_each(|v| collect_exprs(v, out)),
+            _ => {}
+        }
+    }
+
+    #[test]
+    fn the_query_parser_finds_metric_names_only() {
+        assert_eq!(
+            metric_names(
+                r#"histogram_quantile(0.99, sum by (le, namespace) (rate(x_seconds_bucket{service="a",namespace=~"$namespace"}[5m]))) / sum by (namespace) (y_total)"#
+            ),
+            ["x_seconds_bucket", "y_total"]
+        );
+    }
+
+    #[test]
+    fn every_metric_the_dashboards_and_alerts_query_is_declared() {
+        let declared = declared();
+        assert!(declared.len() > 40, "{declared:?}");
+        let queries = queries();
+        assert!(queries.len() > 50, "only {} queries found", queries.len());
+        let mut unknown = BTreeSet::new();
+        for query in &queries {
+            for name in metric_names(query) {
+                let base = ["_bucket", "_sum", "_count"]
+                    .iter()
+                    .find_map(|suffix| name.strip_suffix(suffix))
+                    .unwrap_or(&name);
+                if !declared.contains(&name) && !declared.contains(base) {
+                    unknown.insert(format!("{name} (in {query})"));
+                }
+            }
+        }
+        assert!(
+            unknown.is_empty(),
+            "queried but not declared in common::metrics:\n{}",
+            unknown.into_iter().collect::<Vec<_>>().join("\n")
+        );
+    }
+}
