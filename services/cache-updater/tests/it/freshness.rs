@@ -6,30 +6,18 @@
 use std::time::{Duration, Instant};
 
 use common::readmodel::Lookup;
-use common::test_support::{ChildProcess, free_port, wait_ready};
+use common::test_support::{ChildProcess, wait_ready};
 use serde_json::json;
 
-use crate::support::{Stack, event};
+use crate::support::{Stack, event, spawn_binary};
 
 const DOCUMENTS: usize = 6;
 /// What the README promises for a crashed cache updater.
 const MAX_STALL: Duration = Duration::from_secs(15);
 
 fn spawn(stack: &Stack, name: &str) -> (ChildProcess, String) {
-    let port = free_port();
-    let log = std::env::temp_dir().join(format!("meridian-cache-updater-{name}-{port}.log"));
-    let process = ChildProcess::spawn(
-        env!("CARGO_BIN_EXE_cache-updater").as_ref(),
-        &[
-            ("PORT", port.to_string()),
-            ("BIND_ADDRESS", "127.0.0.1".into()),
-            ("KAFKA_TOPIC_PREFIX", stack.kafka.kafka_topic_prefix.clone()),
-            ("REDIS_KEY_PREFIX", stack.redis_prefix.clone()),
-            ("RUST_LOG", "warn".into()),
-        ],
-        &log,
-    );
-    (process, format!("http://127.0.0.1:{port}/ready"))
+    let (process, base, _log) = spawn_binary(stack, name, "warn");
+    (process, format!("{base}/ready"))
 }
 
 /// The lowest version the read model holds over the test's documents (0 for a missing one).

@@ -12,13 +12,13 @@ use common::kafka;
 use common::readmodel::Lookup;
 use common::service::ServiceConfig as _;
 use common::shutdown::CancellationToken;
-use common::test_support::{ChildProcess, free_port, wait_ready, wait_until};
+use common::test_support::{wait_ready, wait_until};
 use rdkafka::consumer::{Consumer as _, StreamConsumer};
 use rdkafka::message::Headers as _;
 use rdkafka::{Message as _, TopicPartitionList};
 use serde_json::json;
 
-use crate::support::{Stack, event, next_publication, next_traced_publication};
+use crate::support::{Stack, event, next_publication, next_traced_publication, spawn_binary};
 
 #[tokio::test]
 async fn events_are_projected_announced_and_invalidated_and_bad_ones_skipped() {
@@ -230,20 +230,7 @@ async fn a_burst_is_handled_in_batches_in_order_without_stale_events_and_with_ea
 
     // The binary, so its /metrics are its own, with its `cache.apply` spans enabled (their
     // context is what the invalidations carry).
-    let port = free_port();
-    let log = std::env::temp_dir().join(format!("meridian-cache-updater-burst-{port}.log"));
-    let process = ChildProcess::spawn(
-        env!("CARGO_BIN_EXE_cache-updater").as_ref(),
-        &[
-            ("PORT", port.to_string()),
-            ("BIND_ADDRESS", "127.0.0.1".into()),
-            ("KAFKA_TOPIC_PREFIX", stack.kafka.kafka_topic_prefix.clone()),
-            ("REDIS_KEY_PREFIX", stack.redis_prefix.clone()),
-            ("RUST_LOG", "warn,cache_updater=info".into()),
-        ],
-        &log,
-    );
-    let base = format!("http://127.0.0.1:{port}");
+    let (process, base, log) = spawn_binary(&stack, "burst", "warn,cache_updater=info");
     wait_ready(&format!("{base}/ready"), Duration::from_secs(60)).await;
 
     // Each document's room gets exactly its versions in order: no stale event, none missing

@@ -12,7 +12,7 @@ use common::kafka;
 use common::readmodel::{self, Lookup};
 use common::rooms::Publication;
 use common::service::Service;
-use common::test_support::{Deps, TestApp, test_vars};
+use common::test_support::{ChildProcess, Deps, TestApp, free_port, test_vars};
 use futures::StreamExt as _;
 use rdkafka::consumer::{Consumer as _, StreamConsumer};
 use rdkafka::message::{Header, OwnedHeaders};
@@ -187,6 +187,29 @@ impl Stack {
             .await;
         unlink_prefixed(&mut self.redis.clone(), &self.redis_prefix).await;
     }
+}
+
+/// Starts the cache-updater binary on this stack (its own port, `rust_log` as `RUST_LOG`,
+/// output to a log file named after `name`); returns the process, its base URL and its log.
+pub fn spawn_binary(
+    stack: &Stack,
+    name: &str,
+    rust_log: &str,
+) -> (ChildProcess, String, std::path::PathBuf) {
+    let port = free_port();
+    let log = std::env::temp_dir().join(format!("meridian-cache-updater-{name}-{port}.log"));
+    let process = ChildProcess::spawn(
+        env!("CARGO_BIN_EXE_cache-updater").as_ref(),
+        &[
+            ("PORT", port.to_string()),
+            ("BIND_ADDRESS", "127.0.0.1".into()),
+            ("KAFKA_TOPIC_PREFIX", stack.kafka.kafka_topic_prefix.clone()),
+            ("REDIS_KEY_PREFIX", stack.redis_prefix.clone()),
+            ("RUST_LOG", rust_log.into()),
+        ],
+        &log,
+    );
+    (process, format!("http://127.0.0.1:{port}"), log)
 }
 
 /// An event as the processor would emit it.
