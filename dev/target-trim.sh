@@ -11,7 +11,9 @@
 #   1. incremental caches bigger than MERIDIAN_INCREMENTAL_MAX_GIB (default 4) are deleted —
 #      they only speed up rebuilds after edits;
 #   2. cargo-sweep removes the least recently used artifacts until the rest fits in
-#      MERIDIAN_TARGET_MAX_GIB (default 16);
+#      MERIDIAN_TARGET_MAX_GIB (default 24: a checkout and CI's work tree, each built in the
+#      check, debug/test and release profiles, take about 16 GiB; at 16 the sweep removed the
+#      release dependencies every other run and their rebuild cost 15 minutes);
 #   3. when the file system still has less than MERIDIAN_TARGET_WIPE_FREE_GIB (default 10)
 #      free, every artifact goes; when even then less than MERIDIAN_BUILD_FREE_MIN_GIB
 #      (default 6: a build and test run from nothing takes ~5.5 GiB) is free, stop now with a
@@ -22,7 +24,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 : "${CARGO_TARGET_DIR:=$MERIDIAN_CACHE_DIR/target}"
 : "${MERIDIAN_INCREMENTAL_MAX_GIB:=4}"
-: "${MERIDIAN_TARGET_MAX_GIB:=16}"
+: "${MERIDIAN_TARGET_MAX_GIB:=24}"
 : "${MERIDIAN_TARGET_WIPE_FREE_GIB:=10}"
 : "${MERIDIAN_BUILD_FREE_MIN_GIB:=6}"
 export CARGO_TARGET_DIR
