@@ -104,7 +104,8 @@ up() {
   step "smoke flow (JWT → command through the gateway → succeeded → document → WebSocket event)"
   SMOKE_JWT_SECRET=$secret "$TARGET_DIR/meridian-smoke" --gateway "http://$gateway" --hub "ws://$hub" |
     sed 's/^/    /'
-  token=$(SMOKE_JWT_SECRET=$secret "$TARGET_DIR/meridian-smoke" --print-token --subject demo-user)
+  token=$(SMOKE_JWT_SECRET=$secret "$TARGET_DIR/meridian-smoke" --print-token --subject demo-user \
+    --read 'books/*' --write 'books/*')
 
   step "kubectl -n $NS describe middlewarestack $STACK"
   kubectl -n "$NS" describe middlewarestack "$STACK"
@@ -116,7 +117,7 @@ Meridian is running (namespace $NS, stack $STACK).
   WebSocket hub   ws://$hub/ws
   operator        http://127.0.0.1:8090/metrics
 
-A JWT for user demo-user (valid 1 h):
+A JWT for user demo-user (valid 1 h; it may read and write books/*, nothing else):
   export TOKEN=$token
 
 Send a command, then read its status and the document:

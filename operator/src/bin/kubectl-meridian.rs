@@ -4,7 +4,7 @@
 //! - `kubectl meridian status <stack>`: one screen with the phase, every stage's condition,
 //!   each service's ready/desired replicas, the endpoints applications use, and the stack's
 //!   latest Events.
-//! - `kubectl meridian token <stack> --subject alice --room 'doc:orders:*'`: a JWT signed with
+//! - `kubectl meridian token <stack> --subject alice --read 'orders/*'`: a JWT signed with
 //!   the stack's own HMAC secret (`spec.auth.jwtSecretRef`), with its issuer and audience.
 //!
 //! It talks to the cluster of the current kubeconfig context, as kubectl does, and needs only
@@ -55,7 +55,15 @@ struct TokenArgs {
     /// The `sub` claim: who the token is for.
     #[arg(long)]
     subject: String,
-    /// A room pattern the token allows on the hub (`rooms` claim); repeatable.
+    /// A document pattern the token may read (`read` claim: `<collection>/<id>`, `*` and `?`
+    /// wildcards, e.g. `orders/*`); also lets it join those documents' rooms. Repeatable.
+    #[arg(long)]
+    read: Vec<String>,
+    /// A document pattern the token may send commands for (`write` claim); repeatable.
+    #[arg(long)]
+    write: Vec<String>,
+    /// A further room pattern the token allows on the hub (`rooms` claim, e.g. `cmd:*`);
+    /// repeatable.
     #[arg(long = "room")]
     rooms: Vec<String>,
     /// The `client_id` claim (rate limits are per client when present).
@@ -227,6 +235,8 @@ async fn token(client: &Client, args: &TokenArgs) -> anyhow::Result<()> {
         audience: Some(auth.audience.clone()),
         client_id: args.client_id.clone(),
         rooms: args.rooms.clone(),
+        read: args.read.clone(),
+        write: args.write.clone(),
         ttl: Duration::from_secs(args.ttl_seconds),
     };
     let token = common::auth::mint_hs256(&key.0, &grant).context("cannot sign the token")?;

@@ -119,6 +119,12 @@ impl Component {
         matches!(self, Self::Gateway | Self::CacheUpdater | Self::WsHub)
     }
 
+    /// Whether the service verifies callers' tokens (`JWT_*`): the gateway, the hub, and the
+    /// command service (which authorizes each command against the token the gateway forwards).
+    pub fn verifies_tokens(self) -> bool {
+        matches!(self, Self::Gateway | Self::CommandService | Self::WsHub)
+    }
+
     /// Whether the service talks to Kafka (`KAFKA_BOOTSTRAP_SERVERS`, `KAFKA_TOPIC_PREFIX`).
     pub fn uses_kafka(self) -> bool {
         matches!(

@@ -38,10 +38,10 @@ pub fn settings(stack: &ValidatedStack, component: Component) -> BTreeMap<String
     if component.uses_redis() {
         set("REDIS_KEY_PREFIX", stack.redis_key_prefix());
     }
-    if matches!(component, Component::Gateway | Component::WsHub)
+    if component.verifies_tokens()
         && let Some(auth) = &spec.auth
     {
-        // The JWT settings both edge services share (`common::auth`); the HMAC secret itself
+        // The JWT settings the token-verifying services share (`common::auth`); the HMAC secret itself
         // comes from a Secret ref in the Deployment, never from the ConfigMap.
         set("JWT_ISSUER", auth.issuer.clone());
         set("JWT_AUDIENCE", auth.audience.clone());

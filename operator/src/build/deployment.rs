@@ -52,7 +52,7 @@ fn secret_env(stack: &ValidatedStack, component: Component) -> Vec<EnvVar> {
             URL_KEY.to_owned(),
         ));
     }
-    if matches!(component, Component::Gateway | Component::WsHub)
+    if component.verifies_tokens()
         && let Some(secret) = stack
             .spec()
             .auth

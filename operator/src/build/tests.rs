@@ -177,7 +177,10 @@ fn each_service_gets_exactly_the_architecture_variables_it_uses() {
     ];
     let cases: [(Component, Vec<&str>); 5] = [
         (Component::Gateway, [&redis[..], &jwt, &gateway].concat()),
-        (Component::CommandService, [&kafka[..], &postgres].concat()),
+        (
+            Component::CommandService,
+            [&kafka[..], &postgres, &jwt].concat(),
+        ),
         // The example sets RUST_LOG on the processor; it overrides, it does not add a name.
         (Component::Processor, [&kafka[..], &postgres].concat()),
         (Component::CacheUpdater, [&kafka[..], &redis].concat()),
@@ -229,7 +232,7 @@ fn settings_carry_the_specs_values_and_the_derived_prefixes() {
         setting(gateway, "GATEWAY_HUB_URL"),
         Some("http://demo-ws-hub.demo-ns.svc:8085")
     );
-    for edge in [gateway, hub] {
+    for edge in [gateway, hub, objects(&state, Component::CommandService)] {
         assert_eq!(
             setting(edge, "JWT_ISSUER"),
             Some("https://auth.example.invalid/")
@@ -284,6 +287,12 @@ fn connection_urls_and_the_jwt_secret_come_from_secret_refs_never_from_the_confi
             "meridian-jwt",
             "hmac-secret",
         ),
+        (
+            Component::CommandService,
+            "JWT_SECRET",
+            "meridian-jwt",
+            "hmac-secret",
+        ),
     ];
     for (component, var, secret, key) in cases {
         let objects = objects(&state, component);
@@ -317,7 +326,11 @@ fn a_jwks_issuer_is_a_plain_setting_and_no_secret_is_referenced() {
     auth.jwks_url = Some("https://auth.example.invalid/jwks.json".to_owned());
     let state = build(&fixtures::validated(&stack), Scraping::Annotations);
     let gateway = objects(&state, Component::Gateway);
-    for edge in [gateway, objects(&state, Component::WsHub)] {
+    for edge in [
+        gateway,
+        objects(&state, Component::WsHub),
+        objects(&state, Component::CommandService),
+    ] {
         assert_eq!(
             setting(edge, "JWT_JWKS_URL"),
             Some("https://auth.example.invalid/jwks.json")
@@ -500,7 +513,7 @@ fn extra_env_replaces_the_operators_variable_of_the_same_name_without_duplicates
         .clone()
         .unwrap();
     let names: Vec<&str> = env.iter().map(|e| e.name.as_str()).collect();
-    assert_eq!(names, ["DATABASE_URL", "COMMANDS_BATCH_SIZE"]);
+    assert_eq!(names, ["DATABASE_URL", "JWT_SECRET", "COMMANDS_BATCH_SIZE"]);
     assert_eq!(env[0].value.as_deref(), Some("postgres://elsewhere/db"));
     assert_eq!(env[0].value_from, None);
 

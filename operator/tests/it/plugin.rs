@@ -129,8 +129,12 @@ async fn status_shows_the_stack_in_one_screen_and_token_mints_what_it_accepts() 
         &ns.name,
         "--subject",
         "alice",
+        "--read",
+        "orders/*",
+        "--write",
+        "orders/alice-*",
         "--room",
-        "doc:orders:*",
+        "cmd:*",
         "--client-id",
         "cli",
         "--ttl-seconds",
@@ -153,7 +157,9 @@ async fn status_shows_the_stack_in_one_screen_and_token_mints_what_it_accepts() 
     .unwrap();
     let claims = verifier.verify(token.trim()).await.unwrap();
     assert_eq!(claims.sub, "alice");
-    assert_eq!(claims.rooms, ["doc:orders:*"]);
+    assert_eq!(claims.read, ["orders/*"]);
+    assert_eq!(claims.write, ["orders/alice-*"]);
+    assert_eq!(claims.rooms, ["cmd:*"]);
     assert_eq!(claims.client_id.as_deref(), Some("cli"));
     let ttl = claims.exp - k8s_openapi::jiff::Timestamp::now().as_second();
     assert!((590..=600).contains(&ttl), "ttl {ttl}");

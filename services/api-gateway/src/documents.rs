@@ -8,12 +8,14 @@
 //! - `Missing`, or Redis unavailable / slower than `REDIS_TIMEOUT_MS` → the request is
 //!   forwarded upstream and its answer returned with `X-Cache: miss`.
 //!
-//! Other methods are forwarded upstream unchanged.
+//! Other methods are forwarded upstream unchanged. On a route requiring a token, a document
+//! the token's `read` claim does not cover is `403` (`forbidden`) before any lookup.
 
 use axum::body::Body;
 use axum::extract::{FromRequestParts, RawPathParams, Request};
 use axum::http::{HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use common::access::{self, Action, Grants};
 use common::metrics::GATEWAY_READ_MODEL_LOOKUPS_TOTAL;
 use common::problem::{Problem, ProblemType};
 use common::readmodel::{self, Lookup};
@@ -25,8 +27,15 @@ use crate::{AppState, NAME};
 /// `X-Cache`: `hit` when the read model answered, `miss` when the write model did.
 pub const X_CACHE: HeaderName = HeaderName::from_static("x-cache");
 
-/// Serves one document request.
-pub async fn serve(state: &AppState, route: &Route, caller: &Caller, request: Request) -> Response {
+/// Serves one document request; with `grants` (a route requiring a token), only a document
+/// the token's `read` claim covers (403 otherwise, before any lookup).
+pub async fn serve(
+    state: &AppState,
+    route: &Route,
+    caller: &Caller,
+    grants: Option<&Grants>,
+    request: Request,
+) -> Response {
     if request.method() != Method::GET && request.method() != Method::HEAD {
         return state
             .proxy
@@ -49,6 +58,11 @@ pub async fn serve(state: &AppState, route: &Route, caller: &Caller, request: Re
     let (Some(collection), Some(id)) = (collection, id) else {
         return miss(state, route, caller, request).await;
     };
+    if let Some(grants) = grants
+        && !grants.can_read(&collection, &id)
+    {
+        return access::denied(NAME, Action::Read, &collection, &id);
+    }
 
     let lookup = match state.redis.connection() {
         Ok(mut conn) => tokio::time::timeout(

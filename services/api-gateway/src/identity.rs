@@ -1,9 +1,9 @@
 //! Who is calling: the bearer token checked with [`common::auth`], per the route's
 //! [`AuthMode`], and the 401 answer (RFC 6750 `WWW-Authenticate` + problem+json).
 
-use axum::http::{HeaderMap, HeaderName, StatusCode, header};
+use axum::http::{HeaderMap, HeaderName, StatusCode};
 use axum::response::{IntoResponse, Response};
-use common::auth::{AuthError, Claims, Verifier};
+use common::auth::{AuthError, Claims, Verifier, bearer_token};
 use common::metrics::JWT_FAILURES_TOTAL;
 use common::problem::{Problem, ProblemType};
 
@@ -76,14 +76,6 @@ pub async fn authenticate(
     }
 }
 
-/// The token of an `Authorization: Bearer <token>` header (scheme case-insensitive).
-fn bearer_token(headers: &HeaderMap) -> Option<&str> {
-    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
-    let (scheme, token) = value.split_once(' ')?;
-    let token = token.trim();
-    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
-}
-
 fn refused(error: &AuthError) -> Response {
     if error.is_unavailable() {
         tracing::warn!(%error, "Token verification keys are unavailable.");
@@ -104,7 +96,7 @@ fn unauthorized(detail: &str, error: Option<&str>) -> Response {
 
 #[cfg(test)]
 mod tests {
-    use axum::http::HeaderValue;
+    use axum::http::{HeaderValue, header};
 
     use super::*;
 
@@ -115,18 +107,6 @@ mod tests {
             HeaderValue::from_str(authorization).unwrap(),
         );
         headers
-    }
-
-    #[test]
-    fn the_bearer_token_is_taken_case_insensitively() {
-        assert_eq!(
-            bearer_token(&headers("Bearer abc.def.ghi")),
-            Some("abc.def.ghi")
-        );
-        assert_eq!(bearer_token(&headers("bearer  abc")), Some("abc"));
-        assert_eq!(bearer_token(&headers("Basic dXNlcjpwYXNz")), None);
-        assert_eq!(bearer_token(&headers("Bearer ")), None);
-        assert_eq!(bearer_token(&HeaderMap::new()), None);
     }
 
     #[test]

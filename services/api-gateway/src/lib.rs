@@ -30,6 +30,7 @@ use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::any;
+use common::access::Grants;
 use common::auth::{AuthConfig, Verifier};
 use common::config::{CommonConfig, ConfigError, RedisConfig, Vars};
 use common::health::Check;
@@ -46,7 +47,7 @@ use url::Url;
 use crate::identity::{Identity, X_CLIENT_ID};
 use crate::proxy::{Caller, Proxy, ProxySettings, X_FORWARDED_FOR};
 use crate::ratelimit::{Decision, FailMode, Policy, PolicySpec, RateLimiter, Subjects};
-use crate::routes::{Route, RouteKind, RouteSpec};
+use crate::routes::{AuthMode, Route, RouteKind, RouteSpec};
 
 /// The service's name in logs, traces and metrics.
 pub const NAME: &str = "api-gateway";
@@ -404,6 +405,13 @@ async fn handle(state: AppState, route: Arc<Route>, mut request: Request) -> Res
         }
     }
 
+    // A route that requires a token also requires the token's grants to cover what is asked
+    // (`common::access`); `optional` and `none` routes are public by configuration. Commands
+    // are authorized by the command service, which reads their body.
+    let grants = match (&identity, route.auth) {
+        (Identity::User(claims), AuthMode::Required) => Some(Grants::from_claims(claims)),
+        _ => None,
+    };
     let caller = Caller { peer };
     let mut response = match route.kind {
         RouteKind::Proxy => {
@@ -412,7 +420,9 @@ async fn handle(state: AppState, route: Arc<Route>, mut request: Request) -> Res
                 .forward(&route.name, &route.upstream, &caller, request)
                 .await
         }
-        RouteKind::Documents => documents::serve(&state, &route, &caller, request).await,
+        RouteKind::Documents => {
+            documents::serve(&state, &route, &caller, grants.as_ref(), request).await
+        }
         RouteKind::WebSocket => {
             state
                 .proxy

@@ -1,8 +1,8 @@
 //! The command API: `POST /v1/commands` (idempotent intake) and `GET /v1/commands/{id}`.
 //!
 //! # Idempotency (IETF httpapi `Idempotency-Key` draft)
-//! Keys are scoped per client (`X-Client-Id`, which the gateway will set from the JWT
-//! subject). One transaction does everything (shared with other requests by the group commit
+//! Keys are scoped per caller (the token's subject, see [`crate::caller`]), and so is a
+//! command's status: only the caller who sent it can read it. One transaction does everything (shared with other requests by the group commit
 //! in [`crate::intake`]): it takes a transaction-scoped advisory lock on (client, key) — the
 //! in-progress marker: a concurrent request with the same key fails to get it and answers
 //! 409 — then looks up a live record (same request fingerprint → replay the stored status,
@@ -16,13 +16,13 @@
 
 use std::time::Duration;
 
-use axum::extract::{FromRequestParts, State};
-use axum::http::request::Parts;
+use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Router, extract::DefaultBodyLimit};
 use chrono::{DateTime, SecondsFormat, Utc};
+use common::access::Action;
 use common::envelope::CommandEnvelope;
 use common::metrics::{
     COMMANDS_ACCEPTED_TOTAL, COMMANDS_REJECTED_TOTAL, IDEMPOTENCY_KEYS_EXPIRED_TOTAL,
@@ -36,12 +36,11 @@ use sha2::{Digest, Sha256};
 use sqlx::PgPool;
 use uuid::Uuid;
 
+use crate::caller::Caller;
 use crate::error::{ApiError, Json, Path};
 use crate::intake::{Outcome, Submission};
 use crate::{AppState, NAME};
 
-/// The header naming the calling client (idempotency scope and command owner).
-pub const CLIENT_ID: &str = "x-client-id";
 /// The idempotency header.
 pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
 /// The built-in command types.
@@ -107,30 +106,6 @@ fn serialize_rfc3339<S: serde::Serializer>(
     serializer: S,
 ) -> Result<S::Ok, S::Error> {
     serializer.serialize_str(&rfc3339(*at))
-}
-
-/// The caller, from `X-Client-Id`.
-pub struct ClientId(pub String);
-
-impl<S: Send + Sync> FromRequestParts<S> for ClientId {
-    type Rejection = ApiError;
-
-    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
-        let value = parts
-            .headers
-            .get(CLIENT_ID)
-            .ok_or(ApiError::MissingClientId)?;
-        let value = value
-            .to_str()
-            .ok()
-            .filter(|v| !v.is_empty() && v.len() <= 255)
-            .ok_or_else(|| {
-                ApiError::InvalidHeader(
-                    "X-Client-Id must be 1 to 255 visible ASCII characters".into(),
-                )
-            })?;
-        Ok(Self(value.to_owned()))
-    }
 }
 
 /// The `Idempotency-Key` (an RFC 8941 string; surrounding quotes are optional).
@@ -211,14 +186,14 @@ pub fn fingerprint(request: &CommandRequest) -> Vec<u8> {
     Sha256::digest(bytes).to_vec()
 }
 
-#[tracing::instrument(skip_all, fields(client_id = %client.0, command_id))]
+#[tracing::instrument(skip_all, fields(client_id = %caller.subject, command_id))]
 async fn submit(
     State(state): State<AppState>,
-    client: ClientId,
+    caller: Caller,
     headers: HeaderMap,
     body: Result<Json<CommandRequest>, ApiError>,
 ) -> Result<Response, ApiError> {
-    let result = accept(&state, &client.0, &headers, body).await;
+    let result = accept(&state, &caller, &headers, body).await;
     if let Err(error) = &result {
         let problem = error.problem();
         if problem.status.is_client_error() {
@@ -247,13 +222,15 @@ fn respond(status: u16, location: Option<&str>, body: Vec<u8>) -> Response {
 /// hands it to the group commit ([`crate::intake`]).
 async fn accept(
     state: &AppState,
-    client: &str,
+    caller: &Caller,
     headers: &HeaderMap,
     body: Result<Json<CommandRequest>, ApiError>,
 ) -> Result<Response, ApiError> {
     let key = idempotency_key(headers)?;
     let Json(request) = body?;
     validate(&request, &state.settings.custom_types)?;
+    caller.authorize(Action::Write, &request.collection, &request.id)?;
+    let client = caller.subject.as_str();
     let fingerprint = fingerprint(&request);
 
     let command_id = Uuid::now_v7();
@@ -320,10 +297,10 @@ async fn accept(
     }
 }
 
-#[tracing::instrument(skip_all, fields(client_id = %client.0, command_id = %id))]
+#[tracing::instrument(skip_all, fields(client_id = %caller.subject, command_id = %id))]
 async fn status(
     State(state): State<AppState>,
-    client: ClientId,
+    caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let id = Uuid::parse_str(&id).map_err(|_| ApiError::NotFound)?;
@@ -333,7 +310,7 @@ async fn status(
          FROM commands WHERE id = $1 AND client_id = $2",
     )
     .bind(id)
-    .bind(&client.0)
+    .bind(&caller.subject)
     .fetch_optional(state.db.pool())
     .await?;
     Ok(axum::Json(status.ok_or(ApiError::NotFound)?).into_response())

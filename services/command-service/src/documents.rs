@@ -2,7 +2,8 @@
 //! processor's `documents` table). The gateway uses it when the Redis read model misses, so
 //! it answers the same shape: `{collection, id, version, data, updatedAt}` with
 //! `ETag: "<version>"`, and `If-None-Match` with that tag (or `*`) gets `304 Not Modified`.
-//! A deleted or never-written document is `404` (`not-found`).
+//! A deleted or never-written document is `404` (`not-found`); one the caller's `read` claim
+//! does not cover is `403` (`forbidden`), whether it exists or not.
 
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
@@ -10,10 +11,12 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use chrono::{DateTime, SecondsFormat, Utc};
+use common::access::Action;
 use serde::Serialize;
 use serde_json::Value;
 
 use crate::AppState;
+use crate::caller::Caller;
 use crate::error::{ApiError, Path};
 
 /// `/v1/documents` routes.
@@ -53,9 +56,16 @@ fn not_modified(headers: &HeaderMap, etag: &str) -> bool {
 #[tracing::instrument(skip_all, fields(collection = %collection, id = %id))]
 async fn document(
     State(state): State<AppState>,
+    caller: Result<Caller, ApiError>,
     Path((collection, id)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
+    match caller {
+        Ok(caller) => caller.authorize(Action::Read, &collection, &id)?,
+        // Tokens are not verified and reads need no owner: nothing to check.
+        Err(ApiError::MissingClientId) => {}
+        Err(error) => return Err(error),
+    }
     let found: Option<DocumentBody> = sqlx::query_as(
         "SELECT collection, id, version, data, updated_at FROM documents \
          WHERE collection = $1 AND id = $2 AND NOT deleted",

@@ -7,7 +7,11 @@ use axum::extract::rejection::{JsonRejection, PathRejection};
 use axum::extract::{FromRequest, FromRequestParts};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+use common::access::{self, Action};
+use common::auth::AuthError;
 use common::problem::{Problem, ProblemType};
+
+use crate::NAME;
 
 /// Why a request failed. 4xx variants carry text that is safe for clients; 5xx variants carry
 /// the cause, which is logged and never returned.
@@ -40,9 +44,25 @@ pub enum ApiError {
     /// The first request with this key has not finished.
     #[error("the first request with this Idempotency-Key is still being processed")]
     IdempotencyInProgress,
-    /// No `X-Client-Id` header.
+    /// No `X-Client-Id` header (tokens are not verified).
     #[error("the X-Client-Id header is required")]
     MissingClientId,
+    /// No bearer token (tokens are verified).
+    #[error("a bearer token is required")]
+    TokenMissing,
+    /// The bearer token was refused.
+    #[error(transparent)]
+    TokenRefused(AuthError),
+    /// The token's grants do not cover the document.
+    #[error("the token's `{}` claim does not cover {collection}/{id}", .action.claim())]
+    Forbidden {
+        /// What was asked.
+        action: Action,
+        /// The document's collection.
+        collection: String,
+        /// The document's id.
+        id: String,
+    },
     /// No such resource.
     #[error("not found")]
     NotFound,
@@ -71,7 +91,14 @@ impl ApiError {
                 (P::IdempotencyKeyReused, StatusCode::UNPROCESSABLE_ENTITY)
             }
             Self::IdempotencyInProgress => (P::IdempotencyInProgress, StatusCode::CONFLICT),
-            Self::MissingClientId => (P::Unauthorized, StatusCode::UNAUTHORIZED),
+            Self::MissingClientId | Self::TokenMissing => {
+                (P::Unauthorized, StatusCode::UNAUTHORIZED)
+            }
+            Self::TokenRefused(error) if error.is_unavailable() => {
+                (P::DependencyUnavailable, StatusCode::SERVICE_UNAVAILABLE)
+            }
+            Self::TokenRefused(_) => (P::Unauthorized, StatusCode::UNAUTHORIZED),
+            Self::Forbidden { .. } => (P::Forbidden, StatusCode::FORBIDDEN),
             Self::NotFound => (P::NotFound, StatusCode::NOT_FOUND),
             Self::Database(error) if is_unavailable(error) => {
                 (P::DependencyUnavailable, StatusCode::SERVICE_UNAVAILABLE)
@@ -97,6 +124,19 @@ fn is_unavailable(error: &sqlx::Error) -> bool {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        match &self {
+            // 401s carry the RFC 6750 challenge; 403s are counted like the gateway's.
+            Self::TokenMissing => return common::problem::unauthorized(&self.to_string(), None),
+            Self::TokenRefused(error) if !error.is_unavailable() => {
+                return common::problem::unauthorized(&self.to_string(), Some("invalid_token"));
+            }
+            Self::Forbidden {
+                action,
+                collection,
+                id,
+            } => return access::denied(NAME, *action, collection, id),
+            _ => {}
+        }
         let problem = self.problem();
         if problem.status.is_server_error() {
             tracing::error!(error = %self, status = problem.status.as_u16(), "Request failed.");

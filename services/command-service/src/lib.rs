@@ -3,6 +3,8 @@
 //! Kafka `commands` topic.
 //!
 //! # Layout
+//! - [`caller`]: who is calling (the verified bearer token, or `X-Client-Id` when no JWT
+//!   key is configured) and what its grants allow.
 //! - [`commands`]: `POST /v1/commands` (idempotent intake: command + idempotency record +
 //!   outbox row in one transaction) and `GET /v1/commands/{id}`; expired-key cleanup.
 //! - [`documents`]: `GET /v1/documents/{collection}/{id}` from the write model (the read
@@ -12,6 +14,7 @@
 //! - this file: [`Config`], [`AppState`], [`router`], [`run`] (HTTP + the outbox relay + the
 //!   cleanup task, all stopped by the shutdown token) and the [`Service`] impl.
 
+pub mod caller;
 pub mod commands;
 pub mod documents;
 pub mod error;
@@ -21,6 +24,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
+use common::auth::{AuthConfig, Verifier};
 use common::config::{CommonConfig, ConfigError, KafkaConfig, PostgresConfig, Vars};
 use common::http::Ops;
 use common::kafka::{KafkaCheck, TOPIC_COMMANDS};
@@ -48,6 +52,8 @@ pub struct Config {
     pub postgres: PostgresConfig,
     /// Where the outbox is relayed.
     pub kafka: KafkaConfig,
+    /// JWT verification (`JWT_*`, as the gateway's).
+    pub auth: AuthConfig,
     /// The command API's own settings (`COMMANDS_*`).
     pub commands: CommandsConfig,
 }
@@ -143,6 +149,7 @@ impl ServiceConfig for Config {
             common: vars.parse()?,
             postgres: vars.parse()?,
             kafka: vars.parse()?,
+            auth: vars.parse()?,
             commands: vars.parse()?,
         })
     }
@@ -158,6 +165,9 @@ pub enum Error {
     /// PostgreSQL settings were unusable.
     #[error(transparent)]
     Postgres(#[from] PostgresError),
+    /// The JWT settings were unusable.
+    #[error(transparent)]
+    Auth(#[from] common::auth::AuthError),
     /// The Kafka producer could not be created.
     #[error("failed to create the Kafka producer: {0}")]
     Kafka(#[from] KafkaError),
@@ -181,6 +191,8 @@ pub struct AppState {
     pub outbox: Waker,
     /// The group commit that writes accepted commands.
     pub intake: Intake,
+    /// Verifies callers' tokens (see [`caller`]).
+    pub verifier: Verifier,
     /// Settings from the configuration.
     pub settings: Arc<Settings>,
 }
@@ -191,6 +203,12 @@ impl AppState {
         let db = Postgres::connect_lazy(&config.postgres)?;
         let producer = common::kafka::producer(&config.kafka, NAME)?;
         let admin = Arc::new(common::kafka::admin(&config.kafka, NAME)?);
+        let verifier = Verifier::new(&config.auth)?;
+        if !verifier.is_enabled() {
+            tracing::warn!(
+                "No JWT_SECRET, JWT_PUBLIC_KEY or JWT_JWKS_URL: callers are named by X-Client-Id and nothing is authorized."
+            );
+        }
         // Without Kafka commands are still accepted: the outbox keeps them for the relay.
         let ops = Ops::new(NAME, &config.common)
             .with(db.clone())
@@ -225,6 +243,7 @@ impl AppState {
                 commands_topic: settings.commands_topic.clone(),
                 idempotency_ttl: settings.idempotency_ttl,
             }),
+            verifier,
             settings,
         })
     }

@@ -192,8 +192,13 @@ pub struct Claims {
     pub sub: String,
     /// `client_id` claim, else `azp` (the OAuth client the token was issued to).
     pub client_id: Option<String>,
-    /// `rooms` claim: WebSocket room patterns (`doc:orders:*`) the subject may join.
+    /// `rooms` claim: WebSocket room patterns (`chat:*`) the subject may join besides the
+    /// rooms of the documents it may read (see [`crate::access`]).
     pub rooms: Vec<String>,
+    /// `read` claim: document patterns (`orders/*`) the subject may read.
+    pub read: Vec<String>,
+    /// `write` claim: document patterns the subject may send commands for.
+    pub write: Vec<String>,
     /// `exp`: expiry, seconds since the Unix epoch.
     pub exp: i64,
     /// `iss`, when the token has a single-string issuer.
@@ -211,8 +216,12 @@ pub struct Grant {
     pub audience: Option<String>,
     /// `client_id`, if any (rate limits are per client when present).
     pub client_id: Option<String>,
-    /// `rooms`: the WebSocket room patterns the subject may join.
+    /// `rooms`: WebSocket room patterns the subject may join (besides its documents' rooms).
     pub rooms: Vec<String>,
+    /// `read`: document patterns (`<collection>/<id>`, wildcards) the subject may read.
+    pub read: Vec<String>,
+    /// `write`: document patterns the subject may send commands for.
+    pub write: Vec<String>,
     /// How long the token is valid (`exp` = now + ttl; `nbf` 5 s in the past for clock skew).
     pub ttl: Duration,
 }
@@ -229,6 +238,8 @@ pub fn mint_hs256(secret: &[u8], grant: &Grant) -> Result<String, jsonwebtoken::
         "nbf": now - 5,
         "exp": now.saturating_add(ttl),
         "rooms": grant.rooms,
+        "read": grant.read,
+        "write": grant.write,
     });
     for (name, value) in [
         ("iss", &grant.issuer),
@@ -246,6 +257,15 @@ pub fn mint_hs256(secret: &[u8], grant: &Grant) -> Result<String, jsonwebtoken::
     )
 }
 
+/// The token of an `Authorization: Bearer <token>` header (scheme case-insensitive, RFC 6750
+/// §2.1), if there is one.
+pub fn bearer_token(headers: &http::HeaderMap) -> Option<&str> {
+    let value = headers.get(http::header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
 #[derive(Deserialize)]
 struct RawClaims {
     // Optional here so that a missing claim is reported by the validation step by name.
@@ -261,6 +281,10 @@ struct RawClaims {
     azp: Option<String>,
     #[serde(default)]
     rooms: Vec<String>,
+    #[serde(default)]
+    read: Vec<String>,
+    #[serde(default)]
+    write: Vec<String>,
 }
 
 impl RawClaims {
@@ -277,6 +301,8 @@ impl RawClaims {
             sub,
             client_id: self.client_id.or(self.azp).filter(|id| !id.is_empty()),
             rooms: self.rooms,
+            read: self.read,
+            write: self.write,
             exp,
             iss: match self.iss {
                 Some(serde_json::Value::String(iss)) => Some(iss),

@@ -6,6 +6,7 @@
 //! # Layout
 //! - [`config`]: environment variables → typed structs, with documented defaults.
 //! - [`auth`]: JWT verification (HMAC secret, PEM public key, cached JWKS) for the edge services.
+//! - [`access`]: what a verified token allows (document read/write and room patterns).
 //! - [`telemetry`]: subscriber set-up and trace-context propagation helpers.
 //! - [`metrics`]: the Prometheus recorder and every metric name the platform emits.
 //! - [`health`]: dependency checks and the readiness report behind `/ready`.
@@ -28,6 +29,7 @@
 #[doc(hidden)]
 pub use mimalloc; // for `global_allocator!`
 
+pub mod access;
 pub mod auth;
 pub mod config;
 pub mod envelope;

@@ -130,6 +130,9 @@ pub const GATEWAY_READ_MODEL_LOOKUPS_TOTAL: &str = "gateway_read_model_lookups_t
 /// `bad_signature`, `wrong_audience`, …, and `missing` when a required token is absent).
 /// Labels: `service`, `reason`.
 pub const JWT_FAILURES_TOTAL: &str = "jwt_failures_total";
+/// Counter: requests refused because the token's grants do not allow them (403). Labels:
+/// `service`, `action` (`read`, `write`).
+pub const ACCESS_DENIED_TOTAL: &str = "access_denied_total";
 /// Gauge: always 1; labels carry `service` and `version`.
 pub const BUILD_INFO: &str = "meridian_build_info";
 

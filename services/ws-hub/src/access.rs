@@ -4,7 +4,8 @@
 //! - Token: `?token=<jwt>`, else `Authorization: Bearer <jwt>`, else a `bearer.<jwt>` entry
 //!   of `Sec-WebSocket-Protocol` (browsers cannot set headers; list a real protocol too, such
 //!   as `meridian.v1.json`, which is the one echoed).
-//! - Subscribe: the room matches one of the token's `rooms` patterns (wildmatch: `*`, `?`).
+//! - Subscribe: the token's grants allow the room ([`common::access`]: a `rooms` pattern
+//!   matches it, or it is the room of a document or collection the `read` patterns cover).
 //! - Publish: the room is subscribable AND matches `HUB_PUBLISH_ROOMS` (node-wide; empty by
 //!   default, so rooms fed by the pipeline such as `doc:*` are never client-writable unless an
 //!   operator says so).
@@ -12,39 +13,11 @@
 //!   subscribe to those patterns and publish nowhere.
 
 use axum::http::{HeaderMap, header};
+use common::access::Grants;
+pub use common::access::Patterns;
 use common::auth::Claims;
-use wildmatch::WildMatch;
 
 use crate::protocol::BEARER_PROTOCOL_PREFIX;
-
-/// Room patterns, matched with `wildmatch`.
-#[derive(Debug, Clone, Default)]
-pub struct Patterns(Vec<WildMatch>);
-
-impl Patterns {
-    /// Compiles `patterns` (empty entries are ignored).
-    pub fn new<S: AsRef<str>>(patterns: &[S]) -> Self {
-        Self(
-            patterns
-                .iter()
-                .map(AsRef::as_ref)
-                .map(str::trim)
-                .filter(|p| !p.is_empty())
-                .map(WildMatch::new)
-                .collect(),
-        )
-    }
-
-    /// Whether any pattern matches `room`.
-    pub fn matches(&self, room: &str) -> bool {
-        self.0.iter().any(|p| p.matches(room))
-    }
-
-    /// Whether there are no patterns.
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-}
 
 /// One connection's identity and permissions.
 #[derive(Debug, Clone)]
@@ -52,7 +25,7 @@ pub struct Access {
     /// The token's subject, or `anonymous`.
     pub subject: String,
     /// Rooms it may subscribe to.
-    subscribe: Patterns,
+    subscribe: Grants,
     /// Rooms it may publish to.
     publish: bool,
     /// When the token expires (seconds since the Unix epoch); the connection is closed then.
@@ -64,7 +37,7 @@ impl Access {
     pub fn from_claims(claims: &Claims) -> Self {
         Self {
             subject: claims.sub.clone(),
-            subscribe: Patterns::new(&claims.rooms),
+            subscribe: Grants::from_claims(claims),
             publish: true,
             expires_at: Some(claims.exp),
         }
@@ -74,7 +47,7 @@ impl Access {
     pub fn anonymous(rooms: &Patterns) -> Self {
         Self {
             subject: "anonymous".into(),
-            subscribe: rooms.clone(),
+            subscribe: Grants::rooms_only(rooms.clone()),
             publish: false,
             expires_at: None,
         }
@@ -82,7 +55,7 @@ impl Access {
 
     /// Whether it may join `room`.
     pub fn can_subscribe(&self, room: &str) -> bool {
-        self.subscribe.matches(room)
+        self.subscribe.can_join(room)
     }
 
     /// Whether it may publish to `room`, given the node's publishable rooms.
@@ -129,6 +102,8 @@ mod tests {
             sub: "alice".into(),
             client_id: None,
             rooms: rooms.iter().map(|r| (*r).to_owned()).collect(),
+            read: vec!["books/*".into()],
+            write: Vec::new(),
             exp: 0,
             iss: None,
         }
@@ -140,6 +115,10 @@ mod tests {
         assert!(access.can_subscribe("doc:orders:42"));
         assert!(access.can_subscribe("chat:lobby"));
         assert!(!access.can_subscribe("doc:users:1"));
+        // The `read` grant covers its documents' and collections' rooms.
+        assert!(access.can_subscribe("doc:books:1"));
+        assert!(access.can_subscribe("collection:books"));
+        assert!(!access.can_publish("doc:books:1", &Patterns::new(&["chat:*"])));
         assert!(!access.can_publish("chat:lobby", &Patterns::default()));
         assert!(access.can_publish("chat:lobby", &Patterns::new(&["chat:*"])));
         assert!(!access.can_publish("doc:orders:42", &Patterns::new(&["chat:*"])));

@@ -2,7 +2,8 @@
 //! it — used by the container-free e2e, the kind e2e and `just demo`, and usable against any
 //! deployment:
 //!
-//! 1. mint a JWT (HS256) for a smoke user allowed in the test document's rooms;
+//! 1. mint a JWT (HS256) for a smoke user allowed to read and write the smoke collection
+//!    (which also lets it join the document's room);
 //! 2. open a WebSocket to the hub and subscribe to the document's room `doc:<c>:<id>`;
 //! 3. `POST /v1/commands` (create) through the gateway with an `Idempotency-Key`;
 //! 4. poll `GET /v1/commands/{id}` through the gateway until `succeeded`;
@@ -48,9 +49,17 @@ struct TokenArgs {
     /// The `sub` claim.
     #[arg(long, default_value = "meridian-smoke")]
     subject: String,
-    /// Room patterns the token allows (`rooms` claim); repeatable.
-    #[arg(long = "room", default_values_t = ["doc:*".to_owned(), "collection:*".to_owned(), "cmd:*".to_owned()])]
+    /// Further room patterns the token allows (`rooms` claim); repeatable.
+    #[arg(long = "room", default_values_t = ["cmd:*".to_owned()])]
     rooms: Vec<String>,
+    /// Document patterns the token may read (`read` claim, `<collection>/<id>`); repeatable.
+    /// Default: the smoke collection, `<collection>/*`.
+    #[arg(long)]
+    read: Vec<String>,
+    /// Document patterns the token may send commands for (`write` claim); repeatable.
+    /// Default: the smoke collection, `<collection>/*`.
+    #[arg(long)]
+    write: Vec<String>,
     /// Lifetime in seconds.
     #[arg(long, default_value_t = 3600)]
     ttl_seconds: i64,
@@ -89,13 +98,22 @@ fn parse_traceparent(value: &str) -> Result<String, String> {
     }
 }
 
-fn mint(args: &TokenArgs) -> anyhow::Result<String> {
+fn mint(args: &TokenArgs, collection: &str) -> anyhow::Result<String> {
+    let or_collection = |patterns: &[String]| {
+        if patterns.is_empty() {
+            vec![format!("{collection}/*")]
+        } else {
+            patterns.to_vec()
+        }
+    };
     let grant = common::auth::Grant {
         subject: args.subject.clone(),
         issuer: Some(args.issuer.clone()),
         audience: Some(args.audience.clone()),
         client_id: None,
         rooms: args.rooms.clone(),
+        read: or_collection(&args.read),
+        write: or_collection(&args.write),
         ttl: Duration::from_secs(u64::try_from(args.ttl_seconds).unwrap_or(0)),
     };
     common::auth::mint_hs256(args.jwt_secret.as_bytes(), &grant).context("cannot sign the token")
@@ -104,7 +122,7 @@ fn mint(args: &TokenArgs) -> anyhow::Result<String> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let token = mint(&cli.token)?;
+    let token = mint(&cli.token, &cli.run.collection)?;
     if cli.print_token {
         println!("{token}");
         return Ok(());

@@ -289,10 +289,10 @@ async fn a_route_table_from_the_environment_replaces_the_default() {
     app.stop().await;
 }
 
-#[tokio::test]
-async fn the_real_command_service_scopes_idempotency_by_the_token_subject() {
+/// The real command service binary, verifying the same tokens as the test gateways.
+async fn spawn_command_service(name: &str) -> (common::test_support::ChildProcess, String) {
     let port = common::test_support::free_port();
-    let log = std::env::temp_dir().join(format!("meridian-gateway-it-commands-{port}.log"));
+    let log = std::env::temp_dir().join(format!("meridian-gateway-it-{name}-{port}.log"));
     let service = common::test_support::ChildProcess::spawn(
         &common::test_support::workspace_binary("command-service"),
         &[
@@ -303,11 +303,20 @@ async fn the_real_command_service_scopes_idempotency_by_the_token_subject() {
                 "KAFKA_TOPIC_PREFIX",
                 format!("gw-it-{}.", uuid::Uuid::now_v7().simple()),
             ),
+            ("JWT_SECRET", SECRET.into()),
+            ("JWT_AUDIENCE", AUDIENCE.into()),
+            ("JWT_ISSUER", ISSUER.into()),
         ],
         &log,
     );
     let command_service = format!("http://127.0.0.1:{port}");
     wait_ready(&format!("{command_service}/ready")).await;
+    (service, command_service)
+}
+
+#[tokio::test]
+async fn the_real_command_service_scopes_idempotency_by_the_token_subject() {
+    let (service, command_service) = spawn_command_service("commands").await;
     let app = start_gateway(&gateway_vars(&command_service, &prefix("real"))).await;
 
     let key = format!("key-{}", uuid::Uuid::now_v7());
@@ -323,7 +332,7 @@ async fn the_real_command_service_scopes_idempotency_by_the_token_subject() {
             .send()
     };
     let first = submit("grace", "spoofed-1").await.unwrap();
-    assert_eq!(first.status(), 202, "log: {}", log.display());
+    assert_eq!(first.status(), 202);
     let first: Value = first.json().await.unwrap();
     // Same subject, another client-supplied id: the same scope, so a replay.
     let replay = submit("grace", "spoofed-2").await.unwrap();
@@ -356,6 +365,111 @@ async fn the_real_command_service_scopes_idempotency_by_the_token_subject() {
         .unwrap();
     assert_eq!(foreign.status(), 404);
 
+    app.stop().await;
+    service.terminate(std::time::Duration::from_secs(30)).await;
+}
+
+#[tokio::test]
+async fn reads_and_commands_are_allowed_only_within_the_tokens_grants() {
+    let (service, command_service) = spawn_command_service("grants").await;
+    let app = start_gateway(&gateway_vars(&command_service, &prefix("grants"))).await;
+    let run = uuid::Uuid::now_v7().simple().to_string();
+    let collection = format!("gw-orders-{run}");
+    let ivan = format!(
+        "Bearer {}",
+        token(&granted(
+            "ivan",
+            &[&format!("{collection}/*")],
+            &[&format!("{collection}/ivan-*")]
+        ))
+    );
+    let submit = |base: &str, authorization: Option<&str>, collection: &str, id: &str| {
+        let mut request = http()
+            .post(format!("{base}/v1/commands"))
+            .header("idempotency-key", format!("{collection}-{id}"))
+            .header("x-client-id", "ivan")
+            .json(&json!({"type": "create", "collection": collection, "id": id, "payload": {}}));
+        if let Some(authorization) = authorization {
+            request = request.header("authorization", authorization);
+        }
+        request.send()
+    };
+    let gateway = app.url("");
+    let gateway = gateway.trim_end_matches('/');
+
+    // Commands: only documents the `write` claim covers.
+    let own = submit(gateway, Some(&ivan), &collection, "ivan-1")
+        .await
+        .unwrap();
+    assert_eq!(own.status(), 202);
+    for (collection, id) in [(collection.as_str(), "olga-1"), ("gw-users", "ivan-1")] {
+        let refused = submit(gateway, Some(&ivan), collection, id).await.unwrap();
+        assert_eq!(refused.status(), 403, "{collection}/{id}");
+        let problem: Value = refused.json().await.unwrap();
+        assert_eq!(problem["type"], "https://meridian.dev/problems/forbidden");
+        assert_eq!(
+            problem["detail"],
+            format!("the token's `write` claim does not cover {collection}/{id}")
+        );
+    }
+
+    // Reads: the gateway refuses before any lookup; the write model answers within the grant.
+    let read = |path: String| {
+        http()
+            .get(app.url(&path))
+            .header("authorization", &ivan)
+            .send()
+    };
+    let foreign = read("/v1/documents/gw-users/1".into()).await.unwrap();
+    assert_eq!(foreign.status(), 403);
+    let problem: Value = foreign.json().await.unwrap();
+    assert_eq!(
+        problem["detail"],
+        "the token's `read` claim does not cover gw-users/1"
+    );
+    let absent = read(format!("/v1/documents/{collection}/never-written"))
+        .await
+        .unwrap();
+    assert_eq!(absent.status(), 404, "within the grant: found or not found");
+
+    // Another pod reaching the command service directly cannot act without a token, whatever
+    // X-Client-Id it sends, nor beyond its token's grants.
+    let direct = submit(&command_service, None, &collection, "ivan-2")
+        .await
+        .unwrap();
+    assert_eq!(direct.status(), 401);
+    assert_eq!(
+        direct.headers()["www-authenticate"],
+        "Bearer realm=\"meridian\""
+    );
+    let direct = submit(&command_service, Some(&ivan), &collection, "olga-2")
+        .await
+        .unwrap();
+    assert_eq!(direct.status(), 403);
+    let direct = http()
+        .get(format!("{command_service}/v1/documents/gw-users/1"))
+        .header("authorization", &ivan)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(direct.status(), 403);
+
+    // Both refusals are counted where they happened.
+    for (base, action) in [(gateway, "read"), (command_service.as_str(), "write")] {
+        let metrics = http()
+            .get(format!("{base}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(
+            metrics.lines().any(|l| l.starts_with("access_denied_total")
+                && l.contains(&format!("action=\"{action}\""))),
+            "{base}: access_denied_total{{action={action}}} missing"
+        );
+    }
     app.stop().await;
     service.terminate(std::time::Duration::from_secs(30)).await;
 }

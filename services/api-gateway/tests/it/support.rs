@@ -31,7 +31,7 @@ pub fn prefix(test: &str) -> String {
     format!("gw-test:{test}:{}:", uuid::Uuid::now_v7())
 }
 
-/// Claims of a valid token for `sub`.
+/// Claims of a valid token for `sub`, allowed to read and write every document.
 pub fn claims(sub: &str) -> Value {
     json!({
         "sub": sub,
@@ -39,7 +39,17 @@ pub fn claims(sub: &str) -> Value {
         "iss": ISSUER,
         "exp": get_current_timestamp() + 600,
         "client_id": format!("{sub}-app"),
+        "read": ["*"],
+        "write": ["*"],
     })
+}
+
+/// Claims of a valid token for `sub` with these `read` and `write` grants.
+pub fn granted(sub: &str, read: &[&str], write: &[&str]) -> Value {
+    let mut claims = claims(sub);
+    claims["read"] = json!(read);
+    claims["write"] = json!(write);
+    claims
 }
 
 /// An HS256 token over `claims`.

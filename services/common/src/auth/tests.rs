@@ -363,14 +363,18 @@ async fn a_minted_token_is_accepted_by_the_verifier_of_the_same_stack() {
         issuer: Some("https://idp.example".into()),
         audience: Some("meridian".into()),
         client_id: Some("cli".into()),
-        rooms: vec!["doc:orders:*".into()],
+        rooms: vec!["chat:*".into()],
+        read: vec!["orders/*".into()],
+        write: vec!["orders/a-*".into()],
         ttl: Duration::from_secs(600),
     };
     let token = mint_hs256(SECRET.as_bytes(), &grant).unwrap();
     let claims = verifier(&config).verify(&token).await.unwrap();
     assert_eq!(claims.sub, "alice");
     assert_eq!(claims.client_id.as_deref(), Some("cli"));
-    assert_eq!(claims.rooms, ["doc:orders:*"]);
+    assert_eq!(claims.rooms, ["chat:*"]);
+    assert_eq!(claims.read, ["orders/*"]);
+    assert_eq!(claims.write, ["orders/a-*"]);
     assert!((claims.exp - now() - 600).abs() <= 2, "exp {}", claims.exp);
 
     let elsewhere = Grant {
@@ -379,4 +383,24 @@ async fn a_minted_token_is_accepted_by_the_verifier_of_the_same_stack() {
     };
     let token = mint_hs256(SECRET.as_bytes(), &elsewhere).unwrap();
     assert!(verifier(&config).verify(&token).await.is_err());
+}
+
+#[test]
+fn the_bearer_token_is_taken_case_insensitively() {
+    let headers = |authorization: &'static str| {
+        let mut headers = http::HeaderMap::new();
+        headers.insert(
+            http::header::AUTHORIZATION,
+            http::HeaderValue::from_static(authorization),
+        );
+        headers
+    };
+    assert_eq!(
+        bearer_token(&headers("Bearer abc.def.ghi")),
+        Some("abc.def.ghi")
+    );
+    assert_eq!(bearer_token(&headers("bearer  abc")), Some("abc"));
+    assert_eq!(bearer_token(&headers("Basic dXNlcjpwYXNz")), None);
+    assert_eq!(bearer_token(&headers("Bearer ")), None);
+    assert_eq!(bearer_token(&http::HeaderMap::new()), None);
 }

@@ -122,6 +122,47 @@ async fn binary_payloads_round_trip_byte_exact_in_messagepack_and_as_base64_in_j
 }
 
 #[tokio::test]
+async fn the_read_grant_opens_its_documents_and_collections_rooms_and_no_others() {
+    let app = start(&hub_vars(&prefix())).await;
+    let exp = chrono::Utc::now().timestamp() + 600;
+    let token = jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &json!({"sub": "reader", "exp": exp, "read": ["books/*", "profiles/reader"]}),
+        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap();
+    let mut client = target(&app, Some(token), false)
+        .await
+        .connect(None)
+        .await
+        .unwrap();
+    let cases = [
+        ("doc:books:1", true),
+        ("collection:books", true),
+        ("doc:profiles:reader", true),
+        ("doc:profiles:other", false),
+        ("collection:profiles", false),
+        ("doc:users:1", false),
+        ("cmd:1", false),
+    ];
+    for (i, (room, allowed)) in cases.into_iter().enumerate() {
+        send_json(
+            &mut client,
+            json!({"type": "subscribe", "room": room, "ref": i}),
+        )
+        .await;
+        let answer = next_json(&mut client).await;
+        assert_eq!(answer["ref"], i, "{answer}");
+        if allowed {
+            assert_eq!(answer["type"], "subscribed", "{room}: {answer}");
+        } else {
+            assert_eq!(answer["code"], "forbidden", "{room}: {answer}");
+        }
+    }
+    app.stop().await;
+}
+
+#[tokio::test]
 async fn an_unauthorized_room_is_refused_and_bad_or_expired_tokens_are_refused_at_connect() {
     let app = start(&hub_vars(&prefix())).await;
     let mut client = client(&app, &["doc:orders:*"]).await;
