@@ -5,13 +5,15 @@
 //! Per enabled service: a ConfigMap with its plain settings, a Deployment (probes on `/health`
 //! and `/ready`, non-root, read-only root filesystem, secrets from Secret refs), a Service, a
 //! PodDisruptionBudget when it runs more than one replica, and a HorizontalPodAutoscaler when
-//! it scales automatically (the Deployment then leaves `replicas` to it). Every object carries the
+//! it scales automatically (the Deployment then leaves `replicas` to it); per stack, the
+//! endpoints ConfigMap and a NetworkPolicy around the internal services. Every object carries the
 //! `app.kubernetes.io/*` labels and a controller owner reference to the stack.
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::{ConfigMap, Service};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
@@ -21,11 +23,13 @@ mod component;
 mod config_map;
 mod deployment;
 mod monitoring;
+mod network_policy;
 mod service;
 
 pub use component::{Component, Tier};
 pub use config_map::{service_url, settings};
 pub use monitoring::{Scraping, pod_monitor, pod_monitor_kind, pod_monitor_name};
+pub use network_policy::{network_policy, network_policy_name};
 pub use service::service_needs_recreate;
 
 /// `app.kubernetes.io/part-of` of everything the operator creates.
@@ -52,6 +56,9 @@ pub struct DesiredState {
     pub endpoints: ConfigMap,
     /// One entry per enabled service, in start-up order.
     pub services: Vec<ServiceObjects>,
+    /// The stack's NetworkPolicy ([`network_policy`]), unless `spec.networkPolicy.enabled` is
+    /// false.
+    pub network_policy: Option<NetworkPolicy>,
     /// How the services are scraped; with [`Scraping::PodMonitor`] the stack owns a PodMonitor
     /// ([`pod_monitor`]), otherwise its pods carry scrape annotations.
     pub scraping: Scraping,
@@ -205,6 +212,7 @@ pub fn endpoints(stack: &ValidatedStack) -> ConfigMap {
 pub fn build(stack: &ValidatedStack, scraping: Scraping) -> DesiredState {
     DesiredState {
         endpoints: endpoints(stack),
+        network_policy: network_policy(stack),
         services: Component::ALL
             .into_iter()
             .filter(|c| c.spec(&stack.spec().services).enabled)

@@ -13,6 +13,7 @@ mod deletion_policy;
 mod image;
 mod kafka;
 mod monitoring;
+mod network;
 mod postgres;
 mod rate_limits;
 mod redis;
@@ -25,6 +26,7 @@ pub use deletion_policy::{DeletionPolicy, Retention};
 pub use image::{ImageOverride, ImageSpec, PullPolicy, RELEASE_REGISTRY, RELEASE_TAG};
 pub use kafka::{KafkaSpec, TopicSpec, TopicsSpec};
 pub use monitoring::MonitoringSpec;
+pub use network::NetworkPolicySpec;
 pub use postgres::{PostgresSpec, SslMode};
 pub use rate_limits::{RateLimitKey, RateLimitPolicy, RateLimitsSpec, RatePeriod};
 pub use redis::RedisSpec;
@@ -121,6 +123,9 @@ pub struct MiddlewareStackSpec {
     /// prometheus-operator CRDs, scrape annotations on the pods otherwise.
     #[serde(default)]
     pub monitoring: MonitoringSpec,
+    /// Which traffic reaches the internal services (a NetworkPolicy the operator owns).
+    #[serde(default)]
+    pub network_policy: NetworkPolicySpec,
     /// What happens to topics and credentials when the stack is deleted.
     #[serde(default)]
     pub deletion_policy: DeletionPolicy,

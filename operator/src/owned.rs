@@ -20,6 +20,7 @@ use k8s_openapi::ByteString;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::Resource;
 use kube::runtime::reflector::{Lookup, store::Writer};
@@ -266,6 +267,12 @@ impl Compact for PodDisruptionBudget {
 }
 
 impl Compact for HorizontalPodAutoscaler {
+    type State = ();
+
+    fn state(&self) {}
+}
+
+impl Compact for NetworkPolicy {
     type State = ();
 
     fn state(&self) {}

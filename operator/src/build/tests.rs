@@ -929,3 +929,64 @@ fn an_autoscaled_service_gets_an_autoscaler_and_leaves_replicas_to_it() {
         Some(stack.spec.services.processor.replicas)
     );
 }
+
+#[test]
+fn the_network_policy_opens_the_internal_services_to_the_gateway_and_scrapers_only() {
+    let state = example();
+    let policy = state.network_policy.as_ref().unwrap();
+    assert_eq!(policy.metadata.name.as_deref(), Some("demo-internal"));
+    let spec = policy.spec.as_ref().unwrap();
+    assert_eq!(
+        spec.policy_types.as_deref(),
+        Some(&["Ingress".to_owned()][..])
+    );
+    let pods = spec.pod_selector.as_ref().unwrap();
+    assert_eq!(
+        pods.match_labels.as_ref().unwrap()["app.kubernetes.io/instance"],
+        "demo"
+    );
+    let names = pods.match_expressions.as_ref().unwrap()[0].values.clone();
+    // Neither the gateway nor the hub: they are the stack's entry points.
+    assert_eq!(
+        names.unwrap(),
+        ["command-service", "processor", "cache-updater"]
+    );
+    let ingress = spec.ingress.as_ref().unwrap();
+    let gateway = &ingress[0];
+    assert_eq!(
+        gateway.from.as_ref().unwrap()[0]
+            .pod_selector
+            .as_ref()
+            .unwrap()
+            .match_labels,
+        Some(selector_labels(
+            &fixtures::validated(&fixtures::example()),
+            Component::Gateway
+        ))
+    );
+    let ports = |rule: &k8s_openapi::api::networking::v1::NetworkPolicyIngressRule| {
+        rule.ports
+            .iter()
+            .flatten()
+            .map(|p| p.port.clone().unwrap())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(ports(gateway), [IntOrString::Int(8082)]);
+    let scrapers = &ingress[1];
+    assert_eq!(
+        ports(scrapers),
+        [8082, 8083, 8084].map(IntOrString::Int).to_vec()
+    );
+    let prometheus = &scrapers.from.as_ref().unwrap()[0];
+    assert!(prometheus.namespace_selector.is_some(), "any namespace");
+
+    // Custom scrapers replace the default; none leaves only the gateway's rule.
+    let mut stack = fixtures::example();
+    stack.spec.network_policy.scrapers = Some(Vec::new());
+    let state = build(&fixtures::validated(&stack), Scraping::Annotations);
+    let spec = state.network_policy.unwrap().spec.unwrap();
+    assert_eq!(spec.ingress.unwrap().len(), 1);
+    stack.spec.network_policy.enabled = false;
+    let state = build(&fixtures::validated(&stack), Scraping::Annotations);
+    assert!(state.network_policy.is_none());
+}

@@ -6,6 +6,7 @@
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::ResourceExt as _;
 use kube::runtime::controller::Action;
@@ -165,6 +166,7 @@ fn forget(stack: &MiddlewareStack, ctx: &Context) {
     let namespace = validated.namespace();
     let mut keys = vec![
         object_key::<ConfigMap>(namespace, &build::endpoints_name(validated.name())),
+        object_key::<NetworkPolicy>(namespace, &build::network_policy_name(validated.name())),
         object_key::<Secret>(namespace, &build::redis_secret_name(&validated)),
         object_key::<Secret>(namespace, &build::postgres_secret_name(&validated)),
     ];

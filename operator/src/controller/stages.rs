@@ -58,6 +58,12 @@ pub enum Error {
     /// Applying the stack's endpoints ConfigMap failed.
     #[error("failed to apply the stack's endpoints ConfigMap")]
     ApplyEndpoints(#[source] apply::Error),
+    /// Applying the stack's NetworkPolicy failed.
+    #[error("failed to apply the stack's NetworkPolicy")]
+    ApplyNetworkPolicy(#[source] apply::Error),
+    /// Deleting the stack's NetworkPolicy (`spec.networkPolicy.enabled: false`) failed.
+    #[error("failed to delete the stack's NetworkPolicy")]
+    DeleteNetworkPolicy(#[source] kube::Error),
 }
 
 impl Error {
@@ -65,10 +71,11 @@ impl Error {
     pub fn reason(&self) -> &'static str {
         match self {
             Self::CachesNotSynced => "CachesNotSynced",
-            Self::DeleteDisabled { .. } => "KubernetesApiError",
-            Self::Apply { .. } | Self::DeleteStale { .. } | Self::ApplyEndpoints(_) => {
-                "ApplyFailed"
-            }
+            Self::DeleteDisabled { .. } | Self::DeleteNetworkPolicy(_) => "KubernetesApiError",
+            Self::Apply { .. }
+            | Self::DeleteStale { .. }
+            | Self::ApplyEndpoints(_)
+            | Self::ApplyNetworkPolicy(_) => "ApplyFailed",
         }
     }
 
@@ -83,6 +90,11 @@ impl Error {
             Self::DeleteDisabled { .. } => return None,
             Self::Apply { component, source } => (stage_of(*component), source.message()),
             Self::ApplyEndpoints(source) => (EDGE_AVAILABLE, source.message()),
+            Self::ApplyNetworkPolicy(source) => (CORE_AVAILABLE, source.message()),
+            Self::DeleteNetworkPolicy(source) => (
+                CORE_AVAILABLE,
+                format!("Kubernetes API request failed: {source}"),
+            ),
             Self::DeleteStale {
                 component, source, ..
             } => (
@@ -248,6 +260,16 @@ pub(super) async fn run(
             return Outcome::failed(reports, BTreeMap::new(), events, error);
         }
     }
+    match network_policy(ctx, validated, &desired).await {
+        Ok(Some(message)) => events.push(event(
+            EventType::Normal,
+            "Applied",
+            "ApplyNetworkPolicy",
+            message,
+        )),
+        Ok(None) => {}
+        Err(error) => return Outcome::failed(reports, BTreeMap::new(), events, error.into()),
+    }
     // Monitoring never holds the stack back: a failure is a Warning Event, tried again on the
     // next reconcile.
     match monitoring::reconcile(ctx, validated, &desired, pod_monitor_api.as_ref()).await {
@@ -373,6 +395,37 @@ enum End {
 }
 
 /// Stages 1 to 3 (the external state): dependencies, topics, credentials.
+/// Applies the stack's NetworkPolicy, or deletes it when it is turned off. Returns the Event
+/// message when something changed.
+async fn network_policy(
+    ctx: &Context,
+    validated: &ValidatedStack,
+    desired: &build::DesiredState,
+) -> Result<Option<String>, Error> {
+    let name = build::network_policy_name(validated.name());
+    let stores = &ctx.stores;
+    match &desired.network_policy {
+        Some(policy) => {
+            let applied = apply::apply(ctx, &stores.network_policies, policy.clone())
+                .await
+                .map_err(Error::ApplyNetworkPolicy)?;
+            Ok(applied.then(|| {
+                format!(
+                    "applied NetworkPolicy {name} (the command service, processor and cache \
+                     updater take traffic only from the gateway and metrics scrapers)"
+                )
+            }))
+        }
+        None => {
+            let deleted = services::delete_owned(ctx, &stores.network_policies, validated, &name)
+                .await
+                .map_err(Error::DeleteNetworkPolicy)?;
+            Ok(deleted
+                .then(|| format!("deleted NetworkPolicy {name} (networkPolicy.enabled is false)")))
+        }
+    }
+}
+
 async fn external(
     ctx: &Context,
     stack: &MiddlewareStack,

@@ -9,6 +9,7 @@ use futures::StreamExt as _;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, PartialObjectMeta};
@@ -30,6 +31,7 @@ pub(super) struct Stores {
     pub(super) config_maps: Store<Owned<ConfigMap>>,
     pub(super) pdbs: Store<Owned<PodDisruptionBudget>>,
     pub(super) autoscalers: Store<Owned<HorizontalPodAutoscaler>>,
+    pub(super) network_policies: Store<Owned<NetworkPolicy>>,
     pub(super) secrets: Store<Owned<Secret>>,
 }
 
@@ -41,6 +43,7 @@ impl Stores {
             && self.config_maps.wait_until_ready().await.is_ok()
             && self.pdbs.wait_until_ready().await.is_ok()
             && self.autoscalers.wait_until_ready().await.is_ok()
+            && self.network_policies.wait_until_ready().await.is_ok()
             && self.secrets.wait_until_ready().await.is_ok()
     }
 }
@@ -77,6 +80,7 @@ pub(super) fn watches(client: &Client, settings: &Settings) -> Watches {
     let (config_maps, config_maps_writer) = reflector::store();
     let (pdbs, pdbs_writer) = reflector::store();
     let (autoscalers, autoscalers_writer) = reflector::store();
+    let (network_policies, network_policies_writer) = reflector::store();
     let (secrets, secrets_writer) = reflector::store();
     let stores = Stores {
         deployments,
@@ -84,6 +88,7 @@ pub(super) fn watches(client: &Client, settings: &Settings) -> Watches {
         config_maps,
         pdbs,
         autoscalers,
+        network_policies,
         secrets,
     };
     // The stores hold compact copies (`crate::owned`); the full objects go on to the
@@ -97,6 +102,8 @@ pub(super) fn watches(client: &Client, settings: &Settings) -> Watches {
     // An autoscaler's status changes every sync period: only its spec or its deletion matter.
     let owned_autoscalers =
         generation_triggers(owned_events(client, ns, &managed, autoscalers_writer));
+    let owned_network_policies =
+        generation_triggers(owned_events(client, ns, &managed, network_policies_writer));
     let owned_secrets = owned_events(client, ns, &managed, secrets_writer).touched_objects();
     // The identity and resourceVersion of every Secret the operator did not create (never
     // their data): a change to an admin or JWT Secret a stack refers to reconciles that
@@ -133,6 +140,7 @@ pub(super) fn watches(client: &Client, settings: &Settings) -> Watches {
         .owns_stream(owned_config_maps)
         .owns_stream(owned_pdbs)
         .owns_stream(owned_autoscalers)
+        .owns_stream(owned_network_policies)
         .owns_stream(owned_secrets)
         .watches_stream(referenced_secrets, move |secret| {
             let (Some(namespace), name) = (secret.namespace(), secret.name_any()) else {

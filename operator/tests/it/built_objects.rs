@@ -2,6 +2,7 @@
 //! example stack (as stored, with its real uid) pass a strict server-side-apply dry run.
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Service};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::Resource;
 use kube::api::{Api, Patch, PatchParams};
@@ -70,5 +71,7 @@ async fn every_object_built_from_the_example_stack_passes_a_strict_server_side_d
         let pdb = objects.pod_disruption_budget.as_ref().unwrap();
         dry_run_apply::<PodDisruptionBudget>(&client, &ns.name, pdb).await;
     }
+    let policy = desired.network_policy.as_ref().unwrap();
+    dry_run_apply::<NetworkPolicy>(&client, &ns.name, policy).await;
     ns.delete().await;
 }

@@ -9,6 +9,7 @@ use futures::StreamExt as _;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Secret, Service, ServiceSpec};
 use k8s_openapi::api::events::v1::Event;
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use kube::runtime::{WatchStreamExt as _, watcher};
@@ -320,6 +321,21 @@ async fn a_stack_is_provisioned_in_stage_order_becomes_ready_follows_changes_and
         format!("http://alpha-api-gateway.{}.svc:8080", harness.ns.name)
     );
     assert_eq!(endpoints["JWT_AUDIENCE"], "meridian");
+    // The internal services take traffic only from the stack's gateway and metrics scrapers.
+    let policies: Api<NetworkPolicy> = harness.api();
+    let policy = policies.get("alpha-internal").await.unwrap().spec.unwrap();
+    let selected = policy.pod_selector.unwrap().match_expressions.unwrap();
+    assert_eq!(
+        selected[0].values.as_deref().unwrap(),
+        ["command-service", "processor", "cache-updater"]
+    );
+    let ingress = policy.ingress.unwrap();
+    let from_gateway = ingress[0].from.as_ref().unwrap()[0].pod_selector.as_ref();
+    assert_eq!(
+        from_gateway.unwrap().match_labels.as_ref().unwrap()["app.kubernetes.io/name"],
+        "api-gateway"
+    );
+    assert_eq!(ingress.len(), 2, "the gateway and the default scrapers");
     assert_eq!(status.observed_generation, alpha.metadata.generation);
     assert_eq!(status.phase, Some(operator::crd::Phase::Ready));
     for type_ in [
@@ -436,6 +452,7 @@ async fn a_stack_is_provisioned_in_stage_order_becomes_ready_follows_changes_and
     // A spec change rolls through: the Deployment follows and the generation is observed.
     let mut changed = stack("alpha", &deps.redis_url, "Retain");
     changed["spec"]["services"] = json!({ "processor": { "replicas": 2 } });
+    changed["spec"]["networkPolicy"] = json!({ "enabled": false });
     let applied = harness.apply(&changed).await;
     let generation = applied.metadata.generation;
     let deployments: Api<Deployment> = harness.api();
@@ -465,6 +482,11 @@ async fn a_stack_is_provisioned_in_stage_order_becomes_ready_follows_changes_and
             }
         },
     )
+    .await;
+    wait_until("the NetworkPolicy to be deleted", READY_TIMEOUT, || {
+        let policies = policies.clone();
+        async move { policies.get_opt("alpha-internal").await.unwrap().is_none() }
+    })
     .await;
     let pdbs: Api<PodDisruptionBudget> = harness.api();
     assert!(

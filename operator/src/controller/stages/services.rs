@@ -282,7 +282,7 @@ pub(super) async fn delete_disabled(
 
 /// Deletes the named object if the store holds it and the stack owns it. Returns whether it
 /// was deleted.
-async fn delete_owned<K>(
+pub(in crate::controller) async fn delete_owned<K>(
     ctx: &Context,
     store: &Store<Owned<K>>,
     validated: &ValidatedStack,
