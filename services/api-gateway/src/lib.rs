@@ -20,14 +20,14 @@ pub mod proxy;
 pub mod ratelimit;
 pub mod routes;
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{ConnectInfo, Request, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::any;
 use common::access::Grants;
@@ -45,7 +45,7 @@ use tokio::net::TcpListener;
 use url::Url;
 
 use crate::identity::{Identity, X_CLIENT_ID};
-use crate::proxy::{Caller, Proxy, ProxySettings, X_FORWARDED_FOR};
+use crate::proxy::{Caller, Proxy, ProxySettings};
 use crate::ratelimit::{Decision, FailMode, Policy, PolicySpec, RateLimiter, Subjects};
 use crate::routes::{AuthMode, Route, RouteKind, RouteSpec};
 
@@ -356,7 +356,7 @@ async fn handle(state: AppState, route: Arc<Route>, mut request: Request) -> Res
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
         .map_or(SocketAddr::from(([0, 0, 0, 0], 0)), |info| info.0);
-    let ip = client_ip(
+    let ip = common::http::client_ip(
         peer.ip(),
         request.headers(),
         state.settings.trusted_proxy_hops,
@@ -478,26 +478,6 @@ async fn limited(state: &AppState, subjects: &Subjects<'_>, mut response: Respon
     }
 }
 
-/// The client address: the TCP peer, or with `hops` trusted proxies in front, the
-/// `X-Forwarded-For` entry the outermost trusted proxy added.
-pub fn client_ip(peer: IpAddr, headers: &HeaderMap, hops: usize) -> IpAddr {
-    if hops == 0 {
-        return peer;
-    }
-    let entries: Vec<&str> = headers
-        .get_all(X_FORWARDED_FOR)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
-        .collect();
-    entries
-        .len()
-        .checked_sub(hops)
-        .and_then(|index| entries[index].parse().ok())
-        .unwrap_or(peer)
-}
-
 /// `/ready` check of one upstream: its `/health` answers 2xx.
 struct UpstreamCheck {
     name: &'static str,
@@ -580,21 +560,6 @@ impl Service for ApiGateway {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_client_ip_is_the_peer_unless_proxies_are_trusted() {
-        let peer: IpAddr = "10.0.0.5".parse().unwrap();
-        let mut headers = HeaderMap::new();
-        headers.insert(
-            X_FORWARDED_FOR,
-            HeaderValue::from_static("1.1.1.1, 203.0.113.7"),
-        );
-        assert_eq!(client_ip(peer, &headers, 0), peer);
-        assert_eq!(client_ip(peer, &headers, 1).to_string(), "203.0.113.7");
-        assert_eq!(client_ip(peer, &headers, 2).to_string(), "1.1.1.1");
-        assert_eq!(client_ip(peer, &headers, 3), peer);
-        assert_eq!(client_ip(peer, &HeaderMap::new(), 1), peer);
-    }
 
     #[test]
     fn the_configuration_has_working_defaults_and_rejects_bad_tables() {

@@ -288,3 +288,55 @@ pub async fn serve(
     }
     Ok(())
 }
+
+/// `X-Forwarded-For`.
+pub const X_FORWARDED_FOR: http::HeaderName = http::HeaderName::from_static("x-forwarded-for");
+
+/// The client address of a request: the TCP peer, or with `hops` trusted proxies in front,
+/// the `X-Forwarded-For` entry the outermost trusted proxy added (entries a client wrote
+/// itself come before it and are never used).
+pub fn client_ip(
+    peer: std::net::IpAddr,
+    headers: &http::HeaderMap,
+    hops: usize,
+) -> std::net::IpAddr {
+    if hops == 0 {
+        return peer;
+    }
+    let entries: Vec<&str> = headers
+        .get_all(X_FORWARDED_FOR)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .collect();
+    entries
+        .len()
+        .checked_sub(hops)
+        .and_then(|index| entries[index].parse().ok())
+        .unwrap_or(peer)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::IpAddr;
+
+    use http::{HeaderMap, HeaderValue};
+
+    use super::*;
+
+    #[test]
+    fn the_client_ip_is_the_peer_unless_proxies_are_trusted() {
+        let peer: IpAddr = "10.0.0.5".parse().unwrap();
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            X_FORWARDED_FOR,
+            HeaderValue::from_static("1.1.1.1, 203.0.113.7"),
+        );
+        assert_eq!(client_ip(peer, &headers, 0), peer);
+        assert_eq!(client_ip(peer, &headers, 1).to_string(), "203.0.113.7");
+        assert_eq!(client_ip(peer, &headers, 2).to_string(), "1.1.1.1");
+        assert_eq!(client_ip(peer, &headers, 3), peer);
+        assert_eq!(client_ip(peer, &HeaderMap::new(), 1), peer);
+    }
+}

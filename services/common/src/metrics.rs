@@ -107,7 +107,7 @@ pub const HUB_PUBLICATIONS_TOTAL: &str = "hub_publications_total";
 /// `draining`, `protocol_error`).
 pub const HUB_DISCONNECTS_TOTAL: &str = "hub_disconnects_total";
 /// Counter: upgrade requests refused before the handshake. Labels: `service`, `reason`
-/// (`connection_limit`, `draining`, `unauthorized`).
+/// (`connection_limit`, `subject_limit`, `address_limit`, `draining`, `unauthorized`).
 pub const HUB_CONNECTIONS_REJECTED_TOTAL: &str = "hub_connections_rejected_total";
 /// Counter: client messages refused with an error frame. Labels: `service`, `code`.
 pub const HUB_MESSAGES_REJECTED_TOTAL: &str = "hub_messages_rejected_total";

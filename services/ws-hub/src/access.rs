@@ -30,6 +30,8 @@ pub struct Access {
     publish: bool,
     /// When the token expires (seconds since the Unix epoch); the connection is closed then.
     pub expires_at: Option<i64>,
+    /// Whether a token was verified (else the connection is anonymous).
+    pub authenticated: bool,
 }
 
 impl Access {
@@ -40,6 +42,7 @@ impl Access {
             subscribe: Grants::from_claims(claims),
             publish: true,
             expires_at: Some(claims.exp),
+            authenticated: true,
         }
     }
 
@@ -50,6 +53,7 @@ impl Access {
             subscribe: Grants::rooms_only(rooms.clone()),
             publish: false,
             expires_at: None,
+            authenticated: false,
         }
     }
 

@@ -14,16 +14,19 @@
 //! - On drain every client gets a `reconnect` notice (with a jittered delay) and close 1012.
 
 use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
+use axum::Extension;
 use axum::body::Bytes;
+use axum::extract::ConnectInfo;
 use axum::extract::State;
 use axum::extract::ws::{
     CloseFrame, Message, WebSocket, WebSocketUpgrade, rejection::WebSocketUpgradeRejection,
 };
-use axum::http::{HeaderMap, HeaderValue, Uri};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use common::auth::Verifier;
 use common::metrics::{
@@ -152,6 +155,13 @@ pub struct Settings {
     pub message_burst: u32,
     /// Rooms one connection may join.
     pub max_rooms_per_connection: usize,
+    /// Connections one token subject may hold on this node (0: no limit).
+    pub max_connections_per_subject: usize,
+    /// Connections one client address may hold on this node (0: no limit).
+    pub max_connections_per_address: usize,
+    /// Proxies in front of the hub that append to `X-Forwarded-For` (the client address is
+    /// the entry they added; 0: the TCP peer).
+    pub trusted_proxy_hops: usize,
     /// Rooms anonymous connections may join (empty: a token is required).
     pub anonymous_rooms: Patterns,
     /// Rooms clients may publish to (besides being allowed to subscribe).
@@ -166,6 +176,7 @@ pub struct Hub {
     registry: Registry,
     verifier: Verifier,
     connections: Mutex<HashMap<u64, Member>>,
+    quotas: Mutex<Quotas>,
     open: AtomicUsize,
     next_id: AtomicU64,
     draining: AtomicBool,
@@ -176,14 +187,55 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// A reserved connection slot, released when dropped.
-struct Slot(Arc<Hub>);
+/// Open connections per token subject and per client address on this node.
+#[derive(Default)]
+struct Quotas {
+    subjects: HashMap<String, usize>,
+    addresses: HashMap<IpAddr, usize>,
+}
+
+fn release<K: std::hash::Hash + Eq>(counts: &mut HashMap<K, usize>, key: &K) {
+    if let Some(count) = counts.get_mut(key) {
+        *count = count.saturating_sub(1);
+        if *count == 0 {
+            counts.remove(key);
+        }
+    }
+}
+
+/// A reserved connection slot (and the subject's and address's share), released when
+/// dropped.
+struct Slot {
+    hub: Arc<Hub>,
+    subject: Option<String>,
+    address: Option<IpAddr>,
+}
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        let open = self.0.open.fetch_sub(1, Ordering::AcqRel) - 1;
+        if self.subject.is_some() || self.address.is_some() {
+            let mut quotas = lock(&self.hub.quotas);
+            if let Some(subject) = &self.subject {
+                release(&mut quotas.subjects, subject);
+            }
+            if let Some(address) = &self.address {
+                release(&mut quotas.addresses, address);
+            }
+        }
+        let open = self.hub.open.fetch_sub(1, Ordering::AcqRel) - 1;
         metrics::gauge!(HUB_CONNECTIONS, "service" => NAME).set(open as f64);
     }
+}
+
+/// Which limit refused a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refusal {
+    /// `HUB_MAX_CONNECTIONS`.
+    Node,
+    /// `HUB_MAX_CONNECTIONS_PER_SUBJECT`.
+    Subject,
+    /// `HUB_MAX_CONNECTIONS_PER_ADDRESS`.
+    Address,
 }
 
 impl Hub {
@@ -194,6 +246,7 @@ impl Hub {
             registry,
             verifier,
             connections: Mutex::default(),
+            quotas: Mutex::default(),
             open: AtomicUsize::new(0),
             next_id: AtomicU64::new(1),
             draining: AtomicBool::new(false),
@@ -215,14 +268,44 @@ impl Hub {
         u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
-    fn reserve(self: &Arc<Self>) -> Option<Slot> {
-        let open = self.open.fetch_add(1, Ordering::AcqRel) + 1;
-        let slot = Slot(self.clone());
-        if open > self.settings.max_connections {
-            return None;
+    fn reserve(self: &Arc<Self>, subject: Option<&str>, address: IpAddr) -> Result<Slot, Refusal> {
+        let settings = &self.settings;
+        let full =
+            |count: Option<&usize>, limit: usize| limit > 0 && count.copied().unwrap_or(0) >= limit;
+        let mut quotas = lock(&self.quotas);
+        if let Some(subject) = subject
+            && full(
+                quotas.subjects.get(subject),
+                settings.max_connections_per_subject,
+            )
+        {
+            return Err(Refusal::Subject);
         }
+        if full(
+            quotas.addresses.get(&address),
+            settings.max_connections_per_address,
+        ) {
+            return Err(Refusal::Address);
+        }
+        let open = self.open.fetch_add(1, Ordering::AcqRel) + 1;
+        let mut slot = Slot {
+            hub: self.clone(),
+            subject: None,
+            address: None,
+        };
+        if open > settings.max_connections {
+            // (The slot holds no quota yet, so dropping it does not take `quotas` again.)
+            return Err(Refusal::Node);
+        }
+        if let Some(subject) = subject {
+            *quotas.subjects.entry(subject.to_owned()).or_default() += 1;
+            slot.subject = Some(subject.to_owned());
+        }
+        *quotas.addresses.entry(address).or_default() += 1;
+        slot.address = Some(address);
+        drop(quotas);
         metrics::gauge!(HUB_CONNECTIONS, "service" => NAME).set(open as f64);
-        Some(slot)
+        Ok(slot)
     }
 
     /// Refuses new connections and tells every client to reconnect elsewhere.
@@ -279,6 +362,7 @@ impl Hub {
 /// `GET /ws`: checks the token, then the node's limits, then upgrades.
 pub async fn upgrade(
     State(hub): State<Arc<Hub>>,
+    connect: Option<Extension<ConnectInfo<SocketAddr>>>,
     uri: Uri,
     headers: HeaderMap,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
@@ -324,16 +408,15 @@ pub async fn upgrade(
     };
     // A slot only for a caller whose token checked out: a flood of bad tokens gets its 401s
     // and never makes the node answer 503 to anyone.
-    let Some(slot) = hub.reserve() else {
-        metrics::counter!(HUB_CONNECTIONS_REJECTED_TOTAL, "service" => NAME, "reason" => "connection_limit")
-            .increment(1);
-        return retry_later(
-            ProblemType::CapacityExceeded,
-            format!(
-                "this hub node has reached its limit of {} connections; retry later",
-                hub.settings.max_connections
-            ),
-        );
+    let peer = connect.map_or(
+        IpAddr::from([0, 0, 0, 0]),
+        |Extension(ConnectInfo(peer))| peer.ip(),
+    );
+    let address = common::http::client_ip(peer, &headers, hub.settings.trusted_proxy_hops);
+    let subject = access.authenticated.then_some(access.subject.as_str());
+    let slot = match hub.reserve(subject, address) {
+        Ok(slot) => slot,
+        Err(refusal) => return refused(&hub.settings, refusal),
     };
     let ws = ws.protocols([PROTOCOL_MSGPACK, PROTOCOL_JSON]);
     let encoding = match ws.selected_protocol().map(HeaderValue::as_bytes) {
@@ -353,6 +436,44 @@ pub async fn upgrade(
         .on_upgrade(move |socket| {
             serve(hub, socket, access, (encoding, trace_context), slot).instrument(span)
         })
+}
+
+/// The answer to an upgrade a connection limit refuses, counted by the limit: 503 +
+/// `Retry-After` when the node is full (another node may have room), 429 when the caller
+/// holds its share already.
+fn refused(settings: &Settings, refusal: Refusal) -> Response {
+    let (reason, detail) = match refusal {
+        Refusal::Node => {
+            metrics::counter!(HUB_CONNECTIONS_REJECTED_TOTAL, "service" => NAME, "reason" => "connection_limit")
+                .increment(1);
+            return retry_later(
+                ProblemType::CapacityExceeded,
+                format!(
+                    "this hub node has reached its limit of {} connections; retry later",
+                    settings.max_connections
+                ),
+            );
+        }
+        Refusal::Subject => (
+            "subject_limit",
+            format!(
+                "this token's subject already holds {} connections to this hub node",
+                settings.max_connections_per_subject
+            ),
+        ),
+        Refusal::Address => (
+            "address_limit",
+            format!(
+                "this address already holds {} connections to this hub node",
+                settings.max_connections_per_address
+            ),
+        ),
+    };
+    metrics::counter!(HUB_CONNECTIONS_REJECTED_TOTAL, "service" => NAME, "reason" => reason)
+        .increment(1);
+    Problem::new(ProblemType::RateLimited, StatusCode::TOO_MANY_REQUESTS)
+        .detail(detail)
+        .into_response()
 }
 
 /// 401 with a bearer challenge (RFC 6750), counted as a rejected connection.

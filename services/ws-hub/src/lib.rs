@@ -80,6 +80,21 @@ pub struct HubConfig {
     /// `HUB_MAX_ROOMS_PER_CONNECTION`: rooms one connection may join. Default 128.
     #[serde(default = "defaults::max_rooms_per_connection")]
     pub hub_max_rooms_per_connection: usize,
+    /// `HUB_MAX_CONNECTIONS_PER_SUBJECT`: connections one token subject may hold on a node;
+    /// beyond it the upgrade answers 429. 0: no limit. Default 100.
+    #[serde(default = "defaults::max_connections_per_subject")]
+    pub hub_max_connections_per_subject: usize,
+    /// `HUB_MAX_CONNECTIONS_PER_ADDRESS`: connections one client address may hold on a node
+    /// (anonymous ones included); beyond it the upgrade answers 429. 0 (default): no limit —
+    /// behind a proxy every client shares the proxy's address unless `HUB_TRUSTED_PROXY_HOPS`
+    /// says how to find the client's.
+    #[serde(default)]
+    pub hub_max_connections_per_address: usize,
+    /// `HUB_TRUSTED_PROXY_HOPS`: proxies in front of the hub that append to
+    /// `X-Forwarded-For` (an ingress: 1); the client address is the entry they added. 0
+    /// (default): the TCP peer.
+    #[serde(default)]
+    pub hub_trusted_proxy_hops: usize,
     /// `HUB_ANONYMOUS_ROOMS`: comma-separated room patterns connections without a token may
     /// join. Default empty (a token is required).
     #[serde(default)]
@@ -125,6 +140,9 @@ mod defaults {
     pub fn max_rooms_per_connection() -> usize {
         128
     }
+    pub fn max_connections_per_subject() -> usize {
+        100
+    }
     pub fn drain_jitter_ms() -> u64 {
         5000
     }
@@ -143,6 +161,9 @@ impl HubConfig {
     pub fn settings(&self) -> Settings {
         Settings {
             max_connections: self.hub_max_connections,
+            max_connections_per_subject: self.hub_max_connections_per_subject,
+            max_connections_per_address: self.hub_max_connections_per_address,
+            trusted_proxy_hops: self.hub_trusted_proxy_hops,
             send_queue: self.hub_send_queue.max(1),
             max_message_bytes: self.hub_max_message_bytes.max(1024),
             ping_interval: Duration::from_secs(self.hub_ping_interval_seconds.max(1)),

@@ -357,6 +357,8 @@ async fn main() -> anyhow::Result<()> {
             "HUB_MAX_CONNECTIONS",
             (args.max_connections.max(args.connections) + 100).to_string(),
         ),
+        // Every benchmark client uses one token, so one subject.
+        ("HUB_MAX_CONNECTIONS_PER_SUBJECT", "0".to_owned()),
         ("HUB_PUBLISH_ROOMS", "bench:*".to_owned()),
         ("HUB_MESSAGE_RATE", "10000".to_owned()),
         ("HUB_MESSAGE_BURST", "10000".to_owned()),

@@ -448,6 +448,68 @@ async fn the_connection_limit_answers_503_problem_json_after_the_token_check() {
     app.stop().await;
 }
 
+#[tokio::test]
+async fn one_subject_and_one_address_hold_only_their_share_of_a_node() {
+    let app = start(
+        &hub_vars(&prefix())
+            .with("HUB_MAX_CONNECTIONS_PER_SUBJECT", "2")
+            .with("HUB_MAX_CONNECTIONS_PER_ADDRESS", "3"),
+    )
+    .await;
+    let as_subject = |sub: &str| {
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::default(),
+            &json!({"sub": sub, "exp": chrono::Utc::now().timestamp() + 600, "rooms": ["*"]}),
+            &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+        )
+        .unwrap()
+    };
+    let alice = target(&app, Some(as_subject("alice")), false).await;
+    let refusal = |error: ws_hub::loadgen::LoadError| match error {
+        ws_hub::loadgen::LoadError::WebSocket(tungstenite::Error::Http(response)) => {
+            let body: serde_json::Value =
+                serde_json::from_slice(response.body().as_deref().unwrap_or_default()).unwrap();
+            (
+                response.status().as_u16(),
+                body["detail"].as_str().unwrap().to_owned(),
+            )
+        }
+        other => panic!("expected an HTTP refusal, got {other}"),
+    };
+    let first = alice.connect(None).await.unwrap();
+    let _second = alice.connect(None).await.unwrap();
+    let (status, detail) = refusal(alice.connect(None).await.unwrap_err());
+    assert_eq!(status, 429);
+    assert!(detail.contains("subject already holds 2"), "{detail}");
+    // Another subject from the same address: within the address's share of 3.
+    let bob = target(&app, Some(as_subject("bob")), false).await;
+    let _third = bob.connect(None).await.unwrap();
+    let carol = target(&app, Some(as_subject("carol")), false).await;
+    let (status, detail) = refusal(carol.connect(None).await.unwrap_err());
+    assert_eq!(status, 429);
+    assert!(detail.contains("address already holds 3"), "{detail}");
+    // A closed connection gives its share back.
+    drop(first);
+    wait_until("alice's share to free up", Duration::from_secs(10), || {
+        let alice = alice.clone();
+        async move { alice.connect(None).await.is_ok() }
+    })
+    .await;
+    let metrics = reqwest::get(app.url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for reason in ["subject_limit", "address_limit"] {
+        assert!(
+            metrics.contains(&format!("reason=\"{reason}\"")),
+            "hub_connections_rejected_total{{reason={reason}}} missing"
+        );
+    }
+    app.stop().await;
+}
+
 async fn numsub(channel: &str) -> u64 {
     let mut conn = redis().await;
     let (_, count): (String, u64) = redis::cmd("PUBSUB")
