@@ -424,10 +424,10 @@ impl Row {
     /// context, so the trace shows the hop through the outbox and Kafka. Rows without a
     /// sampled trace cost no span.
     fn publish_span(&self) -> Option<tracing::Span> {
-        let traceparent = self
+        let parent = self
             .traceparent
             .as_deref()
-            .filter(|tp| crate::telemetry::traceparent_is_sampled(tp))?;
+            .and_then(crate::telemetry::sampled_context)?;
         let span = tracing::info_span!(
             "outbox.publish",
             otel.kind = "producer",
@@ -436,7 +436,7 @@ impl Row {
             message_type = %self.message_type,
             outbox_id = self.id,
         );
-        crate::telemetry::set_parent_from_traceparent(&span, traceparent);
+        crate::telemetry::set_parent(&span, parent);
         Some(span)
     }
 

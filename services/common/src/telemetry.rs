@@ -160,22 +160,21 @@ pub fn context_from_traceparent(traceparent: &str) -> Context {
     global::get_text_map_propagator(|p| p.extract(&fields))
 }
 
-/// Whether a `traceparent` value names a valid context that is sampled (a span continuing it
-/// would be exported).
-pub fn traceparent_is_sampled(traceparent: &str) -> bool {
+/// The context a `traceparent` value names, when it is valid and sampled (a span continuing it
+/// would be exported); parsed once, for [`set_parent`].
+pub fn sampled_context(traceparent: &str) -> Option<Context> {
     use opentelemetry::trace::TraceContextExt as _;
     let cx = context_from_traceparent(traceparent);
-    let span = cx.span();
-    let context = span.span_context();
-    context.is_valid() && context.is_sampled()
+    let sampled = {
+        let span = cx.span();
+        let context = span.span_context();
+        context.is_valid() && context.is_sampled()
+    };
+    sampled.then_some(cx)
 }
 
-/// Makes `span` a child of the context a `traceparent` value names.
-pub fn set_parent_from_traceparent(span: &tracing::Span, traceparent: &str) {
-    set_parent(span, context_from_traceparent(traceparent));
-}
-
-fn set_parent(span: &tracing::Span, cx: Context) {
+/// Makes `span` a child of `cx`.
+pub fn set_parent(span: &tracing::Span, cx: Context) {
     // Fails only when the span is disabled (filtered out), in which case there is nothing
     // to link.
     let _ = span.set_parent(cx);

@@ -368,8 +368,8 @@ impl Registry {
         let span = publication
             .trace_parent
             .as_deref()
-            .filter(|tp| common::telemetry::traceparent_is_sampled(tp))
-            .map(|tp| {
+            .and_then(common::telemetry::sampled_context)
+            .map(|cx| {
                 let span = tracing::info_span!(
                     "hub.fan_out",
                     otel.kind = "consumer",
@@ -377,7 +377,7 @@ impl Registry {
                     offset = publication.offset,
                     recipients = tracing::field::Empty,
                 );
-                common::telemetry::set_parent_from_traceparent(&span, tp);
+                common::telemetry::set_parent(&span, cx);
                 span
             });
         let published_at = publication.published_at_micros;

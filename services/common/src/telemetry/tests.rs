@@ -83,11 +83,13 @@ fn a_traceparent_value_round_trips_and_says_whether_it_is_sampled() {
         cx.span().span_context().trace_id().to_string(),
         "4bf92f3577b34da6a3ce929d0e0e4736"
     );
-    assert!(traceparent_is_sampled(sampled));
-    assert!(!traceparent_is_sampled(
-        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00"
-    ));
-    assert!(!traceparent_is_sampled("garbage"));
+    let continued = sampled_context(sampled).unwrap();
+    assert_eq!(
+        continued.span().span_context().span_id().to_string(),
+        "00f067aa0ba902b7"
+    );
+    assert!(sampled_context("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00").is_none());
+    assert!(sampled_context("garbage").is_none());
     // A span outside any tracer has no context to give.
     assert_eq!(traceparent_of(&tracing::Span::none()), None);
 }
