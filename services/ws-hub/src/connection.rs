@@ -427,8 +427,10 @@ pub async fn upgrade(
     let trace_context = query_flag(uri.query(), "trace");
     let max = hub.settings.max_message_bytes;
     // The connection outlives the upgrade request; its span is a child of the request's (and
-    // so of the caller's `traceparent`).
-    let span = tracing::info_span!("ws.connection", subject = %access.subject, ?encoding);
+    // so of the caller's `traceparent`). A debug span: a live span keeps its parent alive and
+    // each carries its trace and log state, a few KiB per idle connection at `info`, where
+    // the hub's memory per connection matters most. Publications get their own spans.
+    let span = tracing::debug_span!("ws.connection", subject = %access.subject, ?encoding);
     ws.read_buffer_size(2048)
         .write_buffer_size(8 * 1024)
         .max_message_size(max)

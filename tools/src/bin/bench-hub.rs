@@ -11,7 +11,9 @@
 //! 3. publish → deliver latency across replicas: a client publishes through hub A, clients
 //!    on hub B receive (p50/p99 over the run).
 //!
-//! Each figure is printed with its target and whether it was met. The clients run in this
+//! The hubs log as the operator deploys them (`RUST_LOG=info`, JSON); the settings that differ
+//! from a deployed hub are printed first. Each figure is printed with its target and whether
+//! it was met. The clients run in this
 //! process (or its load generators), on the same cores as the hubs, so figures are
 //! conservative.
 
@@ -88,7 +90,9 @@ fn spawn_hub(binary: &Path, env: &[(&str, String)]) -> anyhow::Result<Hub> {
         .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
         .env("PORT", port.to_string())
         .env("BIND_ADDRESS", "127.0.0.1")
-        .env("RUST_LOG", "warn")
+        // Logging as the operator deploys the hub (`RUST_LOG=info`, JSON lines).
+        .env("RUST_LOG", "info")
+        .env("LOG_FORMAT", "json")
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .kill_on_drop(true)
@@ -336,6 +340,12 @@ async fn main() -> anyhow::Result<()> {
     let wanted = (args.max_connections.max(args.connections) as u64) * 2 + 4096;
     let limit = loadgen::raise_open_files(wanted)?;
     println!("open-files limit: {limit} (wanted {wanted} for the clients and the hub)");
+    println!(
+        "hubs run as the operator deploys them (RUST_LOG=info, LOG_FORMAT=json), except: \
+         HUB_MAX_CONNECTIONS sized to the run, HUB_MAX_CONNECTIONS_PER_SUBJECT=0 (one token \
+         for every client), HUB_MESSAGE_RATE/BURST=10000 and HUB_PUBLISH_ROOMS=bench:* (the \
+         latency publisher is a client), HUB_HISTORY_SIZE=1000"
+    );
 
     let vars = Vars::from_env();
     let mut redis_config: RedisConfig = vars.parse()?;
