@@ -49,7 +49,7 @@ demo-down:
 
 # The whole suite as CI runs it: lint, unit and integration tests on real dependencies, the
 # images (each started as a pod runs it), then the kind e2e on real containers.
-test: build-deps target-trim deps-up lint-scripts lint-delivery
+test: build-deps target-trim deps-up lint-scripts lint-delivery deny
     cargo fmt --all -- --check
     cargo clippy --workspace --all-targets --locked -- -D warnings
     cargo build --workspace --bins --locked
@@ -59,6 +59,16 @@ test: build-deps target-trim deps-up lint-scripts lint-delivery
     bash dev/images.sh build
     bash e2e/images.sh
     bash e2e/kind.sh run
+
+# Supply chain: every dependency's license is allowed, every crate comes from crates.io (deny.toml).
+deny:
+    bash dev/tools.sh install cargo-deny
+    "$(bash dev/tools.sh path cargo-deny)" deny --locked check licenses bans sources
+
+# Known vulnerabilities in the dependencies (needs the RustSec advisory database from GitHub).
+deny-advisories:
+    bash dev/tools.sh install cargo-deny
+    "$(bash dev/tools.sh path cargo-deny)" deny --locked check advisories
 
 # One crate's tests against the running dependencies (`just deps-up` first), e.g. `just test-crate processor`.
 test-crate crate *args:

@@ -6,6 +6,7 @@
 #   promtool   — Prometheus' rule checker and rule unit tests (Go module of Prometheus)
 #   kind       — Kubernetes in Docker, for `just e2e-kind` on machines with a Docker engine
 #   cargo-sweep — removes least recently used Cargo artifacts (crate, built with cargo install)
+#   cargo-deny — license, source and ban checks of the dependency graph (crate, cargo install)
 # Usage: dev/tools.sh install [tool...]  |  dev/tools.sh path <tool>
 set -euo pipefail
 # shellcheck source=SCRIPTDIR/lib.sh
@@ -17,6 +18,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 : "${MERIDIAN_PROMTOOL_VERSION:=v0.316.0}"
 : "${MERIDIAN_KIND_VERSION:=v0.33.0}"
 : "${MERIDIAN_CARGO_SWEEP_VERSION:=0.8.0}"
+: "${MERIDIAN_CARGO_DENY_VERSION:=0.20.2}"
 
 TOOLS=$MERIDIAN_CACHE_DIR/tools
 
@@ -27,7 +29,8 @@ tool_path() {
     promtool) echo "$TOOLS/promtool-$MERIDIAN_PROMTOOL_VERSION/promtool" ;;
     kind) echo "$TOOLS/kind-$MERIDIAN_KIND_VERSION/kind" ;;
     cargo-sweep) echo "$TOOLS/cargo-sweep-$MERIDIAN_CARGO_SWEEP_VERSION/bin/cargo-sweep" ;;
-    *) die "unknown tool $1 (hadolint, actionlint, promtool, kind, cargo-sweep)" ;;
+    cargo-deny) echo "$TOOLS/cargo-deny-$MERIDIAN_CARGO_DENY_VERSION/bin/cargo-deny" ;;
+    *) die "unknown tool $1 (hadolint, actionlint, promtool, kind, cargo-sweep, cargo-deny)" ;;
   esac
 }
 
@@ -53,13 +56,17 @@ install_tool() {
       GOBIN=$(dirname "$path") GOFLAGS=-trimpath go install "$module@$version" ||
         die "could not build $1 $version"
       ;;
-    cargo-sweep)
-      # Its own scratch target directory: the shared one is what the tool trims.
-      local scratch
+    cargo-sweep | cargo-deny)
+      # Its own scratch target directory: the shared one is what cargo-sweep trims.
+      local scratch version
+      case $1 in
+        cargo-sweep) version=$MERIDIAN_CARGO_SWEEP_VERSION ;;
+        *) version=$MERIDIAN_CARGO_DENY_VERSION ;;
+      esac
       scratch=$(mktemp -d)
-      CARGO_TARGET_DIR=$scratch cargo install --locked --quiet --version "$MERIDIAN_CARGO_SWEEP_VERSION" \
-        --root "$TOOLS/cargo-sweep-$MERIDIAN_CARGO_SWEEP_VERSION" cargo-sweep ||
-        { rm -rf "$scratch"; die "could not build cargo-sweep $MERIDIAN_CARGO_SWEEP_VERSION"; }
+      CARGO_TARGET_DIR=$scratch cargo install --locked --quiet --version "$version" \
+        --root "$TOOLS/$1-$version" "$1" ||
+        { rm -rf "$scratch"; die "could not build $1 $version"; }
       rm -rf "$scratch"
       ;;
   esac
