@@ -59,6 +59,9 @@ struct Args {
     /// Subscribers on replica B for the latency figure.
     #[arg(long, default_value_t = 100)]
     latency_subscribers: usize,
+    /// The hubs' `RUST_LOG` (default: what the operator deploys).
+    #[arg(long, default_value = "info")]
+    rust_log: String,
 }
 
 struct Hub {
@@ -90,8 +93,7 @@ fn spawn_hub(binary: &Path, env: &[(&str, String)]) -> anyhow::Result<Hub> {
         .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
         .env("PORT", port.to_string())
         .env("BIND_ADDRESS", "127.0.0.1")
-        // Logging as the operator deploys the hub (`RUST_LOG=info`, JSON lines).
-        .env("RUST_LOG", "info")
+        // JSON lines, as the operator deploys the hub (`RUST_LOG` comes with `env`).
         .env("LOG_FORMAT", "json")
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
@@ -340,8 +342,13 @@ async fn main() -> anyhow::Result<()> {
     let wanted = (args.max_connections.max(args.connections) as u64) * 2 + 4096;
     let limit = loadgen::raise_open_files(wanted)?;
     println!("open-files limit: {limit} (wanted {wanted} for the clients and the hub)");
+    let log = if args.rust_log == "info" {
+        String::new()
+    } else {
+        format!(" RUST_LOG={} (deployed: info),", args.rust_log)
+    };
     println!(
-        "hubs run as the operator deploys them (RUST_LOG=info, LOG_FORMAT=json), except: \
+        "hubs run as the operator deploys them (RUST_LOG=info, LOG_FORMAT=json), except:{log} \
          HUB_MAX_CONNECTIONS sized to the run, HUB_MAX_CONNECTIONS_PER_SUBJECT=0 (one token \
          for every client), HUB_MESSAGE_RATE/BURST=10000 and HUB_PUBLISH_ROOMS=bench:* (the \
          latency publisher is a client), HUB_HISTORY_SIZE=1000"
@@ -363,6 +370,7 @@ async fn main() -> anyhow::Result<()> {
         ),
         ("REDIS_KEY_PREFIX", prefix.clone()),
         ("JWT_SECRET", secret.clone()),
+        ("RUST_LOG", args.rust_log.clone()),
         (
             "HUB_MAX_CONNECTIONS",
             (args.max_connections.max(args.connections) + 100).to_string(),
