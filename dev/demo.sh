@@ -34,6 +34,19 @@ except (OSError, KeyError, ValueError):
 PY
 }
 
+ops_endpoint() { # ops_endpoint SERVICE → 127.0.0.1:port of the service's first pod's ops port
+  python3 - "$ENDPOINTS" "$NS" "$STACK-$1-" <<'PY'
+import json, sys
+try:
+    pods = json.load(open(sys.argv[1]))["pods"]
+    port = next(p["ops_port"] for p in pods
+                if p["namespace"] == sys.argv[2] and p["pod"].startswith(sys.argv[3]) and p["ops_port"])
+    print(f"127.0.0.1:{port}")
+except (OSError, KeyError, ValueError, StopIteration):
+    sys.exit(1)
+PY
+}
+
 conditions() {
   kubectl -n "$NS" get middlewarestack "$STACK" \
     -o jsonpath='{range .status.conditions[*]}{.type}={.status} {.reason}{"\n"}{end}' 2>/dev/null
@@ -98,7 +111,8 @@ up() {
   gateway=$(endpoint api-gateway 8080)
   wait_for "hub proxy" 30 endpoint ws-hub 8085 || die "the runner has no proxy for the hub"
   hub=$(endpoint ws-hub 8085)
-  wait_for "gateway ready" 60 curl -fsS "http://$gateway/ready" || die "the gateway is not ready"
+  wait_for "gateway ops port" 30 ops_endpoint api-gateway || die "the runner has no gateway pod"
+  wait_for "gateway ready" 60 curl -fsS "http://$(ops_endpoint api-gateway)/ready" || die "the gateway is not ready"
   secret=$(kubectl -n "$NS" get secret meridian-jwt -o jsonpath='{.data.hmac-secret}' | base64 -d)
 
   step "smoke flow (JWT → command through the gateway → succeeded → document → WebSocket event)"

@@ -46,6 +46,9 @@ pub const CREDENTIALS_HASH_ANNOTATION: &str = "meridian.dev/credentials-hash";
 pub const URL_KEY: &str = "url";
 /// How long the services drain in-flight requests after SIGTERM (`SHUTDOWN_GRACE_SECONDS`).
 pub const SHUTDOWN_GRACE_SECONDS: i64 = 25;
+/// The port every service serves `/ready` and `/metrics` on (`OPS_PORT`, container port
+/// `ops`), away from the port its Service exposes.
+pub const OPS_PORT: i32 = 9090;
 /// The non-root user and group the containers run as.
 pub const RUN_AS: i64 = 65532;
 

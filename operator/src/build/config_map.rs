@@ -16,6 +16,7 @@ pub fn settings(stack: &ValidatedStack, component: Component) -> BTreeMap<String
         env.insert(key.to_owned(), value);
     };
     set("PORT", component.port().to_string());
+    set("OPS_PORT", super::OPS_PORT.to_string());
     set("BIND_ADDRESS", "0.0.0.0".to_owned());
     set("LOG_FORMAT", "json".to_owned());
     set("RUST_LOG", "info".to_owned());

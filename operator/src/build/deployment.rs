@@ -18,8 +18,8 @@ use k8s_openapi::api::autoscaling::v2::{
 
 use super::config_map::config_hash;
 use super::{
-    CONFIG_HASH_ANNOTATION, Component, RUN_AS, SHUTDOWN_GRACE_SECONDS, Scraping, URL_KEY, labels,
-    metadata, object_name, postgres_secret_name, redis_secret_name, selector_labels,
+    CONFIG_HASH_ANNOTATION, Component, OPS_PORT, RUN_AS, SHUTDOWN_GRACE_SECONDS, Scraping, URL_KEY,
+    labels, metadata, object_name, postgres_secret_name, redis_secret_name, selector_labels,
 };
 use crate::validate::ValidatedStack;
 
@@ -118,7 +118,7 @@ fn http_probe(path: &str, period: i32, timeout: i32) -> Probe {
     Probe {
         http_get: Some(HTTPGetAction {
             path: Some(path.to_owned()),
-            port: IntOrString::String("http".to_owned()),
+            port: IntOrString::String("ops".to_owned()),
             ..HTTPGetAction::default()
         }),
         period_seconds: Some(period),
@@ -138,7 +138,7 @@ pub(super) fn deployment(
     let (image, image_pull_policy) = image(stack, component);
     let mut annotations = spec.annotations.clone();
     if scraping == Scraping::Annotations {
-        for (key, value) in super::monitoring::scrape_annotations(component) {
+        for (key, value) in super::monitoring::scrape_annotations() {
             annotations.entry(key).or_insert(value);
         }
     }
@@ -147,12 +147,21 @@ pub(super) fn deployment(
         name: component.name().to_owned(),
         image: Some(image),
         image_pull_policy: Some(image_pull_policy),
-        ports: Some(vec![ContainerPort {
-            name: Some("http".to_owned()),
-            container_port: component.port(),
-            protocol: Some("TCP".to_owned()),
-            ..ContainerPort::default()
-        }]),
+        // `http` for clients (the Service's port), `ops` for probes and scrapes.
+        ports: Some(vec![
+            ContainerPort {
+                name: Some("http".to_owned()),
+                container_port: component.port(),
+                protocol: Some("TCP".to_owned()),
+                ..ContainerPort::default()
+            },
+            ContainerPort {
+                name: Some("ops".to_owned()),
+                container_port: OPS_PORT,
+                protocol: Some("TCP".to_owned()),
+                ..ContainerPort::default()
+            },
+        ]),
         env_from: Some(vec![EnvFromSource {
             config_map_ref: Some(ConfigMapEnvSource {
                 name: object_name(stack, component),

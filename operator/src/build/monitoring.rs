@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use kube::api::{ApiResource, DynamicObject, GroupVersionKind};
 use serde_json::json;
 
-use super::{Component, PART_OF, stack_labels};
+use super::{PART_OF, stack_labels};
 use crate::crd::MonitoringSpec;
 use crate::validate::ValidatedStack;
 
@@ -36,14 +36,12 @@ impl Scraping {
     }
 }
 
-/// The scrape annotations of a service's pods (a user's own annotations of the same name win).
-pub(super) fn scrape_annotations(component: Component) -> [(String, String); 3] {
+/// The scrape annotations of a service's pods (a user's own annotations of the same name win):
+/// the `ops` port's `/metrics`.
+pub(super) fn scrape_annotations() -> [(String, String); 3] {
     [
         ("prometheus.io/scrape".to_owned(), "true".to_owned()),
-        (
-            "prometheus.io/port".to_owned(),
-            component.port().to_string(),
-        ),
+        ("prometheus.io/port".to_owned(), super::OPS_PORT.to_string()),
         ("prometheus.io/path".to_owned(), "/metrics".to_owned()),
     ]
 }
@@ -54,7 +52,7 @@ pub fn pod_monitor_name(stack: &ValidatedStack) -> String {
 }
 
 /// The stack's PodMonitor: every pod of the stack (its `instance` and `part-of` labels), the
-/// `http` port's `/metrics`, with the stack's name as the `stack` target label.
+/// `ops` port's `/metrics`, with the stack's name as the `stack` target label.
 pub fn pod_monitor(stack: &ValidatedStack) -> DynamicObject {
     let mut labels = stack.spec().monitoring.pod_monitor_labels.clone();
     labels.extend(stack_labels(stack));
@@ -70,7 +68,7 @@ pub fn pod_monitor(stack: &ValidatedStack) -> DynamicObject {
                     ]),
                 },
                 "podMetricsEndpoints": [{
-                    "port": "http",
+                    "port": "ops",
                     "path": "/metrics",
                     // Every series already carries `service`; the prometheus-operator adds
                     // `namespace` and `pod`; `stack` tells two stacks of a namespace apart.

@@ -1,6 +1,6 @@
 //! The stack's NetworkPolicy (`spec.networkPolicy`): the internal services — the command
 //! service, the processor, the cache updater — take traffic only from the stack's gateway
-//! (on the command service's port) and from metrics scrapers (on each one's HTTP port). The
+//! (on the command service's port) and from metrics scrapers (on the ops port). The
 //! gateway and the hub are the stack's entry points and stay open. Kubelet probes come from
 //! the node, which a NetworkPolicy cannot block.
 use std::collections::BTreeMap;
@@ -14,7 +14,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{
 };
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use super::{Component, MANAGED_BY, PART_OF, selector_labels, stack_labels};
+use super::{Component, MANAGED_BY, OPS_PORT, PART_OF, selector_labels, stack_labels};
 use crate::validate::ValidatedStack;
 
 /// The services no client outside the stack calls.
@@ -92,7 +92,7 @@ pub fn network_policy(stack: &ValidatedStack) -> Option<NetworkPolicy> {
     if !scrapers.is_empty() {
         ingress.push(NetworkPolicyIngressRule {
             from: Some(scrapers),
-            ports: Some(INTERNAL.iter().map(|c| tcp(c.port())).collect()),
+            ports: Some(vec![tcp(OPS_PORT)]),
         });
     }
     Some(NetworkPolicy {

@@ -109,7 +109,7 @@ fn disabled_services_get_no_objects_at_all() {
 }
 
 #[test]
-fn probes_hit_health_and_ready_on_each_services_own_port() {
+fn probes_hit_health_and_ready_on_the_ops_port_and_clients_the_http_port() {
     let cases = [
         (Component::Gateway, 8080),
         (Component::CommandService, 8082),
@@ -126,18 +126,23 @@ fn probes_hit_health_and_ready_on_each_services_own_port() {
             (ports[0].name.as_deref(), ports[0].container_port),
             (Some("http"), port)
         );
+        assert_eq!(
+            (ports[1].name.as_deref(), ports[1].container_port),
+            (Some("ops"), OPS_PORT)
+        );
         let probe = |p: &Option<Probe>| {
             let get = p.as_ref().unwrap().http_get.as_ref().unwrap();
             (get.path.clone().unwrap(), get.port.clone())
         };
         let http = IntOrString::String("http".to_owned());
+        let ops = IntOrString::String("ops".to_owned());
         assert_eq!(
             probe(&container.liveness_probe),
-            ("/health".to_owned(), http.clone())
+            ("/health".to_owned(), ops.clone())
         );
         assert_eq!(
             probe(&container.readiness_probe),
-            ("/ready".to_owned(), http.clone())
+            ("/ready".to_owned(), ops)
         );
         let service_port = &objects
             .service
@@ -152,6 +157,8 @@ fn probes_hit_health_and_ready_on_each_services_own_port() {
             (port, Some(http))
         );
         assert_eq!(setting(objects, "PORT"), Some(port.to_string().as_str()));
+        // The Service exposes the client port only: readiness and metrics stay off it.
+        assert_eq!(setting(objects, "OPS_PORT"), Some("9090"));
     }
 }
 
@@ -159,6 +166,7 @@ fn probes_hit_health_and_ready_on_each_services_own_port() {
 fn each_service_gets_exactly_the_architecture_variables_it_uses() {
     let common = [
         "PORT",
+        "OPS_PORT",
         "BIND_ADDRESS",
         "LOG_FORMAT",
         "RUST_LOG",
@@ -775,7 +783,7 @@ fn pod_template(objects: &ServiceObjects) -> &ObjectMeta {
 }
 
 #[test]
-fn without_a_pod_monitor_every_pod_carries_the_scrape_annotations_of_its_port() {
+fn without_a_pod_monitor_every_pod_carries_the_scrape_annotations_of_its_ops_port() {
     let minimal = fixtures::validated(&fixtures::stack(fixtures::MINIMAL));
     let state = build(&minimal, Scraping::Annotations);
     assert_eq!(state.services.len(), Component::ALL.len());
@@ -783,11 +791,7 @@ fn without_a_pod_monitor_every_pod_carries_the_scrape_annotations_of_its_port() 
         let annotations = pod_template(objects).annotations.as_ref().unwrap();
         let name = objects.component.name();
         assert_eq!(annotations["prometheus.io/scrape"], "true", "{name}");
-        assert_eq!(
-            annotations["prometheus.io/port"],
-            objects.component.port().to_string(),
-            "{name}"
-        );
+        assert_eq!(annotations["prometheus.io/port"], "9090", "{name}");
         assert_eq!(annotations["prometheus.io/path"], "/metrics", "{name}");
     }
 }
@@ -850,8 +854,9 @@ fn with_a_pod_monitor_one_monitor_selects_every_pod_and_no_pod_is_annotated() {
                 "{name}: {key}"
             );
         }
-        let port = &container(objects).ports.as_ref().unwrap()[0];
+        let port = &container(objects).ports.as_ref().unwrap()[1];
         assert_eq!(endpoint["port"], port.name.as_deref().unwrap(), "{name}");
+        assert_eq!(port.container_port, OPS_PORT, "{name}");
         assert!(
             template
                 .annotations
@@ -973,10 +978,7 @@ fn the_network_policy_opens_the_internal_services_to_the_gateway_and_scrapers_on
     };
     assert_eq!(ports(gateway), [IntOrString::Int(8082)]);
     let scrapers = &ingress[1];
-    assert_eq!(
-        ports(scrapers),
-        [8082, 8083, 8084].map(IntOrString::Int).to_vec()
-    );
+    assert_eq!(ports(scrapers), [IntOrString::Int(9090)]);
     let prometheus = &scrapers.from.as_ref().unwrap()[0];
     assert!(prometheus.namespace_selector.is_some(), "any namespace");
 

@@ -15,7 +15,7 @@ pub struct NetworkPolicySpec {
     /// false deletes it.
     #[serde(default = "enabled")]
     pub enabled: bool,
-    /// Who may scrape `/metrics` on the internal services' HTTP ports. Default: pods
+    /// Who may scrape `/metrics` on the internal services' ops port (9090). Default: pods
     /// labelled `app.kubernetes.io/name: prometheus` in any namespace (the Prometheus
     /// pods of prometheus-operator and kube-prometheus-stack). An empty list lets no scraper
     /// in.

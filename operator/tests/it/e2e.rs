@@ -253,16 +253,38 @@ async fn the_operator_brings_up_a_stack_whose_real_services_pass_the_smoke_flow(
     .await;
     let gateway = endpoint("api-gateway", 8080).unwrap();
     let hub = endpoint("ws-hub", 8085).unwrap();
+    // Readiness is on each pod's ops port, not on the port the Service exposes.
+    let gateway_ops = || {
+        let text = std::fs::read_to_string(&endpoints).ok()?;
+        let value: Value = serde_json::from_str(&text).ok()?;
+        value["pods"].as_array()?.iter().find_map(|pod| {
+            (pod["namespace"] == ns.name.as_str()
+                && pod["pod"]
+                    .as_str()
+                    .is_some_and(|p| p.starts_with("shop-api-gateway-")))
+            .then(|| pod["ops_port"].as_u64())
+            .flatten()
+        })
+    };
     wait_until(
         "the gateway to be ready",
         Duration::from_secs(60),
         || async {
-            common::test_support::get_json(&format!("http://{gateway}/ready"))
+            let Some(port) = gateway_ops() else {
+                return false;
+            };
+            common::test_support::get_json(&format!("http://127.0.0.1:{port}/ready"))
                 .await
                 .is_some_and(|(status, _)| status == 200)
         },
     )
     .await;
+    let public_ready = common::test_support::get_json(&format!("http://{gateway}/ready")).await;
+    assert_eq!(
+        public_ready.map(|(status, _)| status),
+        Some(404),
+        "readiness is not served on the gateway's public port"
+    );
 
     let smoke = |traceparent: Option<&'static str>| {
         let (gateway, hub, state) = (gateway.clone(), hub.clone(), state.clone());

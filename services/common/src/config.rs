@@ -77,6 +77,9 @@ pub struct CommonConfig {
     /// `PORT`: HTTP port; each service has its own default (gateway 8080, command service
     /// 8082, processor 8083, cache updater 8084, WebSocket hub 8085).
     pub port: Option<u16>,
+    /// `OPS_PORT`: a second port for `/ready` and `/metrics` (and `/health`), so that they
+    /// stay off the port clients reach. Unset (default): they are served on `PORT` too.
+    pub ops_port: Option<u16>,
     /// `LOG_FORMAT`: `text` (default) or `json`.
     #[serde(default)]
     pub log_format: LogFormat,
@@ -119,6 +122,12 @@ impl CommonConfig {
     /// The socket address to bind, using `default_port` when `PORT` is unset.
     pub fn listen_addr(&self, default_port: u16) -> SocketAddr {
         SocketAddr::new(self.bind_address, self.port.unwrap_or(default_port))
+    }
+
+    /// The socket address of the ops port, when `OPS_PORT` is set.
+    pub fn ops_addr(&self) -> Option<SocketAddr> {
+        self.ops_port
+            .map(|port| SocketAddr::new(self.bind_address, port))
     }
 
     /// Per-dependency readiness timeout.

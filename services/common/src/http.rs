@@ -54,6 +54,8 @@ pub struct Ops {
     pub grace: Duration,
     /// What one client can hold of the server.
     pub limits: ServerLimits,
+    /// Where `/ready` and `/metrics` are served instead of the main port (`OPS_PORT`).
+    pub ops_addr: Option<SocketAddr>,
 }
 
 /// The server's bounds (`HTTP_*`, see [`CommonConfig`]).
@@ -88,6 +90,7 @@ impl Ops {
             metrics,
             grace: common.shutdown_grace(),
             limits: ServerLimits::from_config(common),
+            ops_addr: common.ops_addr(),
         }
     }
 
@@ -106,8 +109,18 @@ impl Ops {
     }
 }
 
-/// `/health`, `/ready` and `/metrics`.
+/// The operational routes of the main port: `/health`, and `/ready` and `/metrics` unless
+/// they have a port of their own (`OPS_PORT`, served by [`serve`]).
 pub fn ops_router(ops: &Ops) -> Router {
+    if ops.ops_addr.is_some() {
+        Router::new().route("/health", get(health))
+    } else {
+        all_ops_routes(ops)
+    }
+}
+
+/// `/health`, `/ready` and `/metrics`.
+fn all_ops_routes(ops: &Ops) -> Router {
     Router::new()
         .route("/health", get(health))
         .route("/ready", get(ready))
@@ -220,8 +233,9 @@ fn bounded(router: Router, service: &'static str, limits: ServerLimits) -> Route
         .layer(RequestBodyTimeoutLayer::new(limits.body_timeout))
 }
 
-/// Serves `router` on `listener` until `shutdown` fires; then reports not-ready, stops
-/// accepting, and lets in-flight requests finish within the grace period.
+/// Serves `router` on `listener` (and the operational routes on the ops port, when there is
+/// one) until `shutdown` fires; then reports not-ready, stops accepting, and lets in-flight
+/// requests finish within the grace period. The ops port answers until the drain is over.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
@@ -229,9 +243,45 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let (readiness, grace, limits) = (ops.readiness.clone(), ops.grace, ops.limits);
+    let ops_server = match ops.ops_addr {
+        Some(addr) => {
+            let ops_listener = TcpListener::bind(addr).await?;
+            let addr = ops_listener.local_addr()?;
+            tracing::info!(service = readiness.service(), %addr, "Serving /ready and /metrics on the ops port.");
+            let stop = CancellationToken::new();
+            let app = all_ops_routes(ops);
+            let server = tokio::spawn(accept(ops_listener, app, limits, stop.clone()));
+            Some((stop, server))
+        }
+        None => None,
+    };
     let addr = listener.local_addr()?;
     tracing::info!(service = readiness.service(), %addr, "Listening.");
     let app = bounded(router, readiness.service(), limits);
+    let connections = accept(listener, app, limits, shutdown).await;
+    readiness.start_draining();
+    tokio::select! {
+        () = connections.shutdown() => {}
+        () = tokio::time::sleep(grace) => {
+            tracing::warn!(grace_seconds = grace.as_secs(), "In-flight requests outlived the grace period; stopping.");
+        }
+    }
+    if let Some((stop, server)) = ops_server {
+        stop.cancel();
+        // Scrapes and probes are short; they are not waited for.
+        server.abort();
+    }
+    Ok(())
+}
+
+/// Accepts connections on `listener` and serves `app` on each until `stop` fires; returns the
+/// connections still open, to drain.
+async fn accept(
+    listener: TcpListener,
+    app: Router,
+    limits: ServerLimits,
+    stop: CancellationToken,
+) -> GracefulShutdown {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -251,7 +301,7 @@ pub async fn serve(
                     continue;
                 }
             },
-            () = shutdown.cancelled() => break,
+            () = stop.cancelled() => break,
         };
         // Nagle's algorithm would hold a small write (a WebSocket frame, a streamed chunk)
         // back until the client's delayed ACK of the previous one: up to 40 ms of tail latency.
@@ -278,15 +328,7 @@ pub async fn serve(
             }
         });
     }
-    readiness.start_draining();
-    drop(listener);
-    tokio::select! {
-        () = connections.shutdown() => {}
-        () = tokio::time::sleep(grace) => {
-            tracing::warn!(grace_seconds = grace.as_secs(), "In-flight requests outlived the grace period; stopping.");
-        }
-    }
-    Ok(())
+    connections
 }
 
 /// `X-Forwarded-For`.

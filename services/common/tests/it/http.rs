@@ -13,6 +13,7 @@ use common::config::CommonConfig;
 use common::http::{Ops, instrument, ops_router, serve};
 use common::shutdown::CancellationToken;
 use common::test_support::test_vars;
+use futures::FutureExt as _;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -130,4 +131,60 @@ async fn requests_beyond_the_limit_are_shed_with_503_and_probes_still_answer() {
     assert_eq!(second.await.unwrap().status(), 200);
     assert_eq!(slow(http).await.status(), 200, "capacity is back");
     shutdown.cancel();
+}
+
+#[tokio::test]
+async fn with_an_ops_port_readiness_and_metrics_leave_the_public_port() {
+    let ops_port = common::test_support::free_port();
+    let config: CommonConfig = test_vars()
+        .with("OPS_PORT", ops_port.to_string())
+        .with("BIND_ADDRESS", "127.0.0.1")
+        .parse()
+        .unwrap();
+    let ops = Ops::new("http-test", &config);
+    let app = Router::new().route("/hello", get(|| async { "hi" }));
+    let router = instrument(ops_router(&ops).merge(app), "http-test");
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let public = listener.local_addr().unwrap();
+    let shutdown = CancellationToken::new();
+    let stop = shutdown.clone();
+    let server = tokio::spawn(async move { serve(listener, router, &ops, stop).await });
+    let status =
+        |url: String| async move { reqwest::get(url).await.map(|r| r.status().as_u16()).ok() };
+    common::test_support::wait_until("the ops port to answer", Duration::from_secs(10), || {
+        status(format!("http://127.0.0.1:{ops_port}/health"))
+            .then(|s| async move { s == Some(200) })
+    })
+    .await;
+    for (path, expected) in [
+        ("/hello", 200),
+        ("/health", 200),
+        ("/ready", 404),
+        ("/metrics", 404),
+    ] {
+        assert_eq!(
+            status(format!("http://{public}{path}")).await,
+            Some(expected),
+            "public {path}"
+        );
+    }
+    for path in ["/health", "/ready", "/metrics"] {
+        assert_eq!(
+            status(format!("http://127.0.0.1:{ops_port}{path}")).await,
+            Some(200),
+            "ops {path}"
+        );
+    }
+    assert_eq!(
+        status(format!("http://127.0.0.1:{ops_port}/hello")).await,
+        Some(404),
+        "the ops port serves nothing else"
+    );
+    shutdown.cancel();
+    server.await.unwrap().unwrap();
+    assert_eq!(
+        status(format!("http://127.0.0.1:{ops_port}/health")).await,
+        None,
+        "the ops port closes with the server"
+    );
 }

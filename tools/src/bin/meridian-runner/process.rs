@@ -24,6 +24,8 @@ struct Running {
     pod: String,
     binary: String,
     port: u16,
+    /// The port of `/ready` and `/metrics`, when the pod has one (`OPS_PORT`).
+    ops_port: Option<u16>,
     log: PathBuf,
     /// The resolved environment (secrets included: never logged).
     env: Vec<(String, String)>,
@@ -182,8 +184,17 @@ impl Supervisor {
             }
             env_vars.push((k, value));
         }
-        env_vars.retain(|(k, _)| k != "PORT" && k != "BIND_ADDRESS");
+        // Every pod of the host gets its own ports (in a cluster each has its own address).
+        let ops_port = if env_vars.iter().any(|(k, _)| k == "OPS_PORT") {
+            Some(free_port().map_err(|e| format!("no free port: {e}"))?)
+        } else {
+            None
+        };
+        env_vars.retain(|(k, _)| k != "PORT" && k != "OPS_PORT" && k != "BIND_ADDRESS");
         env_vars.push(("PORT".to_owned(), port.to_string()));
+        if let Some(ops_port) = ops_port {
+            env_vars.push(("OPS_PORT".to_owned(), ops_port.to_string()));
+        }
         env_vars.push(("BIND_ADDRESS".to_owned(), "127.0.0.1".to_owned()));
         let log = self
             .state_dir
@@ -195,6 +206,7 @@ impl Supervisor {
             pod: name,
             binary,
             port,
+            ops_port,
             log,
             env: env_vars,
             child: None,
@@ -204,7 +216,7 @@ impl Supervisor {
         })
     }
 
-    /// `[{namespace, pod, binary, port, pid, restarts, log}]`.
+    /// `[{namespace, pod, binary, port, ops_port, pid, restarts, log}]`.
     pub fn snapshot(&self) -> serde_json::Value {
         let mut pods: Vec<_> = self
             .running
@@ -212,6 +224,7 @@ impl Supervisor {
             .map(|r| {
                 serde_json::json!({
                     "namespace": r.namespace, "pod": r.pod, "binary": r.binary, "port": r.port,
+                    "ops_port": r.ops_port,
                     "pid": r.child.as_ref().and_then(Child::id), "restarts": r.restarts,
                     "log": r.log.display().to_string(),
                 })
