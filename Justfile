@@ -47,8 +47,9 @@ demo-down:
     bash dev/demo.sh down
     bash dev/deps.sh down
 
-# The whole suite as CI runs it: lint, unit and integration tests on real dependencies, the
-# images (each started as a pod runs it), then the kind e2e on real containers.
+# The whole suite as CI runs it: lint, unit and integration tests on real dependencies, 15 s
+# of fuzzing per target, the images (each started as a pod runs it), then the kind e2e on real
+# containers.
 test: build-deps target-trim deps-up lint-scripts lint-delivery deny
     cargo fmt --all -- --check
     cargo clippy --workspace --all-targets --locked -- -D warnings
@@ -56,9 +57,15 @@ test: build-deps target-trim deps-up lint-scripts lint-delivery deny
     bash e2e/chart.sh
     bash e2e/rules.sh
     eval "$(bash dev/deps.sh env)" && cargo test --workspace --locked
+    bash dev/fuzz.sh 15
     bash dev/images.sh build
     bash e2e/images.sh
     bash e2e/kind.sh run
+
+# Fuzz what the services parse from clients (command bodies, Idempotency-Key, hub frames, the
+# route table, JWTs): each target for `seconds` (nightly toolchain, libFuzzer), seeded by fuzz/corpus.
+fuzz seconds="60" *targets:
+    bash dev/fuzz.sh {{seconds}} {{targets}}
 
 # Supply chain: every dependency's license is allowed, every crate comes from crates.io (deny.toml).
 deny:

@@ -7,6 +7,7 @@
 #   kind       — Kubernetes in Docker, for `just e2e-kind` on machines with a Docker engine
 #   cargo-sweep — removes least recently used Cargo artifacts (crate, built with cargo install)
 #   cargo-deny — license, source and ban checks of the dependency graph (crate, cargo install)
+#   cargo-fuzz — builds and runs the libFuzzer targets in fuzz/ (crate, cargo install)
 # Usage: dev/tools.sh install [tool...]  |  dev/tools.sh path <tool>
 set -euo pipefail
 # shellcheck source=SCRIPTDIR/lib.sh
@@ -19,6 +20,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 : "${MERIDIAN_KIND_VERSION:=v0.33.0}"
 : "${MERIDIAN_CARGO_SWEEP_VERSION:=0.8.0}"
 : "${MERIDIAN_CARGO_DENY_VERSION:=0.20.2}"
+: "${MERIDIAN_CARGO_FUZZ_VERSION:=0.13.2}"
 
 TOOLS=$MERIDIAN_CACHE_DIR/tools
 
@@ -30,7 +32,8 @@ tool_path() {
     kind) echo "$TOOLS/kind-$MERIDIAN_KIND_VERSION/kind" ;;
     cargo-sweep) echo "$TOOLS/cargo-sweep-$MERIDIAN_CARGO_SWEEP_VERSION/bin/cargo-sweep" ;;
     cargo-deny) echo "$TOOLS/cargo-deny-$MERIDIAN_CARGO_DENY_VERSION/bin/cargo-deny" ;;
-    *) die "unknown tool $1 (hadolint, actionlint, promtool, kind, cargo-sweep, cargo-deny)" ;;
+    cargo-fuzz) echo "$TOOLS/cargo-fuzz-$MERIDIAN_CARGO_FUZZ_VERSION/bin/cargo-fuzz" ;;
+    *) die "unknown tool $1 (hadolint, actionlint, promtool, kind, cargo-sweep, cargo-deny, cargo-fuzz)" ;;
   esac
 }
 
@@ -56,12 +59,13 @@ install_tool() {
       GOBIN=$(dirname "$path") GOFLAGS=-trimpath go install "$module@$version" ||
         die "could not build $1 $version"
       ;;
-    cargo-sweep | cargo-deny)
+    cargo-sweep | cargo-deny | cargo-fuzz)
       # Its own scratch target directory: the shared one is what cargo-sweep trims.
       local scratch version
       case $1 in
         cargo-sweep) version=$MERIDIAN_CARGO_SWEEP_VERSION ;;
-        *) version=$MERIDIAN_CARGO_DENY_VERSION ;;
+        cargo-deny) version=$MERIDIAN_CARGO_DENY_VERSION ;;
+        *) version=$MERIDIAN_CARGO_FUZZ_VERSION ;;
       esac
       scratch=$(mktemp -d)
       CARGO_TARGET_DIR=$scratch cargo install --locked --quiet --version "$version" \

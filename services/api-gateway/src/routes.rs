@@ -168,6 +168,17 @@ pub fn build(
                 "the path must start with `/` and not end with one".into(),
             ));
         }
+        // axum 0.8 refuses (panics on) segments written in the 0.7 syntax; say so instead.
+        if let Some(segment) = spec
+            .path
+            .split('/')
+            .find(|s| s.starts_with(':') || s.starts_with('*'))
+        {
+            return Err(fail(format!(
+                "the path segment {segment:?} starts with `:` or `*`: write captures as \
+                 `{{name}}` and the rest of a path as `{{*name}}`"
+            )));
+        }
         if spec.kind == RouteKind::Documents
             && !(spec.path.contains("{collection}") && spec.path.contains("{id}"))
         {
@@ -294,6 +305,15 @@ mod tests {
                     {"name": "b", "path": "/x", "kind": "websocket", "upstream": "hub"}
                 ]),
                 "\"b\"",
+            ),
+            // Found by the route_table fuzz target: axum panicked on these at start-up.
+            (
+                serde_json::json!([{"name": "a", "path": "/fi/*er{selst}", "upstream": "hub"}]),
+                "starts with `:` or `*`",
+            ),
+            (
+                serde_json::json!([{"name": "a", "path": "/users/:id", "upstream": "hub"}]),
+                "starts with `:` or `*`",
             ),
         ];
         for (json, expected) in cases {

@@ -113,17 +113,32 @@ fn idempotency_key(headers: &HeaderMap) -> Result<String, ApiError> {
     let raw = headers
         .get(IDEMPOTENCY_KEY)
         .ok_or(ApiError::IdempotencyKeyMissing)?;
-    let text = raw.to_str().unwrap_or_default().trim();
-    let key = text
-        .strip_prefix('"')
-        .and_then(|t| t.strip_suffix('"'))
-        .unwrap_or(text);
+    parse_idempotency_key(raw.as_bytes())
+}
+
+/// An `Idempotency-Key` field value: an RFC 9651 sf-string (`"abc-1"`, escapes included),
+/// parsed with `sfv`, or leniently the same characters unquoted (`abc-1`). The key is 1 to 255
+/// visible ASCII characters.
+pub fn parse_idempotency_key(value: &[u8]) -> Result<String, ApiError> {
+    let invalid = |why: &str| ApiError::InvalidHeader(format!("Idempotency-Key {why}"));
+    let text = std::str::from_utf8(value)
+        .map_err(|_| invalid("must be ASCII"))?
+        .trim();
+    let key = if text.starts_with('"') {
+        let item = sfv::Parser::new(text)
+            .parse_item::<sfv::Item>()
+            .map_err(|e| invalid(&format!("is not a structured-field string: {e}")))?;
+        item.bare_item
+            .as_string()
+            .map(|s| s.as_str().to_owned())
+            .ok_or_else(|| invalid("must be a string"))?
+    } else {
+        text.to_owned()
+    };
     if key.is_empty() || key.len() > 255 || !key.chars().all(|c| c.is_ascii_graphic()) {
-        return Err(ApiError::InvalidHeader(
-            "Idempotency-Key must be 1 to 255 visible ASCII characters".into(),
-        ));
+        return Err(invalid("must be 1 to 255 visible ASCII characters"));
     }
-    Ok(key.to_owned())
+    Ok(key)
 }
 
 fn valid_name(name: &str) -> bool {
@@ -400,6 +415,22 @@ mod tests {
         assert_eq!(idempotency_key(&headers).unwrap(), "abc-1");
         headers.insert(IDEMPOTENCY_KEY, HeaderValue::from_static("abc-1"));
         assert_eq!(idempotency_key(&headers).unwrap(), "abc-1");
+        // A structured-field string's escapes are undone; a broken one is refused.
+        assert_eq!(parse_idempotency_key(br#""a\"b""#).unwrap(), r#"a"b"#);
+        assert_eq!(parse_idempotency_key(br#""k";v=1"#).unwrap(), "k");
+        for bad in [
+            &br#""unterminated"#[..],
+            br#""a" "b""#,
+            b"",
+            b"two words",
+            br#""""#,
+        ] {
+            assert!(
+                matches!(parse_idempotency_key(bad), Err(ApiError::InvalidHeader(_))),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
         headers.remove(IDEMPOTENCY_KEY);
         assert!(matches!(
             idempotency_key(&headers),
