@@ -138,10 +138,11 @@ bench-operator: target-trim deps-up
     cargo build --release --locked -p operator -p tools --bin meridian-operator --bin bench-operator
     eval "$(bash dev/deps.sh env)" && "${CARGO_TARGET_DIR:-target}/release/bench-operator"
 
-# Gateway benchmark (release): req/s and added latency vs the upstream direct, with JWT + rate limiting, and rate-limit checks/s.
+# Gateway benchmark (release): req/s and added latency vs the upstream direct, with JWT + rate limiting, rate-limit checks/s, and nginx as the peer (alternating rounds, CPU per request).
 bench-gateway: target-trim (deps-up "redis")
     cargo build --release --locked -p api-gateway -p tools --bin api-gateway --bin bench-gateway
-    eval "$(bash dev/deps.sh env)" && "${CARGO_TARGET_DIR:-target}/release/bench-gateway"
+    bash dev/tools.sh install nginx
+    eval "$(bash dev/deps.sh env)" && BENCH_NGINX="$(bash dev/tools.sh path nginx)" "${CARGO_TARGET_DIR:-target}/release/bench-gateway"
 
 # Edge benchmarks: the gateway's, then the hub's.
 bench-edge: bench-gateway bench-hub

@@ -8,6 +8,8 @@
 #   cargo-sweep — removes least recently used Cargo artifacts (crate, built with cargo install)
 #   cargo-deny — license, source and ban checks of the dependency graph (crate, cargo install)
 #   cargo-fuzz — builds and runs the libFuzzer targets in fuzz/ (crate, cargo install)
+#   nginx      — the gateway benchmark's peer (Debian's package, unpacked, never started as a
+#                service)
 # Usage: dev/tools.sh install [tool...]  |  dev/tools.sh path <tool>
 set -euo pipefail
 # shellcheck source=SCRIPTDIR/lib.sh
@@ -33,7 +35,8 @@ tool_path() {
     cargo-sweep) echo "$TOOLS/cargo-sweep-$MERIDIAN_CARGO_SWEEP_VERSION/bin/cargo-sweep" ;;
     cargo-deny) echo "$TOOLS/cargo-deny-$MERIDIAN_CARGO_DENY_VERSION/bin/cargo-deny" ;;
     cargo-fuzz) echo "$TOOLS/cargo-fuzz-$MERIDIAN_CARGO_FUZZ_VERSION/bin/cargo-fuzz" ;;
-    *) die "unknown tool $1 (hadolint, actionlint, promtool, kind, cargo-sweep, cargo-deny, cargo-fuzz)" ;;
+    nginx) echo "$TOOLS/nginx/usr/sbin/nginx" ;;
+    *) die "unknown tool $1 (hadolint, actionlint, promtool, kind, cargo-sweep, cargo-deny, cargo-fuzz, nginx)" ;;
   esac
 }
 
@@ -58,6 +61,16 @@ install_tool() {
       esac
       GOBIN=$(dirname "$path") GOFLAGS=-trimpath go install "$module@$version" ||
         die "could not build $1 $version"
+      ;;
+    nginx)
+      # The package's files only: `apt-get install` would also start it as a system service.
+      local scratch
+      scratch=$(mktemp -d)
+      (cd "$scratch" && apt-get download nginx >/dev/null 2>&1) ||
+        { rm -rf "$scratch"; die "could not download Debian's nginx package"; }
+      mkdir -p "$TOOLS/nginx"
+      dpkg -x "$scratch"/nginx_*.deb "$TOOLS/nginx"
+      rm -rf "$scratch"
       ;;
     cargo-sweep | cargo-deny | cargo-fuzz)
       # Its own scratch target directory: the shared one is what cargo-sweep trims.

@@ -6,8 +6,14 @@
 //! 1. throughput (requests/s) at `BENCH_CONCURRENCY` connections: direct, plain, JWT + limit;
 //! 2. latency at one connection (no queueing): p50/p99 direct and through each gateway, and
 //!    the latency the gateway adds;
-//! 3. rate-limit checks/s against Redis (the limiter alone, `BENCH_CONCURRENCY` tasks).
+//! 3. rate-limit checks/s against Redis (the limiter alone, `BENCH_CONCURRENCY` tasks);
+//! 4. the peer, nginx (`BENCH_NGINX`: its binary, which `just bench-gateway` unpacks from
+//!    Debian's package): `proxy_pass` to the same upstream with a keep-alive pool, measured
+//!    by the same client in rounds that alternate with the plain gateway (`BENCH_ROUNDS`,
+//!    default 2), with each proxy's CPU time per request from `/proc`.
 //!
+//! The gateways run as the operator deploys them (`RUST_LOG=info`, JSON logs: no line per
+//! request); nginx runs with `worker_processes auto` and no access log, which is the same.
 //! Settings: `BENCH_SECONDS` (per throughput phase, default 8), `BENCH_CONCURRENCY`
 //! (default 64), `REDIS_URL`. Everything shares the host's cores, as it would in a pod.
 
@@ -24,6 +30,7 @@ use axum::Router;
 use axum::routing::get;
 use bytes::Bytes;
 use common::config::{RedisConfig, Vars};
+use common::procstat::CpuSnapshot;
 use common::redis::Redis;
 use common::shutdown::CancellationToken;
 use hdrhistogram::Histogram;
@@ -79,6 +86,13 @@ async fn run() -> anyhow::Result<()> {
         {"name": "bench-ip", "key": "ip", "rate": 1_000_000, "period": "Second"}
     ])
     .to_string();
+    let nginx = match &bench.bench_nginx {
+        Some(binary) => Some(Nginx::start(binary, upstream).await?),
+        None => {
+            println!("BENCH_NGINX is not set: no peer measured (`just bench-gateway` sets it)");
+            None
+        }
+    };
     let (mut plain, plain_addr) = spawn_gateway(&[
         ("GATEWAY_ROUTES", routes("none")),
         ("REDIS_KEY_PREFIX", prefix.clone()),
@@ -123,11 +137,24 @@ async fn run() -> anyhow::Result<()> {
     let secured_1 = load(guarded_addr, Some(&token), 1, latency_time).await?;
     let checks =
         rate_limit_checks(&redis_config, &prefix, concurrency, Duration::from_secs(5)).await?;
+    // The peer: nginx and the plain gateway in alternating rounds, CPU per request each.
+    let mut rounds = Vec::new();
+    if let Some(nginx) = &nginx {
+        load(nginx.addr, None, concurrency, Duration::from_secs(1)).await?;
+        for _ in 0..bench.bench_rounds.max(1) {
+            let peer = measured(nginx.addr, "nginx", concurrency, duration).await?;
+            let ours = measured(plain_addr, "api-gateway", concurrency, duration).await?;
+            rounds.push((peer, ours));
+        }
+    }
 
     let _ = plain.start_kill();
     let _ = guarded.start_kill();
     let _ = plain.wait().await;
     let _ = guarded.wait().await;
+    if let Some(nginx) = nginx {
+        nginx.stop().await;
+    }
 
     println!();
     println!("throughput ({concurrency} connections)      req/s   p50 ms   p99 ms   errors");
@@ -161,6 +188,7 @@ async fn run() -> anyhow::Result<()> {
     println!(
         "rate-limit checks against Redis: {checks:.0}/s ({concurrency} tasks, 2 policies per check)"
     );
+    let peer_summary = peer_report(&rounds, &secured);
 
     let ratio = direct.rps() / proxied.rps();
     let added_p99 = proxied_1.p(0.99) - direct_1.p(0.99);
@@ -186,10 +214,205 @@ async fn run() -> anyhow::Result<()> {
         secured.rps() >= 15_000.0,
         format!("{:.0}", secured.rps()),
     );
-    if direct.errors + proxied.errors + secured.errors > 0 {
+    if let Some((rps_ratio, cpu_ratio, secured_ratio)) = peer_summary {
+        target(
+            "gateway >= 1.0x nginx req/s (plain)",
+            rps_ratio >= 1.0,
+            format!("{rps_ratio:.2}x"),
+        );
+        target(
+            "gateway <= 1.0x nginx CPU per request",
+            cpu_ratio <= 1.0,
+            format!("{cpu_ratio:.2}x"),
+        );
+        target(
+            "JWT + rate limit >= 0.7x nginx plain",
+            secured_ratio >= 0.7,
+            format!("{secured_ratio:.2}x"),
+        );
+    }
+    let peer_errors: u64 = rounds
+        .iter()
+        .map(|(peer, ours)| peer.phase.errors + ours.phase.errors)
+        .sum();
+    if direct.errors + proxied.errors + secured.errors + peer_errors > 0 {
         bail!("some requests failed");
     }
     Ok(())
+}
+
+/// One throughput phase and the CPU time per request of the processes named `process`.
+struct Measured {
+    phase: Phase,
+    cpu_us_per_request: f64,
+}
+
+async fn measured(
+    addr: SocketAddr,
+    process: &str,
+    connections: usize,
+    duration: Duration,
+) -> anyhow::Result<Measured> {
+    let before = CpuSnapshot::take();
+    let phase = load(addr, None, connections, duration).await?;
+    let after = CpuSnapshot::take();
+    let (shares, _) = after.since(&before);
+    // A share of one core over the phase, summed over the process's workers.
+    let core_share: f64 = shares
+        .iter()
+        .filter(|(name, _)| name == process)
+        .map(|(_, share)| share)
+        .sum();
+    let cpu_us = core_share * phase.elapsed.as_secs_f64() * 1e6;
+    Ok(Measured {
+        cpu_us_per_request: cpu_us / (phase.requests.max(1) as f64),
+        phase,
+    })
+}
+
+/// Prints the alternating rounds against nginx and returns the ratios of their means:
+/// gateway/nginx req/s, gateway/nginx CPU per request, and JWT + rate limit/nginx req/s.
+fn peer_report(rounds: &[(Measured, Measured)], secured: &Phase) -> Option<(f64, f64, f64)> {
+    if rounds.is_empty() {
+        return None;
+    }
+    println!();
+    println!("against nginx (same upstream, same client, alternating rounds)");
+    println!("  round  proxy      req/s   p50 ms   p99 ms   CPU us/request");
+    for (i, (peer, ours)) in rounds.iter().enumerate() {
+        for (name, m) in [("nginx", peer), ("gateway", ours)] {
+            println!(
+                "  {:>5}  {name:<8} {:>8.0} {:>8.3} {:>8.3} {:>16.1}",
+                i + 1,
+                m.phase.rps(),
+                m.phase.p(0.5),
+                m.phase.p(0.99),
+                m.cpu_us_per_request
+            );
+        }
+    }
+    let mean = |f: &dyn Fn(&(Measured, Measured)) -> f64| {
+        rounds.iter().map(f).sum::<f64>() / rounds.len() as f64
+    };
+    let nginx_rps = mean(&|(peer, _)| peer.phase.rps());
+    let ours_rps = mean(&|(_, ours)| ours.phase.rps());
+    let nginx_cpu = mean(&|(peer, _)| peer.cpu_us_per_request);
+    let ours_cpu = mean(&|(_, ours)| ours.cpu_us_per_request);
+    let ratios = (
+        ours_rps / nginx_rps,
+        ours_cpu / nginx_cpu.max(f64::EPSILON),
+        secured.rps() / nginx_rps,
+    );
+    println!(
+        "  mean: nginx {nginx_rps:.0} req/s at {nginx_cpu:.1} us CPU/request; gateway {ours_rps:.0} \
+         req/s at {ours_cpu:.1} us ({:.2}x the req/s, {:.2}x the CPU per request); JWT + rate \
+         limit {:.2}x nginx's req/s",
+        ratios.0, ratios.1, ratios.2
+    );
+    Some(ratios)
+}
+
+/// nginx in front of the upstream, as a reverse proxy is usually set up: a keep-alive pool
+/// to the upstream, HTTP/1.1 to it, a worker per core, no access log. Its keep-alive
+/// connections are not closed after 1,000 requests (nginx's default), since the gateway's
+/// are not either and the load generator does not reconnect.
+struct Nginx {
+    child: Child,
+    addr: SocketAddr,
+    dir: PathBuf,
+    binary: String,
+}
+
+impl Nginx {
+    async fn start(binary: &str, upstream: SocketAddr) -> anyhow::Result<Self> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let dir =
+            std::env::temp_dir().join(format!("bench-gateway-nginx-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir)?;
+        let conf = format!(
+            "daemon off;\n\
+             worker_processes auto;\n\
+             pid {dir}/nginx.pid;\n\
+             error_log stderr warn;\n\
+             events {{ worker_connections 4096; }}\n\
+             http {{\n\
+               access_log off;\n\
+               keepalive_requests 100000000;\n\
+               keepalive_timeout 300s;\n\
+               client_body_temp_path {dir}/body;\n\
+               proxy_temp_path {dir}/proxy;\n\
+               fastcgi_temp_path {dir}/fastcgi;\n\
+               uwsgi_temp_path {dir}/uwsgi;\n\
+               scgi_temp_path {dir}/scgi;\n\
+               upstream bench {{ server {upstream}; keepalive 128; \
+                 keepalive_requests 100000000; keepalive_timeout 300s; }}\n\
+               server {{\n\
+                 listen 127.0.0.1:{port};\n\
+                 location / {{\n\
+                   proxy_pass http://bench;\n\
+                   proxy_http_version 1.1;\n\
+                   proxy_set_header Connection \"\";\n\
+                 }}\n\
+               }}\n\
+             }}\n",
+            dir = dir.display()
+        );
+        let conf_path = dir.join("nginx.conf");
+        std::fs::write(&conf_path, conf)?;
+        let child = Command::new(binary)
+            .arg("-p")
+            .arg(&dir)
+            .arg("-e")
+            .arg("stderr")
+            .arg("-c")
+            .arg(&conf_path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("failed to start nginx ({binary})"))?;
+        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while get_status(addr, "/bench").await.ok() != Some(200) {
+            if Instant::now() > deadline {
+                bail!("nginx on {addr} did not answer");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(Self {
+            child,
+            addr,
+            dir,
+            binary: binary.to_owned(),
+        })
+    }
+
+    /// `nginx -s stop`: the master stops its workers (killing the master alone would leave
+    /// them running).
+    async fn stop(mut self) {
+        let stopped = Command::new(&self.binary)
+            .arg("-p")
+            .arg(&self.dir)
+            .arg("-e")
+            .arg("stderr")
+            .arg("-c")
+            .arg(self.dir.join("nginx.conf"))
+            .args(["-s", "stop"])
+            .status()
+            .await
+            .is_ok_and(|status| status.success());
+        if !stopped
+            || tokio::time::timeout(Duration::from_secs(10), self.child.wait())
+                .await
+                .is_err()
+        {
+            let _ = self.child.start_kill();
+            let _ = self.child.wait().await;
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
 
 fn target(name: &str, met: bool, value: String) {
@@ -206,6 +429,15 @@ struct BenchConfig {
     bench_seconds: u64,
     #[serde(default = "default_concurrency")]
     bench_concurrency: usize,
+    /// The nginx binary to compare with.
+    bench_nginx: Option<String>,
+    /// Alternating nginx/gateway rounds.
+    #[serde(default = "default_rounds")]
+    bench_rounds: usize,
+}
+
+fn default_rounds() -> usize {
+    2
 }
 
 fn default_seconds() -> u64 {
@@ -250,6 +482,9 @@ async fn spawn_gateway(env: &[(&str, String)]) -> anyhow::Result<(Child, SocketA
     let child = Command::new(gateway_binary()?)
         .env("PORT", port.to_string())
         .env("BIND_ADDRESS", "127.0.0.1")
+        // As the operator deploys it.
+        .env("RUST_LOG", "info")
+        .env("LOG_FORMAT", "json")
         .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
