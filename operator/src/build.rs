@@ -199,13 +199,7 @@ pub fn endpoints(stack: &ValidatedStack) -> ConfigMap {
         data.insert("JWT_AUDIENCE".to_owned(), auth.audience.clone());
     }
     ConfigMap {
-        metadata: ObjectMeta {
-            name: Some(endpoints_name(stack.name())),
-            namespace: Some(stack.namespace().to_owned()),
-            labels: Some(stack_labels(stack)),
-            owner_references: Some(vec![stack.owner().clone()]),
-            ..ObjectMeta::default()
-        },
+        metadata: stack_metadata(stack, endpoints_name(stack.name())),
         data: Some(data),
         ..ConfigMap::default()
     }
@@ -282,6 +276,18 @@ fn build_service(
         service: service::service(stack, component),
         config_map,
         pod_disruption_budget,
+    }
+}
+
+/// The metadata of an object the stack itself owns (not one service's): `name` in the stack's
+/// namespace, the stack's labels, the stack as controller owner.
+fn stack_metadata(stack: &ValidatedStack, name: String) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name),
+        namespace: Some(stack.namespace().to_owned()),
+        labels: Some(stack_labels(stack)),
+        owner_references: Some(vec![stack.owner().clone()]),
+        ..ObjectMeta::default()
     }
 }
 

@@ -9,12 +9,10 @@ use k8s_openapi::api::networking::v1::{
     NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicyPort,
     NetworkPolicySpec,
 };
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{
-    LabelSelector, LabelSelectorRequirement, ObjectMeta,
-};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelectorRequirement};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use super::{Component, MANAGED_BY, OPS_PORT, PART_OF, selector_labels, stack_labels};
+use super::{Component, MANAGED_BY, OPS_PORT, PART_OF, selector_labels};
 use crate::validate::ValidatedStack;
 
 /// The services no client outside the stack calls.
@@ -96,13 +94,7 @@ pub fn network_policy(stack: &ValidatedStack) -> Option<NetworkPolicy> {
         });
     }
     Some(NetworkPolicy {
-        metadata: ObjectMeta {
-            name: Some(network_policy_name(stack.name())),
-            namespace: Some(stack.namespace().to_owned()),
-            labels: Some(stack_labels(stack)),
-            owner_references: Some(vec![stack.owner().clone()]),
-            ..ObjectMeta::default()
-        },
+        metadata: super::stack_metadata(stack, network_policy_name(stack.name())),
         spec: Some(NetworkPolicySpec {
             pod_selector: Some(pods),
             policy_types: Some(vec!["Ingress".to_owned()]),

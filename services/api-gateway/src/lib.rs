@@ -405,13 +405,6 @@ async fn handle(state: AppState, route: Arc<Route>, mut request: Request) -> Res
         }
     }
 
-    // A route that requires a token also requires the token's grants to cover what is asked
-    // (`common::access`); `optional` and `none` routes are public by configuration. Commands
-    // are authorized by the command service, which reads their body.
-    let grants = match (&identity, route.auth) {
-        (Identity::User(claims), AuthMode::Required) => Some(Grants::from_claims(claims)),
-        _ => None,
-    };
     let caller = Caller { peer };
     let mut response = match route.kind {
         RouteKind::Proxy => {
@@ -421,6 +414,14 @@ async fn handle(state: AppState, route: Arc<Route>, mut request: Request) -> Res
                 .await
         }
         RouteKind::Documents => {
+            // A route that requires a token also requires the token's grants to cover the
+            // document (`common::access`); `optional` and `none` routes are public by
+            // configuration. Commands are authorized by the command service, which reads
+            // their body, so only this kind compiles the grants.
+            let grants = match (&identity, route.auth) {
+                (Identity::User(claims), AuthMode::Required) => Some(Grants::from_claims(claims)),
+                _ => None,
+            };
             documents::serve(&state, &route, &caller, grants.as_ref(), request).await
         }
         RouteKind::WebSocket => {

@@ -105,6 +105,18 @@ pub async fn get_json(url: &str) -> Option<(u16, serde_json::Value)> {
     ))
 }
 
+/// The Prometheus text a service serves at `<base>/metrics` (panics when it does not answer).
+pub async fn metrics_text(base: &str) -> String {
+    let url = format!("{}/metrics", base.trim_end_matches('/'));
+    let response = reqwest::get(&url)
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"));
+    response
+        .text()
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"))
+}
+
 /// A TCP forwarder on a fixed local port that plays a dependency going down and coming back:
 /// while down, nothing listens (connections are refused) and open connections are cut. While
 /// frozen it plays a peer that vanished without closing anything: connections stay open and

@@ -81,14 +81,7 @@ async fn tokens_are_accepted_or_refused_with_a_401_problem_and_a_challenge() {
         );
     }
 
-    let metrics = http()
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = common::test_support::metrics_text(&app.url("")).await;
     for reason in ["expired", "bad_signature", "wrong_audience", "missing"] {
         assert!(
             metrics.contains(&format!("reason=\"{reason}\"")),

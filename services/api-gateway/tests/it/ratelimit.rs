@@ -119,14 +119,7 @@ async fn two_gateway_processes_share_one_exact_limit_and_report_it_in_ietf_heade
     assert_eq!(response.status(), 200);
 
     for base in [&a, &b] {
-        let metrics = client
-            .get(format!("{base}/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let metrics = common::test_support::metrics_text(base).await;
         assert!(!metrics.contains("decision=\"fail_open\""), "{metrics}");
     }
     first.terminate(Duration::from_secs(30)).await;

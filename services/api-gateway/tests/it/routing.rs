@@ -456,14 +456,7 @@ async fn reads_and_commands_are_allowed_only_within_the_tokens_grants() {
 
     // Both refusals are counted where they happened.
     for (base, action) in [(gateway, "read"), (command_service.as_str(), "write")] {
-        let metrics = http()
-            .get(format!("{base}/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let metrics = common::test_support::metrics_text(base).await;
         assert!(
             metrics.lines().any(|l| l.starts_with("access_denied_total")
                 && l.contains(&format!("action=\"{action}\""))),

@@ -102,12 +102,7 @@ async fn events_are_projected_announced_and_invalidated_and_bad_ones_skipped() {
     assert_eq!(invalidations, expected);
 
     // The skipped messages are counted.
-    let metrics = reqwest::get(app.url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = common::test_support::metrics_text(&app.url("")).await;
     for name in [
         "cache_events_malformed_total",
         "cache_events_stale_total",

@@ -124,13 +124,7 @@ async fn binary_payloads_round_trip_byte_exact_in_messagepack_and_as_base64_in_j
 #[tokio::test]
 async fn the_read_grant_opens_its_documents_and_collections_rooms_and_no_others() {
     let app = start(&hub_vars(&prefix())).await;
-    let exp = chrono::Utc::now().timestamp() + 600;
-    let token = jsonwebtoken::encode(
-        &jsonwebtoken::Header::default(),
-        &json!({"sub": "reader", "exp": exp, "read": ["books/*", "profiles/reader"]}),
-        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
-    )
-    .unwrap();
+    let token = signed(json!({"sub": "reader", "read": ["books/*", "profiles/reader"]}));
     let mut client = target(&app, Some(token), false)
         .await
         .connect(None)
@@ -456,14 +450,7 @@ async fn one_subject_and_one_address_hold_only_their_share_of_a_node() {
             .with("HUB_MAX_CONNECTIONS_PER_ADDRESS", "3"),
     )
     .await;
-    let as_subject = |sub: &str| {
-        jsonwebtoken::encode(
-            &jsonwebtoken::Header::default(),
-            &json!({"sub": sub, "exp": chrono::Utc::now().timestamp() + 600, "rooms": ["*"]}),
-            &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
-        )
-        .unwrap()
-    };
+    let as_subject = |sub: &str| signed(json!({"sub": sub, "rooms": ["*"]}));
     let alice = target(&app, Some(as_subject("alice")), false).await;
     let refusal = |error: ws_hub::loadgen::LoadError| match error {
         ws_hub::loadgen::LoadError::WebSocket(tungstenite::Error::Http(response)) => {
@@ -495,12 +482,7 @@ async fn one_subject_and_one_address_hold_only_their_share_of_a_node() {
         async move { alice.connect(None).await.is_ok() }
     })
     .await;
-    let metrics = reqwest::get(app.url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = common::test_support::metrics_text(&app.url("")).await;
     for reason in ["subject_limit", "address_limit"] {
         assert!(
             metrics.contains(&format!("reason=\"{reason}\"")),

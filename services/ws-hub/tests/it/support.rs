@@ -50,9 +50,25 @@ pub async fn start_behind_toggle(prefix: &str) -> (TcpToggle, TestApp) {
 /// A token for `rooms`, expiring in `ttl_seconds` (negative: already expired).
 pub fn token_with(rooms: &[&str], ttl_seconds: i64, secret: &str) -> String {
     let exp = chrono::Utc::now().timestamp() + ttl_seconds;
+    signed_with(
+        &serde_json::json!({"sub": "tester", "rooms": rooms, "exp": exp}),
+        secret,
+    )
+}
+
+/// An HS256 token over `claims` (an `exp` 600 s ahead is added when missing).
+pub fn signed(claims: serde_json::Value) -> String {
+    let mut claims = claims;
+    if claims.get("exp").is_none() {
+        claims["exp"] = (chrono::Utc::now().timestamp() + 600).into();
+    }
+    signed_with(&claims, SECRET)
+}
+
+fn signed_with(claims: &serde_json::Value, secret: &str) -> String {
     jsonwebtoken::encode(
         &jsonwebtoken::Header::default(),
-        &serde_json::json!({"sub": "tester", "rooms": rooms, "exp": exp}),
+        claims,
         &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
     )
     .unwrap()
