@@ -240,11 +240,16 @@ async fn cleanup_external(stack: &MiddlewareStack, ctx: &Context) -> Result<(), 
     }
     if policy.credentials == Retention::Delete {
         let user = names::redis_user(&validated);
-        clients
-            .redis
-            .delete_user(&user)
-            .await
-            .map_err(|source| Error::DeleteRedisUser { user, source })?;
+        let persistence =
+            clients
+                .redis
+                .delete_user(&user)
+                .await
+                .map_err(|source| Error::DeleteRedisUser {
+                    user: user.clone(),
+                    source,
+                })?;
+        super::provision::log_acl_change(&user, "deleted", persistence);
         let owner = names::postgres_role(&validated);
         let second = names::postgres_second_login(&validated);
         let result = if policy.database == Retention::Delete {

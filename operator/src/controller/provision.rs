@@ -21,7 +21,7 @@ use crate::validate::ValidatedStack;
 
 mod credentials;
 
-pub(super) use credentials::credentials;
+pub(super) use credentials::{credentials, log_acl_change};
 
 /// Why the topics or the credentials could not be provisioned.
 #[derive(Debug, thiserror::Error)]

@@ -1,12 +1,32 @@
 //! Redis: `PING` with the admin credentials, and the stack's ACL user, confined to the stack's
 //! key prefix (`~<prefix>*`) and channel prefix (`&<prefix>*`), with every command except the
 //! `@dangerous` ones (no `KEYS`, `FLUSHALL`, `CONFIG`, `DEBUG`, `ACL`, ...).
+//!
+//! When the server keeps its users in an ACL file (`aclfile`), every change the operator
+//! makes is written there with `ACL SAVE`, so a restarted Redis loads the stack users itself
+//! instead of refusing the services until the operator's next health check re-creates them.
+//! Without an ACL file the users live in memory only, and that re-creation is what restores
+//! them.
 use std::time::Duration;
 
 use secrecy::{ExposeSecret as _, SecretString};
 use url::Url;
 
 use super::{AdminCredentials, ProvisionError, bounded};
+
+/// Whether an ACL change reached the server's ACL file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Persistence {
+    /// Nothing changed, so there was nothing to save.
+    Unchanged,
+    /// `ACL SAVE` wrote the change to the ACL file.
+    Saved,
+    /// The server has no ACL file: the change lives in memory until Redis restarts.
+    InMemory,
+}
+
+/// The error Redis answers `ACL SAVE` with when it runs without an `aclfile`.
+const NO_ACL_FILE: &str = "not configured to use an ACL file";
 
 /// The admin connection of one Redis server.
 pub struct RedisAdmin {
@@ -73,52 +93,77 @@ impl RedisAdmin {
 
     /// Creates or updates the ACL user `user`: enabled, with `passwords` (all accepted; on
     /// rotation the previous one stays valid until the pods have rolled), keys and channels
-    /// under `prefix`. With `reset_passwords`, every other password is removed first.
+    /// under `prefix`. With `reset_passwords`, every other password is removed first. When
+    /// this changed the user (compared with `ACL GETUSER` in the same round trip), the ACL
+    /// file is saved if the server has one.
     pub async fn ensure_user(
         &self,
         user: &str,
         prefix: &str,
         passwords: &[&SecretString],
         reset_passwords: bool,
-    ) -> Result<(), ProvisionError> {
+    ) -> Result<Persistence, ProvisionError> {
         bounded("Redis", self.timeout, async {
             let mut conn = self.connection().await?;
-            let mut cmd = redis::cmd("ACL");
-            cmd.arg("SETUSER").arg(user).arg("on");
+            let mut set = redis::cmd("ACL");
+            set.arg("SETUSER").arg(user).arg("on");
             if reset_passwords {
-                cmd.arg("resetpass");
+                set.arg("resetpass");
             }
             for password in passwords {
-                cmd.arg(format!(">{}", password.expose_secret()));
+                set.arg(format!(">{}", password.expose_secret()));
             }
-            cmd.arg("resetkeys")
+            set.arg("resetkeys")
                 .arg(format!("~{prefix}*"))
                 .arg("resetchannels")
                 .arg(format!("&{prefix}*"))
                 .arg("-@all")
                 .arg("+@all")
                 .arg("-@dangerous");
-            let _: () = cmd
+            let mut get = redis::cmd("ACL");
+            get.arg("GETUSER").arg(user);
+            let (before, (), after): (redis::Value, (), redis::Value) = redis::pipe()
+                .add_command(get.clone())
+                .add_command(set)
+                .add_command(get)
                 .query_async(&mut conn)
                 .await
                 .map_err(|e| redis_error(&e))?;
-            Ok(())
+            if before == after {
+                return Ok(Persistence::Unchanged);
+            }
+            save(&mut conn).await
         })
         .await
     }
 
-    /// Deletes the ACL user (and so disconnects its clients); a missing user is fine.
-    pub async fn delete_user(&self, user: &str) -> Result<(), ProvisionError> {
+    /// Deletes the ACL user (and so disconnects its clients), saving the ACL file if the
+    /// server has one; a missing user is fine.
+    pub async fn delete_user(&self, user: &str) -> Result<Persistence, ProvisionError> {
         bounded("Redis", self.timeout, async {
             let mut conn = self.connection().await?;
-            let _: i64 = redis::cmd("ACL")
+            let deleted: i64 = redis::cmd("ACL")
                 .arg("DELUSER")
                 .arg(user)
                 .query_async(&mut conn)
                 .await
                 .map_err(|e| redis_error(&e))?;
-            Ok(())
+            if deleted == 0 {
+                return Ok(Persistence::Unchanged);
+            }
+            save(&mut conn).await
         })
         .await
+    }
+}
+
+/// `ACL SAVE`, where the server has an ACL file to save to.
+async fn save(conn: &mut redis::aio::MultiplexedConnection) -> Result<Persistence, ProvisionError> {
+    match redis::cmd("ACL").arg("SAVE").query_async::<()>(conn).await {
+        Ok(()) => Ok(Persistence::Saved),
+        Err(error) if error.to_string().contains(NO_ACL_FILE) => Ok(Persistence::InMemory),
+        Err(error) => Err(ProvisionError::Redis(format!(
+            "the ACL change was made but ACL SAVE failed: {error}"
+        ))),
     }
 }

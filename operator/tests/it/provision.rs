@@ -236,3 +236,73 @@ async fn topics_the_broker_refuses_are_reported_as_refused_and_the_others_create
         .await
         .unwrap();
 }
+
+/// A stack's Redis user is written to the server's ACL file (so a restarted Redis loads it
+/// without waiting for the operator) whenever the operator changes it, and only then; its
+/// deletion is saved too.
+#[tokio::test]
+async fn redis_users_are_saved_to_the_acl_file_when_they_change() {
+    use operator::provision::redis::{Persistence, RedisAdmin};
+
+    let url = common::test_support::Deps::from_env().redis_url;
+    let credentials = AdminCredentials {
+        username: "default".into(),
+        password: SecretString::from(""),
+    };
+    let admin = RedisAdmin::new(&url, &credentials, Duration::from_secs(5)).unwrap();
+    let mut conn = redis::Client::open(url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let config: Vec<String> = redis::cmd("CONFIG")
+        .arg("GET")
+        .arg("aclfile")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let aclfile = config.get(1).cloned().unwrap_or_default();
+    assert!(
+        !aclfile.is_empty(),
+        "the test Redis (dev/deps/redis.sh) keeps its users in an ACL file"
+    );
+    let run = Uuid::new_v4().simple().to_string()[..8].to_owned();
+    let user = format!("it-acl-{run}");
+    let prefix = format!("it-acl-{run}:");
+    let saved_line = || {
+        std::fs::read_to_string(&aclfile)
+            .unwrap()
+            .lines()
+            .find(|line| line.starts_with(&format!("user {user} ")))
+            .map(str::to_owned)
+    };
+    let first = SecretString::from(format!("Acl0Password{run}"));
+    let second = SecretString::from(format!("Acl1Password{run}"));
+
+    let created = admin.ensure_user(&user, &prefix, &[&first], true).await;
+    assert_eq!(created.unwrap(), Persistence::Saved);
+    let line = saved_line().expect("the new user is in the ACL file");
+    assert!(line.contains(&format!("~{prefix}*")), "{line}");
+    assert_eq!(line.matches(" #").count(), 1, "one password hash: {line}");
+
+    let again = admin.ensure_user(&user, &prefix, &[&first], false).await;
+    assert_eq!(again.unwrap(), Persistence::Unchanged);
+
+    let rotated = admin
+        .ensure_user(&user, &prefix, &[&first, &second], false)
+        .await;
+    assert_eq!(rotated.unwrap(), Persistence::Saved);
+    let line = saved_line().expect("the rotated user is in the ACL file");
+    assert_eq!(
+        line.matches(" #").count(),
+        2,
+        "both password hashes: {line}"
+    );
+
+    assert_eq!(admin.delete_user(&user).await.unwrap(), Persistence::Saved);
+    assert_eq!(saved_line(), None, "the deleted user left the ACL file");
+    assert_eq!(
+        admin.delete_user(&user).await.unwrap(),
+        Persistence::Unchanged
+    );
+}

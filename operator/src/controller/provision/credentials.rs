@@ -18,6 +18,7 @@ use crate::crd::MiddlewareStack;
 use crate::names;
 use crate::owned::Owned;
 use crate::provision::generate_password;
+use crate::provision::redis::Persistence;
 use crate::status::{CREDENTIALS_READY, Report, Status};
 use crate::validate::ValidatedStack;
 
@@ -69,7 +70,7 @@ pub(in crate::controller) async fn credentials(
         (Some(p), true) => vec![p, &redis_password],
         _ => vec![&redis_password],
     };
-    clients
+    let persistence = clients
         .redis
         .ensure_user(
             &user,
@@ -82,6 +83,7 @@ pub(in crate::controller) async fn credentials(
             user: user.clone(),
             source,
         })?;
+    log_acl_change(&user, "updated", persistence);
     let redis_url = crate::provision::redis::url_with_credentials(
         &spec.redis.url,
         &user,
@@ -206,5 +208,25 @@ fn connection_secret(
                 .collect(),
         ),
         ..Secret::default()
+    }
+}
+
+/// Logs where a changed ACL user now lives (nothing when nothing changed).
+pub(in crate::controller) fn log_acl_change(user: &str, change: &str, persistence: Persistence) {
+    match persistence {
+        Persistence::Unchanged => {}
+        Persistence::Saved => {
+            tracing::info!(
+                user,
+                change,
+                "Redis ACL user {change}; saved to the ACL file"
+            );
+        }
+        Persistence::InMemory => tracing::info!(
+            user,
+            change,
+            "Redis ACL user {change} in memory only (the server has no aclfile): \
+             re-created after a Redis restart"
+        ),
     }
 }
