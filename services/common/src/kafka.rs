@@ -36,6 +36,51 @@ pub const HEADER_COMMAND_ID: &str = "command-id";
 /// Header with the payload's media type (`application/json`).
 pub const HEADER_CONTENT_TYPE: &str = "content-type";
 
+/// How often [`report_lag`] refreshes `kafka_consumer_lag`.
+pub const LAG_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Every [`LAG_INTERVAL`] until `shutdown`, sets `kafka_consumer_lag{service, topic,
+/// partition}` for each partition assigned to `consumer`: the high watermark minus the
+/// consumer's fetch position (messages fetched but not yet handled are not counted).
+pub async fn report_lag(
+    consumer: Arc<StreamConsumer>,
+    service: &'static str,
+    shutdown: crate::shutdown::CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(LAG_INTERVAL) => {}
+        }
+        let consumer = consumer.clone();
+        // Watermark requests block on the network: keep them off the async workers.
+        let lags = tokio::task::spawn_blocking(move || {
+            let Ok(position) = consumer.position() else {
+                return Vec::new();
+            };
+            position
+                .elements()
+                .iter()
+                .filter_map(|e| {
+                    let rdkafka::Offset::Offset(at) = e.offset() else {
+                        return None;
+                    };
+                    let (_, high) = consumer
+                        .fetch_watermarks(e.topic(), e.partition(), Duration::from_secs(2))
+                        .ok()?;
+                    Some((e.topic().to_owned(), e.partition(), (high - at).max(0)))
+                })
+                .collect::<Vec<_>>()
+        })
+        .await
+        .unwrap_or_default();
+        for (topic, partition, lag) in lags {
+            metrics::gauge!(crate::metrics::KAFKA_CONSUMER_LAG, "service" => service, "topic" => topic, "partition" => partition.to_string())
+                .set(lag as f64);
+        }
+    }
+}
+
 /// The base librdkafka configuration: servers, security and timeouts.
 pub fn client_config(config: &KafkaConfig, client_id: &str) -> ClientConfig {
     let mut cc = ClientConfig::new();

@@ -213,6 +213,8 @@ mod drift {
         "clamp_max",
         "abs",
         "absent",
+        "label_replace",
+        "vector",
     ];
 
     /// The names declared as `pub const NAME: &str = "name";` above.

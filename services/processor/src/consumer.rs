@@ -19,12 +19,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::kafka::ensure_topics;
-use common::metrics::KAFKA_CONSUMER_LAG;
 use common::postgres::{HeldConnection, Postgres};
 use common::shutdown::CancellationToken;
+use rdkafka::Message;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::OwnedMessage;
-use rdkafka::{Message, Offset};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
@@ -33,8 +32,6 @@ use crate::engine::Engine;
 
 /// Messages buffered per partition ahead of its worker.
 const PARTITION_BUFFER: usize = 256;
-/// How often `kafka_consumer_lag` is refreshed.
-const LAG_INTERVAL: Duration = Duration::from_secs(10);
 
 /// What the consumer needs besides the engine.
 #[derive(Debug, Clone)]
@@ -86,7 +83,11 @@ pub async fn run(
     let mut workers = JoinSet::new();
     // Stopped with the dispatcher, whatever ends it.
     let lag = shutdown.child_token();
-    workers.spawn(report_lag(consumer.clone(), lag.clone()));
+    workers.spawn(common::kafka::report_lag(
+        consumer.clone(),
+        NAME,
+        lag.clone(),
+    ));
     loop {
         let received = tokio::select! {
             () = shutdown.cancelled() => break,
@@ -185,43 +186,5 @@ async fn work(
             return; // interrupted by shutdown: the rest is not stored, so it is redelivered
         }
         batch.clear();
-    }
-}
-
-/// Every [`LAG_INTERVAL`], sets `kafka_consumer_lag` per assigned partition: the high
-/// watermark minus the consumer's fetch position (messages fetched but still queued for a
-/// worker are not counted; at most [`PARTITION_BUFFER`] per partition).
-async fn report_lag(consumer: Arc<StreamConsumer>, shutdown: CancellationToken) {
-    loop {
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            () = tokio::time::sleep(LAG_INTERVAL) => {}
-        }
-        let consumer = consumer.clone();
-        // Watermark requests block on the network: keep them off the async workers.
-        let lags = tokio::task::spawn_blocking(move || {
-            let Ok(position) = consumer.position() else {
-                return Vec::new();
-            };
-            position
-                .elements()
-                .iter()
-                .filter_map(|e| {
-                    let Offset::Offset(at) = e.offset() else {
-                        return None;
-                    };
-                    let (_, high) = consumer
-                        .fetch_watermarks(e.topic(), e.partition(), Duration::from_secs(2))
-                        .ok()?;
-                    Some((e.topic().to_owned(), e.partition(), (high - at).max(0)))
-                })
-                .collect::<Vec<_>>()
-        })
-        .await
-        .unwrap_or_default();
-        for (topic, partition, lag) in lags {
-            metrics::gauge!(KAFKA_CONSUMER_LAG, "service" => NAME, "topic" => topic, "partition" => partition.to_string())
-                .set(lag as f64);
-        }
     }
 }
