@@ -149,5 +149,10 @@ bench-gateway: target-trim (deps-up "redis")
     bash dev/tools.sh install nginx
     eval "$(bash dev/deps.sh env)" && BENCH_NGINX="$(bash dev/tools.sh path nginx)" "${CARGO_TARGET_DIR:-target}/release/bench-gateway"
 
+# The gateway's instructions per proxied request (callgrind) and where they go: repeatable on a busy machine.
+profile-gateway: target-trim
+    cargo build --release --locked -p api-gateway --bin api-gateway
+    bash dev/profile-gateway.sh
+
 # Edge benchmarks: the gateway's, then the hub's.
 bench-edge: bench-gateway bench-hub

@@ -26,7 +26,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::{ConnectInfo, Request, State};
+use axum::extract::{ConnectInfo, Request};
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::any;
@@ -324,19 +324,20 @@ impl AppState {
 
 /// Every route of the service: the operational routes and the route table.
 pub fn router(state: &AppState) -> Router {
+    // Shared, not cloned per request (a clone is a dozen reference counts and the pool's
+    // client; the profile showed it).
+    let shared = Arc::new(state.clone());
     let mut api = Router::new();
     for route in &state.settings.routes {
         for pattern in route.patterns() {
-            let route = route.clone();
+            let (route, shared) = (route.clone(), shared.clone());
             api = api.route(
                 &pattern,
-                any(move |State(state): State<AppState>, request: Request| {
-                    handle(state, route.clone(), request)
-                }),
+                any(move |request: Request| handle(shared.clone(), route.clone(), request)),
             );
         }
     }
-    let router = common::http::ops_router(&state.ops).merge(api.with_state(state.clone()));
+    let router = common::http::ops_router(&state.ops).merge(api);
     common::http::instrument(router, NAME)
 }
 
@@ -351,7 +352,7 @@ pub async fn run(
 }
 
 /// One request on a configured route: authenticate, rate-limit, dispatch.
-async fn handle(state: AppState, route: Arc<Route>, mut request: Request) -> Response {
+async fn handle(state: Arc<AppState>, route: Arc<Route>, mut request: Request) -> Response {
     let peer = request
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()

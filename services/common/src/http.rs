@@ -257,7 +257,9 @@ pub async fn serve(
     };
     let addr = listener.local_addr()?;
     tracing::info!(service = readiness.service(), %addr, "Listening.");
-    let app = bounded(router, readiness.service(), limits);
+    // `with_state(())` turns every handler into its route once; a stateless handler left
+    // boxed would be converted (cloned and layered) again on every request.
+    let app = bounded(router, readiness.service(), limits).with_state(());
     let connections = accept(listener, app, limits, shutdown).await;
     readiness.start_draining();
     tokio::select! {
