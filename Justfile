@@ -126,10 +126,9 @@ crds:
     mv crds/middlewarestack.yaml.tmp crds/middlewarestack.yaml
     cp crds/middlewarestack.yaml charts/meridian-operator/files/crds/middlewarestack.yaml
 
-# The pipeline benchmark (release build, local dependencies): accepted commands/s, relayed
-# events/s, end-to-end latency at 1,000 commands/s and at the highest sustained rate.
+# The pipeline benchmark (release build, local dependencies): accepted commands/s against pgbench running the intake statement, relayed events/s, end-to-end latency.
 bench-pipeline: build-deps target-trim (deps-up "postgres" "redis" "kafka")
-    eval "$(bash dev/deps.sh env)" && cargo bench --locked -p cache-updater --bench pipeline
+    eval "$(bash dev/deps.sh env)" && BENCH_PGBENCH="$(bash dev/deps/postgres.sh bindir)/pgbench" cargo bench --locked -p cache-updater --bench pipeline
 
 # Hub benchmark (release, two hubs on the local Redis): memory per idle connection at 10k/50k, deliveries/s to one room with 10k subscribers, publish→deliver p99 across replicas.
 bench-hub *args: target-trim (deps-up "redis")

@@ -3,7 +3,7 @@
 # pg_ctlcluster one) in $MERIDIAN_STATE_DIR/postgres, listening on 127.0.0.1:$MERIDIAN_PG_PORT.
 # Superuser postgres/postgres (scram-sha-256), database `middleware`.
 #
-#   dev/deps/postgres.sh up|down|status
+#   dev/deps/postgres.sh up|down|status|bindir
 # shellcheck source-path=SCRIPTDIR source=../lib.sh
 source "$(dirname "$0")/../lib.sh"
 
@@ -280,6 +280,8 @@ case "${1:-}" in
   up) up ;;
   down) down ;;
   status) status ;;
+  # The server's binaries (pgbench for the pipeline benchmark's peer).
+  bindir) bindir ;;
   # Stop, delete the cluster (every database, role and setting), start a fresh one.
   reset) down && rm -rf "$PG_DIR" && up ;;
   *) die "usage: $0 up|down|status|reset" ;;

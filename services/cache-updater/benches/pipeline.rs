@@ -11,6 +11,14 @@
 //!    own idempotency key) from N concurrent closed-loop clients against the command service
 //!    alone; a command counts once its `202 Accepted` arrived, i.e. after the transaction
 //!    holding the command, its idempotency record and its outbox row committed.
+//!
+//!    **The peer, pgbench** (`BENCH_PGBENCH`: its binary; `just bench-pipeline` finds
+//!    PostgreSQL's): the command service's own intake statement
+//!    (`command_service::intake::INTAKE_SQL`, claim + command + idempotency record + outbox
+//!    row) with its parameters generated in SQL, 8 commands per statement as the service's
+//!    group commit writes them under load, from 16 clients (`-c 16 -j 2 -M prepared`) for the
+//!    same 10 s: PostgreSQL's limit for this write on this machine, without HTTP, validation
+//!    or the service. The ratio accepted / pgbench is printed (goal >= 0.8).
 //! 2. **Relayed events/s**: rows bulk-inserted into an outbox table of its own (shaped like
 //!    `outbox`), then `common::outbox::Relay` started; the time until the table is empty, i.e.
 //!    until Kafka acknowledged every row and the relay deleted it.
@@ -65,6 +73,11 @@ common::global_allocator!();
 const TARGET_ACCEPTED_PER_SECOND: f64 = 5_000.0;
 const TARGET_RELAYED_PER_SECOND: f64 = 20_000.0;
 const TARGET_P99_MS: f64 = 50.0;
+
+const TARGET_PGBENCH_RATIO: f64 = 0.8;
+/// Commands per intake statement in the pgbench peer, and its clients.
+const PGBENCH_BATCH: usize = 8;
+const PGBENCH_CLIENTS: usize = 16;
 
 const ACCEPT_CONCURRENCY: usize = 64;
 const ACCEPT_DURATION: Duration = Duration::from_secs(10);
@@ -765,6 +778,117 @@ async fn main() {
     stack.remove(&redis).await;
 }
 
+/// The pgbench script: the intake statement with every parameter generated in SQL for
+/// [`PGBENCH_BATCH`] commands, unique per transaction (`:client_id`, `:a`, `:b`), under the
+/// client id `client` (its outbox rows name `topic`, which no relay reads, so they stay
+/// until the clean-up).
+fn pgbench_script(client: &str, topic: &str) -> String {
+    let id = "md5(:client_id || '-' || :a || '-' || :b || '-' || g)::uuid";
+    let array = |expression: String| {
+        format!("ARRAY(SELECT {expression} FROM generate_series(1, {PGBENCH_BATCH}) AS g)")
+    };
+    let parameter = |n: usize| -> String {
+        match n {
+            1 | 17 => array(id.to_owned()),
+            2 => array(format!("'{client}'::text")),
+            3 => array("'create'::text".to_owned()),
+            4 => array("'pgbench'::text".to_owned()),
+            5 | 9 | 15 => array(format!("({id})::text")),
+            6 => array("NULL::int8".to_owned()),
+            7 => array(r#"'{"n": 1, "title": "benchmark document"}'::jsonb"#.to_owned()),
+            8 => array("now()".to_owned()),
+            10 => array(format!("decode(md5(({id})::text), 'hex')")),
+            11 => array(format!("'/v1/commands/' || ({id})")),
+            12 => array(format!(
+                "convert_to('{{\"commandId\":\"' || ({id}) || '\",\"status\":\"accepted\"}}', 'UTF8')"
+            )),
+            13 => "86400".to_owned(),
+            14 => array(format!("'{topic}'::text")),
+            16 => array("'command.create'::text".to_owned()),
+            18 => array(format!(
+                "jsonb_build_object('commandId', {id}, 'type', 'create', 'collection', 'pgbench', \
+                 'id', {id}, 'payload', '{{\"n\": 1, \"title\": \"benchmark document\"}}'::jsonb)"
+            )),
+            19 | 20 => array("NULL::text".to_owned()),
+            21 => array(format!("'{client}:' || ({id})")),
+            _ => panic!("the intake statement has no parameter ${n}"),
+        }
+    };
+    // `$n` → its expression (longest numbers first is implied: digits are read greedily).
+    let sql = command_service::intake::INTAKE_SQL.as_str();
+    let mut script = String::with_capacity(sql.len() * 4);
+    let mut chars = sql.char_indices().peekable();
+    while let Some((at, c)) = chars.next() {
+        if c != '$' {
+            script.push(c);
+            continue;
+        }
+        let mut end = at + 1;
+        while let Some((i, d)) = chars.peek().copied() {
+            if !d.is_ascii_digit() {
+                break;
+            }
+            end = i + 1;
+            chars.next();
+        }
+        script.push_str(&parameter(sql[at + 1..end].parse().unwrap()));
+    }
+    format!("\\set a random(1, 1000000000)\n\\set b random(1, 1000000000)\n{script};\n")
+}
+
+/// The peer of phase 1: pgbench running the intake statement (see the module docs); commands
+/// per second. Removes what it wrote.
+async fn pgbench_commands_per_second(db: &PgPool, pgbench: &std::ffi::OsStr) -> f64 {
+    let run = Uuid::new_v4().simple().to_string();
+    let client = format!("pgbench-{run}");
+    let topic = format!("pgbench-peer-{run}");
+    let script = std::env::temp_dir().join(format!("meridian-pgbench-{run}.sql"));
+    std::fs::write(&script, pgbench_script(&client, &topic)).unwrap();
+    let url = Deps::from_env().database_url;
+    let pgbench = pgbench.to_owned();
+    let script_path = script.clone();
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(pgbench)
+            .args(["-n", "-M", "prepared", "-j", "2"])
+            .args(["-c", &PGBENCH_CLIENTS.to_string()])
+            .args(["-T", &ACCEPT_DURATION.as_secs().to_string()])
+            .arg("-f")
+            .arg(&script_path)
+            .arg(url)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let _ = std::fs::remove_file(&script);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "pgbench failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    // "tps = 3456.789012 (without initial connection time)"
+    let tps: f64 = stdout
+        .lines()
+        .find_map(|line| line.strip_prefix("tps = "))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|tps| tps.parse().ok())
+        .unwrap_or_else(|| panic!("no tps in pgbench's output:\n{stdout}"));
+    for (statement, value) in [
+        ("DELETE FROM outbox WHERE topic = $1", &topic),
+        ("DELETE FROM idempotency_keys WHERE client_id = $1", &client),
+        ("DELETE FROM commands WHERE client_id = $1", &client),
+    ] {
+        sqlx::query(statement)
+            .bind(value)
+            .execute(db)
+            .await
+            .unwrap();
+    }
+    vacuum(db).await;
+    tps * PGBENCH_BATCH as f64
+}
+
 /// Phases 1 and 2.
 async fn accept_and_relay(db: &PgPool, redis: &redis::Client) {
     let accepted = accepted_per_second(db, redis).await;
@@ -774,6 +898,23 @@ async fn accept_and_relay(db: &PgPool, redis: &redis::Client) {
         ACCEPT_DURATION.as_secs(),
         verdict(accepted >= TARGET_ACCEPTED_PER_SECOND)
     );
+
+    match std::env::var_os("BENCH_PGBENCH") {
+        Some(pgbench) => {
+            let peer = pgbench_commands_per_second(db, &pgbench).await;
+            println!(
+                "  peer: pgbench       {peer:>8.0}   (the intake statement, {PGBENCH_BATCH} commands \
+                 per statement, {PGBENCH_CLIENTS} clients, {} s)   accepted / pgbench {:.2}   \
+                 target >= {TARGET_PGBENCH_RATIO}: {}",
+                ACCEPT_DURATION.as_secs(),
+                accepted / peer,
+                verdict(accepted / peer >= TARGET_PGBENCH_RATIO)
+            );
+        }
+        None => println!(
+            "  peer: pgbench       not measured (BENCH_PGBENCH is not set; `just bench-pipeline` sets it)"
+        ),
+    }
 
     let (relayed, left) = relayed_per_second(db, redis).await;
     println!(
