@@ -301,6 +301,14 @@ run() {
   smoke_tries >/dev/null
   ok "smoke flow passed"
 
+  step "kubectl meridian rebuild-read-model: a Job replays the events into the read model"
+  local summary
+  "$CARGO_TARGET_DIR/debug/kubectl-meridian" rebuild-read-model demo -n default --wait --timeout-seconds 180 ||
+    { kubectl logs -l app.kubernetes.io/name=read-model-rebuild --tail=40 >&2 || true; die "the read-model rebuild failed"; }
+  summary=$(kubectl logs -l app.kubernetes.io/name=read-model-rebuild --tail=-1 | grep 'rebuild complete' || true)
+  [[ $summary =~ \(([1-9][0-9]*)\ applied ]] || die "the rebuild applied no event: ${summary:-no summary}"
+  ok "$summary"
+
   step "after the faults: the first document is still there"
   token=$(smoke --print-token)
   curl -fsS --retry 3 --retry-delay 5 --retry-all-errors -H "Authorization: Bearer $token" \

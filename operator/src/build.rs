@@ -22,12 +22,14 @@ use crate::validate::ValidatedStack;
 mod component;
 mod config_map;
 mod deployment;
+mod job;
 mod monitoring;
 mod network_policy;
 mod service;
 
 pub use component::{Component, Tier};
 pub use config_map::{service_url, settings};
+pub use job::{JobError, REBUILD_NAME, REBUILD_TTL_SECONDS, rebuild_job};
 pub use monitoring::{Scraping, pod_monitor, pod_monitor_kind, pod_monitor_name};
 pub use network_policy::{network_policy, network_policy_name};
 pub use service::service_needs_recreate;

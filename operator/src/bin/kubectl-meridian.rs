@@ -7,18 +7,32 @@
 //! - `kubectl meridian token <stack> --subject alice --read 'orders/*'`: a JWT signed with
 //!   the stack's own HMAC secret (`spec.auth.jwtSecretRef`), with its issuer and audience.
 //!
+//! - `kubectl meridian rotate-credentials <stack> [--wait]`: asks the operator for new Redis
+//!   and PostgreSQL passwords (the stack's rotation annotation); with `--wait`, until the
+//!   connection Secrets carry them.
+//! - `kubectl meridian rebuild-read-model <stack> [--wait]`: a Job running the cache updater's
+//!   pod with `rebuild` (replays `events` into an emptied read model); with `--wait`, until it
+//!   finished.
+//!
 //! It talks to the cluster of the current kubeconfig context, as kubectl does, and needs only
-//! read access to the stack, its ConfigMap and Events (`status`) or its JWT Secret (`token`).
+//! read access to the stack, its ConfigMap and Events (`status`) or its JWT Secret (`token`);
+//! `rotate-credentials` patches the stack, `rebuild-read-model` reads the cache updater's
+//! Deployment and creates a Job.
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use clap::{Args, Parser, Subcommand};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{ConfigMap, Event, Secret};
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, ListParams};
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt as _};
+use operator::build::{self, Component};
+use operator::controller::{ROTATE_ANNOTATION, ROTATED_ANNOTATION};
 use operator::crd::MiddlewareStack;
+use operator::validate::validate;
 
 #[derive(Parser)]
 #[command(
@@ -37,6 +51,24 @@ enum Command {
     Status(Target),
     /// Print a JWT signed with the stack's HMAC secret (for curl, WebSocket clients, tests).
     Token(TokenArgs),
+    /// Ask the operator to rotate the stack's Redis and PostgreSQL passwords (the pods roll;
+    /// the previous passwords stay valid until they have).
+    RotateCredentials(WaitArgs),
+    /// Rebuild the read model from the `events` topic: a Job running the cache updater's pod
+    /// with `rebuild`.
+    RebuildReadModel(WaitArgs),
+}
+
+#[derive(Args)]
+struct WaitArgs {
+    #[command(flatten)]
+    target: Target,
+    /// Wait until the operation finished (or failed).
+    #[arg(long)]
+    wait: bool,
+    /// How long `--wait` waits, in seconds.
+    #[arg(long, default_value_t = 600)]
+    timeout_seconds: u64,
 }
 
 #[derive(Args)]
@@ -83,6 +115,8 @@ async fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Status(target) => status(&client, &target).await,
         Command::Token(args) => token(&client, &args).await,
+        Command::RotateCredentials(args) => rotate_credentials(&client, &args).await,
+        Command::RebuildReadModel(args) => rebuild_read_model(&client, &args).await,
     }
 }
 
@@ -241,6 +275,127 @@ async fn token(client: &Client, args: &TokenArgs) -> anyhow::Result<()> {
     };
     let token = common::auth::mint_hs256(&key.0, &grant).context("cannot sign the token")?;
     println!("{token}");
+    Ok(())
+}
+
+/// Polls `done` every 2 s until it returns a result or `args.timeout_seconds` pass.
+async fn wait_for<T, F>(
+    args: &WaitArgs,
+    what: &str,
+    mut done: impl FnMut() -> F,
+) -> anyhow::Result<T>
+where
+    F: Future<Output = anyhow::Result<Option<T>>>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(args.timeout_seconds);
+    loop {
+        if let Some(result) = done().await? {
+            return Ok(result);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            bail!("{what} did not happen within {} s", args.timeout_seconds);
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+}
+
+async fn rotate_credentials(client: &Client, args: &WaitArgs) -> anyhow::Result<()> {
+    let (namespace, stack) = stack(client, &args.target).await?;
+    let validated = validate(&stack).map_err(|e| anyhow::anyhow!("the stack is invalid: {e}"))?;
+    let token = Timestamp::now().as_second().to_string();
+    let stacks: Api<MiddlewareStack> = Api::namespaced(client.clone(), &namespace);
+    let patch = serde_json::json!({"metadata": {"annotations": {ROTATE_ANNOTATION: token}}});
+    stacks
+        .patch(
+            &stack.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await
+        .with_context(|| {
+            format!(
+                "cannot annotate middlewarestack {namespace}/{}",
+                stack.name_any()
+            )
+        })?;
+    println!(
+        "Asked the operator to rotate the credentials of {namespace}/{} ({ROTATE_ANNOTATION}={token}).",
+        stack.name_any()
+    );
+    if !args.wait {
+        println!(
+            "Follow it with `kubectl meridian status {} -n {namespace}` (Event CredentialsRotated).",
+            stack.name_any()
+        );
+        return Ok(());
+    }
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &namespace);
+    let names = [
+        build::redis_secret_name(&validated),
+        build::postgres_secret_name(&validated),
+    ];
+    wait_for(args, "the rotation", || async {
+        for name in &names {
+            let rotated = secrets
+                .get_opt(name)
+                .await?
+                .and_then(|s| s.annotations().get(ROTATED_ANNOTATION).cloned());
+            if rotated.as_deref() != Some(token.as_str()) {
+                return Ok(None);
+            }
+        }
+        Ok(Some(()))
+    })
+    .await?;
+    println!(
+        "Rotated: {} carry the new passwords; the pods are rolling onto them.",
+        names.join(" and ")
+    );
+    Ok(())
+}
+
+async fn rebuild_read_model(client: &Client, args: &WaitArgs) -> anyhow::Result<()> {
+    let (namespace, stack) = stack(client, &args.target).await?;
+    let validated = validate(&stack).map_err(|e| anyhow::anyhow!("the stack is invalid: {e}"))?;
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &namespace);
+    let name = build::object_name(&validated, Component::CacheUpdater);
+    let deployment = deployments
+        .get_opt(&name)
+        .await
+        .with_context(|| format!("cannot read deployment {namespace}/{name}"))?
+        .with_context(|| {
+            format!("no deployment {namespace}/{name}: is the stack's cache updater deployed?")
+        })?;
+    let suffix = Timestamp::now().as_second().to_string();
+    let job = build::rebuild_job(&stack, &deployment, &suffix)?;
+    let jobs: Api<Job> = Api::namespaced(client.clone(), &namespace);
+    let job = jobs
+        .create(&PostParams::default(), &job)
+        .await
+        .with_context(|| format!("cannot create the rebuild Job in {namespace}"))?;
+    let job_name = job.name_any();
+    println!(
+        "Job {namespace}/{job_name} rebuilds the read model of {}.",
+        stack.name_any()
+    );
+    println!("Its summary: kubectl -n {namespace} logs -f job/{job_name}");
+    if !args.wait {
+        return Ok(());
+    }
+    let succeeded = wait_for(args, "the rebuild", || async {
+        let status = jobs.get(&job_name).await?.status.unwrap_or_default();
+        Ok(
+            match (status.succeeded.unwrap_or(0), status.failed.unwrap_or(0)) {
+                (0, 0) => None,
+                (done, _) => Some(done > 0),
+            },
+        )
+    })
+    .await?;
+    if !succeeded {
+        bail!("the rebuild failed: kubectl -n {namespace} logs job/{job_name}");
+    }
+    println!("The rebuild finished.");
     Ok(())
 }
 

@@ -992,3 +992,69 @@ fn the_network_policy_opens_the_internal_services_to_the_gateway_and_scrapers_on
     let state = build(&fixtures::validated(&stack), Scraping::Annotations);
     assert!(state.network_policy.is_none());
 }
+
+#[test]
+fn the_rebuild_job_runs_the_cache_updaters_pod_once_with_rebuild() {
+    let mut stack = fixtures::example();
+    stack.metadata.uid = Some("7d5c0c44-0000-4000-8000-000000000001".into());
+    let state = example();
+    let updater = objects(&state, Component::CacheUpdater);
+    let job = rebuild_job(&stack, &updater.deployment, "1700000000").unwrap();
+
+    assert_eq!(
+        job.metadata.name,
+        Some(format!(
+            "{}-rebuild-1700000000",
+            stack.metadata.name.clone().unwrap()
+        ))
+    );
+    let owner = &job.metadata.owner_references.as_ref().unwrap()[0];
+    assert_eq!(
+        (owner.kind.as_str(), owner.uid.as_str()),
+        ("MiddlewareStack", "7d5c0c44-0000-4000-8000-000000000001")
+    );
+    let spec = job.spec.unwrap();
+    assert_eq!(spec.backoff_limit, Some(0));
+    assert_eq!(spec.ttl_seconds_after_finished, Some(REBUILD_TTL_SECONDS));
+    let pod = spec.template.spec.as_ref().unwrap();
+    assert_eq!(pod.restart_policy.as_deref(), Some("Never"));
+    let (rebuild, original) = (&pod.containers[0], container(updater));
+    assert_eq!(rebuild.args, Some(vec!["rebuild".to_owned()]));
+    assert_eq!(
+        (
+            &rebuild.image,
+            &rebuild.env,
+            &rebuild.env_from,
+            &rebuild.security_context
+        ),
+        (
+            &original.image,
+            &original.env,
+            &original.env_from,
+            &original.security_context
+        ),
+        "the same image, environment, Secrets and security context"
+    );
+    assert!(original.readiness_probe.is_some() && original.ports.is_some());
+    assert!(rebuild.liveness_probe.is_none() && rebuild.readiness_probe.is_none());
+    assert!(rebuild.ports.is_none());
+
+    // Not one of the cache updater's pods for its Deployment, Service or budget.
+    let labels = spec.template.metadata.unwrap().labels.unwrap();
+    let selector = updater
+        .deployment
+        .spec
+        .as_ref()
+        .unwrap()
+        .selector
+        .match_labels
+        .clone()
+        .unwrap();
+    assert!(
+        selector
+            .iter()
+            .any(|(key, value)| labels.get(key) != Some(value)),
+        "the Job's pod {labels:?} matches the Deployment's selector {selector:?}"
+    );
+    assert_eq!(labels["app.kubernetes.io/name"], REBUILD_NAME);
+}

@@ -180,3 +180,93 @@ async fn status_shows_the_stack_in_one_screen_and_token_mints_what_it_accepts() 
         .await
         .unwrap();
 }
+
+/// `rotate-credentials` sets a new rotation token on the stack each time; `rebuild-read-model`
+/// creates a Job from the cache updater's Deployment, running `rebuild`, owned by the stack.
+#[tokio::test]
+async fn rotate_credentials_asks_the_operator_and_rebuild_creates_a_job() {
+    use k8s_openapi::api::apps::v1::Deployment;
+    use k8s_openapi::api::batch::v1::Job;
+    use kube::ResourceExt as _;
+    use kube::api::ListParams;
+    use operator::build::{Component, Scraping, build};
+    use operator::controller::ROTATE_ANNOTATION;
+
+    let client = client().await;
+    install_crd(&client).await;
+    let ns = TestNamespace::create(&client, "plugin-ops").await;
+    let stacks = ns.stacks();
+    apply(&stacks, &example_stack("shop")).await.unwrap();
+
+    let token = || async {
+        stacks
+            .get("shop")
+            .await
+            .unwrap()
+            .annotations()
+            .get(ROTATE_ANNOTATION)
+            .cloned()
+    };
+    assert_eq!(token().await, None);
+    let out = plugin(&["rotate-credentials", "shop", "-n", &ns.name]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let first = token().await.expect("the rotation annotation is set");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let out = plugin(&["rotate-credentials", "shop", "-n", &ns.name]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let second = token().await.unwrap();
+    assert_ne!(first, second, "each rotation asks with a new token");
+
+    // No cache updater yet: a clear refusal.
+    let out = plugin(&["rebuild-read-model", "shop", "-n", &ns.name]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("shop-cache-updater"), "{stderr}");
+
+    // The Deployment the operator would apply for it, then the rebuild.
+    let stack = stacks.get("shop").await.unwrap();
+    let validated = operator::validate::validate(&stack).unwrap();
+    let desired = build(&validated, Scraping::Annotations);
+    let mut deployment = desired
+        .service(Component::CacheUpdater)
+        .unwrap()
+        .deployment
+        .clone();
+    deployment.metadata.namespace = Some(ns.name.clone());
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
+    deployments
+        .create(&PostParams::default(), &deployment)
+        .await
+        .unwrap();
+    let out = plugin(&["rebuild-read-model", "shop", "-n", &ns.name]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let jobs: Api<Job> = Api::namespaced(client.clone(), &ns.name);
+    let listed = jobs
+        .list(&ListParams::default().labels("app.kubernetes.io/name=read-model-rebuild"))
+        .await
+        .unwrap()
+        .items;
+    assert_eq!(listed.len(), 1);
+    let job = &listed[0];
+    assert!(
+        text.contains(&format!("logs -f job/{}", job.name_any())),
+        "{text}"
+    );
+    assert_eq!(job.owner_references()[0].uid, stack.uid().unwrap());
+    let pod = job.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+    assert_eq!(pod.containers[0].args, Some(vec!["rebuild".to_owned()]));
+    assert_eq!(pod.restart_policy.as_deref(), Some("Never"));
+}
