@@ -11,6 +11,12 @@
 # turns True, proves the platform with the smoke flow, and prints the URLs, a JWT, a curl
 # and a WebSocket example, and `kubectl describe middlewarestack demo`.
 #
+# With MERIDIAN_DEMO_TRACES=1 it also starts Jaeger v2 (built once from its Go module, in memory,
+# OTLP on 127.0.0.1:4318, query on :16686), points the stack's spec.telemetry.otlpEndpoint at it,
+# sends the smoke flow with a trace id of its own, and prints that trace: its URL and its spans
+# as a tree (Jaeger's web UI is not part of its Go module, so the page is Jaeger's placeholder;
+# the API and the tree are the trace).
+#
 #   dev/demo.sh up     start (idempotent)
 #   dev/demo.sh down   delete the stack (the operator cleans up), stop the operator and runner
 set -euo pipefail
@@ -44,6 +50,59 @@ try:
     print(f"127.0.0.1:{port}")
 except (OSError, KeyError, ValueError, StopIteration):
     sys.exit(1)
+PY
+}
+
+TRACES=${MERIDIAN_DEMO_TRACES:-0}
+JAEGER_API=http://127.0.0.1:16686/api
+
+# start_jaeger: Jaeger v2 with its built-in all-in-one configuration (memory storage).
+start_jaeger() {
+  local jaeger port
+  bash "$DEV_DIR/tools.sh" install jaeger
+  jaeger=$(bash "$DEV_DIR/tools.sh" path jaeger)
+  if is_running demo-jaeger; then ok "jaeger already running"; return 0; fi
+  for port in 4318 16686; do
+    port_open "$port" && die "port $port is in use; MERIDIAN_DEMO_TRACES needs it for Jaeger"
+  done
+  start_bg demo-jaeger "$jaeger"
+  wait_for demo-jaeger 60 curl -fsS "$JAEGER_API/services" || die "Jaeger did not start"
+  ok "Jaeger on http://127.0.0.1:16686 (OTLP/HTTP on 127.0.0.1:4318; log $MERIDIAN_LOG_DIR/demo-jaeger.log)"
+}
+
+# show_trace ID: waits until Jaeger holds the trace's spans from the five services, then
+# prints them as a tree (service, operation, duration).
+show_trace() {
+  python3 - "$JAEGER_API/traces/$1" <<'PY'
+import json, sys, time, urllib.error, urllib.request
+
+url, wanted = sys.argv[1], {"api-gateway", "command-service", "processor", "cache-updater", "ws-hub"}
+deadline = time.time() + 60
+while True:
+    try:
+        trace = json.load(urllib.request.urlopen(url, timeout=5))["data"][0]
+    except (urllib.error.URLError, KeyError, IndexError, ValueError):
+        trace = None
+    services = {p["serviceName"] for p in trace["processes"].values()} if trace else set()
+    if wanted <= services:
+        break
+    if time.time() > deadline:
+        sys.exit(f"the trace has spans from {sorted(services)} only, after 60 s")
+    time.sleep(1)
+spans = {s["spanID"]: s for s in trace["spans"]}
+children = {}
+for s in spans.values():
+    parent = next((r["spanID"] for r in s.get("references", [])
+                   if r.get("refType") == "CHILD_OF" and r["spanID"] in spans), None)
+    children.setdefault(parent, []).append(s)
+def show(span, depth):
+    service = trace["processes"][span["processID"]]["serviceName"]
+    print(f"    {'  ' * depth}{service:<16} {span['operationName']:<24} {span['duration'] / 1000:8.2f} ms")
+    for child in sorted(children.get(span["spanID"], []), key=lambda c: c["startTime"]):
+        show(child, depth + 1)
+for root in sorted(children.get(None, []), key=lambda c: c["startTime"]):
+    show(root, 0)
+print(f"    {len(spans)} spans from {len(services)} services")
 PY
 }
 
@@ -102,8 +161,18 @@ up() {
     ok "meridian-runner (processes' logs in $RUNNER_STATE/logs)"
   fi
 
+  if [ "$TRACES" = 1 ]; then
+    step "trace backend (MERIDIAN_DEMO_TRACES=1)"
+    start_jaeger
+  fi
+
   step "MiddlewareStack $NS/$STACK (crds/example-stack.yaml), stage by stage"
   kubectl -n "$NS" apply -f "$ROOT/crds/example-stack.yaml" >/dev/null
+  if [ "$TRACES" = 1 ]; then
+    kubectl -n "$NS" patch middlewarestack "$STACK" --type merge \
+      -p '{"spec":{"telemetry":{"otlpEndpoint":"http://127.0.0.1:4318"}}}' >/dev/null
+    ok "spec.telemetry.otlpEndpoint: http://127.0.0.1:4318 (Jaeger)"
+  fi
   wait_ready 300 || die "see: kubectl -n $NS describe middlewarestack $STACK; logs in $MERIDIAN_LOG_DIR and $RUNNER_STATE/logs"
 
   local gateway hub secret token
@@ -116,8 +185,17 @@ up() {
   secret=$(kubectl -n "$NS" get secret meridian-jwt -o jsonpath='{.data.hmac-secret}' | base64 -d)
 
   step "smoke flow (JWT → command through the gateway → succeeded → document → WebSocket event)"
-  SMOKE_JWT_SECRET=$secret "$TARGET_DIR/meridian-smoke" --gateway "http://$gateway" --hub "ws://$hub" |
-    sed 's/^/    /'
+  local trace="" traced=()
+  if [ "$TRACES" = 1 ]; then
+    trace=$(python3 -c 'import secrets; print(secrets.token_hex(16))')
+    traced=(--traceparent "00-$trace-$(python3 -c 'import secrets; print(secrets.token_hex(8))')-01")
+  fi
+  SMOKE_JWT_SECRET=$secret "$TARGET_DIR/meridian-smoke" --gateway "http://$gateway" --hub "ws://$hub" \
+    "${traced[@]}" | sed 's/^/    /'
+  if [ -n "$trace" ]; then
+    step "the smoke flow's trace $trace"
+    show_trace "$trace" || die "the smoke flow's trace did not reach Jaeger (log: $MERIDIAN_LOG_DIR/demo-jaeger.log)"
+  fi
   token=$(SMOKE_JWT_SECRET=$secret "$TARGET_DIR/meridian-smoke" --print-token --subject demo-user \
     --read 'books/*' --write 'books/*')
 
@@ -146,6 +224,14 @@ Watch the document's room over WebSocket (then send a patch command in another t
 Logs: $MERIDIAN_LOG_DIR/demo-*.log and $RUNNER_STATE/logs/
 Stop: just demo-down
 EOT
+  if [ -n "$trace" ]; then
+    cat <<EOT
+
+The smoke flow's trace (Jaeger):
+  $JAEGER_API/traces/$trace
+  http://127.0.0.1:16686/trace/$trace
+EOT
+  fi
 }
 
 down() {
@@ -161,6 +247,10 @@ down() {
   ok "runner stopped (and the service processes with it)"
   stop_bg demo-operator 30
   ok "operator stopped"
+  if is_running demo-jaeger; then
+    stop_bg demo-jaeger 10
+    ok "Jaeger stopped"
+  fi
 }
 
 case "${1:-up}" in

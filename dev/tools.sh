@@ -6,6 +6,8 @@
 #   promtool   — Prometheus' rule checker and rule unit tests (Go module of Prometheus)
 #   prometheus — the server, for the dashboard check (same module and version; its web UI is
 #                not built in, the HTTP API is all the check uses)
+#   jaeger     — Jaeger v2, the demo's optional trace backend (Go module; its go.mod has replace
+#                directives, so it is built as a tool of a scratch module)
 #   kind       — Kubernetes in Docker, for `just e2e-kind` on machines with a Docker engine
 #   cargo-sweep — removes least recently used Cargo artifacts (crate, built with cargo install)
 #   cargo-deny — license, source and ban checks of the dependency graph (crate, cargo install)
@@ -22,6 +24,8 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 # Prometheus' Go module numbers v3.x releases as v0.3xx (v0.316.0 is Prometheus 3.16.0).
 : "${MERIDIAN_PROMTOOL_VERSION:=v0.316.0}"
 : "${MERIDIAN_KIND_VERSION:=v0.33.0}"
+# Jaeger v2 is released in its Go module under v1.x version numbers.
+: "${MERIDIAN_JAEGER_VERSION:=v1.75.0}"
 : "${MERIDIAN_CARGO_SWEEP_VERSION:=0.8.0}"
 : "${MERIDIAN_CARGO_DENY_VERSION:=0.20.2}"
 : "${MERIDIAN_CARGO_FUZZ_VERSION:=0.13.2}"
@@ -35,11 +39,12 @@ tool_path() {
     promtool) echo "$TOOLS/promtool-$MERIDIAN_PROMTOOL_VERSION/promtool" ;;
     prometheus) echo "$TOOLS/prometheus-$MERIDIAN_PROMTOOL_VERSION/prometheus" ;;
     kind) echo "$TOOLS/kind-$MERIDIAN_KIND_VERSION/kind" ;;
+    jaeger) echo "$TOOLS/jaeger-$MERIDIAN_JAEGER_VERSION/jaeger" ;;
     cargo-sweep) echo "$TOOLS/cargo-sweep-$MERIDIAN_CARGO_SWEEP_VERSION/bin/cargo-sweep" ;;
     cargo-deny) echo "$TOOLS/cargo-deny-$MERIDIAN_CARGO_DENY_VERSION/bin/cargo-deny" ;;
     cargo-fuzz) echo "$TOOLS/cargo-fuzz-$MERIDIAN_CARGO_FUZZ_VERSION/bin/cargo-fuzz" ;;
     nginx) echo "$TOOLS/nginx/usr/sbin/nginx" ;;
-    *) die "unknown tool $1 (hadolint, actionlint, promtool, prometheus, kind, cargo-sweep, cargo-deny, cargo-fuzz, nginx)" ;;
+    *) die "unknown tool $1 (hadolint, actionlint, promtool, prometheus, jaeger, kind, cargo-sweep, cargo-deny, cargo-fuzz, nginx)" ;;
   esac
 }
 
@@ -65,6 +70,17 @@ install_tool() {
       esac
       GOBIN=$(dirname "$path") GOFLAGS=-trimpath go install "$module@$version" ||
         die "could not build $1 $version"
+      ;;
+    jaeger)
+      command -v go >/dev/null || die "go not found: jaeger is built from its Go module"
+      # `go install pkg@version` refuses a module whose go.mod has replace directives.
+      local scratch
+      scratch=$(mktemp -d)
+      (cd "$scratch" && go mod init meridian.invalid/jaeger-tool >/dev/null 2>&1 &&
+        go get -tool "github.com/jaegertracing/jaeger/cmd/jaeger@$MERIDIAN_JAEGER_VERSION" &&
+        GOFLAGS=-trimpath go build -o "$path" github.com/jaegertracing/jaeger/cmd/jaeger) ||
+        { rm -rf "$scratch"; die "could not build jaeger $MERIDIAN_JAEGER_VERSION"; }
+      rm -rf "$scratch"
       ;;
     nginx)
       # The package's files only: `apt-get install` would also start it as a system service.

@@ -3,14 +3,16 @@
 # query of every panel must return at least one series.
 #
 # The stack is the demo's (dev/demo.sh: the operator, the process runner, the example
-# MiddlewareStack). Prometheus, built from its Go module (dev/tools.sh), scrapes the ops port of
-# every pod the runner started and the operator's metrics port, with the labels a PodMonitor
-# gives them (`namespace`, `pod`, and `stack` as the operator's PodMonitor relabels it). The
-# traffic is the demo's smoke flow, then what the failure panels count: requests with a bad
-# token, a refused command, a replayed Idempotency-Key, a document that does not exist. Then
-# each panel's query runs with `$namespace` set to the demo's namespace; the script prints
-# every query's series count and fails naming each query that Prometheus refused or that
-# returned nothing (an unknown metric, a label the code does not set, a panel that stays empty).
+# MiddlewareStack), started with its trace backend (MERIDIAN_DEMO_TRACES=1), so this also checks
+# that the smoke flow's trace reaches Jaeger with spans from all five services. Prometheus,
+# built from its Go module (dev/tools.sh), scrapes the ops port of every pod the runner started
+# and the operator's metrics port, with the labels a PodMonitor gives them (`namespace`, `pod`,
+# and `stack` as the operator's PodMonitor relabels it). The traffic is the demo's smoke flow,
+# then what the failure panels count: requests with a bad token, a refused command, a replayed
+# Idempotency-Key, a document that does not exist. Then each panel's query runs with
+# `$namespace` set to the demo's namespace; the script prints every query's series count and
+# fails naming each query that Prometheus refused or that returned nothing (an unknown metric,
+# a label the code does not set, a panel that stays empty).
 #
 # The demo is stopped at the end unless it was running before.
 #
@@ -45,8 +47,11 @@ cleanup() {
 trap cleanup EXIT
 
 step "dashboards: the demo stack"
-bash "$DEV_DIR/demo.sh" up >"$work/demo.log" 2>&1 || { cat "$work/demo.log" >&2; die "the demo did not start"; }
-ok "stack $NS/$STACK Ready; smoke flow passed"
+# With its trace backend: the demo then also fails unless the smoke flow's trace reaches Jaeger
+# with spans from all five services.
+MERIDIAN_DEMO_TRACES=1 bash "$DEV_DIR/demo.sh" up >"$work/demo.log" 2>&1 ||
+  { cat "$work/demo.log" >&2; die "the demo did not start"; }
+ok "stack $NS/$STACK Ready; smoke flow passed; $(grep -E '^ +[0-9]+ spans from' "$work/demo.log" | sed 's/^ *//') in Jaeger"
 
 # The kubelet probes every pod's /ready (which refreshes `dependency_up`); the process runner
 # starts the pods but does not probe them, so this script does, once a round.
