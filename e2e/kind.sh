@@ -309,6 +309,13 @@ run() {
   [[ $summary =~ \(([1-9][0-9]*)\ applied ]] || die "the rebuild applied no event: ${summary:-no summary}"
   ok "$summary"
 
+  step "kubectl meridian status: the pipeline from the pods' metrics"
+  local status_out
+  status_out=$("$CARGO_TARGET_DIR/debug/kubectl-meridian" status demo -n default)
+  grep -qE '^consumer lag +cache-updater [0-9]+, processor [0-9]+' <<<"$status_out" ||
+    { echo "$status_out" >&2; die "kubectl meridian status shows no consumer lag for both consumers"; }
+  ok "$(grep -E '^(outbox backlog|consumer lag|dead-lettered)' <<<"$status_out" | tr -s ' ' | paste -sd ';' -)"
+
   step "after the faults: the first document is still there"
   token=$(smoke --print-token)
   curl -fsS --retry 3 --retry-delay 5 --retry-all-errors -H "Authorization: Bearer $token" \

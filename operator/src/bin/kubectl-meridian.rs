@@ -2,8 +2,9 @@
 //! `kubectl-meridian` on the `PATH`).
 //!
 //! - `kubectl meridian status <stack>`: one screen with the phase, every stage's condition,
-//!   each service's ready/desired replicas, the endpoints applications use, and the stack's
-//!   latest Events.
+//!   each service's ready/desired replicas, the pipeline (outbox backlog, consumer lag,
+//!   dead-lettered commands, from the pods' metrics), the endpoints applications use, and the
+//!   stack's latest Events.
 //! - `kubectl meridian token <stack> --subject alice --read 'orders/*'`: a JWT signed with
 //!   the stack's own HMAC secret (`spec.auth.jwtSecretRef`), with its issuer and audience.
 //!
@@ -23,9 +24,10 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use clap::{Args, Parser, Subcommand};
+use common::metrics::{COMMANDS_DEAD_LETTERED_TOTAL, KAFKA_CONSUMER_LAG, OUTBOX_BACKLOG};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{ConfigMap, Event, Secret};
+use k8s_openapi::api::core::v1::{ConfigMap, Event, Pod, Secret};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt as _};
@@ -187,6 +189,8 @@ async fn status(client: &Client, target: &Target) -> anyhow::Result<()> {
     }
     print_table(&rows);
 
+    pipeline(client, &namespace, &stack).await;
+
     if let Some(name) = &status.endpoints {
         let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), &namespace);
         if let Some(endpoints) = config_maps.get_opt(name).await? {
@@ -276,6 +280,138 @@ async fn token(client: &Client, args: &TokenArgs) -> anyhow::Result<()> {
     let token = common::auth::mint_hs256(&key.0, &grant).context("cannot sign the token")?;
     println!("{token}");
     Ok(())
+}
+
+/// The pipeline's state as the stack's pods report it on their ops port (`/metrics`, read
+/// through the API server's pod proxy).
+#[derive(Debug, Default, PartialEq)]
+struct Pipeline {
+    /// Rows waiting in each outbox table (`outbox_backlog`; every relay reports the leader's
+    /// view, so the largest).
+    backlog: BTreeMap<String, f64>,
+    /// Messages not yet consumed, by consuming service (`kafka_consumer_lag`, summed over
+    /// the partitions each pod holds).
+    lag: BTreeMap<String, f64>,
+    /// Commands copied to the dead-letter topic since the processor pods started.
+    dead_lettered: f64,
+    /// Pods read, and the first failure to read one.
+    scraped: usize,
+    failure: Option<String>,
+}
+
+impl Pipeline {
+    /// Adds one pod's metrics (Prometheus text format).
+    fn add(&mut self, text: &str) {
+        let Ok(scrape) = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned())))
+        else {
+            return;
+        };
+        self.scraped += 1;
+        for sample in &scrape.samples {
+            let value = match sample.value {
+                prometheus_parse::Value::Counter(v)
+                | prometheus_parse::Value::Gauge(v)
+                | prometheus_parse::Value::Untyped(v) => v,
+                _ => continue,
+            };
+            let label = |name: &str| sample.labels.get(name).unwrap_or_default().to_owned();
+            match sample.metric.as_str() {
+                OUTBOX_BACKLOG => {
+                    let rows = self.backlog.entry(label("table")).or_insert(0.0);
+                    *rows = rows.max(value);
+                }
+                KAFKA_CONSUMER_LAG => *self.lag.entry(label("service")).or_insert(0.0) += value,
+                COMMANDS_DEAD_LETTERED_TOTAL => self.dead_lettered += value,
+                _ => {}
+            }
+        }
+    }
+
+    fn print(&self) {
+        println!("\nPipeline   (the pods' /metrics, through the API server's pod proxy)");
+        if self.scraped == 0 {
+            let why = self.failure.as_deref().unwrap_or("no running pods");
+            println!("  unavailable: {why}");
+            return;
+        }
+        let join = |values: &BTreeMap<String, f64>| {
+            if values.is_empty() {
+                return "none reported yet".to_owned();
+            }
+            values
+                .iter()
+                .map(|(name, value)| format!("{name} {value:.0}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let mut rows = vec![
+            row(["outbox backlog", &join(&self.backlog)]),
+            row(["consumer lag", &join(&self.lag)]),
+            row([
+                "dead-lettered",
+                &format!("{:.0} since the processor pods started", self.dead_lettered),
+            ]),
+        ];
+        if let Some(failure) = &self.failure {
+            rows.push(row(["not read", failure]));
+        }
+        print_table(&rows);
+    }
+}
+
+/// Reads the metrics of the command service's, processor's and cache updater's running pods
+/// and prints the pipeline's state; says why when they cannot be read (no pods, no
+/// `pods/proxy` permission), without failing the command.
+async fn pipeline(client: &Client, namespace: &str, stack: &MiddlewareStack) {
+    let mut pipeline = Pipeline::default();
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    for component in [
+        Component::CommandService,
+        Component::Processor,
+        Component::CacheUpdater,
+    ] {
+        let selector = format!(
+            "app.kubernetes.io/instance={},app.kubernetes.io/name={}",
+            stack.name_any(),
+            component.name()
+        );
+        let listed = match pods.list(&ListParams::default().labels(&selector)).await {
+            Ok(listed) => listed.items,
+            Err(error) => {
+                pipeline
+                    .failure
+                    .get_or_insert(format!("cannot list pods: {error}"));
+                continue;
+            }
+        };
+        for pod in listed {
+            let running = pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running");
+            if !running {
+                continue;
+            }
+            let path = format!(
+                "/api/v1/namespaces/{namespace}/pods/{}:{}/proxy/metrics",
+                pod.name_any(),
+                build::OPS_PORT
+            );
+            let text = match http::Request::get(path).body(Vec::new()) {
+                Ok(request) => client.request_text(request).await,
+                Err(error) => {
+                    pipeline.failure.get_or_insert(error.to_string());
+                    continue;
+                }
+            };
+            match text {
+                Ok(text) => pipeline.add(&text),
+                Err(error) => {
+                    pipeline
+                        .failure
+                        .get_or_insert(format!("{}: {error}", pod.name_any()));
+                }
+            }
+        }
+    }
+    pipeline.print();
 }
 
 /// Polls `done` every 2 s until it returns a result or `args.timeout_seconds` pass.
@@ -451,5 +587,29 @@ mod tests {
         assert_eq!(ago(3 * 86_400), "3d");
         // A clock behind the server's never shows a negative age.
         assert_eq!(age(now, Timestamp::from_second(1_000_100).unwrap()), "0s");
+    }
+
+    #[test]
+    fn the_pipeline_sums_lag_and_dead_letters_and_takes_the_largest_backlog() {
+        let mut pipeline = Pipeline::default();
+        pipeline.add(
+            "# TYPE outbox_backlog gauge\n\
+             outbox_backlog{service=\"processor\",table=\"processor_outbox\"} 3\n\
+             # TYPE kafka_consumer_lag gauge\n\
+             kafka_consumer_lag{service=\"processor\",topic=\"commands\",partition=\"0\"} 4\n\
+             kafka_consumer_lag{service=\"processor\",topic=\"commands\",partition=\"1\"} 1\n\
+             # TYPE commands_dead_lettered_total counter\n\
+             commands_dead_lettered_total{service=\"processor\",reason=\"malformed\"} 2\n",
+        );
+        pipeline.add(
+            "# TYPE outbox_backlog gauge\n\
+             outbox_backlog{service=\"processor\",table=\"processor_outbox\"} 7\n\
+             # TYPE kafka_consumer_lag gauge\n\
+             kafka_consumer_lag{service=\"processor\",topic=\"commands\",partition=\"2\"} 5\n",
+        );
+        assert_eq!(pipeline.scraped, 2);
+        assert_eq!(pipeline.backlog["processor_outbox"], 7.0);
+        assert_eq!(pipeline.lag["processor"], 10.0);
+        assert_eq!(pipeline.dead_lettered, 2.0);
     }
 }

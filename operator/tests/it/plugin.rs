@@ -108,6 +108,8 @@ async fn status_shows_the_stack_in_one_screen_and_token_mints_what_it_accepts() 
         "Services   1/2",
         "processor    0      2",
         "GATEWAY_URL  http://shop-api-gateway:8080",
+        "Pipeline   (the pods' /metrics, through the API server's pod proxy)",
+        "unavailable: no running pods",
         "Events (latest 10)",
     ] {
         assert!(text.contains(expected), "no {expected:?} in:\n{text}");
