@@ -438,7 +438,8 @@ where
 async fn rotate_credentials(client: &Client, args: &WaitArgs) -> anyhow::Result<()> {
     let (namespace, stack) = stack(client, &args.target).await?;
     let validated = validate(&stack).map_err(|e| anyhow::anyhow!("the stack is invalid: {e}"))?;
-    let token = Timestamp::now().as_second().to_string();
+    // A new value each time (to the nanosecond), readable as when it was asked.
+    let token = Timestamp::now().to_string();
     let stacks: Api<MiddlewareStack> = Api::namespaced(client.clone(), &namespace);
     let patch = serde_json::json!({"metadata": {"annotations": {ROTATE_ANNOTATION: token}}});
     stacks

@@ -217,7 +217,6 @@ async fn rotate_credentials_asks_the_operator_and_rebuild_creates_a_job() {
         String::from_utf8_lossy(&out.stderr)
     );
     let first = token().await.expect("the rotation annotation is set");
-    tokio::time::sleep(Duration::from_millis(1100)).await;
     let out = plugin(&["rotate-credentials", "shop", "-n", &ns.name]);
     assert!(
         out.status.success(),
