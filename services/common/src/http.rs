@@ -183,19 +183,36 @@ pub fn instrument(router: Router, service: &'static str) -> Router {
         .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
 }
 
+/// The `method` label: a standard method by name, any other token `other`, so that clients
+/// cannot create metric series at will (a method is any token a client sends).
+fn method_label(method: &http::Method) -> &'static str {
+    match method.as_str() {
+        "GET" => "GET",
+        "HEAD" => "HEAD",
+        "POST" => "POST",
+        "PUT" => "PUT",
+        "PATCH" => "PATCH",
+        "DELETE" => "DELETE",
+        "OPTIONS" => "OPTIONS",
+        "CONNECT" => "CONNECT",
+        "TRACE" => "TRACE",
+        _ => "other",
+    }
+}
+
 async fn record_metrics(service: &'static str, req: Request, next: Next) -> Response {
     let started = Instant::now();
-    let method = req.method().to_string();
+    let method = method_label(req.method());
     let route = req
         .extensions()
         .get::<MatchedPath>()
         .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
     let response = next.run(req).await;
     let labels = [
-        ("service", service.to_owned()),
-        ("method", method),
-        ("route", route),
-        ("status", response.status().as_u16().to_string()),
+        ("service", metrics::SharedString::const_str(service)),
+        ("method", metrics::SharedString::const_str(method)),
+        ("route", route.into()),
+        ("status", response.status().as_u16().to_string().into()),
     ];
     metrics::counter!(HTTP_REQUESTS_TOTAL, &labels).increment(1);
     metrics::histogram!(HTTP_REQUEST_DURATION_SECONDS, &labels)
@@ -368,6 +385,13 @@ mod tests {
     use http::{HeaderMap, HeaderValue};
 
     use super::*;
+
+    #[test]
+    fn only_standard_methods_become_labels() {
+        assert_eq!(method_label(&http::Method::PATCH), "PATCH");
+        let brew = http::Method::from_bytes(b"BREW").unwrap();
+        assert_eq!(method_label(&brew), "other");
+    }
 
     #[test]
     fn the_client_ip_is_the_peer_unless_proxies_are_trusted() {

@@ -188,3 +188,31 @@ async fn with_an_ops_port_readiness_and_metrics_leave_the_public_port() {
         "the ops port closes with the server"
     );
 }
+
+/// A method is any token a client sends; as a label it would let clients create metric series
+/// at will. Other methods than the standard ones are counted as `other`.
+#[tokio::test]
+async fn request_metrics_do_not_take_any_method_as_a_label() {
+    let (addr, shutdown) = start().await;
+    for n in 0..20 {
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        stream
+            .write_all(
+                format!("BREW{n} /echo HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+                    .as_bytes(),
+            )
+            .await
+            .unwrap();
+        let received = read_until_closed(&mut stream).await;
+        assert!(received.starts_with("HTTP/1.1 405"), "{received}");
+    }
+    let metrics = common::test_support::metrics_text(&format!("http://{addr}")).await;
+    assert!(!metrics.contains("method=\"BREW"), "{metrics}");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("http_requests_total{") && l.contains("method=\"other\"")),
+        "{metrics}"
+    );
+    shutdown.cancel();
+}
