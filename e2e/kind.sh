@@ -312,9 +312,9 @@ run() {
   step "kubectl meridian status: the pipeline from the pods' metrics"
   local status_out
   status_out=$("$CARGO_TARGET_DIR/debug/kubectl-meridian" status demo -n default)
-  grep -qE '^consumer lag +cache-updater [0-9]+, processor [0-9]+' <<<"$status_out" ||
+  grep -qE '^ *consumer lag +cache-updater [0-9]+, processor [0-9]+' <<<"$status_out" ||
     { echo "$status_out" >&2; die "kubectl meridian status shows no consumer lag for both consumers"; }
-  ok "$(grep -E '^(outbox backlog|consumer lag|dead-lettered)' <<<"$status_out" | tr -s ' ' | paste -sd ';' -)"
+  ok "$(grep -E '^ *(outbox backlog|consumer lag|dead-lettered)' <<<"$status_out" | tr -s ' ' | sed 's/^ //' | paste -sd ';' -)"
 
   step "after the faults: the first document is still there"
   token=$(smoke --print-token)
