@@ -364,17 +364,23 @@ impl Pipeline {
 /// `pods/proxy` permission), without failing the command.
 async fn pipeline(client: &Client, namespace: &str, stack: &MiddlewareStack) {
     let mut pipeline = Pipeline::default();
+    let Ok(validated) = validate(stack) else {
+        pipeline.failure = Some("the stack is invalid, so it has no pods".to_owned());
+        pipeline.print();
+        return;
+    };
     let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
     for component in [
         Component::CommandService,
         Component::Processor,
         Component::CacheUpdater,
     ] {
-        let selector = format!(
-            "app.kubernetes.io/instance={},app.kubernetes.io/name={}",
-            stack.name_any(),
-            component.name()
-        );
+        // The labels the service's Deployment selects its pods by.
+        let selector = build::selector_labels(&validated, component)
+            .iter()
+            .map(|(key, value)| format!("{key}={value}"))
+            .collect::<Vec<_>>()
+            .join(",");
         let listed = match pods.list(&ListParams::default().labels(&selector)).await {
             Ok(listed) => listed.items,
             Err(error) => {
