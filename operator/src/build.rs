@@ -5,10 +5,12 @@
 //! Per enabled service: a ConfigMap with its plain settings, a Deployment (probes on `/health`
 //! and `/ready`, non-root, read-only root filesystem, secrets from Secret refs), a Service, a
 //! PodDisruptionBudget when it runs more than one replica, and a HorizontalPodAutoscaler when
-//! it scales automatically (the Deployment then leaves `replicas` to it); per stack, the
+//! it scales on CPU (the Deployment then leaves `replicas` to it; the processor and the cache
+//! updater scale on consumer lag instead, [`with_replicas`] sets the count the operator
+//! decided, [`crate::scaling`]); per stack, the
 //! endpoints ConfigMap and a NetworkPolicy around the internal services. Every object carries the
 //! `app.kubernetes.io/*` labels and a controller owner reference to the stack.
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
@@ -17,6 +19,7 @@ use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
+use crate::scaling::LagPolicy;
 use crate::validate::ValidatedStack;
 
 mod component;
@@ -27,7 +30,7 @@ mod monitoring;
 mod network_policy;
 mod service;
 
-pub use component::{Component, Tier};
+pub use component::{Component, Consumption, Tier};
 pub use config_map::{service_url, settings};
 pub use job::{JobError, REBUILD_NAME, REBUILD_TTL_SECONDS, rebuild_job};
 pub use monitoring::{Scraping, pod_monitor, pod_monitor_kind, pod_monitor_name};
@@ -219,6 +222,66 @@ pub fn build(stack: &ValidatedStack, scraping: Scraping) -> DesiredState {
             .collect(),
         scraping,
     }
+}
+
+/// Who sets the replica count of the Deployments whose count the spec's `replicas` does not
+/// give.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Replicas {
+    /// The counts the operator decided for the services that scale on consumer lag.
+    pub decided: BTreeMap<Component, i32>,
+    /// The services whose Deployment a HorizontalPodAutoscaler the operator does not own
+    /// targets (the user's, or KEDA's): their count is left out of the apply.
+    pub external: BTreeSet<Component>,
+}
+
+/// Sets the replica counts of `replicas` on the Deployments of `state`.
+pub fn with_replicas(mut state: DesiredState, replicas: &Replicas) -> DesiredState {
+    for objects in &mut state.services {
+        let Some(spec) = objects.deployment.spec.as_mut() else {
+            continue;
+        };
+        if replicas.external.contains(&objects.component) {
+            spec.replicas = None;
+        } else if let Some(count) = replicas.decided.get(&objects.component) {
+            spec.replicas = Some(*count);
+        }
+    }
+    state
+}
+
+/// The consumer group of a consumer service: the literal value of its group variable in the
+/// service's `env`, or `<KAFKA_TOPIC_PREFIX><service>` as the service defaults to.
+pub fn consumer_group(stack: &ValidatedStack, component: Component) -> Option<String> {
+    let consumes = component.consumes()?;
+    let overridden = component
+        .spec(&stack.spec().services)
+        .env
+        .iter()
+        .find(|e| e.name == consumes.group_variable)
+        .and_then(|e| e.value.clone());
+    Some(overridden.unwrap_or_else(|| format!("{}{}", stack.topic_prefix(), consumes.group_suffix)))
+}
+
+/// The lag policy of a consumer service that scales automatically ([`crate::scaling`]).
+pub fn lag_policy(stack: &ValidatedStack, component: Component) -> Option<LagPolicy> {
+    let consumes = component.consumes()?;
+    let spec = component.spec(&stack.spec().services);
+    let autoscaling = spec.autoscaling.as_ref().filter(|_| spec.enabled)?;
+    let topics = &stack.spec().kafka.topics;
+    let partitions = match consumes.topic {
+        "commands" => topics.commands.partitions,
+        _ => topics.events.partitions,
+    };
+    Some(LagPolicy {
+        min: autoscaling.min_replicas,
+        max: autoscaling.max_replicas,
+        partitions,
+        target_lag_per_replica: autoscaling.target_lag_per_replica(),
+        scale_down_delay: std::time::Duration::from_secs(
+            u64::try_from(autoscaling.scale_down_delay_seconds()).unwrap_or(0),
+        ),
+    })
 }
 
 /// Stamps `hash` (of the connection Secrets' contents) on the pod template of every service

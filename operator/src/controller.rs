@@ -11,7 +11,8 @@
 //!    ([`dereference`]).
 //! 4. *topics*, then 5. *credentials*: the Redis user, the PostgreSQL role and the connection
 //!    Secrets ([`provision`]). Steps 3 to 5 are reused while their inputs are unchanged.
-//! 6. *build* the desired objects (pure, [`crate::build`]); delete those of disabled services.
+//! 6. *build* the desired objects (pure, [`crate::build`]) with the replica counts of
+//!    [`scaling`] (the consumers' lag, foreign autoscalers); delete those of disabled services.
 //! 7. *apply* (server-side, [`apply`]) the objects of the core services, then the WebSocket
 //!    hub, then the API gateway.
 //! 8. *status*: merge the conditions, update the stage gauges, patch the status, publish the
@@ -54,6 +55,7 @@ mod cleanup;
 mod dereference;
 mod monitoring;
 mod provision;
+mod scaling;
 mod stages;
 mod status;
 mod watch;
@@ -235,6 +237,8 @@ pub struct Context {
     referenced: Mutex<HashMap<ObjectRef<Secret>, Arc<Secret>>>,
     /// Whether the cluster serves PodMonitors, and the ones this process wrote.
     pod_monitors: monitoring::PodMonitors,
+    /// What the consumers' lag scalers remember between reconciles.
+    scalers: scaling::Memories,
 }
 
 /// Runs the controller until `shutdown` fires.
@@ -272,6 +276,7 @@ pub async fn run(
         secret_versions,
         referenced: Mutex::default(),
         pod_monitors: monitoring::PodMonitors::default(),
+        scalers: scaling::Memories::default(),
         settings,
     });
     controller

@@ -12,6 +12,7 @@
 //!   PodDisruptionBudgets (pure).
 //! - `gating` — which staged step may proceed given the observed health (pure).
 //! - `names` — the names of a stack's topics, Redis user and PostgreSQL role (pure).
+//! - `scaling` — how many replicas a consumer scaled on Kafka lag runs (pure).
 //! - `status` — the stage conditions and how they merge (pure).
 //! - `provision` — Kafka topics, the Redis ACL user, the PostgreSQL role and database.
 //! - `owned` — the compact copies of owned objects that the reflector stores hold.
@@ -32,6 +33,7 @@ pub mod gating;
 pub mod names;
 pub mod owned;
 pub mod provision;
+pub mod scaling;
 pub mod status;
 pub mod validate;
 

@@ -125,6 +125,25 @@ impl Component {
         matches!(self, Self::Gateway | Self::CommandService | Self::WsHub)
     }
 
+    /// What the service consumes, if it is a Kafka consumer: the topic (without the stack's
+    /// prefix), the variable that overrides its consumer group, and the group's name after the
+    /// prefix. The processor and the cache updater scale on this group's lag.
+    pub fn consumes(self) -> Option<Consumption> {
+        match self {
+            Self::Processor => Some(Consumption {
+                topic: "commands",
+                group_variable: "PROCESSOR_CONSUMER_GROUP",
+                group_suffix: "processor",
+            }),
+            Self::CacheUpdater => Some(Consumption {
+                topic: "events",
+                group_variable: "CACHE_CONSUMER_GROUP",
+                group_suffix: "cache-updater",
+            }),
+            Self::CommandService | Self::WsHub | Self::Gateway => None,
+        }
+    }
+
     /// Whether the service talks to Kafka (`KAFKA_BOOTSTRAP_SERVERS`, `KAFKA_TOPIC_PREFIX`).
     pub fn uses_kafka(self) -> bool {
         matches!(
@@ -132,4 +151,15 @@ impl Component {
             Self::CommandService | Self::Processor | Self::CacheUpdater
         )
     }
+}
+
+/// What a consumer service reads ([`Component::consumes`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Consumption {
+    /// The topic, without the stack's prefix.
+    pub topic: &'static str,
+    /// The environment variable that names another consumer group.
+    pub group_variable: &'static str,
+    /// The default group: `<KAFKA_TOPIC_PREFIX><group_suffix>`.
+    pub group_suffix: &'static str,
 }

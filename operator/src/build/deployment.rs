@@ -12,8 +12,9 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use k8s_openapi::api::autoscaling::v2::{
-    CrossVersionObjectReference, HorizontalPodAutoscaler, HorizontalPodAutoscalerSpec, MetricSpec,
-    MetricTarget, ResourceMetricSource,
+    CrossVersionObjectReference, HPAScalingRules, HorizontalPodAutoscaler,
+    HorizontalPodAutoscalerBehavior, HorizontalPodAutoscalerSpec, MetricSpec, MetricTarget,
+    ResourceMetricSource,
 };
 
 use super::config_map::config_hash;
@@ -195,8 +196,16 @@ pub(super) fn deployment(
     Deployment {
         metadata: metadata(stack, component),
         spec: Some(DeploymentSpec {
-            // With an autoscaler the replica count is its to set: left out of the apply.
-            replicas: spec.autoscaling.is_none().then_some(spec.replicas),
+            // With an autoscaler the replica count is its to set: left out of the apply. A
+            // service scaled on consumer lag starts at its minimum; the operator's decision
+            // replaces it ([`super::with_replicas`]).
+            replicas: match &spec.autoscaling {
+                None => Some(spec.replicas),
+                Some(autoscaling) if component.consumes().is_some() => {
+                    Some(autoscaling.min_replicas)
+                }
+                Some(_) => None,
+            },
             selector: LabelSelector {
                 match_labels: Some(selector_labels(stack, component)),
                 ..LabelSelector::default()
@@ -256,15 +265,28 @@ pub(super) fn pod_disruption_budget(
 }
 
 /// The service's HorizontalPodAutoscaler (autoscaling/v2) on average CPU utilisation, when
-/// `autoscaling` is set.
+/// `autoscaling` is set, except for the consumers, which the operator scales on lag.
 pub(super) fn autoscaler(
     stack: &ValidatedStack,
     component: Component,
 ) -> Option<HorizontalPodAutoscaler> {
+    if component.consumes().is_some() {
+        return None;
+    }
     let autoscaling = component
         .spec(&stack.spec().services)
         .autoscaling
         .as_ref()?;
+    let behavior =
+        autoscaling
+            .scale_down_delay_seconds
+            .map(|seconds| HorizontalPodAutoscalerBehavior {
+                scale_down: Some(HPAScalingRules {
+                    stabilization_window_seconds: Some(seconds),
+                    ..HPAScalingRules::default()
+                }),
+                ..HorizontalPodAutoscalerBehavior::default()
+            });
     Some(HorizontalPodAutoscaler {
         metadata: metadata(stack, component),
         spec: Some(HorizontalPodAutoscalerSpec {
@@ -287,7 +309,7 @@ pub(super) fn autoscaler(
                 }),
                 ..MetricSpec::default()
             }]),
-            ..HorizontalPodAutoscalerSpec::default()
+            behavior,
         }),
         ..HorizontalPodAutoscaler::default()
     })

@@ -900,6 +900,8 @@ fn an_autoscaled_service_gets_an_autoscaler_and_leaves_replicas_to_it() {
         min_replicas: 2,
         max_replicas: 6,
         target_cpu_utilization_percentage: 60,
+        target_lag_per_replica: None,
+        scale_down_delay_seconds: None,
     });
     let state = build(&fixtures::validated(&stack), Scraping::Annotations);
     let gateway = objects(&state, Component::Gateway);
@@ -1057,4 +1059,107 @@ fn the_rebuild_job_runs_the_cache_updaters_pod_once_with_rebuild() {
         "the Job's pod {labels:?} matches the Deployment's selector {selector:?}"
     );
     assert_eq!(labels["app.kubernetes.io/name"], REBUILD_NAME);
+}
+
+#[test]
+fn a_consumer_scaled_on_lag_gets_the_operators_count_and_no_autoscaler() {
+    let mut stack = fixtures::stack(fixtures::MINIMAL);
+    stack.spec.kafka.topics.commands.partitions = 8;
+    stack.spec.services.processor.replicas = 5;
+    stack.spec.services.processor.autoscaling = Some(crate::crd::AutoscalingSpec {
+        min_replicas: 2,
+        max_replicas: 6,
+        target_cpu_utilization_percentage: 70,
+        target_lag_per_replica: Some(250),
+        scale_down_delay_seconds: Some(60),
+    });
+    let validated = fixtures::validated(&stack);
+    let state = build(&validated, Scraping::Annotations);
+    let processor = objects(&state, Component::Processor);
+    // No HPA: the operator scales it, starting from the minimum (not `replicas`).
+    assert!(processor.autoscaler.is_none());
+    assert_eq!(
+        processor.deployment.spec.as_ref().unwrap().replicas,
+        Some(2)
+    );
+    assert!(processor.pod_disruption_budget.is_some());
+    let policy = lag_policy(&validated, Component::Processor).unwrap();
+    assert_eq!(
+        policy,
+        crate::scaling::LagPolicy {
+            min: 2,
+            max: 6,
+            partitions: 8,
+            target_lag_per_replica: 250,
+            scale_down_delay: std::time::Duration::from_secs(60),
+        }
+    );
+    assert_eq!(lag_policy(&validated, Component::CacheUpdater), None);
+    assert_eq!(lag_policy(&validated, Component::Gateway), None);
+    assert_eq!(
+        consumer_group(&validated, Component::Processor).as_deref(),
+        Some("team-a.mini.processor")
+    );
+    assert_eq!(
+        consumer_group(&validated, Component::CacheUpdater).as_deref(),
+        Some("team-a.mini.cache-updater")
+    );
+    assert_eq!(consumer_group(&validated, Component::WsHub), None);
+
+    // The decided count lands on the Deployment; a foreign autoscaler's target loses its count.
+    let replicas = Replicas {
+        decided: BTreeMap::from([(Component::Processor, 4)]),
+        external: BTreeSet::from([Component::WsHub]),
+    };
+    let state = with_replicas(state, &replicas);
+    let count = |c| {
+        objects(&state, c)
+            .deployment
+            .spec
+            .as_ref()
+            .unwrap()
+            .replicas
+    };
+    assert_eq!(count(Component::Processor), Some(4));
+    assert_eq!(count(Component::WsHub), None);
+    assert_eq!(count(Component::CacheUpdater), Some(1));
+    let hub = serde_json::to_value(&objects(&state, Component::WsHub).deployment).unwrap();
+    assert!(hub["spec"].get("replicas").is_none(), "{hub}");
+}
+
+#[test]
+fn a_consumer_group_set_in_env_is_the_one_scaled_on() {
+    let mut stack = fixtures::stack(fixtures::MINIMAL);
+    stack.spec.services.cache_updater.env = vec![EnvVar {
+        name: "CACHE_CONSUMER_GROUP".to_owned(),
+        value: Some("projections".to_owned()),
+        ..EnvVar::default()
+    }];
+    let validated = fixtures::validated(&stack);
+    assert_eq!(
+        consumer_group(&validated, Component::CacheUpdater).as_deref(),
+        Some("projections")
+    );
+}
+
+#[test]
+fn a_scale_down_delay_becomes_the_autoscalers_stabilization_window() {
+    let mut stack = fixtures::stack(fixtures::MINIMAL);
+    stack.spec.services.ws_hub.autoscaling = Some(crate::crd::AutoscalingSpec {
+        min_replicas: 1,
+        max_replicas: 3,
+        target_cpu_utilization_percentage: 70,
+        target_lag_per_replica: None,
+        scale_down_delay_seconds: Some(600),
+    });
+    let state = build(&fixtures::validated(&stack), Scraping::Annotations);
+    let hpa = objects(&state, Component::WsHub)
+        .autoscaler
+        .clone()
+        .unwrap();
+    let behavior = hpa.spec.unwrap().behavior.unwrap();
+    assert_eq!(
+        behavior.scale_down.unwrap().stabilization_window_seconds,
+        Some(600)
+    );
 }

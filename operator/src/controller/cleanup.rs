@@ -15,7 +15,7 @@ use kube::runtime::reflector::ObjectRef;
 
 use super::apply::object_key;
 use super::status::{event, publish_events, record_stage_gauges};
-use super::{Chain, Context, deadline, dereference, provision};
+use super::{Chain, Context, deadline, dereference, provision, scaling};
 use crate::build::{self, Component};
 use crate::crd::{MiddlewareStack, Retention};
 use crate::names;
@@ -140,8 +140,8 @@ pub(super) async fn cleanup(
 }
 
 /// Drops what the operator keeps about a stack whose finalizer it releases: its stage states
-/// (so `operator_stacks` counts it no more), its provisioning cache, failure count and
-/// Event recorder, and the fingerprints of the objects it applied for it.
+/// (so `operator_stacks` counts it no more), its provisioning cache, scaler memory, failure
+/// count and Event recorder, and the fingerprints of the objects it applied for it.
 fn forget(stack: &MiddlewareStack, ctx: &Context) {
     let key = ObjectRef::from_obj(stack);
     {
@@ -151,6 +151,7 @@ fn forget(stack: &MiddlewareStack, ctx: &Context) {
     }
     provision::forget(ctx, stack);
     dereference::forget(ctx, stack);
+    scaling::forget_stack(ctx, &key);
     ctx.failures
         .lock()
         .unwrap_or_else(|p| p.into_inner())

@@ -268,6 +268,18 @@ pub(super) struct Clients {
     pub(super) postgres: PostgresAdmin,
 }
 
+/// The admin clients of the stack's Kafka cluster (shared with every stack on it).
+pub(super) fn kafka(
+    ctx: &Context,
+    validated: &ValidatedStack,
+    refs: &Dereferenced,
+) -> Result<Arc<KafkaCluster>, ProvisionError> {
+    ctx.kafka.cluster(
+        &validated.spec().kafka.bootstrap_servers,
+        refs.kafka.as_ref(),
+    )
+}
+
 /// Stage 1: the admin clients of Kafka, Redis and PostgreSQL, once each has answered (a
 /// metadata request, `PING`, `SELECT 1`).
 pub(super) async fn dependencies(
@@ -277,10 +289,7 @@ pub(super) async fn dependencies(
 ) -> Result<Clients, Error> {
     let spec = validated.spec();
     let timeout = ctx.settings.dependency_timeout;
-    let kafka = ctx
-        .kafka
-        .cluster(&spec.kafka.bootstrap_servers, refs.kafka.as_ref())
-        .map_err(Error::KafkaClient)?;
+    let kafka = kafka(ctx, validated, refs).map_err(Error::KafkaClient)?;
     let redis =
         RedisAdmin::new(&spec.redis.url, &refs.redis, timeout).map_err(Error::RedisClient)?;
     let postgres = ctx

@@ -10,7 +10,7 @@ use kube::runtime::events::{Event, EventType};
 
 use super::provision::Topics;
 use super::status::{event, waiting_after};
-use super::{Context, apply, dereference, monitoring, provision, timed};
+use super::{Context, apply, dereference, monitoring, provision, scaling, timed};
 use crate::build::{self, Component, Scraping, Tier};
 use crate::crd::{MiddlewareStack, ServiceStatus};
 use crate::status::{CORE_AVAILABLE, DEPENDENCIES_READY, EDGE_AVAILABLE, TOPICS_READY};
@@ -227,8 +227,11 @@ pub(super) async fn run(
     // 4. Core, 5. edge: build (pure), then apply in the order gating allows.
     let pod_monitor_api = monitoring::pod_monitor_api(ctx).await;
     let scraping = Scraping::choose(&validated.spec().monitoring, pod_monitor_api.is_some());
+    let scaled = timed("scaling", scaling::replicas(ctx, stack, validated, &refs)).await;
+    events.extend(scaled.events);
     let desired =
         build::with_credentials_hash(build::build(validated, scraping), &credentials_hash);
+    let desired = build::with_replicas(desired, &scaled.replicas);
     let enabled = validated.enabled();
     match services::delete_disabled(ctx, validated, &enabled).await {
         Ok(deleted) if !deleted.is_empty() => events.push(event(
@@ -299,7 +302,7 @@ pub(super) async fn run(
             error.message(),
         )),
     }
-    let rollout = services::roll_out(ctx, validated, &desired, &enabled).await;
+    let rollout = services::roll_out(ctx, validated, &desired, &enabled, &scaled.changed).await;
     if let Err(error) = rollout.result {
         return Outcome::failed(reports, rollout.services, events, error.into());
     }

@@ -20,6 +20,7 @@ use kube::{Client, Resource, ResourceExt as _};
 use serde::de::DeserializeOwned;
 
 use super::{APPLIED_HASH_ANNOTATION, MANAGED_SELECTOR, Settings, dereference};
+use crate::build::Component;
 use crate::crd::MiddlewareStack;
 use crate::owned::{self, Compact, Owned};
 
@@ -33,6 +34,10 @@ pub(super) struct Stores {
     pub(super) autoscalers: Store<Owned<HorizontalPodAutoscaler>>,
     pub(super) network_policies: Store<Owned<NetworkPolicy>>,
     pub(super) secrets: Store<Owned<Secret>>,
+    /// The HorizontalPodAutoscalers the operator does not own, reduced to their identity and
+    /// scale target ([`scale_target_only`]): a service's Deployment one of them targets
+    /// leaves its replica count to it.
+    pub(super) foreign_autoscalers: Store<HorizontalPodAutoscaler>,
 }
 
 impl Stores {
@@ -45,6 +50,7 @@ impl Stores {
             && self.autoscalers.wait_until_ready().await.is_ok()
             && self.network_policies.wait_until_ready().await.is_ok()
             && self.secrets.wait_until_ready().await.is_ok()
+            && self.foreign_autoscalers.wait_until_ready().await.is_ok()
     }
 }
 
@@ -74,6 +80,7 @@ where
 pub(super) fn watches(client: &Client, settings: &Settings) -> Watches {
     let ns = settings.namespace.as_deref();
     let managed = watcher::Config::default().labels(MANAGED_SELECTOR);
+    let unmanaged = watcher::Config::default().labels(&MANAGED_SELECTOR.replacen('=', "!=", 1));
 
     let (deployments, deployments_writer) = reflector::store();
     let (services, services_writer) = reflector::store();
@@ -82,6 +89,7 @@ pub(super) fn watches(client: &Client, settings: &Settings) -> Watches {
     let (autoscalers, autoscalers_writer) = reflector::store();
     let (network_policies, network_policies_writer) = reflector::store();
     let (secrets, secrets_writer) = reflector::store();
+    let (foreign_autoscalers, foreign_autoscalers_writer) = reflector::store();
     let stores = Stores {
         deployments,
         services,
@@ -90,6 +98,7 @@ pub(super) fn watches(client: &Client, settings: &Settings) -> Watches {
         autoscalers,
         network_policies,
         secrets,
+        foreign_autoscalers,
     };
     // The stores hold compact copies (`crate::owned`); the full objects go on to the
     // controller's owner triggers and are dropped there.
@@ -111,11 +120,22 @@ pub(super) fn watches(client: &Client, settings: &Settings) -> Watches {
     let (secret_versions, secret_versions_writer) = reflector::store();
     let referenced_secrets = watcher(
         scoped::<PartialObjectMeta<Secret>>(client, ns),
-        watcher::Config::default().labels(&MANAGED_SELECTOR.replacen('=', "!=", 1)),
+        unmanaged.clone(),
     )
     .default_backoff()
     .modify(identity_only)
     .reflect(secret_versions_writer)
+    .touched_objects();
+
+    // Every other autoscaler: one that starts or stops targeting a stack's Deployment
+    // reconciles that stack, so the operator lets go of (or takes back) its replica count.
+    let foreign_autoscalers = watcher(
+        scoped::<HorizontalPodAutoscaler>(client, ns),
+        unmanaged.clone(),
+    )
+    .default_backoff()
+    .modify(scale_target_only)
+    .reflect(foreign_autoscalers_writer)
     .touched_objects();
 
     // The stacks' own watch and store, stripped like the owned objects': a stack's managed
@@ -129,6 +149,7 @@ pub(super) fn watches(client: &Client, settings: &Settings) -> Watches {
     .modify(strip)
     .reflect(stacks_writer)
     .applied_objects();
+    let autoscaled_stacks = stacks.clone();
     let controller = Controller::for_stream(stack_changes, stacks.clone())
         .with_config(
             ControllerConfig::default()
@@ -151,6 +172,25 @@ pub(super) fn watches(client: &Client, settings: &Settings) -> Watches {
                 .into_iter()
                 .filter(|s| s.namespace().as_deref() == Some(namespace.as_str()))
                 .filter(|s| dereference::refers_to(s, &name))
+                .map(|s| ObjectRef::from_obj(&*s))
+                .collect::<Vec<_>>()
+        })
+        .watches_stream(foreign_autoscalers, move |autoscaler| {
+            let namespace = autoscaler.namespace();
+            let Some(target) = autoscaler.spec.map(|s| s.scale_target_ref.name) else {
+                return Vec::new();
+            };
+            // A stack's Deployments are named `<stack>-<service>`.
+            autoscaled_stacks
+                .state()
+                .into_iter()
+                .filter(|s| s.namespace() == namespace)
+                .filter(|s| {
+                    target
+                        .strip_prefix(s.name_any().as_str())
+                        .and_then(|rest| rest.strip_prefix('-'))
+                        .is_some_and(|service| Component::ALL.iter().any(|c| c.name() == service))
+                })
                 .map(|s| ObjectRef::from_obj(&*s))
                 .collect::<Vec<_>>()
         });
@@ -189,18 +229,33 @@ fn strip<K: Resource>(object: &mut K) {
     }
 }
 
+/// Keeps only an autoscaler's identity and scale target: what the foreign-autoscalers store
+/// is read for.
+fn scale_target_only(autoscaler: &mut HorizontalPodAutoscaler) {
+    autoscaler.metadata = identity(std::mem::take(&mut autoscaler.metadata));
+    autoscaler.status = None;
+    if let Some(spec) = &mut autoscaler.spec {
+        spec.metrics = None;
+        spec.behavior = None;
+    }
+}
+
 /// Keeps only what the referenced-Secrets store is read for: name, namespace, uid and
 /// resourceVersion (labels, annotations and owner references can be most of a Secret's
 /// metadata).
 fn identity_only(secret: &mut PartialObjectMeta<Secret>) {
-    let meta = std::mem::take(&mut secret.metadata);
-    secret.metadata = ObjectMeta {
+    secret.metadata = identity(std::mem::take(&mut secret.metadata));
+}
+
+/// An object's name, namespace, uid and resourceVersion, nothing else.
+fn identity(meta: ObjectMeta) -> ObjectMeta {
+    ObjectMeta {
         name: meta.name,
         namespace: meta.namespace,
         uid: meta.uid,
         resource_version: meta.resource_version,
         ..ObjectMeta::default()
-    };
+    }
 }
 
 /// What of an owned Deployment a reconcile acts on: its generation (spec changed, by us or

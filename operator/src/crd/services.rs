@@ -22,9 +22,14 @@ use super::ImageOverride;
     "services.cacheUpdater.replicas must be at least 1 while it is enabled: without a replica the \
      cache updater projects no event (set spec.paused to stop the operator's changes instead)"
 ))]
-#[x_kube(validation = Rule::new("!has(self.processor.autoscaling) && !has(self.cacheUpdater.autoscaling)").message(
-    "autoscaling is available for the gateway, the command service and the hub: the processor and \
-     the cache updater are bounded by their topics' partitions (set their replicas instead)"
+#[x_kube(validation = Rule::new(
+    "(!has(self.gateway.autoscaling) || !has(self.gateway.autoscaling.targetLagPerReplica)) && \
+     (!has(self.commandService.autoscaling) || !has(self.commandService.autoscaling.targetLagPerReplica)) && \
+     (!has(self.wsHub.autoscaling) || !has(self.wsHub.autoscaling.targetLagPerReplica))"
+).message(
+    "autoscaling.targetLagPerReplica applies to the processor and the cache updater, which the \
+     operator scales on consumer lag; the gateway, the command service and the hub scale on CPU \
+     (targetCPUUtilizationPercentage)"
 ))]
 pub struct ServicesSpec {
     /// The API gateway (port 8080): authentication, rate limits, reads from Redis, commands
@@ -71,14 +76,20 @@ pub struct ServiceSpec {
     /// This service's image, where it differs from `spec.image`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<ImageOverride>,
-    /// Scale on CPU with a HorizontalPodAutoscaler the operator owns (gateway, command service
-    /// and hub only). While set, `replicas` is ignored: the autoscaler owns the Deployment's
-    /// replica count and the operator never resets it.
+    /// Scale automatically. The gateway, the command service and the hub scale on CPU with a
+    /// HorizontalPodAutoscaler the operator owns; the processor and the cache updater are
+    /// scaled by the operator on their Kafka consumer lag, never beyond the partitions of the
+    /// topic they consume. While set, `replicas` is ignored.
+    ///
+    /// Without it, a HorizontalPodAutoscaler of your own (or KEDA's) that targets the
+    /// service's Deployment takes the replica count over, and the operator leaves it alone.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub autoscaling: Option<AutoscalingSpec>,
 }
 
-/// A HorizontalPodAutoscaler on the service's average CPU use (its pods need a CPU request).
+/// How a service scales: on CPU through a HorizontalPodAutoscaler (the gateway, the command
+/// service and the hub; their pods need a CPU request), or on Kafka consumer lag by the
+/// operator (the processor and the cache updater).
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("self.maxReplicas >= self.minReplicas").message(
@@ -99,6 +110,41 @@ pub struct AutoscalingSpec {
     )]
     #[schemars(range(min = 1, max = 100))]
     pub target_cpu_utilization_percentage: i32,
+    /// Processor and cache updater only: the consumer lag (messages on their topic not yet
+    /// processed) one replica is expected to work off (default 1000). The operator runs
+    /// `ceil(lag / targetLagPerReplica)` replicas, within `minReplicas` and `maxReplicas`,
+    /// and never more than the topic's partitions; it looks again at every health check
+    /// (30 s by default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub target_lag_per_replica: Option<i64>,
+    /// How long the load must stay low before the service scales down, in seconds, from 0 to
+    /// 3600 (default 300): the HorizontalPodAutoscaler's scale-down stabilization window, or
+    /// for the processor and the cache updater how long the lag must fit fewer replicas
+    /// (with a fifth to spare). Scaling up is never delayed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 3600))]
+    pub scale_down_delay_seconds: Option<i32>,
+}
+
+impl AutoscalingSpec {
+    /// The default of `targetLagPerReplica`.
+    pub const DEFAULT_TARGET_LAG_PER_REPLICA: u64 = 1000;
+    /// The default of `scaleDownDelaySeconds`.
+    pub const DEFAULT_SCALE_DOWN_DELAY_SECONDS: i32 = 300;
+
+    /// `targetLagPerReplica`, or its default.
+    pub fn target_lag_per_replica(&self) -> u64 {
+        self.target_lag_per_replica
+            .and_then(|t| u64::try_from(t).ok())
+            .unwrap_or(Self::DEFAULT_TARGET_LAG_PER_REPLICA)
+    }
+
+    /// `scaleDownDelaySeconds`, or its default.
+    pub fn scale_down_delay_seconds(&self) -> i32 {
+        self.scale_down_delay_seconds
+            .unwrap_or(Self::DEFAULT_SCALE_DOWN_DELAY_SECONDS)
+    }
 }
 
 fn default_cpu_target() -> i32 {

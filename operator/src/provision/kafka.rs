@@ -16,6 +16,7 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer as _};
 use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::types::RDKafkaRespErr;
+use rdkafka::{Offset, TopicPartitionList};
 use secrecy::ExposeSecret as _;
 
 use super::{AdminCredentials, ProvisionError, bounded};
@@ -44,6 +45,24 @@ struct Existing {
 pub struct KafkaCluster {
     admin: AdminClient<DefaultClientContext>,
     metadata: Metadata,
+    /// The clients' settings, without a group.
+    config: ClientConfig,
+    /// One consumer per consumer group whose lag is read ([`KafkaCluster::consumer_lag`]);
+    /// it never joins the group, it only reads its committed offsets.
+    lag_readers: Mutex<HashMap<String, Arc<BaseConsumer>>>,
+}
+
+/// How many consumer groups' lag readers one cluster keeps before it starts over.
+const LAG_READERS: usize = 256;
+
+/// The lag of one consumer group on one topic.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConsumerLag {
+    /// Messages between the group's committed offsets (the earliest offset where it has none)
+    /// and the partitions' high watermarks, summed over the partitions.
+    pub messages: u64,
+    /// The topic's partitions.
+    pub partitions: i32,
 }
 
 /// How many distinct topics one metadata consumer is asked about before it is replaced.
@@ -149,7 +168,12 @@ impl KafkaClients {
         let mut metadata_config = config.clone();
         metadata_config.set("group.id", "meridian-operator-metadata");
         let metadata = Metadata::new(metadata_config)?;
-        let cluster = Arc::new(KafkaCluster { admin, metadata });
+        let cluster = Arc::new(KafkaCluster {
+            admin,
+            metadata,
+            config,
+            lag_readers: Mutex::default(),
+        });
         clusters.insert(key, cluster.clone());
         Ok(cluster)
     }
@@ -418,6 +442,95 @@ impl KafkaCluster {
                 .map(|t| t.name.clone()),
         );
         Ok(())
+    }
+
+    /// The lag of consumer group `group` on `topic`: for each partition, the high watermark
+    /// minus the group's committed offset, or minus the low watermark where the group has
+    /// committed nothing yet (the services start from the earliest offset). Reads offsets
+    /// only: the reader never joins the group, so the group never rebalances for it.
+    pub async fn consumer_lag(
+        &self,
+        group: &str,
+        topic: &str,
+        timeout: Duration,
+    ) -> Result<ConsumerLag, ProvisionError> {
+        let reader = self.lag_reader(group)?;
+        let metadata = self.metadata.consumer(topic)?;
+        let name = topic.to_owned();
+        let task = tokio::task::spawn_blocking(move || {
+            let failed = |what: &str, e: rdkafka::error::KafkaError| {
+                ProvisionError::Kafka(format!("{what} of {name} failed: {e}"))
+            };
+            let described = metadata
+                .fetch_metadata(Some(&name), timeout)
+                .map_err(|e| failed("metadata request", e))?;
+            let partitions: Vec<i32> = described
+                .topics()
+                .iter()
+                .find(|t| t.name() == name && t.error().is_none())
+                .map(|t| t.partitions().iter().map(|p| p.id()).collect())
+                .ok_or_else(|| ProvisionError::Kafka(format!("topic {name} does not exist")))?;
+            let mut wanted = TopicPartitionList::new();
+            for partition in &partitions {
+                wanted.add_partition(&name, *partition);
+            }
+            let committed = reader
+                .committed_offsets(wanted, timeout)
+                .map_err(|e| failed("reading the committed offsets", e))?;
+            let mut messages = 0u64;
+            for partition in &partitions {
+                let (low, high) = reader
+                    .fetch_watermarks(&name, *partition, timeout)
+                    .map_err(|e| failed("reading the watermarks", e))?;
+                let from = match committed
+                    .find_partition(&name, *partition)
+                    .map(|p| p.offset())
+                {
+                    Some(Offset::Offset(offset)) => offset.max(low),
+                    _ => low,
+                };
+                messages += u64::try_from(high.saturating_sub(from)).unwrap_or(0);
+            }
+            Ok(ConsumerLag {
+                messages,
+                partitions: i32::try_from(partitions.len()).unwrap_or(i32::MAX),
+            })
+        });
+        // Three requests in a row at most, each bounded by `timeout`.
+        bounded("Kafka", timeout * 3 + Duration::from_secs(1), async {
+            task.await
+                .map_err(|e| ProvisionError::Kafka(format!("lag task failed: {e}")))?
+        })
+        .await
+    }
+
+    /// The offsets reader of `group`, created on first use.
+    fn lag_reader(&self, group: &str) -> Result<Arc<BaseConsumer>, ProvisionError> {
+        let mut readers = self
+            .lag_readers
+            .lock()
+            .map_err(|_| ProvisionError::Kafka("lag reader cache poisoned".to_owned()))?;
+        if let Some(reader) = readers.get(group) {
+            return Ok(reader.clone());
+        }
+        if readers.len() >= LAG_READERS {
+            // Groups of deleted stacks are never asked about again: start over rather than
+            // keep a client (and its threads) per group forever. Destroying a client waits for
+            // its threads: not on the runtime's workers.
+            let old = std::mem::take(&mut *readers);
+            tokio::task::spawn_blocking(move || drop(old));
+        }
+        let mut config = self.config.clone();
+        config
+            .set("group.id", group)
+            .set("enable.auto.commit", "false");
+        let reader: Arc<BaseConsumer> = Arc::new(
+            config
+                .create()
+                .map_err(|e| ProvisionError::Kafka(e.to_string()))?,
+        );
+        readers.insert(group.to_owned(), reader.clone());
+        Ok(reader)
     }
 
     /// Deletes the named topics; topics that are already gone count as deleted.

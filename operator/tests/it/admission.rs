@@ -176,7 +176,7 @@ async fn invalid_specs_are_rejected_at_admission_with_a_message_a_user_understan
     let stacks = ns.stacks();
 
     type Mutation = fn(&mut Value);
-    let cases: [(&str, Mutation, &str); 15] = [
+    let cases: [(&str, Mutation, &str); 16] = [
         (
             "negative replicas",
             |s| s["spec"]["services"]["processor"]["replicas"] = json!(-1),
@@ -243,12 +243,20 @@ async fn invalid_specs_are_rejected_at_admission_with_a_message_a_user_understan
             "image.tag must be letters, digits",
         ),
         (
-            "an autoscaled processor",
+            "a lag target on the gateway",
+            |s| {
+                s["spec"]["services"]["gateway"]["autoscaling"] =
+                    json!({ "minReplicas": 1, "maxReplicas": 3, "targetLagPerReplica": 100 });
+            },
+            "autoscaling.targetLagPerReplica applies to the processor and the cache updater",
+        ),
+        (
+            "a scale-down delay of two hours",
             |s| {
                 s["spec"]["services"]["processor"]["autoscaling"] =
-                    json!({ "minReplicas": 1, "maxReplicas": 3 });
+                    json!({ "minReplicas": 1, "maxReplicas": 3, "scaleDownDelaySeconds": 7200 });
             },
-            "autoscaling is available for the gateway, the command service and the hub",
+            "scaleDownDelaySeconds",
         ),
         (
             "fewer max than min replicas",

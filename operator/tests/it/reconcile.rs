@@ -968,6 +968,26 @@ fn operator_owns_replicas(deployment: &Deployment) -> bool {
         .any(|f| f.0.pointer("/f:spec/f:replicas").is_some())
 }
 
+/// Changes the pod annotations of `service` (its field under `spec.services`) so its pods
+/// roll, and waits until its Deployment `deployment` carries the new template.
+async fn roll_pods(harness: &Harness, spec: &mut Value, service: &str, deployment: &str) {
+    spec["spec"]["services"][service]["annotations"] = json!({ "example.com/rev": "2" });
+    harness.apply(spec).await;
+    let deployments: Api<Deployment> = harness.api();
+    wait_until("the pod template to change", READY_TIMEOUT, || {
+        let deployments = deployments.clone();
+        async move {
+            let deployment = deployments.get(deployment).await.unwrap();
+            deployment
+                .spec
+                .and_then(|s| s.template.metadata)
+                .and_then(|m| m.annotations)
+                .is_some_and(|a| a.get("example.com/rev").map(String::as_str) == Some("2"))
+        }
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn an_autoscaled_service_keeps_the_replica_count_its_autoscaler_sets() {
     use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
@@ -1002,6 +1022,12 @@ async fn an_autoscaled_service_keeps_the_replica_count_its_autoscaler_sets() {
         }
     })
     .await;
+    // The autoscaler is applied right after the Deployment.
+    wait_until("the autoscaler to appear", READY_TIMEOUT, || {
+        let autoscalers = autoscalers.clone();
+        async move { autoscalers.get_opt(gateway).await.unwrap().is_some() }
+    })
+    .await;
     let autoscaler = autoscalers.get(gateway).await.unwrap();
     let hpa = autoscaler.spec.unwrap();
     assert_eq!((hpa.min_replicas, hpa.max_replicas), (Some(2), 6));
@@ -1017,20 +1043,7 @@ async fn an_autoscaled_service_keeps_the_replica_count_its_autoscaler_sets() {
         )
         .await
         .unwrap();
-    spec["spec"]["services"]["gateway"]["annotations"] = json!({ "example.com/rev": "2" });
-    harness.apply(&spec).await;
-    wait_until("the pod template to change", READY_TIMEOUT, || {
-        let deployments = deployments.clone();
-        async move {
-            let deployment = deployments.get(gateway).await.unwrap();
-            deployment
-                .spec
-                .and_then(|s| s.template.metadata)
-                .and_then(|m| m.annotations)
-                .is_some_and(|a| a.get("example.com/rev").map(String::as_str) == Some("2"))
-        }
-    })
-    .await;
+    roll_pods(&harness, &mut spec, "gateway", gateway).await;
     assert_eq!(replicas(&deployments.get(gateway).await.unwrap()), Some(5));
 
     // Off again: the autoscaler goes and the spec's count applies.
@@ -1044,6 +1057,221 @@ async fn an_autoscaled_service_keeps_the_replica_count_its_autoscaler_sets() {
         async move {
             autoscalers.get_opt(gateway).await.unwrap().is_none()
                 && replicas(&deployments.get(gateway).await.unwrap()) == Some(3)
+        }
+    })
+    .await;
+    harness.finish().await;
+}
+
+/// Sends `count` messages to `topic`, spread over its partitions by key.
+fn produce(topic: &str, count: usize) {
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer as _};
+    let producer: BaseProducer = rdkafka::ClientConfig::new()
+        .set(
+            "bootstrap.servers",
+            Deps::from_env().kafka_bootstrap_servers,
+        )
+        .create()
+        .unwrap();
+    for i in 0..count {
+        let key = format!("k{i}");
+        producer
+            .send(BaseRecord::to(topic).key(&key).payload("{}"))
+            .unwrap();
+    }
+    producer.flush(Duration::from_secs(10)).unwrap();
+}
+
+/// Commits `group`'s offsets at the end of every partition of `topic`, as a consumer that
+/// caught up would.
+fn catch_up(group: &str, topic: &str) {
+    use rdkafka::consumer::CommitMode;
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set(
+            "bootstrap.servers",
+            Deps::from_env().kafka_bootstrap_servers,
+        )
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let metadata = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(5))
+        .unwrap();
+    let mut offsets = rdkafka::TopicPartitionList::new();
+    for partition in metadata.topics()[0].partitions() {
+        let (_, high) = consumer
+            .fetch_watermarks(topic, partition.id(), Duration::from_secs(5))
+            .unwrap();
+        offsets
+            .add_partition_offset(topic, partition.id(), rdkafka::Offset::Offset(high))
+            .unwrap();
+    }
+    consumer.commit(&offsets, CommitMode::Sync).unwrap();
+}
+
+/// The notes of the stack's Events with `reason`.
+async fn event_notes(harness: &Harness, stack: &str, reason: &str) -> Vec<String> {
+    let events: Api<Event> = harness.api();
+    events
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(stack))
+        .filter(|e| e.reason.as_deref() == Some(reason))
+        .filter_map(|e| e.note)
+        .collect()
+}
+
+#[tokio::test]
+async fn a_consumer_scales_on_its_kafka_lag_within_its_partitions_and_back() {
+    let harness = Harness::start("lagscale").await;
+    let deps = Deps::from_env();
+    let mut spec = stack("echo", &deps.redis_url, "Delete");
+    spec["spec"]["kafka"]["topics"]["commands"]["partitions"] = json!(4);
+    spec["spec"]["services"]["processor"]["autoscaling"] = json!({
+        "minReplicas": 1, "maxReplicas": 6, "targetLagPerReplica": 10, "scaleDownDelaySeconds": 0
+    });
+    harness.apply_ready(&spec).await;
+    let deployments: Api<Deployment> = harness.api();
+    let processor = "echo-processor";
+    let replicas = |d: Deployment| d.spec.and_then(|s| s.replicas);
+    assert_eq!(replicas(deployments.get(processor).await.unwrap()), Some(1));
+    let unready = event_notes(&harness, "echo", "ReadyFalse").await;
+
+    // 45 commands nobody consumes (no processor runs on the simulated node): 5 replicas'
+    // worth at 10 each, but the topic has 4 partitions.
+    let ns = harness.ns.name.clone();
+    let topic = format!("{ns}.echo.commands");
+    produce(&topic, 45);
+    wait_until("the processor to scale up to 4", READY_TIMEOUT, || {
+        let deployments = deployments.clone();
+        async move { replicas(deployments.get(processor).await.unwrap()) == Some(4) }
+    })
+    .await;
+    // The decision's Event follows the apply.
+    wait_until("the ScaledUp Event", READY_TIMEOUT, || async {
+        !event_notes(&harness, "echo", "ScaledUp").await.is_empty()
+    })
+    .await;
+    let up = event_notes(&harness, "echo", "ScaledUp").await;
+    assert!(
+        up.iter().any(|n| n.starts_with("processor 1 → 4 replicas")
+            && n.contains(&format!(
+                "consumer group {ns}.echo.processor is 45 messages behind"
+            ))
+            && n.contains("4 partitions")),
+        "{up:?}"
+    );
+    // The cache updater does not scale: it keeps its count.
+    assert_eq!(
+        replicas(deployments.get("echo-cache-updater").await.unwrap()),
+        Some(1)
+    );
+
+    // The group catches up: back to the minimum (no delay asked for).
+    catch_up(&format!("{ns}.echo.processor"), &topic);
+    wait_until("the processor to scale down to 1", READY_TIMEOUT, || {
+        let deployments = deployments.clone();
+        async move { replicas(deployments.get(processor).await.unwrap()) == Some(1) }
+    })
+    .await;
+    wait_until("the ScaledDown Event", READY_TIMEOUT, || async {
+        !event_notes(&harness, "echo", "ScaledDown").await.is_empty()
+    })
+    .await;
+    let down = event_notes(&harness, "echo", "ScaledDown").await;
+    assert!(
+        down.iter()
+            .any(|n| n.starts_with("processor 4 → 1 replicas") && n.contains("0 messages behind")),
+        "{down:?}"
+    );
+    // Steady: no further decision while the lag stays where it is, and scaling never made the
+    // stack look unready.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(event_notes(&harness, "echo", "ScaledUp").await.len(), 1);
+    assert_eq!(event_notes(&harness, "echo", "ScaledDown").await.len(), 1);
+    assert_eq!(event_notes(&harness, "echo", "ReadyFalse").await, unready);
+    harness.finish().await;
+}
+
+#[tokio::test]
+async fn a_foreign_autoscaler_takes_the_replica_count_over_and_gives_it_back() {
+    use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
+    use kube::api::{Patch, PatchParams};
+
+    let harness = Harness::start("foreignhpa").await;
+    let deps = Deps::from_env();
+    let mut spec = stack("fox", &deps.redis_url, "Delete");
+    spec["spec"]["services"]["wsHub"]["replicas"] = json!(2);
+    harness.apply_ready(&spec).await;
+    let deployments: Api<Deployment> = harness.api();
+    let hub = "fox-ws-hub";
+    let replicas = |d: &Deployment| d.spec.as_ref().and_then(|s| s.replicas);
+    assert!(operator_owns_replicas(&deployments.get(hub).await.unwrap()));
+
+    // The user's own autoscaler (or KEDA's) on the hub's Deployment.
+    let autoscalers: Api<HorizontalPodAutoscaler> = harness.api();
+    let mine: HorizontalPodAutoscaler = serde_json::from_value(json!({
+        "metadata": { "name": "hub-on-connections" },
+        "spec": {
+            "scaleTargetRef": { "apiVersion": "apps/v1", "kind": "Deployment", "name": hub },
+            "minReplicas": 2, "maxReplicas": 8,
+            "metrics": [{ "type": "Resource", "resource": {
+                "name": "cpu", "target": { "type": "Utilization", "averageUtilization": 60 } } }]
+        }
+    }))
+    .unwrap();
+    autoscalers
+        .create(&PostParams::default(), &mine)
+        .await
+        .unwrap();
+    wait_until("the operator to let go of replicas", READY_TIMEOUT, || {
+        let deployments = deployments.clone();
+        async move {
+            let deployment = deployments.get(hub).await.unwrap();
+            assert_eq!(
+                replicas(&deployment),
+                Some(2),
+                "the count changed on hand-over"
+            );
+            !operator_owns_replicas(&deployment)
+        }
+    })
+    .await;
+
+    // Its decision survives the reconciles that follow, including one that rolls the pods.
+    deployments
+        .patch_scale(
+            hub,
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "spec": { "replicas": 6 } })),
+        )
+        .await
+        .unwrap();
+    roll_pods(&harness, &mut spec, "wsHub", hub).await;
+    assert_eq!(replicas(&deployments.get(hub).await.unwrap()), Some(6));
+    // The operator never deletes an autoscaler it does not own.
+    assert!(
+        autoscalers
+            .get_opt("hub-on-connections")
+            .await
+            .unwrap()
+            .is_some()
+    );
+
+    // The autoscaler goes: the spec's count applies again.
+    autoscalers
+        .delete("hub-on-connections", &DeleteParams::default())
+        .await
+        .unwrap();
+    wait_until("the spec's count to apply again", READY_TIMEOUT, || {
+        let deployments = deployments.clone();
+        async move {
+            let deployment = deployments.get(hub).await.unwrap();
+            replicas(&deployment) == Some(2) && operator_owns_replicas(&deployment)
         }
     })
     .await;

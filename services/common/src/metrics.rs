@@ -82,7 +82,8 @@ pub const OPERATOR_RECONCILES_IN_FLIGHT: &str = "operator_reconciles_in_flight";
 /// Histogram: duration of one reconcile. Labels: `result`.
 pub const OPERATOR_RECONCILE_DURATION_SECONDS: &str = "operator_reconcile_duration_seconds";
 /// Histogram: duration of one step of a reconcile. Labels: `step` (`dereference`,
-/// `dependencies`, `topics`, `credentials`, `apply` (one service), `status`, `events`).
+/// `dependencies`, `topics`, `credentials`, `scaling`, `apply` (one service), `status`,
+/// `events`).
 pub const OPERATOR_STEP_DURATION_SECONDS: &str = "operator_step_duration_seconds";
 /// Counter: failed reconciles. Labels: `reason` (the condition reason, e.g. `RedisUnavailable`).
 pub const OPERATOR_RECONCILE_ERRORS_TOTAL: &str = "operator_reconcile_errors_total";
@@ -91,6 +92,9 @@ pub const OPERATOR_RECONCILE_ERRORS_TOTAL: &str = "operator_reconcile_errors_tot
 pub const OPERATOR_STACKS: &str = "operator_stacks";
 /// Counter: requests the operator sent to the Kubernetes API. Labels: `verb` (HTTP method).
 pub const OPERATOR_API_REQUESTS_TOTAL: &str = "operator_api_requests_total";
+/// Counter: replica changes the operator decided for a consumer scaled on Kafka lag.
+/// Labels: `service` (`processor`, `cache-updater`), `direction` (`up`, `down`).
+pub const OPERATOR_SCALING_DECISIONS_TOTAL: &str = "operator_scaling_decisions_total";
 /// Gauge: 1 while this operator replica holds the leader Lease, else 0.
 pub const OPERATOR_LEADER: &str = "operator_leader";
 /// Gauge: WebSocket connections open on this hub node. Labels: `service`.

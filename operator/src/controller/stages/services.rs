@@ -34,13 +34,20 @@ pub(super) struct Rollout {
 /// Stages 4 to 6: writes the services' objects in the order gating allows — the core
 /// services, then the WebSocket hub, then the API gateway, each once every earlier stage is
 /// Available.
+///
+/// A service in `scaled` (its replica count changed, nothing else asked for a change) that was
+/// Available stays so: its Deployment's new generation is only a count, and waiting for the
+/// controller-manager to observe it would flip the stack's Ready on every scaling decision.
 pub(super) async fn roll_out(
     ctx: &Context,
     validated: &ValidatedStack,
     desired: &DesiredState,
     enabled: &BTreeSet<Component>,
+    scaled: &BTreeSet<Component>,
 ) -> Rollout {
     let (mut observed, mut services) = observe(ctx, validated, enabled);
+    let still_available: BTreeSet<Component> =
+        scaled.intersection(&observed.available).copied().collect();
     let mut applied = Vec::new();
     for step in [Step::Core, Step::WsHub, Step::Gateway] {
         let plan = gating::plan(enabled, &observed, false);
@@ -71,6 +78,7 @@ pub(super) async fn roll_out(
         }
         let (now, replicas) = observe(ctx, validated, enabled);
         observed = now;
+        observed.available.extend(still_available.iter().copied());
         services.extend(replicas);
     }
     Rollout {
@@ -144,7 +152,12 @@ async fn write_service(
     changed |= apply::apply(ctx, &stores.services, objects.service.clone())
         .await
         .map_err(applied)?;
-    if objects.autoscaler.is_some() {
+    let replicas_left_out = objects
+        .deployment
+        .spec
+        .as_ref()
+        .is_some_and(|s| s.replicas.is_none());
+    if replicas_left_out {
         hand_replicas_over(ctx, validated, objects)
             .await
             .map_err(applied)?;
@@ -185,7 +198,8 @@ async fn write_service(
 const REPLICAS_HANDOVER: &str = "meridian-operator-replicas-handover";
 
 /// Before the operator applies a Deployment without `replicas` (its service now scales
-/// automatically) while it still owns that field, another field manager applies the current
+/// automatically, or a HorizontalPodAutoscaler of the user's targets it) while it still owns
+/// that field, another field manager applies the current
 /// count: when the operator drops a field it alone owned, the API server removes it and the
 /// Deployment would fall back to one replica until the autoscaler scaled it up again. With a
 /// co-owner the count stays; the autoscaler's scale updates take the field over from there.
