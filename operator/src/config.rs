@@ -70,6 +70,21 @@ pub struct OperatorSettings {
     /// reconcile — and the operator's shutdown — forever.
     #[serde(default = "defaults::kube_read_timeout_seconds")]
     pub kube_read_timeout_seconds: u64,
+    /// `ROLLOUT_CONCURRENCY`: after an operator upgrade changes what it generates, stacks
+    /// rolled onto the new version at once; each must become Available before another
+    /// starts. Default 2.
+    #[serde(default = "defaults::rollout_concurrency")]
+    pub rollout_concurrency: usize,
+    /// `ROLLOUT_TIMEOUT_SECONDS`: how long a stack in an upgrade wave may take to become
+    /// Available before the wave halts (with a Warning Event on it). Default 600.
+    #[serde(default = "defaults::rollout_timeout_seconds")]
+    pub rollout_timeout_seconds: u64,
+    /// `DEFAULT_IMAGE_REGISTRY`: the registry of services whose stack sets none (a mirror of
+    /// the release's images). Default `ghcr.io/meridian-dev/meridian`.
+    pub default_image_registry: Option<String>,
+    /// `DEFAULT_IMAGE_TAG`: the tag of services whose stack sets none. Default: the
+    /// operator's version.
+    pub default_image_tag: Option<String>,
 }
 
 mod defaults {
@@ -102,6 +117,12 @@ mod defaults {
     }
     pub fn kube_read_timeout_seconds() -> u64 {
         295
+    }
+    pub fn rollout_concurrency() -> usize {
+        2
+    }
+    pub fn rollout_timeout_seconds() -> u64 {
+        600
     }
 }
 
@@ -142,6 +163,21 @@ impl OperatorConfig {
             concurrency: o.reconcile_concurrency,
             reconcile_timeout: Duration::from_secs(o.reconcile_timeout_seconds),
             instance: o.pod_name.clone(),
+            version: crate::crd::RELEASE_TAG.to_owned(),
+            release: crate::crd::Release {
+                registry: o
+                    .default_image_registry
+                    .clone()
+                    .filter(|r| !r.is_empty())
+                    .unwrap_or_else(|| crate::crd::RELEASE_REGISTRY.to_owned()),
+                tag: o
+                    .default_image_tag
+                    .clone()
+                    .filter(|t| !t.is_empty())
+                    .unwrap_or_else(|| crate::crd::RELEASE_TAG.to_owned()),
+            },
+            rollout_concurrency: o.rollout_concurrency.max(1),
+            rollout_timeout: Duration::from_secs(o.rollout_timeout_seconds),
         }
     }
 }

@@ -59,6 +59,7 @@ mod scaling;
 mod stages;
 mod status;
 mod watch;
+mod waves;
 
 /// The field manager of every server-side apply and the reporting controller of Events.
 pub const FIELD_MANAGER: &str = "meridian-operator";
@@ -102,6 +103,17 @@ pub struct Settings {
     pub reconcile_timeout: Duration,
     /// The Events' reporting instance (the pod name).
     pub instance: Option<String>,
+    /// This operator's version: recorded in a stack's `status.operatorVersion` once its
+    /// services run what this version generates. A stack that records another version is
+    /// rolled onto this one in a wave ([`waves`]).
+    pub version: String,
+    /// The images of services whose registry or tag the stack leaves unset.
+    pub release: crate::crd::Release,
+    /// Stacks rolled onto a new operator version at once (an upgrade wave's width).
+    pub rollout_concurrency: usize,
+    /// How long a stack in an upgrade wave may take to become Available before the wave
+    /// halts.
+    pub rollout_timeout: Duration,
 }
 
 impl Settings {
@@ -124,6 +136,10 @@ impl Default for Settings {
             concurrency: 16,
             reconcile_timeout: Duration::from_secs(120),
             instance: None,
+            version: crate::crd::RELEASE_TAG.to_owned(),
+            release: crate::crd::Release::default(),
+            rollout_concurrency: 2,
+            rollout_timeout: Duration::from_secs(600),
         }
     }
 }
@@ -239,6 +255,8 @@ pub struct Context {
     pod_monitors: monitoring::PodMonitors,
     /// What the consumers' lag scalers remember between reconciles.
     scalers: scaling::Memories,
+    /// The upgrade waves: which stacks roll onto this operator's version, which wait.
+    waves: Mutex<waves::Waves>,
 }
 
 /// Runs the controller until `shutdown` fires.
@@ -277,6 +295,7 @@ pub async fn run(
         referenced: Mutex::default(),
         pod_monitors: monitoring::PodMonitors::default(),
         scalers: scaling::Memories::default(),
+        waves: Mutex::default(),
         settings,
     });
     controller
@@ -342,17 +361,24 @@ async fn reconcile(stack: Arc<MiddlewareStack>, ctx: Arc<Context>) -> Result<Act
 async fn reconcile_stack(stack: &MiddlewareStack, ctx: &Context) -> Result<Action, Error> {
     let (phase, reports, outcome) = match validate(stack) {
         // An invalid spec waits for the next change: retrying cannot fix it.
-        Err(error) => (
-            Phase::Failed,
-            status::invalid(&error),
-            stages::Outcome::skipped(),
-        ),
-        Ok(_) if stack.spec.paused => (
-            Phase::Paused,
-            status::paused(stack),
-            stages::Outcome::skipped(),
-        ),
+        Err(error) => {
+            waves::forget(ctx, &ObjectRef::from_obj(stack));
+            (
+                Phase::Failed,
+                status::invalid(&error),
+                stages::Outcome::skipped(),
+            )
+        }
+        Ok(_) if stack.spec.paused => {
+            waves::forget(ctx, &ObjectRef::from_obj(stack));
+            (
+                Phase::Paused,
+                status::paused(stack),
+                stages::Outcome::skipped(),
+            )
+        }
         Ok(validated) => {
+            let validated = validated.with_release(ctx.settings.release.clone());
             let outcome = stages::run(ctx, stack, &validated).await;
             let reports = conditions::with_ready(outcome.reports.clone());
             (status::phase(stack, &reports), reports, outcome)
@@ -364,7 +390,14 @@ async fn reconcile_stack(stack: &MiddlewareStack, ctx: &Context) -> Result<Actio
     // Transitions first, in condition order, then what the stages reported.
     let transitions = timed(
         "status",
-        status::write(stack, ctx, &reports, phase, outcome.services),
+        status::write(
+            stack,
+            ctx,
+            &reports,
+            phase,
+            outcome.services,
+            outcome.operator_version,
+        ),
     )
     .await?;
     let events = transitions.into_iter().chain(outcome.events).collect();

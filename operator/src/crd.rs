@@ -23,7 +23,7 @@ mod telemetry;
 
 pub use auth::{AuthSpec, SecretKeyRef};
 pub use deletion_policy::{DeletionPolicy, Retention};
-pub use image::{ImageOverride, ImageSpec, PullPolicy, RELEASE_REGISTRY, RELEASE_TAG};
+pub use image::{ImageOverride, ImageSpec, PullPolicy, RELEASE_REGISTRY, RELEASE_TAG, Release};
 pub use kafka::{KafkaSpec, TopicSpec, TopicsSpec};
 pub use monitoring::MonitoringSpec;
 pub use network::NetworkPolicySpec;

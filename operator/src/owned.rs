@@ -231,6 +231,16 @@ impl Rollout {
             && self.available_condition
     }
 
+    /// Whether the Deployment at `generation` finished rolling out, as `kubectl rollout
+    /// status` sees it: [`Self::available`], no pod of an older template left, and every pod
+    /// of the current one ready. Stricter than availability, which old pods can provide while
+    /// the new ones never start.
+    pub fn rolled_out(&self, generation: Option<i64>) -> bool {
+        self.available(generation)
+            && self.replicas <= self.updated_replicas
+            && self.ready_replicas >= self.updated_replicas
+    }
+
     /// Whether fewer replicas are ready than the Deployment asks for: it is rolling out, or
     /// its pods are failing (for instance refused by a dependency that lost their user).
     pub fn short_of_ready(&self) -> bool {
@@ -242,6 +252,11 @@ impl Owned<Deployment> {
     /// [`Rollout::available`] at the stored generation.
     pub fn available(&self) -> bool {
         self.state.available(self.generation)
+    }
+
+    /// [`Rollout::rolled_out`] at the stored generation.
+    pub fn rolled_out(&self) -> bool {
+        self.state.rolled_out(self.generation)
     }
 }
 

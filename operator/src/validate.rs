@@ -12,7 +12,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::Resource as _;
 
 use crate::build::Component;
-use crate::crd::{MiddlewareStack, MiddlewareStackSpec, TopicSpec};
+use crate::crd::{MiddlewareStack, MiddlewareStackSpec, Release, TopicSpec};
 
 /// The longest object name the stack produces is `<stack>-<service>`, and Service names are
 /// DNS-1035 labels (at most 63 characters).
@@ -25,9 +25,23 @@ pub struct ValidatedStack {
     namespace: String,
     owner: OwnerReference,
     spec: MiddlewareStackSpec,
+    release: Release,
 }
 
 impl ValidatedStack {
+    /// The same stack, its unset image fields following `release` instead of the images of
+    /// this build's own release.
+    #[must_use]
+    pub fn with_release(mut self, release: Release) -> Self {
+        self.release = release;
+        self
+    }
+
+    /// Where the images whose registry or tag the spec leaves unset come from.
+    pub fn release(&self) -> &Release {
+        &self.release
+    }
+
     /// The stack's name.
     pub fn name(&self) -> &str {
         &self.name
@@ -198,6 +212,7 @@ pub fn validate(stack: &MiddlewareStack) -> Result<ValidatedStack, ValidateError
         namespace,
         owner,
         spec: stack.spec.clone(),
+        release: Release::default(),
     })
 }
 

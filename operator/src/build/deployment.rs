@@ -89,16 +89,17 @@ fn image(stack: &ValidatedStack, component: Component) -> (String, String) {
         .image
         .clone()
         .unwrap_or_default();
+    let release = stack.release();
     let registry = overrides
         .registry
         .as_deref()
         .or(defaults.registry.as_deref())
-        .unwrap_or(crate::crd::RELEASE_REGISTRY);
+        .unwrap_or(&release.registry);
     let tag = overrides
         .tag
         .as_deref()
         .or(defaults.tag.as_deref())
-        .unwrap_or(crate::crd::RELEASE_TAG);
+        .unwrap_or(&release.tag);
     let policy = overrides.pull_policy.unwrap_or(defaults.pull_policy);
     let policy = match policy {
         crate::crd::PullPolicy::Always => "Always",

@@ -15,7 +15,7 @@ use kube::runtime::reflector::ObjectRef;
 
 use super::apply::object_key;
 use super::status::{event, publish_events, record_stage_gauges};
-use super::{Chain, Context, deadline, dereference, provision, scaling};
+use super::{Chain, Context, deadline, dereference, provision, scaling, waves};
 use crate::build::{self, Component};
 use crate::crd::{MiddlewareStack, Retention};
 use crate::names;
@@ -152,6 +152,7 @@ fn forget(stack: &MiddlewareStack, ctx: &Context) {
     provision::forget(ctx, stack);
     dereference::forget(ctx, stack);
     scaling::forget_stack(ctx, &key);
+    waves::forget(ctx, &key);
     ctx.failures
         .lock()
         .unwrap_or_else(|p| p.into_inner())

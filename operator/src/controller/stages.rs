@@ -3,14 +3,15 @@
 //! stage before it is healthy; a stage that fails or cannot proceed reports why, and every
 //! later stage reports that it is waiting. Each stage returns what it did (its report, Events
 //! about its changes, or its error); [`run`] combines them into an [`Outcome`].
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
 
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
 
 use super::provision::Topics;
 use super::status::{event, waiting_after};
-use super::{Context, apply, dereference, monitoring, provision, scaling, timed};
+use super::{Context, apply, dereference, monitoring, provision, scaling, timed, waves};
 use crate::build::{self, Component, Scraping, Tier};
 use crate::crd::{MiddlewareStack, ServiceStatus};
 use crate::status::{CORE_AVAILABLE, DEPENDENCIES_READY, EDGE_AVAILABLE, TOPICS_READY};
@@ -18,6 +19,9 @@ use crate::status::{Report, Status};
 use crate::validate::ValidatedStack;
 
 mod services;
+
+/// How often a stack waiting for its turn in an upgrade wave looks for a free slot.
+const WAVE_POLL: Duration = Duration::from_secs(5);
 
 /// Why the stages could not run, or a service's objects could not be written.
 #[derive(Debug, thiserror::Error)]
@@ -122,6 +126,9 @@ pub(super) struct Outcome {
     pub(super) services: BTreeMap<String, ServiceStatus>,
     /// Events about what the stages changed.
     pub(super) events: Vec<Event>,
+    /// This operator's version, when its objects were written (`None`: the status keeps the
+    /// version it records).
+    pub(super) operator_version: Option<String>,
     /// How the reconcile ends.
     pub(super) result: Result<Action, super::Error>,
 }
@@ -133,6 +140,7 @@ impl Outcome {
             reports: Vec::new(),
             services: BTreeMap::new(),
             events: Vec::new(),
+            operator_version: None,
             result: Ok(Action::await_change()),
         }
     }
@@ -154,6 +162,7 @@ impl Outcome {
             reports,
             services,
             events,
+            operator_version: None,
             result: Err(error),
         }
     }
@@ -217,6 +226,7 @@ pub(super) async fn run(
                             reports,
                             services: BTreeMap::new(),
                             events,
+                            operator_version: None,
                             result: Ok(Action::requeue(ctx.settings.resync)),
                         };
                     }
@@ -233,87 +243,36 @@ pub(super) async fn run(
         build::with_credentials_hash(build::build(validated, scraping), &credentials_hash);
     let desired = build::with_replicas(desired, &scaled.replicas);
     let enabled = validated.enabled();
-    match services::delete_disabled(ctx, validated, &enabled).await {
-        Ok(deleted) if !deleted.is_empty() => events.push(event(
-            EventType::Normal,
-            "ServicesRemoved",
-            "DeleteDisabled",
-            format!(
-                "deleted the objects of disabled services: {}",
-                deleted.join(", ")
-            ),
-        )),
-        Ok(_) => {}
-        Err(error) => return Outcome::failed(reports, BTreeMap::new(), events, error.into()),
-    }
-    let endpoints = apply::apply(ctx, &ctx.stores.config_maps, desired.endpoints.clone()).await;
-    match endpoints {
-        Ok(true) => events.push(event(
-            EventType::Normal,
-            "Applied",
-            "ApplyEndpoints",
-            format!(
-                "applied ConfigMap {} (the stack's URLs for applications)",
-                build::endpoints_name(validated.name())
-            ),
-        )),
-        Ok(false) => {}
-        Err(error) => {
-            let error = Error::ApplyEndpoints(error).into();
-            return Outcome::failed(reports, BTreeMap::new(), events, error);
+    // A stack due to roll onto this operator's version waits for its turn in the wave, its
+    // services left as they are.
+    let (rollout, rolled) = match waves::turn(ctx, stack) {
+        waves::Turn::Go(started) => {
+            events.extend(started);
+            let written = write_services(
+                ctx,
+                validated,
+                &desired,
+                &enabled,
+                &scaled.changed,
+                pod_monitor_api.as_ref(),
+                events,
+            )
+            .await;
+            match written {
+                Ok((rollout, written)) => {
+                    events = written;
+                    (rollout, true)
+                }
+                Err((error, services, written)) => {
+                    return Outcome::failed(reports, services, written, error);
+                }
+            }
         }
-    }
-    match network_policy(ctx, validated, &desired).await {
-        Ok(Some(message)) => events.push(event(
-            EventType::Normal,
-            "Applied",
-            "ApplyNetworkPolicy",
-            message,
-        )),
-        Ok(None) => {}
-        Err(error) => return Outcome::failed(reports, BTreeMap::new(), events, error.into()),
-    }
-    // Monitoring never holds the stack back: a failure is a Warning Event, tried again on the
-    // next reconcile.
-    match monitoring::reconcile(ctx, validated, &desired, pod_monitor_api.as_ref()).await {
-        Ok(monitoring::Outcome::Unchanged) => {}
-        Ok(monitoring::Outcome::Applied) => events.push(event(
-            EventType::Normal,
-            "Applied",
-            "ApplyPodMonitor",
-            format!(
-                "applied PodMonitor {} (Prometheus scrapes every service's /metrics)",
-                build::pod_monitor_name(validated)
-            ),
-        )),
-        Ok(monitoring::Outcome::Deleted) => events.push(event(
-            EventType::Normal,
-            "Deleted",
-            "DeletePodMonitor",
-            format!(
-                "deleted PodMonitor {}: the pods carry scrape annotations instead",
-                build::pod_monitor_name(validated)
-            ),
-        )),
-        Err(error) => events.push(event(
-            EventType::Warning,
-            "PodMonitorFailed",
-            "ApplyPodMonitor",
-            error.message(),
-        )),
-    }
-    let rollout = services::roll_out(ctx, validated, &desired, &enabled, &scaled.changed).await;
-    if let Err(error) = rollout.result {
-        return Outcome::failed(reports, rollout.services, events, error.into());
-    }
-    if !rollout.applied.is_empty() {
-        events.push(event(
-            EventType::Normal,
-            "Applied",
-            "ApplyServices",
-            format!("applied the objects of {}", rollout.applied.join(", ")),
-        ));
-    }
+        waves::Turn::Wait(queued) => {
+            events.extend(queued);
+            (services::observed(ctx, validated, &enabled), false)
+        }
+    };
     let waiting = |tier: Tier| {
         enabled
             .iter()
@@ -360,21 +319,124 @@ pub(super) async fn run(
         ));
         waiting_after(&mut reports, CORE_AVAILABLE);
     }
+    let rolled_out = services::rolled_out(ctx, validated, &enabled);
+    events.extend(waves::observe(ctx, stack, rolled_out));
     Outcome {
         reports,
         services: rollout.services,
         events,
+        operator_version: rolled.then(|| ctx.settings.version.clone()),
         // A stack whose services are short of ready replicas is looked at again soon: what
         // they wait for may need the external stages redone (a Redis restart loses the
-        // stack's ACL user, and the services stay unready until it is back).
-        result: Ok(Action::requeue(
-            if provision::services_short_of_ready(ctx, validated) {
-                provision::DEGRADED_REUSE.min(ctx.settings.resync)
-            } else {
-                ctx.settings.next_look()
-            },
+        // stack's ACL user, and the services stay unready until it is back). One waiting
+        // for its turn in an upgrade wave is looked at again soon too.
+        result: Ok(Action::requeue(if !rolled {
+            WAVE_POLL.min(ctx.settings.next_look())
+        } else if provision::services_short_of_ready(ctx, validated) {
+            provision::DEGRADED_REUSE.min(ctx.settings.resync)
+        } else {
+            ctx.settings.next_look()
+        })),
+    }
+}
+
+/// What failed while writing the services' objects: the error, the services' replicas as last
+/// observed, and the Events so far.
+type WriteFailure = (super::Error, BTreeMap<String, ServiceStatus>, Vec<Event>);
+
+/// Writes the stack's objects: deletes those of disabled services, applies the endpoints
+/// ConfigMap, the NetworkPolicy and the PodMonitor, then the services stage by stage.
+/// Returns the rollout and `events` with what changed added.
+async fn write_services(
+    ctx: &Context,
+    validated: &ValidatedStack,
+    desired: &build::DesiredState,
+    enabled: &BTreeSet<Component>,
+    scaled: &BTreeSet<Component>,
+    pod_monitor_api: Option<&kube::api::ApiResource>,
+    mut events: Vec<Event>,
+) -> Result<(services::Rollout, Vec<Event>), WriteFailure> {
+    match services::delete_disabled(ctx, validated, enabled).await {
+        Ok(deleted) if !deleted.is_empty() => events.push(event(
+            EventType::Normal,
+            "ServicesRemoved",
+            "DeleteDisabled",
+            format!(
+                "deleted the objects of disabled services: {}",
+                deleted.join(", ")
+            ),
+        )),
+        Ok(_) => {}
+        Err(error) => return Err((error.into(), BTreeMap::new(), events)),
+    }
+    let endpoints = apply::apply(ctx, &ctx.stores.config_maps, desired.endpoints.clone()).await;
+    match endpoints {
+        Ok(true) => events.push(event(
+            EventType::Normal,
+            "Applied",
+            "ApplyEndpoints",
+            format!(
+                "applied ConfigMap {} (the stack's URLs for applications)",
+                build::endpoints_name(validated.name())
+            ),
+        )),
+        Ok(false) => {}
+        Err(error) => {
+            return Err((Error::ApplyEndpoints(error).into(), BTreeMap::new(), events));
+        }
+    }
+    match network_policy(ctx, validated, desired).await {
+        Ok(Some(message)) => events.push(event(
+            EventType::Normal,
+            "Applied",
+            "ApplyNetworkPolicy",
+            message,
+        )),
+        Ok(None) => {}
+        Err(error) => return Err((error.into(), BTreeMap::new(), events)),
+    }
+    // Monitoring never holds the stack back: a failure is a Warning Event, tried again on the
+    // next reconcile.
+    match monitoring::reconcile(ctx, validated, desired, pod_monitor_api).await {
+        Ok(monitoring::Outcome::Unchanged) => {}
+        Ok(monitoring::Outcome::Applied) => events.push(event(
+            EventType::Normal,
+            "Applied",
+            "ApplyPodMonitor",
+            format!(
+                "applied PodMonitor {} (Prometheus scrapes every service's /metrics)",
+                build::pod_monitor_name(validated)
+            ),
+        )),
+        Ok(monitoring::Outcome::Deleted) => events.push(event(
+            EventType::Normal,
+            "Deleted",
+            "DeletePodMonitor",
+            format!(
+                "deleted PodMonitor {}: the pods carry scrape annotations instead",
+                build::pod_monitor_name(validated)
+            ),
+        )),
+        Err(error) => events.push(event(
+            EventType::Warning,
+            "PodMonitorFailed",
+            "ApplyPodMonitor",
+            error.message(),
         )),
     }
+    let mut rollout = services::roll_out(ctx, validated, desired, enabled, scaled).await;
+    if let Err(error) = std::mem::replace(&mut rollout.result, Ok(())) {
+        return Err((error.into(), rollout.services, events));
+    }
+    if !rollout.applied.is_empty() {
+        events.push(event(
+            EventType::Normal,
+            "Applied",
+            "ApplyServices",
+            format!("applied the objects of {}", rollout.applied.join(", ")),
+        ));
+    }
+    Ok((rollout, events))
 }
 
 /// What stages 1 to 3 did.

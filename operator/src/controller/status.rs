@@ -159,6 +159,7 @@ pub(super) async fn write(
     reports: &[Report],
     phase: Phase,
     services: BTreeMap<String, ServiceStatus>,
+    operator_version: Option<String>,
 ) -> Result<Vec<Event>, Error> {
     let previous = stack.status.clone().unwrap_or_default();
     let now = Time(k8s_openapi::jiff::Timestamp::now());
@@ -175,6 +176,7 @@ pub(super) async fn write(
         // The services are rolled out only after the endpoints ConfigMap is applied.
         endpoints: (!services.is_empty()).then(|| crate::build::endpoints_name(&stack.name_any())),
         services,
+        operator_version: operator_version.or_else(|| previous.operator_version.clone()),
         conditions,
     };
     let events = transitions

@@ -8,6 +8,25 @@ pub const RELEASE_REGISTRY: &str = "ghcr.io/meridian-dev/meridian";
 /// The tag of the images of the operator's release: its own version.
 pub const RELEASE_TAG: &str = env!("CARGO_PKG_VERSION");
 
+/// The images an operator deploys where a stack leaves the registry or the tag unset: by
+/// default its own release's ([`RELEASE_REGISTRY`], [`RELEASE_TAG`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Release {
+    /// The registry and path prefix.
+    pub registry: String,
+    /// The tag.
+    pub tag: String,
+}
+
+impl Default for Release {
+    fn default() -> Self {
+        Self {
+            registry: RELEASE_REGISTRY.to_owned(),
+            tag: RELEASE_TAG.to_owned(),
+        }
+    }
+}
+
 /// What a registry (host, optional port, lowercase path) may look like, for CEL.
 const REGISTRY_RULE: &str = "self.matches('^[a-zA-Z0-9]([a-zA-Z0-9.-]*[a-zA-Z0-9])?(:[0-9]+)?(/[a-z0-9]+([._-]+[a-z0-9]+)*)*/?$')";
 const REGISTRY_MESSAGE: &str = "image.registry must be a registry host and path such as \

@@ -26,6 +26,11 @@ pub struct MiddlewareStackStatus {
     /// `JWT_ISSUER`, `JWT_AUDIENCE` and the API's paths and room names.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoints: Option<String>,
+    /// The operator version that last rolled the stack's services out: what they run is
+    /// what that version generates. A newer operator rolls stacks onto its version in waves
+    /// (`ROLLOUT_CONCURRENCY` at once), each Available before the next starts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub operator_version: Option<String>,
     /// One condition per stage (`DependenciesReady`, `TopicsReady`, `CredentialsReady`,
     /// `CoreAvailable`, `EdgeAvailable`) and `Ready`, each with `type`, `status`, `reason`,
     /// `message`, `lastTransitionTime` and `observedGeneration`.

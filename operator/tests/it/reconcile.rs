@@ -29,6 +29,7 @@ const READY_TIMEOUT: Duration = Duration::from_secs(40);
 struct Harness {
     client: Client,
     ns: TestNamespace,
+    settings: operator::Settings,
     stop: CancellationToken,
     task: JoinHandle<Result<(), operator::controller::Error>>,
 }
@@ -41,6 +42,11 @@ impl Harness {
     /// An operator that redoes the external stages every `resync` and checks the
     /// dependencies every second.
     async fn start_with(prefix: &str, resync: Duration) -> Self {
+        Self::start_configured(prefix, |s| s.resync = resync).await
+    }
+
+    /// An operator with the test settings, changed by `change`.
+    async fn start_configured(prefix: &str, change: impl FnOnce(&mut operator::Settings)) -> Self {
         let client = client().await;
         install_crd(&client).await;
         let ns = TestNamespace::create(&client, prefix).await;
@@ -68,7 +74,7 @@ impl Harness {
         let settings = operator::Settings {
             namespace: Some(ns.name.clone()),
             dependency_timeout: Duration::from_secs(2),
-            resync,
+            resync: Duration::from_secs(2),
             health_check: Duration::from_secs(1),
             backoff_base: Duration::from_millis(250),
             backoff_max: Duration::from_secs(2),
@@ -76,15 +82,37 @@ impl Harness {
             concurrency: 4,
             reconcile_timeout: Duration::from_secs(60),
             instance: Some("it".to_owned()),
+            ..operator::Settings::default()
         };
+        let mut settings = settings;
+        change(&mut settings);
         let stop = CancellationToken::new();
-        let task = tokio::spawn(operator::run(client.clone(), settings, stop.clone()));
+        let task = tokio::spawn(operator::run(
+            client.clone(),
+            settings.clone(),
+            stop.clone(),
+        ));
         Self {
             client,
             ns,
+            settings,
             stop,
             task,
         }
+    }
+
+    /// Stops the operator and starts it again with its settings changed by `change` (an
+    /// upgrade to another version, say).
+    async fn restart(&mut self, change: impl FnOnce(&mut operator::Settings)) {
+        self.stop.cancel();
+        (&mut self.task).await.unwrap().unwrap();
+        change(&mut self.settings);
+        self.stop = CancellationToken::new();
+        self.task = tokio::spawn(operator::run(
+            self.client.clone(),
+            self.settings.clone(),
+            self.stop.clone(),
+        ));
     }
 
     fn stacks(&self) -> Api<MiddlewareStack> {
@@ -917,6 +945,7 @@ async fn a_deleted_namespace_is_cleaned_up_although_its_admin_secrets_went_first
         ns,
         stop,
         task,
+        ..
     } = harness;
     let name = ns.name.clone();
     ns.delete().await;
@@ -1110,18 +1139,12 @@ fn catch_up(group: &str, topic: &str) {
     consumer.commit(&offsets, CommitMode::Sync).unwrap();
 }
 
-/// The notes of the stack's Events with `reason`.
+/// The notes of the stack's Events with `reason`, oldest first.
 async fn event_notes(harness: &Harness, stack: &str, reason: &str) -> Vec<String> {
-    let events: Api<Event> = harness.api();
-    events
-        .list(&ListParams::default())
+    event_times(harness, stack, reason)
         .await
-        .unwrap()
-        .items
         .into_iter()
-        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(stack))
-        .filter(|e| e.reason.as_deref() == Some(reason))
-        .filter_map(|e| e.note)
+        .map(|(_, note)| note)
         .collect()
 }
 
@@ -1275,5 +1298,209 @@ async fn a_foreign_autoscaler_takes_the_replica_count_over_and_gives_it_back() {
         }
     })
     .await;
+    harness.finish().await;
+}
+
+/// The times and notes of the stack's Events with `reason`, oldest first.
+async fn event_times(
+    harness: &Harness,
+    stack: &str,
+    reason: &str,
+) -> Vec<(k8s_openapi::jiff::Timestamp, String)> {
+    let events: Api<Event> = harness.api();
+    let mut found: Vec<_> = events
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(stack))
+        .filter(|e| e.reason.as_deref() == Some(reason))
+        .filter_map(|e| Some((e.event_time?.0, e.note?)))
+        .collect();
+    found.sort();
+    found
+}
+
+/// The operator version a stack's status records.
+async fn recorded_version(harness: &Harness, stack: &str) -> Option<String> {
+    harness.get(stack).await.status?.operator_version
+}
+
+/// Restarts the harness's operator as version `version` (its release images tagged alike).
+async fn upgrade(
+    harness: &mut Harness,
+    version: &str,
+    change: impl FnOnce(&mut operator::Settings),
+) {
+    harness
+        .restart(|s| {
+            s.version = version.to_owned();
+            s.release.tag = version.to_owned();
+            change(s);
+        })
+        .await;
+}
+
+/// Waits until each of the stacks `names` has an Event saying it rolled onto `version`.
+async fn wait_rolled(harness: &Harness, names: &[&str], version: &str) {
+    let prefix = format!("rolled onto operator {version}");
+    wait_until(
+        &format!("every stack to roll onto {version}"),
+        READY_TIMEOUT * 2,
+        || async {
+            let mut rolled = 0;
+            for name in names {
+                rolled += event_times(harness, name, "UpgradeRolled")
+                    .await
+                    .iter()
+                    .filter(|(_, note)| note.starts_with(&prefix))
+                    .count();
+            }
+            rolled == names.len()
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn an_operator_upgrade_rolls_stacks_in_waves_and_a_stack_that_cannot_roll_halts_it() {
+    use k8s_openapi::api::core::v1::{Pod, ResourceQuota};
+
+    let mut harness = Harness::start_configured("waves", |s| {
+        s.version = "1.0.0".to_owned();
+        s.release.tag = "1.0.0".to_owned();
+    })
+    .await;
+    let deps = Deps::from_env();
+    let names = ["wa", "wb", "wc"];
+    for name in names {
+        let mut spec = stack(name, &deps.redis_url, "Delete");
+        // The release's images: whatever the operator's version says.
+        spec["spec"].as_object_mut().unwrap().remove("image");
+        harness.apply(&spec).await;
+    }
+    for name in names {
+        harness
+            .wait_for_condition(name, "Ready", "True", None)
+            .await;
+        assert_eq!(
+            recorded_version(&harness, name).await.as_deref(),
+            Some("1.0.0")
+        );
+    }
+    let deployments: Api<Deployment> = harness.api();
+    let processor = deployments.get("wa-processor").await.unwrap();
+    let processor = processor.spec.unwrap().template.spec.unwrap();
+    assert_eq!(
+        processor.containers[0].image.as_deref(),
+        Some("ghcr.io/meridian-dev/meridian/processor:1.0.0")
+    );
+
+    // 1.1.0, one stack at a time: each starts only once the one before has rolled out.
+    upgrade(&mut harness, "1.1.0", |s| s.rollout_concurrency = 1).await;
+    wait_rolled(&harness, &names, "1.1.0").await;
+    let mut waves = Vec::new();
+    for name in names {
+        let started = event_times(&harness, name, "UpgradeStarted").await;
+        let rolled = event_times(&harness, name, "UpgradeRolled").await;
+        assert_eq!(
+            (started.len(), rolled.len()),
+            (1, 1),
+            "{name}: {started:?} {rolled:?}"
+        );
+        assert!(
+            started[0].1.contains("from operator 1.0.0 onto 1.1.0"),
+            "{started:?}"
+        );
+        waves.push((started[0].0, rolled[0].0, name));
+        assert_eq!(
+            recorded_version(&harness, name).await.as_deref(),
+            Some("1.1.0")
+        );
+    }
+    waves.sort();
+    for pair in waves.windows(2) {
+        assert!(
+            pair[0].1 <= pair[1].0,
+            "{} started before {} had rolled out: {waves:?}",
+            pair[1].2,
+            pair[0].2
+        );
+    }
+    // The ones that waited were told so.
+    let queued: usize =
+        futures::future::join_all(names.map(|name| event_times(&harness, name, "UpgradeQueued")))
+            .await
+            .iter()
+            .map(Vec::len)
+            .sum();
+    assert!(queued >= 1, "no stack was queued");
+
+    // 1.2.0 while no new pod can start (a quota of the pods running now): the first stack's
+    // roll never completes, the wave halts after the timeout and the others stay on 1.1.0.
+    let pods: Api<Pod> = harness.api();
+    let running = pods.list(&ListParams::default()).await.unwrap().items.len();
+    let quotas: Api<ResourceQuota> = harness.api();
+    let quota: ResourceQuota = serde_json::from_value(json!({
+        "metadata": { "name": "no-more-pods" },
+        "spec": { "hard": { "pods": running.to_string() } }
+    }))
+    .unwrap();
+    quotas.create(&PostParams::default(), &quota).await.unwrap();
+    wait_until("the quota to count the pods", READY_TIMEOUT, || {
+        let quotas = quotas.clone();
+        async move {
+            let quota = quotas.get("no-more-pods").await.unwrap();
+            quota
+                .status
+                .and_then(|s| s.used)
+                .is_some_and(|used| used.contains_key("pods"))
+        }
+    })
+    .await;
+    upgrade(&mut harness, "1.2.0", |s| {
+        s.rollout_concurrency = 1;
+        s.rollout_timeout = Duration::from_secs(3);
+    })
+    .await;
+    async fn halted(harness: &Harness, names: [&str; 3]) -> Option<String> {
+        for name in names {
+            if !event_times(harness, name, "UpgradeHalted").await.is_empty() {
+                return Some(name.to_owned());
+            }
+        }
+        None
+    }
+    wait_until("the wave to halt", READY_TIMEOUT, || async {
+        halted(&harness, names).await.is_some()
+    })
+    .await;
+    let halted_by = halted(&harness, names).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for name in names.iter().filter(|n| **n != halted_by) {
+        assert_eq!(
+            recorded_version(&harness, name).await.as_deref(),
+            Some("1.1.0"),
+            "{name} started while {halted_by} halted the wave"
+        );
+        let queued = event_times(&harness, name, "UpgradeQueued").await;
+        assert!(
+            queued.iter().any(|(_, n)| n.contains("onto 1.2.0")),
+            "{name}: {queued:?}"
+        );
+    }
+
+    // Room for the new pods: the halted stack rolls out, the wave resumes and finishes.
+    quotas
+        .delete("no-more-pods", &DeleteParams::default())
+        .await
+        .unwrap();
+    wait_rolled(&harness, &names, "1.2.0").await;
+    let resumed = event_times(&harness, &halted_by, "UpgradeRolled").await;
+    assert!(
+        resumed.iter().any(|(_, n)| n.ends_with("the wave resumes")),
+        "{resumed:?}"
+    );
     harness.finish().await;
 }

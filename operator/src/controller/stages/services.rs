@@ -89,6 +89,38 @@ pub(super) async fn roll_out(
     }
 }
 
+/// The services as they are, nothing written: a stack that waits for its turn in an upgrade
+/// wave.
+pub(super) fn observed(
+    ctx: &Context,
+    validated: &ValidatedStack,
+    enabled: &BTreeSet<Component>,
+) -> Rollout {
+    let (observed, services) = observe(ctx, validated, enabled);
+    Rollout {
+        observed,
+        services,
+        applied: Vec::new(),
+        result: Ok(()),
+    }
+}
+
+/// Whether every enabled service's Deployment has finished rolling out
+/// ([`crate::owned::Rollout::rolled_out`]).
+pub(super) fn rolled_out(
+    ctx: &Context,
+    validated: &ValidatedStack,
+    enabled: &BTreeSet<Component>,
+) -> bool {
+    enabled.iter().all(|component| {
+        let name = build::object_name(validated, *component);
+        ctx.stores
+            .deployments
+            .get(&ObjectRef::new(&name).within(validated.namespace()))
+            .is_some_and(|d| d.rolled_out())
+    })
+}
+
 /// Which enabled services' Deployments are Available (the external stages succeeded to get
 /// here), and the replicas of those in the store.
 fn observe(
