@@ -29,7 +29,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures::StreamExt as _;
+use futures::{FutureExt as _, StreamExt as _};
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, PartialObjectMeta};
 use kube::runtime::controller::Action;
@@ -298,8 +298,10 @@ pub async fn run(
         waves: Mutex::default(),
         settings,
     });
-    controller
-        .graceful_shutdown_on(async move { shutdown.cancelled().await })
+    let stacks = controller.store();
+    let stopping = shutdown.clone();
+    let running = controller
+        .graceful_shutdown_on(async move { stopping.cancelled().await })
         .run(reconcile, error_policy, context)
         .for_each(|result| async move {
             match result {
@@ -309,8 +311,23 @@ pub async fn run(
                 }
                 Err(error) => tracing::warn!(error = %Chain(&error), "Controller error."),
             }
-        })
-        .await;
+        });
+    // kube-runtime holds reconciles until the first list of stacks has arrived, and a graceful
+    // shutdown stops the watch that would deliver it: stopped before then, the controller
+    // would wait forever. No reconcile can have started, so there is nothing to wait for.
+    let stopped_before_the_first_list = async {
+        shutdown.cancelled().await;
+        if stacks.wait_until_ready().now_or_never().is_none() {
+            return;
+        }
+        std::future::pending::<()>().await;
+    };
+    tokio::select! {
+        () = running => {}
+        () = stopped_before_the_first_list => {
+            tracing::info!("Stopped before the first list of stacks arrived: nothing to finish.");
+        }
+    }
     Ok(())
 }
 

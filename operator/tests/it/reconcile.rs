@@ -1504,3 +1504,15 @@ async fn an_operator_upgrade_rolls_stacks_in_waves_and_a_stack_that_cannot_roll_
     );
     harness.finish().await;
 }
+
+#[tokio::test]
+async fn an_operator_stopped_before_its_first_list_of_stacks_exits_at_once() {
+    let harness = Harness::start("quickstop").await;
+    harness.stop.cancel();
+    let exited = tokio::time::timeout(Duration::from_secs(10), harness.task).await;
+    assert!(
+        matches!(exited, Ok(Ok(Ok(())))),
+        "the operator did not exit: {exited:?}"
+    );
+    harness.ns.delete().await;
+}
