@@ -309,6 +309,13 @@ run() {
   [[ $summary =~ \(([1-9][0-9]*)\ applied ]] || die "the rebuild applied no event: ${summary:-no summary}"
   ok "$summary"
 
+  step "kubectl meridian dlq replay: a Job sends dead-lettered commands through again"
+  "$CARGO_TARGET_DIR/debug/kubectl-meridian" dlq replay demo -n default --max 100 --wait --timeout-seconds 180 ||
+    { kubectl logs -l app.kubernetes.io/name=dead-letter-replay --tail=40 >&2 || true; die "the dead-letter replay failed"; }
+  summary=$(kubectl logs -l app.kubernetes.io/name=dead-letter-replay --tail=-1 | grep 'replay complete' || true)
+  [[ -n $summary ]] || die "the dead-letter replay printed no summary"
+  ok "$summary"
+
   step "kubectl meridian status: the pipeline from the pods' metrics"
   local status_out
   status_out=$("$CARGO_TARGET_DIR/debug/kubectl-meridian" status demo -n default)

@@ -32,7 +32,9 @@ mod service;
 
 pub use component::{Component, Consumption, Tier};
 pub use config_map::{service_url, settings};
-pub use job::{JobError, REBUILD_NAME, REBUILD_TTL_SECONDS, rebuild_job};
+pub use job::{
+    JobError, REBUILD_NAME, REBUILD_TTL_SECONDS, REPLAY_NAME, Task, rebuild_job, task_job,
+};
 pub use monitoring::{Scraping, pod_monitor, pod_monitor_kind, pod_monitor_name};
 pub use network_policy::{network_policy, network_policy_name};
 pub use service::service_needs_recreate;

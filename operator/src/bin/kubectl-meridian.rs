@@ -14,11 +14,13 @@
 //! - `kubectl meridian rebuild-read-model <stack> [--wait]`: a Job running the cache updater's
 //!   pod with `rebuild` (replays `events` into an emptied read model); with `--wait`, until it
 //!   finished.
+//! - `kubectl meridian dlq replay <stack> [--max N] [--wait]`: a Job running the processor's
+//!   pod with `replay-dlq` (sends dead-lettered commands through again, each at most once).
 //!
 //! It talks to the cluster of the current kubeconfig context, as kubectl does, and needs only
 //! read access to the stack, its ConfigMap and Events (`status`) or its JWT Secret (`token`);
-//! `rotate-credentials` patches the stack, `rebuild-read-model` reads the cache updater's
-//! Deployment and creates a Job.
+//! `rotate-credentials` patches the stack, `rebuild-read-model` and `dlq replay` read the cache
+//! updater's or the processor's Deployment and create a Job.
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -59,6 +61,26 @@ enum Command {
     /// Rebuild the read model from the `events` topic: a Job running the cache updater's pod
     /// with `rebuild`.
     RebuildReadModel(WaitArgs),
+    /// Dead-lettered commands.
+    #[command(subcommand)]
+    Dlq(DlqCommand),
+}
+
+#[derive(Subcommand)]
+enum DlqCommand {
+    /// Send dead-lettered commands through the processor again, once what failed them is
+    /// fixed: a Job running the processor's pod with `replay-dlq`. A dead letter is never
+    /// replayed twice; a command that already finished is skipped.
+    Replay(ReplayArgs),
+}
+
+#[derive(Args)]
+struct ReplayArgs {
+    #[command(flatten)]
+    run: WaitArgs,
+    /// The most commands this run replays (run it again for more).
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
+    max: u64,
 }
 
 #[derive(Args)]
@@ -118,7 +140,13 @@ async fn main() -> anyhow::Result<()> {
         Command::Status(target) => status(&client, &target).await,
         Command::Token(args) => token(&client, &args).await,
         Command::RotateCredentials(args) => rotate_credentials(&client, &args).await,
-        Command::RebuildReadModel(args) => rebuild_read_model(&client, &args).await,
+        Command::RebuildReadModel(args) => {
+            run_task(&client, &args, build::Task::RebuildReadModel, "the rebuild").await
+        }
+        Command::Dlq(DlqCommand::Replay(args)) => {
+            let task = build::Task::ReplayDeadLetters { max: args.max };
+            run_task(&client, &args.run, task, "the replay").await
+        }
     }
 }
 
@@ -497,35 +525,46 @@ async fn rotate_credentials(client: &Client, args: &WaitArgs) -> anyhow::Result<
     Ok(())
 }
 
-async fn rebuild_read_model(client: &Client, args: &WaitArgs) -> anyhow::Result<()> {
+/// Creates the Job of `task` from its service's Deployment; with `--wait`, waits until it
+/// finished. `what` names the task in messages.
+async fn run_task(
+    client: &Client,
+    args: &WaitArgs,
+    task: build::Task,
+    what: &str,
+) -> anyhow::Result<()> {
     let (namespace, stack) = stack(client, &args.target).await?;
     let validated = validate(&stack).map_err(|e| anyhow::anyhow!("the stack is invalid: {e}"))?;
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), &namespace);
-    let name = build::object_name(&validated, Component::CacheUpdater);
+    let service = task.service();
+    let name = build::object_name(&validated, service);
     let deployment = deployments
         .get_opt(&name)
         .await
         .with_context(|| format!("cannot read deployment {namespace}/{name}"))?
         .with_context(|| {
-            format!("no deployment {namespace}/{name}: is the stack's cache updater deployed?")
+            format!(
+                "no deployment {namespace}/{name}: is the stack's {} deployed?",
+                service.name()
+            )
         })?;
     let suffix = Timestamp::now().as_second().to_string();
-    let job = build::rebuild_job(&stack, &deployment, &suffix)?;
+    let job = build::task_job(&stack, &deployment, task, &suffix)?;
     let jobs: Api<Job> = Api::namespaced(client.clone(), &namespace);
     let job = jobs
         .create(&PostParams::default(), &job)
         .await
-        .with_context(|| format!("cannot create the rebuild Job in {namespace}"))?;
+        .with_context(|| format!("cannot create the Job of {what} in {namespace}"))?;
     let job_name = job.name_any();
     println!(
-        "Job {namespace}/{job_name} rebuilds the read model of {}.",
+        "Job {namespace}/{job_name} runs {what} for {}.",
         stack.name_any()
     );
     println!("Its summary: kubectl -n {namespace} logs -f job/{job_name}");
     if !args.wait {
         return Ok(());
     }
-    let succeeded = wait_for(args, "the rebuild", || async {
+    let succeeded = wait_for(args, what, || async {
         let status = jobs.get(&job_name).await?.status.unwrap_or_default();
         Ok(
             match (status.succeeded.unwrap_or(0), status.failed.unwrap_or(0)) {
@@ -536,10 +575,19 @@ async fn rebuild_read_model(client: &Client, args: &WaitArgs) -> anyhow::Result<
     })
     .await?;
     if !succeeded {
-        bail!("the rebuild failed: kubectl -n {namespace} logs job/{job_name}");
+        bail!("{what} failed: kubectl -n {namespace} logs job/{job_name}");
     }
-    println!("The rebuild finished.");
+    println!("{} finished.", capitalized(what));
     Ok(())
+}
+
+/// `text` with its first letter upper-case.
+fn capitalized(text: &str) -> String {
+    let mut chars = text.chars();
+    chars
+        .next()
+        .map(|first| first.to_uppercase().chain(chars).collect())
+        .unwrap_or_default()
 }
 
 fn row<const N: usize>(cells: [&str; N]) -> Vec<String> {

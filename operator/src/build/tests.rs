@@ -1062,6 +1062,49 @@ fn the_rebuild_job_runs_the_cache_updaters_pod_once_with_rebuild() {
 }
 
 #[test]
+fn the_replay_job_runs_the_processors_pod_once_with_replay_dlq() {
+    let stack = fixtures::example();
+    let state = example();
+    let processor = objects(&state, Component::Processor);
+    let job = task_job(
+        &stack,
+        &processor.deployment,
+        Task::ReplayDeadLetters { max: 50 },
+        "1700000000",
+    )
+    .unwrap();
+    assert_eq!(
+        job.metadata.name,
+        Some(format!(
+            "{}-dlq-replay-1700000000",
+            stack.metadata.name.clone().unwrap()
+        ))
+    );
+    let spec = job.spec.unwrap();
+    let pod = spec.template.spec.as_ref().unwrap();
+    let (replay, original) = (&pod.containers[0], container(processor));
+    assert_eq!(
+        replay.args,
+        Some(vec![
+            "replay-dlq".to_owned(),
+            "--max".to_owned(),
+            "50".to_owned()
+        ])
+    );
+    assert_eq!(
+        (&replay.image, &replay.env),
+        (&original.image, &original.env)
+    );
+    assert!(replay.readiness_probe.is_none() && replay.ports.is_none());
+    let labels = spec.template.metadata.unwrap().labels.unwrap();
+    assert_eq!(labels["app.kubernetes.io/name"], REPLAY_NAME);
+    assert_eq!(
+        Task::ReplayDeadLetters { max: 1 }.service(),
+        Component::Processor
+    );
+}
+
+#[test]
 fn a_consumer_scaled_on_lag_gets_the_operators_count_and_no_autoscaler() {
     let mut stack = fixtures::stack(fixtures::MINIMAL);
     stack.spec.kafka.topics.commands.partitions = 8;

@@ -270,4 +270,50 @@ async fn rotate_credentials_asks_the_operator_and_rebuild_creates_a_job() {
     let pod = job.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
     assert_eq!(pod.containers[0].args, Some(vec!["rebuild".to_owned()]));
     assert_eq!(pod.restart_policy.as_deref(), Some("Never"));
+
+    // The dead-letter replay: a Job from the processor's Deployment.
+    let out = plugin(&["dlq", "replay", "shop", "-n", &ns.name, "--max", "50"]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("shop-processor"), "{stderr}");
+    let mut processor = desired
+        .service(Component::Processor)
+        .unwrap()
+        .deployment
+        .clone();
+    processor.metadata.namespace = Some(ns.name.clone());
+    deployments
+        .create(&PostParams::default(), &processor)
+        .await
+        .unwrap();
+    let out = plugin(&["dlq", "replay", "shop", "-n", &ns.name, "--max", "50"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let listed = jobs
+        .list(&ListParams::default().labels("app.kubernetes.io/name=dead-letter-replay"))
+        .await
+        .unwrap()
+        .items;
+    assert_eq!(listed.len(), 1);
+    let pod = listed[0]
+        .spec
+        .as_ref()
+        .unwrap()
+        .template
+        .spec
+        .as_ref()
+        .unwrap();
+    assert_eq!(
+        pod.containers[0].args,
+        Some(vec![
+            "replay-dlq".to_owned(),
+            "--max".to_owned(),
+            "50".to_owned()
+        ])
+    );
+    let out = plugin(&["dlq", "replay", "shop", "-n", &ns.name, "--max", "0"]);
+    assert!(!out.status.success(), "--max 0 is refused");
 }

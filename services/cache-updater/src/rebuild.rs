@@ -19,14 +19,11 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use anyhow::Context as _;
 use backon::{ExponentialBuilder, Retryable as _};
-use common::config::Vars;
 use common::kafka::TOPIC_EVENTS;
 use common::readmodel::{self, Outcome};
-use common::service::ServiceConfig as _;
 use common::shutdown::CancellationToken;
-use rdkafka::consumer::{Consumer as _, StreamConsumer};
+use rdkafka::consumer::Consumer as _;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::{Message as _, Offset, TopicPartitionList};
 use secrecy::ExposeSecret as _;
@@ -107,19 +104,9 @@ pub async fn rebuild(
         config.consumer_group(),
         uuid::Uuid::now_v7()
     );
-    let consumer: StreamConsumer = common::kafka::client_config(&config.kafka, NAME)
-        .set("group.id", &group)
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        .create()?;
+    let consumer = common::kafka::assigned_consumer(&config.kafka, NAME, &group)?;
     // Metadata and watermark calls block briefly; this runs once, before the replay.
-    let metadata = consumer.fetch_metadata(Some(&topic), timeout)?;
-    let partitions: Vec<i32> = metadata
-        .topics()
-        .iter()
-        .filter(|t| t.name() == topic && t.error().is_none())
-        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
-        .collect();
+    let partitions = common::kafka::partitions(&consumer, &topic, timeout)?;
     if partitions.is_empty() {
         return Err(RebuildError::NoTopic(topic));
     }
@@ -199,14 +186,8 @@ pub async fn rebuild(
 /// The `rebuild` subcommand's entry point: configuration from the environment, telemetry,
 /// stop on SIGTERM/SIGINT, summary on stdout.
 pub fn main() -> anyhow::Result<()> {
-    let config = Config::from_vars(&Vars::from_env()).context("invalid configuration")?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("failed to start the async runtime")?;
-    runtime.block_on(async move {
-        let _telemetry = common::telemetry::init(NAME, &config.common)?;
-        let summary = rebuild(&config, &common::shutdown::on_signal()).await?;
+    common::service::run_job::<crate::CacheUpdater, _, _>(|config, shutdown| async move {
+        let summary = rebuild(&config, &shutdown).await?;
         tracing::info!(?summary, "Rebuild complete.");
         println!("{summary}");
         Ok(())

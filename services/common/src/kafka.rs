@@ -147,6 +147,37 @@ pub fn consumer_config(config: &KafkaConfig, client_id: &str, group_id: &str) ->
     cc
 }
 
+/// A consumer in `group_id` for a one-off job (a rebuild, a replay) that assigns its
+/// partitions itself and commits only what it commits explicitly: never joins the group's
+/// rebalances, never commits on its own.
+pub fn assigned_consumer(
+    config: &KafkaConfig,
+    client_id: &str,
+    group_id: &str,
+) -> Result<StreamConsumer, KafkaError> {
+    client_config(config, client_id)
+        .set("group.id", group_id)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .create()
+}
+
+/// The partition ids of `topic`, from a metadata request (empty: the topic does not exist).
+/// Blocks for up to `timeout`.
+pub fn partitions<C: rdkafka::consumer::ConsumerContext>(
+    consumer: &impl Consumer<C>,
+    topic: &str,
+    timeout: Duration,
+) -> Result<Vec<i32>, KafkaError> {
+    let metadata = consumer.fetch_metadata(Some(topic), timeout)?;
+    Ok(metadata
+        .topics()
+        .iter()
+        .filter(|t| t.name() == topic && t.error().is_none())
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .collect())
+}
+
 /// An admin client (topic creation, configuration).
 pub fn admin(
     config: &KafkaConfig,

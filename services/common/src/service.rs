@@ -35,21 +35,34 @@ pub trait Service {
 
 /// The entry point of every service binary.
 pub fn main<S: Service>() -> anyhow::Result<()> {
+    run_job::<S, _, _>(|config, shutdown| async move {
+        let addr = config.common().listen_addr(S::DEFAULT_PORT);
+        let listener = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("failed to bind {addr}"))?;
+        S::start(listener, config, shutdown).await?;
+        tracing::info!(service = S::NAME, "Stopped.");
+        Ok(())
+    })
+}
+
+/// Runs `job` as the service `S` runs (the entry point of a service binary, and of its
+/// one-off subcommands: a rebuild, a replay): its configuration from the environment, its
+/// telemetry, a stop on SIGTERM/SIGINT, a multi-threaded runtime until `job` returns.
+pub fn run_job<S, F, Fut>(job: F) -> anyhow::Result<()>
+where
+    S: Service,
+    F: FnOnce(S::Config, CancellationToken) -> Fut,
+    Fut: Future<Output = anyhow::Result<()>>,
+{
     let config = S::Config::from_vars(&Vars::from_env()).context("invalid configuration")?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("failed to start the async runtime")?;
     runtime.block_on(async move {
-        let common = config.common();
-        let _telemetry = crate::telemetry::init(S::NAME, common)?;
-        let addr = common.listen_addr(S::DEFAULT_PORT);
-        let listener = TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("failed to bind {addr}"))?;
-        S::start(listener, config, crate::shutdown::on_signal()).await?;
-        tracing::info!(service = S::NAME, "Stopped.");
-        Ok(())
+        let _telemetry = crate::telemetry::init(S::NAME, config.common())?;
+        job(config, crate::shutdown::on_signal()).await
     })
 }
 

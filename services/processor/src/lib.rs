@@ -12,6 +12,7 @@
 //!   the command's status and the event's outbox row.
 //! - [`handler`]: the [`Handler`](handler::Handler) trait, the built-in handlers and the
 //!   registry. [`webhook`]: handlers that call HTTP endpoints.
+//! - [`replay`]: the `replay-dlq` subcommand: dead-lettered commands sent through again.
 //! - this file: [`Config`], [`AppState`], [`router`], [`run`] and the [`Service`] impl.
 
 pub mod apply;
@@ -19,6 +20,7 @@ pub mod batch;
 pub mod consumer;
 pub mod engine;
 pub mod handler;
+pub mod replay;
 pub mod webhook;
 
 use std::collections::BTreeMap;
@@ -64,6 +66,17 @@ pub struct Config {
     pub kafka: KafkaConfig,
     /// The processor's own settings (`PROCESSOR_*`).
     pub processor: ProcessorConfig,
+}
+
+impl Config {
+    /// The consumer group on `commands`: `PROCESSOR_CONSUMER_GROUP`, or
+    /// `<KAFKA_TOPIC_PREFIX>processor`.
+    pub fn consumer_group(&self) -> String {
+        self.processor
+            .processor_consumer_group
+            .clone()
+            .unwrap_or_else(|| format!("{}processor", self.kafka.kafka_topic_prefix))
+    }
 }
 
 /// The `PROCESSOR_*` variables.
@@ -212,10 +225,7 @@ impl AppState {
         let p = &config.processor;
         let db = Postgres::connect_lazy(&config.postgres)?;
         let producer = common::kafka::producer(&config.kafka, NAME)?;
-        let group = p
-            .processor_consumer_group
-            .clone()
-            .unwrap_or_else(|| format!("{}processor", config.kafka.kafka_topic_prefix));
+        let group = config.consumer_group();
         let consumer: StreamConsumer = common::kafka::consumer(&config.kafka, NAME, &group)?;
         let consumer = Arc::new(consumer);
         let admin = Arc::new(common::kafka::admin(&config.kafka, NAME)?);

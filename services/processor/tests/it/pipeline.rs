@@ -302,26 +302,25 @@ async fn a_command_delivered_twice_is_applied_once() {
     stack.stop().await;
 }
 
-#[tokio::test]
-async fn a_poison_message_is_dead_lettered_and_consumption_continues() {
-    let stack = Stack::start(&[], Some(Handlers::built_in())).await;
-    let dlq = stack.reader(kafka::TOPIC_COMMANDS_DLQ);
-    // A command row whose Kafka message arrives mangled.
+/// Inserts a command row for `document` and produces a mangled message (`{not json`, key
+/// `<collection>/<document>`) for it, as a broken producer would. Returns the command's id.
+async fn send_poison(stack: &Stack, document: &str) -> Uuid {
     let command_id = Uuid::now_v7();
     sqlx::query(
         "INSERT INTO commands (id, client_id, type, collection, document_id) \
-         VALUES ($1, $2, 'create', $3, 'p1')",
+         VALUES ($1, $2, 'create', $3, $4)",
     )
     .bind(command_id)
     .bind(&stack.client)
     .bind(&stack.collection)
+    .bind(document)
     .execute(&stack.db)
     .await
     .unwrap();
-    let producer = kafka::producer(&stack.kafka, "it-producer").unwrap();
-    let key = format!("{}/p1", stack.collection);
+    let key = format!("{}/{document}", stack.collection);
     let id_text = command_id.to_string();
-    producer
+    kafka::producer(&stack.kafka, "it-producer")
+        .unwrap()
         .send(
             FutureRecord::to(&stack.topic(kafka::TOPIC_COMMANDS))
                 .key(&key)
@@ -334,6 +333,16 @@ async fn a_poison_message_is_dead_lettered_and_consumption_continues() {
         )
         .await
         .unwrap();
+    command_id
+}
+
+#[tokio::test]
+async fn a_poison_message_is_dead_lettered_and_consumption_continues() {
+    let stack = Stack::start(&[], Some(Handlers::built_in())).await;
+    let dlq = stack.reader(kafka::TOPIC_COMMANDS_DLQ);
+    // A command row whose Kafka message arrives mangled.
+    let command_id = send_poison(&stack, "p1").await;
+    let (key, id_text) = (format!("{}/p1", stack.collection), command_id.to_string());
 
     let status = stack.final_status(command_id).await;
     assert_eq!(status["status"], "dead_lettered", "{status}");
@@ -534,5 +543,77 @@ async fn webhook_and_rust_handlers_decide_custom_commands() {
     for expected in ["created", "approved", "flaky", "stamped"] {
         assert!(types.iter().any(|t| t == expected), "{types:?}");
     }
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn dead_lettered_commands_are_replayed_once_after_their_handler_is_deployed() {
+    // No `stamp` handler yet: the command is dead-lettered at once.
+    let mut stack = Stack::start(
+        &[("COMMANDS_CUSTOM_TYPES", "stamp")],
+        Some(Handlers::built_in()),
+    )
+    .await;
+    let stamped = stack
+        .submit(json!({"type": "stamp", "id": "r1", "payload": "late"}))
+        .await;
+    let status = stack.final_status(stamped).await;
+    assert_eq!(status["status"], "dead_lettered", "{status}");
+    assert_eq!(status["failureReason"], "no_handler");
+    // And a dead letter no replay can fix: its message is not a command.
+    let poisoned = send_poison(&stack, "r2").await;
+    assert_eq!(
+        stack.final_status(poisoned).await["status"],
+        "dead_lettered"
+    );
+
+    // The handler is deployed; the dead letters are replayed.
+    stack.processor.take().unwrap().stop().await;
+    let handlers = Handlers::built_in().with("stamp", Stamp);
+    stack.processor = Some(InProcess::start(&stack.vars(), handlers).await);
+    let commands = stack.reader(kafka::TOPIC_COMMANDS);
+    let config =
+        <processor::Config as common::service::ServiceConfig>::from_vars(&stack.vars()).unwrap();
+    let stop = common::shutdown::CancellationToken::new();
+    let summary = processor::replay::replay(&config, 100, &stop)
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            summary.read,
+            summary.replayed,
+            summary.finished,
+            summary.unusable
+        ),
+        (2, 1, 0, 1),
+        "{summary}"
+    );
+    assert!(!summary.more_left);
+    let status = stack.final_status(stamped).await;
+    assert_eq!(status["status"], "succeeded", "{status}");
+    let (code, _, body) = stack.document("r1").await;
+    assert_eq!(code, 200);
+    assert_eq!(body["data"]["stamp"], "late", "{body}");
+    // The replayed message is the original, without the dead-letter headers.
+    let stamped_text = stamped.to_string();
+    let read = read_until(&commands, Duration::from_secs(20), |messages| {
+        messages
+            .iter()
+            .any(|m| header(m, "dlq-replayed-from").is_some())
+    })
+    .await;
+    let replayed = read
+        .iter()
+        .find(|m| header(m, "dlq-replayed-from").is_some())
+        .unwrap();
+    assert_eq!(header(replayed, "command-id"), Some(stamped_text));
+    assert_eq!(header(replayed, "dlq-reason"), None);
+    assert_eq!(payload(replayed)["payload"], "late");
+
+    // Run again: what was replayed is never replayed twice.
+    let again = processor::replay::replay(&config, 100, &stop)
+        .await
+        .unwrap();
+    assert_eq!((again.read, again.replayed), (0, 0), "{again}");
     stack.stop().await;
 }
