@@ -257,6 +257,9 @@ pub struct Context {
     scalers: scaling::Memories,
     /// The upgrade waves: which stacks roll onto this operator's version, which wait.
     waves: Mutex<waves::Waves>,
+    /// Per Deployment (`<namespace>/<name>`), the pod template it was last Available with
+    /// (see `stages::services::available`).
+    available_templates: Mutex<HashMap<String, u64>>,
 }
 
 /// Runs the controller until `shutdown` fires.
@@ -296,6 +299,7 @@ pub async fn run(
         pod_monitors: monitoring::PodMonitors::default(),
         scalers: scaling::Memories::default(),
         waves: Mutex::default(),
+        available_templates: Mutex::default(),
         settings,
     });
     let stacks = controller.store();

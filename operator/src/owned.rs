@@ -189,6 +189,9 @@ pub struct Rollout {
     /// Whether the operator's field manager owns `spec.replicas` (it lets go when an
     /// autoscaler takes the count over).
     pub operator_owns_replicas: bool,
+    /// A hash of `spec.template` (what the pods run): a new generation with the same template
+    /// is a scale, not a rollout.
+    pub template: u64,
 }
 
 impl Compact for Deployment {
@@ -216,8 +219,21 @@ impl Compact for Deployment {
                 .filter(|m| m.manager.as_deref() == Some(FIELD_MANAGER))
                 .filter_map(|m| m.fields_v1.as_ref())
                 .any(|f| f.0.pointer("/f:spec/f:replicas").is_some()),
+            template: template_hash(self),
         }
     }
+}
+
+/// A hash of the Deployment's pod template (stable within this process).
+fn template_hash(deployment: &Deployment) -> u64 {
+    use std::hash::{Hash as _, Hasher as _};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    if let Some(spec) = &deployment.spec {
+        serde_json::to_vec(&spec.template)
+            .unwrap_or_default()
+            .hash(&mut hasher);
+    }
+    hasher.finish()
 }
 
 impl Rollout {

@@ -93,6 +93,17 @@ fn older(a: &str, b: &str) -> bool {
     }
 }
 
+/// Whether the store still shows an older version (`current`) of the object `key` than this
+/// process last applied: the watch has not delivered that apply yet, so what the store says
+/// of the object's rollout is about its previous spec.
+pub(super) fn store_behind(ctx: &Context, key: &str, current: &str) -> bool {
+    ctx.applied
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(key)
+        .is_some_and(|last| older(current, &last.version))
+}
+
 /// Server-side applies `object` unless the store shows it exactly as last applied. Returns
 /// whether it was applied.
 pub(super) async fn apply<K>(

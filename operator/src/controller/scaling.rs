@@ -22,8 +22,6 @@ use common::metrics::OPERATOR_SCALING_DECISIONS_TOTAL;
 /// The replica counts the stages apply, and Events about the decisions that changed one.
 pub(super) struct Scaling {
     pub(super) replicas: Replicas,
-    /// The services whose count this decision changed.
-    pub(super) changed: BTreeSet<Component>,
     pub(super) events: Vec<Event>,
 }
 
@@ -45,7 +43,6 @@ pub(super) async fn replicas(
             external: external(ctx, validated),
             ..Replicas::default()
         },
-        changed: BTreeSet::new(),
         events: Vec::new(),
     };
     let key = ObjectRef::from_obj(stack);
@@ -130,7 +127,6 @@ pub(super) async fn replicas(
                 scaling
                     .events
                     .push(event(EventType::Normal, reason, "Scale", note));
-                scaling.changed.insert(component);
                 to
             }
         };
@@ -149,7 +145,7 @@ fn current(ctx: &Context, validated: &ValidatedStack, component: Component) -> O
 }
 
 /// The services whose Deployment a HorizontalPodAutoscaler the operator does not own targets.
-fn external(ctx: &Context, validated: &ValidatedStack) -> std::collections::BTreeSet<Component> {
+fn external(ctx: &Context, validated: &ValidatedStack) -> BTreeSet<Component> {
     let foreign = ctx.stores.foreign_autoscalers.state();
     Component::ALL
         .into_iter()

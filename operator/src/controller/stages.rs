@@ -237,23 +237,22 @@ pub(super) async fn run(
     // 4. Core, 5. edge: build (pure), then apply in the order gating allows.
     let pod_monitor_api = monitoring::pod_monitor_api(ctx).await;
     let scraping = Scraping::choose(&validated.spec().monitoring, pod_monitor_api.is_some());
-    let scaled = timed("scaling", scaling::replicas(ctx, stack, validated, &refs)).await;
-    events.extend(scaled.events);
-    let desired =
-        build::with_credentials_hash(build::build(validated, scraping), &credentials_hash);
-    let desired = build::with_replicas(desired, &scaled.replicas);
     let enabled = validated.enabled();
     // A stack due to roll onto this operator's version waits for its turn in the wave, its
-    // services left as they are.
+    // services left as they are (scaled neither).
     let (rollout, rolled) = match waves::turn(ctx, stack) {
         waves::Turn::Go(started) => {
             events.extend(started);
+            let scaled = timed("scaling", scaling::replicas(ctx, stack, validated, &refs)).await;
+            events.extend(scaled.events);
+            let desired =
+                build::with_credentials_hash(build::build(validated, scraping), &credentials_hash);
+            let desired = build::with_replicas(desired, &scaled.replicas);
             let written = write_services(
                 ctx,
                 validated,
                 &desired,
                 &enabled,
-                &scaled.changed,
                 pod_monitor_api.as_ref(),
                 events,
             )
@@ -352,7 +351,6 @@ async fn write_services(
     validated: &ValidatedStack,
     desired: &build::DesiredState,
     enabled: &BTreeSet<Component>,
-    scaled: &BTreeSet<Component>,
     pod_monitor_api: Option<&kube::api::ApiResource>,
     mut events: Vec<Event>,
 ) -> Result<(services::Rollout, Vec<Event>), WriteFailure> {
@@ -424,7 +422,7 @@ async fn write_services(
             error.message(),
         )),
     }
-    let mut rollout = services::roll_out(ctx, validated, desired, enabled, scaled).await;
+    let mut rollout = services::roll_out(ctx, validated, desired, enabled).await;
     if let Err(error) = std::mem::replace(&mut rollout.result, Ok(())) {
         return Err((error.into(), rollout.services, events));
     }

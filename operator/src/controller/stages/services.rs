@@ -34,20 +34,13 @@ pub(super) struct Rollout {
 /// Stages 4 to 6: writes the services' objects in the order gating allows — the core
 /// services, then the WebSocket hub, then the API gateway, each once every earlier stage is
 /// Available.
-///
-/// A service in `scaled` (its replica count changed, nothing else asked for a change) that was
-/// Available stays so: its Deployment's new generation is only a count, and waiting for the
-/// controller-manager to observe it would flip the stack's Ready on every scaling decision.
 pub(super) async fn roll_out(
     ctx: &Context,
     validated: &ValidatedStack,
     desired: &DesiredState,
     enabled: &BTreeSet<Component>,
-    scaled: &BTreeSet<Component>,
 ) -> Rollout {
     let (mut observed, mut services) = observe(ctx, validated, enabled);
-    let still_available: BTreeSet<Component> =
-        scaled.intersection(&observed.available).copied().collect();
     let mut applied = Vec::new();
     for step in [Step::Core, Step::WsHub, Step::Gateway] {
         let plan = gating::plan(enabled, &observed, false);
@@ -78,7 +71,6 @@ pub(super) async fn roll_out(
         }
         let (now, replicas) = observe(ctx, validated, enabled);
         observed = now;
-        observed.available.extend(still_available.iter().copied());
         services.extend(replicas);
     }
     Rollout {
@@ -106,18 +98,20 @@ pub(super) fn observed(
 }
 
 /// Whether every enabled service's Deployment has finished rolling out
-/// ([`crate::owned::Rollout::rolled_out`]).
+/// ([`crate::owned::Rollout::rolled_out`]) the spec this process last applied to it.
 pub(super) fn rolled_out(
     ctx: &Context,
     validated: &ValidatedStack,
     enabled: &BTreeSet<Component>,
 ) -> bool {
+    let namespace = validated.namespace();
     enabled.iter().all(|component| {
         let name = build::object_name(validated, *component);
+        let key = apply::object_key::<Deployment>(namespace, &name);
         ctx.stores
             .deployments
-            .get(&ObjectRef::new(&name).within(validated.namespace()))
-            .is_some_and(|d| d.rolled_out())
+            .get(&ObjectRef::new(&name).within(namespace))
+            .is_some_and(|d| d.rolled_out() && !apply::store_behind(ctx, &key, &d.version()))
     })
 }
 
@@ -142,7 +136,7 @@ fn observe(
             .deployments
             .get(&ObjectRef::new(&name).within(validated.namespace()));
         if let Some(deployment) = deployment {
-            if deployment.available() {
+            if available(ctx, &deployment) {
                 observed.available.insert(*component);
             }
             services.insert(
@@ -155,6 +149,29 @@ fn observe(
         }
     }
     (observed, services)
+}
+
+/// Whether the Deployment is Available ([`Owned::available`]), or only scaled since it last
+/// was: its pod template is the one it was Available with and a pod of it is ready. A scale
+/// (the operator's lag decision, an autoscaler's) is a new generation the controller-manager
+/// observes moments later, and a scale-up makes the Deployment's own `Available` condition
+/// false until most new pods are ready; neither means the service cannot serve, and reading
+/// them as a rollout would flip the stack's Ready on every scaling decision.
+fn available(ctx: &Context, deployment: &Owned<Deployment>) -> bool {
+    let key = format!(
+        "{}/{}",
+        deployment.namespace.as_deref().unwrap_or_default(),
+        deployment.name
+    );
+    let mut templates = ctx
+        .available_templates
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    if deployment.available() {
+        templates.insert(key, deployment.state.template);
+        return true;
+    }
+    deployment.state.ready_replicas > 0 && templates.get(&key) == Some(&deployment.state.template)
 }
 
 /// Writes one service's objects: applies its ConfigMap, its Service (deleted first when it
