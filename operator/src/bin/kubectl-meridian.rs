@@ -26,7 +26,9 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use clap::{Args, Parser, Subcommand};
-use common::metrics::{COMMANDS_DEAD_LETTERED_TOTAL, KAFKA_CONSUMER_LAG, OUTBOX_BACKLOG};
+use common::metrics::{
+    COMMANDS_DEAD_LETTERED_TOTAL, DEAD_LETTERS_PENDING, KAFKA_CONSUMER_LAG, OUTBOX_BACKLOG,
+};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{ConfigMap, Event, Pod, Secret};
@@ -322,6 +324,9 @@ struct Pipeline {
     lag: BTreeMap<String, f64>,
     /// Commands copied to the dead-letter topic since the processor pods started.
     dead_lettered: f64,
+    /// Dead letters not replayed yet (`dead_letters_pending`; every processor pod reports
+    /// the topic's figure, so the largest), if a pod reported it.
+    pending: Option<f64>,
     /// Pods read, and the first failure to read one.
     scraped: usize,
     failure: Option<String>,
@@ -350,6 +355,9 @@ impl Pipeline {
                 }
                 KAFKA_CONSUMER_LAG => *self.lag.entry(label("service")).or_insert(0.0) += value,
                 COMMANDS_DEAD_LETTERED_TOTAL => self.dead_lettered += value,
+                DEAD_LETTERS_PENDING => {
+                    self.pending = Some(self.pending.unwrap_or(0.0).max(value));
+                }
                 _ => {}
             }
         }
@@ -380,6 +388,17 @@ impl Pipeline {
                 &format!("{:.0} since the processor pods started", self.dead_lettered),
             ]),
         ];
+        if let Some(pending) = self.pending {
+            let hint = if pending > 0.0 {
+                " (kubectl meridian dlq replay)"
+            } else {
+                ""
+            };
+            rows.push(row([
+                "dead letters",
+                &format!("{pending:.0} not replayed yet{hint}"),
+            ]));
+        }
         if let Some(failure) = &self.failure {
             rows.push(row(["not read", failure]));
         }
@@ -654,17 +673,23 @@ mod tests {
              kafka_consumer_lag{service=\"processor\",topic=\"commands\",partition=\"0\"} 4\n\
              kafka_consumer_lag{service=\"processor\",topic=\"commands\",partition=\"1\"} 1\n\
              # TYPE commands_dead_lettered_total counter\n\
-             commands_dead_lettered_total{service=\"processor\",reason=\"malformed\"} 2\n",
+             commands_dead_lettered_total{service=\"processor\",reason=\"malformed\"} 2\n\
+             # TYPE dead_letters_pending gauge\n\
+             dead_letters_pending{service=\"processor\"} 6\n",
         );
         pipeline.add(
             "# TYPE outbox_backlog gauge\n\
              outbox_backlog{service=\"processor\",table=\"processor_outbox\"} 7\n\
              # TYPE kafka_consumer_lag gauge\n\
-             kafka_consumer_lag{service=\"processor\",topic=\"commands\",partition=\"2\"} 5\n",
+             kafka_consumer_lag{service=\"processor\",topic=\"commands\",partition=\"2\"} 5\n\
+             # TYPE dead_letters_pending gauge\n\
+             dead_letters_pending{service=\"processor\"} 6\n",
         );
         assert_eq!(pipeline.scraped, 2);
         assert_eq!(pipeline.backlog["processor_outbox"], 7.0);
         assert_eq!(pipeline.lag["processor"], 10.0);
         assert_eq!(pipeline.dead_lettered, 2.0);
+        // Both pods report the topic's figure: not summed.
+        assert_eq!(pipeline.pending, Some(6.0));
     }
 }

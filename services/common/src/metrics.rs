@@ -71,6 +71,10 @@ pub const COMMAND_RETRIES_TOTAL: &str = "command_retries_total";
 pub const PROCESSOR_BATCH_SIZE: &str = "processor_batch_size";
 /// Counter: messages copied to `commands.dlq`. Labels: `service`, `reason`.
 pub const COMMANDS_DEAD_LETTERED_TOTAL: &str = "commands_dead_lettered_total";
+/// Gauge: dead letters in `commands.dlq` not replayed yet: past the committed offsets of the
+/// replay group (`processor replay-dlq`), summed over the partitions. Every processor pod
+/// reports the same figure. Labels: `service`.
+pub const DEAD_LETTERS_PENDING: &str = "dead_letters_pending";
 /// Gauge: messages between a consumed offset and the partition's high watermark.
 /// Labels: `service`, `topic`, `partition`.
 pub const KAFKA_CONSUMER_LAG: &str = "kafka_consumer_lag";

@@ -209,6 +209,11 @@ pub struct AppState {
     pub outbox: Waker,
     /// The consumer's settings.
     pub consumer_settings: ConsumerSettings,
+    /// Reads the replay group's committed offsets on `commands.dlq` (never joins the group),
+    /// for `dead_letters_pending`.
+    pub dead_letters: Arc<StreamConsumer>,
+    /// The full name of `commands.dlq`.
+    pub dead_letter_topic: String,
 }
 
 impl AppState {
@@ -278,6 +283,11 @@ impl AppState {
                 .to_vec(),
             batch_max: p.processor_batch_max.max(1),
         };
+        let dead_letters = Arc::new(common::kafka::assigned_consumer(
+            &config.kafka,
+            NAME,
+            &replay::replay_group(config),
+        )?);
         Ok(Self {
             ops,
             db,
@@ -288,6 +298,8 @@ impl AppState {
             relay,
             outbox,
             consumer_settings,
+            dead_letters,
+            dead_letter_topic: config.kafka.topic(TOPIC_COMMANDS_DLQ),
         })
     }
 }
@@ -316,6 +328,11 @@ pub async fn run(
     )
     .woken_by(&state.outbox);
     let relay = tokio::spawn(relay.run(background.clone()));
+    let dead_letters = tokio::spawn(replay::report_pending(
+        state.dead_letters.clone(),
+        state.dead_letter_topic.clone(),
+        background.clone(),
+    ));
     let consumer = tokio::spawn(consumer::run(
         state.consumer.clone(),
         state.admin.clone(),
@@ -325,7 +342,7 @@ pub async fn run(
         background.clone(),
     ));
     let served = common::http::serve(listener, router(&state), &state.ops, shutdown).await;
-    common::shutdown::stop_background(&background, [relay, consumer]).await;
+    common::shutdown::stop_background(&background, [relay, consumer, dead_letters]).await;
     Ok(served?)
 }
 

@@ -20,13 +20,15 @@
 //! a dead letter a previous run committed.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use common::kafka::{HEADER_COMMAND_ID, TOPIC_COMMANDS, TOPIC_COMMANDS_DLQ};
+use common::metrics::DEAD_LETTERS_PENDING;
 use common::postgres::Postgres;
 use common::shutdown::CancellationToken;
-use rdkafka::consumer::{CommitMode, Consumer as _};
+use rdkafka::consumer::{CommitMode, Consumer as _, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, Headers as _, OwnedHeaders};
 use rdkafka::producer::FutureRecord;
@@ -234,6 +236,56 @@ pub async fn replay(
     }
     summary.elapsed = started.elapsed();
     Ok(summary)
+}
+
+/// Every [`common::kafka::LAG_INTERVAL`] until `shutdown`, sets `dead_letters_pending`: the
+/// dead letters `reader` (a consumer in the replay group that never joins it) finds past the
+/// group's committed offsets, the earliest retained offset where it has none.
+pub async fn report_pending(
+    reader: Arc<StreamConsumer>,
+    topic: String,
+    shutdown: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(common::kafka::LAG_INTERVAL) => {}
+        }
+        let (reader, topic) = (reader.clone(), topic.clone());
+        // Metadata and offset requests block on the network: off the async workers.
+        let pending = tokio::task::spawn_blocking(move || pending(&reader, &topic)).await;
+        match pending {
+            Ok(Ok(pending)) => {
+                metrics::gauge!(DEAD_LETTERS_PENDING, "service" => NAME).set(pending as f64);
+            }
+            Ok(Err(error)) => tracing::debug!(%error, "Could not count the pending dead letters."),
+            Err(error) => tracing::debug!(%error, "The dead-letter count task failed."),
+        }
+    }
+}
+
+/// The dead letters of `topic` past `reader`'s group's committed offsets.
+fn pending(reader: &StreamConsumer, topic: &str) -> Result<u64, KafkaError> {
+    let timeout = Duration::from_secs(2);
+    let partitions = common::kafka::partitions(reader, topic, timeout)?;
+    let mut wanted = TopicPartitionList::new();
+    for &partition in &partitions {
+        wanted.add_partition(topic, partition);
+    }
+    let committed = reader.committed_offsets(wanted, timeout)?;
+    let mut pending = 0u64;
+    for &partition in &partitions {
+        let (low, high) = reader.fetch_watermarks(topic, partition, timeout)?;
+        let from = match committed
+            .find_partition(topic, partition)
+            .map(|p| p.offset())
+        {
+            Some(Offset::Offset(offset)) => offset.max(low),
+            _ => low,
+        };
+        pending += u64::try_from(high.saturating_sub(from)).unwrap_or(0);
+    }
+    Ok(pending)
 }
 
 /// Reopens a dead-lettered command (`dead_lettered` → `accepted`). Returns whether it is to

@@ -571,6 +571,9 @@ async fn dead_lettered_commands_are_replayed_once_after_their_handler_is_deploye
     stack.processor.take().unwrap().stop().await;
     let handlers = Handlers::built_in().with("stamp", Stamp);
     stack.processor = Some(InProcess::start(&stack.vars(), handlers).await);
+    // The processor counts the dead letters a replay would send.
+    let url = stack.processor.as_ref().unwrap().url.clone();
+    wait_for_pending(&url, 2).await;
     let commands = stack.reader(kafka::TOPIC_COMMANDS);
     let config =
         <processor::Config as common::service::ServiceConfig>::from_vars(&stack.vars()).unwrap();
@@ -615,5 +618,18 @@ async fn dead_lettered_commands_are_replayed_once_after_their_handler_is_deploye
         .await
         .unwrap();
     assert_eq!((again.read, again.replayed), (0, 0), "{again}");
+    wait_for_pending(&url, 0).await;
     stack.stop().await;
+}
+
+/// Waits until the processor at `url` reports `count` dead letters pending a replay.
+async fn wait_for_pending(url: &str, count: u64) {
+    let line = format!("dead_letters_pending{{service=\"processor\"}} {count}");
+    common::test_support::wait_until(&line, Duration::from_secs(30), || async {
+        common::test_support::metrics_text(url)
+            .await
+            .lines()
+            .any(|l| l == line)
+    })
+    .await;
 }
