@@ -257,8 +257,8 @@ pub struct Context {
     scalers: scaling::Memories,
     /// The upgrade waves: which stacks roll onto this operator's version, which wait.
     waves: Mutex<waves::Waves>,
-    /// Per Deployment (`<namespace>/<name>`), the pod template it was last Available with
-    /// (see `stages::services::available`).
+    /// Per Deployment (its `apply::object_key`), the pod template it was last Available with
+    /// (see `stages::services::available`); forgotten with its stack.
     available_templates: Mutex<HashMap<String, u64>>,
 }
 

@@ -141,7 +141,8 @@ pub(super) async fn cleanup(
 
 /// Drops what the operator keeps about a stack whose finalizer it releases: its stage states
 /// (so `operator_stacks` counts it no more), its provisioning cache, scaler memory, failure
-/// count and Event recorder, and the fingerprints of the objects it applied for it.
+/// count and Event recorder, the pod templates its Deployments were Available with, and the
+/// fingerprints of the objects it applied for it.
 fn forget(stack: &MiddlewareStack, ctx: &Context) {
     let key = ObjectRef::from_obj(stack);
     {
@@ -183,7 +184,12 @@ fn forget(stack: &MiddlewareStack, ctx: &Context) {
         ]);
     }
     let mut applied = ctx.applied.lock().unwrap_or_else(|p| p.into_inner());
+    let mut templates = ctx
+        .available_templates
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
     for key in keys {
+        templates.remove(&key);
         applied.remove(&key);
     }
 }

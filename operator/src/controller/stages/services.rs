@@ -158,10 +158,9 @@ fn observe(
 /// false until most new pods are ready; neither means the service cannot serve, and reading
 /// them as a rollout would flip the stack's Ready on every scaling decision.
 fn available(ctx: &Context, deployment: &Owned<Deployment>) -> bool {
-    let key = format!(
-        "{}/{}",
+    let key = apply::object_key::<Deployment>(
         deployment.namespace.as_deref().unwrap_or_default(),
-        deployment.name
+        &deployment.name,
     );
     let mut templates = ctx
         .available_templates
