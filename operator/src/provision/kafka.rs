@@ -16,7 +16,6 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer as _};
 use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::types::RDKafkaRespErr;
-use rdkafka::{Offset, TopicPartitionList};
 use secrecy::ExposeSecret as _;
 
 use super::{AdminCredentials, ProvisionError, bounded};
@@ -455,45 +454,19 @@ impl KafkaCluster {
         timeout: Duration,
     ) -> Result<ConsumerLag, ProvisionError> {
         let reader = self.lag_reader(group)?;
-        let metadata = self.metadata.consumer(topic)?;
         let name = topic.to_owned();
         let task = tokio::task::spawn_blocking(move || {
-            let failed = |what: &str, e: rdkafka::error::KafkaError| {
-                ProvisionError::Kafka(format!("{what} of {name} failed: {e}"))
-            };
-            let described = metadata
-                .fetch_metadata(Some(&name), timeout)
-                .map_err(|e| failed("metadata request", e))?;
-            let partitions: Vec<i32> = described
-                .topics()
-                .iter()
-                .find(|t| t.name() == name && t.error().is_none())
-                .map(|t| t.partitions().iter().map(|p| p.id()).collect())
-                .ok_or_else(|| ProvisionError::Kafka(format!("topic {name} does not exist")))?;
-            let mut wanted = TopicPartitionList::new();
-            for partition in &partitions {
-                wanted.add_partition(&name, *partition);
-            }
-            let committed = reader
-                .committed_offsets(wanted, timeout)
-                .map_err(|e| failed("reading the committed offsets", e))?;
-            let mut messages = 0u64;
-            for partition in &partitions {
-                let (low, high) = reader
-                    .fetch_watermarks(&name, *partition, timeout)
-                    .map_err(|e| failed("reading the watermarks", e))?;
-                let from = match committed
-                    .find_partition(&name, *partition)
-                    .map(|p| p.offset())
-                {
-                    Some(Offset::Offset(offset)) => offset.max(low),
-                    _ => low,
-                };
-                messages += u64::try_from(high.saturating_sub(from)).unwrap_or(0);
+            let ranges = common::kafka::unconsumed(&*reader, &name, timeout).map_err(|e| {
+                ProvisionError::Kafka(format!("reading the offsets of {name}: {e}"))
+            })?;
+            if ranges.is_empty() {
+                return Err(ProvisionError::Kafka(format!(
+                    "topic {name} does not exist"
+                )));
             }
             Ok(ConsumerLag {
-                messages,
-                partitions: i32::try_from(partitions.len()).unwrap_or(i32::MAX),
+                messages: ranges.iter().map(common::kafka::Unconsumed::messages).sum(),
+                partitions: i32::try_from(ranges.len()).unwrap_or(i32::MAX),
             })
         });
         // Three requests in a row at most, each bounded by `timeout`.

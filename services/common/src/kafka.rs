@@ -178,6 +178,64 @@ pub fn partitions<C: rdkafka::consumer::ConsumerContext>(
         .collect())
 }
 
+/// What a consumer group has not consumed of one partition: from its committed offset (the
+/// earliest retained offset where it has none, as the services start there) to the high
+/// watermark.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Unconsumed {
+    /// The partition.
+    pub partition: i32,
+    /// The first offset the group has not consumed.
+    pub from: i64,
+    /// The partition's high watermark.
+    pub high: i64,
+}
+
+impl Unconsumed {
+    /// The messages in the range.
+    pub fn messages(&self) -> u64 {
+        u64::try_from(self.high.saturating_sub(self.from)).unwrap_or(0)
+    }
+}
+
+/// What `consumer`'s group (its `group.id`) has not consumed of each partition of `topic`
+/// (empty: the topic does not exist). Reads offsets only: the consumer need not be a member
+/// of the group. Blocks for up to `timeout` per request (metadata, committed offsets, one
+/// watermark request per partition).
+pub fn unconsumed<C: rdkafka::consumer::ConsumerContext>(
+    consumer: &impl Consumer<C>,
+    topic: &str,
+    timeout: Duration,
+) -> Result<Vec<Unconsumed>, KafkaError> {
+    let partitions = partitions(consumer, topic, timeout)?;
+    if partitions.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut wanted = rdkafka::TopicPartitionList::new();
+    for &partition in &partitions {
+        wanted.add_partition(topic, partition);
+    }
+    let committed = consumer.committed_offsets(wanted, timeout)?;
+    partitions
+        .into_iter()
+        .map(|partition| {
+            let (low, high) = consumer.fetch_watermarks(topic, partition, timeout)?;
+            let from = match committed
+                .find_partition(topic, partition)
+                .map(|p| p.offset())
+            {
+                Some(rdkafka::Offset::Offset(offset)) => offset.max(low),
+                _ => low,
+            };
+            Ok(Unconsumed {
+                partition,
+                from,
+                high,
+            })
+        })
+        .collect()
+}
+
 /// An admin client (topic creation, configuration).
 pub fn admin(
     config: &KafkaConfig,

@@ -124,30 +124,15 @@ pub async fn replay(
     let db = Postgres::connect_lazy(&config.postgres)?;
 
     // Where to start (the committed offsets) and where to stop (the ends now).
-    let partitions = common::kafka::partitions(&consumer, &dlq, timeout)?;
-    if partitions.is_empty() {
+    let ranges = common::kafka::unconsumed(&consumer, &dlq, timeout)?;
+    if ranges.is_empty() {
         return Err(ReplayError::NoTopic(dlq));
     }
-    let mut wanted = TopicPartitionList::new();
-    for &partition in &partitions {
-        wanted.add_partition(&dlq, partition);
-    }
-    let committed = consumer.committed_offsets(wanted, timeout)?;
     let mut remaining: HashMap<i32, i64> = HashMap::new();
     let mut assignment = TopicPartitionList::new();
-    for &partition in &partitions {
-        let (low, high) = consumer.fetch_watermarks(&dlq, partition, timeout)?;
-        let from = match committed
-            .find_partition(&dlq, partition)
-            .map(|p| p.offset())
-        {
-            Some(Offset::Offset(offset)) => offset.max(low),
-            _ => low,
-        };
-        if high > from {
-            remaining.insert(partition, high);
-            assignment.add_partition_offset(&dlq, partition, Offset::Offset(from))?;
-        }
+    for range in ranges.iter().filter(|r| r.high > r.from) {
+        remaining.insert(range.partition, range.high);
+        assignment.add_partition_offset(&dlq, range.partition, Offset::Offset(range.from))?;
     }
     tracing::info!(topic = %dlq, ends = ?remaining, "Captured the dead letters to replay.");
 
@@ -266,26 +251,8 @@ pub async fn report_pending(
 
 /// The dead letters of `topic` past `reader`'s group's committed offsets.
 fn pending(reader: &StreamConsumer, topic: &str) -> Result<u64, KafkaError> {
-    let timeout = Duration::from_secs(2);
-    let partitions = common::kafka::partitions(reader, topic, timeout)?;
-    let mut wanted = TopicPartitionList::new();
-    for &partition in &partitions {
-        wanted.add_partition(topic, partition);
-    }
-    let committed = reader.committed_offsets(wanted, timeout)?;
-    let mut pending = 0u64;
-    for &partition in &partitions {
-        let (low, high) = reader.fetch_watermarks(topic, partition, timeout)?;
-        let from = match committed
-            .find_partition(topic, partition)
-            .map(|p| p.offset())
-        {
-            Some(Offset::Offset(offset)) => offset.max(low),
-            _ => low,
-        };
-        pending += u64::try_from(high.saturating_sub(from)).unwrap_or(0);
-    }
-    Ok(pending)
+    let ranges = common::kafka::unconsumed(reader, topic, Duration::from_secs(2))?;
+    Ok(ranges.iter().map(common::kafka::Unconsumed::messages).sum())
 }
 
 /// Reopens a dead-lettered command (`dead_lettered` → `accepted`). Returns whether it is to
