@@ -141,6 +141,10 @@ up() {
   done
 
   step "CRD and namespace"
+  # Conversions go to this operator's webhook at a URL (it runs outside the cluster); a Service
+  # an installed chart set would sit next to it, so where they went is dropped first.
+  kubectl patch crd middlewarestacks.meridian.dev --type=json \
+    -p '[{"op":"remove","path":"/spec/conversion"}]' >/dev/null 2>&1 || true
   kubectl apply --server-side --force-conflicts -f "$ROOT/crds/middlewarestack.yaml" >/dev/null
   kubectl wait --for=condition=Established --timeout=60s crd/middlewarestacks.meridian.dev >/dev/null
   kubectl create namespace "$NS" --dry-run=client -o yaml | kubectl apply -f - >/dev/null
@@ -150,6 +154,7 @@ up() {
   if is_running demo-operator; then ok "operator already running"; else
     # MALLOC_ARENA_MAX as the Helm chart sets it (see charts/meridian-operator/templates/deployment.yaml).
     PORT=8090 BIND_ADDRESS=127.0.0.1 WATCH_NAMESPACE=$NS LEASE_NAMESPACE=$NS POD_NAME=demo-operator MALLOC_ARENA_MAX=2 \
+      POD_NAMESPACE=$NS WEBHOOK_PORT=9443 WEBHOOK_URL=https://127.0.0.1:9443/convert \
       LOG_FORMAT=text RUST_LOG=info start_bg demo-operator \
       bash "$DEV_DIR/supervise.sh" "$TARGET_DIR/meridian-operator"
     wait_for "operator /health" 30 curl -fsS http://127.0.0.1:8090/health || die "the operator did not start (log: $MERIDIAN_LOG_DIR/demo-operator.log)"

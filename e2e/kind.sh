@@ -256,6 +256,23 @@ run() {
   kubectl wait --for=condition=Ready middlewarestack/demo --timeout=10m
   kubectl describe middlewarestack demo
 
+  # The API server calls the operator's conversion webhook through its Service, trusting the
+  # CA the operator issued into the CRD's caBundle.
+  step "v1alpha1 through the conversion webhook"
+  local hub_replicas
+  hub_replicas=$(kubectl get middlewarestacks.v1alpha1.meridian.dev demo -o jsonpath='{.spec.services.wsHub.replicas}')
+  [ "$hub_replicas" = "$(kubectl get middlewarestacks.v1beta1.meridian.dev demo -o jsonpath='{.spec.services.hub.replicas}')" ] ||
+    die "v1alpha1 shows wsHub.replicas=$hub_replicas, not v1beta1's hub.replicas"
+  kubectl patch middlewarestacks.v1alpha1.meridian.dev demo --type=merge \
+    -p '{"metadata":{"annotations":{"e2e.meridian.dev/written-as":"v1alpha1"}}}' >/dev/null
+  [ "$(kubectl get middlewarestacks.v1beta1.meridian.dev demo -o jsonpath='{.spec.redis.adminSecretRef.name}')" = meridian-redis-admin ] ||
+    die "a write through v1alpha1 lost spec.redis.adminSecretRef"
+  kubectl get crd middlewarestacks.meridian.dev -o jsonpath='{.spec.conversion.webhook.clientConfig.caBundle}' | grep -q . ||
+    die "the CRD has no caBundle"
+  [ "$(kubectl get crd middlewarestacks.meridian.dev -o jsonpath='{.status.storedVersions}')" = '["v1beta1"]' ] ||
+    die "stored versions are not [v1beta1]"
+  ok "read and written as v1alpha1 (wsHub.replicas=$hub_replicas); stored as v1beta1"
+
   step "smoke flow through localhost:8080 (gateway) and :8085 (hub)"
   local out document token
   out=$(smoke_tries)

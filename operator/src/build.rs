@@ -195,7 +195,7 @@ pub fn endpoints(stack: &ValidatedStack) -> ConfigMap {
             format!("http://{}", host(Component::Gateway)),
         );
     }
-    if spec.services.ws_hub.enabled {
+    if spec.services.hub.enabled {
         data.insert(
             "HUB_URL".to_owned(),
             format!("ws://{}/ws", host(Component::WsHub)),

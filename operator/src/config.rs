@@ -85,6 +85,36 @@ pub struct OperatorSettings {
     /// `DEFAULT_IMAGE_TAG`: the tag of services whose stack sets none. Default: the
     /// operator's version.
     pub default_image_tag: Option<String>,
+    /// `POD_NAMESPACE`: the namespace the operator runs in (the downward API); where the
+    /// webhook's Secret and Service are. Default: `LEASE_NAMESPACE`, else `meridian-system`.
+    pub pod_namespace: Option<String>,
+    /// `WEBHOOK_ENABLED`: whether this operator serves the CRD's conversion webhook and keeps
+    /// the CRD pointed at it. Default true; false when another installation of the operator
+    /// in the cluster (one per watched namespace, say) serves it.
+    #[serde(default = "defaults::webhook_enabled")]
+    pub webhook_enabled: bool,
+    /// `WEBHOOK_PORT`: the conversion webhook's HTTPS port (on `BIND_ADDRESS`). Default 9443.
+    #[serde(default = "defaults::webhook_port")]
+    pub webhook_port: u16,
+    /// `WEBHOOK_SERVICE`: the Service the API server calls the webhook through (its
+    /// certificate's names). Default `meridian-operator-webhook`.
+    #[serde(default = "defaults::webhook_service")]
+    pub webhook_service: String,
+    /// `WEBHOOK_URL`: instead of a Service, the URL the API server calls (an operator running
+    /// outside the cluster), for example `https://127.0.0.1:9443/convert`.
+    pub webhook_url: Option<String>,
+    /// `WEBHOOK_CERT_DIR`: serve `tls.crt` and `tls.key` from this directory (cert-manager's
+    /// Secret, mounted) instead of certificates the operator issues; the CRD's `caBundle` is
+    /// then cert-manager's CA injector's to write.
+    pub webhook_cert_dir: Option<String>,
+    /// `WEBHOOK_SECRET`: the Secret holding the certificates the operator issues. Default
+    /// `meridian-operator-webhook-tls`.
+    #[serde(default = "defaults::webhook_secret")]
+    pub webhook_secret: String,
+    /// `WEBHOOK_REFRESH_SECONDS`: how often the webhook's certificate is checked (renewed
+    /// when due, re-read from the Secret or the directory). Default 300.
+    #[serde(default = "defaults::webhook_refresh_seconds")]
+    pub webhook_refresh_seconds: u64,
 }
 
 mod defaults {
@@ -123,6 +153,21 @@ mod defaults {
     }
     pub fn rollout_timeout_seconds() -> u64 {
         600
+    }
+    pub fn webhook_enabled() -> bool {
+        true
+    }
+    pub fn webhook_port() -> u16 {
+        crate::webhook::DEFAULT_PORT
+    }
+    pub fn webhook_service() -> String {
+        crate::webhook::DEFAULT_SERVICE.to_owned()
+    }
+    pub fn webhook_secret() -> String {
+        crate::webhook::DEFAULT_SECRET.to_owned()
+    }
+    pub fn webhook_refresh_seconds() -> u64 {
+        300
     }
 }
 
@@ -178,6 +223,40 @@ impl OperatorConfig {
             },
             rollout_concurrency: o.rollout_concurrency.max(1),
             rollout_timeout: Duration::from_secs(o.rollout_timeout_seconds),
+        }
+    }
+}
+
+impl OperatorConfig {
+    /// The conversion webhook's settings.
+    pub fn webhook(&self) -> crate::webhook::WebhookSettings {
+        use crate::webhook::{Certificates, ClientConfig};
+        let o = &self.operator;
+        let namespace = [&o.pod_namespace, &o.lease_namespace]
+            .into_iter()
+            .flatten()
+            .find(|n| !n.is_empty())
+            .cloned()
+            .unwrap_or_else(|| crate::webhook::DEFAULT_NAMESPACE.to_owned());
+        let client = match o.webhook_url.clone().filter(|u| !u.is_empty()) {
+            Some(url) => ClientConfig::Url(url),
+            None => ClientConfig::Service {
+                namespace: namespace.clone(),
+                name: o.webhook_service.clone(),
+            },
+        };
+        let certificates = match o.webhook_cert_dir.clone().filter(|d| !d.is_empty()) {
+            Some(dir) => Certificates::Directory(dir.into()),
+            None => Certificates::SelfManaged {
+                namespace,
+                secret: o.webhook_secret.clone(),
+                lifetimes: crate::webhook::certs::Lifetimes::default(),
+            },
+        };
+        crate::webhook::WebhookSettings {
+            client,
+            certificates,
+            refresh: Duration::from_secs(o.webhook_refresh_seconds.max(1)),
         }
     }
 }
@@ -257,7 +336,31 @@ impl Service for Operator {
         shutdown: CancellationToken,
     ) -> impl Future<Output = anyhow::Result<()>> + Send + 'static {
         async move {
-            let ops = common::http::Ops::new(Self::NAME, &config.common);
+            let read_timeout = Duration::from_secs(config.operator.kube_read_timeout_seconds);
+            let client = counting_client(read_timeout).await?;
+            let mut ops = common::http::Ops::new(Self::NAME, &config.common);
+            // Every replica serves conversions, leader or not; it is ready once it can.
+            let webhook = if config.operator.webhook_enabled {
+                let addr = std::net::SocketAddr::new(
+                    config.common.bind_address,
+                    config.operator.webhook_port,
+                );
+                let listener = TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("failed to bind the webhook's port {addr}"))?;
+                let webhook = std::sync::Arc::new(crate::webhook::Webhook::new(
+                    client.clone(),
+                    config.webhook(),
+                ));
+                ops = ops.with(webhook.serving());
+                Some(tokio::spawn(webhook.run(
+                    listener,
+                    ops.limits,
+                    shutdown.clone(),
+                )))
+            } else {
+                None
+            };
             let router = common::http::instrument(common::http::ops_router(&ops), Self::NAME);
             let server = {
                 let (ops, shutdown) = (ops.clone(), shutdown.clone());
@@ -265,11 +368,12 @@ impl Service for Operator {
                     async move { common::http::serve(listener, router, &ops, shutdown).await },
                 )
             };
-            let read_timeout = Duration::from_secs(config.operator.kube_read_timeout_seconds);
-            let client = counting_client(read_timeout).await?;
             let result = lead(client, &config, shutdown.clone()).await;
             shutdown.cancel();
             server.await.context("the HTTP server panicked")??;
+            if let Some(webhook) = webhook {
+                webhook.await.context("the webhook panicked")??;
+            }
             result
         }
     }
@@ -314,6 +418,9 @@ async fn lead(
         tracing::info!(%identity, "Leading: starting the controller.");
         metrics::gauge!(OPERATOR_LEADER).set(1.0);
         let stop = shutdown.child_token();
+        if o.webhook_enabled && o.watch_namespace.as_deref().is_none_or(str::is_empty) {
+            tokio::spawn(migrate_storage(client.clone(), stop.clone()));
+        }
         let controller = tokio::spawn(crate::controller::run(
             client.clone(),
             config.settings(),
@@ -338,6 +445,25 @@ async fn lead(
         Err(error) => tracing::warn!(%error, "The leader-election task panicked."),
     }
     Ok(())
+}
+
+/// Retries [`crate::webhook::migrate_storage`] (which needs the webhook serving) until it
+/// succeeds or `stop` fires.
+async fn migrate_storage(client: Client, stop: CancellationToken) {
+    let mut retry = Duration::from_secs(2);
+    loop {
+        match crate::webhook::migrate_storage(&client).await {
+            Ok(_) => return,
+            Err(error) => {
+                tracing::warn!(%error, retry_seconds = retry.as_secs(), "Failed to migrate the stacks to the storage version.");
+            }
+        }
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(retry) => {}
+        }
+        retry = (retry * 2).min(Duration::from_secs(300));
+    }
 }
 
 /// How long a stopping controller may take to finish its reconciles before they are cancelled.
@@ -445,7 +571,7 @@ mod tests {
             ("/api/v1/namespaces/x/secrets", "secrets"),
             ("/api/v1/namespaces/x", "namespaces"),
             (
-                "/apis/meridian.dev/v1alpha1/middlewarestacks",
+                "/apis/meridian.dev/v1beta1/middlewarestacks",
                 "middlewarestacks",
             ),
             (

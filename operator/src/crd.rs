@@ -1,4 +1,4 @@
-//! The `MiddlewareStack` custom resource (`meridian.dev/v1alpha1`): its spec, its status and the
+//! The `MiddlewareStack` custom resource (`meridian.dev/v1beta1`): its spec, its status and the
 //! admission rules the API server enforces (OpenAPI constraints and CEL
 //! `x-kubernetes-validations`).
 //!
@@ -21,7 +21,7 @@ mod services;
 mod status;
 mod telemetry;
 
-pub use auth::{AuthSpec, SecretKeyRef};
+pub use auth::{AuthSpec, SecretKeyRef, SecretRef};
 pub use deletion_policy::{DeletionPolicy, Retention};
 pub use image::{ImageOverride, ImageSpec, PullPolicy, RELEASE_REGISTRY, RELEASE_TAG, Release};
 pub use kafka::{KafkaSpec, TopicSpec, TopicsSpec};
@@ -36,8 +36,11 @@ pub use telemetry::TelemetrySpec;
 
 /// The API group of every Meridian resource.
 pub const GROUP: &str = "meridian.dev";
-/// The version of the `MiddlewareStack` API.
-pub const VERSION: &str = "v1alpha1";
+/// The version of the `MiddlewareStack` API: the storage version, the one the operator reads.
+pub const VERSION: &str = "v1beta1";
+
+/// The `v1alpha1` version of the CRD, frozen as released (served next to [`VERSION`]).
+pub const V1ALPHA1: &str = include_str!("crd/v1alpha1.yaml");
 
 /// One Meridian platform: the five services, wired to Kafka, Redis and PostgreSQL.
 // Two printer columns both say `type_ = "string"`, which clippy mistakes for a repeated attribute.
@@ -48,7 +51,7 @@ pub const VERSION: &str = "v1alpha1";
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[kube(
     group = "meridian.dev",
-    version = "v1alpha1",
+    version = "v1beta1",
     kind = "MiddlewareStack",
     namespaced,
     shortname = "mws",
@@ -136,4 +139,4 @@ pub struct MiddlewareStackSpec {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

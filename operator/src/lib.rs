@@ -18,11 +18,15 @@
 //! - `owned` — the compact copies of owned objects that the reflector stores hold.
 //! - `controller` — the kube-runtime `Controller` and the staged reconcile ([`run`]), one
 //!   submodule per step: watch, dereference, provision, apply, stages, status, cleanup.
+//! - `webhook` — the CRD conversion webhook: `v1alpha1` ⇄ `v1beta1` (pure), its HTTPS server,
+//!   and its certificates (self-managed in a Secret, or mounted from cert-manager).
 //! - `config` — the operator binary's environment ([`OperatorConfig`]).
 //! - `main.rs` — the `meridian-operator` binary: leader election, `/metrics`, `/health`.
 //! - `bin/crdgen.rs` — prints [`crd_yaml`] (`just crds` writes `crds/middlewarestack.yaml`).
 
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
+    CustomResourceDefinition, CustomResourceDefinitionVersion,
+};
 use serde_json::Value;
 
 pub mod build;
@@ -36,6 +40,7 @@ pub mod provision;
 pub mod scaling;
 pub mod status;
 pub mod validate;
+pub mod webhook;
 
 pub use config::OperatorConfig;
 pub use controller::{Settings, run};
@@ -43,35 +48,46 @@ pub use controller::{Settings, run};
 #[cfg(test)]
 mod fixtures;
 
-/// The `MiddlewareStack` CRD, as installed in a cluster.
+/// The `MiddlewareStack` CRD, as installed in a cluster: `v1beta1` (the storage version,
+/// generated from [`crd::MiddlewareStack`]) and `v1alpha1` (served, frozen as released in
+/// `crd/v1alpha1.yaml`), converted by the operator's webhook ([`webhook`]) at the chart's
+/// default Service (the chart and a local operator point it elsewhere).
 ///
-/// Same as `MiddlewareStack::crd()`, except that the descriptions are reflowed: doc comments
-/// wrap at 100 columns, and `kubectl explain` would otherwise print those line breaks
-/// verbatim. Paragraphs (blank lines) are kept.
+/// The generated descriptions are reflowed: doc comments wrap at 100 columns, and
+/// `kubectl explain` would otherwise print those line breaks verbatim. Paragraphs (blank
+/// lines) are kept.
 ///
 /// # Errors
-/// When the generated CRD does not round-trip through JSON (a bug in the types).
-pub fn crd() -> Result<CustomResourceDefinition, serde_json::Error> {
+/// When the generated CRD does not round-trip through JSON, or the frozen version does not
+/// parse (bugs caught by the unit tests).
+pub fn crd() -> Result<CustomResourceDefinition, CrdError> {
     use kube::CustomResourceExt as _;
-    let mut crd = serde_json::to_value(crd::MiddlewareStack::crd())?;
-    reflow_descriptions(&mut crd);
-    serde_json::from_value(crd)
+    let mut generated = serde_json::to_value(crd::MiddlewareStack::crd())?;
+    reflow_descriptions(&mut generated);
+    let mut crd: CustomResourceDefinition = serde_json::from_value(generated)?;
+    let v1alpha1: CustomResourceDefinitionVersion = serde_saphyr::from_str(crd::V1ALPHA1)?;
+    crd.spec.versions.push(v1alpha1);
+    crd.spec.conversion = Some(webhook::conversion(webhook::ClientConfig::default()));
+    Ok(crd)
 }
 
 /// The CRD as the YAML document checked in at `crds/middlewarestack.yaml`.
 ///
 /// # Errors
-/// When the CRD cannot be serialized (a bug in the types).
-pub fn crd_yaml() -> Result<String, CrdYamlError> {
+/// When the CRD cannot be rendered (a bug in the types).
+pub fn crd_yaml() -> Result<String, CrdError> {
     Ok(serde_saphyr::to_string(&crd()?)?)
 }
 
 /// Why the CRD could not be rendered.
 #[derive(Debug, thiserror::Error)]
-pub enum CrdYamlError {
-    /// The CRD did not round-trip through JSON.
+pub enum CrdError {
+    /// The generated CRD did not round-trip through JSON.
     #[error("failed to convert the CRD through JSON: {0}")]
     Json(#[from] serde_json::Error),
+    /// The frozen `v1alpha1` version did not parse.
+    #[error("failed to parse the frozen v1alpha1 version: {0}")]
+    Frozen(#[from] serde_saphyr::Error),
     /// The YAML emitter failed.
     #[error("failed to serialize the CRD as YAML: {0}")]
     Yaml(#[from] serde_saphyr::SerializeError),

@@ -159,7 +159,9 @@ pub enum Problem {
     #[error("spec.redis.url must start with redis:// or rediss://")]
     RedisUrlScheme,
     /// The Redis URL carries credentials (they belong in the admin Secret).
-    #[error("spec.redis.url must not contain credentials: put them in adminCredentialsSecret")]
+    #[error(
+        "spec.redis.url must not contain credentials: put them in the Secret of adminSecretRef"
+    )]
     RedisUrlCredentials,
     /// The PostgreSQL port is outside 1..=65535.
     #[error("spec.postgres.port is {0} but must be between 1 and 65535")]

@@ -18,6 +18,18 @@
 {{- end }}
 
 {{/* Labels on every object. */}}
+{{/*
+Where the conversion webhook's certificate comes from: "self-signed" or "cert-manager".
+*/}}
+{{- define "meridian-operator.webhookCertificates" -}}
+{{- $mode := .Values.webhook.certificates -}}
+{{- if eq $mode "auto" -}}
+{{- ternary "cert-manager" "self-signed" (.Capabilities.APIVersions.Has "cert-manager.io/v1") -}}
+{{- else -}}
+{{- $mode -}}
+{{- end -}}
+{{- end }}
+
 {{- define "meridian-operator.labels" -}}
 helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
 {{ include "meridian-operator.selectorLabels" . }}

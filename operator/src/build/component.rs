@@ -63,7 +63,7 @@ impl Component {
             Self::CommandService => "commandService",
             Self::Processor => "processor",
             Self::CacheUpdater => "cacheUpdater",
-            Self::WsHub => "wsHub",
+            Self::WsHub => "hub",
         }
     }
 
@@ -93,7 +93,7 @@ impl Component {
             Self::CommandService => &services.command_service,
             Self::Processor => &services.processor,
             Self::CacheUpdater => &services.cache_updater,
-            Self::WsHub => &services.ws_hub,
+            Self::WsHub => &services.hub,
         }
     }
 

@@ -60,7 +60,7 @@ pub fn settings(stack: &ValidatedStack, component: Component) -> BTreeMap<String
         ] {
             if let Some(value) = spec
                 .services
-                .ws_hub
+                .hub
                 .env
                 .iter()
                 .find(|e| e.name == hub && e.value_from.is_none())

@@ -640,7 +640,7 @@ fn the_cache_updater_keeps_as_much_room_history_as_the_hub_resumes_from() {
     assert!(!defaults.contains_key("CACHE_ROOM_HISTORY_SIZE"));
     assert!(!defaults.contains_key("CACHE_ROOM_HISTORY_TTL_SECONDS"));
 
-    stack.spec.services.ws_hub.env = vec![
+    stack.spec.services.hub.env = vec![
         plain("HUB_HISTORY_SIZE", "500"),
         plain("HUB_HISTORY_TTL_SECONDS", "900"),
     ];
@@ -1188,7 +1188,7 @@ fn a_consumer_group_set_in_env_is_the_one_scaled_on() {
 #[test]
 fn a_scale_down_delay_becomes_the_autoscalers_stabilization_window() {
     let mut stack = fixtures::stack(fixtures::MINIMAL);
-    stack.spec.services.ws_hub.autoscaling = Some(crate::crd::AutoscalingSpec {
+    stack.spec.services.hub.autoscaling = Some(crate::crd::AutoscalingSpec {
         min_replicas: 1,
         max_replicas: 3,
         target_cpu_utilization_percentage: 70,

@@ -123,9 +123,13 @@ impl Error {
 /// Secrets [`secrets`] reads.
 pub(super) fn refers_to(stack: &MiddlewareStack, name: &str) -> bool {
     let spec = &stack.spec;
-    spec.redis.admin_credentials_secret == name
-        || spec.postgres.admin_credentials_secret == name
-        || spec.kafka.admin_credentials_secret.as_deref() == Some(name)
+    spec.redis.admin_secret_ref.name == name
+        || spec.postgres.admin_secret_ref.name == name
+        || spec
+            .kafka
+            .admin_secret_ref
+            .as_ref()
+            .is_some_and(|r| r.name == name)
         || spec
             .auth
             .as_ref()
@@ -155,19 +159,19 @@ pub(super) async fn secrets(
     let redis = read_credentials(
         ctx,
         namespace,
-        &spec.redis.admin_credentials_secret,
+        &spec.redis.admin_secret_ref.name,
         &mut versions,
     )
     .await?;
     let postgres = read_credentials(
         ctx,
         namespace,
-        &spec.postgres.admin_credentials_secret,
+        &spec.postgres.admin_secret_ref.name,
         &mut versions,
     )
     .await?;
-    let kafka = match &spec.kafka.admin_credentials_secret {
-        Some(name) => Some(read_credentials(ctx, namespace, name, &mut versions).await?),
+    let kafka = match &spec.kafka.admin_secret_ref {
+        Some(secret) => Some(read_credentials(ctx, namespace, &secret.name, &mut versions).await?),
         None => None,
     };
     if let Some(reference) = spec.auth.as_ref().and_then(|a| a.jwt_secret_ref.as_ref()) {

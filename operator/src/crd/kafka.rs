@@ -4,6 +4,8 @@ use std::collections::BTreeMap;
 use kube::KubeSchema;
 use serde::{Deserialize, Serialize};
 
+use super::SecretRef;
+
 /// The Kafka cluster and the stack's topics on it.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
@@ -14,11 +16,10 @@ pub struct KafkaSpec {
     /// The stack's topics (each name is prefixed with `<namespace>.<stack>.`).
     #[serde(default)]
     pub topics: TopicsSpec,
-    /// The name of a Secret in the stack's namespace with `username` and `password` (SASL)
-    /// the operator uses to manage topics. Unset: the brokers need no authentication.
+    /// A Secret in the stack's namespace with `username` and `password` (SASL) the operator
+    /// uses to manage topics. Unset: the brokers need no authentication.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 253))]
-    pub admin_credentials_secret: Option<String>,
+    pub admin_secret_ref: Option<SecretRef>,
 }
 
 /// The four topics of a stack.

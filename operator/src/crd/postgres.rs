@@ -2,6 +2,8 @@
 use kube::KubeSchema;
 use serde::{Deserialize, Serialize};
 
+use super::SecretRef;
+
 /// The PostgreSQL server.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
@@ -26,10 +28,9 @@ pub struct PostgresSpec {
     /// How the services use TLS to the server (libpq's `sslmode`).
     #[serde(default)]
     pub ssl_mode: SslMode,
-    /// The name of a Secret in the stack's namespace with `username` and `password` of a role
-    /// allowed to create roles. The stack's services get their own role.
-    #[schemars(length(min = 1, max = 253))]
-    pub admin_credentials_secret: String,
+    /// A Secret in the stack's namespace with `username` and `password` of a role allowed to
+    /// create roles. The stack's services get their own role.
+    pub admin_secret_ref: SecretRef,
 }
 
 /// libpq's `sslmode`.

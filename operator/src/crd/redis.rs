@@ -2,6 +2,8 @@
 use kube::KubeSchema;
 use serde::{Deserialize, Serialize};
 
+use super::SecretRef;
+
 /// The Redis server.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
@@ -9,14 +11,13 @@ use serde::{Deserialize, Serialize};
     "self.url.startsWith('redis://') || self.url.startsWith('rediss://')"
 ).message("redis.url must start with redis:// or rediss://"))]
 #[x_kube(validation = Rule::new("!self.url.contains('@')").message(
-    "redis.url must not contain credentials: put them in adminCredentialsSecret"
+    "redis.url must not contain credentials: put them in the Secret of adminSecretRef"
 ))]
 pub struct RedisSpec {
     /// The server's URL without credentials, `redis://host:port` or `rediss://host:port` (TLS).
     #[schemars(length(min = 1, max = 2048))]
     pub url: String,
-    /// The name of a Secret in the stack's namespace with `username` and `password` of a
-    /// Redis user allowed to manage ACL users. The stack's services get their own user.
-    #[schemars(length(min = 1, max = 253))]
-    pub admin_credentials_secret: String,
+    /// A Secret in the stack's namespace with `username` and `password` of a Redis user
+    /// allowed to manage ACL users. The stack's services get their own user.
+    pub admin_secret_ref: SecretRef,
 }

@@ -25,7 +25,7 @@ use super::ImageOverride;
 #[x_kube(validation = Rule::new(
     "(!has(self.gateway.autoscaling) || !has(self.gateway.autoscaling.targetLagPerReplica)) && \
      (!has(self.commandService.autoscaling) || !has(self.commandService.autoscaling.targetLagPerReplica)) && \
-     (!has(self.wsHub.autoscaling) || !has(self.wsHub.autoscaling.targetLagPerReplica))"
+     (!has(self.hub.autoscaling) || !has(self.hub.autoscaling.targetLagPerReplica))"
 ).message(
     "autoscaling.targetLagPerReplica applies to the processor and the cache updater, which the \
      operator scales on consumer lag; the gateway, the command service and the hub scale on CPU \
@@ -48,7 +48,7 @@ pub struct ServicesSpec {
     pub cache_updater: ServiceSpec,
     /// The WebSocket hub (port 8085): pushes changes to connected clients.
     #[serde(default)]
-    pub ws_hub: ServiceSpec,
+    pub hub: ServiceSpec,
 }
 
 /// How one service runs.

@@ -3,10 +3,15 @@ use serde_json::Value;
 
 use super::*;
 
-/// The CRD's `openAPIV3Schema` as JSON, for walking.
+/// The storage version's `openAPIV3Schema` as JSON, for walking.
 fn schema() -> Value {
+    version_schema(VERSION)
+}
+
+/// A served version's `openAPIV3Schema` as JSON.
+pub(crate) fn version_schema(name: &str) -> Value {
     let crd = crate::crd().unwrap();
-    let version = &crd.spec.versions[0];
+    let version = crd.spec.versions.iter().find(|v| v.name == name).unwrap();
     serde_json::to_value(
         version
             .schema
@@ -41,7 +46,7 @@ fn messages(node: &Value) -> Vec<String> {
 }
 
 #[test]
-fn the_crd_is_namespaced_v1alpha1_in_the_meridian_group_with_a_short_name() {
+fn the_crd_is_namespaced_v1beta1_in_the_meridian_group_with_a_short_name() {
     let crd = MiddlewareStack::crd();
     assert_eq!(
         crd.metadata.name.as_deref(),
@@ -52,6 +57,43 @@ fn the_crd_is_namespaced_v1alpha1_in_the_meridian_group_with_a_short_name() {
     assert_eq!(crd.spec.names.short_names, Some(vec!["mws".to_owned()]));
     assert_eq!(crd.spec.versions.len(), 1);
     assert_eq!(crd.spec.versions[0].name, VERSION);
+}
+
+#[test]
+fn v1beta1_is_stored_v1alpha1_served_and_both_converted_by_the_webhook() {
+    let crd = crate::crd().unwrap();
+    let versions: Vec<(&str, bool, bool)> = crd
+        .spec
+        .versions
+        .iter()
+        .map(|v| (v.name.as_str(), v.served, v.storage))
+        .collect();
+    assert_eq!(
+        versions,
+        [("v1beta1", true, true), ("v1alpha1", true, false)]
+    );
+    let conversion = crd.spec.conversion.unwrap();
+    assert_eq!(conversion.strategy, "Webhook");
+    let webhook = conversion.webhook.unwrap();
+    assert_eq!(webhook.conversion_review_versions, ["v1"]);
+    let service = webhook.client_config.unwrap().service.unwrap();
+    assert_eq!(
+        (
+            service.namespace.as_str(),
+            service.name.as_str(),
+            service.path.as_deref()
+        ),
+        (
+            "meridian-system",
+            "meridian-operator-webhook",
+            Some("/convert")
+        )
+    );
+    // The frozen version still has the fields v1alpha1 manifests use.
+    let alpha = version_schema("v1alpha1");
+    let spec = &alpha["properties"]["spec"]["properties"];
+    assert!(spec["services"]["properties"]["wsHub"].is_object());
+    assert!(spec["redis"]["properties"]["adminCredentialsSecret"].is_object());
 }
 
 #[test]
@@ -147,7 +189,7 @@ fn every_field_has_a_description_for_kubectl_explain() {
 fn numeric_fields_carry_their_openapi_bounds() {
     let cases = [
         ("spec.services.gateway.replicas", Some(0.0), Some(500.0)),
-        ("spec.services.wsHub.replicas", Some(0.0), Some(500.0)),
+        ("spec.services.hub.replicas", Some(0.0), Some(500.0)),
         ("spec.kafka.topics.events.partitions", Some(1.0), None),
         ("spec.kafka.topics.dlq.replicationFactor", Some(1.0), None),
         ("spec.postgres.port", Some(1.0), Some(65535.0)),
@@ -225,8 +267,8 @@ fn a_minimal_spec_gets_the_documented_defaults() {
     let spec: MiddlewareStackSpec = serde_json::from_value(serde_json::json!({
         "image": { "registry": "registry.invalid/meridian", "tag": "0.1.0" },
         "kafka": { "bootstrapServers": "127.0.0.1:9092" },
-        "redis": { "url": "redis://127.0.0.1:6379", "adminCredentialsSecret": "redis-admin" },
-        "postgres": { "host": "127.0.0.1", "database": "middleware", "adminCredentialsSecret": "pg-admin" },
+        "redis": { "url": "redis://127.0.0.1:6379", "adminSecretRef": { "name": "redis-admin" } },
+        "postgres": { "host": "127.0.0.1", "database": "middleware", "adminSecretRef": { "name": "pg-admin" } },
     }))
     .unwrap();
     assert_eq!(spec.image.pull_policy, PullPolicy::IfNotPresent);

@@ -23,7 +23,7 @@ fn valid_fixtures_pass_with_their_identity_and_derived_prefixes() {
         );
         let owner = validated.owner();
         assert_eq!(owner.kind, "MiddlewareStack");
-        assert_eq!(owner.api_version, "meridian.dev/v1alpha1");
+        assert_eq!(owner.api_version, "meridian.dev/v1beta1");
         assert_eq!(owner.controller, Some(true));
         assert_eq!(Some(&owner.uid), stack.metadata.uid.as_ref());
     }
@@ -39,12 +39,12 @@ fn each_broken_rule_is_reported_with_the_field_and_what_is_allowed() {
             "metadata.name is 48 characters long, more than the 47 allowed",
         ),
         (
-            |s| s.spec.services.ws_hub.replicas = -1,
+            |s| s.spec.services.hub.replicas = -1,
             Problem::NegativeReplicas {
-                service: "wsHub",
+                service: "hub",
                 replicas: -1,
             },
-            "spec.services.wsHub.replicas is -1 but must be at least 0",
+            "spec.services.hub.replicas is -1 but must be at least 0",
         ),
         (
             |s| s.spec.kafka.topics.dlq.partitions = 0,
@@ -70,7 +70,7 @@ fn each_broken_rule_is_reported_with_the_field_and_what_is_allowed() {
         (
             |s| s.spec.redis.url = "redis://u:p@redis:6379".to_owned(),
             Problem::RedisUrlCredentials,
-            "spec.redis.url must not contain credentials: put them in adminCredentialsSecret",
+            "spec.redis.url must not contain credentials: put them in the Secret of adminSecretRef",
         ),
         (
             |s| s.spec.postgres.port = 65536,

@@ -56,7 +56,7 @@ async fn every_object_built_from_the_example_stack_passes_a_strict_server_side_d
         "commandService",
         "processor",
         "cacheUpdater",
-        "wsHub",
+        "hub",
     ] {
         stack["spec"]["services"][service]["replicas"] = 2.into();
     }

@@ -172,6 +172,8 @@ async fn the_operator_brings_up_a_stack_whose_real_services_pass_the_smoke_flow(
             ("WATCH_NAMESPACE", ns.name.clone()),
             ("LEASE_NAMESPACE", ns.name.clone()),
             ("RESYNC_SECONDS", "30".to_owned()),
+            // The conversion webhook is the conversion test's to point the CRD at.
+            ("WEBHOOK_ENABLED", "false".to_owned()),
             ("BACKOFF_MAX_SECONDS", "3".to_owned()),
             ("RUST_LOG", "info".to_owned()),
         ],
@@ -199,7 +201,7 @@ async fn the_operator_brings_up_a_stack_whose_real_services_pass_the_smoke_flow(
         "commandService",
         "processor",
         "cacheUpdater",
-        "wsHub",
+        "hub",
     ] {
         stack["spec"]["services"][service]["replicas"] = json!(1);
     }

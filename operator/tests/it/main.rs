@@ -6,6 +6,7 @@
 mod admission;
 mod built_objects;
 mod control_plane;
+mod conversion;
 mod e2e;
 mod plugin;
 mod provision;

@@ -46,7 +46,7 @@ async fn status_shows_the_stack_in_one_screen_and_token_mints_what_it_accepts() 
     let stack = example_stack("shop");
     apply(&stacks, &stack).await.unwrap();
     let status = json!({
-        "apiVersion": "meridian.dev/v1alpha1",
+        "apiVersion": "meridian.dev/v1beta1",
         "kind": "MiddlewareStack",
         "status": {
             "observedGeneration": 1,

@@ -3,7 +3,7 @@
 use std::time::{Duration, Instant};
 
 use operator::controller::Settings;
-use operator::crd::{PostgresSpec, SslMode};
+use operator::crd::{PostgresSpec, SecretRef, SslMode};
 use operator::provision::AdminCredentials;
 use operator::provision::postgres::{DROP_DATABASE_CONCURRENCY, PostgresAdmins};
 use secrecy::SecretString;
@@ -16,7 +16,9 @@ fn admin() -> operator::provision::postgres::PostgresAdmin {
         port: 5432,
         database: "postgres".into(),
         ssl_mode: SslMode::Disable,
-        admin_credentials_secret: "unused".into(),
+        admin_secret_ref: SecretRef {
+            name: "unused".into(),
+        },
     };
     let credentials = AdminCredentials {
         username: "postgres".into(),

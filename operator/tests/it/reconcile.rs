@@ -207,7 +207,7 @@ fn condition(stack: &MiddlewareStack, type_: &str) -> Option<(String, String)> {
 /// A small stack on the local dependencies, its Redis behind `redis_url`.
 fn stack(name: &str, redis_url: &str, topics_policy: &str) -> Value {
     json!({
-        "apiVersion": "meridian.dev/v1alpha1",
+        "apiVersion": "meridian.dev/v1beta1",
         "kind": "MiddlewareStack",
         "metadata": { "name": name },
         "spec": {
@@ -221,10 +221,10 @@ fn stack(name: &str, redis_url: &str, topics_policy: &str) -> Value {
                     "dlq": { "partitions": 1 }
                 }
             },
-            "redis": { "url": redis_url, "adminCredentialsSecret": "redis-admin" },
+            "redis": { "url": redis_url, "adminSecretRef": { "name": "redis-admin" } },
             "postgres": {
                 "host": "127.0.0.1", "port": 5432, "database": "postgres",
-                "sslMode": "disable", "adminCredentialsSecret": "pg-admin"
+                "sslMode": "disable", "adminSecretRef": { "name": "pg-admin" }
             },
             "auth": {
                 "jwtSecretRef": { "name": "jwt", "key": "hmac-secret" },
@@ -1228,7 +1228,7 @@ async fn a_foreign_autoscaler_takes_the_replica_count_over_and_gives_it_back() {
     let harness = Harness::start("foreignhpa").await;
     let deps = Deps::from_env();
     let mut spec = stack("fox", &deps.redis_url, "Delete");
-    spec["spec"]["services"]["wsHub"]["replicas"] = json!(2);
+    spec["spec"]["services"]["hub"]["replicas"] = json!(2);
     harness.apply_ready(&spec).await;
     let deployments: Api<Deployment> = harness.api();
     let hub = "fox-ws-hub";
@@ -1274,7 +1274,7 @@ async fn a_foreign_autoscaler_takes_the_replica_count_over_and_gives_it_back() {
         )
         .await
         .unwrap();
-    roll_pods(&harness, &mut spec, "wsHub", hub).await;
+    roll_pods(&harness, &mut spec, "hub", hub).await;
     assert_eq!(replicas(&deployments.get(hub).await.unwrap()), Some(6));
     // The operator never deletes an autoscaler it does not own.
     assert!(

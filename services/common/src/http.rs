@@ -25,6 +25,7 @@ use hyper_util::service::TowerToHyperService;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
 use tower::ServiceExt as _;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::timeout::RequestBodyTimeoutLayer;
@@ -267,7 +268,7 @@ pub async fn serve(
             tracing::info!(service = readiness.service(), %addr, "Serving /ready and /metrics on the ops port.");
             let stop = CancellationToken::new();
             let app = all_ops_routes(ops);
-            let server = tokio::spawn(accept(ops_listener, app, limits, stop.clone()));
+            let server = tokio::spawn(accept(ops_listener, app, limits, None, stop.clone()));
             Some((stop, server))
         }
         None => None,
@@ -277,7 +278,7 @@ pub async fn serve(
     // `with_state(())` turns every handler into its route once; a stateless handler left
     // boxed would be converted (cloned and layered) again on every request.
     let app = bounded(router, readiness.service(), limits).with_state(());
-    let connections = accept(listener, app, limits, shutdown).await;
+    let connections = accept(listener, app, limits, None, shutdown).await;
     readiness.start_draining();
     tokio::select! {
         () = connections.shutdown() => {}
@@ -293,12 +294,43 @@ pub async fn serve(
     Ok(())
 }
 
-/// Accepts connections on `listener` and serves `app` on each until `stop` fires; returns the
-/// connections still open, to drain.
+/// Serves `router` over TLS on `listener` until `shutdown` fires, bounded as [`serve`] bounds
+/// its port (the TLS handshake counts against the header-read timeout); then lets in-flight
+/// requests finish within `grace`. The certificate is whatever `tls` presents on each
+/// handshake, so a resolver that swaps it rotates the certificate without a restart.
+pub async fn serve_tls(
+    listener: TcpListener,
+    router: Router,
+    tls: TlsAcceptor,
+    service: &'static str,
+    limits: ServerLimits,
+    grace: Duration,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let addr = listener.local_addr()?;
+    tracing::info!(service, %addr, "Listening (TLS).");
+    let app = bounded(router, service, limits).with_state(());
+    let connections = accept(listener, app, limits, Some(tls), shutdown).await;
+    if tokio::time::timeout(grace, connections.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            service,
+            grace_seconds = grace.as_secs(),
+            "In-flight requests outlived the grace period; stopping."
+        );
+    }
+    Ok(())
+}
+
+/// Accepts connections on `listener` (and completes their TLS handshake, with `tls`) and serves
+/// `app` on each until `stop` fires; returns the connections still open, to drain.
 async fn accept(
     listener: TcpListener,
     app: Router,
     limits: ServerLimits,
+    tls: Option<TlsAcceptor>,
     stop: CancellationToken,
 ) -> GracefulShutdown {
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -337,12 +369,36 @@ async fn accept(
                         .insert(ConnectInfo::<SocketAddr>(peer));
                     request.map(axum::body::Body::new)
                 });
-        let connection = builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), TowerToHyperService::new(service))
-            .into_owned();
-        let connection = connections.watch(connection);
+        let service = TowerToHyperService::new(service);
+        let (builder, watcher, tls) = (builder.clone(), connections.watcher(), tls.clone());
         tokio::spawn(async move {
-            if let Err(error) = connection.await {
+            let served = match tls {
+                None => {
+                    let connection =
+                        builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                    watcher.watch(connection.into_owned()).await
+                }
+                Some(tls) => {
+                    let stream =
+                        match tokio::time::timeout(limits.header_read_timeout, tls.accept(stream))
+                            .await
+                        {
+                            Ok(Ok(stream)) => stream,
+                            Ok(Err(error)) => {
+                                tracing::debug!(%error, %peer, "TLS handshake failed.");
+                                return;
+                            }
+                            Err(_) => {
+                                tracing::debug!(%peer, "TLS handshake timed out.");
+                                return;
+                            }
+                        };
+                    let connection =
+                        builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                    watcher.watch(connection.into_owned()).await
+                }
+            };
+            if let Err(error) = served {
                 tracing::debug!(error = %error, "Connection ended with an error.");
             }
         });

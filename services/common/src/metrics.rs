@@ -99,6 +99,14 @@ pub const OPERATOR_API_REQUESTS_TOTAL: &str = "operator_api_requests_total";
 /// Counter: replica changes the operator decided for a consumer scaled on Kafka lag.
 /// Labels: `service` (`processor`, `cache-updater`), `direction` (`up`, `down`).
 pub const OPERATOR_SCALING_DECISIONS_TOTAL: &str = "operator_scaling_decisions_total";
+/// Counter: `ConversionReview`s the operator's conversion webhook answered.
+/// Labels: `desired` (the version asked for: `v1alpha1`, `v1beta1`, `other`), `result`
+/// (`Success`, `Failure`).
+pub const OPERATOR_CONVERSIONS_TOTAL: &str = "operator_conversions_total";
+/// Gauge: when the conversion webhook's self-managed serving certificate expires (Unix
+/// seconds); it is renewed with a third of its life left.
+pub const OPERATOR_WEBHOOK_CERT_EXPIRY: &str =
+    "operator_webhook_certificate_expiry_timestamp_seconds";
 /// Gauge: 1 while this operator replica holds the leader Lease, else 0.
 pub const OPERATOR_LEADER: &str = "operator_leader";
 /// Gauge: WebSocket connections open on this hub node. Labels: `service`.
@@ -195,6 +203,7 @@ mod drift {
 
     /// PromQL's functions, aggregations and keywords that the queries use.
     const PROMQL: &[&str] = &[
+        "time",
         "sum",
         "min",
         "max",
@@ -227,7 +236,9 @@ mod drift {
 
     /// The names declared as `pub const NAME: &str = "name";` above.
     fn declared() -> BTreeSet<String> {
+        // rustfmt moves a long name's string to the next line.
         DECLARED
+            .replace("=\n    \"", "= \"")
             .lines()
             .filter_map(|line| line.strip_prefix("pub const "))
             .filter_map(|rest| rest.split_once(": &str = \""))

@@ -236,14 +236,14 @@ fn stack(name: &str, replicas: i32) -> serde_json::Value {
     let topic = json!({ "partitions": 1 });
     let service = json!({ "replicas": replicas });
     json!({
-        "apiVersion": "meridian.dev/v1alpha1",
+        "apiVersion": "meridian.dev/v1beta1",
         "kind": "MiddlewareStack",
         "metadata": { "name": name },
         "spec": {
             "image": { "registry": "registry.invalid/meridian", "tag": "0.1.0" },
             "services": {
                 "gateway": service, "commandService": service, "processor": service,
-                "cacheUpdater": service, "wsHub": service
+                "cacheUpdater": service, "hub": service
             },
             "kafka": {
                 "bootstrapServers": std::env::var("KAFKA_BOOTSTRAP_SERVERS").unwrap_or_else(|_| "127.0.0.1:9092".to_owned()),
@@ -251,11 +251,11 @@ fn stack(name: &str, replicas: i32) -> serde_json::Value {
             },
             "redis": {
                 "url": std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned()),
-                "adminCredentialsSecret": "redis-admin"
+                "adminSecretRef": { "name": "redis-admin" }
             },
             "postgres": {
                 "host": "127.0.0.1", "port": 5432, "database": "postgres",
-                "sslMode": "disable", "adminCredentialsSecret": "pg-admin"
+                "sslMode": "disable", "adminSecretRef": { "name": "pg-admin" }
             },
             "deletionPolicy": { "topics": "Delete", "database": "Delete", "credentials": "Delete" }
         }
@@ -494,6 +494,8 @@ async fn run(
         .env("LEASE_NAMESPACE", &ns)
         .env("PORT", port.to_string())
         .env("BIND_ADDRESS", "127.0.0.1")
+        // The stacks are written as v1beta1: no conversion to serve.
+        .env("WEBHOOK_ENABLED", "false")
         .env("RUST_LOG", "warn")
         .env("LOG_FORMAT", "json")
         // Every stack is fully re-checked (Kafka, Redis, PostgreSQL, objects) during the
