@@ -13,9 +13,10 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use k8s_openapi::api::autoscaling::v2::{
     CrossVersionObjectReference, HPAScalingRules, HorizontalPodAutoscaler,
-    HorizontalPodAutoscalerBehavior, HorizontalPodAutoscalerSpec, MetricSpec, MetricTarget,
-    ResourceMetricSource,
+    HorizontalPodAutoscalerBehavior, HorizontalPodAutoscalerSpec, MetricIdentifier, MetricSpec,
+    MetricTarget, PodsMetricSource, ResourceMetricSource,
 };
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 
 use super::config_map::config_hash;
 use super::{
@@ -265,8 +266,9 @@ pub(super) fn pod_disruption_budget(
     }
 }
 
-/// The service's HorizontalPodAutoscaler (autoscaling/v2) on average CPU utilisation, when
-/// `autoscaling` is set, except for the consumers, which the operator scales on lag.
+/// The service's HorizontalPodAutoscaler (autoscaling/v2) on average CPU utilisation (and for
+/// the hub, optionally its pods' average `hub_connections`), when `autoscaling` is set, except
+/// for the consumers, which the operator scales on lag.
 pub(super) fn autoscaler(
     stack: &ValidatedStack,
     component: Component,
@@ -288,6 +290,35 @@ pub(super) fn autoscaler(
                 }),
                 ..HorizontalPodAutoscalerBehavior::default()
             });
+    let mut metrics = vec![MetricSpec {
+        type_: "Resource".to_owned(),
+        resource: Some(ResourceMetricSource {
+            name: "cpu".to_owned(),
+            target: MetricTarget {
+                type_: "Utilization".to_owned(),
+                average_utilization: Some(autoscaling.target_cpu_utilization_percentage),
+                ..MetricTarget::default()
+            },
+        }),
+        ..MetricSpec::default()
+    }];
+    if let Some(connections) = autoscaling.target_connections_per_replica {
+        metrics.push(MetricSpec {
+            type_: "Pods".to_owned(),
+            pods: Some(PodsMetricSource {
+                metric: MetricIdentifier {
+                    name: common::metrics::HUB_CONNECTIONS.to_owned(),
+                    selector: None,
+                },
+                target: MetricTarget {
+                    type_: "AverageValue".to_owned(),
+                    average_value: Some(Quantity(connections.to_string())),
+                    ..MetricTarget::default()
+                },
+            }),
+            ..MetricSpec::default()
+        });
+    }
     Some(HorizontalPodAutoscaler {
         metadata: metadata(stack, component),
         spec: Some(HorizontalPodAutoscalerSpec {
@@ -298,18 +329,7 @@ pub(super) fn autoscaler(
             },
             min_replicas: Some(autoscaling.min_replicas),
             max_replicas: autoscaling.max_replicas,
-            metrics: Some(vec![MetricSpec {
-                type_: "Resource".to_owned(),
-                resource: Some(ResourceMetricSource {
-                    name: "cpu".to_owned(),
-                    target: MetricTarget {
-                        type_: "Utilization".to_owned(),
-                        average_utilization: Some(autoscaling.target_cpu_utilization_percentage),
-                        ..MetricTarget::default()
-                    },
-                }),
-                ..MetricSpec::default()
-            }]),
+            metrics: Some(metrics),
             behavior,
         }),
         ..HorizontalPodAutoscaler::default()

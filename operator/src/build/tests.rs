@@ -901,6 +901,7 @@ fn an_autoscaled_service_gets_an_autoscaler_and_leaves_replicas_to_it() {
         max_replicas: 6,
         target_cpu_utilization_percentage: 60,
         target_lag_per_replica: None,
+        target_connections_per_replica: None,
         scale_down_delay_seconds: None,
     });
     let state = build(&fixtures::validated(&stack), Scraping::Annotations);
@@ -1114,6 +1115,7 @@ fn a_consumer_scaled_on_lag_gets_the_operators_count_and_no_autoscaler() {
         max_replicas: 6,
         target_cpu_utilization_percentage: 70,
         target_lag_per_replica: Some(250),
+        target_connections_per_replica: None,
         scale_down_delay_seconds: Some(60),
     });
     let validated = fixtures::validated(&stack);
@@ -1193,6 +1195,7 @@ fn a_scale_down_delay_becomes_the_autoscalers_stabilization_window() {
         max_replicas: 3,
         target_cpu_utilization_percentage: 70,
         target_lag_per_replica: None,
+        target_connections_per_replica: None,
         scale_down_delay_seconds: Some(600),
     });
     let state = build(&fixtures::validated(&stack), Scraping::Annotations);
@@ -1205,4 +1208,29 @@ fn a_scale_down_delay_becomes_the_autoscalers_stabilization_window() {
         behavior.scale_down.unwrap().stabilization_window_seconds,
         Some(600)
     );
+}
+
+#[test]
+fn the_hub_can_also_scale_on_its_connections() {
+    let mut stack = fixtures::stack(fixtures::MINIMAL);
+    stack.spec.services.hub.autoscaling = Some(crate::crd::AutoscalingSpec {
+        min_replicas: 2,
+        max_replicas: 10,
+        target_cpu_utilization_percentage: 70,
+        target_lag_per_replica: None,
+        target_connections_per_replica: Some(20_000),
+        scale_down_delay_seconds: None,
+    });
+    let state = build(&fixtures::validated(&stack), Scraping::Annotations);
+    let hpa = objects(&state, Component::WsHub)
+        .autoscaler
+        .clone()
+        .unwrap();
+    let metrics = hpa.spec.unwrap().metrics.unwrap();
+    assert_eq!(metrics.len(), 2, "CPU and connections");
+    let pods = metrics[1].pods.as_ref().unwrap();
+    assert_eq!(pods.metric.name, "hub_connections");
+    assert_eq!(pods.target.type_, "AverageValue");
+    assert_eq!(pods.target.average_value.as_ref().unwrap().0, "20000");
+    assert_eq!(metrics[0].resource.as_ref().unwrap().name, "cpu");
 }

@@ -31,6 +31,15 @@ use super::ImageOverride;
      operator scales on consumer lag; the gateway, the command service and the hub scale on CPU \
      (targetCPUUtilizationPercentage)"
 ))]
+#[x_kube(validation = Rule::new(
+    "(!has(self.gateway.autoscaling) || !has(self.gateway.autoscaling.targetConnectionsPerReplica)) && \
+     (!has(self.commandService.autoscaling) || !has(self.commandService.autoscaling.targetConnectionsPerReplica)) && \
+     (!has(self.processor.autoscaling) || !has(self.processor.autoscaling.targetConnectionsPerReplica)) && \
+     (!has(self.cacheUpdater.autoscaling) || !has(self.cacheUpdater.autoscaling.targetConnectionsPerReplica))"
+).message(
+    "autoscaling.targetConnectionsPerReplica applies to the hub, the one service that holds \
+     WebSocket connections"
+))]
 pub struct ServicesSpec {
     /// The API gateway (port 8080): authentication, rate limits, reads from Redis, commands
     /// forwarded to the command service. Starts only after the core services are Available.
@@ -118,6 +127,14 @@ pub struct AutoscalingSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub target_lag_per_replica: Option<i64>,
+    /// Hub only: the WebSocket connections one replica is expected to hold. The hub's
+    /// HorizontalPodAutoscaler then also scales on the pods' `hub_connections` metric (the
+    /// replicas the average over this target asks for, or the CPU target, whichever is
+    /// more); it needs a custom metrics API serving that metric (prometheus-adapter, KEDA),
+    /// and without one the autoscaler keeps scaling on CPU alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub target_connections_per_replica: Option<i64>,
     /// How long the load must stay low before the service scales down, in seconds, from 0 to
     /// 3600 (default 300): the HorizontalPodAutoscaler's scale-down stabilization window, or
     /// for the processor and the cache updater how long the lag must fit fewer replicas

@@ -6,8 +6,10 @@
 //! every other field, unknown ones) is passed through untouched: the conversion never
 //! re-serializes a spec, so it adds no defaults and drops nothing.
 //!
-//! A test checks that every field of either schema has a home in the other; a field added to
-//! `v1beta1` alone must get a rename (or an annotation) before it ships.
+//! Fields only `v1beta1` has ([`V1BETA1_ONLY`]) travel through a `v1alpha1` view in the
+//! annotation [`STASH`], and come back when the object is converted up again (if the object
+//! that held them is still there). A test checks that every other field of either schema has
+//! a home in the other.
 use kube::core::Status;
 use kube::core::conversion::{ConversionRequest, ConversionResponse, ConversionReview};
 use serde_json::{Map, Value};
@@ -49,6 +51,50 @@ pub const RENAMES: &[Rename] = &[
     },
 ];
 
+/// Fields `v1alpha1` has no place for, by their `v1beta1` path. (Every service's autoscaling
+/// has `targetConnectionsPerReplica`; admission accepts it on the hub only.)
+pub const V1BETA1_ONLY: &[&[&str]] = &[
+    &[
+        "spec",
+        "services",
+        "hub",
+        "autoscaling",
+        "targetConnectionsPerReplica",
+    ],
+    &[
+        "spec",
+        "services",
+        "gateway",
+        "autoscaling",
+        "targetConnectionsPerReplica",
+    ],
+    &[
+        "spec",
+        "services",
+        "commandService",
+        "autoscaling",
+        "targetConnectionsPerReplica",
+    ],
+    &[
+        "spec",
+        "services",
+        "processor",
+        "autoscaling",
+        "targetConnectionsPerReplica",
+    ],
+    &[
+        "spec",
+        "services",
+        "cacheUpdater",
+        "autoscaling",
+        "targetConnectionsPerReplica",
+    ],
+];
+
+/// The annotation that carries [`V1BETA1_ONLY`] fields through a `v1alpha1` view: a JSON
+/// object of dotted path → value.
+pub const STASH: &str = "meridian.dev/v1beta1-fields";
+
 /// Why an object could not be converted.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConversionError {
@@ -76,12 +122,20 @@ pub fn convert(mut object: Value, desired_api_version: &str) -> Result<Value, Co
     let from = version_of(&from)?;
     let to = version_of(desired_api_version)?;
     let root = object.as_object_mut().ok_or(ConversionError::NotAnObject)?;
-    for rename in RENAMES {
-        match (from, to) {
-            ("v1alpha1", "v1beta1") => move_field(root, rename.alpha, rename.beta),
-            ("v1beta1", "v1alpha1") => move_field(root, rename.beta, rename.alpha),
-            _ => {}
+    match (from, to) {
+        ("v1alpha1", "v1beta1") => {
+            for rename in RENAMES {
+                move_field(root, rename.alpha, rename.beta);
+            }
+            unstash(root);
         }
+        ("v1beta1", "v1alpha1") => {
+            stash(root);
+            for rename in RENAMES {
+                move_field(root, rename.beta, rename.alpha);
+            }
+        }
+        _ => {}
     }
     root.insert(
         "apiVersion".to_owned(),
@@ -100,6 +154,78 @@ fn version_of(api_version: &str) -> Result<&'static str, ConversionError> {
         .ok_or_else(|| ConversionError::UnknownVersion(api_version.to_owned()))
 }
 
+/// Moves the [`V1BETA1_ONLY`] fields into the [`STASH`] annotation.
+fn stash(root: &mut Map<String, Value>) {
+    let stashed: Map<String, Value> = V1BETA1_ONLY
+        .iter()
+        .filter_map(|path| Some((path.join("."), take(root, path)?)))
+        .collect();
+    if stashed.is_empty() {
+        return;
+    }
+    let text = Value::Object(stashed).to_string();
+    if let Some(annotations) =
+        object_at(root, "metadata").and_then(|metadata| object_at(metadata, "annotations"))
+    {
+        annotations.insert(STASH.to_owned(), Value::String(text));
+    }
+}
+
+/// Puts the fields of the [`STASH`] annotation back where their parent object still is, and
+/// removes the annotation.
+fn unstash(root: &mut Map<String, Value>) {
+    let Some(metadata) = root.get_mut("metadata").and_then(Value::as_object_mut) else {
+        return;
+    };
+    let Some(annotations) = metadata
+        .get_mut("annotations")
+        .and_then(Value::as_object_mut)
+    else {
+        return;
+    };
+    let Some(Value::String(text)) = annotations.remove(STASH) else {
+        return;
+    };
+    if annotations.is_empty() {
+        metadata.remove("annotations");
+    }
+    // An annotation someone edited into something else is dropped, never an error.
+    let Ok(Value::Object(stashed)) = serde_json::from_str::<Value>(&text) else {
+        return;
+    };
+    for path in V1BETA1_ONLY {
+        let Some(value) = stashed.get(&path.join(".")) else {
+            continue;
+        };
+        let Some((last, parents)) = path.split_last() else {
+            continue;
+        };
+        let mut node = Some(&mut *root);
+        for key in parents {
+            node = node
+                .and_then(|n| n.get_mut(*key))
+                .and_then(Value::as_object_mut);
+        }
+        if let Some(parent) = node {
+            parent.insert((*last).to_owned(), value.clone());
+        }
+    }
+}
+
+/// The object under `key`, created (or made an object) if it is not one.
+fn object_at<'a>(
+    node: &'a mut Map<String, Value>,
+    key: &str,
+) -> Option<&'a mut Map<String, Value>> {
+    let child = node
+        .entry(key.to_owned())
+        .or_insert_with(|| Value::Object(Map::new()));
+    if !child.is_object() {
+        *child = Value::Object(Map::new());
+    }
+    child.as_object_mut()
+}
+
 /// Moves the value at `from` to `to`, creating the objects on the way; objects that `from`
 /// leaves empty are removed (they existed only to hold it). Nothing at `from`: nothing moves.
 fn move_field(root: &mut Map<String, Value>, from: &[&str], to: &[&str]) {
@@ -111,13 +237,7 @@ fn move_field(root: &mut Map<String, Value>, from: &[&str], to: &[&str]) {
     };
     let mut node = root;
     for key in parents {
-        let child = node
-            .entry((*key).to_owned())
-            .or_insert_with(|| Value::Object(Map::new()));
-        if !child.is_object() {
-            *child = Value::Object(Map::new());
-        }
-        let Value::Object(child) = child else {
+        let Some(child) = object_at(node, key) else {
             return;
         };
         node = child;

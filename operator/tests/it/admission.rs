@@ -179,7 +179,7 @@ async fn invalid_specs_are_rejected_at_admission_with_a_message_a_user_understan
     let stacks = ns.stacks();
 
     type Mutation = fn(&mut Value);
-    let cases: [(&str, Mutation, &str); 16] = [
+    let cases: [(&str, Mutation, &str); 17] = [
         (
             "negative replicas",
             |s| s["spec"]["services"]["processor"]["replicas"] = json!(-1),
@@ -252,6 +252,15 @@ async fn invalid_specs_are_rejected_at_admission_with_a_message_a_user_understan
                     json!({ "minReplicas": 1, "maxReplicas": 3, "targetLagPerReplica": 100 });
             },
             "autoscaling.targetLagPerReplica applies to the processor and the cache updater",
+        ),
+        (
+            "a connections target on the gateway",
+            |s| {
+                s["spec"]["services"]["gateway"]["autoscaling"] = json!({
+                    "minReplicas": 1, "maxReplicas": 3, "targetConnectionsPerReplica": 100
+                });
+            },
+            "autoscaling.targetConnectionsPerReplica applies to the hub",
         ),
         (
             "a scale-down delay of two hours",
