@@ -25,7 +25,7 @@
 //! all.
 //!
 //! [`Controller`]: kube::runtime::Controller
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -50,6 +50,7 @@ use common::metrics::{
     OPERATOR_RECONCILES_IN_FLIGHT, OPERATOR_RECONCILES_TOTAL, OPERATOR_STEP_DURATION_SECONDS,
 };
 
+mod admin_secrets;
 mod apply;
 mod cleanup;
 mod dereference;
@@ -260,6 +261,11 @@ pub struct Context {
     /// Per Deployment (its `apply::object_key`), the pod template it was last Available with
     /// (see `stages::services::available`); forgotten with its stack.
     available_templates: Mutex<HashMap<String, u64>>,
+    /// The stacks in the watch scope (the controller's store).
+    stacks: Store<MiddlewareStack>,
+    /// The uids of stacks whose cleanup finished, until the store drops them (see
+    /// `admin_secrets::release_unreferenced`).
+    cleaned: Mutex<HashSet<String>>,
 }
 
 /// Runs the controller until `shutdown` fires.
@@ -276,6 +282,7 @@ pub async fn run(
         controller,
         stores,
         secret_versions,
+        stacks,
     } = watch::watches(&client, &settings);
     let reporter = Reporter {
         controller: FIELD_MANAGER.to_owned(),
@@ -300,6 +307,8 @@ pub async fn run(
         scalers: scaling::Memories::default(),
         waves: Mutex::default(),
         available_templates: Mutex::default(),
+        stacks,
+        cleaned: Mutex::default(),
         settings,
     });
     let stacks = controller.store();

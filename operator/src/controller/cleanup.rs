@@ -15,7 +15,7 @@ use kube::runtime::reflector::ObjectRef;
 
 use super::apply::object_key;
 use super::status::{event, publish_events, record_stage_gauges};
-use super::{Chain, Context, deadline, dereference, provision, scaling, waves};
+use super::{Chain, Context, admin_secrets, deadline, dereference, provision, scaling, waves};
 use crate::build::{self, Component};
 use crate::crd::{MiddlewareStack, Retention};
 use crate::names;
@@ -79,6 +79,7 @@ pub(super) async fn cleanup(
             .unwrap_or_else(|p| p.into_inner())
             .remove(&uid);
         forget(stack, ctx);
+        release_admin_secrets(stack, ctx).await;
         let note = format!(
             "deletionPolicy applied (topics {:?}, database {:?}, credentials {:?}); finalizer released",
             stack.spec.deletion_policy.topics,
@@ -133,9 +134,18 @@ pub(super) async fn cleanup(
             .unwrap_or_else(|p| p.into_inner())
             .remove(&uid);
         forget(stack, ctx);
+        release_admin_secrets(stack, ctx).await;
         Ok(Action::await_change())
     } else {
         Err(error)
+    }
+}
+
+/// Lets the admin Secrets this stack held go, unless another stack still needs them.
+async fn release_admin_secrets(stack: &MiddlewareStack, ctx: &Context) {
+    admin_secrets::cleaned(ctx, stack);
+    if let Some(namespace) = stack.namespace() {
+        admin_secrets::release_unreferenced(ctx, &namespace).await;
     }
 }
 
@@ -207,7 +217,7 @@ async fn cleanup_external(stack: &MiddlewareStack, ctx: &Context) -> Result<(), 
     let Ok(validated) = validate(stack) else {
         return Ok(());
     };
-    let refs = match dereference::secrets(ctx, &validated).await {
+    let refs = match dereference::admin_credentials(ctx, &validated).await {
         Ok(refs) => refs,
         Err(error) => match dereference::remembered(ctx, stack) {
             Some(refs) => {

@@ -153,6 +153,37 @@ pub(super) async fn secrets(
     ctx: &Context,
     validated: &ValidatedStack,
 ) -> Result<Dereferenced, Error> {
+    let mut refs = admin_credentials(ctx, validated).await?;
+    let namespace = validated.namespace();
+    if let Some(reference) = validated
+        .spec()
+        .auth
+        .as_ref()
+        .and_then(|a| a.jwt_secret_ref.as_ref())
+    {
+        let secret = referenced_secret(ctx, namespace, &reference.name).await?;
+        refs.versions
+            .extend(secret.as_ref().and_then(|s| s.resource_version()));
+        let has_key = secret
+            .as_ref()
+            .and_then(|s| s.data.as_ref())
+            .is_some_and(|d| d.contains_key(&reference.key));
+        if !has_key {
+            return Err(Error::NoJwtSecret {
+                name: reference.name.clone(),
+                key: reference.key.clone(),
+            });
+        }
+    }
+    Ok(refs)
+}
+
+/// Reads the admin credentials the stack refers to (all a cleanup needs: the JWT Secret may
+/// be gone with its namespace).
+pub(super) async fn admin_credentials(
+    ctx: &Context,
+    validated: &ValidatedStack,
+) -> Result<Dereferenced, Error> {
     let namespace = validated.namespace();
     let spec = validated.spec();
     let mut versions = Vec::new();
@@ -174,26 +205,21 @@ pub(super) async fn secrets(
         Some(secret) => Some(read_credentials(ctx, namespace, &secret.name, &mut versions).await?),
         None => None,
     };
-    if let Some(reference) = spec.auth.as_ref().and_then(|a| a.jwt_secret_ref.as_ref()) {
-        let secret = referenced_secret(ctx, namespace, &reference.name).await?;
-        versions.extend(secret.as_ref().and_then(|s| s.resource_version()));
-        let has_key = secret
-            .as_ref()
-            .and_then(|s| s.data.as_ref())
-            .is_some_and(|d| d.contains_key(&reference.key));
-        if !has_key {
-            return Err(Error::NoJwtSecret {
-                name: reference.name.clone(),
-                key: reference.key.clone(),
-            });
-        }
-    }
     Ok(Dereferenced {
         redis,
         postgres,
         kafka,
         versions,
     })
+}
+
+/// A referenced Secret as last read, if it was.
+pub(super) fn cached(ctx: &Context, key: &ObjectRef<Secret>) -> Option<Arc<Secret>> {
+    ctx.referenced
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(key)
+        .cloned()
 }
 
 /// A Secret a stack refers to: from the cache while the watch reports the same
@@ -208,12 +234,7 @@ async fn referenced_secret(
         .secret_versions
         .get(&ObjectRef::new(name).within(namespace))
         .and_then(|meta| meta.resource_version());
-    let cached = ctx
-        .referenced
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .get(&key)
-        .cloned();
+    let cached = cached(ctx, &key);
     if let (Some(watched), Some(cached)) = (&watched, cached)
         && cached.resource_version().as_ref() == Some(watched)
     {

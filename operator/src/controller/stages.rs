@@ -11,7 +11,9 @@ use kube::runtime::events::{Event, EventType};
 
 use super::provision::Topics;
 use super::status::{event, waiting_after};
-use super::{Context, apply, dereference, monitoring, provision, scaling, timed, waves};
+use super::{
+    Context, admin_secrets, apply, dereference, monitoring, provision, scaling, timed, waves,
+};
 use crate::build::{self, Component, Scraping, Tier};
 use crate::crd::{MiddlewareStack, ServiceStatus};
 use crate::status::{CORE_AVAILABLE, DEPENDENCIES_READY, EDGE_AVAILABLE, TOPICS_READY};
@@ -181,6 +183,11 @@ pub(super) async fn run(
     let refs = match timed("dereference", dereference::secrets(ctx, validated)).await {
         Ok(refs) => {
             dereference::remember(ctx, stack, &refs);
+            // Admin Secrets wait for the cleanups that need them (a namespace deletion).
+            if let Err(error) = admin_secrets::hold(ctx, stack).await {
+                tracing::warn!(stack = %kube::runtime::reflector::ObjectRef::from_obj(stack), %error, "Failed to put the finalizer on an admin Secret.");
+            }
+            admin_secrets::release_unreferenced(ctx, validated.namespace()).await;
             refs
         }
         Err(error) => {

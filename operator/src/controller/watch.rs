@@ -63,6 +63,8 @@ pub(super) struct Watches {
     pub(super) stores: Stores,
     /// Every Secret's metadata in the watch scope (the referenced-Secrets watch).
     pub(super) secret_versions: Store<PartialObjectMeta<Secret>>,
+    /// The stacks (stripped), the controller's own store.
+    pub(super) stacks: Store<MiddlewareStack>,
 }
 
 fn scoped<K>(client: &Client, namespace: Option<&str>) -> Api<K>
@@ -150,6 +152,7 @@ pub(super) fn watches(client: &Client, settings: &Settings) -> Watches {
     .reflect(stacks_writer)
     .applied_objects();
     let autoscaled_stacks = stacks.clone();
+    let referencing_stacks = stacks.clone();
     let controller = Controller::for_stream(stack_changes, stacks.clone())
         .with_config(
             ControllerConfig::default()
@@ -198,6 +201,7 @@ pub(super) fn watches(client: &Client, settings: &Settings) -> Watches {
         controller,
         stores,
         secret_versions,
+        stacks: referencing_stacks,
     }
 }
 
@@ -240,11 +244,19 @@ fn scale_target_only(autoscaler: &mut HorizontalPodAutoscaler) {
     }
 }
 
-/// Keeps only what the referenced-Secrets store is read for: name, namespace, uid and
-/// resourceVersion (labels, annotations and owner references can be most of a Secret's
-/// metadata).
+/// Keeps only what the referenced-Secrets store is read for: name, namespace, uid,
+/// resourceVersion, and whether it is held or deleted (finalizers, deletion timestamp; see
+/// `admin_secrets`). Labels, annotations and owner references can be most of a Secret's
+/// metadata.
 fn identity_only(secret: &mut PartialObjectMeta<Secret>) {
-    secret.metadata = identity(std::mem::take(&mut secret.metadata));
+    let meta = std::mem::take(&mut secret.metadata);
+    let (finalizers, deletion_timestamp) =
+        (meta.finalizers.clone(), meta.deletion_timestamp.clone());
+    secret.metadata = ObjectMeta {
+        finalizers,
+        deletion_timestamp,
+        ..identity(meta)
+    };
 }
 
 /// An object's name, namespace, uid and resourceVersion, nothing else.

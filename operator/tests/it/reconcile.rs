@@ -104,9 +104,19 @@ impl Harness {
     /// Stops the operator and starts it again with its settings changed by `change` (an
     /// upgrade to another version, say).
     async fn restart(&mut self, change: impl FnOnce(&mut operator::Settings)) {
+        self.stop_operator().await;
+        change(&mut self.settings);
+        self.start_operator();
+    }
+
+    /// Stops the operator (its memory goes with it).
+    async fn stop_operator(&mut self) {
         self.stop.cancel();
         (&mut self.task).await.unwrap().unwrap();
-        change(&mut self.settings);
+    }
+
+    /// Starts a new operator with the harness's settings.
+    fn start_operator(&mut self) {
         self.stop = CancellationToken::new();
         self.task = tokio::spawn(operator::run(
             self.client.clone(),
@@ -920,8 +930,8 @@ async fn a_paused_stack_is_left_alone_and_a_rotation_rolls_new_credentials() {
 }
 
 /// Deleting a namespace deletes the stack's admin Secrets too, often before its finalizer
-/// runs: the cleanup then uses the credentials the stack last provisioned with, removes its
-/// Redis user, PostgreSQL roles and database, and the namespace goes.
+/// runs: they stay Terminating (the operator's finalizer on them) until the cleanup has used
+/// them to remove its Redis user, PostgreSQL roles and database; then the namespace goes.
 #[tokio::test]
 async fn a_deleted_namespace_is_cleaned_up_although_its_admin_secrets_went_first() {
     let harness = Harness::start("nsdelete").await;
@@ -957,6 +967,74 @@ async fn a_deleted_namespace_is_cleaned_up_although_its_admin_secrets_went_first
     })
     .await;
 
+    assert_cleaned_up(&deps, &user, &role).await;
+    stop.cancel();
+    task.await.unwrap().unwrap();
+}
+
+/// A namespace deleted while the operator is down: its admin Secrets wait (the operator's
+/// finalizer) until the operator is back and has cleaned the stack up with them, then go with
+/// the namespace; nothing of the stack is left in Redis or PostgreSQL.
+#[tokio::test]
+async fn a_namespace_deleted_while_the_operator_is_down_is_cleaned_up_when_it_returns() {
+    let mut harness = Harness::start("nsrestart").await;
+    let deps = Deps::from_env();
+    harness
+        .apply_ready(&stack("zeta", &deps.redis_url, "Delete"))
+        .await;
+    let secrets = harness.api::<Secret>();
+    let role = secret_key(&secrets.get("zeta-postgres").await.unwrap(), "username");
+    let user = secret_key(&secrets.get("zeta-redis").await.unwrap(), "username");
+    let held = |s: &Secret| {
+        s.metadata
+            .finalizers
+            .iter()
+            .flatten()
+            .any(|f| f == "meridian.dev/admin-credentials")
+    };
+    for name in ["redis-admin", "pg-admin"] {
+        assert!(held(&secrets.get(name).await.unwrap()), "{name} is held");
+    }
+    assert!(
+        !held(&secrets.get("jwt").await.unwrap()),
+        "the JWT Secret is not"
+    );
+
+    harness.stop_operator().await;
+    let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(harness.client.clone());
+    let name = harness.ns.name.clone();
+    namespaces
+        .delete(&name, &DeleteParams::default())
+        .await
+        .unwrap();
+    // The namespace controller has deleted what it could: the admin Secrets stay, Terminating.
+    wait_until("the admin Secrets to be Terminating", READY_TIMEOUT, || {
+        let secrets = secrets.clone();
+        async move {
+            let mut terminating = 0;
+            for name in ["redis-admin", "pg-admin"] {
+                let secret = secrets.get(name).await.unwrap();
+                terminating += usize::from(secret.metadata.deletion_timestamp.is_some());
+            }
+            terminating == 2
+        }
+    })
+    .await;
+
+    harness.start_operator();
+    wait_until("the namespace to be gone", READY_TIMEOUT, || {
+        let namespaces = namespaces.clone();
+        let name = name.clone();
+        async move { namespaces.get_opt(&name).await.unwrap().is_none() }
+    })
+    .await;
+    assert_cleaned_up(&deps, &user, &role).await;
+    harness.stop_operator().await;
+}
+
+/// Asserts that the stack whose Redis user and PostgreSQL role are `user` and `role` left
+/// nothing in Redis or PostgreSQL: the user, both roles and the database are gone.
+async fn assert_cleaned_up(deps: &Deps, user: &str, role: &str) {
     let mut admin = redis::Client::open(deps.redis_url.as_str())
         .unwrap()
         .get_multiplexed_async_connection()
@@ -964,7 +1042,7 @@ async fn a_deleted_namespace_is_cleaned_up_although_its_admin_secrets_went_first
         .unwrap();
     let acl: redis::Value = redis::cmd("ACL")
         .arg("GETUSER")
-        .arg(&user)
+        .arg(user)
         .query_async(&mut admin)
         .await
         .unwrap();
@@ -976,13 +1054,11 @@ async fn a_deleted_namespace_is_cleaned_up_although_its_admin_secrets_went_first
         "SELECT (SELECT count(*) FROM pg_roles WHERE rolname IN ($1, 'mwsr_' || substr($1, 5))) \
               + (SELECT count(*) FROM pg_database WHERE datname = $1)",
     )
-    .bind(&role)
+    .bind(role)
     .fetch_one(&mut pg)
     .await
     .unwrap();
     assert_eq!(left, 0, "the roles and the database of {role} are dropped");
-    stop.cancel();
-    task.await.unwrap().unwrap();
 }
 
 /// Whether the operator's own field manager still owns the Deployment's `spec.replicas`.
@@ -1037,6 +1113,8 @@ async fn an_autoscaled_service_keeps_the_replica_count_its_autoscaler_sets() {
     // Deployment ever falling back to one replica.
     spec["spec"]["services"]["gateway"]["autoscaling"] =
         json!({ "minReplicas": 2, "maxReplicas": 6, "targetCPUUtilizationPercentage": 50 });
+    spec["spec"]["services"]["hub"]["autoscaling"] =
+        json!({ "minReplicas": 1, "maxReplicas": 4, "targetConnectionsPerReplica": 5000 });
     harness.apply(&spec).await;
     wait_until("the operator to let go of replicas", READY_TIMEOUT, || {
         let deployments = deployments.clone();
@@ -1061,6 +1139,20 @@ async fn an_autoscaled_service_keeps_the_replica_count_its_autoscaler_sets() {
     let hpa = autoscaler.spec.unwrap();
     assert_eq!((hpa.min_replicas, hpa.max_replicas), (Some(2), 6));
     assert_eq!(hpa.scale_target_ref.name, gateway);
+    // The hub's autoscaler also follows its connections (the API server took the metric).
+    wait_until("the hub's autoscaler to appear", READY_TIMEOUT, || {
+        let autoscalers = autoscalers.clone();
+        async move { autoscalers.get_opt("delta-ws-hub").await.unwrap().is_some() }
+    })
+    .await;
+    let hub = autoscalers.get("delta-ws-hub").await.unwrap().spec.unwrap();
+    let metrics: Vec<&str> = hub
+        .metrics
+        .iter()
+        .flatten()
+        .map(|m| m.type_.as_str())
+        .collect();
+    assert_eq!(metrics, ["Resource", "Pods"]);
 
     // The autoscaler's decision (written through the scale subresource, as its controller
     // does) survives the reconciles that follow, including one that rolls the pods.
