@@ -61,8 +61,14 @@ check_service() {
     # its non-root user can read.
     kubectl create namespace "$PREFIX" --dry-run=client -o yaml | kubectl apply -f - >/dev/null
     kubectl config view --raw --flatten >"$WORK/kubeconfig" && chmod 0644 "$WORK/kubeconfig"
+    # Ready once its conversion webhook serves: its certificate in a Secret of that namespace,
+    # the CRD pointed at this container (on the host network, as an operator outside the
+    # cluster is).
+    local webhook_port
+    webhook_port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
     extra=(-v "$WORK/kubeconfig:/etc/meridian/kubeconfig:ro" -e KUBECONFIG=/etc/meridian/kubeconfig
-      -e "WATCH_NAMESPACE=$PREFIX" -e "LEASE_NAME=$PREFIX")
+      -e "WATCH_NAMESPACE=$PREFIX" -e "LEASE_NAME=$PREFIX" -e "POD_NAMESPACE=$PREFIX"
+      -e "WEBHOOK_PORT=$webhook_port" -e "WEBHOOK_URL=https://127.0.0.1:$webhook_port/convert")
   fi
   run "$name" "$image" --network host -e "PORT=$port" -e BIND_ADDRESS=127.0.0.1 -e LOG_FORMAT=json \
     -e "DATABASE_URL=$DATABASE_URL" -e "REDIS_URL=$REDIS_URL" -e "KAFKA_BOOTSTRAP_SERVERS=$KAFKA_BOOTSTRAP_SERVERS" \
