@@ -161,11 +161,22 @@ dependency_restart() {
     (( SECONDS - started < 60 )) || die "$name was not restarted within 60s"
     sleep 1
   done
+  # When the restarted server takes connections again: from then on, recovery is the
+  # services' own (their pools, producers and consumers reconnecting).
+  local port back
+  port=$(kubectl -n meridian-deps get pods -l "app=$name" -o jsonpath='{.items[0].spec.containers[0].ports[0].containerPort}')
+  until kubectl -n meridian-deps exec "$(kubectl -n meridian-deps get pods -l "app=$name" -o name | head -n 1)" -- \
+    bash -c "exec 3<>/dev/tcp/127.0.0.1/$port" >/dev/null 2>&1; do
+    (( SECONDS - started < 90 )) || die "$name did not take connections within 90s"
+    sleep 0.5
+  done
+  back=$SECONDS
   until smoke >/dev/null 2>&1; do
-    (( SECONDS - started < 60 )) || { smoke || true; die "the smoke flow did not pass within 60s of the $name restart"; }
+    (( SECONDS - started < 90 )) || { smoke || true; die "the smoke flow did not pass within 90s of the $name restart"; }
     sleep 1
   done
-  ok "smoke flow passed again $((SECONDS - started))s after the kill"
+  ok "smoke flow passed again $((SECONDS - started))s after the kill, $((SECONDS - back))s after $name took connections again ($((back - started))s to restart)"
+  (( SECONDS - back <= 15 )) || die "the services took $((SECONDS - back))s (more than 15s) to recover once $name was back"
   [ "$(service_restarts)" = "$before" ] || die "a service restarted: $before -> $(service_restarts)"
   ok "no service restarted ($before)"
   settle
