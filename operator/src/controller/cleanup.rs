@@ -126,8 +126,10 @@ pub(super) async fn cleanup(
         "CleanupFailed"
     };
     let failed = event(EventType::Warning, reason, "Cleanup", note);
-    // An abandoned cleanup is the last Event: its recorder goes.
-    publish_events(stack, ctx, vec![failed], !abandon).await;
+    // Each attempt is an Event of its own (a fresh recorder): as a series of one Event, every
+    // retry would show the first attempt's note ("attempt 1 of 5") and error. There are at
+    // most `cleanup_attempts` of them.
+    publish_events(stack, ctx, vec![failed], false).await;
     if abandon {
         ctx.cleanup_failures
             .lock()
@@ -162,6 +164,7 @@ fn forget(stack: &MiddlewareStack, ctx: &Context) {
     }
     provision::forget(ctx, stack);
     dereference::forget(ctx, stack);
+    dereference::release_clients(ctx, stack);
     scaling::forget_stack(ctx, &key);
     waves::forget(ctx, &key);
     ctx.failures

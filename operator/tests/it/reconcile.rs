@@ -1032,6 +1032,58 @@ async fn a_namespace_deleted_while_the_operator_is_down_is_cleaned_up_when_it_re
     harness.stop_operator().await;
 }
 
+/// A stack deleted while its PostgreSQL is down: each failed cleanup is a Warning Event that
+/// counts its attempt; once PostgreSQL is back, the next attempt drops the database and
+/// roles, deletes the Redis user and releases the stack. (PostgreSQL "down" for this stack
+/// alone: it reaches the server through a forwarder the test takes down and brings back.)
+#[tokio::test]
+async fn a_stack_deleted_while_postgres_is_down_is_cleaned_up_once_it_is_back() {
+    let deps = Deps::from_env();
+    let mut postgres = TcpToggle::new(Deps::socket_of(&deps.database_url));
+    postgres.up().await;
+    let harness = Harness::start_configured("pgdown", |s| s.cleanup_attempts = 30).await;
+    let mut spec = stack("eta", &deps.redis_url, "Delete");
+    spec["spec"]["postgres"]["port"] = json!(postgres.port());
+    harness.apply_ready(&spec).await;
+    let secrets = harness.api::<Secret>();
+    let role = secret_key(&secrets.get("eta-postgres").await.unwrap(), "username");
+    let user = secret_key(&secrets.get("eta-redis").await.unwrap(), "username");
+
+    postgres.down().await;
+    harness
+        .stacks()
+        .delete("eta", &DeleteParams::default())
+        .await
+        .unwrap();
+    wait_until("two failed cleanups", READY_TIMEOUT, || async {
+        event_times(&harness, "eta", "CleanupFailed").await.len() >= 2
+    })
+    .await;
+    let failed: Vec<String> = event_times(&harness, "eta", "CleanupFailed")
+        .await
+        .into_iter()
+        .map(|(_, note)| note)
+        .collect();
+    assert!(failed[0].contains("attempt 1 of 30"), "{failed:?}");
+    assert!(failed[1].contains("attempt 2 of 30"), "{failed:?}");
+
+    postgres.up().await;
+    let stacks = harness.stacks();
+    wait_until("the stack to be gone", READY_TIMEOUT, || {
+        let stacks = stacks.clone();
+        async move { stacks.get_opt("eta").await.unwrap().is_none() }
+    })
+    .await;
+    assert_cleaned_up(&deps, &user, &role).await;
+    assert_eq!(event_times(&harness, "eta", "CleanedUp").await.len(), 1);
+    assert!(
+        event_times(&harness, "eta", "CleanupAbandoned")
+            .await
+            .is_empty()
+    );
+    harness.finish().await;
+}
+
 /// Asserts that the stack whose Redis user and PostgreSQL role are `user` and `role` left
 /// nothing in Redis or PostgreSQL: the user, both roles and the database are gone.
 async fn assert_cleaned_up(deps: &Deps, user: &str, role: &str) {
