@@ -2,6 +2,8 @@
 //! the PostgreSQL role and database ([`postgres`]), each reached with the admin credentials
 //! from the Secrets the stack refers to. Every call is bounded by a timeout, and every error
 //! says which dependency failed without ever carrying a password.
+use std::collections::HashMap;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use secrecy::SecretString;
@@ -9,6 +11,92 @@ use secrecy::SecretString;
 pub mod kafka;
 pub mod postgres;
 pub mod redis;
+
+#[cfg(test)]
+mod tests;
+
+/// Clients shared by the stacks that reach one dependency with the same credentials (a Kafka
+/// admin client and its threads, a PostgreSQL pool), each dropped as soon as no stack uses it:
+/// when the last one moves to other settings or credentials, or is deleted.
+pub struct SharedClients<V> {
+    inner: Mutex<Shared<V>>,
+}
+
+struct Shared<V> {
+    /// Client key → the client.
+    clients: HashMap<String, V>,
+    /// Stack → the key of the client it uses.
+    users: HashMap<String, String>,
+}
+
+impl<V> Default for SharedClients<V> {
+    fn default() -> Self {
+        Self {
+            inner: Mutex::new(Shared {
+                clients: HashMap::new(),
+                users: HashMap::new(),
+            }),
+        }
+    }
+}
+
+impl<V: Clone> SharedClients<V> {
+    /// The client under `key` for the stack `user`, created with `create` if none exists; the
+    /// client `user` used before, if another, is dropped when no stack uses it any more.
+    ///
+    /// # Errors
+    /// What `create` returns.
+    pub fn get<E>(
+        &self,
+        user: &str,
+        key: String,
+        create: impl FnOnce() -> Result<V, E>,
+    ) -> Result<V, E> {
+        let mut shared = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let client = match shared.clients.get(&key) {
+            Some(client) => client.clone(),
+            None => {
+                let client = create()?;
+                shared.clients.insert(key.clone(), client.clone());
+                client
+            }
+        };
+        if let Some(previous) = shared.users.insert(user.to_owned(), key) {
+            shared.evict_unused(&previous);
+        }
+        Ok(client)
+    }
+
+    /// Forgets that the stack `user` uses a client; the client goes when no stack does.
+    pub fn release(&self, user: &str) {
+        let mut shared = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(previous) = shared.users.remove(user) {
+            shared.evict_unused(&previous);
+        }
+    }
+
+    /// How many clients are kept.
+    pub fn len(&self) -> usize {
+        self.inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clients
+            .len()
+    }
+
+    /// Whether no client is kept.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl<V> Shared<V> {
+    fn evict_unused(&mut self, key: &str) {
+        if !self.users.values().any(|k| k == key) && self.clients.remove(key).is_some() {
+            tracing::debug!("Dropped a dependency client no stack uses any more.");
+        }
+    }
+}
 
 /// A user name and password read from an admin credentials Secret.
 #[derive(Clone, Debug)]

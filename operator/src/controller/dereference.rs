@@ -293,6 +293,20 @@ pub(super) struct Clients {
     pub(super) postgres: PostgresAdmin,
 }
 
+/// How the shared dependency clients know a stack.
+fn client_user(validated: &ValidatedStack) -> String {
+    format!("{}/{}", validated.namespace(), validated.name())
+}
+
+/// Releases the stack's share of the dependency clients (it is deleted).
+pub(super) fn release_clients(ctx: &Context, stack: &MiddlewareStack) {
+    if let Ok(validated) = crate::validate::validate(stack) {
+        let user = client_user(&validated);
+        ctx.kafka.release(&user);
+        ctx.postgres.release(&user);
+    }
+}
+
 /// The admin clients of the stack's Kafka cluster (shared with every stack on it).
 pub(super) fn kafka(
     ctx: &Context,
@@ -300,6 +314,7 @@ pub(super) fn kafka(
     refs: &Dereferenced,
 ) -> Result<Arc<KafkaCluster>, ProvisionError> {
     ctx.kafka.cluster(
+        &client_user(validated),
         &validated.spec().kafka.bootstrap_servers,
         refs.kafka.as_ref(),
     )
@@ -319,7 +334,12 @@ pub(super) async fn dependencies(
         RedisAdmin::new(&spec.redis.url, &refs.redis, timeout).map_err(Error::RedisClient)?;
     let postgres = ctx
         .postgres
-        .admin(&spec.postgres, &refs.postgres, timeout)
+        .admin(
+            &client_user(validated),
+            &spec.postgres,
+            &refs.postgres,
+            timeout,
+        )
         .map_err(Error::PostgresClient)?;
     let probe_topic = names::topic(validated, names::TOPICS[0]);
     let (k, r, p) = tokio::join!(

@@ -18,7 +18,7 @@ use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::types::RDKafkaRespErr;
 use secrecy::ExposeSecret as _;
 
-use super::{AdminCredentials, ProvisionError, bounded};
+use super::{AdminCredentials, ProvisionError, SharedClients, bounded};
 
 /// One topic as the stack asks for it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -119,16 +119,21 @@ impl Metadata {
     }
 }
 
-/// The clients of every cluster the operator has talked to.
+/// The clients of every cluster a stack uses (one per cluster and credentials, shared).
 #[derive(Default)]
 pub struct KafkaClients {
-    clusters: Mutex<HashMap<String, Arc<KafkaCluster>>>,
+    clusters: SharedClients<Arc<KafkaCluster>>,
 }
 
 impl KafkaClients {
-    /// The clients of the cluster at `bootstrap_servers`, created on first use.
+    /// The clients of the cluster at `bootstrap_servers` for the stack `user`, created on
+    /// first use (see [`SharedClients::get`]).
+    ///
+    /// # Errors
+    /// When librdkafka refuses the configuration.
     pub fn cluster(
         &self,
+        user: &str,
         bootstrap_servers: &str,
         credentials: Option<&AdminCredentials>,
     ) -> Result<Arc<KafkaCluster>, ProvisionError> {
@@ -140,42 +145,57 @@ impl KafkaClients {
                 .expose_secret()
                 .as_bytes()]))
         );
-        let mut clusters = self
-            .clusters
-            .lock()
-            .map_err(|_| ProvisionError::Kafka("client cache poisoned".to_owned()))?;
-        if let Some(cluster) = clusters.get(&key) {
-            return Ok(cluster.clone());
-        }
-        let mut config = ClientConfig::new();
-        config
-            .set("bootstrap.servers", bootstrap_servers)
-            .set("client.id", "meridian-operator")
-            .set("allow.auto.create.topics", "false")
-            .set("topic.metadata.refresh.interval.ms", "-1")
-            .set("log_level", "3");
-        if let Some(credentials) = credentials {
-            config
-                .set("security.protocol", "SASL_PLAINTEXT")
-                .set("sasl.mechanisms", "PLAIN")
-                .set("sasl.username", &credentials.username)
-                .set("sasl.password", credentials.password.expose_secret());
-        }
-        let admin = config
-            .create()
-            .map_err(|e| ProvisionError::Kafka(e.to_string()))?;
-        let mut metadata_config = config.clone();
-        metadata_config.set("group.id", "meridian-operator-metadata");
-        let metadata = Metadata::new(metadata_config)?;
-        let cluster = Arc::new(KafkaCluster {
-            admin,
-            metadata,
-            config,
-            lag_readers: Mutex::default(),
-        });
-        clusters.insert(key, cluster.clone());
-        Ok(cluster)
+        self.clusters
+            .get(user, key, || connect(bootstrap_servers, credentials))
     }
+
+    /// Forgets the stack `user` (deleted); a cluster no stack uses any more is dropped.
+    pub fn release(&self, user: &str) {
+        self.clusters.release(user);
+    }
+
+    /// How many clusters' clients are kept.
+    pub fn len(&self) -> usize {
+        self.clusters.len()
+    }
+
+    /// Whether no cluster's clients are kept.
+    pub fn is_empty(&self) -> bool {
+        self.clusters.is_empty()
+    }
+}
+
+/// New clients of the cluster at `bootstrap_servers`.
+fn connect(
+    bootstrap_servers: &str,
+    credentials: Option<&AdminCredentials>,
+) -> Result<Arc<KafkaCluster>, ProvisionError> {
+    let mut config = ClientConfig::new();
+    config
+        .set("bootstrap.servers", bootstrap_servers)
+        .set("client.id", "meridian-operator")
+        .set("allow.auto.create.topics", "false")
+        .set("topic.metadata.refresh.interval.ms", "-1")
+        .set("log_level", "3");
+    if let Some(credentials) = credentials {
+        config
+            .set("security.protocol", "SASL_PLAINTEXT")
+            .set("sasl.mechanisms", "PLAIN")
+            .set("sasl.username", &credentials.username)
+            .set("sasl.password", credentials.password.expose_secret());
+    }
+    let admin = config
+        .create()
+        .map_err(|e| ProvisionError::Kafka(e.to_string()))?;
+    let mut metadata_config = config.clone();
+    metadata_config.set("group.id", "meridian-operator-metadata");
+    let metadata = Metadata::new(metadata_config)?;
+    Ok(Arc::new(KafkaCluster {
+        admin,
+        metadata,
+        config,
+        lag_readers: Mutex::default(),
+    }))
 }
 
 impl KafkaCluster {

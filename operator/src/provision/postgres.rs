@@ -15,8 +15,7 @@
 //! Role and database names are [`crate::names`] identifiers (`[a-z0-9_]`, at most 63 bytes)
 //! and passwords are alphanumeric, so both are safe to splice into DDL, which takes no bind
 //! parameters.
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use secrecy::{ExposeSecret as _, SecretString};
@@ -24,7 +23,7 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgSslMode};
 use sqlx::{Executor as _, PgPool};
 use tokio::sync::Semaphore;
 
-use super::{AdminCredentials, ProvisionError, bounded};
+use super::{AdminCredentials, ProvisionError, SharedClients, bounded};
 use crate::crd::{PostgresSpec, SslMode};
 
 /// How many dependency timeouts one `DROP DATABASE` (see the module docs) may take.
@@ -63,16 +62,21 @@ pub fn ssl_mode(mode: SslMode) -> PgSslMode {
     }
 }
 
-/// The admin pools of every server the operator has talked to (up to eight connections each).
+/// The admin pools of every server a stack uses (up to eight connections each, shared).
 #[derive(Default)]
 pub struct PostgresAdmins {
-    pools: Mutex<HashMap<String, (PgPool, Arc<Semaphore>)>>,
+    pools: SharedClients<(PgPool, Arc<Semaphore>)>,
 }
 
 impl PostgresAdmins {
-    /// The admin pool for `spec` and `credentials`, created (lazily connecting) on first use.
+    /// The admin pool for `spec` and `credentials` for the stack `user`, created (lazily
+    /// connecting) on first use (see [`SharedClients::get`]).
+    ///
+    /// # Errors
+    /// Never at the moment; the pool connects on first use.
     pub fn admin(
         &self,
+        user: &str,
         spec: &PostgresSpec,
         credentials: &AdminCredentials,
         timeout: Duration,
@@ -86,13 +90,8 @@ impl PostgresAdmins {
             credentials.username,
             crate::build::fingerprint([credentials.password.expose_secret().as_bytes()])
         );
-        let mut pools = self
-            .pools
-            .lock()
-            .map_err(|_| ProvisionError::Postgres("pool cache poisoned".to_owned()))?;
-        let (pool, databases) = pools
-            .entry(key)
-            .or_insert_with(|| {
+        let (pool, databases) = self.pools.get(user, key, || {
+            Ok::<_, ProvisionError>({
                 let options = PgConnectOptions::new()
                     .host(&spec.host)
                     .port(u16::try_from(spec.port).unwrap_or(5432))
@@ -109,12 +108,27 @@ impl PostgresAdmins {
                     .connect_lazy_with(options);
                 (pool, Arc::new(Semaphore::new(DROP_DATABASE_CONCURRENCY)))
             })
-            .clone();
+        })?;
         Ok(PostgresAdmin {
             pool,
             databases,
             timeout,
         })
+    }
+
+    /// Forgets the stack `user` (deleted); a pool no stack uses any more is closed.
+    pub fn release(&self, user: &str) {
+        self.pools.release(user);
+    }
+
+    /// How many pools are kept.
+    pub fn len(&self) -> usize {
+        self.pools.len()
+    }
+
+    /// Whether no pool is kept.
+    pub fn is_empty(&self) -> bool {
+        self.pools.is_empty()
     }
 }
 

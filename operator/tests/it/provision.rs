@@ -25,7 +25,12 @@ fn admin() -> operator::provision::postgres::PostgresAdmin {
         password: SecretString::from("postgres"),
     };
     PostgresAdmins::default()
-        .admin(&spec, &credentials, Settings::default().dependency_timeout)
+        .admin(
+            "test/admin",
+            &spec,
+            &credentials,
+            Settings::default().dependency_timeout,
+        )
         .unwrap()
 }
 
@@ -191,7 +196,7 @@ async fn topics_the_broker_refuses_are_reported_as_refused_and_the_others_create
 
     let bootstrap = common::test_support::Deps::from_env().kafka_bootstrap_servers;
     let clients = KafkaClients::default();
-    let cluster = clients.cluster(&bootstrap, None).unwrap();
+    let cluster = clients.cluster("test/cluster", &bootstrap, None).unwrap();
     let run = Uuid::new_v4().simple().to_string()[..8].to_owned();
     let topic = |name: &str, replication_factor: i32, config: &[(&str, &str)]| DesiredTopic {
         name: format!("it-refused-{run}-{name}"),
