@@ -254,21 +254,6 @@ impl Webhook {
         Serving(self.resolver.clone())
     }
 
-    /// A TLS acceptor presenting the current certificate.
-    ///
-    /// # Errors
-    /// Never in practice: the protocol versions are the provider's defaults.
-    pub fn acceptor(&self) -> Result<TlsAcceptor, WebhookError> {
-        let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
-        let mut config = tokio_rustls::rustls::ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .map_err(|e| WebhookError::Tls(e.to_string()))?
-            .with_no_client_auth()
-            .with_cert_resolver(self.resolver.clone());
-        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-        Ok(TlsAcceptor::from(Arc::new(config)))
-    }
-
     /// Makes sure a valid certificate is served: self-managed, renews the one in the Secret
     /// when due (or issues one) and makes the CRD trust its CA and call where it should;
     /// from a directory, loads the files if they changed.
@@ -409,7 +394,7 @@ impl Webhook {
         limits: ServerLimits,
         shutdown: CancellationToken,
     ) -> Result<(), WebhookError> {
-        let acceptor = self.acceptor()?;
+        let acceptor = acceptor(self.resolver.clone())?;
         let keeper = {
             let (webhook, shutdown) = (self.clone(), shutdown.clone());
             tokio::spawn(async move { webhook.keep_fresh(shutdown).await })
@@ -511,6 +496,21 @@ pub async fn migrate_storage(client: &Client) -> Result<Migrated, kube::Error> {
     })
 }
 
+/// A TLS acceptor presenting whatever certificate `resolver` holds at each handshake.
+///
+/// # Errors
+/// Never in practice: the protocol versions are the provider's defaults.
+fn acceptor(resolver: Arc<Resolver>) -> Result<TlsAcceptor, WebhookError> {
+    let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+    let mut config = tokio_rustls::rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| WebhookError::Tls(e.to_string()))?
+        .with_no_client_auth()
+        .with_cert_resolver(resolver);
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
 /// The certificate chain and key a handshake presents.
 fn certified_key(cert_pem: &str, key_pem: &str) -> Result<CertifiedKey, WebhookError> {
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
@@ -558,3 +558,6 @@ async fn convert_review(Json(review): Json<ConversionReview>) -> Json<Conversion
         .increment(1);
     Json(answer)
 }
+
+#[cfg(test)]
+mod tests;

@@ -73,19 +73,15 @@ pub(super) async fn hold(ctx: &Context, stack: &MiddlewareStack) -> Result<(), k
 /// more, counting a stack whose cleanup finished ([`cleaned`]) as gone although the watch
 /// may not have said so yet.
 pub(super) async fn release_unreferenced(ctx: &Context, namespace: &str) {
-    let stacks: Vec<_> = ctx
-        .stacks
-        .state()
-        .into_iter()
-        .filter(|s| s.namespace().as_deref() == Some(namespace))
-        .collect();
+    let stacks = ctx.stacks.state();
     let referenced: HashSet<&str> = {
         let mut cleaned = ctx.cleaned.lock().unwrap_or_else(|p| p.into_inner());
         // A cleaned stack the store no longer has needs no remembering.
-        let present: HashSet<String> = ctx.stacks.state().iter().filter_map(|s| s.uid()).collect();
+        let present: HashSet<String> = stacks.iter().filter_map(|s| s.uid()).collect();
         cleaned.retain(|uid| present.contains(uid));
         stacks
             .iter()
+            .filter(|s| s.namespace().as_deref() == Some(namespace))
             .filter(|s| s.uid().is_none_or(|uid| !cleaned.contains(&uid)))
             .flat_map(|s| names(s))
             .collect()

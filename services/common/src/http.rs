@@ -370,35 +370,36 @@ async fn accept(
                     request.map(axum::body::Body::new)
                 });
         let service = TowerToHyperService::new(service);
+        let Some(tls) = &tls else {
+            let connection = builder
+                .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                .into_owned();
+            let connection = connections.watch(connection);
+            tokio::spawn(async move {
+                if let Err(error) = connection.await {
+                    tracing::debug!(error = %error, "Connection ended with an error.");
+                }
+            });
+            continue;
+        };
+        // The handshake runs on the connection's task, bounded like a request's headers, so a
+        // slow client holds neither the accept loop nor more than its own task.
         let (builder, watcher, tls) = (builder.clone(), connections.watcher(), tls.clone());
         tokio::spawn(async move {
-            let served = match tls {
-                None => {
-                    let connection =
-                        builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-                    watcher.watch(connection.into_owned()).await
+            let handshake = tokio::time::timeout(limits.header_read_timeout, tls.accept(stream));
+            let stream = match handshake.await {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(error)) => {
+                    tracing::debug!(%error, %peer, "TLS handshake failed.");
+                    return;
                 }
-                Some(tls) => {
-                    let stream =
-                        match tokio::time::timeout(limits.header_read_timeout, tls.accept(stream))
-                            .await
-                        {
-                            Ok(Ok(stream)) => stream,
-                            Ok(Err(error)) => {
-                                tracing::debug!(%error, %peer, "TLS handshake failed.");
-                                return;
-                            }
-                            Err(_) => {
-                                tracing::debug!(%peer, "TLS handshake timed out.");
-                                return;
-                            }
-                        };
-                    let connection =
-                        builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-                    watcher.watch(connection.into_owned()).await
+                Err(_) => {
+                    tracing::debug!(%peer, "TLS handshake timed out.");
+                    return;
                 }
             };
-            if let Err(error) = served {
+            let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+            if let Err(error) = watcher.watch(connection.into_owned()).await {
                 tracing::debug!(error = %error, "Connection ended with an error.");
             }
         });
