@@ -205,6 +205,8 @@ impl Proxy {
 
     /// A body of known length within the limit streams through; one over it is refused
     /// before anything is sent; one of unknown length (chunked) is buffered up to the limit.
+    /// The rest of a refused body is read in the background ([`common::http::linger`]), so the
+    /// client gets the 413 instead of a reset.
     async fn limit_body(&self, headers: &HeaderMap, body: Body) -> Result<Body, ProxyError> {
         let limit = self.settings.max_body_bytes;
         let declared = headers
@@ -213,6 +215,7 @@ impl Proxy {
             .and_then(|v| v.parse::<u64>().ok());
         if let Some(length) = declared {
             return if length > limit as u64 {
+                common::http::linger(body);
                 Err(ProxyError::BodyTooLarge(limit))
             } else {
                 Ok(body)
@@ -221,13 +224,20 @@ impl Proxy {
         if axum::body::HttpBody::is_end_stream(&body) {
             return Ok(body);
         }
-        match http_body_util::Limited::new(body, limit).collect().await {
-            Ok(collected) => Ok(Body::from(collected.to_bytes())),
-            Err(error) if error.is::<http_body_util::LengthLimitError>() => {
-                Err(ProxyError::BodyTooLarge(limit))
+        let mut body = body;
+        let mut buffered = bytes::BytesMut::new();
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| ProxyError::Body(e.to_string()))?;
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            if buffered.len() + data.len() > limit {
+                common::http::linger(body);
+                return Err(ProxyError::BodyTooLarge(limit));
             }
-            Err(error) => Err(ProxyError::Body(error.to_string())),
+            buffered.extend_from_slice(&data);
         }
+        Ok(Body::from(buffered.freeze()))
     }
 
     /// Forwards a WebSocket upgrade and, on `101 Switching Protocols`, tunnels the two

@@ -407,6 +407,41 @@ async fn accept(
     connections
 }
 
+/// How much of a refused request's body [`linger`] reads, at most.
+pub const LINGER_MAX_BYTES: u64 = 16 * 1024 * 1024;
+/// How long [`linger`] reads a refused request's body, at most.
+pub const LINGER_TIME: Duration = Duration::from_secs(5);
+
+/// Reads and discards the rest of a request body the server refused (413) in the background,
+/// at most [`LINGER_MAX_BYTES`] for at most [`LINGER_TIME`], while the response goes out.
+///
+/// A server that closes a connection with unread request bytes makes the kernel answer with a
+/// reset, and a client (or a proxy in between) that receives the reset before it read the
+/// response loses the response: it sees "connection reset" instead of the 413. Reading the
+/// rest first lets the connection end with an orderly close (nginx's lingering close).
+pub fn linger(body: axum::body::Body) {
+    use futures::StreamExt as _;
+    tokio::spawn(async move {
+        let mut data = body.into_data_stream();
+        let mut read = 0_u64;
+        let drained = tokio::time::timeout(LINGER_TIME, async {
+            while let Some(Ok(chunk)) = data.next().await {
+                read += chunk.len() as u64;
+                if read > LINGER_MAX_BYTES {
+                    break;
+                }
+            }
+        })
+        .await;
+        if drained.is_err() {
+            tracing::debug!(
+                read,
+                "Stopped reading a refused request's body after the linger time."
+            );
+        }
+    });
+}
+
 /// `X-Forwarded-For`.
 pub const X_FORWARDED_FOR: http::HeaderName = http::HeaderName::from_static("x-forwarded-for");
 
