@@ -26,7 +26,6 @@ use common::shutdown::CancellationToken;
 use rdkafka::consumer::Consumer as _;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::{Message as _, Offset, TopicPartitionList};
-use secrecy::ExposeSecret as _;
 
 use crate::{Config, NAME};
 
@@ -72,6 +71,9 @@ pub enum RebuildError {
     /// Redis could not be reached or a command failed.
     #[error("failed to write the read model: {0}")]
     Redis(#[from] redis::RedisError),
+    /// The Redis client could not be built (`REDIS_URL`, `REDIS_CA_FILE`).
+    #[error(transparent)]
+    RedisClient(#[from] common::redis::RedisError),
     /// Kafka could not be reached or the topic could not be read.
     #[error("failed to read the events topic: {0}")]
     Kafka(#[from] KafkaError),
@@ -139,7 +141,7 @@ pub async fn rebuild(
     }
     tracing::info!(%topic, partitions = partitions.len(), ends = ?remaining, "Captured the end offsets.");
 
-    let client = common::redis::client(config.redis.redis_url.expose_secret())?;
+    let client = common::redis::client_for(&config.redis)?;
     let mut conn = client.get_multiplexed_async_connection().await?;
     let cleared = readmodel::clear(&mut conn, prefix).await?;
     tracing::info!(cleared, "Cleared the read model.");

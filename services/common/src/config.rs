@@ -174,6 +174,9 @@ pub struct RedisConfig {
     /// `REDIS_TIMEOUT_MS`: connect and response timeout. Default 1000.
     #[serde(default = "defaults::redis_timeout_ms")]
     pub redis_timeout_ms: u64,
+    /// `REDIS_CA_FILE`: a PEM file of the CA(s) a `rediss://` server's certificate must chain
+    /// to, instead of the system's trusted roots (a private CA).
+    pub redis_ca_file: Option<String>,
 }
 
 /// Kafka connection settings (librdkafka names in parentheses).

@@ -21,9 +21,18 @@ use crate::shutdown::CancellationToken;
 /// A Redis operation could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum RedisError {
-    /// `REDIS_URL` did not parse.
-    #[error("failed to parse REDIS_URL: {0}")]
+    /// `REDIS_URL` did not parse (or, with `REDIS_CA_FILE`, the CA did not).
+    #[error("invalid REDIS_URL or REDIS_CA_FILE: {0}")]
     Url(#[source] redis::RedisError),
+    /// `REDIS_CA_FILE` could not be read.
+    #[error("failed to read REDIS_CA_FILE {path}: {source}")]
+    CaFile {
+        /// The file.
+        path: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// The first connection has not been established yet.
     #[error("not connected to Redis yet")]
     NotConnected,
@@ -38,11 +47,45 @@ pub enum RedisError {
 /// written while an earlier one is unacknowledged then waits for the peer's delayed ACK (up
 /// to 40 ms on Linux): exactly the tail latency pipelined traffic (rate-limit checks, room
 /// publications, read-model scripts) must not have.
+///
+/// A `rediss://` URL connects over TLS (rustls), trusting the system's roots.
 pub fn client(url: &str) -> redis::RedisResult<redis::Client> {
+    client_trusting(url, None)
+}
+
+/// [`client`], trusting the PEM CA bundle `ca` for `rediss://` instead of the system's roots.
+pub fn client_trusting(url: &str, ca: Option<Vec<u8>>) -> redis::RedisResult<redis::Client> {
     use redis::IntoConnectionInfo as _;
     let info = url.into_connection_info()?;
     let tcp = info.tcp_settings().clone().set_nodelay(true);
-    redis::Client::open(info.set_tcp_settings(tcp))
+    let info = info.set_tcp_settings(tcp);
+    match ca {
+        Some(root_cert) => redis::Client::build_with_tls(
+            info,
+            redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(root_cert),
+            },
+        ),
+        None => redis::Client::open(info),
+    }
+}
+
+/// The client `config` describes: its URL, and its CA file when set (`REDIS_CA_FILE`).
+///
+/// # Errors
+/// When the URL does not parse, or the CA file cannot be read or holds no certificate.
+pub fn client_for(config: &RedisConfig) -> Result<redis::Client, RedisError> {
+    let ca = match &config.redis_ca_file {
+        Some(path) if !path.is_empty() => {
+            Some(std::fs::read(path).map_err(|source| RedisError::CaFile {
+                path: path.clone(),
+                source,
+            })?)
+        }
+        _ => None,
+    };
+    client_trusting(config.redis_url.expose_secret(), ca).map_err(RedisError::Url)
 }
 
 /// A handle to Redis that fills in once the first connection succeeds. Cheap to clone.
@@ -95,7 +138,7 @@ impl Redis {
         config: &RedisConfig,
         shutdown: &CancellationToken,
     ) -> Result<Self, RedisError> {
-        let client = client(config.redis_url.expose_secret()).map_err(RedisError::Url)?;
+        let client = client_for(config)?;
         let timeout = Duration::from_millis(config.redis_timeout_ms);
         let shared = Arc::new(Shared {
             manager: RwLock::new(None),

@@ -30,7 +30,6 @@ use common::redis::{Redis, RedisError};
 use common::rooms::{HistorySettings, Rooms};
 use common::service::{Service, ServiceConfig};
 use common::shutdown::CancellationToken;
-use secrecy::ExposeSecret as _;
 use serde::Deserialize;
 use tokio::net::TcpListener;
 
@@ -235,8 +234,7 @@ impl AppState {
     /// Creates the clients; Redis connects in the background until `shutdown`.
     pub fn new(config: &Config, shutdown: &CancellationToken) -> Result<Self, Error> {
         let redis = Redis::connect_in_background(NAME, &config.redis, shutdown)?;
-        let pubsub = common::redis::client(config.redis.redis_url.expose_secret())
-            .map_err(RedisError::Url)?;
+        let pubsub = common::redis::client_for(&config.redis)?;
         let rooms = Rooms::new(redis.clone(), config.hub.history());
         let verifier = Verifier::new(&config.auth)?;
         let registry = Registry::new(
