@@ -63,8 +63,15 @@ pub(super) async fn hold(ctx: &Context, stack: &MiddlewareStack) -> Result<(), k
         }
         let mut finalizers = secret.finalizers().to_vec();
         finalizers.push(FINALIZER.to_owned());
-        set(ctx, &namespace, name, secret.resource_version(), finalizers).await?;
-        tracing::info!(secret = %key, "Holding the admin Secret until the stacks using it are cleaned up.");
+        match set(ctx, &namespace, name, secret.resource_version(), finalizers).await {
+            Ok(()) => {
+                tracing::info!(secret = %key, "Holding the admin Secret until the stacks using it are cleaned up.");
+            }
+            // Changed since it was read (by this operator's own patch, the watch not yet
+            // caught up, or by someone else): the next reconcile reads it again.
+            Err(kube::Error::Api(status)) if status.code == 409 => {}
+            Err(error) => return Err(error),
+        }
     }
     Ok(())
 }
