@@ -180,6 +180,15 @@ fn print_opened(opened: usize, started: Instant, failures: &[impl std::fmt::Disp
     );
 }
 
+/// The latencies (µs) the readers reported, as a histogram.
+fn latencies(received: &mut mpsc::UnboundedReceiver<u64>) -> anyhow::Result<Histogram<u64>> {
+    let mut histogram = Histogram::<u64>::new(3)?;
+    while let Ok(micros) = received.try_recv() {
+        histogram.record(micros.max(1))?;
+    }
+    Ok(histogram)
+}
+
 /// The p50 and p99 of `histogram`, in ms.
 fn quantiles_ms(histogram: &Histogram<u64>) -> (f64, f64) {
     (
@@ -257,10 +266,7 @@ async fn measure_centrifugo(
     .await?;
     let expected = acked * samplers as u64;
     await_deliveries(&stats, expected, Instant::now(), Duration::from_secs(10)).await;
-    let mut histogram = Histogram::<u64>::new(3)?;
-    while let Ok(micros) = latency_rx.try_recv() {
-        histogram.record(micros.max(1))?;
-    }
+    let histogram = latencies(&mut latency_rx)?;
     (figures.p50, figures.p99) = quantiles_ms(&histogram);
     report.add(
         "centrifugo: publish → deliver across two nodes, p99",
@@ -617,10 +623,7 @@ async fn main() -> anyhow::Result<()> {
     while latency_stats.deliveries.load(Ordering::Relaxed) < expected && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let mut histogram = Histogram::<u64>::new(3)?;
-    while let Ok(micros) = latency_rx.try_recv() {
-        histogram.record(micros.max(1))?;
-    }
+    let histogram = latencies(&mut latency_rx)?;
     let mut hub = Figures::default();
     (hub.p50, hub.p99) = quantiles_ms(&histogram);
     let p99 = hub.p99;
