@@ -4,6 +4,18 @@
 # dev/kafka/pom.xml and are cached in $MERIDIAN_CACHE_DIR/kafka/<version>/libs; data, config and
 # the cluster id live in $MERIDIAN_STATE_DIR/kafka. Creates the platform's topics.
 #
+# Listeners (config: dev/kafka/server.properties + dev/kafka/server-ssl.properties):
+#   127.0.0.1:$MERIDIAN_KAFKA_PORT       PLAINTEXT, no credentials: User:ANONYMOUS, a super user
+#                                        (the tests and tools; the development/superuser door)
+#   127.0.0.1:$MERIDIAN_KAFKA_SASL_PORT  SASL_PLAINTEXT, PLAIN (user admin, password
+#                                        $MERIDIAN_KAFKA_ADMIN_PASSWORD; a super user) or
+#                                        SCRAM-SHA-512 (tenants, created at run time; ACLs apply)
+#   127.0.0.1:$MERIDIAN_KAFKA_SSL_PORT   SASL_SSL, the same over TLS; clients trust
+#                                        $MERIDIAN_STATE_DIR/kafka/tls/ca.crt (a local CA made
+#                                        once with openssl; `reset` keeps it)
+#   127.0.0.1:$MERIDIAN_KAFKA_CONTROLLER_PORT  the KRaft controller
+# `up` restarts a running broker whose configuration differs from what it would write now.
+#
 #   dev/deps/kafka.sh up|down|status|reset
 #   dev/deps/kafka.sh libs    fetch the jars (cached) and print their directory (the kafka image)
 # shellcheck source-path=SCRIPTDIR source=../lib.sh
@@ -12,6 +24,9 @@ source "$(dirname "$0")/../lib.sh"
 NAME=kafka
 PORT=$MERIDIAN_KAFKA_PORT
 CONTROLLER_PORT=$MERIDIAN_KAFKA_CONTROLLER_PORT
+SASL_PORT=$MERIDIAN_KAFKA_SASL_PORT
+SSL_PORT=$MERIDIAN_KAFKA_SSL_PORT
+ADMIN_PASSWORD=$MERIDIAN_KAFKA_ADMIN_PASSWORD
 KAFKA_VERSION=${MERIDIAN_KAFKA_VERSION:-4.1.1}
 KAFKA_CACHE=$MERIDIAN_CACHE_DIR/kafka/$KAFKA_VERSION
 LIBS=$KAFKA_CACHE/libs
@@ -21,6 +36,7 @@ DATA=$KAFKA_DIR/data
 PROPS=$KAFKA_DIR/server.properties
 CLUSTER_ID_FILE=$KAFKA_DIR/cluster.id
 VERSION_FILE=$KAFKA_DIR/running.version
+TLS_DIR=$KAFKA_DIR/tls   # ca.crt, ca.key, server.pem (the broker's key and certificate chain)
 LOG4J=$DEV_DIR/kafka/log4j2.properties
 TOPICS=(commands events cache commands.dlq)
 TOPIC_PARTITIONS=6
@@ -80,10 +96,56 @@ fetch_libs() {
   ok "$(find "$LIBS" -name '*.jar' | wc -l) jars, $(du -sh "$LIBS" | cut -f1)"
 }
 
-write_config() {
+# ensure_tls: the local CA and the broker's certificate (IP:127.0.0.1, DNS:localhost), made once
+# in $TLS_DIR; sets TLS_NEW=1 when it made them (a running broker must then be restarted).
+TLS_NEW=
+ensure_tls() {
+  [ -s "$TLS_DIR/server.pem" ] && [ -s "$TLS_DIR/ca.crt" ] && return 0
+  command -v openssl >/dev/null || apt_install openssl
+  step "generating a local CA and a certificate for 127.0.0.1/localhost in $TLS_DIR"
+  local tmp
+  tmp=$(mktemp -d "$KAFKA_DIR/tls.XXXXXX")
+  # Own config files, so the system's openssl.cnf adds nothing. genpkey writes PKCS#8 keys,
+  # unencrypted: what Kafka's PEM keystore reads without a key password.
+  if ! (
+    cd "$tmp" && umask 077 &&
+      printf '%s\n' '[req]' 'prompt=no' 'distinguished_name=dn' 'x509_extensions=ext' \
+        '[dn]' 'CN=meridian local Kafka CA' '[ext]' 'basicConstraints=critical,CA:TRUE' \
+        'keyUsage=critical,keyCertSign,cRLSign' 'subjectKeyIdentifier=hash' >ca.cnf &&
+      printf '%s\n' 'subjectAltName=IP:127.0.0.1,DNS:localhost' 'basicConstraints=critical,CA:FALSE' \
+        'keyUsage=critical,digitalSignature,keyEncipherment' 'extendedKeyUsage=serverAuth' \
+        'subjectKeyIdentifier=hash' 'authorityKeyIdentifier=keyid' >server.ext &&
+      openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 -out ca.key &&
+      openssl req -x509 -config ca.cnf -key ca.key -sha256 -days 3650 -out ca.crt &&
+      openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 -out server.key &&
+      openssl req -new -key server.key -subj /CN=localhost -out server.csr &&
+      openssl x509 -req -in server.csr -CA ca.crt -CAkey ca.key -set_serial "0x$(openssl rand -hex 16)" \
+        -sha256 -days 3650 -extfile server.ext -out server.crt &&
+      cat server.key server.crt ca.crt >server.pem &&
+      rm server.key server.csr server.ext ca.cnf && chmod 644 ca.crt server.crt && chmod 755 .
+  ) >>"$MERIDIAN_LOG_DIR/$NAME.tools.log" 2>&1; then
+    rm -rf "$tmp"
+    die "could not generate the TLS files with openssl; see $MERIDIAN_LOG_DIR/$NAME.tools.log"
+  fi
+  rm -rf "$TLS_DIR"
+  mv "$tmp" "$TLS_DIR"
+  TLS_NEW=1
+  ok "CA $TLS_DIR/ca.crt (valid 10 years), broker keystore $TLS_DIR/server.pem"
+}
+
+# render_config FILE: the template plus the SASL_SSL fragment, placeholders replaced. The admin
+# password ends up in a quoted JAAS string in a properties file: refuse what would need escaping.
+render_config() {
+  case $ADMIN_PASSWORD in
+    '' | *[\"\\]* | *$'\n'*) die "MERIDIAN_KAFKA_ADMIN_PASSWORD must be non-empty, without \", \\ or newlines" ;;
+  esac
+  local password
+  password=$(printf '%s' "$ADMIN_PASSWORD" | sed 's/[|&]/\\&/g')   # literal in a sed replacement
   sed -e "s|@LISTEN_HOST@|127.0.0.1|g" -e "s|@ADVERTISED_HOST@|127.0.0.1|g" -e "s|@CONTROLLER_HOST@|127.0.0.1|g" \
-    -e "s|@KAFKA_PORT@|$PORT|g" -e "s|@CONTROLLER_PORT@|$CONTROLLER_PORT|g" -e "s|@LOG_DIRS@|$DATA|g" \
-    "$DEV_DIR/kafka/server.properties" >"$PROPS"
+    -e "s|@KAFKA_PORT@|$PORT|g" -e "s|@SASL_PORT@|$SASL_PORT|g" -e "s|@CONTROLLER_PORT@|$CONTROLLER_PORT|g" \
+    -e "s|@SSL_LISTENER@|,SASL_SSL://127.0.0.1:$SSL_PORT|g" -e "s|@ADMIN_PASSWORD@|$password|g" \
+    -e "s|@TLS_DIR@|$TLS_DIR|g" -e "s|@LOG_DIRS@|$DATA|g" \
+    "$DEV_DIR/kafka/server.properties" "$DEV_DIR/kafka/server-ssl.properties" >"$1"
 }
 
 format_storage() {
@@ -130,13 +192,25 @@ ensure_topics() {
   fi
 }
 
+ports_open() { port_open "$PORT" && port_open "$SASL_PORT" && port_open "$SSL_PORT" && port_open "$CONTROLLER_PORT"; }
 # Start-up probe: done once the broker listens, or as soon as the JVM has died.
-port_open_or_exited() { port_open "$PORT" || ! kafka_pid >/dev/null; }
+port_open_or_exited() { ports_open || ! kafka_pid >/dev/null; }
 
+NEW_PROPS=
 up() {
   local pid p owner
+  mkdir -p "$KAFKA_DIR"
+  ensure_tls
+  # The configuration this start would use; a running broker with another one is restarted.
+  NEW_PROPS=$(mktemp "$PROPS.XXXXXX")   # mode 600: it holds the admin password
+  trap 'rm -f "$NEW_PROPS"' EXIT
+  render_config "$NEW_PROPS"
   if pid=$(kafka_pid); then
-    if port_open "$PORT" && port_open "$CONTROLLER_PORT"; then
+    if [ -n "$TLS_NEW" ] || ! cmp -s "$NEW_PROPS" "$PROPS"; then
+      step "kafka's configuration changed (dev/kafka/*.properties, MERIDIAN_KAFKA_* or the TLS files); restarting it (pid $pid; data kept)"
+      echo "    changed: $(diff "$PROPS" "$NEW_PROPS" | sed -n 's/^[<>] \([^#=]*\)=.*/\1/p' | sort -u | paste -sd ' ')"
+      stop_bg "$NAME" 60
+    elif ports_open; then
       if topics_present; then
         ok "kafka already running on 127.0.0.1:$PORT (pid $pid)"
         return 0
@@ -144,18 +218,18 @@ up() {
       ensure_java
       ensure_topics
       return 0
-    fi
     # Started less than two minutes ago (e.g. by a concurrent `up`): let it finish starting.
-    if [ $(( $(date +%s) - $(stat -c %Y "$(pidfile "$NAME")") )) -lt 120 ]; then
+    elif [ $(( $(date +%s) - $(stat -c %Y "$(pidfile "$NAME")") )) -lt 120 ]; then
       step "kafka (pid $pid) is starting; waiting for 127.0.0.1:$PORT"
     else
-      warn "kafka (pid $pid) is running but not listening on $PORT/$CONTROLLER_PORT; restarting it"
+      warn "kafka (pid $pid) is running but not listening on $PORT/$SASL_PORT/$SSL_PORT/$CONTROLLER_PORT; restarting it"
       stop_bg "$NAME" 60
     fi
   fi
 
   if ! kafka_pid >/dev/null; then
-    for p in "$PORT:MERIDIAN_KAFKA_PORT" "$CONTROLLER_PORT:MERIDIAN_KAFKA_CONTROLLER_PORT"; do
+    for p in "$PORT:MERIDIAN_KAFKA_PORT" "$SASL_PORT:MERIDIAN_KAFKA_SASL_PORT" \
+      "$SSL_PORT:MERIDIAN_KAFKA_SSL_PORT" "$CONTROLLER_PORT:MERIDIAN_KAFKA_CONTROLLER_PORT"; do
       if port_open "${p%%:*}"; then
         owner=$(port_owner "${p%%:*}")
         die "port ${p%%:*} is already in use by ${owner:-another process} (not our kafka); stop it or set ${p#*:} to a free port"
@@ -164,9 +238,8 @@ up() {
 
     ensure_java
     fetch_libs
-    step "kafka $KAFKA_VERSION (KRaft) on 127.0.0.1:$PORT, controller :$CONTROLLER_PORT (data: $DATA)"
-    mkdir -p "$KAFKA_DIR"
-    write_config
+    step "kafka $KAFKA_VERSION (KRaft) on 127.0.0.1:$PORT, SASL :$SASL_PORT, SASL_SSL :$SSL_PORT, controller :$CONTROLLER_PORT (data: $DATA)"
+    mv "$NEW_PROPS" "$PROPS"
     format_storage
     echo "$KAFKA_VERSION" >"$VERSION_FILE"
     start_bg "$NAME" "$JAVA" -Xms256m -Xmx768m -XX:+UseG1GC -XX:MaxGCPauseMillis=20 \
@@ -178,7 +251,7 @@ up() {
   pid=$(cat "$(pidfile "$NAME")")
   if ! wait_for "$NAME" 120 port_open_or_exited; then
     stop_bg "$NAME" 30
-    die "kafka did not open 127.0.0.1:$PORT; see $MERIDIAN_LOG_DIR/$NAME.log"
+    die "kafka did not open 127.0.0.1:$PORT/$SASL_PORT/$SSL_PORT/$CONTROLLER_PORT; see $MERIDIAN_LOG_DIR/$NAME.log"
   fi
   if ! kafka_pid >/dev/null; then
     tail -n 30 "$MERIDIAN_LOG_DIR/$NAME.log" >&2
@@ -186,7 +259,7 @@ up() {
   fi
   ok "started (pid $pid, log $MERIDIAN_LOG_DIR/$NAME.log)"
   ensure_topics
-  ok "ready: 127.0.0.1:$PORT"
+  ok "ready: 127.0.0.1:$PORT (PLAINTEXT), :$SASL_PORT (SASL_PLAINTEXT), :$SSL_PORT (SASL_SSL, CA $TLS_DIR/ca.crt)"
 }
 
 down() {
@@ -204,12 +277,14 @@ down() {
 status() {
   local pid ver
   ver=$(cat "$VERSION_FILE" 2>/dev/null || echo "$KAFKA_VERSION")
-  if pid=$(kafka_pid) && port_open "$PORT" && port_open "$CONTROLLER_PORT"; then
-    printf '%-11s%-5s%s\n' kafka up "127.0.0.1:$PORT (Kafka $ver KRaft, controller :$CONTROLLER_PORT, topics: ${TOPICS[*]})"
+  if pid=$(kafka_pid) && ports_open; then
+    printf '%-11s%-5s%s\n' kafka up "127.0.0.1:$PORT (Kafka $ver KRaft, SASL :$SASL_PORT, SASL_SSL :$SSL_PORT, controller :$CONTROLLER_PORT, topics: ${TOPICS[*]})"
     return 0
   fi
   local why="not running"
-  if [ -n "${pid:-}" ]; then
+  if [ -n "${pid:-}" ] && port_open "$PORT"; then
+    why="pid $pid listens on :$PORT but not on all of :$SASL_PORT :$SSL_PORT :$CONTROLLER_PORT (starting? or an older configuration: \`up\` restarts it)"
+  elif [ -n "${pid:-}" ]; then
     why="pid $pid alive but not listening (starting?)"
   elif port_open "$PORT"; then
     why="port taken by $(port_owner "$PORT" | grep . || echo 'another process')"
@@ -222,7 +297,8 @@ case "${1:-}" in
   up) up ;;
   down) down ;;
   status) status ;;
-  # Stop, delete the log directory and the cluster id (every topic), start a fresh broker.
+  # Stop, delete the log directory and the cluster id (every topic, ACL and SCRAM user), start a
+  # fresh broker. The TLS files stay.
   reset) down && rm -rf "$DATA" "$CLUSTER_ID_FILE" && up ;;
   libs) fetch_libs >&2 && echo "$LIBS" ;;
   *) die "usage: $0 up|down|status|reset|libs" ;;

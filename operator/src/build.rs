@@ -104,6 +104,19 @@ pub fn postgres_secret_name(stack: &ValidatedStack) -> String {
     format!("{}-postgres", stack.name())
 }
 
+/// The name of the Secret with the stack's Kafka login (`username`, `password`, `mechanism`),
+/// when its services have a principal of their own.
+pub fn kafka_secret_name(stack: &ValidatedStack) -> String {
+    format!("{}-kafka", stack.name())
+}
+
+/// The volume, directory and file name of the Kafka CA in a service's pods.
+pub const KAFKA_CA_VOLUME: &str = "kafka-ca";
+/// See [`KAFKA_CA_VOLUME`].
+pub const KAFKA_CA_DIR: &str = "/etc/meridian/kafka";
+/// See [`KAFKA_CA_VOLUME`].
+pub const KAFKA_CA_FILE: &str = "ca.crt";
+
 /// The name of the Secret (key [`URL_KEY`]) with the stack's Redis connection URL.
 pub fn redis_secret_name(stack: &ValidatedStack) -> String {
     format!("{}-redis", stack.name())

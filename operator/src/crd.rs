@@ -24,7 +24,7 @@ mod telemetry;
 pub use auth::{AuthSpec, SecretKeyRef, SecretRef};
 pub use deletion_policy::{DeletionPolicy, Retention};
 pub use image::{ImageOverride, ImageSpec, PullPolicy, RELEASE_REGISTRY, RELEASE_TAG, Release};
-pub use kafka::{KafkaSpec, TopicSpec, TopicsSpec};
+pub use kafka::{KafkaSpec, KafkaTls, SaslMechanism, ServicePrincipal, TopicSpec, TopicsSpec};
 pub use monitoring::MonitoringSpec;
 pub use network::NetworkPolicySpec;
 pub use postgres::{PostgresSpec, SslMode};
@@ -61,6 +61,11 @@ pub const V1ALPHA1: &str = include_str!("crd/v1alpha1.yaml");
     validation = Rule::new("size(self.metadata.name) <= 47").message(
         "metadata.name must be at most 47 characters: the stack's object names \
          (<name>-command-service) must fit in 63"
+    ),
+    validation = Rule::new("self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')").message(
+        "metadata.name must be a DNS-1035 label (lower-case letters, digits and '-', starting \
+         with a letter): the stack's Services are named after it, and its Kafka topics, groups \
+         and ACLs use it as a prefix that must not cover another stack's"
     ),
     doc = "A MiddlewareStack is one Meridian platform: the API gateway, command service, \
            processor, cache updater and WebSocket hub, with the Kafka topics, Redis ACL user \

@@ -20,6 +20,18 @@ pub fn redis_user(stack: &ValidatedStack) -> String {
     format!("meridian:{}:{}", stack.namespace(), stack.name())
 }
 
+/// The stack's Kafka principal (a SCRAM user): `meridian:<namespace>:<name>`.
+pub fn kafka_user(stack: &ValidatedStack) -> String {
+    format!("meridian:{}:{}", stack.namespace(), stack.name())
+}
+
+/// The stack's second Kafka login, with the same ACLs: a rotation gives the login the services
+/// do not use a new password and switches them to it, so pods still on the other keep working
+/// until they have rolled (as for PostgreSQL).
+pub fn kafka_second_user(stack: &ValidatedStack) -> String {
+    format!("{}:b", kafka_user(stack))
+}
+
 /// The stack's PostgreSQL role, which is also the name of its database and owns it:
 /// `mws_<namespace>_<name>` when both are plain `[a-z0-9]`. Otherwise `-` and `.` become `_`
 /// and the name ends in `_` and a 16-digit hash of namespace and name, so stacks that differ

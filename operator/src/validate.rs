@@ -12,7 +12,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::Resource as _;
 
 use crate::build::Component;
-use crate::crd::{MiddlewareStack, MiddlewareStackSpec, Release, TopicSpec};
+use crate::crd::{MiddlewareStack, MiddlewareStackSpec, Release, ServicePrincipal, TopicSpec};
 
 /// The longest object name the stack produces is `<stack>-<service>`, and Service names are
 /// DNS-1035 labels (at most 63 characters).
@@ -74,6 +74,19 @@ impl ValidatedStack {
     /// Derived from immutable names, so it can never change under a running stack.
     pub fn topic_prefix(&self) -> String {
         format!("{}.{}.", self.namespace, self.name)
+    }
+
+    /// Who the stack's services are to Kafka: `kafka.servicePrincipal`, by default `Stack` when
+    /// the operator has an admin login (`kafka.adminSecretRef`), `None` otherwise.
+    pub fn kafka_principal(&self) -> ServicePrincipal {
+        let kafka = &self.spec.kafka;
+        kafka
+            .service_principal
+            .unwrap_or(if kafka.admin_secret_ref.is_some() {
+                ServicePrincipal::Stack
+            } else {
+                ServicePrincipal::None
+            })
     }
 
     /// The prefix of the stack's Redis keys and channels (`REDIS_KEY_PREFIX`), which its ACL

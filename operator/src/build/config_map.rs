@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::core::v1::ConfigMap;
 
 use super::{Component, SHUTDOWN_GRACE_SECONDS, fingerprint, metadata, object_name};
-use crate::crd::RateLimitPolicy;
+use crate::crd::{RateLimitPolicy, ServicePrincipal};
 use crate::validate::ValidatedStack;
 
 /// The plain settings of a service, by the variable names of ARCHITECTURE.md.
@@ -35,6 +35,31 @@ pub fn settings(stack: &ValidatedStack, component: Component) -> BTreeMap<String
             spec.kafka.bootstrap_servers.clone(),
         );
         set("KAFKA_TOPIC_PREFIX", stack.topic_prefix());
+        let sasl = stack.kafka_principal() == ServicePrincipal::Stack;
+        let tls = spec.kafka.tls.as_ref();
+        let protocol = match (sasl, tls.is_some()) {
+            (false, false) => "plaintext",
+            (false, true) => "ssl",
+            (true, false) => "sasl_plaintext",
+            (true, true) => "sasl_ssl",
+        };
+        // Plaintext is the services' default: left out, so the ConfigMaps of stacks that use
+        // it did not change (and their pods did not roll) when the setting appeared.
+        if protocol != "plaintext" {
+            set("KAFKA_SECURITY_PROTOCOL", protocol.to_owned());
+        }
+        if sasl {
+            set(
+                "KAFKA_SASL_MECHANISM",
+                crate::provision::kafka::STACK_MECHANISM.to_owned(),
+            );
+        }
+        if tls.and_then(|t| t.ca_secret_ref.as_ref()).is_some() {
+            set(
+                "KAFKA_SSL_CA_LOCATION",
+                format!("{}/{}", super::KAFKA_CA_DIR, super::KAFKA_CA_FILE),
+            );
+        }
     }
     if component.uses_redis() {
         set("REDIS_KEY_PREFIX", stack.redis_key_prefix());

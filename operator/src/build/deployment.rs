@@ -3,9 +3,9 @@
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMap, ConfigMapEnvSource, Container, ContainerPort, EmptyDirVolumeSource,
-    EnvFromSource, EnvVar, EnvVarSource, HTTPGetAction, PodSecurityContext, PodSpec,
-    PodTemplateSpec, Probe, SeccompProfile, SecretKeySelector, SecurityContext, Volume,
-    VolumeMount,
+    EnvFromSource, EnvVar, EnvVarSource, HTTPGetAction, KeyToPath, PodSecurityContext, PodSpec,
+    PodTemplateSpec, Probe, SeccompProfile, SecretKeySelector, SecretVolumeSource, SecurityContext,
+    Volume, VolumeMount,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
@@ -20,9 +20,11 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 
 use super::config_map::config_hash;
 use super::{
-    CONFIG_HASH_ANNOTATION, Component, OPS_PORT, RUN_AS, SHUTDOWN_GRACE_SECONDS, Scraping, URL_KEY,
-    labels, metadata, object_name, postgres_secret_name, redis_secret_name, selector_labels,
+    CONFIG_HASH_ANNOTATION, Component, KAFKA_CA_DIR, KAFKA_CA_FILE, KAFKA_CA_VOLUME, OPS_PORT,
+    RUN_AS, SHUTDOWN_GRACE_SECONDS, Scraping, URL_KEY, kafka_secret_name, labels, metadata,
+    object_name, postgres_secret_name, redis_secret_name, selector_labels,
 };
+use crate::crd::ServicePrincipal;
 use crate::validate::ValidatedStack;
 
 /// The variables that come from Secrets, never from the ConfigMap.
@@ -54,6 +56,18 @@ fn secret_env(stack: &ValidatedStack, component: Component) -> Vec<EnvVar> {
             URL_KEY.to_owned(),
         ));
     }
+    if component.uses_kafka() && stack.kafka_principal() == ServicePrincipal::Stack {
+        for (variable, key) in [
+            ("KAFKA_SASL_USERNAME", "username"),
+            ("KAFKA_SASL_PASSWORD", "password"),
+        ] {
+            env.push(from_secret(
+                variable,
+                kafka_secret_name(stack),
+                key.to_owned(),
+            ));
+        }
+    }
     if component.verifies_tokens()
         && let Some(secret) = stack
             .spec()
@@ -68,6 +82,59 @@ fn secret_env(stack: &ValidatedStack, component: Component) -> Vec<EnvVar> {
         ));
     }
     env
+}
+
+/// `/tmp` (the root filesystem is read-only), and the Kafka CA where the stack names one.
+fn volume_mounts(stack: &ValidatedStack, component: Component) -> Vec<VolumeMount> {
+    let mut mounts = vec![VolumeMount {
+        name: "tmp".to_owned(),
+        mount_path: "/tmp".to_owned(),
+        ..VolumeMount::default()
+    }];
+    if component.uses_kafka() && kafka_ca(stack).is_some() {
+        mounts.push(VolumeMount {
+            name: KAFKA_CA_VOLUME.to_owned(),
+            mount_path: KAFKA_CA_DIR.to_owned(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        });
+    }
+    mounts
+}
+
+fn volumes(stack: &ValidatedStack, component: Component) -> Vec<Volume> {
+    let mut volumes = vec![Volume {
+        name: "tmp".to_owned(),
+        empty_dir: Some(EmptyDirVolumeSource::default()),
+        ..Volume::default()
+    }];
+    if component.uses_kafka()
+        && let Some(ca) = kafka_ca(stack)
+    {
+        volumes.push(Volume {
+            name: KAFKA_CA_VOLUME.to_owned(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(ca.name.clone()),
+                items: Some(vec![KeyToPath {
+                    key: ca.key.clone(),
+                    path: KAFKA_CA_FILE.to_owned(),
+                    ..KeyToPath::default()
+                }]),
+                ..SecretVolumeSource::default()
+            }),
+            ..Volume::default()
+        });
+    }
+    volumes
+}
+
+fn kafka_ca(stack: &ValidatedStack) -> Option<&crate::crd::SecretKeyRef> {
+    stack
+        .spec()
+        .kafka
+        .tls
+        .as_ref()
+        .and_then(|t| t.ca_secret_ref.as_ref())
 }
 
 /// `ours`, then `extra`; an extra variable replaces ours of the same name in place (the
@@ -188,11 +255,7 @@ pub(super) fn deployment(
             }),
             ..SecurityContext::default()
         }),
-        volume_mounts: Some(vec![VolumeMount {
-            name: "tmp".to_owned(),
-            mount_path: "/tmp".to_owned(),
-            ..VolumeMount::default()
-        }]),
+        volume_mounts: Some(volume_mounts(stack, component)),
         ..Container::default()
     };
     Deployment {
@@ -234,11 +297,7 @@ pub(super) fn deployment(
                         }),
                         ..PodSecurityContext::default()
                     }),
-                    volumes: Some(vec![Volume {
-                        name: "tmp".to_owned(),
-                        empty_dir: Some(EmptyDirVolumeSource::default()),
-                        ..Volume::default()
-                    }]),
+                    volumes: Some(volumes(stack, component)),
                     ..PodSpec::default()
                 }),
             },

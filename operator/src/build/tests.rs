@@ -19,8 +19,8 @@ fn objects(state: &DesiredState, component: Component) -> &ServiceObjects {
         .unwrap_or_else(|| panic!("{} was not built", component.name()))
 }
 
-fn container(objects: &ServiceObjects) -> &Container {
-    let pod = objects
+fn pod(objects: &ServiceObjects) -> &k8s_openapi::api::core::v1::PodSpec {
+    objects
         .deployment
         .spec
         .as_ref()
@@ -28,7 +28,11 @@ fn container(objects: &ServiceObjects) -> &Container {
         .template
         .spec
         .as_ref()
-        .unwrap();
+        .unwrap()
+}
+
+fn container(objects: &ServiceObjects) -> &Container {
+    let pod = pod(objects);
     assert_eq!(pod.containers.len(), 1);
     &pod.containers[0]
 }
@@ -1233,4 +1237,114 @@ fn the_hub_can_also_scale_on_its_connections() {
     assert_eq!(pods.target.type_, "AverageValue");
     assert_eq!(pods.target.average_value.as_ref().unwrap().0, "20000");
     assert_eq!(metrics[0].resource.as_ref().unwrap().name, "cpu");
+}
+
+#[test]
+fn a_stack_principal_reaches_only_the_kafka_services_through_its_secret_and_the_ca_mount() {
+    use crate::crd::{KafkaTls, SecretKeyRef, SecretRef};
+
+    // Without an admin login the services connect as before: nothing about SASL or TLS.
+    let plain = example();
+    let processor = objects(&plain, Component::Processor);
+    assert_eq!(setting(processor, "KAFKA_SECURITY_PROTOCOL"), None);
+    assert!(env_var(processor, "KAFKA_SASL_PASSWORD").is_none());
+
+    let mut stack = fixtures::example();
+    stack.spec.kafka.admin_secret_ref = Some(SecretRef {
+        name: "kafka-admin".into(),
+    });
+    let sasl = build(&fixtures::validated(&stack), Scraping::Annotations);
+    for component in [
+        Component::CommandService,
+        Component::Processor,
+        Component::CacheUpdater,
+    ] {
+        let service = objects(&sasl, component);
+        assert_eq!(
+            setting(service, "KAFKA_SECURITY_PROTOCOL"),
+            Some("sasl_plaintext")
+        );
+        assert_eq!(
+            setting(service, "KAFKA_SASL_MECHANISM"),
+            Some("SCRAM-SHA-512")
+        );
+        for (variable, key) in [
+            ("KAFKA_SASL_USERNAME", "username"),
+            ("KAFKA_SASL_PASSWORD", "password"),
+        ] {
+            let reference = env_var(service, variable)
+                .and_then(|v| v.value_from.as_ref())
+                .and_then(|v| v.secret_key_ref.as_ref())
+                .unwrap_or_else(|| panic!("{variable} is not from a Secret"));
+            assert_eq!(
+                reference.name,
+                format!("{}-kafka", stack.metadata.name.as_deref().unwrap())
+            );
+            assert_eq!(reference.key, key);
+        }
+        assert_eq!(setting(service, "KAFKA_SSL_CA_LOCATION"), None);
+    }
+    for component in [Component::Gateway, Component::WsHub] {
+        let names = env_names(objects(&sasl, component));
+        assert!(
+            !names.iter().any(|n| n.starts_with("KAFKA_")),
+            "{} got Kafka settings: {names:?}",
+            component.name()
+        );
+    }
+
+    stack.spec.kafka.tls = Some(KafkaTls {
+        ca_secret_ref: Some(SecretKeyRef {
+            name: "kafka-ca".into(),
+            key: "ca.pem".into(),
+        }),
+    });
+    let tls = build(&fixtures::validated(&stack), Scraping::Annotations);
+    let processor = objects(&tls, Component::Processor);
+    assert_eq!(
+        setting(processor, "KAFKA_SECURITY_PROTOCOL"),
+        Some("sasl_ssl")
+    );
+    assert_eq!(
+        setting(processor, "KAFKA_SSL_CA_LOCATION"),
+        Some("/etc/meridian/kafka/ca.crt")
+    );
+    let processor_pod = pod(processor);
+    let volume = processor_pod
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == KAFKA_CA_VOLUME)
+        .expect("the CA volume");
+    let secret = volume.secret.as_ref().unwrap();
+    assert_eq!(secret.secret_name.as_deref(), Some("kafka-ca"));
+    let item = &secret.items.as_ref().unwrap()[0];
+    assert_eq!(
+        (item.key.as_str(), item.path.as_str()),
+        ("ca.pem", "ca.crt")
+    );
+    let mount = container(processor)
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|m| m.name == KAFKA_CA_VOLUME)
+        .expect("the CA mount");
+    assert_eq!(mount.mount_path, "/etc/meridian/kafka");
+    assert_eq!(mount.read_only, Some(true));
+    // The services that do not talk to Kafka do not mount it.
+    let gateway_pod = pod(objects(&tls, Component::Gateway));
+    assert!(
+        gateway_pod
+            .volumes
+            .iter()
+            .flatten()
+            .all(|v| v.name != KAFKA_CA_VOLUME)
+    );
+
+    // An explicit `None` keeps the admin login for the operator only.
+    stack.spec.kafka.service_principal = Some(crate::crd::ServicePrincipal::None);
+    let anonymous = build(&fixtures::validated(&stack), Scraping::Annotations);
+    let processor = objects(&anonymous, Component::Processor);
+    assert_eq!(setting(processor, "KAFKA_SECURITY_PROTOCOL"), Some("ssl"));
+    assert!(env_var(processor, "KAFKA_SASL_USERNAME").is_none());
 }

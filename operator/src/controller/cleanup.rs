@@ -17,7 +17,7 @@ use super::apply::object_key;
 use super::status::{event, publish_events, record_stage_gauges};
 use super::{Chain, Context, admin_secrets, deadline, dereference, provision, scaling, waves};
 use crate::build::{self, Component};
-use crate::crd::{MiddlewareStack, Retention};
+use crate::crd::{MiddlewareStack, Retention, ServicePrincipal};
 use crate::names;
 use crate::provision::ProvisionError;
 use crate::validate::{ValidatedStack, validate};
@@ -40,6 +40,15 @@ pub enum Error {
         #[source]
         source: ProvisionError,
     },
+    /// Kafka failed to delete the stack's SCRAM logins or their ACLs.
+    #[error("failed to delete Kafka principal {user}")]
+    DeleteKafkaPrincipal {
+        /// The principal.
+        user: String,
+        /// What Kafka said.
+        #[source]
+        source: ProvisionError,
+    },
     /// PostgreSQL failed to drop the database, drop the logins or revoke the owner's login.
     #[error("failed to clean up PostgreSQL database {database} and its roles")]
     DropPostgresRole {
@@ -58,6 +67,7 @@ impl Error {
             Self::Dereference(error) => error.reason(),
             Self::DeleteTopics(source)
             | Self::DeleteRedisUser { source, .. }
+            | Self::DeleteKafkaPrincipal { source, .. }
             | Self::DropPostgresRole { source, .. } => source.reason(),
         }
     }
@@ -271,6 +281,15 @@ async fn cleanup_external(stack: &MiddlewareStack, ctx: &Context) -> Result<(), 
                     source,
                 })?;
         super::provision::log_acl_change(&user, "deleted", persistence);
+        if validated.kafka_principal() == ServicePrincipal::Stack {
+            let user = names::kafka_user(&validated);
+            let second = names::kafka_second_user(&validated);
+            clients
+                .kafka
+                .remove_principal(&[&user, &second], timeout)
+                .await
+                .map_err(|source| Error::DeleteKafkaPrincipal { user, source })?;
+        }
         let owner = names::postgres_role(&validated);
         let second = names::postgres_second_login(&validated);
         let result = if policy.database == Retention::Delete {
@@ -315,6 +334,14 @@ fn leftovers(validated: &ValidatedStack) -> String {
             names::redis_user(validated),
             spec.redis.url
         ));
+        if validated.kafka_principal() == ServicePrincipal::Stack {
+            left.push(format!(
+                "Kafka SCRAM logins {} and {} and their ACLs on {}",
+                names::kafka_user(validated),
+                names::kafka_second_user(validated),
+                spec.kafka.bootstrap_servers
+            ));
+        }
         let owner = names::postgres_role(validated);
         let second = names::postgres_second_login(validated);
         left.push(if policy.database == Retention::Delete {

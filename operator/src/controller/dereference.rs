@@ -13,7 +13,7 @@ use secrecy::SecretString;
 use super::Context;
 use crate::crd::MiddlewareStack;
 use crate::names;
-use crate::provision::kafka::KafkaCluster;
+use crate::provision::kafka::{KafkaAccess, KafkaCluster, KafkaTlsAccess};
 use crate::provision::postgres::PostgresAdmin;
 use crate::provision::redis::RedisAdmin;
 use crate::provision::{AdminCredentials, ProvisionError};
@@ -47,6 +47,14 @@ pub enum Error {
     /// The JWT Secret (`auth.jwtSecretRef`), or its key, does not exist.
     #[error("failed to find key {key} in Secret {name} (auth.jwtSecretRef)")]
     NoJwtSecret {
+        /// The Secret's name.
+        name: String,
+        /// The key.
+        key: String,
+    },
+    /// The Kafka CA Secret (`kafka.tls.caSecretRef`) has no such key.
+    #[error("failed to find key {key} in Secret {name} (kafka.tls.caSecretRef)")]
+    NoKafkaCa {
         /// The Secret's name.
         name: String,
         /// The key.
@@ -86,9 +94,10 @@ impl Error {
     pub fn reason(&self) -> &'static str {
         match self {
             Self::ReadSecret { .. } => "KubernetesApiError",
-            Self::SecretNotFound { .. } | Self::NoUsername { .. } | Self::NoJwtSecret { .. } => {
-                "SecretNotFound"
-            }
+            Self::SecretNotFound { .. }
+            | Self::NoUsername { .. }
+            | Self::NoJwtSecret { .. }
+            | Self::NoKafkaCa { .. } => "SecretNotFound",
             Self::KafkaClient(error) | Self::RedisClient(error) | Self::PostgresClient(error) => {
                 error.reason()
             }
@@ -104,6 +113,9 @@ impl Error {
             Self::NoUsername { name } => format!("Secret {name} has no key `username`"),
             Self::NoJwtSecret { name, key } => {
                 format!("Secret {name} with key {key} (auth.jwtSecretRef) not found")
+            }
+            Self::NoKafkaCa { name, key } => {
+                format!("Secret {name} with key {key} (kafka.tls.caSecretRef) not found")
             }
             Self::KafkaClient(error) | Self::RedisClient(error) | Self::PostgresClient(error) => {
                 error.to_string()
@@ -131,6 +143,12 @@ pub(super) fn refers_to(stack: &MiddlewareStack, name: &str) -> bool {
             .as_ref()
             .is_some_and(|r| r.name == name)
         || spec
+            .kafka
+            .tls
+            .as_ref()
+            .and_then(|t| t.ca_secret_ref.as_ref())
+            .is_some_and(|r| r.name == name)
+        || spec
             .auth
             .as_ref()
             .and_then(|a| a.jwt_secret_ref.as_ref())
@@ -143,6 +161,8 @@ pub(super) struct Dereferenced {
     redis: AdminCredentials,
     postgres: AdminCredentials,
     kafka: Option<AdminCredentials>,
+    /// The PEM certificates of the Kafka CA (`kafka.tls.caSecretRef`).
+    kafka_ca: Option<String>,
     /// The resourceVersions of the Secrets read: a change invalidates the provisioning cache.
     pub(super) versions: Vec<String>,
 }
@@ -205,10 +225,36 @@ pub(super) async fn admin_credentials(
         Some(secret) => Some(read_credentials(ctx, namespace, &secret.name, &mut versions).await?),
         None => None,
     };
+    let kafka_ca = match spec
+        .kafka
+        .tls
+        .as_ref()
+        .and_then(|t| t.ca_secret_ref.as_ref())
+    {
+        Some(reference) => {
+            let secret = referenced_secret(ctx, namespace, &reference.name)
+                .await?
+                .ok_or_else(|| Error::SecretNotFound {
+                    name: reference.name.clone(),
+                })?;
+            versions.push(secret.resource_version().unwrap_or_default());
+            let pem = secret
+                .data
+                .as_ref()
+                .and_then(|d| d.get(&reference.key))
+                .ok_or_else(|| Error::NoKafkaCa {
+                    name: reference.name.clone(),
+                    key: reference.key.clone(),
+                })?;
+            Some(String::from_utf8_lossy(&pem.0).into_owned())
+        }
+        None => None,
+    };
     Ok(Dereferenced {
         redis,
         postgres,
         kafka,
+        kafka_ca,
         versions,
     })
 }
@@ -313,11 +359,16 @@ pub(super) fn kafka(
     validated: &ValidatedStack,
     refs: &Dereferenced,
 ) -> Result<Arc<KafkaCluster>, ProvisionError> {
-    ctx.kafka.cluster(
-        &client_user(validated),
-        &validated.spec().kafka.bootstrap_servers,
-        refs.kafka.as_ref(),
-    )
+    let spec = &validated.spec().kafka;
+    let access = KafkaAccess {
+        bootstrap_servers: spec.bootstrap_servers.clone(),
+        credentials: refs.kafka.clone(),
+        mechanism: spec.admin_mechanism.unwrap_or_default(),
+        tls: spec.tls.as_ref().map(|_| KafkaTlsAccess {
+            ca_pem: refs.kafka_ca.clone(),
+        }),
+    };
+    ctx.kafka.cluster(&client_user(validated), &access)
 }
 
 /// Stage 1: the admin clients of Kafka, Redis and PostgreSQL, once each has answered (a

@@ -50,6 +50,15 @@ pub enum Error {
         #[source]
         source: ProvisionError,
     },
+    /// Kafka failed to create or update the stack's principal (SCRAM login, ACLs).
+    #[error("failed to provision Kafka principal {user}")]
+    KafkaPrincipal {
+        /// The SCRAM login.
+        user: String,
+        /// What Kafka said.
+        #[source]
+        source: ProvisionError,
+    },
     /// A connection Secret could not be applied.
     #[error("failed to write the connection Secrets")]
     ConnectionSecret(#[from] apply::Error),
@@ -62,7 +71,8 @@ impl Error {
             Self::Topics(source)
             | Self::RedisUser { source, .. }
             | Self::RedisUrl(source)
-            | Self::PostgresRole { source, .. } => source.reason(),
+            | Self::PostgresRole { source, .. }
+            | Self::KafkaPrincipal { source, .. } => source.reason(),
             Self::ConnectionSecret(error) => error.reason(),
         }
     }
@@ -74,7 +84,8 @@ impl Error {
             Self::Topics(source) => (TOPICS_READY, source),
             Self::RedisUser { source, .. }
             | Self::RedisUrl(source)
-            | Self::PostgresRole { source, .. } => (CREDENTIALS_READY, source),
+            | Self::PostgresRole { source, .. }
+            | Self::KafkaPrincipal { source, .. } => (CREDENTIALS_READY, source),
             Self::ConnectionSecret(_) => return None,
         };
         Some(Report::new(
@@ -202,6 +213,7 @@ fn provisioning_key(
     let connection_versions: Vec<String> = [
         build::redis_secret_name(validated),
         build::postgres_secret_name(validated),
+        build::kafka_secret_name(validated),
     ]
     .iter()
     .map(|name| {

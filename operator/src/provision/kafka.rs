@@ -19,6 +19,62 @@ use rdkafka::types::RDKafkaRespErr;
 use secrecy::ExposeSecret as _;
 
 use super::{AdminCredentials, ProvisionError, SharedClients, bounded};
+use crate::crd::SaslMechanism;
+
+mod principals;
+mod wire;
+
+pub use principals::{Acl, STACK_MECHANISM, salted_password, stack_acls};
+
+/// How the operator reaches a cluster: its brokers, its login, TLS.
+#[derive(Clone, Debug)]
+pub struct KafkaAccess {
+    /// Comma-separated `host:port` list.
+    pub bootstrap_servers: String,
+    /// The admin login (SASL); none: the brokers take anonymous clients.
+    pub credentials: Option<AdminCredentials>,
+    /// The SASL mechanism of the login.
+    pub mechanism: SaslMechanism,
+    /// TLS to the brokers; none: plaintext.
+    pub tls: Option<KafkaTlsAccess>,
+}
+
+/// TLS to the brokers.
+#[derive(Clone, Debug, Default)]
+pub struct KafkaTlsAccess {
+    /// PEM certificates of the CA to trust; none: the system's roots.
+    pub ca_pem: Option<String>,
+}
+
+impl KafkaAccess {
+    /// librdkafka's `security.protocol` for this access.
+    pub fn security_protocol(&self) -> &'static str {
+        match (self.credentials.is_some(), self.tls.is_some()) {
+            (false, false) => "PLAINTEXT",
+            (false, true) => "SSL",
+            (true, false) => "SASL_PLAINTEXT",
+            (true, true) => "SASL_SSL",
+        }
+    }
+
+    /// What tells two accesses apart (the password fingerprinted, never in clear).
+    fn key(&self) -> String {
+        format!(
+            "{}|{}|{}|{}|{}",
+            self.bootstrap_servers,
+            self.mechanism.as_str(),
+            self.credentials
+                .as_ref()
+                .map_or("", |c| c.username.as_str()),
+            self.credentials.as_ref().map_or_else(String::new, |c| {
+                crate::build::fingerprint([c.password.expose_secret().as_bytes()])
+            }),
+            self.tls.as_ref().map_or_else(String::new, |t| {
+                crate::build::fingerprint([t.ca_pem.as_deref().unwrap_or("system").as_bytes()])
+            }),
+        )
+    }
+}
 
 /// One topic as the stack asks for it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -43,6 +99,8 @@ struct Existing {
 /// The admin client and metadata consumer of one cluster.
 pub struct KafkaCluster {
     admin: AdminClient<DefaultClientContext>,
+    /// How the operator reaches the cluster (for the calls librdkafka has no API for).
+    access: KafkaAccess,
     metadata: Metadata,
     /// The clients' settings, without a group.
     config: ClientConfig,
@@ -126,27 +184,17 @@ pub struct KafkaClients {
 }
 
 impl KafkaClients {
-    /// The clients of the cluster at `bootstrap_servers` for the stack `user`, created on
-    /// first use (see [`SharedClients::get`]).
+    /// The clients of the cluster `access` reaches for the stack `user`, created on first
+    /// use (see [`SharedClients::get`]).
     ///
     /// # Errors
     /// When librdkafka refuses the configuration.
     pub fn cluster(
         &self,
         user: &str,
-        bootstrap_servers: &str,
-        credentials: Option<&AdminCredentials>,
+        access: &KafkaAccess,
     ) -> Result<Arc<KafkaCluster>, ProvisionError> {
-        let key = format!(
-            "{bootstrap_servers}|{}|{}",
-            credentials.map_or("", |c| c.username.as_str()),
-            credentials.map_or_else(String::new, |c| crate::build::fingerprint([c
-                .password
-                .expose_secret()
-                .as_bytes()]))
-        );
-        self.clusters
-            .get(user, key, || connect(bootstrap_servers, credentials))
+        self.clusters.get(user, access.key(), || connect(access))
     }
 
     /// Forgets the stack `user` (deleted); a cluster no stack uses any more is dropped.
@@ -165,24 +213,24 @@ impl KafkaClients {
     }
 }
 
-/// New clients of the cluster at `bootstrap_servers`.
-fn connect(
-    bootstrap_servers: &str,
-    credentials: Option<&AdminCredentials>,
-) -> Result<Arc<KafkaCluster>, ProvisionError> {
+/// New clients of the cluster `access` reaches.
+fn connect(access: &KafkaAccess) -> Result<Arc<KafkaCluster>, ProvisionError> {
     let mut config = ClientConfig::new();
     config
-        .set("bootstrap.servers", bootstrap_servers)
+        .set("bootstrap.servers", &access.bootstrap_servers)
         .set("client.id", "meridian-operator")
         .set("allow.auto.create.topics", "false")
         .set("topic.metadata.refresh.interval.ms", "-1")
-        .set("log_level", "3");
-    if let Some(credentials) = credentials {
+        .set("log_level", "3")
+        .set("security.protocol", access.security_protocol());
+    if let Some(credentials) = &access.credentials {
         config
-            .set("security.protocol", "SASL_PLAINTEXT")
-            .set("sasl.mechanisms", "PLAIN")
+            .set("sasl.mechanisms", access.mechanism.as_str())
             .set("sasl.username", &credentials.username)
             .set("sasl.password", credentials.password.expose_secret());
+    }
+    if let Some(ca) = access.tls.as_ref().and_then(|t| t.ca_pem.as_deref()) {
+        config.set("ssl.ca.pem", ca);
     }
     let admin = config
         .create()
@@ -192,6 +240,7 @@ fn connect(
     let metadata = Metadata::new(metadata_config)?;
     Ok(Arc::new(KafkaCluster {
         admin,
+        access: access.clone(),
         metadata,
         config,
         lag_readers: Mutex::default(),

@@ -89,6 +89,9 @@ pub const V1BETA1_ONLY: &[&[&str]] = &[
         "autoscaling",
         "targetConnectionsPerReplica",
     ],
+    &["spec", "kafka", "adminMechanism"],
+    &["spec", "kafka", "tls"],
+    &["spec", "kafka", "servicePrincipal"],
 ];
 
 /// The annotation that carries [`V1BETA1_ONLY`] fields through a `v1alpha1` view: a JSON

@@ -179,7 +179,7 @@ async fn invalid_specs_are_rejected_at_admission_with_a_message_a_user_understan
     let stacks = ns.stacks();
 
     type Mutation = fn(&mut Value);
-    let cases: [(&str, Mutation, &str); 17] = [
+    let cases: [(&str, Mutation, &str); 20] = [
         (
             "negative replicas",
             |s| s["spec"]["services"]["processor"]["replicas"] = json!(-1),
@@ -277,6 +277,21 @@ async fn invalid_specs_are_rejected_at_admission_with_a_message_a_user_understan
                     json!({ "minReplicas": 3, "maxReplicas": 2 });
             },
             "autoscaling.maxReplicas must be at least autoscaling.minReplicas",
+        ),
+        (
+            "a stack principal without an admin login",
+            |s| s["spec"]["kafka"]["servicePrincipal"] = json!("Stack"),
+            "kafka.servicePrincipal: Stack needs kafka.adminSecretRef",
+        ),
+        (
+            "an unknown SASL mechanism",
+            |s| s["spec"]["kafka"]["adminMechanism"] = json!("GSSAPI"),
+            "spec.kafka.adminMechanism: Unsupported value: \"GSSAPI\"",
+        ),
+        (
+            "a dot in the name",
+            |s| s["metadata"]["name"] = json!("orders.v2"),
+            "metadata.name must be a DNS-1035 label",
         ),
         (
             "a 48-character name",

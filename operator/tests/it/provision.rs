@@ -196,7 +196,9 @@ async fn topics_the_broker_refuses_are_reported_as_refused_and_the_others_create
 
     let bootstrap = common::test_support::Deps::from_env().kafka_bootstrap_servers;
     let clients = KafkaClients::default();
-    let cluster = clients.cluster("test/cluster", &bootstrap, None).unwrap();
+    let cluster = clients
+        .cluster("test/cluster", &plain_access(&bootstrap))
+        .unwrap();
     let run = Uuid::new_v4().simple().to_string()[..8].to_owned();
     let topic = |name: &str, replication_factor: i32, config: &[(&str, &str)]| DesiredTopic {
         name: format!("it-refused-{run}-{name}"),
@@ -312,4 +314,231 @@ async fn redis_users_are_saved_to_the_acl_file_when_they_change() {
         admin.delete_user(&user).await.unwrap(),
         Persistence::Unchanged
     );
+}
+
+/// Access to the local broker's plaintext port, with no login.
+fn plain_access(bootstrap: &str) -> operator::provision::kafka::KafkaAccess {
+    operator::provision::kafka::KafkaAccess {
+        bootstrap_servers: bootstrap.to_owned(),
+        credentials: None,
+        mechanism: operator::crd::SaslMechanism::Plain,
+        tls: None,
+    }
+}
+
+/// The local broker's SASL ports (`dev/deps/kafka.sh`): SASL_PLAINTEXT, or SASL_SSL with its
+/// CA, as its `admin`.
+pub(crate) fn sasl_access(tls: bool) -> operator::provision::kafka::KafkaAccess {
+    let var = |name: &str, default: &str| std::env::var(name).unwrap_or_else(|_| default.into());
+    let (bootstrap, tls) = if tls {
+        let ca_file = std::env::var("MERIDIAN_KAFKA_CA_FILE").expect("MERIDIAN_KAFKA_CA_FILE");
+        let ca = std::fs::read_to_string(&ca_file).expect("the local Kafka CA");
+        (
+            var("MERIDIAN_KAFKA_SSL_BOOTSTRAP", "127.0.0.1:9095"),
+            Some(operator::provision::kafka::KafkaTlsAccess { ca_pem: Some(ca) }),
+        )
+    } else {
+        (var("MERIDIAN_KAFKA_SASL_BOOTSTRAP", "127.0.0.1:9094"), None)
+    };
+    operator::provision::kafka::KafkaAccess {
+        bootstrap_servers: bootstrap,
+        credentials: Some(AdminCredentials {
+            username: var("MERIDIAN_KAFKA_ADMIN_USER", "admin"),
+            password: SecretString::from(var(
+                "MERIDIAN_KAFKA_ADMIN_PASSWORD",
+                "meridian-kafka-admin",
+            )),
+        }),
+        mechanism: operator::crd::SaslMechanism::Plain,
+        tls,
+    }
+}
+
+/// A tenant's client settings: a SCRAM-SHA-512 login on `access`'s port.
+pub(crate) fn tenant_config(
+    access: &operator::provision::kafka::KafkaAccess,
+    user: &str,
+    password: &str,
+) -> rdkafka::ClientConfig {
+    let mut config = rdkafka::ClientConfig::new();
+    config
+        .set("bootstrap.servers", &access.bootstrap_servers)
+        .set("security.protocol", access.security_protocol())
+        .set("sasl.mechanisms", "SCRAM-SHA-512")
+        .set("sasl.username", user)
+        .set("sasl.password", password)
+        .set("message.timeout.ms", "5000")
+        .set("socket.timeout.ms", "5000")
+        .set("log_level", "0");
+    if access.tls.is_some() {
+        config.set(
+            "ssl.ca.location",
+            std::env::var("MERIDIAN_KAFKA_CA_FILE").expect("MERIDIAN_KAFKA_CA_FILE"),
+        );
+    }
+    config
+}
+
+/// A metadata request as the tenant (librdkafka reports a refused login as a transport
+/// failure: the broker closes the connection).
+pub(crate) async fn metadata(config: &rdkafka::ClientConfig) -> Result<(), String> {
+    let config = config.clone();
+    tokio::task::spawn_blocking(move || {
+        use rdkafka::producer::Producer as _;
+        let producer: rdkafka::producer::BaseProducer =
+            config.create().map_err(|e| e.to_string())?;
+        producer
+            .client()
+            .fetch_metadata(None, Duration::from_secs(5))
+            .map(drop)
+            .map_err(|e| e.to_string())
+    })
+    .await
+    .map_err(|e| e.to_string())?
+}
+
+/// Produces one record to `topic` as the tenant.
+pub(crate) async fn produce(config: &rdkafka::ClientConfig, topic: &str) -> Result<(), String> {
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let producer: FutureProducer = config.create().map_err(|e| e.to_string())?;
+    producer
+        .send(
+            FutureRecord::<(), _>::to(topic).payload("isolation"),
+            Duration::from_secs(5),
+        )
+        .await
+        .map(drop)
+        .map_err(|(e, _)| e.to_string())
+}
+
+/// Reads `topic` from the start in `group` as the tenant: the records' count, or the error.
+fn consume(config: &rdkafka::ClientConfig, topic: &str, group: &str) -> Result<usize, String> {
+    use rdkafka::consumer::{BaseConsumer, Consumer as _};
+    let consumer: BaseConsumer = config
+        .clone()
+        .set("group.id", group)
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .map_err(|e| e.to_string())?;
+    consumer.subscribe(&[topic]).map_err(|e| e.to_string())?;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut read = 0;
+    while Instant::now() < deadline {
+        match consumer.poll(Duration::from_millis(500)) {
+            Some(Ok(_)) => {
+                read += 1;
+                if read > 0 {
+                    return Ok(read);
+                }
+            }
+            Some(Err(e)) => return Err(e.to_string()),
+            None => {}
+        }
+    }
+    Ok(read)
+}
+
+/// Two stacks' principals on the real broker (SASL, StandardAuthorizer): each reads and writes
+/// its own topics, in its own groups, and is refused the other's; provisioning twice changes
+/// nothing; removing a principal ends its login. Once over SASL_PLAINTEXT, once over SASL_SSL
+/// (the operator's admin connection and the tenant's both trusting the local CA).
+#[tokio::test]
+async fn a_stack_principal_reaches_only_its_own_topics_and_groups() {
+    use operator::provision::kafka::{DesiredTopic, KafkaClients, KafkaCluster};
+
+    async fn create_topic(cluster: &KafkaCluster, name: &str) {
+        let topic = DesiredTopic {
+            name: name.to_owned(),
+            partitions: 1,
+            replication_factor: 1,
+            config: Default::default(),
+        };
+        cluster
+            .reconcile_topics(&[topic], Duration::from_secs(10))
+            .await
+            .unwrap();
+    }
+
+    for tls in [false, true] {
+        let access = sasl_access(tls);
+        let clients = KafkaClients::default();
+        let cluster = clients.cluster("test/acl", &access).unwrap();
+        let run = Uuid::new_v4().simple().to_string()[..8].to_owned();
+        let timeout = Duration::from_secs(10);
+        let mut stacks = Vec::new();
+        for name in ["a", "b"] {
+            let prefix = format!("itacl{run}.{name}.");
+            let user = format!("meridian:itacl{run}:{name}");
+            let second = format!("{user}:b");
+            let password = operator::provision::generate_password();
+            let topic = format!("{prefix}commands");
+            create_topic(&cluster, &topic).await;
+            let changed = cluster
+                .ensure_principal(&[&user, &second], &user, &password, true, &prefix, timeout)
+                .await
+                .unwrap();
+            assert!(changed, "a new principal is a change");
+            let again = cluster
+                .ensure_principal(&[&user, &second], &user, &password, false, &prefix, timeout)
+                .await
+                .unwrap();
+            assert!(
+                !again,
+                "provisioning an unchanged principal again changed something"
+            );
+            stacks.push((prefix, user, second, password, topic));
+        }
+        use secrecy::ExposeSecret as _;
+        let (a, b) = (&stacks[0], &stacks[1]);
+        let as_a = tenant_config(&access, &a.1, a.3.expose_secret());
+
+        produce(&as_a, &a.4).await.expect("a writes its own topic");
+        let own =
+            consume(&as_a, &a.4, &format!("{}processor", a.0)).expect("a reads its own topic");
+        assert_eq!(own, 1, "tls={tls}");
+        let write = produce(&as_a, &b.4).await.expect_err("a wrote b's topic");
+        assert!(
+            write.contains("authoriz") || write.contains("Authoriz"),
+            "tls={tls}: {write}"
+        );
+        let read =
+            consume(&as_a, &b.4, &format!("{}processor", a.0)).expect_err("a read b's topic");
+        assert!(
+            read.to_lowercase().contains("authoriz"),
+            "tls={tls}: {read}"
+        );
+        let group =
+            consume(&as_a, &a.4, &format!("{}processor", b.0)).expect_err("a joined b's group");
+        assert!(
+            group.to_lowercase().contains("authoriz"),
+            "tls={tls}: {group}"
+        );
+        // A name that merely starts like a's prefix without its dot is not a's.
+        let lookalike = format!("{}x.commands", a.0.trim_end_matches('.'));
+        create_topic(&cluster, &lookalike).await;
+        let write = produce(&as_a, &lookalike)
+            .await
+            .expect_err("a wrote a look-alike topic");
+        assert!(
+            write.to_lowercase().contains("authoriz"),
+            "tls={tls}: {write}"
+        );
+
+        metadata(&as_a)
+            .await
+            .expect("a reads metadata before its removal");
+        for (_, user, second, ..) in &stacks {
+            cluster
+                .remove_principal(&[user, second], timeout)
+                .await
+                .unwrap();
+        }
+        metadata(&as_a)
+            .await
+            .expect_err("a removed login still reads metadata");
+
+        let mut names: Vec<String> = stacks.iter().map(|s| s.4.clone()).collect();
+        names.push(lookalike);
+        cluster.delete_topics(&names, timeout).await.unwrap();
+    }
 }

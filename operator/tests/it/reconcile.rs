@@ -1660,3 +1660,118 @@ async fn an_operator_stopped_before_its_first_list_of_stacks_exits_at_once() {
     );
     harness.ns.delete().await;
 }
+
+/// A stack on the broker's SASL port with the operator's admin login gets a principal of its
+/// own: the `<stack>-kafka` Secret the Kafka services read, whose login writes the stack's
+/// topics; a rotation moves the services to the second login while the first keeps working;
+/// deleting the stack ends both logins.
+#[tokio::test]
+async fn a_stack_with_a_kafka_admin_login_gets_its_own_principal_rotated_and_removed() {
+    use crate::provision::{metadata, produce, sasl_access, tenant_config};
+    use k8s_openapi::api::core::v1::ConfigMap;
+
+    let harness = Harness::start("kafkauser").await;
+    let deps = Deps::from_env();
+    let access = sasl_access(false);
+    let admin = access.credentials.as_ref().unwrap();
+    let admin_secret: Secret = serde_json::from_value(json!({
+        "metadata": { "name": "kafka-admin" },
+        "stringData": {
+            "username": admin.username,
+            "password": secrecy::ExposeSecret::expose_secret(&admin.password),
+        }
+    }))
+    .unwrap();
+    let secrets = harness.api::<Secret>();
+    secrets
+        .create(&PostParams::default(), &admin_secret)
+        .await
+        .unwrap();
+    let mut spec = stack("zeta", &deps.redis_url, "Delete");
+    spec["spec"]["kafka"]["bootstrapServers"] = json!(access.bootstrap_servers);
+    spec["spec"]["kafka"]["adminSecretRef"] = json!({ "name": "kafka-admin" });
+    harness.apply_ready(&spec).await;
+
+    let ns = harness.ns.name.clone();
+    let login = secrets.get("zeta-kafka").await.unwrap();
+    assert_eq!(
+        secret_key(&login, "username"),
+        format!("meridian:{ns}:zeta")
+    );
+    assert_eq!(secret_key(&login, "mechanism"), "SCRAM-SHA-512");
+    let first = tenant_config(
+        &access,
+        &secret_key(&login, "username"),
+        &secret_key(&login, "password"),
+    );
+    let topic = format!("{ns}.zeta.commands");
+    produce(&first, &topic)
+        .await
+        .expect("the stack's login writes its commands topic");
+    let message = harness
+        .get("zeta")
+        .await
+        .status
+        .unwrap()
+        .conditions
+        .into_iter()
+        .find(|c| c.type_ == "CredentialsReady")
+        .unwrap()
+        .message;
+    assert!(
+        message.contains(&format!("Kafka principal meridian:{ns}:zeta")),
+        "{message}"
+    );
+    let processor = harness
+        .api::<ConfigMap>()
+        .get("zeta-processor")
+        .await
+        .unwrap();
+    let data = processor.data.unwrap();
+    assert_eq!(data["KAFKA_SECURITY_PROTOCOL"], "sasl_plaintext");
+    assert_eq!(data["KAFKA_SASL_MECHANISM"], "SCRAM-SHA-512");
+
+    let mut rotated = spec.clone();
+    rotated["metadata"]["annotations"] = json!({ "meridian.dev/rotate-credentials": "1" });
+    harness.apply(&rotated).await;
+    wait_until("the Kafka login to rotate", READY_TIMEOUT, || {
+        let secrets = secrets.clone();
+        let ns = ns.clone();
+        async move {
+            let login = secrets.get("zeta-kafka").await.unwrap();
+            secret_key(&login, "username") == format!("meridian:{ns}:zeta:b")
+        }
+    })
+    .await;
+    let login = secrets.get("zeta-kafka").await.unwrap();
+    let second = tenant_config(
+        &access,
+        &secret_key(&login, "username"),
+        &secret_key(&login, "password"),
+    );
+    produce(&second, &topic)
+        .await
+        .expect("the rotated login writes the topic");
+    produce(&first, &topic)
+        .await
+        .expect("the first login keeps working until the next rotation");
+
+    harness
+        .stacks()
+        .delete("zeta", &DeleteParams::default())
+        .await
+        .unwrap();
+    let stacks = harness.stacks();
+    wait_until("the stack to be gone", READY_TIMEOUT, || {
+        let stacks = stacks.clone();
+        async move { stacks.get_opt("zeta").await.unwrap().is_none() }
+    })
+    .await;
+    metadata(&first)
+        .await
+        .expect_err("the first login outlived its stack");
+    metadata(&second)
+        .await
+        .expect_err("the second login outlived its stack");
+    harness.finish().await;
+}

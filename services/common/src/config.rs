@@ -199,6 +199,9 @@ pub struct KafkaConfig {
     pub kafka_sasl_username: Option<String>,
     /// `KAFKA_SASL_PASSWORD` (`sasl.password`).
     pub kafka_sasl_password: Option<SecretString>,
+    /// `KAFKA_SSL_CA_LOCATION` (`ssl.ca.location`): a PEM file of the CA that signed the
+    /// brokers' certificates. Unset: the system's trusted roots.
+    pub kafka_ssl_ca_location: Option<String>,
     /// `KAFKA_TIMEOUT_MS`: metadata and delivery timeouts. Default 5000.
     #[serde(default = "defaults::timeout_5s")]
     pub kafka_timeout_ms: u64,

@@ -105,6 +105,9 @@ pub fn client_config(config: &KafkaConfig, client_id: &str) -> ClientConfig {
     if let Some(password) = &config.kafka_sasl_password {
         cc.set("sasl.password", password.expose_secret());
     }
+    if let Some(ca) = &config.kafka_ssl_ca_location {
+        cc.set("ssl.ca.location", ca);
+    }
     cc
 }
 

@@ -14,10 +14,11 @@ use super::Error;
 use crate::build::{self, URL_KEY};
 use crate::controller::dereference::Clients;
 use crate::controller::{Context, ROTATE_ANNOTATION, ROTATED_ANNOTATION, apply, status};
-use crate::crd::MiddlewareStack;
+use crate::crd::{MiddlewareStack, ServicePrincipal};
 use crate::names;
 use crate::owned::Owned;
 use crate::provision::generate_password;
+use crate::provision::kafka::STACK_MECHANISM;
 use crate::provision::redis::Persistence;
 use crate::status::{CREDENTIALS_READY, Report, Status};
 use crate::validate::ValidatedStack;
@@ -91,25 +92,16 @@ pub(in crate::controller) async fn credentials(
     )
     .map_err(Error::RedisUrl)?;
 
-    // PostgreSQL: two logins take turns (see `names::postgres_second_login`); a rotation
-    // gives the one the services do not use a new password and switches the Secret to it.
+    // PostgreSQL: two logins take turns ([`take_turns`], `names::postgres_second_login`).
     let role = names::postgres_role(validated);
     let second = names::postgres_second_login(validated);
     let database = names::postgres_database(validated);
-    let previous = postgres_secret
-        .as_ref()
-        .and_then(|s| s.value("password"))
-        .map(SecretString::from);
-    let rotate_postgres = previous.is_some() && rotate_of(postgres_secret.as_deref());
-    let in_use = match postgres_secret.as_ref().and_then(|s| s.value("username")) {
-        Some(user) if user == second => &second,
-        _ => &role,
-    };
-    let (login, postgres_password) = match (&previous, rotate_postgres) {
-        (Some(p), false) => (in_use, p.clone()),
-        (Some(_), true) if in_use == &role => (&second, generate_password()),
-        _ => (&role, generate_password()),
-    };
+    let Turn {
+        login,
+        password: postgres_password,
+        rotated: rotate_postgres,
+        new: new_postgres,
+    } = take_turns(postgres_secret.as_deref(), &role, &second, &rotate_of);
     clients
         .postgres
         .ensure_role_and_database(
@@ -117,7 +109,7 @@ pub(in crate::controller) async fn credentials(
             &database,
             login,
             &postgres_password,
-            previous.is_none() || rotate_postgres,
+            new_postgres || rotate_postgres,
         )
         .await
         .map_err(|source| Error::PostgresRole {
@@ -151,37 +143,182 @@ pub(in crate::controller) async fn credentials(
             ("password", postgres_password.expose_secret()),
         ],
     );
+    let kafka = if validated.kafka_principal() == ServicePrincipal::Stack {
+        Some(kafka_principal(ctx, validated, clients, token.as_deref(), &rotate_of).await?)
+    } else {
+        None
+    };
     apply::apply(ctx, &ctx.stores.secrets, redis_secret).await?;
     apply::apply(ctx, &ctx.stores.secrets, postgres_secret).await?;
+    if let Some(kafka) = &kafka {
+        apply::apply(ctx, &ctx.stores.secrets, kafka.secret.clone()).await?;
+    }
+    let rotated_kafka = kafka
+        .as_ref()
+        .filter(|k| k.rotated)
+        .map(|k| k.login.as_str());
     let mut events = Vec::new();
-    if rotate_redis || rotate_postgres {
+    if rotate_redis || rotate_postgres || rotated_kafka.is_some() {
+        let kafka_login = rotated_kafka
+            .map(|login| format!(", Kafka login {login}"))
+            .unwrap_or_default();
         events.push(status::event(
             EventType::Normal,
             "CredentialsRotated",
             "RotateCredentials",
             format!(
-                "new passwords for Redis user {user} and PostgreSQL login {login}; the pods roll \
-                 onto them, and the previous passwords keep working until the next rotation"
+                "new passwords for Redis user {user}, PostgreSQL login {login}{kafka_login}; the \
+                 pods roll onto them, and the previous passwords keep working until the next \
+                 rotation"
             ),
         ));
     }
+    let kafka_summary = kafka
+        .as_ref()
+        .map(|k| {
+            format!(
+                ", Kafka principal {} (topics and groups {}*, services log in as {})",
+                names::kafka_user(validated),
+                validated.topic_prefix(),
+                k.login
+            )
+        })
+        .unwrap_or_default();
     let report = Report::new(
         CREDENTIALS_READY,
         Status::True,
         "Provisioned",
         format!(
             "Redis user {user} (keys and channels {}*), PostgreSQL role and database {role} \
-             (services log in as {login})",
+             (services log in as {login}){kafka_summary}",
             validated.redis_key_prefix()
         ),
     );
+    let kafka_password = kafka
+        .as_ref()
+        .map(|k| k.password.expose_secret().to_owned())
+        .unwrap_or_default();
     Ok(Credentials {
         hash: build::fingerprint([
             redis_url.expose_secret().as_bytes(),
             postgres_url.as_bytes(),
+            kafka_password.as_bytes(),
         ]),
         report,
         events,
+    })
+}
+
+/// The login a stack's services use, of two that take turns.
+struct Turn<'a> {
+    /// The login.
+    login: &'a String,
+    /// Its password: the stored one, or a new one.
+    password: SecretString,
+    /// Whether a rotation switched to the other login (with a new password).
+    rotated: bool,
+    /// Whether there was no password yet (a new one was generated).
+    new: bool,
+}
+
+/// Two logins take turns (PostgreSQL allows one password per role, Kafka one SCRAM
+/// credential per user): a rotation gives the one the services do not use a new password and
+/// switches the connection Secret to it, so pods still on the other keep working until they
+/// have rolled. Without a rotation the Secret's login and password stay.
+fn take_turns<'a>(
+    secret: Option<&Owned<Secret>>,
+    primary: &'a String,
+    second: &'a String,
+    rotate_of: &(dyn Fn(Option<&Owned<Secret>>) -> bool + Sync),
+) -> Turn<'a> {
+    let previous = secret
+        .and_then(|s| s.value("password"))
+        .map(SecretString::from);
+    let rotated = previous.is_some() && rotate_of(secret);
+    let in_use = match secret.and_then(|s| s.value("username")) {
+        Some(user) if user == *second => second,
+        _ => primary,
+    };
+    let (login, password) = match (&previous, rotated) {
+        (Some(p), false) => (in_use, p.clone()),
+        (Some(_), true) if in_use == primary => (second, generate_password()),
+        _ => (primary, generate_password()),
+    };
+    Turn {
+        login,
+        password,
+        rotated,
+        new: previous.is_none(),
+    }
+}
+
+/// The stack's Kafka login as provisioned.
+struct KafkaLogin {
+    /// The `<stack>-kafka` Secret.
+    secret: Secret,
+    /// The login the services use.
+    login: String,
+    password: SecretString,
+    /// Whether a rotation gave it a new password.
+    rotated: bool,
+}
+
+/// The stack's Kafka principal: two SCRAM logins taking turns like PostgreSQL's (a rotation
+/// sets a new password on the one the services do not use and switches them to it), with the
+/// ACLs that confine both to the stack's topics and groups.
+async fn kafka_principal(
+    ctx: &Context,
+    validated: &ValidatedStack,
+    clients: &Clients,
+    token: Option<&str>,
+    rotate_of: &(dyn Fn(Option<&Owned<Secret>>) -> bool + Sync),
+) -> Result<KafkaLogin, Error> {
+    let name = build::kafka_secret_name(validated);
+    let existing = ctx
+        .stores
+        .secrets
+        .get(&ObjectRef::new(&name).within(validated.namespace()));
+    let primary = names::kafka_user(validated);
+    let second = names::kafka_second_user(validated);
+    let Turn {
+        login,
+        password,
+        rotated: rotate,
+        new,
+    } = take_turns(existing.as_deref(), &primary, &second, rotate_of);
+    let changed = clients
+        .kafka
+        .ensure_principal(
+            &[&primary, &second],
+            login,
+            &password,
+            new || rotate,
+            &validated.topic_prefix(),
+            ctx.settings.dependency_timeout,
+        )
+        .await
+        .map_err(|source| Error::KafkaPrincipal {
+            user: login.clone(),
+            source,
+        })?;
+    if changed {
+        tracing::info!(user = %login, "Kafka principal provisioned (SCRAM credential, ACLs)");
+    }
+    let secret = connection_secret(
+        validated,
+        name,
+        token,
+        [
+            ("username", login),
+            ("password", password.expose_secret()),
+            ("mechanism", STACK_MECHANISM),
+        ],
+    );
+    Ok(KafkaLogin {
+        secret,
+        login: login.clone(),
+        password,
+        rotated: rotate,
     })
 }
 
