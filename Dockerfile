@@ -104,7 +104,7 @@ COPY dev/kafka/server.properties dev/kafka/log4j2.properties /opt/kafka/config/
 COPY dev/images/kafka-entrypoint.sh /usr/local/bin/kafka-entrypoint
 RUN install -d -o 65532 -g 65532 /var/lib/kafka
 USER 65532:65532
-EXPOSE 9092
+EXPOSE 9092 9094
 ENTRYPOINT ["/usr/local/bin/kafka-entrypoint"]
 
 # ---- the product's runtime: Debian slim, non-root, one binary ---------------------------

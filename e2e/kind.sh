@@ -2,7 +2,8 @@
 # The container-based e2e, as a user runs the platform: a kind cluster from kind-config.yaml,
 # every image built here (`just images`) and loaded into it, the development Kafka, Redis and
 # PostgreSQL of e2e/kind/deps.yaml, the operator installed from its image with the Helm chart,
-# the demo stack applied and awaited Ready, the smoke flow through localhost:8080 (gateway) and
+# the demo stack applied and awaited Ready (on Kafka's SASL listener as its own SCRAM user, whose
+# ACLs the broker must enforce), the smoke flow through localhost:8080 (gateway) and
 # :8085 (hub) — which kind-config.yaml maps to the node's NodePorts — then real faults on real
 # pods: a service crash-looping, a pod deleted, PostgreSQL and Kafka restarted, the Redis pod
 # replaced; after each the stack's conditions must say so and recover by themselves (no
@@ -36,6 +37,7 @@ dump() {
   kubectl describe middlewarestack demo || true
   kubectl -n meridian-system logs deployment/meridian-operator --all-containers --tail=200 || true
   for s in "${SERVICES[@]}"; do kubectl logs "deployment/demo-$s" --all-containers --tail=60 || true; done
+  kubectl -n meridian-deps logs statefulset/kafka --tail=60 || true
   kubectl get events -A --sort-by=.lastTimestamp | tail -60 || true
 }
 
@@ -219,6 +221,62 @@ restart_count() {
     -o jsonpath='{.items[0].status.containerStatuses[0].restartCount}'
 }
 
+# topic_command ARGS...: Kafka's TopicCommand, run in the broker's pod (its JVM takes a few
+# seconds); warnings go to stdout as lines starting with `[`.
+topic_command() {
+  kubectl -n meridian-deps exec kafka-0 -- java -Xmx128m \
+    -Dlog4j2.configurationFile=/opt/kafka/config/log4j2.properties -Dmeridian.kafka.level=WARN \
+    -cp '/opt/kafka/libs/*' org.apache.kafka.tools.TopicCommand "$@"
+}
+
+# kafka_principal: the stack on Kafka's SASL listener as its own SCRAM user. The operator
+# logged in as the admin (Secret meridian-kafka-admin), created the user, its ACLs and the
+# Secret demo-kafka the services log in with; in the real broker that user sees the stack's
+# topics and nothing else, and may create no topic outside the stack's prefix.
+kafka_principal() {
+  local ns=default user password prefix=default.demo. out topics foreign=default.other.events
+  kubectl get secret demo-kafka >/dev/null || die "the operator wrote no Secret demo-kafka"
+  user=$(kubectl get secret demo-kafka -o jsonpath='{.data.username}' | base64 -d)
+  [ "$user" = "meridian:$ns:demo" ] || die "Secret demo-kafka names user '$user', not meridian:$ns:demo"
+  [ "$(kubectl get secret demo-kafka -o jsonpath='{.data.mechanism}' | base64 -d)" = SCRAM-SHA-512 ] ||
+    die "Secret demo-kafka's mechanism is not SCRAM-SHA-512"
+  ok "Secret demo-kafka: user $user, SCRAM-SHA-512"
+  kubectl get middlewarestack demo \
+    -o jsonpath='{.status.conditions[?(@.type=="CredentialsReady")].message}' | grep -qF "Kafka principal $user" ||
+    die "CredentialsReady does not mention the Kafka principal $user"
+
+  local env_ref
+  env_ref=$(kubectl get deployment demo-processor -o jsonpath='{range .spec.template.spec.containers[0].env[?(@.name=="KAFKA_SASL_USERNAME")]}{.valueFrom.secretKeyRef.name}/{.valueFrom.secretKeyRef.key}{end}')
+  [ "$env_ref" = demo-kafka/username ] || die "the processor's KAFKA_SASL_USERNAME comes from '$env_ref', not demo-kafka/username"
+  out=$(kubectl exec deployment/demo-processor -- printenv KAFKA_BOOTSTRAP_SERVERS KAFKA_SECURITY_PROTOCOL \
+    KAFKA_SASL_MECHANISM KAFKA_SASL_USERNAME | paste -sd ' ' -) || true
+  [ "$out" = "kafka.meridian-deps.svc:9094 sasl_plaintext SCRAM-SHA-512 $user" ] ||
+    die "the processor's pod has Kafka settings '$out'"
+  ok "processor pod: KAFKA_SASL_USERNAME from demo-kafka/username; $out"
+
+  # Another tenant's topic, created through the PLAINTEXT door (a super user).
+  topic_command --bootstrap-server 127.0.0.1:9092 --create --if-not-exists --topic "$foreign" \
+    --partitions 1 --replication-factor 1 >/dev/null
+  # The stack's login as a client configuration in the pod (umask 077: it holds the password).
+  password=$(kubectl get secret demo-kafka -o jsonpath='{.data.password}' | base64 -d)
+  printf '%s\n' security.protocol=SASL_PLAINTEXT sasl.mechanism=SCRAM-SHA-512 \
+    "sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required username=\"$user\" password=\"$password\";" |
+    kubectl -n meridian-deps exec -i kafka-0 -- sh -c 'umask 077; cat >/tmp/stack-client.properties'
+  topics=$(topic_command --bootstrap-server kafka.meridian-deps.svc:9094 \
+    --command-config /tmp/stack-client.properties --list | grep -v '^\[' | sort | paste -sd ' ' -)
+  [ "$topics" = "${prefix}cache ${prefix}commands ${prefix}commands.dlq ${prefix}events" ] ||
+    die "as $user on :9094, Kafka lists '$topics', not exactly the stack's four topics"
+  ok "as $user on :9094: topics $topics (not $foreign, nor __consumer_offsets)"
+  if out=$(topic_command --bootstrap-server kafka.meridian-deps.svc:9094 \
+    --command-config /tmp/stack-client.properties --create --topic "$ns.demo2.events" \
+    --partitions 1 --replication-factor 1 2>&1); then
+    die "as $user, Kafka created topic $ns.demo2.events"
+  fi
+  grep -q 'TopicAuthorizationException' <<<"$out" || { echo "$out" >&2; die "creating $ns.demo2.events failed otherwise than unauthorized"; }
+  ok "as $user: creating $ns.demo2.events refused (TopicAuthorizationException)"
+  kubectl -n meridian-deps exec kafka-0 -- rm -f /tmp/stack-client.properties
+}
+
 run() {
   local start=$SECONDS kind node_image
   step "Docker engine"
@@ -278,11 +336,18 @@ run() {
     -p '{"metadata":{"annotations":{"e2e.meridian.dev/written-as":"v1alpha1"}}}' >/dev/null
   [ "$(kubectl get middlewarestacks.v1beta1.meridian.dev demo -o jsonpath='{.spec.redis.adminSecretRef.name}')" = meridian-redis-admin ] ||
     die "a write through v1alpha1 lost spec.redis.adminSecretRef"
+  [ "$(kubectl get middlewarestacks.v1alpha1.meridian.dev demo -o jsonpath='{.spec.kafka.adminCredentialsSecret}')" = meridian-kafka-admin ] ||
+    die "v1alpha1 does not show spec.kafka.adminCredentialsSecret"
+  [ "$(kubectl get middlewarestacks.v1beta1.meridian.dev demo -o jsonpath='{.spec.kafka.adminSecretRef.name}')" = meridian-kafka-admin ] ||
+    die "a write through v1alpha1 lost spec.kafka.adminSecretRef"
   kubectl get crd middlewarestacks.meridian.dev -o jsonpath='{.spec.conversion.webhook.clientConfig.caBundle}' | grep -q . ||
     die "the CRD has no caBundle"
   [ "$(kubectl get crd middlewarestacks.meridian.dev -o jsonpath='{.status.storedVersions}')" = '["v1beta1"]' ] ||
     die "stored versions are not [v1beta1]"
   ok "read and written as v1alpha1 (wsHub.replicas=$hub_replicas); stored as v1beta1"
+
+  step "the stack's own Kafka principal (SCRAM-SHA-512 on :9094)"
+  kafka_principal
 
   step "smoke flow through localhost:8080 (gateway) and :8085 (hub)"
   local out document token
