@@ -21,6 +21,7 @@ groups=("$@"); [ ${#groups[@]} -eq 0 ] && groups=("${ALL_GROUPS[@]}")
 print_env() {
   cat <<ENV
 export DATABASE_URL=postgres://postgres:postgres@127.0.0.1:$MERIDIAN_PG_PORT/middleware
+export MERIDIAN_POSTGRES_CA_FILE=$MERIDIAN_STATE_DIR/postgres/tls/ca.crt
 export REDIS_URL=redis://127.0.0.1:$MERIDIAN_REDIS_PORT
 export KAFKA_BOOTSTRAP_SERVERS=127.0.0.1:$MERIDIAN_KAFKA_PORT
 export MERIDIAN_KAFKA_SASL_BOOTSTRAP=127.0.0.1:$MERIDIAN_KAFKA_SASL_PORT

@@ -101,34 +101,10 @@ fetch_libs() {
 TLS_NEW=
 ensure_tls() {
   [ -s "$TLS_DIR/server.pem" ] && [ -s "$TLS_DIR/ca.crt" ] && return 0
-  command -v openssl >/dev/null || apt_install openssl
   step "generating a local CA and a certificate for 127.0.0.1/localhost in $TLS_DIR"
-  local tmp
-  tmp=$(mktemp -d "$KAFKA_DIR/tls.XXXXXX")
-  # Own config files, so the system's openssl.cnf adds nothing. genpkey writes PKCS#8 keys,
-  # unencrypted: what Kafka's PEM keystore reads without a key password.
-  if ! (
-    cd "$tmp" && umask 077 &&
-      printf '%s\n' '[req]' 'prompt=no' 'distinguished_name=dn' 'x509_extensions=ext' \
-        '[dn]' 'CN=meridian local Kafka CA' '[ext]' 'basicConstraints=critical,CA:TRUE' \
-        'keyUsage=critical,keyCertSign,cRLSign' 'subjectKeyIdentifier=hash' >ca.cnf &&
-      printf '%s\n' 'subjectAltName=IP:127.0.0.1,DNS:localhost' 'basicConstraints=critical,CA:FALSE' \
-        'keyUsage=critical,digitalSignature,keyEncipherment' 'extendedKeyUsage=serverAuth' \
-        'subjectKeyIdentifier=hash' 'authorityKeyIdentifier=keyid' >server.ext &&
-      openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 -out ca.key &&
-      openssl req -x509 -config ca.cnf -key ca.key -sha256 -days 3650 -out ca.crt &&
-      openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 -out server.key &&
-      openssl req -new -key server.key -subj /CN=localhost -out server.csr &&
-      openssl x509 -req -in server.csr -CA ca.crt -CAkey ca.key -set_serial "0x$(openssl rand -hex 16)" \
-        -sha256 -days 3650 -extfile server.ext -out server.crt &&
-      cat server.key server.crt ca.crt >server.pem &&
-      rm server.key server.csr server.ext ca.cnf && chmod 644 ca.crt server.crt && chmod 755 .
-  ) >>"$MERIDIAN_LOG_DIR/$NAME.tools.log" 2>&1; then
-    rm -rf "$tmp"
-    die "could not generate the TLS files with openssl; see $MERIDIAN_LOG_DIR/$NAME.tools.log"
-  fi
-  rm -rf "$TLS_DIR"
-  mv "$tmp" "$TLS_DIR"
+  # Kafka's PEM keystore: the key (PKCS#8, no password) and the certificate chain in one file.
+  local_tls "$TLS_DIR" Kafka "$MERIDIAN_LOG_DIR/$NAME.tools.log" \
+    sh -c 'cat server.key server.crt ca.crt >server.pem && rm server.key'
   TLS_NEW=1
   ok "CA $TLS_DIR/ca.crt (valid 10 years), broker keystore $TLS_DIR/server.pem"
 }

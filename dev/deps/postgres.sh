@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # PostgreSQL for tests: Debian's server binaries, our own cluster (not the Debian
 # pg_ctlcluster one) in $MERIDIAN_STATE_DIR/postgres, listening on 127.0.0.1:$MERIDIAN_PG_PORT.
-# Superuser postgres/postgres (scram-sha-256), database `middleware`.
+# Superuser postgres/postgres (scram-sha-256), database `middleware`. TLS is offered (not
+# required: plaintext connections work as before) with a certificate for 127.0.0.1/localhost
+# from a local CA, $MERIDIAN_STATE_DIR/postgres/tls/ca.crt (made once with openssl; `reset`
+# keeps it). `up` reloads a running server whose configuration differs from what it would write.
 #
 #   dev/deps/postgres.sh up|down|status|bindir
 # shellcheck source-path=SCRIPTDIR source=../lib.sh
@@ -14,6 +17,7 @@ PG_DATA=$PG_DIR/data
 PG_RUN=$PG_DIR/run            # unix socket directory
 PG_READY=$PG_DIR/.initialized # written once initdb and the first configuration succeeded
 PG_LOG=$MERIDIAN_LOG_DIR/$NAME.log
+PG_TLS=$PG_DIR/tls            # ca.crt, ca.key, server.crt, server.key (the server's, mode 600)
 PG_SUPERUSER=postgres
 PG_PASSWORD=postgres
 PG_DB=middleware
@@ -98,8 +102,32 @@ tame_debian_clusters() {
   done < <(debian_clusters_on_port)
 }
 
+# ensure_tls: the local CA and the server's certificate (IP:127.0.0.1, DNS:localhost), made once
+# in $PG_TLS; the key belongs to the user the server runs as (PostgreSQL refuses a key others
+# can read). Sets TLS_NEW=1 when it made them (a running server must then reload).
+TLS_NEW=
+ensure_tls() {
+  [ -s "$PG_TLS/server.crt" ] && [ -s "$PG_TLS/server.key" ] && [ -s "$PG_TLS/ca.crt" ] && return 0
+  step "generating a local CA and a certificate for 127.0.0.1/localhost in $PG_TLS"
+  local_tls "$PG_TLS" PostgreSQL "$MERIDIAN_LOG_DIR/$NAME.tools.log"
+  pg_own "$PG_TLS/server.key"
+  TLS_NEW=1
+  ok "CA $PG_TLS/ca.crt (valid 10 years), server certificate $PG_TLS/server.crt"
+}
+
+# write_config: meridian.conf and pg_hba.conf as this script wants them; returns 1 when both
+# already were (a running server then has nothing to reload).
 write_config() {
-  cat >"$PG_DATA/meridian.conf" <<CONF
+  local conf hba changed=
+  conf=$(render_conf) hba=$(render_hba)
+  [ "$conf" = "$(cat "$PG_DATA/meridian.conf" 2>/dev/null)" ] || { printf '%s\n' "$conf" >"$PG_DATA/meridian.conf"; changed=1; }
+  [ "$hba" = "$(cat "$PG_DATA/pg_hba.conf" 2>/dev/null)" ] || { printf '%s\n' "$hba" >"$PG_DATA/pg_hba.conf"; changed=1; }
+  pg_own "$PG_DATA/meridian.conf" "$PG_DATA/pg_hba.conf"
+  [ -n "$changed" ]
+}
+
+render_conf() {
+  cat <<CONF
 # Written by dev/deps/postgres.sh on every start; edits are lost.
 listen_addresses = '127.0.0.1'
 port = $PORT
@@ -123,8 +151,15 @@ log_destination = 'stderr'
 log_line_prefix = '%m [%p] %q%u@%d '
 log_timezone = 'UTC'
 timezone = 'UTC'
+# TLS for the clients that ask for it; the host lines of pg_hba.conf accept both kinds.
+ssl = on
+ssl_cert_file = '$PG_TLS/server.crt'
+ssl_key_file = '$PG_TLS/server.key'
 CONF
-  cat >"$PG_DATA/pg_hba.conf" <<'HBA'
+}
+
+render_hba() {
+  cat <<'HBA'
 # Written by dev/deps/postgres.sh on every start; edits are lost.
 # TYPE  DATABASE     USER  ADDRESS        METHOD
 local   all          all                  scram-sha-256
@@ -133,7 +168,6 @@ host    all          all   ::1/128        scram-sha-256
 local   replication  all                  scram-sha-256
 host    replication  all   127.0.0.1/32   scram-sha-256
 HBA
-  pg_own "$PG_DATA/meridian.conf" "$PG_DATA/pg_hba.conf"
 }
 
 init_cluster() {
@@ -176,11 +210,33 @@ start_cluster() {
   die "postgres did not start"
 }
 
+# tls_works: a verify-full connection to 127.0.0.1 trusting the local CA uses TLS.
+tls_works() {
+  [ "$(PGSSLMODE=verify-full PGSSLROOTCERT=$PG_TLS/ca.crt psql_tcp -d postgres -tAc \
+    'select ssl from pg_stat_ssl where pid = pg_backend_pid()' 2>/dev/null)" = t ]
+}
+
+# reload: a running server takes the written configuration (TLS included) without a restart,
+# so the connections of whoever uses it now survive; settings that need a restart are named.
+reload() {
+  local bin=$1 pending
+  as_pg "$bin/pg_ctl" reload -D "$PG_DATA" -s >>"$PG_LOG" 2>&1 || die "pg_ctl reload failed; see $PG_LOG"
+  wait_for "$NAME" 10 tls_works || die "postgres does not offer TLS after the reload; see $PG_LOG"
+  pending=$(psql_tcp -d postgres -tAc "select string_agg(name, ' ') from pg_settings where pending_restart")
+  [ -z "$pending" ] ||
+    warn "changed settings that take effect only after a restart ($pending): bash dev/deps.sh down postgres && bash dev/deps.sh up postgres"
+}
+
 up() {
   local pid bin just_installed=
   if pid=$(pg_pid); then
     if port_open "$PORT"; then
-      ok "postgres already running on 127.0.0.1:$PORT (pid $pid)"
+      ensure_tls
+      if write_config || [ -n "$TLS_NEW" ]; then
+        step "postgres's configuration changed (dev/deps/postgres.sh or the TLS files); reloading it (pid $pid)"
+        reload "$(bindir)"
+      fi
+      ok "postgres already running on 127.0.0.1:$PORT (pid $pid, TLS CA $PG_TLS/ca.crt)"
       return 0
     fi
     warn "postgres (pid $pid) is running but not on port $PORT; restarting it with the current settings"
@@ -228,17 +284,19 @@ up() {
   fi
   rm -f "$PG_RUN"/.s.PGSQL.*.lock
 
-  write_config
+  ensure_tls
+  write_config || true
   start_cluster "$bin"
   pid=$(pg_pid) || die "postgres started but its postmaster.pid is missing; see $PG_LOG"
   ok "started (pid $pid, log $PG_LOG)"
+  tls_works || die "postgres started but does not offer TLS; see $PG_LOG"
 
   if [ "$(psql_tcp -d postgres -tAc "select 1 from pg_database where datname = '$PG_DB'")" != 1 ]; then
     psql_tcp -d postgres -c "create database $PG_DB" || die "could not create database $PG_DB"
     ok "created database $PG_DB"
   fi
   touch "$PG_READY"
-  ok "ready: postgres://$PG_SUPERUSER:$PG_PASSWORD@127.0.0.1:$PORT/$PG_DB"
+  ok "ready: postgres://$PG_SUPERUSER:$PG_PASSWORD@127.0.0.1:$PORT/$PG_DB (TLS optional, CA $PG_TLS/ca.crt)"
 }
 
 down() {
@@ -282,7 +340,8 @@ case "${1:-}" in
   status) status ;;
   # The server's binaries (pgbench for the pipeline benchmark's peer).
   bindir) bindir ;;
-  # Stop, delete the cluster (every database, role and setting), start a fresh one.
-  reset) down && rm -rf "$PG_DIR" && up ;;
+  # Stop, delete the cluster (every database, role and setting), start a fresh one. The TLS
+  # files stay.
+  reset) down && rm -rf "$PG_DATA" "$PG_RUN" "$PG_READY" && up ;;
   *) die "usage: $0 up|down|status|reset" ;;
 esac

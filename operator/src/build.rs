@@ -22,6 +22,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use crate::scaling::LagPolicy;
 use crate::validate::ValidatedStack;
 
+mod ca;
 mod component;
 mod config_map;
 mod deployment;
@@ -30,6 +31,7 @@ mod monitoring;
 mod network_policy;
 mod service;
 
+pub use ca::Ca;
 pub use component::{Component, Consumption, Tier};
 pub use config_map::{service_url, settings};
 pub use job::{
@@ -109,13 +111,6 @@ pub fn postgres_secret_name(stack: &ValidatedStack) -> String {
 pub fn kafka_secret_name(stack: &ValidatedStack) -> String {
     format!("{}-kafka", stack.name())
 }
-
-/// The volume, directory and file name of the Kafka CA in a service's pods.
-pub const KAFKA_CA_VOLUME: &str = "kafka-ca";
-/// See [`KAFKA_CA_VOLUME`].
-pub const KAFKA_CA_DIR: &str = "/etc/meridian/kafka";
-/// See [`KAFKA_CA_VOLUME`].
-pub const KAFKA_CA_FILE: &str = "ca.crt";
 
 /// The name of the Secret (key [`URL_KEY`]) with the stack's Redis connection URL.
 pub fn redis_secret_name(stack: &ValidatedStack) -> String {

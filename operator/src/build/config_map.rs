@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::ConfigMap;
 
-use super::{Component, SHUTDOWN_GRACE_SECONDS, fingerprint, metadata, object_name};
+use super::{Ca, Component, SHUTDOWN_GRACE_SECONDS, fingerprint, metadata, object_name};
 use crate::crd::{RateLimitPolicy, ServicePrincipal};
 use crate::validate::ValidatedStack;
 
@@ -54,15 +54,17 @@ pub fn settings(stack: &ValidatedStack, component: Component) -> BTreeMap<String
                 crate::provision::kafka::STACK_MECHANISM.to_owned(),
             );
         }
-        if tls.and_then(|t| t.ca_secret_ref.as_ref()).is_some() {
-            set(
-                "KAFKA_SSL_CA_LOCATION",
-                format!("{}/{}", super::KAFKA_CA_DIR, super::KAFKA_CA_FILE),
-            );
-        }
     }
     if component.uses_redis() {
         set("REDIS_KEY_PREFIX", stack.redis_key_prefix());
+    }
+    // The CAs mounted into the pods (`ca::volumes`), where a variable points at them.
+    for ca in Ca::ALL {
+        if let Some(variable) = ca.variable()
+            && ca.mounted_by(stack, component).is_some()
+        {
+            set(variable, ca.path());
+        }
     }
     if component.verifies_tokens()
         && let Some(auth) = &spec.auth

@@ -3,9 +3,9 @@
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMap, ConfigMapEnvSource, Container, ContainerPort, EmptyDirVolumeSource,
-    EnvFromSource, EnvVar, EnvVarSource, HTTPGetAction, KeyToPath, PodSecurityContext, PodSpec,
-    PodTemplateSpec, Probe, SeccompProfile, SecretKeySelector, SecretVolumeSource, SecurityContext,
-    Volume, VolumeMount,
+    EnvFromSource, EnvVar, EnvVarSource, HTTPGetAction, PodSecurityContext, PodSpec,
+    PodTemplateSpec, Probe, SeccompProfile, SecretKeySelector, SecurityContext, Volume,
+    VolumeMount,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
@@ -20,9 +20,9 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 
 use super::config_map::config_hash;
 use super::{
-    CONFIG_HASH_ANNOTATION, Component, KAFKA_CA_DIR, KAFKA_CA_FILE, KAFKA_CA_VOLUME, OPS_PORT,
-    RUN_AS, SHUTDOWN_GRACE_SECONDS, Scraping, URL_KEY, kafka_secret_name, labels, metadata,
-    object_name, postgres_secret_name, redis_secret_name, selector_labels,
+    CONFIG_HASH_ANNOTATION, Component, OPS_PORT, RUN_AS, SHUTDOWN_GRACE_SECONDS, Scraping, URL_KEY,
+    ca, kafka_secret_name, labels, metadata, object_name, postgres_secret_name, redis_secret_name,
+    selector_labels,
 };
 use crate::crd::ServicePrincipal;
 use crate::validate::ValidatedStack;
@@ -84,21 +84,15 @@ fn secret_env(stack: &ValidatedStack, component: Component) -> Vec<EnvVar> {
     env
 }
 
-/// `/tmp` (the root filesystem is read-only), and the Kafka CA where the stack names one.
+/// `/tmp` (the root filesystem is read-only), and the CAs of the dependencies the service
+/// uses where the stack names them.
 fn volume_mounts(stack: &ValidatedStack, component: Component) -> Vec<VolumeMount> {
     let mut mounts = vec![VolumeMount {
         name: "tmp".to_owned(),
         mount_path: "/tmp".to_owned(),
         ..VolumeMount::default()
     }];
-    if component.uses_kafka() && kafka_ca(stack).is_some() {
-        mounts.push(VolumeMount {
-            name: KAFKA_CA_VOLUME.to_owned(),
-            mount_path: KAFKA_CA_DIR.to_owned(),
-            read_only: Some(true),
-            ..VolumeMount::default()
-        });
-    }
+    mounts.extend(ca::volume_mounts(stack, component));
     mounts
 }
 
@@ -108,33 +102,8 @@ fn volumes(stack: &ValidatedStack, component: Component) -> Vec<Volume> {
         empty_dir: Some(EmptyDirVolumeSource::default()),
         ..Volume::default()
     }];
-    if component.uses_kafka()
-        && let Some(ca) = kafka_ca(stack)
-    {
-        volumes.push(Volume {
-            name: KAFKA_CA_VOLUME.to_owned(),
-            secret: Some(SecretVolumeSource {
-                secret_name: Some(ca.name.clone()),
-                items: Some(vec![KeyToPath {
-                    key: ca.key.clone(),
-                    path: KAFKA_CA_FILE.to_owned(),
-                    ..KeyToPath::default()
-                }]),
-                ..SecretVolumeSource::default()
-            }),
-            ..Volume::default()
-        });
-    }
+    volumes.extend(ca::volumes(stack, component));
     volumes
-}
-
-fn kafka_ca(stack: &ValidatedStack) -> Option<&crate::crd::SecretKeyRef> {
-    stack
-        .spec()
-        .kafka
-        .tls
-        .as_ref()
-        .and_then(|t| t.ca_secret_ref.as_ref())
 }
 
 /// `ours`, then `extra`; an extra variable replaces ours of the same name in place (the

@@ -1239,6 +1239,57 @@ fn the_hub_can_also_scale_on_its_connections() {
     assert_eq!(metrics[0].resource.as_ref().unwrap().name, "cpu");
 }
 
+/// Where a service's pods mount a dependency's CA: the Secret and key of its volume, the file
+/// the services read.
+#[derive(Debug, PartialEq)]
+struct CaMount {
+    secret: String,
+    key: String,
+    file: String,
+}
+
+impl CaMount {
+    fn new(secret: &str, key: &str, file: &str) -> Self {
+        Self {
+            secret: secret.to_owned(),
+            key: key.to_owned(),
+            file: file.to_owned(),
+        }
+    }
+}
+
+/// The CA volume of `ca` in `objects`' pods and its mount (read-only), if there is one.
+fn ca_mount(objects: &ServiceObjects, ca: Ca) -> Option<CaMount> {
+    let volume = pod(objects)
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == ca.volume());
+    let mount = container(objects)
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|m| m.name == ca.volume());
+    let (volume, mount) = match (volume, mount) {
+        (None, None) => return None,
+        (Some(volume), Some(mount)) => (volume, mount),
+        _ => panic!(
+            "{} has a volume without a mount or a mount without a volume",
+            ca.volume()
+        ),
+    };
+    assert_eq!(mount.read_only, Some(true), "{} is read-only", ca.volume());
+    let secret = volume.secret.as_ref().expect("a Secret volume");
+    let [item] = secret.items.as_deref().expect("one item") else {
+        panic!("{} projects exactly one key", ca.volume());
+    };
+    Some(CaMount {
+        secret: secret.secret_name.clone().expect("a Secret name"),
+        key: item.key.clone(),
+        file: format!("{}/{}", mount.mount_path, item.path),
+    })
+}
+
 #[test]
 fn a_stack_principal_reaches_only_the_kafka_services_through_its_secret_and_the_ca_mount() {
     use crate::crd::{KafkaTls, SecretKeyRef, SecretRef};
@@ -1309,37 +1360,16 @@ fn a_stack_principal_reaches_only_the_kafka_services_through_its_secret_and_the_
         setting(processor, "KAFKA_SSL_CA_LOCATION"),
         Some("/etc/meridian/kafka/ca.crt")
     );
-    let processor_pod = pod(processor);
-    let volume = processor_pod
-        .volumes
-        .iter()
-        .flatten()
-        .find(|v| v.name == KAFKA_CA_VOLUME)
-        .expect("the CA volume");
-    let secret = volume.secret.as_ref().unwrap();
-    assert_eq!(secret.secret_name.as_deref(), Some("kafka-ca"));
-    let item = &secret.items.as_ref().unwrap()[0];
     assert_eq!(
-        (item.key.as_str(), item.path.as_str()),
-        ("ca.pem", "ca.crt")
+        ca_mount(processor, Ca::Kafka),
+        Some(CaMount::new(
+            "kafka-ca",
+            "ca.pem",
+            "/etc/meridian/kafka/ca.crt"
+        ))
     );
-    let mount = container(processor)
-        .volume_mounts
-        .iter()
-        .flatten()
-        .find(|m| m.name == KAFKA_CA_VOLUME)
-        .expect("the CA mount");
-    assert_eq!(mount.mount_path, "/etc/meridian/kafka");
-    assert_eq!(mount.read_only, Some(true));
     // The services that do not talk to Kafka do not mount it.
-    let gateway_pod = pod(objects(&tls, Component::Gateway));
-    assert!(
-        gateway_pod
-            .volumes
-            .iter()
-            .flatten()
-            .all(|v| v.name != KAFKA_CA_VOLUME)
-    );
+    assert_eq!(ca_mount(objects(&tls, Component::Gateway), Ca::Kafka), None);
 
     // An explicit `None` keeps the admin login for the operator only.
     stack.spec.kafka.service_principal = Some(crate::crd::ServicePrincipal::None);
@@ -1347,4 +1377,55 @@ fn a_stack_principal_reaches_only_the_kafka_services_through_its_secret_and_the_
     let processor = objects(&anonymous, Component::Processor);
     assert_eq!(setting(processor, "KAFKA_SECURITY_PROTOCOL"), Some("ssl"));
     assert!(env_var(processor, "KAFKA_SASL_USERNAME").is_none());
+}
+
+#[test]
+fn redis_and_postgres_cas_reach_only_the_services_that_use_them_through_a_mount() {
+    use crate::crd::{SecretKeyRef, SslMode};
+
+    // Without CAs the pods mount nothing but `/tmp`.
+    let plain = example();
+    for component in Component::ALL {
+        let service = objects(&plain, component);
+        assert_eq!(pod(service).volumes.as_ref().map(Vec::len), Some(1));
+        assert_eq!(setting(service, "REDIS_CA_FILE"), None);
+    }
+
+    let mut stack = fixtures::example();
+    stack.spec.redis.url = "rediss://redis.demo-ns.svc:6380".into();
+    stack.spec.redis.ca_secret_ref = Some(SecretKeyRef {
+        name: "redis-ca".into(),
+        key: "ca.pem".into(),
+    });
+    stack.spec.postgres.ssl_mode = SslMode::VerifyFull;
+    stack.spec.postgres.ca_secret_ref = Some(SecretKeyRef {
+        name: "postgres-ca".into(),
+        key: "root.crt".into(),
+    });
+    let tls = build(&fixtures::validated(&stack), Scraping::Annotations);
+    for component in Component::ALL {
+        let service = objects(&tls, component);
+        let redis = component
+            .uses_redis()
+            .then(|| CaMount::new("redis-ca", "ca.pem", "/etc/meridian/redis/ca.crt"));
+        assert_eq!(ca_mount(service, Ca::Redis), redis, "{}", component.name());
+        assert_eq!(
+            setting(service, "REDIS_CA_FILE"),
+            redis.as_ref().map(|m| m.file.as_str()),
+            "{}",
+            component.name()
+        );
+        // PostgreSQL's services find the CA through `sslrootcert` in their `DATABASE_URL`
+        // (`provision::postgres::service_url`), not through a setting.
+        let postgres = component
+            .uses_postgres()
+            .then(|| CaMount::new("postgres-ca", "root.crt", "/etc/meridian/postgres/ca.crt"));
+        assert_eq!(
+            ca_mount(service, Ca::Postgres),
+            postgres,
+            "{}",
+            component.name()
+        );
+        assert_eq!(ca_mount(service, Ca::Kafka), None);
+    }
 }

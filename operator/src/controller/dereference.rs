@@ -1,7 +1,7 @@
 //! The *dereference* step: the Secrets a stack refers to (the Redis, PostgreSQL and Kafka
-//! admin credentials, the JWT secret), read through a cache that the referenced-Secrets watch
-//! keeps current; and whether Kafka, Redis and PostgreSQL answer with those credentials (the
-//! *dependencies* stage).
+//! admin credentials and CAs, the JWT secret), read through a cache that the
+//! referenced-Secrets watch keeps current; and whether Kafka, Redis and PostgreSQL answer with
+//! those credentials (the *dependencies* stage).
 use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::Secret;
@@ -11,6 +11,7 @@ use kube::runtime::reflector::ObjectRef;
 use secrecy::SecretString;
 
 use super::Context;
+use crate::build::Ca;
 use crate::crd::MiddlewareStack;
 use crate::names;
 use crate::provision::kafka::{KafkaAccess, KafkaCluster, KafkaTlsAccess};
@@ -52,9 +53,12 @@ pub enum Error {
         /// The key.
         key: String,
     },
-    /// The Kafka CA Secret (`kafka.tls.caSecretRef`) has no such key.
-    #[error("failed to find key {key} in Secret {name} (kafka.tls.caSecretRef)")]
-    NoKafkaCa {
+    /// A CA Secret (`kafka.tls.caSecretRef`, `redis.caSecretRef`, `postgres.caSecretRef`) has
+    /// no such key.
+    #[error("failed to find key {key} in Secret {name} ({field})")]
+    NoCa {
+        /// The field that names the Secret.
+        field: &'static str,
         /// The Secret's name.
         name: String,
         /// The key.
@@ -97,7 +101,7 @@ impl Error {
             Self::SecretNotFound { .. }
             | Self::NoUsername { .. }
             | Self::NoJwtSecret { .. }
-            | Self::NoKafkaCa { .. } => "SecretNotFound",
+            | Self::NoCa { .. } => "SecretNotFound",
             Self::KafkaClient(error) | Self::RedisClient(error) | Self::PostgresClient(error) => {
                 error.reason()
             }
@@ -114,8 +118,8 @@ impl Error {
             Self::NoJwtSecret { name, key } => {
                 format!("Secret {name} with key {key} (auth.jwtSecretRef) not found")
             }
-            Self::NoKafkaCa { name, key } => {
-                format!("Secret {name} with key {key} (kafka.tls.caSecretRef) not found")
+            Self::NoCa { field, name, key } => {
+                format!("Secret {name} with key {key} ({field}) not found")
             }
             Self::KafkaClient(error) | Self::RedisClient(error) | Self::PostgresClient(error) => {
                 error.to_string()
@@ -131,7 +135,7 @@ impl Error {
     }
 }
 
-/// Whether the stack reads the named Secret (admin credentials or the JWT secret): the
+/// Whether the stack reads the named Secret (admin credentials, a CA or the JWT secret): the
 /// Secrets [`secrets`] reads.
 pub(super) fn refers_to(stack: &MiddlewareStack, name: &str) -> bool {
     let spec = &stack.spec;
@@ -142,12 +146,9 @@ pub(super) fn refers_to(stack: &MiddlewareStack, name: &str) -> bool {
             .admin_secret_ref
             .as_ref()
             .is_some_and(|r| r.name == name)
-        || spec
-            .kafka
-            .tls
-            .as_ref()
-            .and_then(|t| t.ca_secret_ref.as_ref())
-            .is_some_and(|r| r.name == name)
+        || Ca::ALL
+            .into_iter()
+            .any(|ca| ca.secret_ref(spec).is_some_and(|r| r.name == name))
         || spec
             .auth
             .as_ref()
@@ -155,16 +156,26 @@ pub(super) fn refers_to(stack: &MiddlewareStack, name: &str) -> bool {
             .is_some_and(|r| r.name == name)
 }
 
-/// The admin credentials a stack refers to.
+/// The admin credentials and CAs a stack refers to.
 #[derive(Clone)]
 pub(super) struct Dereferenced {
     redis: AdminCredentials,
     postgres: AdminCredentials,
     kafka: Option<AdminCredentials>,
-    /// The PEM certificates of the Kafka CA (`kafka.tls.caSecretRef`).
-    kafka_ca: Option<String>,
+    /// The PEM certificates of the CAs the stack names (`caSecretRef`), by dependency.
+    cas: Vec<(Ca, String)>,
     /// The resourceVersions of the Secrets read: a change invalidates the provisioning cache.
     pub(super) versions: Vec<String>,
+}
+
+impl Dereferenced {
+    /// The PEM certificates of the CA the stack names for `dependency`, if it does.
+    fn ca(&self, dependency: Ca) -> Option<&str> {
+        self.cas
+            .iter()
+            .find(|(ca, _)| *ca == dependency)
+            .map(|(_, pem)| pem.as_str())
+    }
 }
 
 /// Reads the Secrets the stack refers to: the admin credentials, and whether the JWT secret
@@ -198,8 +209,8 @@ pub(super) async fn secrets(
     Ok(refs)
 }
 
-/// Reads the admin credentials the stack refers to (all a cleanup needs: the JWT Secret may
-/// be gone with its namespace).
+/// Reads the admin credentials and CAs the stack refers to (all a cleanup needs: the JWT
+/// Secret may be gone with its namespace).
 pub(super) async fn admin_credentials(
     ctx: &Context,
     validated: &ValidatedStack,
@@ -225,36 +236,33 @@ pub(super) async fn admin_credentials(
         Some(secret) => Some(read_credentials(ctx, namespace, &secret.name, &mut versions).await?),
         None => None,
     };
-    let kafka_ca = match spec
-        .kafka
-        .tls
-        .as_ref()
-        .and_then(|t| t.ca_secret_ref.as_ref())
-    {
-        Some(reference) => {
-            let secret = referenced_secret(ctx, namespace, &reference.name)
-                .await?
-                .ok_or_else(|| Error::SecretNotFound {
-                    name: reference.name.clone(),
-                })?;
-            versions.push(secret.resource_version().unwrap_or_default());
-            let pem = secret
-                .data
-                .as_ref()
-                .and_then(|d| d.get(&reference.key))
-                .ok_or_else(|| Error::NoKafkaCa {
-                    name: reference.name.clone(),
-                    key: reference.key.clone(),
-                })?;
-            Some(String::from_utf8_lossy(&pem.0).into_owned())
-        }
-        None => None,
-    };
+    let mut cas = Vec::new();
+    for ca in Ca::ALL {
+        let Some(reference) = ca.secret_ref(spec) else {
+            continue;
+        };
+        let secret = referenced_secret(ctx, namespace, &reference.name)
+            .await?
+            .ok_or_else(|| Error::SecretNotFound {
+                name: reference.name.clone(),
+            })?;
+        versions.push(secret.resource_version().unwrap_or_default());
+        let pem = secret
+            .data
+            .as_ref()
+            .and_then(|d| d.get(&reference.key))
+            .ok_or_else(|| Error::NoCa {
+                field: ca.field(),
+                name: reference.name.clone(),
+                key: reference.key.clone(),
+            })?;
+        cas.push((ca, String::from_utf8_lossy(&pem.0).into_owned()));
+    }
     Ok(Dereferenced {
         redis,
         postgres,
         kafka,
-        kafka_ca,
+        cas,
         versions,
     })
 }
@@ -365,7 +373,7 @@ pub(super) fn kafka(
         credentials: refs.kafka.clone(),
         mechanism: spec.admin_mechanism.unwrap_or_default(),
         tls: spec.tls.as_ref().map(|_| KafkaTlsAccess {
-            ca_pem: refs.kafka_ca.clone(),
+            ca_pem: refs.ca(Ca::Kafka).map(str::to_owned),
         }),
     };
     ctx.kafka.cluster(&client_user(validated), &access)
@@ -381,14 +389,15 @@ pub(super) async fn dependencies(
     let spec = validated.spec();
     let timeout = ctx.settings.dependency_timeout;
     let kafka = kafka(ctx, validated, refs).map_err(Error::KafkaClient)?;
-    let redis =
-        RedisAdmin::new(&spec.redis.url, &refs.redis, timeout).map_err(Error::RedisClient)?;
+    let redis = RedisAdmin::new(&spec.redis.url, &refs.redis, refs.ca(Ca::Redis), timeout)
+        .map_err(Error::RedisClient)?;
     let postgres = ctx
         .postgres
         .admin(
             &client_user(validated),
             &spec.postgres,
             &refs.postgres,
+            refs.ca(Ca::Postgres),
             timeout,
         )
         .map_err(Error::PostgresClient)?;

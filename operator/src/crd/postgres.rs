@@ -2,11 +2,14 @@
 use kube::KubeSchema;
 use serde::{Deserialize, Serialize};
 
-use super::SecretRef;
+use super::{SecretKeyRef, SecretRef};
 
 /// The PostgreSQL server.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.caSecretRef) || !has(self.sslMode) || self.sslMode != 'disable'").message(
+    "postgres.caSecretRef needs TLS: it cannot go with sslMode disable"
+))]
 pub struct PostgresSpec {
     /// The server's host name or IP address.
     #[schemars(length(min = 1, max = 253))]
@@ -31,6 +34,12 @@ pub struct PostgresSpec {
     /// A Secret in the stack's namespace with `username` and `password` of a role allowed to
     /// create roles. The stack's services get their own role.
     pub admin_secret_ref: SecretRef,
+    /// A key of a Secret in the stack's namespace holding the PEM certificates of the CA the
+    /// server's certificate chains to, trusted by the operator and the services (mounted into
+    /// their pods) instead of the system's roots; what `sslMode` `verify-ca` and `verify-full`
+    /// check against. Not with `sslMode` `disable`. Unset: the system's roots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_secret_ref: Option<SecretKeyRef>,
 }
 
 /// libpq's `sslmode`.

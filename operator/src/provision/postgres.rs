@@ -70,7 +70,9 @@ pub struct PostgresAdmins {
 
 impl PostgresAdmins {
     /// The admin pool for `spec` and `credentials` for the stack `user`, created (lazily
-    /// connecting) on first use (see [`SharedClients::get`]).
+    /// connecting) on first use (see [`SharedClients::get`]). The server's certificate must
+    /// chain to `ca_pem` (PEM certificates) where given, else to the system's roots; it is
+    /// checked with `sslMode` `verify-ca` and `verify-full` only.
     ///
     /// # Errors
     /// Never at the moment; the pool connects on first use.
@@ -79,20 +81,23 @@ impl PostgresAdmins {
         user: &str,
         spec: &PostgresSpec,
         credentials: &AdminCredentials,
+        ca_pem: Option<&str>,
         timeout: Duration,
     ) -> Result<PostgresAdmin, ProvisionError> {
+        let fingerprint = |secret: &str| crate::build::fingerprint([secret.as_bytes()]);
         let key = format!(
-            "{}|{}|{}|{}|{}|{}",
+            "{}|{}|{}|{}|{}|{}|{}",
             spec.host,
             spec.port,
             spec.database,
             spec.ssl_mode.as_str(),
             credentials.username,
-            crate::build::fingerprint([credentials.password.expose_secret().as_bytes()])
+            fingerprint(credentials.password.expose_secret()),
+            ca_pem.map_or_else(String::new, fingerprint),
         );
         let (pool, databases) = self.pools.get(user, key, || {
             Ok::<_, ProvisionError>({
-                let options = PgConnectOptions::new()
+                let mut options = PgConnectOptions::new()
                     .host(&spec.host)
                     .port(u16::try_from(spec.port).unwrap_or(5432))
                     .username(&credentials.username)
@@ -100,6 +105,9 @@ impl PostgresAdmins {
                     .database(&spec.database)
                     .ssl_mode(ssl_mode(spec.ssl_mode))
                     .application_name("meridian-operator");
+                if let Some(pem) = ca_pem {
+                    options = options.ssl_root_cert_from_pem(pem.as_bytes().to_vec());
+                }
                 let pool = PgPoolOptions::new()
                     .max_connections(ADMIN_POOL_CONNECTIONS)
                     .min_connections(0)
@@ -332,12 +340,25 @@ async fn scram_verifier(password: &SecretString) -> Result<String, ProvisionErro
     .map_err(|e| ProvisionError::Postgres(format!("computing a password verifier: {e}")))
 }
 
-/// The services' connection URL: `postgres://<role>:<password>@<host>:<port>/<database>?sslmode=`.
-pub fn service_url(spec: &PostgresSpec, role: &str, database: &str, password: &str) -> String {
-    format!(
+/// The services' connection URL: `postgres://<role>:<password>@<host>:<port>/<database>?sslmode=`,
+/// with `&sslrootcert=<ca_file>` where the services trust a CA of the stack's (a path without
+/// URL-reserved characters, as [`crate::build::Ca::path`] is).
+pub fn service_url(
+    spec: &PostgresSpec,
+    role: &str,
+    database: &str,
+    password: &str,
+    ca_file: Option<&str>,
+) -> String {
+    let mut url = format!(
         "postgres://{role}:{password}@{}:{}/{database}?sslmode={}",
         spec.host,
         spec.port,
         spec.ssl_mode.as_str()
-    )
+    );
+    if let Some(path) = ca_file {
+        url.push_str("&sslrootcert=");
+        url.push_str(path);
+    }
+    url
 }

@@ -1,6 +1,6 @@
 //! Redis: `PING` with the admin credentials, and the stack's ACL user, confined to the stack's
-//! key prefix (`~<prefix>*`) and channel prefix (`&<prefix>*`), with every command except the
-//! `@dangerous` ones (no `KEYS`, `FLUSHALL`, `CONFIG`, `DEBUG`, `ACL`, ...).
+//! key prefix (`~<prefix>*`) and channel prefix (`&<prefix>*`), allowed only the commands the
+//! services send (`common::redis_acl`: no `SCAN`, `KEYS`, `FLUSHALL`, `CONFIG`, ...).
 //!
 //! When the server keeps its users in an ACL file (`aclfile`), every change the operator
 //! makes is written there with `ACL SAVE`, so a restarted Redis loads the stack users itself
@@ -56,10 +56,13 @@ pub fn url_with_credentials(
 }
 
 impl RedisAdmin {
-    /// An admin connection to `url` as `credentials` (connects lazily, per call).
+    /// An admin connection to `url` as `credentials` (connects lazily, per call); a
+    /// `rediss://` server's certificate must chain to `ca_pem` (PEM certificates) where given,
+    /// else to the system's roots.
     pub fn new(
         url: &str,
         credentials: &AdminCredentials,
+        ca_pem: Option<&str>,
         timeout: Duration,
     ) -> Result<Self, ProvisionError> {
         let url = url_with_credentials(
@@ -67,7 +70,11 @@ impl RedisAdmin {
             &credentials.username,
             credentials.password.expose_secret(),
         )?;
-        let client = common::redis::client(url.expose_secret()).map_err(|e| redis_error(&e))?;
+        let client = common::redis::client_trusting(
+            url.expose_secret(),
+            ca_pem.map(|pem| pem.as_bytes().to_vec()),
+        )
+        .map_err(|e| redis_error(&e))?;
         Ok(Self { client, timeout })
     }
 
@@ -113,13 +120,7 @@ impl RedisAdmin {
             for password in passwords {
                 set.arg(format!(">{}", password.expose_secret()));
             }
-            set.arg("resetkeys")
-                .arg(format!("~{prefix}*"))
-                .arg("resetchannels")
-                .arg(format!("&{prefix}*"))
-                .arg("-@all")
-                .arg("+@all")
-                .arg("-@dangerous");
+            set.arg(common::redis_acl::rules(prefix));
             let mut get = redis::cmd("ACL");
             get.arg("GETUSER").arg(user);
             let (before, (), after): (redis::Value, (), redis::Value) = redis::pipe()

@@ -67,3 +67,46 @@ fn a_failed_creation_keeps_nothing() {
     assert_eq!(failed, Err("refused"));
     assert!(cache.is_empty());
 }
+
+/// The services' `DATABASE_URL` names the mounted CA (`sslrootcert`) only when the stack has
+/// one, and sqlx reads it from there.
+#[test]
+fn the_services_postgres_url_names_the_ca_file_only_when_the_stack_has_one() {
+    use std::str::FromStr as _;
+
+    use sqlx::ConnectOptions as _;
+    use sqlx::postgres::PgConnectOptions;
+
+    use crate::build::Ca;
+    use crate::crd::{PostgresSpec, SecretRef, SslMode};
+    use crate::provision::postgres::service_url;
+
+    let spec = PostgresSpec {
+        host: "db.example".into(),
+        port: 5432,
+        database: "postgres".into(),
+        ssl_mode: SslMode::VerifyFull,
+        admin_secret_ref: SecretRef {
+            name: "admin".into(),
+        },
+        ca_secret_ref: None,
+    };
+    assert_eq!(
+        service_url(&spec, "role", "db", "pw", None),
+        "postgres://role:pw@db.example:5432/db?sslmode=verify-full"
+    );
+    let url = service_url(&spec, "role", "db", "pw", Some(&Ca::Postgres.path()));
+    assert_eq!(
+        url,
+        "postgres://role:pw@db.example:5432/db?sslmode=verify-full\
+         &sslrootcert=/etc/meridian/postgres/ca.crt"
+    );
+    // sqlx takes it as a file to read (it prints the file back as `file: <path>`).
+    let parsed = PgConnectOptions::from_str(&url).unwrap().to_url_lossy();
+    assert!(
+        parsed
+            .query_pairs()
+            .any(|(k, v)| k == "sslrootcert" && v == "file: /etc/meridian/postgres/ca.crt"),
+        "{parsed}"
+    );
+}

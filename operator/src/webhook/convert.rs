@@ -92,6 +92,8 @@ pub const V1BETA1_ONLY: &[&[&str]] = &[
     &["spec", "kafka", "adminMechanism"],
     &["spec", "kafka", "tls"],
     &["spec", "kafka", "servicePrincipal"],
+    &["spec", "redis", "caSecretRef"],
+    &["spec", "postgres", "caSecretRef"],
 ];
 
 /// The annotation that carries [`V1BETA1_ONLY`] fields through a `v1alpha1` view: a JSON

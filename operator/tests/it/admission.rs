@@ -179,7 +179,7 @@ async fn invalid_specs_are_rejected_at_admission_with_a_message_a_user_understan
     let stacks = ns.stacks();
 
     type Mutation = fn(&mut Value);
-    let cases: [(&str, Mutation, &str); 20] = [
+    let cases: [(&str, Mutation, &str); 22] = [
         (
             "negative replicas",
             |s| s["spec"]["services"]["processor"]["replicas"] = json!(-1),
@@ -294,6 +294,16 @@ async fn invalid_specs_are_rejected_at_admission_with_a_message_a_user_understan
             "metadata.name must be a DNS-1035 label",
         ),
         (
+            "a Redis CA with a redis:// url",
+            |s| s["spec"]["redis"]["caSecretRef"] = json!({"name": "redis-ca", "key": "ca.crt"}),
+            "redis.caSecretRef needs a rediss:// url",
+        ),
+        (
+            "a PostgreSQL CA with sslMode disable",
+            |s| s["spec"]["postgres"]["caSecretRef"] = json!({"name": "pg-ca", "key": "ca.crt"}),
+            "postgres.caSecretRef needs TLS: it cannot go with sslMode disable",
+        ),
+        (
             "a 48-character name",
             |s| s["metadata"]["name"] = json!("a".repeat(48)),
             "metadata.name must be at most 47 characters",
@@ -319,6 +329,14 @@ async fn invalid_specs_are_rejected_at_admission_with_a_message_a_user_understan
         let result = apply(&stacks, &stack).await;
         assert!(result.is_ok(), "{registry} refused: {result:?}");
     }
+    // The CAs where they apply: a rediss:// url, TLS to PostgreSQL.
+    let mut stack = example_stack("with-cas");
+    stack["spec"]["redis"]["url"] = json!("rediss://127.0.0.1:6380");
+    stack["spec"]["redis"]["caSecretRef"] = json!({"name": "redis-ca", "key": "ca.crt"});
+    stack["spec"]["postgres"]["sslMode"] = json!("verify-full");
+    stack["spec"]["postgres"]["caSecretRef"] = json!({"name": "pg-ca", "key": "ca.crt"});
+    let result = apply(&stacks, &stack).await;
+    assert!(result.is_ok(), "CAs refused: {result:?}");
     ns.delete().await;
 }
 

@@ -153,6 +153,19 @@ impl Harness {
         self.stacks().get(name).await.unwrap()
     }
 
+    /// The message of the stack's condition `type_`.
+    async fn condition_message(&self, name: &str, type_: &str) -> String {
+        self.get(name)
+            .await
+            .status
+            .unwrap()
+            .conditions
+            .into_iter()
+            .find(|c| c.type_ == type_)
+            .unwrap_or_else(|| panic!("{name} has no {type_} condition"))
+            .message
+    }
+
     async fn wait_for_condition(
         &self,
         name: &str,
@@ -1708,16 +1721,7 @@ async fn a_stack_with_a_kafka_admin_login_gets_its_own_principal_rotated_and_rem
     produce(&first, &topic)
         .await
         .expect("the stack's login writes its commands topic");
-    let message = harness
-        .get("zeta")
-        .await
-        .status
-        .unwrap()
-        .conditions
-        .into_iter()
-        .find(|c| c.type_ == "CredentialsReady")
-        .unwrap()
-        .message;
+    let message = harness.condition_message("zeta", "CredentialsReady").await;
     assert!(
         message.contains(&format!("Kafka principal meridian:{ns}:zeta")),
         "{message}"
@@ -1773,5 +1777,97 @@ async fn a_stack_with_a_kafka_admin_login_gets_its_own_principal_rotated_and_rem
     metadata(&second)
         .await
         .expect_err("the second login outlived its stack");
+    harness.finish().await;
+}
+
+/// A stack that verifies PostgreSQL against a CA of its own (`postgres.caSecretRef` with
+/// `sslMode: verify-full`): while the CA Secret lacks the key, the dependencies stage says so;
+/// once it holds the local server's CA, the operator's admin pool trusts it and the stack
+/// becomes Ready, its `DATABASE_URL` names the mounted file, and only the PostgreSQL services
+/// mount it. The clean-up (database dropped) goes through the same pool.
+#[tokio::test]
+async fn a_stack_with_a_postgres_ca_reaches_the_server_through_it_and_mounts_it() {
+    use kube::api::{Patch, PatchParams};
+
+    let harness = Harness::start("pgca").await;
+    let deps = Deps::from_env();
+    let ca = std::fs::read_to_string(
+        std::env::var("MERIDIAN_POSTGRES_CA_FILE")
+            .expect("MERIDIAN_POSTGRES_CA_FILE (eval \"$(bash dev/deps.sh env)\")"),
+    )
+    .unwrap();
+    let secrets = harness.api::<Secret>();
+    let ca_secret: Secret = serde_json::from_value(json!({
+        "metadata": { "name": "pg-ca" }, "stringData": { "other.crt": ca }
+    }))
+    .unwrap();
+    secrets
+        .create(&PostParams::default(), &ca_secret)
+        .await
+        .unwrap();
+    let mut spec = stack("theta", &deps.redis_url, "Delete");
+    spec["spec"]["postgres"]["sslMode"] = json!("verify-full");
+    spec["spec"]["postgres"]["caSecretRef"] = json!({ "name": "pg-ca", "key": "ca.crt" });
+    harness.apply(&spec).await;
+    harness
+        .wait_for_condition(
+            "theta",
+            "DependenciesReady",
+            "False",
+            Some("SecretNotFound"),
+        )
+        .await;
+    assert_eq!(
+        harness
+            .condition_message("theta", "DependenciesReady")
+            .await,
+        "Secret pg-ca with key ca.crt (postgres.caSecretRef) not found"
+    );
+
+    secrets
+        .patch(
+            "pg-ca",
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "stringData": { "ca.crt": ca } })),
+        )
+        .await
+        .unwrap();
+    harness
+        .wait_for_condition("theta", "Ready", "True", None)
+        .await;
+    let url = secret_url(&secrets.get("theta-postgres").await.unwrap());
+    assert!(
+        url.ends_with("?sslmode=verify-full&sslrootcert=/etc/meridian/postgres/ca.crt"),
+        "the services' URL names the mounted CA"
+    );
+    let deployments = harness.api::<Deployment>();
+    for (deployment, mounted) in [
+        ("theta-processor", true),
+        ("theta-command-service", true),
+        ("theta-cache-updater", false),
+    ] {
+        let pod = deployments
+            .get(deployment)
+            .await
+            .unwrap()
+            .spec
+            .unwrap()
+            .template
+            .spec
+            .unwrap();
+        let volume = pod
+            .volumes
+            .unwrap_or_default()
+            .into_iter()
+            .find(|v| v.name == "postgres-ca");
+        assert_eq!(
+            volume
+                .and_then(|v| v.secret)
+                .and_then(|s| s.secret_name)
+                .as_deref(),
+            mounted.then_some("pg-ca"),
+            "{deployment}"
+        );
+    }
     harness.finish().await;
 }

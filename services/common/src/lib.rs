@@ -44,6 +44,7 @@ pub mod problem;
 pub mod procstat;
 pub mod readmodel;
 pub mod redis;
+pub mod redis_acl;
 pub mod retry;
 pub mod rooms;
 pub mod schema;

@@ -260,46 +260,25 @@ fn rfc3339(at: DateTime<Utc>) -> String {
     at.to_rfc3339_opts(SecondsFormat::Micros, true)
 }
 
-/// Removes every document of the stack's read model (`<prefix>doc:*`) with `SCAN` + `UNLINK`,
-/// batch by batch, never blocking Redis and never touching other keys or other stacks.
-/// Returns how many keys were removed.
-pub async fn clear(
+/// Removes the named documents (`(collection, id)`) from the stack's read model with one
+/// `UNLINK`, which frees their memory off Redis's main thread. Returns how many existed.
+///
+/// The stack's keys are never enumerated (`SCAN` is not confined to a key prefix, so a
+/// stack's Redis user may not run it): the caller names the documents, e.g. from the events
+/// that mention them (`cache-updater rebuild`).
+pub async fn unlink<'a>(
     conn: &mut impl redis::aio::ConnectionLike,
     prefix: &str,
+    documents: impl IntoIterator<Item = (&'a str, &'a str)>,
 ) -> Result<u64, redis::RedisError> {
-    let pattern = format!("{}{DOC_KEY_INFIX}*", escape_glob(prefix));
-    let mut cursor: u64 = 0;
-    let mut removed = 0;
-    loop {
-        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(&pattern)
-            .arg("COUNT")
-            .arg(1000)
-            .query_async(conn)
-            .await?;
-        if !keys.is_empty() {
-            let unlinked: u64 = redis::cmd("UNLINK").arg(&keys).query_async(conn).await?;
-            removed += unlinked;
-        }
-        if next == 0 {
-            return Ok(removed);
-        }
-        cursor = next;
+    let keys: Vec<String> = documents
+        .into_iter()
+        .map(|(collection, id)| document_key(prefix, collection, id))
+        .collect();
+    if keys.is_empty() {
+        return Ok(0);
     }
-}
-
-/// Escapes the glob metacharacters of a literal so `SCAN MATCH` treats it verbatim.
-fn escape_glob(literal: &str) -> String {
-    let mut escaped = String::with_capacity(literal.len());
-    for c in literal.chars() {
-        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
-            escaped.push('\\');
-        }
-        escaped.push(c);
-    }
-    escaped
+    redis::cmd("UNLINK").arg(&keys).query_async(conn).await
 }
 
 #[cfg(test)]
@@ -336,10 +315,5 @@ mod tests {
             interpret(Some("1".into()), Some("not json".into()), None),
             Lookup::Missing
         );
-    }
-
-    #[test]
-    fn glob_metacharacters_in_the_prefix_are_escaped() {
-        assert_eq!(escape_glob("a*b?[c]\\:"), "a\\*b\\?\\[c\\]\\\\:");
     }
 }

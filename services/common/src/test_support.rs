@@ -5,6 +5,7 @@
 
 pub mod otlp;
 pub mod plans;
+pub mod tls_redis;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -492,4 +493,29 @@ fn as_url(address: &str) -> String {
     } else {
         format!("tcp://{address}")
     }
+}
+
+/// A Redis URL for a fresh ACL user confined like a stack's (`redis_acl::rules(prefix)`): the
+/// services' suites connect as it, so they run with exactly what the operator allows.
+pub fn stack_redis_url(prefix: &str) -> String {
+    let deps = Deps::from_env();
+    let mut admin = redis::Client::open(deps.redis_url.as_str())
+        .unwrap()
+        .get_connection_with_timeout(Duration::from_secs(5))
+        .unwrap();
+    let user = format!("it-{}", uuid::Uuid::new_v4().simple());
+    let password = uuid::Uuid::new_v4().simple().to_string();
+    let () = redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg(&user)
+        .arg("reset")
+        .arg("on")
+        .arg(format!(">{password}"))
+        .arg(crate::redis_acl::rules(prefix))
+        .query(&mut admin)
+        .unwrap();
+    let mut url = url::Url::parse(&deps.redis_url).unwrap();
+    url.set_username(&user).unwrap();
+    url.set_password(Some(&password)).unwrap();
+    url.to_string()
 }

@@ -116,11 +116,15 @@ pub(in crate::controller) async fn credentials(
             role: role.clone(),
             source,
         })?;
+    let postgres_ca = build::Ca::Postgres
+        .secret_ref(spec)
+        .map(|_| build::Ca::Postgres.path());
     let postgres_url = crate::provision::postgres::service_url(
         &spec.postgres,
         login,
         &database,
         postgres_password.expose_secret(),
+        postgres_ca.as_deref(),
     );
 
     let redis_secret = connection_secret(

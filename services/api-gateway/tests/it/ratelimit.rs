@@ -35,7 +35,8 @@ async fn two_gateway_processes_share_one_exact_limit_and_report_it_in_ietf_heade
         {"name": "per-user", "key": "user", "rate": LIMIT, "period": "Hour", "burst": LIMIT}
     ]);
     let env = [
-        ("REDIS_URL", Deps::from_env().redis_url),
+        // As a stack's ACL user would (the operator's rules).
+        ("REDIS_URL", common::test_support::stack_redis_url(&prefix)),
         ("REDIS_KEY_PREFIX", prefix.clone()),
         ("GATEWAY_COMMAND_SERVICE_URL", upstream.url()),
         ("JWT_SECRET", SECRET.to_owned()),

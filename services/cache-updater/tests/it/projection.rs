@@ -350,7 +350,7 @@ async fn a_burst_is_handled_in_batches_in_order_without_stale_events_and_with_ea
 }
 
 #[tokio::test]
-async fn rebuild_replays_events_into_an_emptied_read_model() {
+async fn rebuild_replays_events_into_the_documents_it_emptied() {
     let stack = Stack::new().await;
     let mut events = Vec::new();
     for i in 0..30 {
@@ -371,7 +371,8 @@ async fn rebuild_replays_events_into_an_emptied_read_model() {
         stack.produce(e).await;
     }
     stack.produce_raw("books/bad", b"garbage").await;
-    // A document that is not in the topic, left over in Redis: the rebuild removes it.
+    // A document no event is about, left over in Redis: the rebuild leaves it (it never
+    // enumerates the stack's keys); the documents the events are about were not projected.
     let ghost = event("created", "books", "ghost", 7, Some(json!({})));
     let mut conn = stack.redis.clone();
     common::readmodel::apply(
@@ -388,11 +389,17 @@ async fn rebuild_replays_events_into_an_emptied_read_model() {
         .await
         .unwrap();
 
-    assert_eq!(summary.cleared, 1);
+    assert_eq!(summary.cleared, 0);
     assert_eq!(summary.events, events.len() as u64 + 1);
     assert_eq!(summary.applied, events.len() as u64);
     assert_eq!(summary.malformed, 1);
-    assert_eq!(stack.lookup("books", "ghost").await, Lookup::Missing);
+    assert_eq!(
+        stack.lookup("books", "ghost").await,
+        Lookup::Found {
+            version: 7,
+            data: json!({})
+        }
+    );
     for i in 0..30 {
         let expected = if i % 3 == 0 {
             Lookup::Deleted { version: 3 }

@@ -38,7 +38,12 @@ impl Stack {
         let id = Uuid::new_v4().simple().to_string();
         let vars = test_vars()
             .with("KAFKA_TOPIC_PREFIX", format!("it-cu-{id}."))
-            .with("REDIS_KEY_PREFIX", format!("it:cu:{id}:"));
+            .with("REDIS_KEY_PREFIX", format!("it:cu:{id}:"))
+            // The services connect as a stack's ACL user would (assertions use `redis`).
+            .with(
+                "REDIS_URL",
+                common::test_support::stack_redis_url(&format!("it:cu:{id}:")),
+            );
         TELEMETRY.call_once(|| {
             let guard = common::telemetry::init("it", &vars.parse::<CommonConfig>().unwrap());
             std::mem::forget(guard); // keep the propagator for the whole process

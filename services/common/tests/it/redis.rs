@@ -143,102 +143,20 @@ async fn a_handle_refused_after_its_user_vanished_heals_once_the_user_is_back() 
     let _: () = acl("DELUSER").query_async(&mut admin).await.unwrap();
 }
 
-/// A Redis server that speaks only TLS, on a free port, with a certificate for 127.0.0.1
-/// from a CA of its own (Debian's `redis-server`, built with TLS); killed on drop.
-struct TlsRedis {
-    child: std::process::Child,
-    port: u16,
-    ca: std::path::PathBuf,
-    dir: std::path::PathBuf,
-}
-
-impl TlsRedis {
-    fn start() -> Self {
-        let dir = std::env::temp_dir().join(format!("tls-redis-{}", uuid::Uuid::new_v4().simple()));
-        std::fs::create_dir(&dir).expect("a temporary directory");
-        let ca_key = rcgen::KeyPair::generate().expect("a key");
-        let mut ca_params =
-            rcgen::CertificateParams::new(Vec::<String>::new()).expect("CA parameters");
-        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        ca_params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, "test redis CA");
-        let ca_cert = ca_params.self_signed(&ca_key).expect("a CA certificate");
-        let issuer = rcgen::Issuer::new(ca_params, ca_key);
-        let key = rcgen::KeyPair::generate().expect("a key");
-        let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])
-            .expect("server parameters")
-            .signed_by(&key, &issuer)
-            .expect("a server certificate");
-        let write = |name: &str, text: String| {
-            let path = dir.join(name);
-            std::fs::write(&path, text).expect("a certificate file");
-            path
-        };
-        let ca = write("ca.crt", ca_cert.pem());
-        let crt = write("redis.crt", cert.pem());
-        let key = write("redis.key", key.serialize_pem());
-        let port = common::test_support::free_port();
-        let child = std::process::Command::new("redis-server")
-            .args([
-                "--port",
-                "0",
-                "--tls-port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-            ])
-            .arg("--tls-cert-file")
-            .arg(&crt)
-            .arg("--tls-key-file")
-            .arg(&key)
-            .arg("--tls-ca-cert-file")
-            .arg(&ca)
-            .args([
-                "--tls-auth-clients",
-                "no",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .expect("redis-server (Debian's, `just deps-up redis`) is on PATH");
-        Self {
-            child,
-            port,
-            ca,
-            dir,
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("rediss://127.0.0.1:{}", self.port)
-    }
-}
-
-impl Drop for TlsRedis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
 /// `rediss://` with `REDIS_CA_FILE`: the services' client verifies the server against that CA
 /// and talks to it; without the CA (the system's roots) the handshake is refused.
 #[tokio::test]
 async fn a_rediss_url_connects_over_tls_trusting_the_configured_ca() {
+    use common::test_support::tls_redis::TlsRedis;
     use secrecy::SecretString;
-    let server = TlsRedis::start();
+    let server = TlsRedis::start().await;
     let config = |ca: Option<&std::path::Path>| common::config::RedisConfig {
         redis_url: SecretString::from(server.url()),
         redis_key_prefix: "tls:".to_owned(),
         redis_timeout_ms: 2000,
         redis_ca_file: ca.map(|p| p.display().to_string()),
     };
-    let trusted = common::redis::client_for(&config(Some(&server.ca))).unwrap();
+    let trusted = common::redis::client_for(&config(Some(server.ca_file()))).unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     let mut conn = loop {
         match trusted.get_multiplexed_async_connection().await {
@@ -266,4 +184,70 @@ async fn a_rediss_url_connects_over_tls_trusting_the_configured_ca() {
         matches!(missing, Err(common::redis::RedisError::CaFile { .. })),
         "an unreadable REDIS_CA_FILE must be named"
     );
+}
+
+/// A stack's ACL user (the operator's rules) runs what the services run — the read model's
+/// scripts, reads and removals, room history and publications — and is refused every command
+/// that would show it other stacks' key or channel names, and any key outside its prefix.
+#[tokio::test]
+async fn a_stack_user_runs_the_services_commands_and_cannot_list_other_stacks() {
+    use common::readmodel::{self, Lookup};
+    use common::test_support::stack_redis_url;
+
+    let prefix = format!("it-acl-{}:", uuid::Uuid::new_v4().simple());
+    let url = stack_redis_url(&prefix);
+    let mut conn = redis::Client::open(url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let event: common::envelope::EventEnvelope = serde_json::from_value(serde_json::json!({
+        "eventId": uuid::Uuid::new_v4(), "type": "created", "collection": "books", "id": "b1",
+        "version": 1, "data": {"t": 1}, "commandId": uuid::Uuid::new_v4(),
+        "occurredAt": "2026-01-01T00:00:00Z"
+    }))
+    .unwrap();
+    let ttl = std::time::Duration::from_secs(60);
+    readmodel::apply(&mut conn, &prefix, &event, ttl)
+        .await
+        .unwrap();
+    assert!(matches!(
+        readmodel::read(&mut conn, &prefix, "books", "b1")
+            .await
+            .unwrap(),
+        Lookup::Found { version: 1, .. }
+    ));
+    assert_eq!(
+        readmodel::unlink(&mut conn, &prefix, [("books", "b1")])
+            .await
+            .unwrap(),
+        1
+    );
+    let pong: String = redis::cmd("PING").query_async(&mut conn).await.unwrap();
+    assert_eq!(pong, "PONG");
+
+    for command in [
+        vec!["SCAN", "0"],
+        vec!["KEYS", "*"],
+        vec!["RANDOMKEY"],
+        vec!["DBSIZE"],
+        vec!["PUBSUB", "CHANNELS"],
+        vec!["INFO", "keyspace"],
+        vec!["CLIENT", "LIST"],
+        vec!["FLUSHDB"],
+        vec!["CONFIG", "GET", "*"],
+    ] {
+        let refused = redis::cmd(command[0])
+            .arg(&command[1..])
+            .query_async::<redis::Value>(&mut conn)
+            .await
+            .expect_err(&format!("{command:?} was allowed"));
+        assert_eq!(refused.code(), Some("NOPERM"), "{command:?}: {refused}");
+    }
+    let outside = redis::cmd("GET")
+        .arg("another-stack:doc:books:b1")
+        .query_async::<Option<String>>(&mut conn)
+        .await
+        .expect_err("a key outside the prefix was readable");
+    assert_eq!(outside.code(), Some("NOPERM"), "{outside}");
 }

@@ -22,6 +22,8 @@ pub fn prefix() -> String {
 pub fn hub_vars(prefix: &str) -> Vars {
     test_vars()
         .with("REDIS_KEY_PREFIX", prefix)
+        // As a stack's ACL user would (the operator's rules).
+        .with("REDIS_URL", common::test_support::stack_redis_url(prefix))
         .with("JWT_SECRET", SECRET)
         .with("HUB_PUBLISH_ROOMS", "chat:*")
         .with("SHUTDOWN_GRACE_SECONDS", "5")
