@@ -209,11 +209,7 @@ impl Proxy {
     /// client gets the 413 instead of a reset.
     async fn limit_body(&self, headers: &HeaderMap, body: Body) -> Result<Body, ProxyError> {
         let limit = self.settings.max_body_bytes;
-        let declared = headers
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
-        if let Some(length) = declared {
+        if let Some(length) = common::http::declared_length(headers) {
             return if length > limit as u64 {
                 common::http::linger(body);
                 Err(ProxyError::BodyTooLarge(limit))

@@ -52,7 +52,28 @@ pub fn router(state: &AppState) -> Router {
         .route("/v1/commands", post(submit))
         .route("/v1/commands/{id}", get(status))
         .layer(DefaultBodyLimit::max(state.settings.max_body_bytes))
+        .layer(axum::middleware::from_fn_with_state(
+            state.settings.max_body_bytes,
+            refuse_declared_oversize,
+        ))
         .with_state(state.clone())
+}
+
+/// A body declared larger than the limit is refused before it is read, and its rest read in
+/// the background ([`common::http::linger`]), so the client gets the 413 rather than a
+/// reset. (A chunked body over the limit is refused by `DefaultBodyLimit` once it passes it;
+/// the gateway always forwards a length.)
+async fn refuse_declared_oversize(
+    axum::extract::State(limit): axum::extract::State<usize>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse as _;
+    if common::http::declared_length(request.headers()).is_some_and(|l| l > limit as u64) {
+        common::http::linger(request.into_body());
+        return ApiError::PayloadTooLarge.into_response();
+    }
+    next.run(request).await
 }
 
 /// A command as submitted.

@@ -407,6 +407,14 @@ async fn accept(
     connections
 }
 
+/// The request body's declared length (`Content-Length`), if it has a valid one.
+pub fn declared_length(headers: &http::HeaderMap) -> Option<u64> {
+    headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+}
+
 /// How much of a refused request's body [`linger`] reads, at most.
 pub const LINGER_MAX_BYTES: u64 = 16 * 1024 * 1024;
 /// How long [`linger`] reads a refused request's body, at most.

@@ -519,3 +519,38 @@ pub fn stack_redis_url(prefix: &str) -> String {
     url.set_password(Some(&password)).unwrap();
     url.to_string()
 }
+
+/// Sends `POST path` with `headers` (each `Name: value`) and a body of `size` bytes declared
+/// in `Content-Length`, the way a client that does not wait for an early answer does, and
+/// reads the whole response. Returns the response's text and whether the whole body could be
+/// written (a server that closed without reading the rest makes the write fail with a reset,
+/// and often loses the response too).
+pub async fn post_oversize(
+    addr: SocketAddr,
+    path: &str,
+    headers: &[String],
+    size: usize,
+) -> (String, bool) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut reader, mut writer) = stream.into_split();
+    let mut head = format!("POST {path} HTTP/1.1\r\nHost: test\r\n");
+    for header in headers {
+        head.push_str(header);
+        head.push_str("\r\n");
+    }
+    head.push_str(&format!(
+        "Content-Type: application/json\r\nContent-Length: {size}\r\nConnection: close\r\n\r\n"
+    ));
+    let body = vec![b'x'; size];
+    let sender = tokio::spawn(async move {
+        writer.write_all(head.as_bytes()).await?;
+        writer.write_all(&body).await?;
+        writer.shutdown().await
+    });
+    let mut response = Vec::new();
+    let read = reader.read_to_end(&mut response).await;
+    assert!(read.is_ok(), "{read:?} after {} bytes", response.len());
+    let sent = sender.await.unwrap().is_ok();
+    (String::from_utf8_lossy(&response).into_owned(), sent)
+}

@@ -205,42 +205,23 @@ async fn oversize_bodies_are_refused_with_a_413_problem_before_reaching_the_upst
 /// gets the 413 (a close with unread bytes would reset the connection and lose it).
 #[tokio::test]
 async fn a_client_still_sending_an_oversize_body_gets_the_413_not_a_reset() {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let upstream = echo_upstream().await;
     let vars =
         gateway_vars(&upstream.url(), &prefix("linger")).with("GATEWAY_MAX_BODY_BYTES", "1024");
     let app = start_gateway(&vars).await;
     for attempt in 0..10 {
-        let stream = tokio::net::TcpStream::connect(app.addr).await.unwrap();
-        let (mut reader, mut writer) = stream.into_split();
-        let body = vec![b'x'; 4 * 1024 * 1024];
-        let head = format!(
-            "POST /v1/commands HTTP/1.1\r\nHost: gateway\r\nAuthorization: {}\r\n\
-             Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-            bearer("alice"),
-            body.len()
-        );
-        let sender = tokio::spawn(async move {
-            writer.write_all(head.as_bytes()).await?;
-            writer.write_all(&body).await?;
-            writer.shutdown().await
-        });
-        let mut response = Vec::new();
-        let read = reader.read_to_end(&mut response).await;
+        let (response, sent) = common::test_support::post_oversize(
+            app.addr,
+            "/v1/commands",
+            &[format!("Authorization: {}", bearer("alice"))],
+            4 * 1024 * 1024,
+        )
+        .await;
         assert!(
-            read.is_ok(),
-            "attempt {attempt}: {read:?} after {} bytes",
-            response.len()
+            response.starts_with("HTTP/1.1 413"),
+            "attempt {attempt}: {response}"
         );
-        let text = String::from_utf8_lossy(&response);
-        assert!(
-            text.starts_with("HTTP/1.1 413"),
-            "attempt {attempt}: {text}"
-        );
-        assert!(
-            sender.await.unwrap().is_ok(),
-            "attempt {attempt}: the body was not read"
-        );
+        assert!(sent, "attempt {attempt}: the body was not read");
     }
     app.stop().await;
 }

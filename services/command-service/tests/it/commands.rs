@@ -499,6 +499,26 @@ async fn bad_requests_get_problem_json_and_store_nothing() {
         .await
         .assert_problem(404, "not-found");
 
+    // A client still sending a body declared over the limit reads the 413, and its body is
+    // taken (no reset), every time.
+    for attempt in 0..5 {
+        let (response, sent) = common::test_support::post_oversize(
+            h.app.addr,
+            "/v1/commands",
+            &[
+                format!("X-Client-Id: {}", h.client),
+                "Idempotency-Key: k-huge".to_owned(),
+            ],
+            4 * 1024 * 1024,
+        )
+        .await;
+        assert!(
+            response.starts_with("HTTP/1.1 413") && response.contains("payload-too-large"),
+            "attempt {attempt}: {response}"
+        );
+        assert!(sent, "attempt {attempt}: the body was not read");
+    }
+
     assert_eq!(h.rows("commands").await, 0);
     assert_eq!(h.rows("idempotency_keys").await, 0);
     assert_eq!(h.outbox_rows().await, 0);
