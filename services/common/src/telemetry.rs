@@ -91,7 +91,16 @@ pub fn init(service_name: &str, config: &CommonConfig) -> Result<TelemetryGuard,
     }
     let provider = builder.build();
     global::set_tracer_provider(provider.clone());
-    let otel = tracing_opentelemetry::layer().with_tracer(provider.tracer(name));
+    // Per span, only what a trace viewer shows: no busy/idle timing (two clock reads on every
+    // poll of an instrumented future), no thread name and id, and no OpenTelemetry context
+    // made current on every entry (the propagation here reads a span's context through the
+    // layer: `OpenTelemetrySpanExt::context`). Together a tenth of the gateway's instructions
+    // per proxied request.
+    let otel = tracing_opentelemetry::layer()
+        .with_tracked_inactivity(false)
+        .with_threads(false)
+        .with_context_activation(false)
+        .with_tracer(provider.tracer(name));
 
     // `try_init` fails only when a subscriber is already installed (several apps in one
     // test process); the first one stays in charge.
