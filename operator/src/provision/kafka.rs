@@ -248,6 +248,11 @@ fn connect(access: &KafkaAccess) -> Result<Arc<KafkaCluster>, ProvisionError> {
 }
 
 impl KafkaCluster {
+    /// Whether the operator logs in to this cluster (it can then manage SCRAM logins and ACLs).
+    pub fn has_admin_login(&self) -> bool {
+        self.access.credentials.is_some()
+    }
+
     /// A metadata request for `topic` (which need not exist): succeeds when a broker answers.
     pub async fn ping(&self, topic: &str, timeout: Duration) -> Result<(), ProvisionError> {
         self.describe(topic, timeout).await.map(|_| ())

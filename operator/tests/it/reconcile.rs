@@ -1677,9 +1677,10 @@ async fn an_operator_stopped_before_its_first_list_of_stacks_exits_at_once() {
 /// A stack on the broker's SASL port with the operator's admin login gets a principal of its
 /// own: the `<stack>-kafka` Secret the Kafka services read, whose login writes the stack's
 /// topics; a rotation moves the services to the second login while the first keeps working;
-/// deleting the stack ends both logins.
+/// `servicePrincipal: None` ends both logins and deletes the Secret; deleting the stack ends
+/// the login it had then.
 #[tokio::test]
-async fn a_stack_with_a_kafka_admin_login_gets_its_own_principal_rotated_and_removed() {
+async fn a_stack_with_a_kafka_admin_login_gets_its_own_principal_rotated_retired_and_removed() {
     use crate::provision::{metadata, produce, sasl_access, tenant_config};
     use k8s_openapi::api::core::v1::ConfigMap;
 
@@ -1760,6 +1761,44 @@ async fn a_stack_with_a_kafka_admin_login_gets_its_own_principal_rotated_and_rem
         .await
         .expect("the first login keeps working until the next rotation");
 
+    // Switched off: both logins, their ACLs and the Secret go.
+    let mut anonymous = rotated.clone();
+    anonymous["spec"]["kafka"]["servicePrincipal"] = json!("None");
+    harness.apply(&anonymous).await;
+    wait_until("zeta-kafka to be deleted", READY_TIMEOUT, || {
+        let secrets = secrets.clone();
+        async move { secrets.get_opt("zeta-kafka").await.unwrap().is_none() }
+    })
+    .await;
+    metadata(&first)
+        .await
+        .expect_err("the first login outlived servicePrincipal: None");
+    metadata(&second)
+        .await
+        .expect_err("the second login outlived servicePrincipal: None");
+    let retired = event_notes(&harness, "zeta", "KafkaPrincipalRetired").await;
+    assert!(
+        retired.iter().any(|n| n.contains("removed Kafka logins")),
+        "{retired:?}"
+    );
+
+    // Switched on again: a new login, which deleting the stack removes.
+    harness.apply(&rotated).await;
+    wait_until("a new zeta-kafka", READY_TIMEOUT, || {
+        let secrets = secrets.clone();
+        async move { secrets.get_opt("zeta-kafka").await.unwrap().is_some() }
+    })
+    .await;
+    let login = secrets.get("zeta-kafka").await.unwrap();
+    let third = tenant_config(
+        &access,
+        &secret_key(&login, "username"),
+        &secret_key(&login, "password"),
+    );
+    produce(&third, &topic)
+        .await
+        .expect("the new login writes the topic");
+
     harness
         .stacks()
         .delete("zeta", &DeleteParams::default())
@@ -1771,12 +1810,9 @@ async fn a_stack_with_a_kafka_admin_login_gets_its_own_principal_rotated_and_rem
         async move { stacks.get_opt("zeta").await.unwrap().is_none() }
     })
     .await;
-    metadata(&first)
+    metadata(&third)
         .await
-        .expect_err("the first login outlived its stack");
-    metadata(&second)
-        .await
-        .expect_err("the second login outlived its stack");
+        .expect_err("the login outlived its stack");
     harness.finish().await;
 }
 

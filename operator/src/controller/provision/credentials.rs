@@ -147,9 +147,11 @@ pub(in crate::controller) async fn credentials(
             ("password", postgres_password.expose_secret()),
         ],
     );
+    let mut events = Vec::new();
     let kafka = if validated.kafka_principal() == ServicePrincipal::Stack {
         Some(kafka_principal(ctx, validated, clients, token.as_deref(), &rotate_of).await?)
     } else {
+        events.extend(retire_kafka_principal(ctx, validated, clients).await?);
         None
     };
     apply::apply(ctx, &ctx.stores.secrets, redis_secret).await?;
@@ -161,7 +163,6 @@ pub(in crate::controller) async fn credentials(
         .as_ref()
         .filter(|k| k.rotated)
         .map(|k| k.login.as_str());
-    let mut events = Vec::new();
     if rotate_redis || rotate_postgres || rotated_kafka.is_some() {
         let kafka_login = rotated_kafka
             .map(|login| format!(", Kafka login {login}"))
@@ -254,6 +255,69 @@ fn take_turns<'a>(
         rotated,
         new: previous.is_none(),
     }
+}
+
+/// A stack that no longer asks for a Kafka principal of its own (`servicePrincipal: None`)
+/// but had one (its `<stack>-kafka` Secret is there): its logins and ACLs are removed (with the
+/// operator's admin login; without one they cannot be, and the Event says so), then the Secret,
+/// so no valid login to the stack's topics is left behind. Returns the Event.
+async fn retire_kafka_principal(
+    ctx: &Context,
+    validated: &ValidatedStack,
+    clients: &Clients,
+) -> Result<Option<Event>, Error> {
+    let name = build::kafka_secret_name(validated);
+    if ctx
+        .stores
+        .secrets
+        .get(&ObjectRef::new(&name).within(validated.namespace()))
+        .is_none()
+    {
+        return Ok(None);
+    }
+    let primary = names::kafka_user(validated);
+    let second = names::kafka_second_user(validated);
+    let removed = clients.kafka.has_admin_login();
+    if removed {
+        clients
+            .kafka
+            .remove_principal(&[&primary, &second], ctx.settings.dependency_timeout)
+            .await
+            .map_err(|source| Error::KafkaPrincipal {
+                user: primary.clone(),
+                source,
+            })?;
+    }
+    let secrets: kube::Api<Secret> =
+        kube::Api::namespaced(ctx.client.clone(), validated.namespace());
+    match secrets.delete(&name, &Default::default()).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(status)) if status.code == 404 => {}
+        Err(source) => {
+            return Err(Error::ConnectionSecret(apply::Error::Patch {
+                key: apply::object_key::<Secret>(validated.namespace(), &name),
+                source,
+            }));
+        }
+    }
+    tracing::info!(user = %primary, removed, "Kafka principal retired (servicePrincipal: None)");
+    let note = if removed {
+        format!(
+            "servicePrincipal is None: removed Kafka logins {primary} and {second} with their \
+             ACLs, and Secret {name}"
+        )
+    } else {
+        format!(
+            "servicePrincipal is None: deleted Secret {name}; Kafka logins {primary} and \
+             {second} are left on the cluster (no kafka.adminSecretRef to remove them with)"
+        )
+    };
+    Ok(Some(status::event(
+        EventType::Normal,
+        "KafkaPrincipalRetired",
+        "RetireKafkaPrincipal",
+        note,
+    )))
 }
 
 /// The stack's Kafka login as provisioned.
