@@ -690,6 +690,16 @@ async fn main() {
          Kafka and Redis on the same {cores}-core machine; topics of {} partitions.",
         topic_partitions()
     );
+    println!(
+        "Differences from a deployed stack: the three services share this process (deployed: \
+         a pod each); COMMANDS_OUTBOX_POLL_INTERVAL_MS and PROCESSOR_OUTBOX_POLL_INTERVAL_MS \
+         100 (deployed: 1000, the relays' fallback poll); logs {} (deployed: RUST_LOG=info, \
+         LOG_FORMAT=json; set both to log as deployed).",
+        match std::env::var("RUST_LOG") {
+            Ok(level) => format!("RUST_LOG={level}"),
+            Err(_) => "off (RUST_LOG unset)".to_owned(),
+        }
+    );
 
     let only = std::env::var("BENCH_PIPELINE_ONLY").unwrap_or_default();
     let fixed_only = only == "fixed";
