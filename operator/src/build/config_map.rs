@@ -37,12 +37,7 @@ pub fn settings(stack: &ValidatedStack, component: Component) -> BTreeMap<String
         set("KAFKA_TOPIC_PREFIX", stack.topic_prefix());
         let sasl = stack.kafka_principal() == ServicePrincipal::Stack;
         let tls = spec.kafka.tls.as_ref();
-        let protocol = match (sasl, tls.is_some()) {
-            (false, false) => "plaintext",
-            (false, true) => "ssl",
-            (true, false) => "sasl_plaintext",
-            (true, true) => "sasl_ssl",
-        };
+        let protocol = crate::provision::kafka::security_protocol(sasl, tls.is_some());
         // Plaintext is the services' default: left out, so the ConfigMaps of stacks that use
         // it did not change (and their pods did not roll) when the setting appeared.
         if protocol != "plaintext" {

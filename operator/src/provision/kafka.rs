@@ -46,15 +46,21 @@ pub struct KafkaTlsAccess {
     pub ca_pem: Option<String>,
 }
 
+/// librdkafka's `security.protocol` (which takes any case) for a client that logs in with
+/// SASL or not, over TLS or not: the operator's and the services' (`KAFKA_SECURITY_PROTOCOL`).
+pub fn security_protocol(sasl: bool, tls: bool) -> &'static str {
+    match (sasl, tls) {
+        (false, false) => "plaintext",
+        (false, true) => "ssl",
+        (true, false) => "sasl_plaintext",
+        (true, true) => "sasl_ssl",
+    }
+}
+
 impl KafkaAccess {
     /// librdkafka's `security.protocol` for this access.
     pub fn security_protocol(&self) -> &'static str {
-        match (self.credentials.is_some(), self.tls.is_some()) {
-            (false, false) => "PLAINTEXT",
-            (false, true) => "SSL",
-            (true, false) => "SASL_PLAINTEXT",
-            (true, true) => "SASL_SSL",
-        }
+        security_protocol(self.credentials.is_some(), self.tls.is_some())
     }
 
     /// What tells two accesses apart (the password fingerprinted, never in clear).
@@ -101,6 +107,8 @@ pub struct KafkaCluster {
     admin: AdminClient<DefaultClientContext>,
     /// How the operator reaches the cluster (for the calls librdkafka has no API for).
     access: KafkaAccess,
+    /// Its TLS, when `access` asks for TLS.
+    tls: Option<tokio_rustls::TlsConnector>,
     metadata: Metadata,
     /// The clients' settings, without a group.
     config: ClientConfig,
@@ -238,9 +246,15 @@ fn connect(access: &KafkaAccess) -> Result<Arc<KafkaCluster>, ProvisionError> {
     let mut metadata_config = config.clone();
     metadata_config.set("group.id", "meridian-operator-metadata");
     let metadata = Metadata::new(metadata_config)?;
+    let tls = access
+        .tls
+        .as_ref()
+        .map(|tls| wire::connector(tls.ca_pem.as_deref()))
+        .transpose()?;
     Ok(Arc::new(KafkaCluster {
         admin,
         access: access.clone(),
+        tls,
         metadata,
         config,
         lag_readers: Mutex::default(),

@@ -121,7 +121,7 @@ fn str(value: &str) -> StrBytes {
 
 impl KafkaCluster {
     async fn admin_connection(&self, timeout: Duration) -> Result<Connection, ProvisionError> {
-        Connection::open(&self.access, timeout).await
+        Connection::open(&self.access, self.tls.as_ref(), timeout).await
     }
 
     /// Which of `users` have a SCRAM-SHA-512 credential.

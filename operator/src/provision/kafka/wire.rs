@@ -41,9 +41,11 @@ fn error(message: impl std::fmt::Display) -> ProvisionError {
 }
 
 impl Connection {
-    /// Connects to the first of `access`'s bootstrap servers that answers and logs in.
+    /// Connects to the first of `access`'s bootstrap servers that answers and logs in, over
+    /// TLS with `tls` (the cluster's [`connector`]) when `access` asks for TLS.
     pub(super) async fn open(
         access: &KafkaAccess,
+        tls: Option<&TlsConnector>,
         timeout: Duration,
     ) -> Result<Self, ProvisionError> {
         let mut last = error("no bootstrap server");
@@ -53,7 +55,7 @@ impl Connection {
             .map(str::trim)
             .filter(|s| !s.is_empty())
         {
-            match tokio::time::timeout(timeout, Self::open_one(server, access)).await {
+            match tokio::time::timeout(timeout, Self::open_one(server, access, tls)).await {
                 Ok(Ok(connection)) => return Ok(connection),
                 Ok(Err(e)) => last = e,
                 Err(_) => {
@@ -67,7 +69,11 @@ impl Connection {
         Err(last)
     }
 
-    async fn open_one(server: &str, access: &KafkaAccess) -> Result<Self, ProvisionError> {
+    async fn open_one(
+        server: &str,
+        access: &KafkaAccess,
+        tls: Option<&TlsConnector>,
+    ) -> Result<Self, ProvisionError> {
         let (host, _) = server
             .rsplit_once(':')
             .ok_or_else(|| error(format!("bootstrap server {server:?} has no port")))?;
@@ -77,12 +83,11 @@ impl Connection {
             .map_err(|e| error(format!("connecting to {server}: {e}")))?;
         tcp.set_nodelay(true)
             .map_err(|e| error(format!("connecting to {server}: {e}")))?;
-        let stream: Box<dyn Stream> = match &access.tls {
+        let stream: Box<dyn Stream> = match tls {
             None => Box::new(tcp),
-            Some(tls) => {
+            Some(connector) => {
                 let name = ServerName::try_from(host.to_owned())
                     .map_err(|e| error(format!("{host:?} is no TLS server name: {e}")))?;
-                let connector = TlsConnector::from(client_config(tls.ca_pem.as_deref())?);
                 Box::new(
                     connector
                         .connect(name, tcp)
@@ -216,8 +221,9 @@ impl Connection {
     }
 }
 
-/// TLS trusting `ca_pem` (PEM certificates), or the system's roots without one.
-fn client_config(ca_pem: Option<&str>) -> Result<Arc<ClientConfig>, ProvisionError> {
+/// TLS trusting `ca_pem` (PEM certificates), or the system's roots without one: built once per
+/// cluster (reading the system's roots is file I/O), used by every connection to it.
+pub(super) fn connector(ca_pem: Option<&str>) -> Result<TlsConnector, ProvisionError> {
     let mut roots = RootCertStore::empty();
     match ca_pem {
         Some(pem) => {
@@ -242,5 +248,5 @@ fn client_config(ca_pem: Option<&str>) -> Result<Arc<ClientConfig>, ProvisionErr
         .map_err(|e| error(format!("TLS: {e}")))?
         .with_root_certificates(roots)
         .with_no_client_auth();
-    Ok(Arc::new(config))
+    Ok(TlsConnector::from(Arc::new(config)))
 }
