@@ -52,6 +52,11 @@ pub fn settings(stack: &ValidatedStack, component: Component) -> BTreeMap<String
     }
     if component.uses_redis() {
         set("REDIS_KEY_PREFIX", stack.redis_key_prefix());
+        // One Redis is the services' default: left out, so the ConfigMaps of stacks on one did
+        // not change (and their pods did not roll) when the setting appeared.
+        if spec.redis.cluster {
+            set("REDIS_CLUSTER", "true".to_owned());
+        }
     }
     // The CAs mounted into the pods (`ca::volumes`), where a variable points at them.
     for ca in Ca::ALL {

@@ -1429,3 +1429,36 @@ fn redis_and_postgres_cas_reach_only_the_services_that_use_them_through_a_mount(
         assert_eq!(ca_mount(service, Ca::Kafka), None);
     }
 }
+
+#[test]
+fn a_redis_cluster_reaches_the_services_that_use_redis_and_one_redis_changes_nothing() {
+    // `cluster: false` (the default) adds no setting: the objects of stacks on one Redis are
+    // those they always were, so their pods do not roll.
+    let mut single = fixtures::example();
+    single.spec.redis.cluster = false;
+    let single = build(&fixtures::validated(&single), Scraping::Annotations);
+    assert_eq!(single, example());
+    for component in Component::ALL {
+        assert_eq!(setting(objects(&single, component), "REDIS_CLUSTER"), None);
+    }
+
+    let mut stack = fixtures::example();
+    stack.spec.redis.cluster = true;
+    let cluster = build(&fixtures::validated(&stack), Scraping::Annotations);
+    for component in Component::ALL {
+        let service = objects(&cluster, component);
+        let expected = component.uses_redis().then_some("true");
+        assert_eq!(
+            setting(service, "REDIS_CLUSTER"),
+            expected,
+            "{}",
+            component.name()
+        );
+        // The rest of the Redis wiring is the same: one URL (a seed node) from the Secret,
+        // the same key prefix.
+        assert_eq!(
+            setting(service, "REDIS_KEY_PREFIX"),
+            setting(objects(&single, component), "REDIS_KEY_PREFIX")
+        );
+    }
+}

@@ -389,8 +389,14 @@ pub(super) async fn dependencies(
     let spec = validated.spec();
     let timeout = ctx.settings.dependency_timeout;
     let kafka = kafka(ctx, validated, refs).map_err(Error::KafkaClient)?;
-    let redis = RedisAdmin::new(&spec.redis.url, &refs.redis, refs.ca(Ca::Redis), timeout)
-        .map_err(Error::RedisClient)?;
+    let redis = RedisAdmin::new(
+        &spec.redis.url,
+        &refs.redis,
+        refs.ca(Ca::Redis),
+        spec.redis.cluster,
+        timeout,
+    )
+    .map_err(Error::RedisClient)?;
     let postgres = ctx
         .postgres
         .admin(

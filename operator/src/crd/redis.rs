@@ -28,4 +28,9 @@ pub struct RedisSpec {
     /// (mounted into their pods). Only with a `rediss://` url. Unset: the system's roots.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_secret_ref: Option<SecretKeyRef>,
+    /// `url` names a node of a Redis Cluster (the others are discovered); the stack's ACL user
+    /// is created on every node and the services connect in cluster mode (hash-tagged keys,
+    /// sharded pub/sub). Redis 7.0 or later.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cluster: bool,
 }

@@ -284,6 +284,30 @@ fn a_minimal_spec_gets_the_documented_defaults() {
     assert_eq!(spec.deletion_policy.credentials, Retention::Delete);
     assert!(!spec.paused);
     assert!(spec.auth.is_none());
+    assert!(!spec.redis.cluster);
+}
+
+#[test]
+fn redis_cluster_is_written_only_when_true() {
+    let mut redis: crate::crd::RedisSpec = serde_json::from_value(serde_json::json!({
+        "url": "redis://redis-0.redis:6379", "adminSecretRef": { "name": "redis-admin" },
+    }))
+    .unwrap();
+    // Left out when false: stored objects of stacks on one Redis do not change.
+    assert!(
+        serde_json::to_value(&redis)
+            .unwrap()
+            .get("cluster")
+            .is_none()
+    );
+    redis.cluster = true;
+    assert_eq!(serde_json::to_value(&redis).unwrap()["cluster"], true);
+    assert_eq!(
+        at("spec.redis.cluster")["type"],
+        "boolean",
+        "{}",
+        at("spec.redis.cluster")
+    );
 }
 
 #[test]

@@ -93,6 +93,7 @@ pub const V1BETA1_ONLY: &[&[&str]] = &[
     &["spec", "kafka", "tls"],
     &["spec", "kafka", "servicePrincipal"],
     &["spec", "redis", "caSecretRef"],
+    &["spec", "redis", "cluster"],
     &["spec", "postgres", "caSecretRef"],
 ];
 

@@ -441,7 +441,7 @@ async fn redis_users_are_saved_to_the_acl_file_when_they_change() {
         username: "default".into(),
         password: SecretString::from(""),
     };
-    let admin = RedisAdmin::new(&url, &credentials, None, Duration::from_secs(5)).unwrap();
+    let admin = RedisAdmin::new(&url, &credentials, None, false, Duration::from_secs(5)).unwrap();
     let mut conn = redis::Client::open(url.as_str())
         .unwrap()
         .get_multiplexed_async_connection()
@@ -499,6 +499,242 @@ async fn redis_users_are_saved_to_the_acl_file_when_they_change() {
     );
 }
 
+/// The local Redis Cluster's seed node (`dev/deps.sh env`).
+fn redis_cluster_url() -> String {
+    std::env::var("MERIDIAN_REDIS_CLUSTER_URL")
+        .expect("MERIDIAN_REDIS_CLUSTER_URL: the local Redis Cluster (eval \"$(dev/deps.sh env)\")")
+}
+
+/// A connection to one Redis Cluster node by itself (no redirects), as the `default` user.
+async fn cluster_node(
+    node: &operator::provision::redis::ClusterNode,
+) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(format!("redis://{node}"))
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap()
+}
+
+/// The key pattern of the ACL user `user` on one node (`ACL GETUSER`), `None` without one.
+async fn acl_keys(conn: &mut redis::aio::MultiplexedConnection, user: &str) -> Option<String> {
+    let reply: redis::Value = redis::cmd("ACL")
+        .arg("GETUSER")
+        .arg(user)
+        .query_async(conn)
+        .await
+        .unwrap();
+    let fields: Vec<redis::Value> = match reply {
+        redis::Value::Nil => return None,
+        redis::Value::Array(fields) => fields,
+        other => panic!("ACL GETUSER answered {other:?}"),
+    };
+    let position = fields
+        .iter()
+        .position(|f| matches!(f, redis::Value::BulkString(b) if b == b"keys"))
+        .expect("ACL GETUSER lists the key patterns");
+    Some(redis::from_redis_value(fields[position + 1].clone()).unwrap())
+}
+
+/// `redis.cluster`: on the local three-node Redis Cluster, the stack's user is created on
+/// every node (ACLs are per node), so a cluster client logged in as it works wherever the slot
+/// map sends it: keys under its prefix on every primary, sharded pub/sub on its channels,
+/// nothing outside its prefix. Ensuring it again changes nothing; deleting it removes it from
+/// every node.
+#[tokio::test]
+async fn a_stack_user_on_a_redis_cluster_exists_on_every_node_and_reaches_only_its_prefix() {
+    use operator::provision::redis::{
+        Persistence, RedisAdmin, cluster_nodes, url_with_credentials,
+    };
+    use redis::AsyncCommands as _;
+
+    let seed_url = redis_cluster_url();
+    let credentials = AdminCredentials {
+        username: "default".into(),
+        password: SecretString::from(""),
+    };
+    let timeout = Duration::from_secs(5);
+    let admin = RedisAdmin::new(&seed_url, &credentials, None, true, timeout).unwrap();
+    admin.ping().await.unwrap();
+    let mut seed = redis::Client::open(seed_url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let reply: String = redis::cmd("CLUSTER")
+        .arg("NODES")
+        .query_async(&mut seed)
+        .await
+        .unwrap();
+    let nodes = cluster_nodes(&reply);
+    assert_eq!(nodes.len(), 3, "the local cluster has three nodes: {reply}");
+
+    let run = Uuid::new_v4().simple().to_string()[..8].to_owned();
+    let user = format!("it-cluster-{run}");
+    let prefix = format!("it-cluster-{run}:");
+    let password = SecretString::from(format!("Cluster0Password{run}"));
+
+    let created = admin.ensure_user(&user, &prefix, &[&password], true).await;
+    assert_eq!(
+        created.unwrap(),
+        Persistence::Saved,
+        "every node of the local cluster has an ACL file"
+    );
+    for node in &nodes {
+        let keys = acl_keys(&mut cluster_node(node).await, &user).await;
+        assert_eq!(keys.as_deref(), Some(&*format!("~{prefix}*")), "on {node}");
+    }
+
+    // A cluster client logged in as the stack's user, as the services connect.
+    let stack_url = url_with_credentials(&seed_url, &user, password.expose_secret()).unwrap();
+    let client = common::redis::cluster_client_builder(stack_url.expose_secret(), None, timeout)
+        .unwrap()
+        .build()
+        .unwrap();
+    let mut conn = client.get_async_connection().await.unwrap();
+    let slots: Vec<(u16, u16, (String, u16))> = {
+        let ranges: Vec<redis::Value> = redis::cmd("CLUSTER")
+            .arg("SLOTS")
+            .query_async(&mut seed)
+            .await
+            .unwrap();
+        ranges
+            .into_iter()
+            .map(|range| {
+                let redis::Value::Array(range) = range else {
+                    panic!("CLUSTER SLOTS: {range:?}")
+                };
+                let start: u16 = redis::from_redis_value(range[0].clone()).unwrap();
+                let end: u16 = redis::from_redis_value(range[1].clone()).unwrap();
+                let primary: (String, u16) = match &range[2] {
+                    redis::Value::Array(p) => (
+                        redis::from_redis_value(p[0].clone()).unwrap(),
+                        redis::from_redis_value(p[1].clone()).unwrap(),
+                    ),
+                    other => panic!("CLUSTER SLOTS primary: {other:?}"),
+                };
+                (start, end, primary)
+            })
+            .collect()
+    };
+    let mut primaries_hit = std::collections::BTreeSet::new();
+    for tag in ["a", "b", "c", "d", "e", "f"] {
+        let key = format!("{prefix}doc{{{tag}}}");
+        let () = conn.set(&key, tag).await.unwrap();
+        let value: String = conn.get(&key).await.unwrap();
+        assert_eq!(value, tag);
+        let slot: u16 = redis::cmd("CLUSTER")
+            .arg("KEYSLOT")
+            .arg(&key)
+            .query_async(&mut seed)
+            .await
+            .unwrap();
+        let (_, _, (host, port)) = slots
+            .iter()
+            .find(|(start, end, _)| (*start..=*end).contains(&slot))
+            .unwrap_or_else(|| panic!("no node serves slot {slot}"));
+        // The key is on that primary itself (read there without redirects).
+        let mut primary = redis::Client::open(format!("redis://{host}:{port}"))
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        let stored: String = primary.get(&key).await.unwrap();
+        assert_eq!(stored, tag, "{key} on {host}:{port}");
+        primaries_hit.insert(format!("{host}:{port}"));
+        let () = primary.del(&key).await.unwrap();
+    }
+    assert!(
+        primaries_hit.len() >= 2,
+        "the keys reached several primaries: {primaries_hit:?}"
+    );
+
+    // Nothing outside the prefix.
+    let outside = format!("it-other-{run}:doc{{a}}");
+    let refused = conn.set::<_, _, ()>(&outside, "x").await.unwrap_err();
+    assert_eq!(refused.code(), Some("NOPERM"), "{refused}");
+
+    // Sharded pub/sub on the stack's channels (a RESP3 connection receives the pushes, as
+    // the hub's does), refused on others.
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let subscriber =
+        common::redis::cluster_client_builder(stack_url.expose_secret(), None, timeout)
+            .unwrap()
+            .use_protocol(redis::ProtocolVersion::RESP3)
+            .push_sender(tx)
+            .build()
+            .unwrap();
+    let mut subscriber = subscriber.get_async_connection().await.unwrap();
+    let channel = format!("{prefix}room:{{x}}");
+    subscriber.ssubscribe(&channel).await.unwrap();
+    let receivers: i64 = redis::cmd("SPUBLISH")
+        .arg(&channel)
+        .arg("hello")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(receivers, 1);
+    let message = tokio::time::timeout(timeout, async {
+        loop {
+            let push = rx.recv().await.expect("the push channel stays open");
+            if push.kind == redis::PushKind::SMessage {
+                return push.data;
+            }
+        }
+    })
+    .await
+    .expect("the sharded message arrives");
+    assert_eq!(
+        message,
+        [
+            redis::Value::BulkString(channel.clone().into_bytes()),
+            redis::Value::BulkString(b"hello".to_vec())
+        ]
+    );
+    subscriber.sunsubscribe(&channel).await.unwrap();
+    let other_channel = format!("it-other-{run}:room:{{x}}");
+    let refused = redis::cmd("SPUBLISH")
+        .arg(&other_channel)
+        .arg("hello")
+        .query_async::<i64>(&mut conn)
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Some("NOPERM"), "{refused}");
+    let refused = subscriber.ssubscribe(&other_channel).await.unwrap_err();
+    assert_eq!(refused.code(), Some("NOPERM"), "{refused}");
+
+    let again = admin.ensure_user(&user, &prefix, &[&password], false).await;
+    assert_eq!(again.unwrap(), Persistence::Unchanged);
+
+    assert_eq!(admin.delete_user(&user).await.unwrap(), Persistence::Saved);
+    for node in &nodes {
+        let keys = acl_keys(&mut cluster_node(node).await, &user).await;
+        assert_eq!(keys, None, "the user left {node}");
+    }
+    assert_eq!(
+        admin.delete_user(&user).await.unwrap(),
+        Persistence::Unchanged
+    );
+}
+
+/// `redis.cluster: true` on a server that is not a cluster node: the health check says so.
+#[tokio::test]
+async fn a_redis_cluster_admin_on_a_single_redis_fails_its_health_check_by_name() {
+    use operator::provision::redis::RedisAdmin;
+
+    let url = common::test_support::Deps::from_env().redis_url;
+    let credentials = AdminCredentials {
+        username: "default".into(),
+        password: SecretString::from(""),
+    };
+    let admin = RedisAdmin::new(&url, &credentials, None, true, Duration::from_secs(5)).unwrap();
+    let error = admin.ping().await.unwrap_err().to_string();
+    assert!(
+        error.contains("redis.cluster is true but the server is not a Redis Cluster node"),
+        "{error}"
+    );
+}
+
 /// `redis.caSecretRef` with a `rediss://` url: the operator's admin client verifies the server
 /// against the stack's CA (the PEM the Secret holds) and talks to it; without it (the system's
 /// roots) the handshake is refused.
@@ -514,12 +750,12 @@ async fn the_redis_admin_client_trusts_the_stacks_ca_over_rediss() {
     };
     let timeout = Duration::from_secs(5);
     let ca = server.ca_pem();
-    RedisAdmin::new(&server.url(), &credentials, Some(&ca), timeout)
+    RedisAdmin::new(&server.url(), &credentials, Some(&ca), false, timeout)
         .unwrap()
         .ping()
         .await
         .unwrap();
-    let untrusted = RedisAdmin::new(&server.url(), &credentials, None, timeout).unwrap();
+    let untrusted = RedisAdmin::new(&server.url(), &credentials, None, false, timeout).unwrap();
     assert_unknown_issuer(&untrusted.ping().await.unwrap_err());
 }
 

@@ -1907,3 +1907,54 @@ async fn a_stack_with_a_postgres_ca_reaches_the_server_through_it_and_mounts_it(
     }
     harness.finish().await;
 }
+
+/// A stack on the local Redis Cluster (`redis.cluster`): Ready with its user on every node,
+/// the services that use Redis told so (`REDIS_CLUSTER=true`); deleted, its user leaves
+/// every node.
+#[tokio::test]
+async fn a_stack_on_a_redis_cluster_has_its_user_on_every_node_and_cluster_mode_services() {
+    use k8s_openapi::api::core::v1::ConfigMap;
+    use operator::provision::redis::cluster_nodes;
+
+    let harness = Harness::start("rcluster").await;
+    let seed_url = std::env::var("MERIDIAN_REDIS_CLUSTER_URL")
+        .expect("MERIDIAN_REDIS_CLUSTER_URL (eval \"$(bash dev/deps.sh env)\")");
+    let mut spec = stack("iota", &seed_url, "Delete");
+    spec["spec"]["redis"]["cluster"] = json!(true);
+    harness.apply_ready(&spec).await;
+    let config_maps = harness.api::<ConfigMap>();
+    for (service, cluster) in [
+        ("api-gateway", Some("true")),
+        ("cache-updater", Some("true")),
+        ("ws-hub", Some("true")),
+        ("processor", None),
+    ] {
+        let data = config_maps
+            .get(&format!("iota-{service}"))
+            .await
+            .unwrap()
+            .data;
+        let setting = data.as_ref().and_then(|d| d.get("REDIS_CLUSTER"));
+        assert_eq!(setting.map(String::as_str), cluster, "{service}");
+    }
+    let user = secret_key(
+        &harness.api::<Secret>().get("iota-redis").await.unwrap(),
+        "username",
+    );
+    let mut seed = redis::Client::open(seed_url.as_str()).unwrap();
+    let nodes: String = redis::cmd("CLUSTER").arg("NODES").query(&mut seed).unwrap();
+    let has_user = |node: &operator::provision::redis::ClusterNode| {
+        let mut conn = redis::Client::open(format!("redis://{node}")).unwrap();
+        let user: redis::Value = redis::cmd("ACL")
+            .arg("GETUSER")
+            .arg(&user)
+            .query(&mut conn)
+            .unwrap();
+        user != redis::Value::Nil
+    };
+    let nodes = cluster_nodes(&nodes);
+    assert_eq!(nodes.len(), 3);
+    assert!(nodes.iter().all(has_user), "{user} on every node");
+    harness.finish().await;
+    assert!(!nodes.iter().any(has_user), "{user} left every node");
+}

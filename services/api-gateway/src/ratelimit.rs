@@ -353,7 +353,12 @@ impl RateLimiter {
             else {
                 continue;
             };
-            let key = format!("{}rl:{}:{subject}", inner.prefix, policy.spec.name);
+            let key = common::redis::tagged(
+                &inner.prefix,
+                &format!("rl:{}:", policy.spec.name),
+                subject,
+                inner.redis.is_cluster(),
+            );
             applicable.push((index, key));
         }
         if applicable.is_empty() {
@@ -436,14 +441,63 @@ impl RateLimiter {
         denied.insert(key.to_owned(), now + retry_after);
     }
 
+    /// Runs the GCRA script over `applicable`'s buckets: one script, so a request is counted
+    /// by every policy or by none. On Redis Cluster each bucket's subject is its hash tag and a
+    /// script runs per slot, concurrently: a request another slot's policy refuses is still
+    /// counted by the policies that allowed it.
     async fn run_script(
         &self,
         applicable: &[(usize, String)],
     ) -> Result<Decision, common::redis::RedisError> {
         let inner = &*self.inner;
-        let mut conn = inner.redis.connection()?;
+        let conn = inner.redis.connection()?;
+        let (allowed, states, retry_after) = if inner.redis.is_cluster() {
+            let mut by_slot: Vec<(redis::cluster_routing::Slot, Vec<(usize, String)>)> = Vec::new();
+            for (index, key) in applicable {
+                let slot = common::redis::slot_of(key);
+                match by_slot.iter_mut().find(|(s, _)| *s == slot) {
+                    Some((_, group)) => group.push((*index, key.clone())),
+                    None => by_slot.push((slot, vec![(*index, key.clone())])),
+                }
+            }
+            let results = futures::future::try_join_all(
+                by_slot
+                    .iter()
+                    .map(|(_, group)| self.run_group(conn.clone(), group)),
+            )
+            .await?;
+            let mut combined = (true, Vec::with_capacity(applicable.len()), Duration::ZERO);
+            for (allowed, states, retry_after) in results {
+                combined.0 &= allowed;
+                combined.1.extend(states);
+                combined.2 = combined.2.max(retry_after);
+            }
+            // Headers list the policies in their configured order.
+            combined.1.sort_by_key(|state| state.policy);
+            combined
+        } else {
+            self.run_group(conn, applicable).await?
+        };
+        Ok(if allowed {
+            Decision::Allowed(states)
+        } else {
+            Decision::Denied {
+                states,
+                retry_after,
+            }
+        })
+    }
+
+    /// One script over `buckets` (on a cluster, buckets of one slot): whether all allow, each
+    /// policy's state and the longest wait before a retry.
+    async fn run_group(
+        &self,
+        mut conn: common::redis::RedisConnection,
+        buckets: &[(usize, String)],
+    ) -> Result<(bool, Vec<PolicyState>, Duration), common::redis::RedisError> {
+        let inner = &*self.inner;
         let mut invocation = SCRIPT.prepare_invoke();
-        for (index, key) in applicable {
+        for (index, key) in buckets {
             let policy = &inner.policies[*index];
             invocation
                 .key(key)
@@ -457,13 +511,13 @@ impl RateLimiter {
                 "unexpected rate-limit script reply",
             )))
         };
-        if reply.len() != 1 + 3 * applicable.len() {
+        if reply.len() != 1 + 3 * buckets.len() {
             return Err(malformed());
         }
         let micros = |value: i64| Duration::from_micros(u64::try_from(value).unwrap_or(0));
-        let mut states = Vec::with_capacity(applicable.len());
+        let mut states = Vec::with_capacity(buckets.len());
         let mut retry_after = Duration::ZERO;
-        for ((index, key), values) in applicable.iter().zip(reply[1..].chunks_exact(3)) {
+        for ((index, key), values) in buckets.iter().zip(reply[1..].chunks_exact(3)) {
             let retry = micros(values[2]);
             if !retry.is_zero() {
                 retry_after = retry_after.max(retry);
@@ -475,14 +529,7 @@ impl RateLimiter {
                 reset: micros(values[1]),
             });
         }
-        Ok(if reply[0] == 1 {
-            Decision::Allowed(states)
-        } else {
-            Decision::Denied {
-                states,
-                retry_after,
-            }
-        })
+        Ok((reply[0] == 1, states, retry_after))
     }
 
     /// Adds `RateLimit-Policy` and `RateLimit` for the policies in `decision` (and

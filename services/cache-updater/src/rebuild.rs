@@ -119,8 +119,7 @@ pub async fn rebuild(
     if partitions.is_empty() {
         return Err(RebuildError::NoTopic(topic));
     }
-    let client = common::redis::client_for(&config.redis)?;
-    let mut conn = client.get_multiplexed_async_connection().await?;
+    let mut conn = common::redis::connect_once(&config.redis).await?;
     let mut summary = Summary {
         partitions: partitions.len(),
         ..Summary::default()
@@ -192,7 +191,7 @@ static FINGERPRINT: std::sync::LazyLock<std::hash::RandomState> =
     std::sync::LazyLock::new(std::hash::RandomState::new);
 
 async fn unlink(
-    conn: &mut redis::aio::MultiplexedConnection,
+    conn: &mut common::redis::RedisConnection,
     prefix: &str,
     batch: &mut Vec<(String, String)>,
 ) -> Result<u64, redis::RedisError> {

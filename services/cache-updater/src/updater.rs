@@ -52,7 +52,7 @@ use common::metrics::{
     CACHE_EVENTS_MALFORMED_TOTAL, CACHE_EVENTS_STALE_TOTAL,
 };
 use common::readmodel::{self, Outcome};
-use common::redis::{Redis, RedisError};
+use common::redis::{Redis, RedisError, ScriptCall};
 use common::rooms::Rooms;
 use common::shutdown::CancellationToken;
 use futures::stream::FuturesOrdered;
@@ -61,7 +61,6 @@ use rdkafka::Message as _;
 use rdkafka::consumer::{CommitMode, Consumer as _, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use redis::ScriptInvocation;
 use serde::Serialize;
 use tracing::Instrument as _;
 
@@ -157,6 +156,8 @@ struct Parsed<'m> {
     payload: &'m [u8],
     /// `cache.apply`, continuing the message's trace.
     span: tracing::Span,
+    /// `<partition>:<offset>`: on a cluster, the message's claim on announcing its event.
+    claim: String,
 }
 
 /// The consumer loop (see the module docs).
@@ -358,58 +359,146 @@ impl Updater {
         settle(messages.iter().map(Position::of).collect(), undone, acks)
     }
 
-    /// Runs the apply-and-publish script of every event in one pipeline, then re-runs those
-    /// that failed until they succeed. An outcome is `None` only if shutdown came while it was
-    /// being retried.
+    /// Applies every event to the read model and announces the applied ones to their rooms.
+    /// An outcome is `None` only if shutdown came while it was being retried.
+    ///
+    /// On one Redis, one script per event does both, all in one pipeline. On a cluster, where
+    /// a document and its rooms live on different shards, three rounds: apply (marking the
+    /// document as to be announced), publish to the rooms, clear the marks (see
+    /// [`readmodel::apply_announcing_call`]).
     async fn apply(
         &self,
         events: &[Parsed<'_>],
         shutdown: &CancellationToken,
     ) -> Vec<Option<Outcome>> {
-        let outcomes: Vec<OnceLock<Outcome>> = events.iter().map(|_| OnceLock::new()).collect();
-        let outcomes_ref = &outcomes;
-        self.retrying(
-            "apply the events to the read model and their rooms",
-            shutdown,
-            move || async move {
-                let unresolved: Vec<usize> = (0..events.len())
-                    .filter(|&i| outcomes_ref[i].get().is_none())
-                    .collect();
-                let invocations: Vec<ScriptInvocation<'static>> = unresolved
-                    .iter()
-                    .map(|&i| self.invocation(&events[i]))
-                    .collect();
-                let replies = run_scripts::<i64>(&self.redis, &invocations).await?;
-                let mut failure = None;
-                for (i, reply) in unresolved.into_iter().zip(replies) {
-                    match reply {
-                        Ok(applied) => {
-                            let _ = outcomes_ref[i].set(Outcome::from_reply(applied));
-                        }
-                        Err(error) => {
-                            failure.get_or_insert(error);
-                        }
+        if !self.redis.is_cluster() {
+            let calls = events
+                .iter()
+                .map(|parsed| self.invocation(parsed))
+                .collect();
+            let replies = self
+                .run_all::<i64>(
+                    "apply the events to the read model and their rooms",
+                    calls,
+                    shutdown,
+                )
+                .await;
+            return replies
+                .into_iter()
+                .map(|reply| reply.map(Outcome::from_reply))
+                .collect();
+        }
+        let prefix = &self.settings.key_prefix;
+        let calls = events
+            .iter()
+            .map(|p| {
+                readmodel::apply_announcing_call(
+                    prefix,
+                    &p.event,
+                    self.settings.tombstone_ttl,
+                    &p.claim,
+                )
+            })
+            .collect();
+        let replies = self
+            .run_all::<i64>("apply the events to the read model", calls, shutdown)
+            .await;
+        let mut outcomes: Vec<Option<Outcome>> = replies
+            .into_iter()
+            .map(|reply| reply.map(Outcome::from_reply))
+            .collect();
+        let due: Vec<usize> = (0..events.len())
+            .filter(|&i| outcomes[i] == Some(Outcome::Applied))
+            .collect();
+        let mut publications = Vec::with_capacity(due.len() * 3);
+        for &i in &due {
+            let parsed = &events[i];
+            let trace_parent = common::telemetry::traceparent_of(&parsed.span);
+            for room in rooms_of(&parsed.event) {
+                publications.push((
+                    i,
+                    self.rooms
+                        .publish_call(&room, parsed.payload, trace_parent.as_deref()),
+                ));
+            }
+        }
+        let (owners, calls): (Vec<usize>, Vec<_>) = publications.into_iter().unzip();
+        let published = self
+            .run_all::<redis::Value>("announce the events to their rooms", calls, shutdown)
+            .await;
+        for (i, reply) in owners.into_iter().zip(published) {
+            if reply.is_none() {
+                outcomes[i] = None;
+            }
+        }
+        let announced: Vec<usize> = due.into_iter().filter(|&i| outcomes[i].is_some()).collect();
+        let calls = announced
+            .iter()
+            .map(|&i| readmodel::announced_call(prefix, &events[i].event, &events[i].claim))
+            .collect();
+        let cleared = self
+            .run_all::<redis::Value>("mark the events announced", calls, shutdown)
+            .await;
+        for (i, reply) in announced.into_iter().zip(cleared) {
+            if reply.is_none() {
+                outcomes[i] = None;
+            }
+        }
+        outcomes
+    }
+
+    /// Runs `calls` ([`common::redis::run_scripts`]), then re-runs those that failed until
+    /// they succeed. A reply is `None` only if shutdown came while it was being retried.
+    async fn run_all<T: redis::FromRedisValue>(
+        &self,
+        what: &'static str,
+        calls: Vec<ScriptCall<'static>>,
+        shutdown: &CancellationToken,
+    ) -> Vec<Option<T>> {
+        let replies: Vec<OnceLock<T>> = calls.iter().map(|_| OnceLock::new()).collect();
+        let (replies_ref, calls_ref) = (&replies, &calls);
+        self.retrying(what, shutdown, move || async move {
+            let unresolved: Vec<usize> = (0..calls_ref.len())
+                .filter(|&i| replies_ref[i].get().is_none())
+                .collect();
+            let pending: Vec<&ScriptCall<'_>> = unresolved.iter().map(|&i| &calls_ref[i]).collect();
+            let results = common::redis::run_scripts::<T>(&self.redis, &pending).await?;
+            let mut failure = None;
+            for (i, result) in unresolved.into_iter().zip(results) {
+                match result {
+                    Ok(reply) => {
+                        let _ = replies_ref[i].set(reply);
+                    }
+                    Err(error) => {
+                        failure.get_or_insert(error);
                     }
                 }
-                failure.map_or(Ok(()), |error| Err(RedisError::from(error)))
-            },
-        )
+            }
+            failure.map_or(Ok(()), |error| Err(RedisError::from(error)))
+        })
         .await;
-        outcomes.into_iter().map(OnceLock::into_inner).collect()
+        replies.into_iter().map(OnceLock::into_inner).collect()
     }
 
     /// The script call that applies `parsed` and announces it to its rooms with the message's
     /// bytes (the rooms get exactly the event JSON the processor emitted).
-    fn invocation(&self, parsed: &Parsed<'_>) -> ScriptInvocation<'static> {
-        readmodel::apply_and_publish_invocation(
-            &self.settings.key_prefix,
-            &parsed.event,
-            self.settings.tombstone_ttl,
-            &self.rooms,
-            &rooms_of(&parsed.event),
-            parsed.payload,
-            common::telemetry::traceparent_of(&parsed.span).as_deref(),
-        )
+    fn invocation(&self, parsed: &Parsed<'_>) -> ScriptCall<'static> {
+        ScriptCall {
+            invocation: readmodel::apply_and_publish_invocation(
+                &self.settings.key_prefix,
+                &parsed.event,
+                self.settings.tombstone_ttl,
+                &self.rooms,
+                &rooms_of(&parsed.event),
+                parsed.payload,
+                common::telemetry::traceparent_of(&parsed.span).as_deref(),
+            ),
+            key: readmodel::document_key(
+                &self.settings.key_prefix,
+                &parsed.event.collection,
+                &parsed.event.id,
+            ),
+        }
     }
 
     /// Enqueues the invalidation now (so invalidations keep the events' order) and returns a
@@ -553,56 +642,8 @@ fn parse_message<'m>(
         event,
         payload: message.payload().unwrap_or_default(),
         span,
+        claim: format!("{}:{}", message.partition(), message.offset()),
     })
-}
-
-/// Runs `invocations` as one transaction (MULTI/EXEC: in order, in one round trip, with no
-/// other client's command in between) and returns each one's reply; an `Err` is the round
-/// trip's own failure. Scripts run by EVALSHA: when Redis does not have one (after a restart or
-/// `SCRIPT FLUSH`), it is loaded and the invocations that got `NOSCRIPT` run once more, in
-/// order, in a second transaction. Without the transaction another client could load the
-/// script in the middle of the pipeline: the invocations after that point would succeed, the
-/// earlier ones be retried after them, and a document's older versions be applied after a
-/// newer one (so found stale, their room notifications lost).
-async fn run_scripts<T: redis::FromRedisValue>(
-    redis: &Redis,
-    invocations: &[ScriptInvocation<'_>],
-) -> Result<Vec<redis::RedisResult<T>>, RedisError> {
-    fn pipeline<'a>(
-        invocations: impl Iterator<Item = &'a ScriptInvocation<'a>>,
-    ) -> redis::Pipeline {
-        let mut pipe = redis::pipe();
-        pipe.atomic().ignore_errors();
-        for invocation in invocations {
-            pipe.invoke_script(invocation);
-        }
-        pipe
-    }
-    if invocations.is_empty() {
-        return Ok(Vec::new());
-    }
-    let mut conn = redis.connection()?;
-    let mut replies: Vec<redis::RedisResult<T>> =
-        pipeline(invocations.iter()).query_async(&mut conn).await?;
-    let missing: Vec<usize> = replies
-        .iter()
-        .enumerate()
-        .filter(|(_, reply)| {
-            matches!(reply, Err(error) if error.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript))
-        })
-        .map(|(i, _)| i)
-        .collect();
-    if let Some(&first) = missing.first() {
-        invocations[first].load_async(&mut conn).await?;
-        let retried: Vec<redis::RedisResult<T>> =
-            pipeline(missing.iter().map(|&i| &invocations[i]))
-                .query_async(&mut conn)
-                .await?;
-        for (i, reply) in missing.into_iter().zip(retried) {
-            replies[i] = reply;
-        }
-    }
-    Ok(replies)
 }
 
 /// An invalidation ready to be (re-)sent.

@@ -177,6 +177,11 @@ pub struct RedisConfig {
     /// `REDIS_CA_FILE`: a PEM file of the CA(s) a `rediss://` server's certificate must chain
     /// to, instead of the system's trusted roots (a private CA).
     pub redis_ca_file: Option<String>,
+    /// `REDIS_CLUSTER`: `REDIS_URL` names Redis Cluster nodes (one or more, comma-separated,
+    /// with the same credentials); the others are discovered. Keys that a script uses together
+    /// carry a hash tag, and rooms use sharded pub/sub. Default false (one Redis).
+    #[serde(default)]
+    pub redis_cluster: bool,
 }
 
 /// Kafka connection settings (librdkafka names in parentheses).

@@ -159,6 +159,43 @@ end
 return 1
 ";
 
+/// On a cluster, where a document and its rooms live on different shards, the apply and the
+/// announcements cannot be one script: [`APPLY_ANNOUNCING_LUA_MAIN`] applies and marks the
+/// document with `announce` = the claim (`ARGV[6]`, the message's `<partition>:<offset>`), the
+/// rooms are published to, then [`ANNOUNCED_LUA`] clears the mark. The same message
+/// redelivered after a crash in between finds its own claim and is announced again (reply 2):
+/// announcements are at least once, never lost for the latest version. Another message with
+/// the same event (a duplicate) is stale, as on one Redis.
+const APPLY_ANNOUNCING_LUA_MAIN: &str = r"
+local stored = redis.call('HMGET', KEYS[1], 'version', 'announce')
+if stored[1] and stored[1] == ARGV[1] and stored[2] then
+  if stored[2] == ARGV[6] then
+    return 2
+  end
+  return 0
+end
+if apply(KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]) == 0 then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'announce', ARGV[6])
+return 1
+";
+
+/// `KEYS[1]` a document, `ARGV[1]` a version, `ARGV[2]` a claim: clears the `announce` mark
+/// if the document is still at that version under that claim (a newer one keeps its own).
+const ANNOUNCED_LUA: &str = r"
+local stored = redis.call('HMGET', KEYS[1], 'version', 'announce')
+if stored[1] == ARGV[1] and stored[2] == ARGV[2] then
+  redis.call('HDEL', KEYS[1], 'announce')
+end
+return 0
+";
+
+static APPLY_ANNOUNCING: LazyLock<redis::Script> =
+    LazyLock::new(|| redis::Script::new(&format!("{APPLY_LUA_FN}{APPLY_ANNOUNCING_LUA_MAIN}")));
+
+static ANNOUNCED: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(ANNOUNCED_LUA));
+
 static APPLY: LazyLock<redis::Script> =
     LazyLock::new(|| redis::Script::new(&format!("{APPLY_LUA_FN}{APPLY_LUA_MAIN}")));
 
@@ -170,14 +207,49 @@ static APPLY_AND_PUBLISH: LazyLock<redis::Script> = LazyLock::new(|| {
 });
 
 impl Outcome {
-    /// Interprets the reply of [`apply_invocation`]'s script (1 when applied, else 0).
+    /// Interprets the reply of [`apply_invocation`]'s script (1 when applied, else 0), or of
+    /// [`apply_announcing_call`]'s (2: applied before, its announcement still due).
     pub fn from_reply(applied: i64) -> Self {
-        if applied == 1 {
+        if applied == 1 || applied == 2 {
             Self::Applied
         } else {
             Self::Stale
         }
     }
+}
+
+/// On a cluster, the first step of applying `event`, carried by the message `claim`
+/// (`<partition>:<offset>`): [`apply_invocation`]'s, which also marks the document as to be
+/// announced by that message; publish the applied ones to their rooms, then run
+/// [`announced_call`]. Read its reply with [`Outcome::from_reply`].
+pub fn apply_announcing_call(
+    prefix: &str,
+    event: &EventEnvelope,
+    tombstone_ttl: Duration,
+    claim: &str,
+) -> crate::redis::ScriptCall<'static> {
+    let script: &'static redis::Script = &APPLY_ANNOUNCING;
+    let mut invocation = script.prepare_invoke();
+    apply_args(&mut invocation, prefix, event, tombstone_ttl);
+    invocation.arg(claim);
+    crate::redis::ScriptCall {
+        invocation,
+        key: document_key(prefix, &event.collection, &event.id),
+    }
+}
+
+/// The last step after [`apply_announcing_call`]: `event`, carried by `claim`, was announced
+/// to its rooms.
+pub fn announced_call(
+    prefix: &str,
+    event: &EventEnvelope,
+    claim: &str,
+) -> crate::redis::ScriptCall<'static> {
+    let script: &'static redis::Script = &ANNOUNCED;
+    let key = document_key(prefix, &event.collection, &event.id);
+    let mut invocation = script.prepare_invoke();
+    invocation.key(&key).arg(event.version).arg(claim);
+    crate::redis::ScriptCall { invocation, key }
 }
 
 /// Projects `event` unless the read model already holds its version or a newer one.

@@ -16,6 +16,12 @@ pub const SERVICE_COMMANDS: &[&str] = &[
     "hello",
     "select",
     "ping",
+    // Redis Cluster (`REDIS_CLUSTER`), by redis-rs's cluster client: the slot map on connect and
+    // after a `MOVED` (`CLUSTER SLOTS` lists nodes and slot ranges, no key or channel), and
+    // `ASKING` before following an `ASK` redirect while a slot migrates. (It sends `READONLY`
+    // only to read from replicas, which the services do not.)
+    "cluster|slots",
+    "asking",
     // Scripts: redis-rs sends EVALSHA and loads a script the server does not know.
     "evalsha",
     "eval",
@@ -46,6 +52,10 @@ pub const SERVICE_COMMANDS: &[&str] = &[
     "publish",
     "subscribe",
     "unsubscribe",
+    // Rooms on Redis Cluster: sharded channels (SPUBLISH from the room script).
+    "spublish",
+    "ssubscribe",
+    "sunsubscribe",
 ];
 
 /// The `ACL SETUSER` rules (after the user name, `on` and its passwords) that confine a

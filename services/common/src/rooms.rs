@@ -9,6 +9,11 @@
 //! - `room:<room>`: the pub/sub channel; each message is a [`Publication`] frame
 //!   (see [`Publication::encode`]).
 //!
+//! On Redis Cluster (`REDIS_CLUSTER`) the room's name is the hash tag of all three
+//! (`epoch:{<room>}`, `history:{<room>}`, `room:{<room>}`), so one room's scripts run on one
+//! shard and rooms spread over the shards; the channel is a sharded one (`SPUBLISH`,
+//! `SSUBSCRIBE`), delivered by the shard that owns it instead of by every node.
+//!
 //! Both keys expire [`HistorySettings::ttl`] after the last publication; when they are gone,
 //! the next publication starts a new epoch (offsets restart at 1) and a client resuming with
 //! the old epoch is told it cannot be recovered.
@@ -26,7 +31,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use axum::body::Bytes;
 use redis::Script;
 
-use crate::redis::{Redis, RedisError};
+use std::sync::LazyLock;
+
+use crate::redis::{Redis, RedisError, ScriptCall};
 
 /// How much history each room keeps for resuming clients.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -179,19 +186,44 @@ return {epoch, top, 1, redis.call('XRANGE', KEYS[2], (since + 1) .. '-0', '+')}
 pub struct Rooms {
     redis: Redis,
     settings: HistorySettings,
-    publish: Script,
+    publish: &'static Script,
     recover: Script,
+}
+
+/// The publish script, on one Redis and on a cluster.
+static PUBLISH: LazyLock<[Script; 2]> = LazyLock::new(|| {
+    [false, true].map(|cluster| {
+        Script::new(&format!(
+            "{}{PUBLISH_LUA_MAIN}",
+            publish_room_lua_fn(cluster)
+        ))
+    })
+});
+
+/// [`PUBLISH_ROOM_LUA_FN`] as a cluster runs it: `SPUBLISH` to the room's sharded channel.
+pub(crate) fn publish_room_lua_fn(cluster: bool) -> String {
+    if cluster {
+        PUBLISH_ROOM_LUA_FN.replace("redis.call('PUBLISH'", "redis.call('SPUBLISH'")
+    } else {
+        PUBLISH_ROOM_LUA_FN.to_owned()
+    }
 }
 
 impl Rooms {
     /// Rooms on `redis` (keys under its prefix) with `settings` for the history.
     pub fn new(redis: Redis, settings: HistorySettings) -> Self {
+        let publish = &PUBLISH[usize::from(redis.is_cluster())];
         Self {
             redis,
             settings,
-            publish: Script::new(&format!("{PUBLISH_ROOM_LUA_FN}{PUBLISH_LUA_MAIN}")),
+            publish,
             recover: Script::new(RECOVER_LUA),
         }
+    }
+
+    /// Whether room channels are sharded ones (`SSUBSCRIBE`): on Redis Cluster.
+    pub fn sharded(&self) -> bool {
+        self.redis.is_cluster()
     }
 
     /// The history settings.
@@ -199,23 +231,29 @@ impl Rooms {
         self.settings
     }
 
-    /// The pub/sub channel of `room` (`<prefix>room:<room>`).
+    /// The pub/sub channel of `room` (`<prefix>room:<room>`; `<prefix>room:{<room>}` on a
+    /// cluster).
     pub fn channel(&self, room: &str) -> String {
-        self.redis.key(&format!("room:{room}"))
+        self.redis.tagged("room:", room)
     }
 
     /// The room a channel name belongs to, if it is one of this stack's room channels.
     pub fn room_of_channel<'a>(&self, channel: &'a str) -> Option<&'a str> {
         let prefix = self.redis.key("room:");
-        channel.strip_prefix(prefix.as_str())
+        let room = channel.strip_prefix(prefix.as_str())?;
+        if self.redis.is_cluster() {
+            room.strip_prefix('{')?.strip_suffix('}')
+        } else {
+            Some(room)
+        }
     }
 
     fn epoch_key(&self, room: &str) -> String {
-        self.redis.key(&format!("epoch:{room}"))
+        self.redis.tagged("epoch:", room)
     }
 
     fn history_key(&self, room: &str) -> String {
-        self.redis.key(&format!("history:{room}"))
+        self.redis.tagged("history:", room)
     }
 
     fn ttl_millis(&self) -> u64 {
@@ -229,11 +267,26 @@ impl Rooms {
     /// span's trace context.
     pub async fn publish(&self, room: &str, payload: &[u8]) -> Result<Position, RoomsError> {
         let mut conn = self.redis.connection()?;
-        let mut invocation = self.publish.prepare_invoke();
         let trace_parent = crate::telemetry::traceparent_of(&tracing::Span::current());
-        self.publication_args(&mut invocation, &[room], payload, trace_parent.as_deref());
-        let (epoch, offset): (String, u64) = invocation.invoke_async(&mut conn).await?;
+        let call = self.publish_call(room, payload, trace_parent.as_deref());
+        let (epoch, offset): (String, u64) = call.invocation.invoke_async(&mut conn).await?;
         Ok(Position { epoch, offset })
+    }
+
+    /// The script call of [`Rooms::publish`], for callers that run many at once
+    /// ([`crate::redis::run_scripts`]); its reply is `{epoch, offset}`.
+    pub fn publish_call(
+        &self,
+        room: &str,
+        payload: &[u8],
+        trace_parent: Option<&str>,
+    ) -> ScriptCall<'static> {
+        let mut invocation = self.publish.prepare_invoke();
+        self.publication_args(&mut invocation, &[room], payload, trace_parent);
+        ScriptCall {
+            invocation,
+            key: self.epoch_key(room),
+        }
     }
 
     /// Adds the arguments of a script built on [`PUBLISH_ROOM_LUA_FN`] that publishes

@@ -27,6 +27,8 @@ pub struct Deps {
     pub database_url: String,
     /// `REDIS_URL`.
     pub redis_url: String,
+    /// `REDIS_CLUSTER`: the suites run on a Redis Cluster (`REDIS_URL` a seed node).
+    pub redis_cluster: bool,
     /// `KAFKA_BOOTSTRAP_SERVERS`.
     pub kafka_bootstrap_servers: String,
 }
@@ -41,6 +43,7 @@ impl Deps {
         Self {
             database_url: pg.database_url.expose_secret().to_owned(),
             redis_url: redis.redis_url.expose_secret().to_owned(),
+            redis_cluster: redis.redis_cluster,
             kafka_bootstrap_servers: kafka.kafka_bootstrap_servers,
         }
     }
@@ -497,27 +500,103 @@ fn as_url(address: &str) -> String {
 
 /// A Redis URL for a fresh ACL user confined like a stack's (`redis_acl::rules(prefix)`): the
 /// services' suites connect as it, so they run with exactly what the operator allows.
+///
+/// On a cluster (`REDIS_CLUSTER`) the user is created on every node, as the operator does.
 pub fn stack_redis_url(prefix: &str) -> String {
     let deps = Deps::from_env();
-    let mut admin = redis::Client::open(deps.redis_url.as_str())
-        .unwrap()
-        .get_connection_with_timeout(Duration::from_secs(5))
-        .unwrap();
     let user = format!("it-{}", uuid::Uuid::new_v4().simple());
     let password = uuid::Uuid::new_v4().simple().to_string();
-    let () = redis::cmd("ACL")
+    let mut setuser = redis::cmd("ACL");
+    setuser
         .arg("SETUSER")
         .arg(&user)
         .arg("reset")
         .arg("on")
         .arg(format!(">{password}"))
-        .arg(crate::redis_acl::rules(prefix))
-        .query(&mut admin)
-        .unwrap();
+        .arg(crate::redis_acl::rules(prefix));
+    for node in redis_nodes(&deps) {
+        let mut admin = redis::Client::open(node.as_str())
+            .unwrap()
+            .get_connection_with_timeout(Duration::from_secs(5))
+            .unwrap();
+        let () = setuser.query(&mut admin).unwrap();
+    }
     let mut url = url::Url::parse(&deps.redis_url).unwrap();
     url.set_username(&user).unwrap();
     url.set_password(Some(&password)).unwrap();
     url.to_string()
+}
+
+/// The URLs of every Redis node: `REDIS_URL` alone, or on a cluster every node its
+/// `CLUSTER NODES` lists (same credentials as `REDIS_URL`).
+pub fn redis_nodes(deps: &Deps) -> Vec<String> {
+    if !deps.redis_cluster {
+        return vec![deps.redis_url.clone()];
+    }
+    let mut seed = redis::Client::open(deps.redis_url.as_str())
+        .unwrap()
+        .get_connection_with_timeout(Duration::from_secs(5))
+        .unwrap();
+    let nodes: String = redis::cmd("CLUSTER").arg("NODES").query(&mut seed).unwrap();
+    nodes
+        .lines()
+        .filter_map(|line| line.split(' ').nth(1))
+        .map(|address| {
+            // `host:port@cport[,hostname]`
+            let host_port = address.split('@').next().unwrap();
+            let mut url = url::Url::parse(&deps.redis_url).unwrap();
+            let (host, port) = host_port.rsplit_once(':').unwrap();
+            url.set_host(Some(host)).unwrap();
+            url.set_port(Some(port.parse().unwrap())).unwrap();
+            url.to_string()
+        })
+        .collect()
+}
+
+/// A connection for assertions to what `REDIS_URL` names (a cluster with `REDIS_CLUSTER`),
+/// with the default user.
+pub async fn redis_connection() -> crate::redis::RedisConnection {
+    let config: RedisConfig = Vars::from_env().parse().unwrap();
+    crate::redis::connect_once(&config).await.unwrap()
+}
+
+/// The frames published on one pub/sub channel.
+pub type ChannelFrames = futures::stream::BoxStream<'static, Vec<u8>>;
+
+/// Subscribes to `channel` (a sharded channel with `REDIS_CLUSTER`, as the hub does) as the
+/// default user; subscribed when this returns.
+pub async fn subscribe_channel(channel: &str) -> ChannelFrames {
+    use futures::StreamExt as _;
+    let config: RedisConfig = Vars::from_env().parse().unwrap();
+    if !config.redis_cluster {
+        let client = crate::redis::client_for(&config).unwrap();
+        let mut pubsub = client.get_async_pubsub().await.unwrap();
+        pubsub.subscribe(channel).await.unwrap();
+        return pubsub
+            .into_on_message()
+            .map(|message| message.get_payload_bytes().to_vec())
+            .boxed();
+    }
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let client = crate::redis::cluster_builder_for(&config)
+        .unwrap()
+        .use_protocol(redis::ProtocolVersion::RESP3)
+        .push_sender(tx)
+        .build()
+        .unwrap();
+    let mut conn = client.get_async_connection().await.unwrap();
+    conn.ssubscribe(channel).await.unwrap();
+    futures::stream::unfold((rx, conn), |(mut rx, conn)| async move {
+        loop {
+            let push = rx.recv().await?;
+            if push.kind == redis::PushKind::SMessage
+                && let Some(redis::Value::BulkString(frame)) = push.data.get(1)
+            {
+                return Some((frame.clone(), (rx, conn)));
+            }
+        }
+    })
+    .boxed()
 }
 
 /// Sends `POST path` with `headers` (each `Name: value`) and a body of `size` bytes declared

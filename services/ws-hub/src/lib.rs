@@ -234,7 +234,7 @@ impl AppState {
     /// Creates the clients; Redis connects in the background until `shutdown`.
     pub fn new(config: &Config, shutdown: &CancellationToken) -> Result<Self, Error> {
         let redis = Redis::connect_in_background(NAME, &config.redis, shutdown)?;
-        let pubsub = common::redis::client_for(&config.redis)?;
+        let pubsub = registry::Source::for_config(&config.redis)?;
         let rooms = Rooms::new(redis.clone(), config.hub.history());
         let verifier = Verifier::new(&config.auth)?;
         let registry = Registry::new(

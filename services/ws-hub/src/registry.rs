@@ -15,6 +15,13 @@
 //! SYN to an address that vanished is otherwise retried by the kernel for two minutes. The
 //! registry is also a readiness [`Check`]: a node whose pub/sub connection is down cannot
 //! serve joins, so it leaves the Service until it is back.
+//!
+//! On Redis Cluster (`REDIS_CLUSTER`) rooms are sharded channels: the node subscribes with
+//! `SSUBSCRIBE` over a RESP3 cluster connection, each room on the shard that owns it, and the
+//! publications arrive as pushes. That connection follows the slot map and resubscribes by
+//! itself after a node's connection drops or a slot moves; a confirmation of a subscription
+//! the room already had is that resubscription, and the room catches up from its history.
+//! Every node is pinged periodically, so a connection that died silently is replaced.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
@@ -29,6 +36,10 @@ use common::shutdown::CancellationToken;
 use futures::StreamExt as _;
 use futures::future::BoxFuture;
 use redis::aio::PubSubSink;
+use redis::cluster::ClusterClient;
+use redis::cluster_async::ClusterConnection;
+use redis::{PushInfo, PushKind};
+use tokio::sync::mpsc::UnboundedReceiver;
 use tokio::sync::mpsc::error::TrySendError;
 
 use crate::NAME;
@@ -79,13 +90,71 @@ struct Room {
     last: Mutex<Option<Position>>,
 }
 
+/// Where the registry's subscriptions come from.
+#[expect(
+    clippy::large_enum_variant,
+    reason = "made once per process and moved into the registry"
+)]
+pub enum Source {
+    /// One Redis: a pub/sub connection from this client.
+    Single(redis::Client),
+    /// Redis Cluster: a RESP3 connection from this client, whose pushes (publications,
+    /// confirmations, disconnections) arrive on the receiver.
+    Cluster(ClusterClient, UnboundedReceiver<PushInfo>),
+}
+
+impl Source {
+    /// The source `config` describes.
+    ///
+    /// # Errors
+    /// When the configuration is invalid.
+    pub fn for_config(
+        config: &common::config::RedisConfig,
+    ) -> Result<Self, common::redis::RedisError> {
+        if config.redis_cluster {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            let client = common::redis::cluster_builder_for(config)?
+                .use_protocol(redis::ProtocolVersion::RESP3)
+                .push_sender(tx)
+                .build()
+                .map_err(common::redis::RedisError::Url)?;
+            Ok(Self::Cluster(client, rx))
+        } else {
+            Ok(Self::Single(common::redis::client_for(config)?))
+        }
+    }
+}
+
+/// The subscribing half of the current pub/sub connection.
+#[derive(Clone)]
+enum Sink {
+    Single(PubSubSink),
+    Cluster(ClusterConnection),
+}
+
+impl Sink {
+    async fn subscribe(&mut self, channel: String) -> redis::RedisResult<()> {
+        match self {
+            Self::Single(sink) => sink.subscribe(channel).await,
+            Self::Cluster(conn) => conn.ssubscribe(channel).await,
+        }
+    }
+
+    async fn unsubscribe(&mut self, channel: String) -> redis::RedisResult<()> {
+        match self {
+            Self::Single(sink) => sink.unsubscribe(channel).await,
+            Self::Cluster(conn) => conn.sunsubscribe(channel).await,
+        }
+    }
+}
+
 struct Inner {
     rooms: Rooms,
-    client: redis::Client,
+    source: Mutex<Option<Source>>,
     /// How long a ping may go unanswered (`REDIS_TIMEOUT_MS`).
     timeout: Duration,
     map: Mutex<HashMap<Arc<str>, Arc<Room>>>,
-    sink: Mutex<Option<PubSubSink>>,
+    sink: Mutex<Option<Sink>>,
 }
 
 /// The node's rooms. Cheap to clone.
@@ -99,13 +168,13 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Registry {
-    /// A registry reading room channels through its own pub/sub connection from `client`,
+    /// A registry reading room channels through its own pub/sub connection from `source`,
     /// which is dropped when a ping goes unanswered for `timeout`.
-    pub fn new(rooms: Rooms, client: redis::Client, timeout: Duration) -> Self {
+    pub fn new(rooms: Rooms, source: Source, timeout: Duration) -> Self {
         Self {
             inner: Arc::new(Inner {
                 rooms,
-                client,
+                source: Mutex::new(Some(source)),
                 timeout,
                 map: Mutex::default(),
                 sink: Mutex::default(),
@@ -227,9 +296,114 @@ impl Registry {
     /// Reads the room channels until `shutdown`, reconnecting (and catching up from
     /// history) whenever the pub/sub connection drops or stops answering pings.
     pub async fn run(self, shutdown: CancellationToken) {
+        let source = lock(&self.inner.source).take();
+        match source {
+            Some(Source::Single(client)) => self.run_single(client, shutdown).await,
+            Some(Source::Cluster(client, pushes)) => {
+                self.run_cluster(client, pushes, shutdown).await;
+            }
+            None => tracing::error!("The room registry is already running."),
+        }
+    }
+
+    async fn run_cluster(
+        self,
+        client: ClusterClient,
+        mut pushes: UnboundedReceiver<PushInfo>,
+        shutdown: CancellationToken,
+    ) {
+        let connected = common::retry::until_connected(NAME, "redis-pubsub", &shutdown, || {
+            let client = client.clone();
+            async move {
+                tokio::time::timeout(CONNECT_TIMEOUT, client.get_async_connection())
+                    .await
+                    .map_err(|_| ConnectError::TimedOut(CONNECT_TIMEOUT))?
+                    .map_err(ConnectError::Redis)
+            }
+        })
+        .await;
+        let Some(mut conn) = connected else {
+            return;
+        };
+        *lock(&self.inner.sink) = Some(Sink::Cluster(conn.clone()));
+        let mut ping = tokio::time::interval(PING_INTERVAL);
+        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ping.reset();
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                push = pushes.recv() => match push {
+                    Some(push) => self.on_push(push),
+                    None => return,
+                },
+                _ = ping.tick() => {
+                    // Every node, over the connections that carry the subscriptions: one that
+                    // died silently fails here, and the cluster connection replaces it (and
+                    // resubscribes its channels).
+                    let mut cmd = redis::cmd("PING");
+                    cmd.arg("hub");
+                    let routing = redis::cluster_routing::RoutingInfo::MultiNode((
+                        redis::cluster_routing::MultipleNodeRoutingInfo::AllNodes,
+                        None,
+                    ));
+                    match tokio::time::timeout(self.inner.timeout, conn.route_command(cmd, routing)).await {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(error)) => tracing::warn!(%error, "A Redis Cluster node did not answer PING."),
+                        Err(_) => tracing::warn!(timeout_ms = self.inner.timeout.as_millis() as u64, "A Redis Cluster node did not answer PING in time."),
+                    }
+                }
+            }
+        }
+    }
+
+    /// A push from the cluster connection: a publication, or a (re)subscription.
+    fn on_push(&self, push: PushInfo) {
+        let text = |value: Option<&redis::Value>| match value {
+            Some(redis::Value::BulkString(bytes)) => {
+                std::str::from_utf8(bytes).ok().map(str::to_owned)
+            }
+            _ => None,
+        };
+        match push.kind {
+            PushKind::SMessage | PushKind::Message => {
+                let (Some(channel), Some(redis::Value::BulkString(frame))) =
+                    (text(push.data.first()), push.data.get(1))
+                else {
+                    return;
+                };
+                self.fan_out_message(&channel, frame);
+            }
+            PushKind::SSubscribe => {
+                // A confirmation: the node's first subscription to the room (nothing to catch
+                // up, or a harmless repeat: members drop duplicates by offset), or the
+                // connection resubscribing after it was replaced.
+                let Some(channel) = text(push.data.first()) else {
+                    return;
+                };
+                let Some(name) = self.inner.rooms.room_of_channel(&channel) else {
+                    return;
+                };
+                let Some(room) = lock(&self.inner.map).get(name).cloned() else {
+                    return;
+                };
+                if lock(&room.last).is_some() {
+                    let registry = self.clone();
+                    tokio::spawn(async move { registry.catch_up(&room).await });
+                }
+            }
+            PushKind::Disconnection => {
+                tracing::warn!(
+                    "A Redis Cluster pub/sub connection dropped; it reconnects and resubscribes."
+                );
+            }
+            _ => {}
+        }
+    }
+
+    async fn run_single(self, client: redis::Client, shutdown: CancellationToken) {
         let mut first = true;
         loop {
-            let client = self.inner.client.clone();
+            let client = client.clone();
             let connected = common::retry::until_connected(NAME, "redis-pubsub", &shutdown, || {
                 let client = client.clone();
                 async move {
@@ -244,7 +418,7 @@ impl Registry {
                 return;
             };
             let (sink, mut stream) = pubsub.split();
-            *lock(&self.inner.sink) = Some(sink.clone());
+            *lock(&self.inner.sink) = Some(Sink::Single(sink.clone()));
             if !first {
                 tracing::info!("Reconnected to Redis pub/sub; resubscribing rooms.");
                 self.resubscribe(sink.clone()).await;
@@ -294,7 +468,8 @@ impl Registry {
         lock(&self.inner.map).values().cloned().collect()
     }
 
-    async fn resubscribe(&self, mut sink: PubSubSink) {
+    async fn resubscribe(&self, sink: PubSubSink) {
+        let mut sink = Sink::Single(sink);
         for room in self.snapshot() {
             let mut subscribed = room.gate.lock().await;
             let has_members = !room

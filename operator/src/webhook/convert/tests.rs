@@ -261,3 +261,22 @@ fn a_stash_annotation_edited_into_nonsense_is_dropped() {
     let beta = convert(alpha, "meridian.dev/v1beta1").unwrap();
     assert_eq!(beta["metadata"]["annotations"], json!({"keep": "me"}));
 }
+
+#[test]
+fn redis_cluster_survives_a_round_trip_through_v1alpha1() {
+    let mut beta = convert(alpha(), "meridian.dev/v1beta1").unwrap();
+    beta["spec"]["redis"]["cluster"] = json!(true);
+    let alpha = convert(beta.clone(), "meridian.dev/v1alpha1").unwrap();
+    assert!(alpha["spec"]["redis"].get("cluster").is_none());
+    assert_eq!(
+        alpha["metadata"]["annotations"][STASH],
+        r#"{"spec.redis.cluster":true}"#
+    );
+    let back = convert(alpha, "meridian.dev/v1beta1").unwrap();
+    assert_eq!(
+        serde_json::to_string(&back).unwrap(),
+        serde_json::to_string(&beta).unwrap()
+    );
+    let stack: MiddlewareStack = serde_json::from_value(back).unwrap();
+    assert!(stack.spec.redis.cluster);
+}

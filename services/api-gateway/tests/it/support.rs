@@ -13,9 +13,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::{any, get};
 use common::config::Vars;
-use common::test_support::{
-    ChildProcess, Deps, TestApp, free_port, get_json, test_vars, wait_until,
-};
+use common::test_support::{ChildProcess, TestApp, free_port, get_json, test_vars, wait_until};
 use jsonwebtoken::{Algorithm, EncodingKey, Header, encode, get_current_timestamp};
 use serde_json::{Value, json};
 
@@ -208,10 +206,9 @@ pub async fn spawn_gateway(name: &str, env: &[(&str, String)]) -> (ChildProcess,
     (process, base)
 }
 
-/// A Redis connection to the test instance.
-pub async fn redis() -> redis::aio::MultiplexedConnection {
-    let client = redis::Client::open(Deps::from_env().redis_url).unwrap();
-    client.get_multiplexed_async_connection().await.unwrap()
+/// A Redis connection to the test instance (a cluster with `REDIS_CLUSTER`).
+pub async fn redis() -> common::redis::RedisConnection {
+    common::test_support::redis_connection().await
 }
 
 /// An HTTP client that does not pool (each test sees fresh connections).

@@ -13,6 +13,7 @@ use common::readmodel::Lookup;
 use common::service::ServiceConfig as _;
 use common::shutdown::CancellationToken;
 use common::test_support::{wait_ready, wait_until};
+use futures::FutureExt as _;
 use rdkafka::consumer::{Consumer as _, StreamConsumer};
 use rdkafka::message::Headers as _;
 use rdkafka::{Message as _, TopicPartitionList};
@@ -438,5 +439,75 @@ async fn rebuild_binary_prints_a_summary_and_exits() {
         stack.lookup("books", "x").await,
         Lookup::Found { version: 1, .. }
     ));
+    stack.cleanup().await;
+}
+
+/// On a cluster a document and its rooms live on different shards, so applying an event and
+/// announcing it are separate steps; an updater that stopped between them left the document
+/// marked by the event's message. That message, redelivered, is announced then; a duplicate of
+/// the event in another message is stale, as on one Redis.
+#[tokio::test]
+async fn on_redis_cluster_an_event_applied_but_not_announced_is_announced_on_redelivery() {
+    assert!(
+        common::test_support::Deps::from_env().redis_cluster,
+        "runs on Redis Cluster: REDIS_CLUSTER=true REDIS_URL=$MERIDIAN_REDIS_CLUSTER_URL (`just test` does)"
+    );
+    let stack = Stack::new().await;
+    let mut doc_room = stack.subscribe("doc:books:b1").await;
+    let v1 = event("created", "books", "b1", 1, Some(json!({"title": "Dune"})));
+    let v2 = event(
+        "patched",
+        "books",
+        "b1",
+        2,
+        Some(json!({"title": "Dune", "year": 1965})),
+    );
+
+    // What an updater stopped after the first step leaves: v1's message applied and marked.
+    let (partition, offset) = stack.produce(&v1).await;
+    let claim = format!("{partition}:{offset}");
+    let call = common::readmodel::apply_announcing_call(
+        &stack.redis_prefix,
+        &v1,
+        Duration::from_secs(60),
+        &claim,
+    );
+    let mut conn = stack.redis.clone();
+    let applied: i64 = call.invocation.invoke_async(&mut conn).await.unwrap();
+    assert_eq!(applied, 1);
+    let key = common::readmodel::document_key(&stack.redis_prefix, "books", "b1");
+    let mark = |mut conn: common::redis::RedisConnection, key: String| async move {
+        let marked: Option<String> = redis::cmd("HGET")
+            .arg(&key)
+            .arg("announce")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        marked
+    };
+    assert_eq!(mark(conn.clone(), key.clone()).await, Some(claim));
+
+    // The updater reads from the start: v1's message again, a duplicate of v1, then v2.
+    stack.produce(&v1).await;
+    stack.produce(&v2).await;
+    let app = stack.start::<CacheUpdater>(&[]).await;
+    assert_eq!(
+        next_publication(&mut doc_room).await,
+        v1,
+        "announced on redelivery"
+    );
+    assert_eq!(next_publication(&mut doc_room).await, v2, "and only once");
+    wait_until("the mark to be cleared", Duration::from_secs(10), || {
+        mark(conn.clone(), key.clone()).map(|marked| marked.is_none())
+    })
+    .await;
+    assert_eq!(
+        stack.lookup("books", "b1").await,
+        Lookup::Found {
+            version: 2,
+            data: json!({"title": "Dune", "year": 1965})
+        }
+    );
+    app.stop().await;
     stack.cleanup().await;
 }

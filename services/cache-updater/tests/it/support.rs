@@ -12,7 +12,7 @@ use common::kafka;
 use common::readmodel::{self, Lookup};
 use common::rooms::Publication;
 use common::service::Service;
-use common::test_support::{ChildProcess, Deps, TestApp, free_port, test_vars};
+use common::test_support::{ChannelFrames, ChildProcess, Deps, TestApp, free_port, test_vars};
 use futures::StreamExt as _;
 use rdkafka::consumer::{Consumer as _, StreamConsumer};
 use rdkafka::message::{Header, OwnedHeaders};
@@ -27,8 +27,7 @@ pub struct Stack {
     pub vars: Vars,
     pub kafka: KafkaConfig,
     pub redis_prefix: String,
-    pub redis_client: redis::Client,
-    pub redis: redis::aio::MultiplexedConnection,
+    pub redis: common::redis::RedisConnection,
     producer: FutureProducer,
 }
 
@@ -61,22 +60,18 @@ impl Stack {
         .collect();
         let specs: Vec<(&str, i32)> = topics.iter().map(|t| (t.as_str(), PARTITIONS)).collect();
         kafka::ensure_topics(&admin, &specs, 1).await.unwrap();
-        let redis_client = redis::Client::open(Deps::from_env().redis_url).unwrap();
-        // redis-rs answers "timed out" after 500 ms by default; the pipeline tests run three
-        // services on the test's one thread, so a read can wait longer than that for its turn.
-        let redis = redis_client
-            .get_multiplexed_async_connection_with_config(
-                &redis::AsyncConnectionConfig::new()
-                    .set_response_timeout(Some(Duration::from_secs(10))),
-            )
-            .await
+        // The pipeline tests run three services on the test's one thread, so a read can wait
+        // long for its turn.
+        let redis_config: common::config::RedisConfig = common::config::Vars::from_env()
+            .with("REDIS_TIMEOUT_MS", "10000")
+            .parse()
             .unwrap();
+        let redis = common::redis::connect_once(&redis_config).await.unwrap();
         Self {
             producer: kafka::producer(&kafka, "it-producer").unwrap(),
             redis_prefix: format!("it:cu:{id}:"),
             vars,
             kafka,
-            redis_client,
             redis,
         }
     }
@@ -97,21 +92,25 @@ impl Stack {
         app
     }
 
-    /// Produces `payload` to `events` with the document's key.
-    pub async fn produce_raw(&self, key: &str, payload: &[u8]) {
+    /// Produces `payload` to `events` with the document's key; returns its partition and
+    /// offset.
+    pub async fn produce_raw(&self, key: &str, payload: &[u8]) -> (i32, i64) {
         let topic = self.topic(kafka::TOPIC_EVENTS);
-        self.producer
+        let delivered = self
+            .producer
             .send(
                 FutureRecord::to(&topic).key(key).payload(payload),
                 Duration::from_secs(10),
             )
             .await
             .unwrap();
+        (delivered.partition, delivered.offset)
     }
 
-    pub async fn produce(&self, event: &EventEnvelope) {
+    /// Produces `event` (see [`Stack::produce_raw`]).
+    pub async fn produce(&self, event: &EventEnvelope) -> (i32, i64) {
         self.produce_raw(&event.key(), &serde_json::to_vec(event).unwrap())
-            .await;
+            .await
     }
 
     /// Produces `messages` (key, payload, W3C `traceparent` if any) to `events` as one burst:
@@ -141,13 +140,10 @@ impl Stack {
     }
 
     /// A subscriber on a room's channel (subscribed when this returns).
-    pub async fn subscribe(&self, room: &str) -> redis::aio::PubSubStream {
-        let mut pubsub = self.redis_client.get_async_pubsub().await.unwrap();
-        pubsub
-            .subscribe(format!("{}room:{room}", self.redis_prefix))
-            .await
-            .unwrap();
-        pubsub.into_on_message()
+    pub async fn subscribe(&self, room: &str) -> ChannelFrames {
+        let cluster = Deps::from_env().redis_cluster;
+        let channel = common::redis::tagged(&self.redis_prefix, "room:", room, cluster);
+        common::test_support::subscribe_channel(&channel).await
     }
 
     pub async fn lookup(&self, collection: &str, id: &str) -> Lookup {
@@ -238,19 +234,19 @@ pub fn event(
 }
 
 /// The next event published on a room channel, decoded from its publication frame.
-pub async fn next_publication(stream: &mut redis::aio::PubSubStream) -> EventEnvelope {
+pub async fn next_publication(stream: &mut ChannelFrames) -> EventEnvelope {
     next_traced_publication(stream).await.0
 }
 
 /// The next publication on a room subscription: its event and its `traceparent`, if any.
 pub async fn next_traced_publication(
-    stream: &mut redis::aio::PubSubStream,
+    stream: &mut ChannelFrames,
 ) -> (EventEnvelope, Option<String>) {
     let message = tokio::time::timeout(Duration::from_secs(30), stream.next())
         .await
         .expect("no room publication within 30 s")
         .expect("the subscription ended");
-    let frame = Publication::decode(Bytes::from(message.get_payload_bytes().to_vec())).unwrap();
+    let frame = Publication::decode(Bytes::from(message)).unwrap();
     (
         serde_json::from_slice(&frame.payload).unwrap(),
         frame.trace_parent,
@@ -258,7 +254,7 @@ pub async fn next_traced_publication(
 }
 
 /// Removes every key under `prefix` (SCAN + UNLINK; the prefix is a plain test id).
-pub async fn unlink_prefixed(conn: &mut redis::aio::MultiplexedConnection, prefix: &str) {
+pub async fn unlink_prefixed(conn: &mut common::redis::RedisConnection, prefix: &str) {
     let mut cursor = 0u64;
     loop {
         let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")

@@ -108,6 +108,7 @@ async fn a_handle_refused_after_its_user_vanished_heals_once_the_user_is_back() 
         redis_key_prefix: format!("{user}:"),
         redis_timeout_ms: 1_000,
         redis_ca_file: None,
+        redis_cluster: false,
     };
     let shutdown = CancellationToken::new();
     let handle = Redis::connect_in_background("test", &config, &shutdown).unwrap();
@@ -155,6 +156,7 @@ async fn a_rediss_url_connects_over_tls_trusting_the_configured_ca() {
         redis_key_prefix: "tls:".to_owned(),
         redis_timeout_ms: 2000,
         redis_ca_file: ca.map(|p| p.display().to_string()),
+        redis_cluster: false,
     };
     let trusted = common::redis::client_for(&config(Some(server.ca_file()))).unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);

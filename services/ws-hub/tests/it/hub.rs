@@ -494,8 +494,9 @@ async fn one_subject_and_one_address_hold_only_their_share_of_a_node() {
 
 async fn numsub(channel: &str) -> u64 {
     let mut conn = redis().await;
+    let sharded = common::test_support::Deps::from_env().redis_cluster;
     let (_, count): (String, u64) = redis::cmd("PUBSUB")
-        .arg("NUMSUB")
+        .arg(if sharded { "SHARDNUMSUB" } else { "NUMSUB" })
         .arg(channel)
         .query_async(&mut conn)
         .await
@@ -510,7 +511,8 @@ async fn each_node_holds_one_redis_subscription_per_room_however_many_clients_jo
         start(&hub_vars(&prefix)).await,
         start(&hub_vars(&prefix)).await,
     );
-    let channel = format!("{prefix}room:chat:shared");
+    let cluster = common::test_support::Deps::from_env().redis_cluster;
+    let channel = common::redis::tagged(&prefix, "room:", "chat:shared", cluster);
     let mut clients = Vec::new();
     for app in [&a, &a, &a, &a, &b, &b] {
         let mut c = client(app, &["chat:*"]).await;
@@ -718,7 +720,12 @@ async fn a_client_that_asks_for_trace_context_gets_each_publications_traceparent
         payload: axum::body::Bytes::from_static(br#"{"version":1}"#),
     }
     .encode();
-    let () = redis::cmd("PUBLISH")
+    let publish = if rooms.sharded() {
+        "SPUBLISH"
+    } else {
+        "PUBLISH"
+    };
+    let () = redis::cmd(publish)
         .arg(rooms.channel(room))
         .arg(frame)
         .query_async(&mut redis().await)

@@ -158,11 +158,6 @@ pub async fn rooms(prefix: &str, history: HistorySettings) -> Rooms {
 }
 
 /// A plain Redis connection for assertions.
-pub async fn redis() -> redis::aio::MultiplexedConnection {
-    let url = common::test_support::Deps::from_env().redis_url;
-    redis::Client::open(url)
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap()
+pub async fn redis() -> common::redis::RedisConnection {
+    common::test_support::redis_connection().await
 }
