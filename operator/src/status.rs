@@ -89,6 +89,27 @@ pub struct Transition {
     pub to: Condition,
 }
 
+/// Reasons of a stage that is on its way, not failing: waiting for an earlier stage, or its
+/// Deployments rolling out.
+pub const PROGRESS_REASONS: [&str; 2] = ["Waiting", "Progressing"];
+
+impl Transition {
+    /// Whether the transition is news for `kubectl describe`: a condition turning `True`, a
+    /// failure, or a condition that was `True` no longer being so. A stage that starts out
+    /// waiting or rolling out (`Unknown`, or `False` for a progress reason, after nothing or
+    /// `Unknown`) only says what every new stack goes through, and gets no Event.
+    pub fn is_news(&self) -> bool {
+        match self.to.status.as_str() {
+            "True" => true,
+            "Unknown" => self.from.as_deref() == Some("True"),
+            _ => {
+                self.from.as_deref() == Some("True")
+                    || !PROGRESS_REASONS.contains(&self.to.reason.as_str())
+            }
+        }
+    }
+}
+
 /// The stage reports plus `Ready`, derived: `True` when every stage is, else `False` with
 /// the first unhealthy stage's reason and message.
 pub fn with_ready(stages: Vec<Report>) -> Vec<Report> {

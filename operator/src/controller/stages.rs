@@ -352,7 +352,8 @@ type WriteFailure = (super::Error, BTreeMap<String, ServiceStatus>, Vec<Event>);
 
 /// Writes the stack's objects: deletes those of disabled services, applies the endpoints
 /// ConfigMap, the NetworkPolicy and the PodMonitor, then the services stage by stage.
-/// Returns the rollout and `events` with what changed added.
+/// Returns the rollout and `events` with what changed added: one `Applied` Event for
+/// everything this pass applied (a new stack's first pass applies five kinds of objects).
 async fn write_services(
     ctx: &Context,
     validated: &ValidatedStack,
@@ -374,16 +375,15 @@ async fn write_services(
         Ok(_) => {}
         Err(error) => return Err((error.into(), BTreeMap::new(), events)),
     }
+    // What this pass applied, for its one `Applied` Event.
+    let mut applied: Vec<String> = Vec::new();
+    let applied_event =
+        |applied: &[String]| event(EventType::Normal, "Applied", "Apply", applied.join("; "));
     let endpoints = apply::apply(ctx, &ctx.stores.config_maps, desired.endpoints.clone()).await;
     match endpoints {
-        Ok(true) => events.push(event(
-            EventType::Normal,
-            "Applied",
-            "ApplyEndpoints",
-            format!(
-                "applied ConfigMap {} (the stack's URLs for applications)",
-                build::endpoints_name(validated.name())
-            ),
+        Ok(true) => applied.push(format!(
+            "applied ConfigMap {} (the stack's URLs for applications)",
+            build::endpoints_name(validated.name())
         )),
         Ok(false) => {}
         Err(error) => {
@@ -391,27 +391,22 @@ async fn write_services(
         }
     }
     match network_policy(ctx, validated, desired).await {
-        Ok(Some(message)) => events.push(event(
-            EventType::Normal,
-            "Applied",
-            "ApplyNetworkPolicy",
-            message,
-        )),
+        Ok(Some(message)) => applied.push(message),
         Ok(None) => {}
-        Err(error) => return Err((error.into(), BTreeMap::new(), events)),
+        Err(error) => {
+            if !applied.is_empty() {
+                events.push(applied_event(&applied));
+            }
+            return Err((error.into(), BTreeMap::new(), events));
+        }
     }
     // Monitoring never holds the stack back: a failure is a Warning Event, tried again on the
     // next reconcile.
     match monitoring::reconcile(ctx, validated, desired, pod_monitor_api).await {
         Ok(monitoring::Outcome::Unchanged) => {}
-        Ok(monitoring::Outcome::Applied) => events.push(event(
-            EventType::Normal,
-            "Applied",
-            "ApplyPodMonitor",
-            format!(
-                "applied PodMonitor {} (Prometheus scrapes every service's /metrics)",
-                build::pod_monitor_name(validated)
-            ),
+        Ok(monitoring::Outcome::Applied) => applied.push(format!(
+            "applied PodMonitor {} (Prometheus scrapes every service's /metrics)",
+            build::pod_monitor_name(validated)
         )),
         Ok(monitoring::Outcome::Deleted) => events.push(event(
             EventType::Normal,
@@ -430,16 +425,17 @@ async fn write_services(
         )),
     }
     let mut rollout = services::roll_out(ctx, validated, desired, enabled).await;
+    if !rollout.applied.is_empty() {
+        applied.push(format!(
+            "applied the objects of {}",
+            rollout.applied.join(", ")
+        ));
+    }
+    if !applied.is_empty() {
+        events.push(applied_event(&applied));
+    }
     if let Err(error) = std::mem::replace(&mut rollout.result, Ok(())) {
         return Err((error.into(), rollout.services, events));
-    }
-    if !rollout.applied.is_empty() {
-        events.push(event(
-            EventType::Normal,
-            "Applied",
-            "ApplyServices",
-            format!("applied the objects of {}", rollout.applied.join(", ")),
-        ));
     }
     Ok((rollout, events))
 }

@@ -151,8 +151,8 @@ fn truncate(mut text: String, max: usize) -> String {
 }
 
 /// Merges `reports` into the stack's conditions, updates the stage gauges, and patches the
-/// status if it changed. Returns an Event per condition whose status changed, in condition
-/// order.
+/// status if it changed. Returns an Event per condition whose status changed in a way that is
+/// news ([`Transition::is_news`]), in condition order.
 pub(super) async fn write(
     stack: &MiddlewareStack,
     ctx: &Context,
@@ -181,6 +181,7 @@ pub(super) async fn write(
     };
     let events = transitions
         .iter()
+        .filter(|transition| transition.is_news())
         .map(|transition| {
             let to = &transition.to;
             let type_ = if to.status == "False" {

@@ -94,3 +94,29 @@ fn merge_keeps_conditions_that_were_not_reported() {
     assert_eq!(merged[0].type_, READY);
     assert_eq!(merged[0].reason, "Paused");
 }
+
+#[test]
+fn only_transitions_that_are_news_make_events() {
+    let transition = |from: Option<&str>, status: &str, reason: &str| Transition {
+        type_: CORE_AVAILABLE.to_owned(),
+        from: from.map(str::to_owned),
+        to: Condition {
+            type_: CORE_AVAILABLE.to_owned(),
+            status: status.to_owned(),
+            reason: reason.to_owned(),
+            message: String::new(),
+            last_transition_time: time(0),
+            observed_generation: None,
+        },
+    };
+    // A new stack's stages waiting and rolling out: no Event.
+    assert!(!transition(None, "Unknown", "Waiting").is_news());
+    assert!(!transition(None, "False", "Progressing").is_news());
+    assert!(!transition(Some("Unknown"), "False", "Progressing").is_news());
+    // Becoming True, failing, or losing True: an Event.
+    assert!(transition(None, "True", "Available").is_news());
+    assert!(transition(Some("False"), "True", "Available").is_news());
+    assert!(transition(None, "False", "RedisUnavailable").is_news());
+    assert!(transition(Some("True"), "False", "Progressing").is_news());
+    assert!(transition(Some("True"), "Unknown", "Waiting").is_news());
+}
