@@ -11,8 +11,9 @@
 //!   kwok's), and the CPU each process used meanwhile (`/proc`): where a slow rollout's time
 //!   goes on the local host;
 //! - the operator's peak RSS (`VmHWM`, target ≤ 64 MiB);
-//! - API writes per stack in steady state over `BENCH_STEADY_SECONDS` (default 60), from the operator's own `operator_api_requests_total` (target 0; Lease
-//!   renewals are leader election, not per stack, and are reported separately).
+//! - API writes per stack in steady state over `BENCH_STEADY_SECONDS` (default 60), from the
+//!   operator's own `operator_api_requests_total` (target 0; Lease renewals are leader
+//!   election, not per stack, and are reported separately).
 //!
 //! Then it deletes the stacks (topics, databases and credentials deleted per `deletionPolicy`),
 //! waits for the finalizers, stops the operator, deletes the namespace and waits for it to be
