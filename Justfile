@@ -140,11 +140,16 @@ crds:
 bench-pipeline: build-deps target-trim (deps-up "postgres" "redis" "kafka")
     eval "$(bash dev/deps.sh env)" && BENCH_PGBENCH="$(bash dev/deps/postgres.sh bindir)/pgbench" cargo bench --locked -p cache-updater --bench pipeline
 
-# Hub benchmark (release, two hubs on the local Redis): memory per idle connection at 10k/50k, deliveries/s to one room with 10k subscribers, publish→deliver p99 across replicas; then the same on Centrifugo (the peer, built from its Go module) and the ratios.
+# Hub benchmark (release, two hubs on the local Redis): memory per idle connection at 10k/50k, deliveries/s to one room with 10k subscribers and to 30 rooms sharing them, publish→deliver p99 across replicas; then the same on Centrifugo (the peer, built from its Go module) and the ratios.
 bench-hub *args: target-trim (deps-up "redis")
     cargo build --release --locked -p ws-hub -p tools --bin ws-hub --bin bench-hub --bin meridian-loadgen
     bash dev/tools.sh install centrifugo
     eval "$(bash dev/deps.sh env)" && "$CARGO_TARGET_DIR/release/bench-hub" --centrifugo "$(bash dev/tools.sh path centrifugo)" {{args}}
+
+# Hub benchmark on the local 3-master Redis Cluster (release, three hubs, sharded rooms): the same figures, deliveries/s to one room and to 30 rooms; no Centrifugo (its comparison runs on one Redis).
+bench-hub-cluster *args: target-trim (deps-up "redis")
+    cargo build --release --locked -p ws-hub -p tools --bin ws-hub --bin bench-hub --bin meridian-loadgen
+    eval "$(bash dev/deps.sh env)" && "$CARGO_TARGET_DIR/release/bench-hub" --redis-cluster {{args}}
 
 # Operator benchmark on the kwok control plane with real provisioning: N=100 and N=1,000 stacks
 # to Ready, operator peak RSS, steady-state API writes per stack. BENCH_STACKS, BENCH_STEADY_SECONDS

@@ -7,7 +7,9 @@
 //!    when one process may hold that many descriptors, else spread over fresh hubs that each
 //!    hold what one process may, every one loaded by its own `meridian-loadgen` process;
 //! 2. deliveries/s to one room with 10 000 subscribers (a burst published through
-//!    `common::rooms`, timed until every subscriber has every publication);
+//!    `common::rooms`, timed until every subscriber has every publication), then to `--rooms`
+//!    rooms (30) with the same subscribers spread over them, the burst to each room, all
+//!    published at once;
 //! 3. publish → deliver latency across replicas: a client publishes through hub A, clients
 //!    on hub B receive (p50/p99 over the run).
 //!
@@ -15,6 +17,14 @@
 //! measured on Centrifugo, the peer, in the same run: two nodes on the same Redis (its Redis
 //! engine, history like the hub's), the same client code paths (connect with a JWT, subscribe,
 //! read, publish over the WebSocket), and the summary prints each ratio with its goal.
+//!
+//! With `--redis-cluster` (`just bench-hub-cluster`) the hubs run on a Redis Cluster
+//! (`REDIS_CLUSTER=true`, `REDIS_URL` its seed: `--redis-cluster-url`, else
+//! `MERIDIAN_REDIS_CLUSTER_URL`), rooms being sharded channels, and there are three of them:
+//! the fan-out's subscribers are spread evenly over hubs A, B and C (so deliveries cross hubs
+//! through the cluster), the latency publisher on A reaches subscribers on B and C, and the
+//! 50 000 connections are spread over three fresh hubs at least. Centrifugo is not run then:
+//! the peer comparison is on one Redis.
 //!
 //! The hubs log as the operator deploys them (`RUST_LOG=info`, JSON); the settings that differ
 //! from a deployed hub are printed first. Each figure is printed with its target and whether
@@ -35,14 +45,19 @@ use common::config::{RedisConfig, Vars};
 use common::redis::Redis;
 use common::rooms::{HistorySettings, Rooms};
 use common::shutdown::CancellationToken;
+use futures::{SinkExt as _, StreamExt as _};
 use hdrhistogram::Histogram;
-use secrecy::ExposeSecret as _;
+use secrecy::{ExposeSecret as _, SecretString};
 use tokio::io::{AsyncBufReadExt as _, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
 use ws_hub::loadgen::{self, Client, Stats, Target};
 
 mod centrifugo;
+mod cluster;
+
+/// The hubs' names, in the order they start.
+const NAMES: [&str; 3] = ["A", "B", "C"];
 
 /// Benchmark of the WebSocket hub.
 #[derive(Debug, Parser)]
@@ -63,15 +78,28 @@ struct Args {
     /// Their rate per second.
     #[arg(long, default_value_t = 500.0)]
     latency_rate: f64,
-    /// Subscribers on replica B for the latency figure.
+    /// Subscribers for the latency figure: on hub B (on B and C with `--redis-cluster`).
     #[arg(long, default_value_t = 100)]
     latency_subscribers: usize,
     /// The hubs' `RUST_LOG` (default: what the operator deploys).
     #[arg(long, default_value = "info")]
     rust_log: String,
-    /// Centrifugo's binary: measure it too, as the peer (`dev/tools.sh path centrifugo`).
+    /// Centrifugo's binary: measure it too, as the peer (`dev/tools.sh path centrifugo`; not
+    /// with `--redis-cluster`).
     #[arg(long)]
     centrifugo: Option<PathBuf>,
+    /// Rooms for the second fan-out figure: the fan-out's subscribers also join one of them
+    /// each (spread evenly), and the burst goes to every room at once (0: skip).
+    #[arg(long, default_value_t = 30)]
+    rooms: usize,
+    /// Run on a Redis Cluster: three hubs with `REDIS_CLUSTER=true` and `REDIS_URL` its seed
+    /// (`--redis-cluster-url`, else `MERIDIAN_REDIS_CLUSTER_URL`).
+    #[arg(long)]
+    redis_cluster: bool,
+    /// The cluster's seed node(s), `redis://[user:password@]host:port` (default:
+    /// `MERIDIAN_REDIS_CLUSTER_URL`, the cluster `just deps-up redis` starts).
+    #[arg(long, requires = "redis_cluster")]
+    redis_cluster_url: Option<String>,
 }
 
 /// The figures compared with the peer.
@@ -85,6 +113,10 @@ struct Figures {
     kib_per_connection: f64,
     /// Burst deliveries/s to one room of `connections` subscribers.
     deliveries_per_second: f64,
+    /// Burst deliveries/s to `rooms` rooms sharing those subscribers.
+    rooms_deliveries_per_second: Option<f64>,
+    /// Connections and RSS growth per idle connection at `max_connections`, KiB.
+    at_max: Option<(usize, f64)>,
 }
 
 struct Hub {
@@ -166,6 +198,81 @@ impl Report {
 async fn settle_rss(hub: &Hub) -> anyhow::Result<u64> {
     tokio::time::sleep(Duration::from_secs(2)).await;
     hub.rss_kib()
+}
+
+/// [`settle_rss`] of every hub (one wait).
+async fn settle_rss_all(hubs: &[Hub]) -> anyhow::Result<Vec<u64>> {
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    hubs.iter().map(Hub::rss_kib).collect()
+}
+
+/// The hubs' summed RSS growth from `baselines` to `now`, and `b → n, …` to print.
+fn grown(baselines: &[u64], now: &[u64]) -> (u64, String) {
+    let grown = baselines
+        .iter()
+        .zip(now)
+        .map(|(baseline, now)| now.saturating_sub(*baseline))
+        .sum();
+    let changes = baselines
+        .iter()
+        .zip(now)
+        .map(|(baseline, now)| format!("{baseline} → {now}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    (grown, changes)
+}
+
+/// Part `i` of `total` split evenly into `parts`.
+fn share(total: usize, parts: usize, i: usize) -> usize {
+    let parts = parts.max(1);
+    total / parts + usize::from(i < total % parts)
+}
+
+/// `hub A`, `hubs B and C`: `hubs` hubs from the `first`.
+fn names(first: usize, hubs: usize) -> String {
+    let names: Vec<&str> = NAMES.iter().copied().skip(first).take(hubs).collect();
+    match names.split_last() {
+        Some((last, rest)) if !rest.is_empty() => format!("hubs {} and {last}", rest.join(", ")),
+        _ => format!("hub {}", names.concat()),
+    }
+}
+
+/// Opens `count` subscribers of `room` spread evenly over `targets`, in order.
+async fn open_spread(targets: &[Target], count: usize, room: &str) -> anyhow::Result<Vec<Client>> {
+    let mut clients = Vec::with_capacity(count);
+    for (i, target) in targets.iter().enumerate() {
+        clients.extend(open(target, share(count, targets.len(), i), room, &[]).await?);
+    }
+    Ok(clients)
+}
+
+/// Subscribes client `i` to `rooms[i % rooms.len()]` too, `concurrency` at a time; how many
+/// were subscribed, and the first failure.
+async fn join_rooms(
+    clients: &mut [Client],
+    rooms: &[String],
+    concurrency: usize,
+) -> (usize, Option<String>) {
+    if rooms.is_empty() {
+        return (0, None);
+    }
+    let results: Vec<Result<(), loadgen::LoadError>> =
+        futures::stream::iter(clients.iter_mut().enumerate())
+            .map(|(i, client)| async move {
+                let room = &rooms[i % rooms.len()];
+                client.send(loadgen::subscribe_frame(room)).await?;
+                loadgen::expect_json(client, "subscribed").await?;
+                Ok(())
+            })
+            .buffer_unordered(concurrency.max(1))
+            .collect()
+            .await;
+    let joined = results.iter().filter(|r| r.is_ok()).count();
+    let failure = results
+        .into_iter()
+        .find_map(Result::err)
+        .map(|e| e.to_string());
+    (joined, failure)
 }
 
 /// Prints how many connections opened since `started`, and the first failure.
@@ -388,7 +495,7 @@ async fn idle_on_one_hub(
     opened: usize,
     max: usize,
     baseline: u64,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<(usize, f64)> {
     let more = max - opened;
     println!("memory: {more} more idle connections on hub A (total {max})");
     // One loopback source address has ~28k ephemeral ports towards one hub port.
@@ -413,13 +520,14 @@ async fn idle_on_one_hub(
         "≤ 12 KB",
         per <= 12.0 && total == max,
     );
-    Ok(())
+    Ok((total, per))
 }
 
 /// Memory per idle connection at `total` connections on the local host when one process may
-/// not hold them: fresh hubs of at most `per_process` connections each, every one loaded by
-/// its own `meridian-loadgen` process (the binary next to this one) from its own loopback
-/// address; the figure is the hubs' summed RSS growth over the connections open.
+/// not hold them (or the run has several hubs): `count` fresh hubs, the connections spread
+/// evenly over them, every one loaded by its own `meridian-loadgen` process (the binary next
+/// to this one) from its own loopback address; the figure is the hubs' summed RSS growth over
+/// the connections open.
 async fn idle_on_several_hubs(
     binary: &Path,
     env: &[(&str, String)],
@@ -427,12 +535,10 @@ async fn idle_on_several_hubs(
     token_file: &Path,
     report: &mut Report,
     total: usize,
-    per_process: usize,
-) -> anyhow::Result<()> {
-    let count = total.div_ceil(per_process.max(1));
-    let shares: Vec<usize> = (0..count)
-        .map(|i| total / count + usize::from(i < total % count))
-        .collect();
+    count: usize,
+) -> anyhow::Result<(usize, f64)> {
+    let count = count.max(1);
+    let shares: Vec<usize> = (0..count).map(|i| share(total, count, i)).collect();
     println!("memory: {total} idle connections over {count} fresh hubs ({shares:?})");
     let mut hubs = Vec::new();
     for share in &shares {
@@ -526,12 +632,26 @@ async fn idle_on_several_hubs(
         per <= 12.0 && connected == total,
     );
     drop(generators);
-    Ok(())
+    Ok((connected, per))
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    let cluster_url = if args.redis_cluster {
+        let url = args
+            .redis_cluster_url
+            .clone()
+            .or_else(|| std::env::var("MERIDIAN_REDIS_CLUSTER_URL").ok())
+            .filter(|url| !url.is_empty())
+            .context(
+                "--redis-cluster needs --redis-cluster-url or MERIDIAN_REDIS_CLUSTER_URL \
+                 (`eval \"$(bash dev/deps.sh env)\"` sets it for the local cluster)",
+            )?;
+        Some(url)
+    } else {
+        None
+    };
     let wanted = (args.max_connections.max(args.connections) as u64) * 2 + 4096;
     let limit = loadgen::raise_open_files(wanted)?;
     println!("open-files limit: {limit} (wanted {wanted} for the clients and the hub)");
@@ -540,15 +660,36 @@ async fn main() -> anyhow::Result<()> {
     } else {
         format!(" RUST_LOG={} (deployed: info),", args.rust_log)
     };
+    let differences = format!(
+        "{log} HUB_MAX_CONNECTIONS sized to the run, HUB_MAX_CONNECTIONS_PER_SUBJECT=0 (one \
+         token for every client), HUB_MESSAGE_RATE/BURST=10000 and HUB_PUBLISH_ROOMS=bench:* \
+         (the latency publisher is a client), HUB_HISTORY_SIZE=1000"
+    );
     println!(
-        "hubs run as the operator deploys them (RUST_LOG=info, LOG_FORMAT=json), except:{log} \
-         HUB_MAX_CONNECTIONS sized to the run, HUB_MAX_CONNECTIONS_PER_SUBJECT=0 (one token \
-         for every client), HUB_MESSAGE_RATE/BURST=10000 and HUB_PUBLISH_ROOMS=bench:* (the \
-         latency publisher is a client), HUB_HISTORY_SIZE=1000"
+        "hubs run as the operator deploys them (RUST_LOG=info, LOG_FORMAT=json), except:\
+         {differences}"
     );
 
     let vars = Vars::from_env();
     let mut redis_config: RedisConfig = vars.parse()?;
+    redis_config.redis_cluster = cluster_url.is_some();
+    let (mode, cluster) = match &cluster_url {
+        Some(url) => {
+            redis_config.redis_url = SecretString::from(url.clone());
+            let mut seed = cluster::Seed::connect(url).await?;
+            let cluster = seed.cluster().await?;
+            let mode = format!(
+                "Redis Cluster with {} masters (CLUSTER INFO cluster_size on the seed {})",
+                cluster.masters, seed.address
+            );
+            (mode, Some(cluster))
+        }
+        None => {
+            let address = cluster::address(redis_config.redis_url.expose_secret());
+            (format!("one Redis ({address})"), None)
+        }
+    };
+    println!("mode: {mode}");
     let prefix = format!("bench-{}:", uuid::Uuid::new_v4().simple());
     redis_config.redis_key_prefix.clone_from(&prefix);
     let secret = uuid::Uuid::new_v4().simple().to_string() + "-bench-secret";
@@ -561,6 +702,7 @@ async fn main() -> anyhow::Result<()> {
             "REDIS_URL",
             redis_config.redis_url.expose_secret().to_owned(),
         ),
+        ("REDIS_CLUSTER", redis_config.redis_cluster.to_string()),
         ("REDIS_KEY_PREFIX", prefix.clone()),
         ("JWT_SECRET", secret.clone()),
         ("RUST_LOG", args.rust_log.clone()),
@@ -576,34 +718,33 @@ async fn main() -> anyhow::Result<()> {
         ("HUB_HISTORY_SIZE", "1000".to_owned()),
         ("HUB_HISTORY_TTL_SECONDS", "120".to_owned()),
     ];
-    let a = spawn_hub(&binary, &env)?;
-    let b = spawn_hub(&binary, &env)?;
+    // Two hubs on one Redis; three on a cluster, so that deliveries cross hubs (and shards).
+    let hub_count = if cluster.is_some() { 3 } else { 2 };
+    let hubs = (0..hub_count)
+        .map(|_| spawn_hub(&binary, &env))
+        .collect::<anyhow::Result<Vec<Hub>>>()?;
     let token = token(&secret)?;
     let dir = tempdir()?;
     let token_file = dir.write("token.jwt", token.as_bytes())?;
-    let target_a = Target::new(
-        &format!("ws://127.0.0.1:{}/ws", a.port),
-        Some(token.clone()),
-        false,
-    )
-    .await?;
-    let target_b = Target::new(
-        &format!("ws://127.0.0.1:{}/ws", b.port),
-        Some(token.clone()),
-        false,
-    )
-    .await?;
-    wait_subscribable(&target_a).await?;
-    wait_subscribable(&target_b).await?;
+    let mut targets = Vec::with_capacity(hubs.len());
+    for hub in &hubs {
+        let url = format!("ws://127.0.0.1:{}/ws", hub.port);
+        targets.push(Target::new(&url, Some(token.clone()), false).await?);
+    }
+    for target in &targets {
+        wait_subscribable(target).await?;
+    }
+    let (target_a, receivers) = targets.split_first().context("no hub")?;
     let mut report = Report(Vec::new());
 
-    // 1. Publish on A → deliver on B (before the big phases, so it measures the path, not
-    //    the load of 10 000 other clients in this process).
+    // 1. Publish on A → deliver on the others (before the big phases, so it measures the
+    //    path, not the load of 10 000 other clients in this process).
+    let receiving = names(1, receivers.len());
     println!(
-        "latency: {} publications at {}/s through hub A to {} subscribers on hub B",
+        "latency: {} publications at {}/s through hub A to {} subscribers on {receiving}",
         args.latency_publications, args.latency_rate, args.latency_subscribers
     );
-    let subscribers = open(&target_b, args.latency_subscribers, "bench:latency", &[]).await?;
+    let subscribers = open_spread(receivers, args.latency_subscribers, "bench:latency").await?;
     let latency_stats = Arc::new(Stats::default());
     let (latency_tx, mut latency_rx) = mpsc::unbounded_channel();
     let samplers = subscribers.len();
@@ -627,8 +768,13 @@ async fn main() -> anyhow::Result<()> {
     let mut hub = Figures::default();
     (hub.p50, hub.p99) = quantiles_ms(&histogram);
     let p99 = hub.p99;
+    let across = if receivers.len() == 1 {
+        "two replicas".to_owned()
+    } else {
+        format!("replicas, hub A → {receiving}")
+    };
     report.add(
-        "publish → deliver across two replicas, p99",
+        &format!("publish → deliver across {across}, p99"),
         format!(
             "{p99:.2} ms (p50 {:.2} ms, max {:.2} ms, {} samples)",
             histogram.value_at_quantile(0.5) as f64 / 1000.0,
@@ -639,28 +785,69 @@ async fn main() -> anyhow::Result<()> {
         p99 <= 20.0 && histogram.len() == expected,
     );
 
-    // 2. Memory per idle connection at `connections`.
-    println!("memory: {} idle connections on hub A", args.connections);
-    let baseline = settle_rss(&a).await?;
-    let clients = open(&target_a, args.connections, "bench:fanout", &[]).await?;
+    // 2. Memory per idle connection at `connections`: on hub A, or spread over the three hubs
+    //    of a cluster run (the fan-out's subscribers).
+    let fanout_hubs = if cluster.is_some() { hubs.len() } else { 1 };
+    let (fanout_hubs, fanout_targets) = (&hubs[..fanout_hubs], &targets[..fanout_hubs]);
+    let over = names(0, fanout_hubs.len());
+    println!("memory: {} idle connections on {over}", args.connections);
+    let baselines = settle_rss_all(fanout_hubs).await?;
+    let mut clients = open_spread(fanout_targets, args.connections, "bench:fanout").await?;
     let opened = clients.len();
-    let rss = settle_rss(&a).await?;
-    let per = (rss.saturating_sub(baseline)) as f64 / opened.max(1) as f64;
+    let rss = settle_rss_all(fanout_hubs).await?;
+    let (growth, changes) = grown(&baselines, &rss);
+    let per = growth as f64 / opened.max(1) as f64;
     hub.kib_per_connection = per;
+    let on = if fanout_hubs.len() == 1 {
+        String::new()
+    } else {
+        format!(" on {} hubs", fanout_hubs.len())
+    };
     report.add(
-        &format!("memory per idle connection at {opened} connections"),
-        format!("{per:.1} KiB (hub RSS {baseline} → {rss} KiB)"),
+        &format!("memory per idle connection at {opened} connections{on}"),
+        format!("{per:.1} KiB (hub RSS {changes} KiB)"),
         "≤ 12 KB",
         per <= 12.0 && opened == args.connections,
     );
+
+    // Each of them joins one of `rooms` rooms too (after the memory figure, which is for
+    // connections in one room), for the fan-out to several rooms below.
+    let room_names: Vec<String> = (0..args.rooms)
+        .map(|i| format!("bench:rooms-{i}"))
+        .collect();
+    let mut joined = 0;
+    if !room_names.is_empty() {
+        let started = Instant::now();
+        let failure;
+        (joined, failure) = join_rooms(&mut clients, &room_names, 256).await;
+        println!(
+            "rooms: {joined} of the {opened} subscribers joined one of {} rooms each in {:.1} s{}",
+            room_names.len(),
+            started.elapsed().as_secs_f64(),
+            failure
+                .map(|e| format!(" ({} failed; first: {e})", opened - joined))
+                .unwrap_or_default()
+        );
+    }
 
     // 3. Fan-out: a burst to one room with `connections` subscribers.
     let stats = Arc::new(Stats::default());
     let (latency_tx, _latency_rx) = mpsc::unbounded_channel();
     loadgen::spawn_readers(clients, &stats, 0, &latency_tx);
+    // The publisher's handle waits longer for replies than a service does (REDIS_TIMEOUT_MS,
+    // 1 s by default): this process reads every delivery too, on the hubs' cores, and a burst
+    // to many rooms has thousands of publications in flight while the first ones fan out.
+    let publisher_config = RedisConfig {
+        redis_timeout_ms: redis_config.redis_timeout_ms.max(30_000),
+        ..redis_config.clone()
+    };
     let redis =
-        Redis::connect_in_background("bench-hub", &redis_config, &CancellationToken::new())?;
+        Redis::connect_in_background("bench-hub", &publisher_config, &CancellationToken::new())?;
+    let connect_deadline = Instant::now() + Duration::from_secs(30);
     while redis.connection().is_err() {
+        if Instant::now() > connect_deadline {
+            bail!("the benchmark's Redis handle did not connect within 30 s");
+        }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let rooms = Rooms::new(
@@ -672,7 +859,7 @@ async fn main() -> anyhow::Result<()> {
     );
     let expected = (args.burst * opened) as u64;
     println!(
-        "fan-out: {} publications to one room with {opened} subscribers",
+        "fan-out: {} publications to one room with {opened} subscribers{on}",
         args.burst
     );
     let started = Instant::now();
@@ -684,7 +871,7 @@ async fn main() -> anyhow::Result<()> {
     let rate = delivered as f64 / elapsed;
     hub.deliveries_per_second = rate;
     report.add(
-        &format!("deliveries/s, one room, {opened} subscribers"),
+        &format!("deliveries/s, one room, {opened} subscribers{on}"),
         format!(
             "{rate:.0}/s ({delivered} of {expected} in {elapsed:.2} s, {} connections dropped)",
             stats.closed.load(Ordering::Relaxed)
@@ -693,31 +880,87 @@ async fn main() -> anyhow::Result<()> {
         rate >= 250_000.0 && delivered == expected,
     );
 
+    // 3b. The same burst to each of `rooms` rooms at once, the subscribers spread over them
+    //     (and, on a cluster, the rooms over its shards).
+    if !room_names.is_empty() {
+        if let Some(cluster) = &cluster
+            && let Some(url) = &cluster_url
+        {
+            let channels: Vec<String> = room_names.iter().map(|r| rooms.channel(r)).collect();
+            let mut seed = cluster::Seed::connect(url).await?;
+            println!(
+                "  the rooms' channels by master: {}",
+                cluster.spread(&mut seed, &channels).await?
+            );
+        }
+        let before = stats.deliveries.load(Ordering::Relaxed);
+        let expected = (args.burst * joined) as u64;
+        println!(
+            "fan-out: {} publications to each of {} rooms at once ({} in all), {joined} \
+             subscribers{on} spread over them",
+            args.burst,
+            room_names.len(),
+            args.burst * room_names.len()
+        );
+        let started = Instant::now();
+        futures::future::try_join_all(
+            (0..args.burst)
+                .flat_map(|_| room_names.iter())
+                .map(|room| rooms.publish(room, &payload)),
+        )
+        .await?;
+        let (delivered, elapsed) =
+            await_deliveries(&stats, before + expected, started, Duration::from_secs(90)).await;
+        let delivered = delivered - before;
+        let rate = delivered as f64 / elapsed;
+        hub.rooms_deliveries_per_second = Some(rate);
+        report.add(
+            &format!(
+                "deliveries/s, {} rooms, {joined} subscribers{on}",
+                room_names.len()
+            ),
+            format!(
+                "{rate:.0}/s ({delivered} of {expected} in {elapsed:.2} s, {} connections \
+                 dropped)",
+                stats.closed.load(Ordering::Relaxed)
+            ),
+            "(comparison)",
+            delivered == expected && joined == opened,
+        );
+    }
+
     // 4. Memory per idle connection at `max_connections`: added to the ones open on hub A
-    //    when one process may hold them all, else spread over fresh hubs (below).
+    //    when one process may hold them all (one Redis), else spread over fresh hubs (below),
+    //    three at least on a cluster.
     if args.max_connections > opened {
         // Each process (this one holds the clients, the hub their peers) needs one descriptor
         // per connection; without privilege the hard RLIMIT_NOFILE caps one process.
         let per_process = usize::try_from(limit)
             .unwrap_or(usize::MAX)
             .saturating_sub(1000);
-        if args.max_connections <= per_process {
+        let at_max = if fanout_hubs.len() == 1 && args.max_connections <= per_process {
             idle_on_one_hub(
-                &a,
-                &target_a,
+                &hubs[0],
+                target_a,
                 &mut report,
                 opened,
                 args.max_connections,
-                baseline,
+                baselines[0],
             )
-            .await?;
+            .await?
         } else {
-            println!(
-                "  {} connections do not fit in one process here: RLIMIT_NOFILE is {limit} \
-                 (hard limit, not raisable without CAP_SYS_RESOURCE); spreading them over hubs \
-                 of at most {per_process}, each with its own load-generator process",
-                args.max_connections
-            );
+            if args.max_connections > per_process {
+                println!(
+                    "  {} connections do not fit in one process here: RLIMIT_NOFILE is {limit} \
+                     (hard limit, not raisable without CAP_SYS_RESOURCE); spreading them over \
+                     hubs of at most {per_process}, each with its own load-generator process",
+                    args.max_connections
+                );
+            }
+            let count = args
+                .max_connections
+                .div_ceil(per_process.max(1))
+                .max(fanout_hubs.len());
             idle_on_several_hubs(
                 &binary,
                 &env,
@@ -725,14 +968,20 @@ async fn main() -> anyhow::Result<()> {
                 &token_file,
                 &mut report,
                 args.max_connections,
-                per_process,
+                count,
             )
-            .await?;
-        }
+            .await?
+        };
+        hub.at_max = Some(at_max);
     }
 
-    drop((a, b));
-    if let Some(binary) = &args.centrifugo {
+    drop(hubs);
+    if cluster.is_some() {
+        println!(
+            "centrifugo: not run on a Redis Cluster; the peer comparison runs on one Redis \
+             (`just bench-hub`)"
+        );
+    } else if let Some(binary) = &args.centrifugo {
         // The hubs' clients close with them; give the sockets a moment to go.
         tokio::time::sleep(Duration::from_secs(3)).await;
         let peer = measure_centrifugo(
@@ -776,6 +1025,30 @@ async fn main() -> anyhow::Result<()> {
     }
 
     println!("\nsummary");
+    println!("  mode: {mode}; {hub_count} hubs");
+    println!("  hubs as the operator deploys them, except:{differences}");
+    println!(
+        "  deliveries/s, one room of {opened} subscribers{on}: {:.0}/s",
+        hub.deliveries_per_second
+    );
+    if let Some(rate) = hub.rooms_deliveries_per_second {
+        println!(
+            "  deliveries/s, {} rooms sharing {joined} subscribers{on}: {rate:.0}/s",
+            room_names.len()
+        );
+    }
+    println!(
+        "  memory per idle connection: {:.1} KiB at {opened}{}",
+        hub.kib_per_connection,
+        hub.at_max
+            .map(|(connections, kib)| format!(", {kib:.1} KiB at {connections}"))
+            .unwrap_or_default()
+    );
+    println!(
+        "  publish → deliver across {across}: p50 {:.2} ms, p99 {:.2} ms",
+        hub.p50, hub.p99
+    );
+    println!("  each figure against its target:");
     for (what, measured, target, met) in &report.0 {
         println!(
             "  {:<50} {:<60} {:<12} {}",
