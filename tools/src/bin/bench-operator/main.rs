@@ -135,6 +135,9 @@ struct Result_ {
     ramp_cpu: (Vec<(String, f64)>, f64),
     /// The control plane's floor for the same stacks (`None`: `BENCH_FLOOR=0`).
     floor: Option<floor::Floor>,
+    /// Where the reconciles' time went until Ready: per step of
+    /// `operator_step_duration_seconds`, the seconds summed over every reconcile and the count.
+    steps: BTreeMap<String, (f64, f64)>,
 }
 
 /// Lease renewals are leader election, not work for any stack.
@@ -219,6 +222,24 @@ impl Result_ {
                 "         API server writes until Ready, every client (operator, Kubernetes' controllers, scheduler, kwok, this benchmark): {:.1} per stack, {:.0}/s; by verb/resource: {by:?}",
                 total / self.n as f64,
                 total / span
+            );
+        }
+        if !self.steps.is_empty() {
+            let total: f64 = self.steps.values().map(|(seconds, _)| seconds).sum();
+            let by: Vec<String> = self
+                .steps
+                .iter()
+                .map(|(step, (seconds, count))| {
+                    format!(
+                        "{step} {seconds:.1} s ({:.0} %, {count:.0}× {:.0} ms)",
+                        seconds / total.max(f64::EPSILON) * 100.0,
+                        seconds / count * 1000.0
+                    )
+                })
+                .collect();
+            println!(
+                "         reconcile steps until Ready, summed over the reconciles (up to RECONCILE_CONCURRENCY at once): {}",
+                by.join(", ")
             );
         }
         let (shares, idle) = &self.ramp_cpu;
@@ -390,6 +411,34 @@ async fn writes(port: u16) -> anyhow::Result<BTreeMap<String, f64>> {
         .text()
         .await?;
     Ok(write_counters(&body, "operator_api_requests_total"))
+}
+
+/// `operator_step_duration_seconds` by step: the seconds summed over every reconcile, and how
+/// many times the step ran.
+async fn step_seconds(port: u16) -> anyhow::Result<BTreeMap<String, (f64, f64)>> {
+    let body = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+        .await?
+        .text()
+        .await?;
+    let scrape = prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_owned())))
+        .context("the operator's metrics do not parse")?;
+    // A histogram's `_sum` and `_count` lines parse as samples of their own.
+    let mut steps = BTreeMap::new();
+    for sample in &scrape.samples {
+        let step = sample.labels.get("step").unwrap_or_default().to_owned();
+        let value = match sample.value {
+            prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Untyped(v) => v,
+            _ => continue,
+        };
+        let entry = steps.entry(step).or_insert((0.0, 0.0));
+        match sample.metric.as_str() {
+            "operator_step_duration_seconds_sum" => entry.0 += value,
+            "operator_step_duration_seconds_count" => entry.1 += value,
+            _ => {}
+        }
+    }
+    steps.retain(|step, (_, count)| !step.is_empty() && *count > 0.0);
+    Ok(steps)
 }
 
 /// What each counter in `after` grew by since `before` (the ones that grew).
@@ -726,6 +775,10 @@ async fn run(
         tokio::time::sleep(Duration::from_millis(500)).await;
     };
     watch.abort();
+    let steps = step_seconds(port).await.unwrap_or_else(|error| {
+        eprintln!("N={n}: the operator's step durations could not be read: {error}");
+        BTreeMap::new()
+    });
     let ramp_cpu = CpuSnapshot::take().since(&cpu_before);
     let apiserver_ramp_writes = match (apiserver_before, apiserver_writes(client).await) {
         (Ok(before), Ok(after)) => Some(counter_delta(&before, &after)),
@@ -820,6 +873,7 @@ async fn run(
         ready,
         rss_kib,
         ramp_writes: before,
+        steps,
         writes: delta,
         window: steady,
         apiserver_ramp_writes,
