@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
-use k8s_openapi::api::core::v1::{ConfigMap, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -373,6 +373,39 @@ fn metadata(stack: &ValidatedStack, component: Component) -> ObjectMeta {
         labels: Some(labels(stack, component)),
         owner_references: Some(vec![stack.owner().clone()]),
         ..ObjectMeta::default()
+    }
+}
+
+/// A connection Secret of the stack (`<stack>-redis`, `-postgres`, `-kafka`): `data` as
+/// string data, the stack's labels and owner, and `rotated` (the rotation token it was made
+/// for) in [`crate::controller::ROTATED_ANNOTATION`] when set.
+pub fn connection_secret(
+    validated: &ValidatedStack,
+    name: String,
+    rotated: Option<&str>,
+    data: [(&str, &str); 3],
+) -> Secret {
+    Secret {
+        metadata: ObjectMeta {
+            name: Some(name),
+            namespace: Some(validated.namespace().to_owned()),
+            labels: Some(stack_labels(validated)),
+            annotations: rotated.map(|t| {
+                BTreeMap::from([(
+                    crate::controller::ROTATED_ANNOTATION.to_owned(),
+                    t.to_owned(),
+                )])
+            }),
+            owner_references: Some(vec![validated.owner().clone()]),
+            ..ObjectMeta::default()
+        },
+        type_: Some("Opaque".to_owned()),
+        string_data: Some(
+            data.into_iter()
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .collect(),
+        ),
+        ..Secret::default()
     }
 }
 

@@ -72,6 +72,16 @@ enum ConnectError {
     Redis(redis::RedisError),
 }
 
+/// One connect attempt, bounded by [`CONNECT_TIMEOUT`].
+async fn bounded<T>(
+    attempt: impl std::future::Future<Output = redis::RedisResult<T>>,
+) -> Result<T, ConnectError> {
+    tokio::time::timeout(CONNECT_TIMEOUT, attempt)
+        .await
+        .map_err(|_| ConnectError::TimedOut(CONNECT_TIMEOUT))?
+        .map_err(ConnectError::Redis)
+}
+
 /// One local member of a room: a connection's send queue and its control block.
 #[derive(Clone)]
 pub struct Member {
@@ -314,12 +324,7 @@ impl Registry {
     ) {
         let connected = common::retry::until_connected(NAME, "redis-pubsub", &shutdown, || {
             let client = client.clone();
-            async move {
-                tokio::time::timeout(CONNECT_TIMEOUT, client.get_async_connection())
-                    .await
-                    .map_err(|_| ConnectError::TimedOut(CONNECT_TIMEOUT))?
-                    .map_err(ConnectError::Redis)
-            }
+            async move { bounded(client.get_async_connection()).await }
         })
         .await;
         let Some(mut conn) = connected else {
@@ -406,12 +411,7 @@ impl Registry {
             let client = client.clone();
             let connected = common::retry::until_connected(NAME, "redis-pubsub", &shutdown, || {
                 let client = client.clone();
-                async move {
-                    tokio::time::timeout(CONNECT_TIMEOUT, client.get_async_pubsub())
-                        .await
-                        .map_err(|_| ConnectError::TimedOut(CONNECT_TIMEOUT))?
-                        .map_err(ConnectError::Redis)
-                }
+                async move { bounded(client.get_async_pubsub()).await }
             })
             .await;
             let Some(pubsub) = connected else {

@@ -1,10 +1,7 @@
 //! Stage 3, *credentials*: the Redis ACL user, the PostgreSQL role and database, and the
 //! connection Secrets the services read them from; new passwords when the stack's
 //! [`ROTATE_ANNOTATION`] asks for them.
-use std::collections::BTreeMap;
-
 use k8s_openapi::api::core::v1::Secret;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::ResourceExt as _;
 use kube::runtime::events::{Event, EventType};
 use kube::runtime::reflector::ObjectRef;
@@ -13,7 +10,7 @@ use secrecy::{ExposeSecret as _, SecretString};
 use super::Error;
 use crate::build::{self, URL_KEY};
 use crate::controller::dereference::Clients;
-use crate::controller::{Context, ROTATE_ANNOTATION, ROTATED_ANNOTATION, apply, status};
+use crate::controller::{Context, ROTATE_ANNOTATION, apply, status};
 use crate::crd::{MiddlewareStack, ServicePrincipal};
 use crate::names;
 use crate::owned::Owned;
@@ -127,7 +124,7 @@ pub(in crate::controller) async fn credentials(
         postgres_ca.as_deref(),
     );
 
-    let redis_secret = connection_secret(
+    let redis_secret = build::connection_secret(
         validated,
         build::redis_secret_name(validated),
         token.as_deref(),
@@ -137,7 +134,7 @@ pub(in crate::controller) async fn credentials(
             ("password", redis_password.expose_secret()),
         ],
     );
-    let postgres_secret = connection_secret(
+    let postgres_secret = build::connection_secret(
         validated,
         build::postgres_secret_name(validated),
         token.as_deref(),
@@ -372,7 +369,7 @@ async fn kafka_principal(
     if changed {
         tracing::info!(user = %login, "Kafka principal provisioned (SCRAM credential, ACLs)");
     }
-    let secret = connection_secret(
+    let secret = build::connection_secret(
         validated,
         name,
         token,
@@ -388,32 +385,6 @@ async fn kafka_principal(
         password,
         rotated: rotate,
     })
-}
-
-fn connection_secret(
-    validated: &ValidatedStack,
-    name: String,
-    token: Option<&str>,
-    data: [(&str, &str); 3],
-) -> Secret {
-    Secret {
-        metadata: ObjectMeta {
-            name: Some(name),
-            namespace: Some(validated.namespace().to_owned()),
-            labels: Some(build::stack_labels(validated)),
-            annotations: token
-                .map(|t| BTreeMap::from([(ROTATED_ANNOTATION.to_owned(), t.to_owned())])),
-            owner_references: Some(vec![validated.owner().clone()]),
-            ..ObjectMeta::default()
-        },
-        type_: Some("Opaque".to_owned()),
-        string_data: Some(
-            data.into_iter()
-                .map(|(k, v)| (k.to_owned(), v.to_owned()))
-                .collect(),
-        ),
-        ..Secret::default()
-    }
 }
 
 /// Logs where a changed ACL user now lives (nothing when nothing changed).

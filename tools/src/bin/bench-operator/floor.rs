@@ -10,7 +10,7 @@ use backon::Retryable as _;
 use common::procstat::CpuSnapshot;
 use futures::{StreamExt as _, TryStreamExt as _};
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{Namespace, Secret};
+use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams, PostParams};
 use kube::runtime::{WatchStreamExt as _, watcher};
@@ -138,26 +138,6 @@ fn validated(template: &MiddlewareStack, ns: &str, name: &str) -> anyhow::Result
     Ok(validated.with_release(operator::Settings::default().release))
 }
 
-/// A connection Secret as the operator's credentials stage writes it.
-fn connection_secret(validated: &ValidatedStack, name: String, data: [(&str, &str); 3]) -> Secret {
-    Secret {
-        metadata: ObjectMeta {
-            name: Some(name),
-            namespace: Some(validated.namespace().to_owned()),
-            labels: Some(build::stack_labels(validated)),
-            owner_references: Some(vec![validated.owner().clone()]),
-            ..ObjectMeta::default()
-        },
-        type_: Some("Opaque".to_owned()),
-        string_data: Some(
-            data.into_iter()
-                .map(|(k, v)| (k.to_owned(), v.to_owned()))
-                .collect(),
-        ),
-        ..Secret::default()
-    }
-}
-
 /// Every object the operator applies for `validated`, in the order it applies them: the
 /// connection Secrets (dummy passwords; the credentials stage's), the endpoints ConfigMap,
 /// the NetworkPolicy, the PodMonitor (when the cluster serves them), then per service in
@@ -190,18 +170,20 @@ fn objects(
         ca.as_deref(),
     );
     let mut secrets = vec![
-        connection_secret(
+        build::connection_secret(
             validated,
             build::redis_secret_name(validated),
+            None,
             [
                 (URL_KEY, redis_url.expose_secret()),
                 ("username", &redis_user),
                 ("password", redis_password.expose_secret()),
             ],
         ),
-        connection_secret(
+        build::connection_secret(
             validated,
             build::postgres_secret_name(validated),
+            None,
             [
                 (URL_KEY, &postgres_url),
                 ("username", &login),
@@ -214,9 +196,10 @@ fn objects(
         kafka_password = operator::provision::generate_password()
             .expose_secret()
             .to_owned();
-        secrets.push(connection_secret(
+        secrets.push(build::connection_secret(
             validated,
             build::kafka_secret_name(validated),
+            None,
             [
                 ("username", &operator::names::kafka_user(validated)),
                 ("password", &kafka_password),
