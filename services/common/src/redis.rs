@@ -20,8 +20,9 @@ use futures::future::BoxFuture;
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::{ClusterClient, ClusterClientBuilder};
 use redis::cluster_async::ClusterConnection;
-use redis::{Cmd, Pipeline, RedisFuture, ScriptInvocation, Value};
+use redis::{Cmd, Pipeline, PushInfo, RedisFuture, ScriptInvocation, Value};
 use secrecy::ExposeSecret;
+use tokio::sync::mpsc::UnboundedReceiver;
 
 use crate::config::RedisConfig;
 use crate::health::Check;
@@ -158,22 +159,25 @@ pub fn cluster_builder_for(config: &RedisConfig) -> Result<ClusterClientBuilder,
 /// # Errors
 /// When the configuration is invalid or the connection fails.
 pub async fn connect_once(config: &RedisConfig) -> Result<RedisConnection, RedisError> {
-    if config.redis_cluster {
-        let client = cluster_client_for(config)?;
-        Ok(RedisConnection::Cluster(
-            client.get_async_connection().await?,
-        ))
-    } else {
-        let timeout = Duration::from_millis(config.redis_timeout_ms);
-        let manager = ConnectionManager::new_with_config(
-            client_for(config)?,
-            ConnectionManagerConfig::new()
-                .set_connection_timeout(Some(timeout))
-                .set_response_timeout(Some(timeout)),
-        )
-        .await?;
-        Ok(RedisConnection::Single(manager))
-    }
+    Ok(Connector::for_config(config)?.connect().await?)
+}
+
+/// A Redis Cluster client for `config` whose connections speak RESP3 and hand every push
+/// (sharded publications, subscription confirmations, disconnections) to the receiver: how
+/// the hub, and the suites acting like it, subscribe to sharded room channels.
+///
+/// # Errors
+/// As [`client_for`].
+pub fn cluster_pubsub_for(
+    config: &RedisConfig,
+) -> Result<(ClusterClient, UnboundedReceiver<PushInfo>), RedisError> {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let client = cluster_builder_for(config)?
+        .use_protocol(redis::ProtocolVersion::RESP3)
+        .push_sender(tx)
+        .build()
+        .map_err(RedisError::Url)?;
+    Ok((client, rx))
 }
 
 /// A connection to one Redis or to a cluster; clones share the underlying sockets.
@@ -220,6 +224,21 @@ enum Connector {
 }
 
 impl Connector {
+    /// What `config` describes: a cluster client with `REDIS_CLUSTER`, else one server's
+    /// client and a manager with `REDIS_TIMEOUT_MS` for connecting and each response.
+    fn for_config(config: &RedisConfig) -> Result<Self, RedisError> {
+        if config.redis_cluster {
+            return Ok(Self::Cluster(cluster_client_for(config)?));
+        }
+        let timeout = Duration::from_millis(config.redis_timeout_ms);
+        Ok(Self::Single(
+            client_for(config)?,
+            ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(timeout))
+                .set_response_timeout(Some(timeout)),
+        ))
+    }
+
     async fn connect(&self) -> redis::RedisResult<RedisConnection> {
         match self {
             Self::Single(client, config) => {
@@ -286,16 +305,7 @@ impl Redis {
         shutdown: &CancellationToken,
     ) -> Result<Self, RedisError> {
         let timeout = Duration::from_millis(config.redis_timeout_ms);
-        let connector = if config.redis_cluster {
-            Connector::Cluster(cluster_client_for(config)?)
-        } else {
-            Connector::Single(
-                client_for(config)?,
-                ConnectionManagerConfig::new()
-                    .set_connection_timeout(Some(timeout))
-                    .set_response_timeout(Some(timeout)),
-            )
-        };
+        let connector = Connector::for_config(config)?;
         let shared = Arc::new(Shared {
             manager: RwLock::new(None),
             replacing: AtomicBool::new(false),

@@ -577,13 +577,7 @@ pub async fn subscribe_channel(channel: &str) -> ChannelFrames {
             .map(|message| message.get_payload_bytes().to_vec())
             .boxed();
     }
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    let client = crate::redis::cluster_builder_for(&config)
-        .unwrap()
-        .use_protocol(redis::ProtocolVersion::RESP3)
-        .push_sender(tx)
-        .build()
-        .unwrap();
+    let (client, rx) = crate::redis::cluster_pubsub_for(&config).unwrap();
     let mut conn = client.get_async_connection().await.unwrap();
     conn.ssubscribe(channel).await.unwrap();
     futures::stream::unfold((rx, conn), |(mut rx, conn)| async move {

@@ -122,13 +122,8 @@ impl Source {
         config: &common::config::RedisConfig,
     ) -> Result<Self, common::redis::RedisError> {
         if config.redis_cluster {
-            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-            let client = common::redis::cluster_builder_for(config)?
-                .use_protocol(redis::ProtocolVersion::RESP3)
-                .push_sender(tx)
-                .build()
-                .map_err(common::redis::RedisError::Url)?;
-            Ok(Self::Cluster(client, rx))
+            let (client, pushes) = common::redis::cluster_pubsub_for(config)?;
+            Ok(Self::Cluster(client, pushes))
         } else {
             Ok(Self::Single(common::redis::client_for(config)?))
         }

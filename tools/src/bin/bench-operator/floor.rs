@@ -10,7 +10,6 @@ use backon::Retryable as _;
 use common::procstat::CpuSnapshot;
 use futures::{StreamExt as _, TryStreamExt as _};
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams, PostParams};
 use kube::runtime::{WatchStreamExt as _, watcher};
@@ -21,7 +20,6 @@ use operator::crd::{MiddlewareStack, ServicePrincipal};
 use operator::owned::Compact as _;
 use operator::validate::{ValidatedStack, validate};
 use secrecy::ExposeSecret as _;
-use serde_json::json;
 
 /// The plain client's field manager.
 const FIELD_MANAGER: &str = "bench-floor";
@@ -331,15 +329,7 @@ pub async fn run(
     timeout: Duration,
     replicas: i32,
 ) -> anyhow::Result<Floor> {
-    let ns = format!("bench-floor-{n}-{:08x}", rand::random::<u32>());
-    let namespaces: Api<Namespace> = Api::all(client.clone());
-    namespaces
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(json!({ "metadata": { "name": ns } }))?,
-        )
-        .await
-        .with_context(|| format!("creating namespace {ns}"))?;
+    let ns = super::create_namespace(client, &format!("bench-floor-{n}")).await?;
     let nodes =
         crate::ensure_node_capacity(client, &ns, n * crate::SERVICES * replicas.max(0) as usize)
             .await

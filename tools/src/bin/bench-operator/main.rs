@@ -649,6 +649,19 @@ async fn ensure_node_capacity(
     Ok(added)
 }
 
+/// Creates a namespace named `prefix` plus a random suffix; returns its name.
+async fn create_namespace(client: &Client, prefix: &str) -> anyhow::Result<String> {
+    let ns = format!("{prefix}-{:08x}", rand::random::<u32>());
+    Api::<Namespace>::all(client.clone())
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({ "metadata": { "name": ns } }))?,
+        )
+        .await
+        .with_context(|| format!("creating namespace {ns}"))?;
+    Ok(ns)
+}
+
 async fn run(
     client: &Client,
     n: usize,
@@ -656,14 +669,7 @@ async fn run(
     timeout: Duration,
     replicas: i32,
 ) -> anyhow::Result<Result_> {
-    let ns = format!("bench-{n}-{:08x}", rand::random::<u32>());
-    let namespaces: Api<Namespace> = Api::all(client.clone());
-    namespaces
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(json!({ "metadata": { "name": ns } }))?,
-        )
-        .await?;
+    let ns = create_namespace(client, &format!("bench-{n}")).await?;
     let added_nodes = ensure_node_capacity(client, &ns, n * SERVICES * replicas.max(0) as usize)
         .await
         .context("adding kwok nodes")?;
