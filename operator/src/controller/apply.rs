@@ -104,6 +104,34 @@ pub(super) fn store_behind(ctx: &Context, key: &str, current: &str) -> bool {
         .is_some_and(|last| older(current, &last.version))
 }
 
+/// The version of object `key` as it stands: what this process last applied while the store
+/// has not caught up with it yet (it lags by the watch's delay), else what the store shows
+/// (`stored`, [`owned::version`]; `None` when the store has no such object).
+pub(super) fn settled_version(ctx: &Context, key: &str, stored: Option<String>) -> String {
+    let last = ctx
+        .applied
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(key)
+        .cloned();
+    settled(last.as_ref(), stored)
+}
+
+/// [`settled_version`] given what was last applied.
+fn settled(last: Option<&Applied>, stored: Option<String>) -> String {
+    match (last, stored) {
+        (Some(last), stored)
+            if last.at.elapsed() < STORE_LAG
+                && stored
+                    .as_deref()
+                    .is_none_or(|current| older(current, &last.version)) =>
+        {
+            last.version.clone()
+        }
+        (_, stored) => stored.unwrap_or_default(),
+    }
+}
+
 /// Server-side applies `object` unless the store shows it exactly as last applied. Returns
 /// whether it was applied.
 pub(super) async fn apply<K>(
@@ -178,4 +206,45 @@ where
             },
         );
     Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn applied(version: &str, ago: Duration) -> Applied {
+        Applied {
+            hash: "h".to_owned(),
+            version: version.to_owned(),
+            at: Instant::now() - ago,
+        }
+    }
+
+    #[test]
+    fn a_version_just_applied_stands_until_the_store_shows_it() {
+        let just = applied("r7", Duration::ZERO);
+        assert_eq!(settled(Some(&just), None), "r7", "not in the store yet");
+        assert_eq!(settled(Some(&just), Some("r5".into())), "r7", "store lags");
+        assert_eq!(
+            settled(Some(&just), Some("r7".into())),
+            "r7",
+            "store caught up"
+        );
+        let generation = applied("g3", Duration::ZERO);
+        assert_eq!(settled(Some(&generation), Some("g4".into())), "g4", "newer");
+        assert_eq!(settled(Some(&generation), Some("g2".into())), "g3", "older");
+    }
+
+    #[test]
+    fn past_the_store_lag_the_store_decides() {
+        let long_ago = applied("r7", STORE_LAG + Duration::from_secs(1));
+        assert_eq!(
+            settled(Some(&long_ago), Some("r9".into())),
+            "r9",
+            "changed since"
+        );
+        assert_eq!(settled(Some(&long_ago), None), "", "deleted since");
+        assert_eq!(settled(None, Some("r9".into())), "r9", "never applied here");
+        assert_eq!(settled(None, None), "");
+    }
 }

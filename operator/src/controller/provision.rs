@@ -5,6 +5,7 @@
 //! while their inputs are unchanged ([`Provisioned`]).
 use std::time::{Duration, Instant};
 
+use k8s_openapi::api::core::v1::Secret;
 use kube::ResourceExt as _;
 use kube::runtime::events::{Event, EventType};
 use kube::runtime::reflector::ObjectRef;
@@ -99,32 +100,52 @@ impl Error {
 
 /// The outcome of the last successful external stages (dependencies, topics, credentials)
 /// of a stack, reused while its inputs are unchanged and it is younger than the resync period:
-/// a Deployment's status change then costs no call to Kafka, Redis or PostgreSQL. While one
-/// of the stack's services has fewer ready replicas than it asks for, the outcome is reused
-/// for [`DEGRADED_REUSE`] only: a dependency that lost what was provisioned in it (Redis
-/// keeps ACL users in memory and forgets them when it restarts) makes the services unready,
-/// and the stages then put it back without waiting for the resync.
+/// a Deployment's status change then costs no call to Kafka, Redis or PostgreSQL. A service
+/// whose replicas were all ready since and is now short of ready ones may have lost what was
+/// provisioned for it (Redis keeps ACL users in memory and forgets them when it restarts):
+/// the outcome is then reused for [`DEGRADED_REUSE`] only, and the stages put it back without
+/// waiting for the resync. Services that were not yet ready since (a first rollout) are far
+/// more likely waiting for their pods: the outcome is reused for [`ROLLOUT_REUSE`] then.
 #[derive(Clone, Debug)]
 pub(super) struct Provisioned {
     /// Fingerprint of the inputs: generation, rotation token, the resourceVersions of the
-    /// Secrets read and of the connection Secrets.
+    /// Secrets read and of the connection Secrets (as last written by this process while the
+    /// store lags behind it: [`apply::settled_version`]).
     key: String,
     at: Instant,
     /// When the dependencies last answered (at `at`, then at each health check).
     pub(super) checked: Instant,
+    /// Whether every service had all its replicas ready at some point since `at`.
+    served: bool,
     /// The stages' reports.
     pub(super) reports: Vec<Report>,
     /// The fingerprint of the connection Secrets' contents.
     pub(super) credentials_hash: String,
 }
 
-/// How long the outcome of the external stages is reused while a service is short of ready
-/// replicas (see [`Provisioned`]).
+/// How long the outcome of the external stages is reused once a service that was ready is
+/// short of ready replicas (see [`Provisioned`]).
 pub(super) const DEGRADED_REUSE: Duration = Duration::from_secs(10);
 
+/// How long the outcome of the external stages is reused while the services have not been
+/// ready since it (see [`Provisioned`]): long enough for a first rollout on a busy cluster
+/// (image pulls, a saturated control plane), short enough that a dependency restarted during
+/// one is provisioned again within two minutes.
+pub(super) const ROLLOUT_REUSE: Duration = Duration::from_secs(120);
+
+/// How long an outcome is reused: the resync period, shortened while a service is short of
+/// ready replicas — to [`DEGRADED_REUSE`] if the services were ready since the outcome, to
+/// [`ROLLOUT_REUSE`] if they were not yet.
+pub(super) fn reuse_for(short_of_ready: bool, served: bool, resync: Duration) -> Duration {
+    match (short_of_ready, served) {
+        (false, _) => resync,
+        (true, true) => DEGRADED_REUSE.min(resync),
+        (true, false) => ROLLOUT_REUSE.min(resync),
+    }
+}
+
 /// The last successful external stages of `stack`, if their inputs are unchanged and they are
-/// younger than the resync period ([`DEGRADED_REUSE`] while a service is short of ready
-/// replicas).
+/// younger than [`reuse_for`] allows. Notes whether the services are all ready now.
 pub(super) fn cached(
     ctx: &Context,
     stack: &MiddlewareStack,
@@ -132,21 +153,36 @@ pub(super) fn cached(
     refs: &Dereferenced,
 ) -> Option<Provisioned> {
     let key = provisioning_key(ctx, stack, validated, refs);
-    let max_age = if services_short_of_ready(ctx, validated) {
-        DEGRADED_REUSE.min(ctx.settings.resync)
-    } else {
-        ctx.settings.resync
-    };
-    ctx.provisioned
+    let short = services_short_of_ready(ctx, validated);
+    let mut provisioned = ctx.provisioned.lock().unwrap_or_else(|p| p.into_inner());
+    let entry = provisioned.get_mut(&ObjectRef::from_obj(stack))?;
+    entry.served |= !short;
+    let max_age = reuse_for(short, entry.served, ctx.settings.resync);
+    (entry.key == key && entry.at.elapsed() < max_age).then(|| entry.clone())
+}
+
+/// When to look at a stack whose services rolled out again: soon while one of them is short
+/// of ready replicas ([`reuse_for`]: what they wait for may need the external stages redone),
+/// else at the next regular look.
+pub(super) fn next_look(
+    ctx: &Context,
+    stack: &MiddlewareStack,
+    validated: &ValidatedStack,
+) -> Duration {
+    if !services_short_of_ready(ctx, validated) {
+        return ctx.settings.next_look();
+    }
+    let served = ctx
+        .provisioned
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .get(&ObjectRef::from_obj(stack))
-        .filter(|p| p.key == key && p.at.elapsed() < max_age)
-        .cloned()
+        .is_some_and(|p| p.served);
+    reuse_for(true, served, ctx.settings.resync)
 }
 
 /// Whether one of the stack's Deployments has fewer ready replicas than it asks for.
-pub(super) fn services_short_of_ready(ctx: &Context, validated: &ValidatedStack) -> bool {
+fn services_short_of_ready(ctx: &Context, validated: &ValidatedStack) -> bool {
     validated.enabled().iter().any(|component| {
         let name = build::object_name(validated, *component);
         ctx.stores
@@ -176,6 +212,7 @@ pub(super) fn remember(
                 key,
                 at: Instant::now(),
                 checked: Instant::now(),
+                served: false,
                 reports: reports.to_vec(),
                 credentials_hash: credentials_hash.to_owned(),
             },
@@ -217,11 +254,13 @@ fn provisioning_key(
     ]
     .iter()
     .map(|name| {
-        ctx.stores
+        let stored = ctx
+            .stores
             .secrets
             .get(&ObjectRef::new(name).within(validated.namespace()))
-            .and_then(|s| s.resource_version.clone())
-            .unwrap_or_default()
+            .map(|s| s.version());
+        let key = apply::object_key::<Secret>(validated.namespace(), name);
+        apply::settled_version(ctx, &key, stored)
     })
     .collect();
     let generation = stack.metadata.generation.unwrap_or_default().to_string();

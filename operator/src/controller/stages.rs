@@ -336,12 +336,10 @@ pub(super) async fn run(
         // they wait for may need the external stages redone (a Redis restart loses the
         // stack's ACL user, and the services stay unready until it is back). One waiting
         // for its turn in an upgrade wave is looked at again soon too.
-        result: Ok(Action::requeue(if !rolled {
-            WAVE_POLL.min(ctx.settings.next_look())
-        } else if provision::services_short_of_ready(ctx, validated) {
-            provision::DEGRADED_REUSE.min(ctx.settings.resync)
+        result: Ok(Action::requeue(if rolled {
+            provision::next_look(ctx, stack, validated)
         } else {
-            ctx.settings.next_look()
+            WAVE_POLL.min(ctx.settings.next_look())
         })),
     }
 }

@@ -206,3 +206,28 @@ fn topics_the_broker_refuses_fail_the_stack_other_stage_failures_do_not() {
     )];
     assert_eq!(status::phase(&stack, &unavailable), Phase::Progressing);
 }
+
+#[test]
+fn provisioning_is_redone_sooner_for_services_that_lost_readiness_than_for_a_rollout() {
+    use provision::{DEGRADED_REUSE, ROLLOUT_REUSE, reuse_for};
+    let resync = Duration::from_secs(300);
+    assert_eq!(reuse_for(false, false, resync), resync, "all ready");
+    assert_eq!(reuse_for(false, true, resync), resync, "all ready");
+    assert_eq!(
+        reuse_for(true, true, resync),
+        DEGRADED_REUSE,
+        "lost readiness"
+    );
+    assert_eq!(
+        reuse_for(true, false, resync),
+        ROLLOUT_REUSE,
+        "first rollout"
+    );
+    let short = Duration::from_secs(5);
+    assert_eq!(
+        reuse_for(true, false, short),
+        short,
+        "never past the resync"
+    );
+    assert_eq!(reuse_for(true, true, short), short, "never past the resync");
+}
