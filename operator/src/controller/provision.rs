@@ -3,8 +3,10 @@
 //! services read them from (the *credentials* stage) — through [`crate::provision`]. Each
 //! returns its stage's report and Events about what it changed; the outcome of both is reused
 //! while their inputs are unchanged ([`Provisioned`]).
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Secret;
 use kube::ResourceExt as _;
 use kube::runtime::events::{Event, EventType};
@@ -15,6 +17,7 @@ use super::{Context, ROTATE_ANNOTATION, apply, status};
 use crate::build;
 use crate::crd::MiddlewareStack;
 use crate::names;
+use crate::owned::Owned;
 use crate::provision::ProvisionError;
 use crate::provision::kafka::DesiredTopic;
 use crate::status::{CREDENTIALS_READY, Report, Status, TOPICS_READY};
@@ -115,7 +118,7 @@ pub(super) struct Provisioned {
     at: Instant,
     /// When the dependencies last answered (at `at`, then at each health check).
     pub(super) checked: Instant,
-    /// Whether every service had all its replicas ready at some point since `at`.
+    /// Whether every service existed with all its replicas ready at some point since `at`.
     served: bool,
     /// The stages' reports.
     pub(super) reports: Vec<Report>,
@@ -154,9 +157,10 @@ pub(super) fn cached(
 ) -> Option<Provisioned> {
     let key = provisioning_key(ctx, stack, validated, refs);
     let short = services_short_of_ready(ctx, validated);
+    let all_ready = !short && services_all_exist(ctx, validated);
     let mut provisioned = ctx.provisioned.lock().unwrap_or_else(|p| p.into_inner());
     let entry = provisioned.get_mut(&ObjectRef::from_obj(stack))?;
-    entry.served |= !short;
+    entry.served |= all_ready;
     let max_age = reuse_for(short, entry.served, ctx.settings.resync);
     (entry.key == key && entry.at.elapsed() < max_age).then(|| entry.clone())
 }
@@ -184,12 +188,30 @@ pub(super) fn next_look(
 /// Whether one of the stack's Deployments has fewer ready replicas than it asks for.
 fn services_short_of_ready(ctx: &Context, validated: &ValidatedStack) -> bool {
     validated.enabled().iter().any(|component| {
-        let name = build::object_name(validated, *component);
-        ctx.stores
-            .deployments
-            .get(&ObjectRef::new(&name).within(validated.namespace()))
+        deployment(ctx, validated, *component)
             .is_some_and(|deployment| deployment.state.short_of_ready())
     })
+}
+
+/// Whether the store holds every one of the stack's Deployments (a new stack's are not
+/// applied yet when its credentials are provisioned).
+fn services_all_exist(ctx: &Context, validated: &ValidatedStack) -> bool {
+    validated
+        .enabled()
+        .iter()
+        .all(|component| deployment(ctx, validated, *component).is_some())
+}
+
+/// The stored Deployment of one of the stack's services.
+fn deployment(
+    ctx: &Context,
+    validated: &ValidatedStack,
+    component: build::Component,
+) -> Option<Arc<Owned<Deployment>>> {
+    let name = build::object_name(validated, component);
+    ctx.stores
+        .deployments
+        .get(&ObjectRef::new(&name).within(validated.namespace()))
 }
 
 /// Keeps the outcome of successful external stages for [`cached`].
