@@ -316,4 +316,7 @@ async fn rotate_credentials_asks_the_operator_and_rebuild_creates_a_job() {
     );
     let out = plugin(&["dlq", "replay", "shop", "-n", &ns.name, "--max", "0"]);
     assert!(!out.status.success(), "--max 0 is refused");
+    tokio::time::timeout(Duration::from_secs(60), ns.delete())
+        .await
+        .unwrap();
 }

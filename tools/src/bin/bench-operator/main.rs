@@ -13,7 +13,10 @@
 //! - the operator's peak RSS (`VmHWM`, target ≤ 64 MiB);
 //! - API writes per stack in steady state over `BENCH_STEADY_SECONDS` (default 60), from the
 //!   operator's own `operator_api_requests_total` (target 0; Lease renewals are leader
-//!   election, not per stack, and are reported separately).
+//!   election, not per stack, and are reported separately). The operator is restarted for
+//!   this window with a resync of 30 s: every stack is reconciled when it starts and re-checked
+//!   (Kafka, Redis, PostgreSQL, objects) during the window. The ramp-up runs with the
+//!   deployed resync (300 s).
 //!
 //! Then it deletes the stacks (topics, databases and credentials deleted per `deletionPolicy`),
 //! waits for the finalizers, stops the operator, deletes the namespace and waits for it to be
@@ -108,7 +111,8 @@ async fn main() -> anyhow::Result<()> {
     println!("bench-operator: real provisioning (Kafka topics 1 partition each, Redis ACL user,");
     println!("PostgreSQL role + database per stack), {replicas} pod(s) per service on kwok,");
     println!(
-        "steady-state window {} s (300 s for a long soak)",
+        "ramp-up with the deployed resync (300 s); steady-state window {} s (300 s for a long \
+         soak) after a restart with a resync of {STEADY_RESYNC_SECONDS} s",
         steady.as_secs()
     );
     for r in &results {
@@ -662,6 +666,77 @@ async fn create_namespace(client: &Client, prefix: &str) -> anyhow::Result<Strin
     Ok(ns)
 }
 
+/// The resync period of the operator restarted for the steady-state window: short, so that
+/// the window re-checks every stack (Kafka, Redis, PostgreSQL, objects) more than once. The
+/// ramp-up runs with the deployed default (`RESYNC_SECONDS` unset: 300 s).
+const STEADY_RESYNC_SECONDS: &str = "30";
+
+/// Starts the release `meridian-operator` next to this binary on `ns`, as the Helm chart runs
+/// it (log level included), its metrics on `port`, its log in `log`; `resync` overrides the
+/// resync period.
+fn spawn_operator(
+    ns: &str,
+    port: u16,
+    resync: Option<&str>,
+    log: &str,
+) -> anyhow::Result<tokio::process::Child> {
+    let exe = std::env::current_exe()?;
+    let binary = exe
+        .parent()
+        .context("no parent directory")?
+        .join("meridian-operator");
+    let log = std::fs::File::create(log)?;
+    let mut command = tokio::process::Command::new(&binary);
+    command
+        .env("WATCH_NAMESPACE", ns)
+        .env("LEASE_NAMESPACE", ns)
+        .env("PORT", port.to_string())
+        .env("BIND_ADDRESS", "127.0.0.1")
+        // The stacks are written as v1beta1: no conversion to serve.
+        .env("WEBHOOK_ENABLED", "false")
+        // As the Helm chart runs it (charts/meridian-operator/templates/deployment.yaml):
+        // `logLevel: info`, JSON logs, and `MALLOC_ARENA_MAX=2` unless the caller sets it
+        // (16 is glibc's default on two cores).
+        .env("RUST_LOG", "info")
+        .env("LOG_FORMAT", "json")
+        .env(
+            "MALLOC_ARENA_MAX",
+            std::env::var("MALLOC_ARENA_MAX").unwrap_or_else(|_| "2".to_owned()),
+        )
+        .stdout(Stdio::null())
+        .stderr(log)
+        .kill_on_drop(true);
+    if let Some(resync) = resync {
+        command.env("RESYNC_SECONDS", resync);
+    }
+    command.spawn().with_context(|| {
+        format!(
+            "failed to start {} (build it: cargo build --release -p operator --bins)",
+            binary.display()
+        )
+    })
+}
+
+/// Stops the operator as Kubernetes would (SIGTERM: it releases its Lease, so the next one
+/// leads at once), killing it after 30 s.
+async fn stop_operator(child: &mut tokio::process::Child, pid: u32) -> anyhow::Result<()> {
+    let status = tokio::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .await
+        .context("running kill")?;
+    anyhow::ensure!(status.success(), "kill -TERM {pid} failed");
+    if tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .is_err()
+    {
+        eprintln!("the operator (pid {pid}) did not stop within 30 s of SIGTERM; killing it");
+        child.start_kill().context("killing the operator")?;
+        let _ = child.wait().await;
+    }
+    Ok(())
+}
+
 async fn run(
     client: &Client,
     n: usize,
@@ -693,43 +768,10 @@ async fn run(
             )
             .await?;
     }
-    let exe = std::env::current_exe()?;
-    let binary = exe
-        .parent()
-        .context("no parent directory")?
-        .join("meridian-operator");
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
-    let log = std::fs::File::create(format!("/tmp/bench-operator-{n}.log"))?;
-    let mut child = tokio::process::Command::new(&binary)
-        .env("WATCH_NAMESPACE", &ns)
-        .env("LEASE_NAMESPACE", &ns)
-        .env("PORT", port.to_string())
-        .env("BIND_ADDRESS", "127.0.0.1")
-        // The stacks are written as v1beta1: no conversion to serve.
-        .env("WEBHOOK_ENABLED", "false")
-        .env("RUST_LOG", "warn")
-        .env("LOG_FORMAT", "json")
-        // Every stack is fully re-checked (Kafka, Redis, PostgreSQL, objects) during the
-        // steady-state window: those reconciles must write nothing.
-        .env("RESYNC_SECONDS", "30")
-        // As the Helm chart runs it (charts/meridian-operator/templates/deployment.yaml),
-        // unless the caller sets it (`MALLOC_ARENA_MAX=16` is glibc's default on two cores).
-        .env(
-            "MALLOC_ARENA_MAX",
-            std::env::var("MALLOC_ARENA_MAX").unwrap_or_else(|_| "2".to_owned()),
-        )
-        .stdout(Stdio::null())
-        .stderr(log)
-        .kill_on_drop(true)
-        .spawn()
-        .with_context(|| {
-            format!(
-                "failed to start {} (build it: cargo build --release -p operator --bins)",
-                binary.display()
-            )
-        })?;
+    let mut child = spawn_operator(&ns, port, None, &format!("/tmp/bench-operator-{n}.log"))?;
     let pid = child.id().context("the operator exited at once")?;
     eprintln!("N={n}: namespace {ns}, operator pid {pid}, creating stacks...");
 
@@ -798,13 +840,33 @@ async fn run(
         started.elapsed().as_secs_f64(),
         steady.as_secs()
     );
-    // Let the last status writes and Events of the ramp-up land, then measure.
+    // Let the last status writes and Events of the ramp-up land, then restart the operator
+    // for the steady-state window: the new one reconciles every stack when it starts and
+    // again every `STEADY_RESYNC_SECONDS`; all of it must write nothing.
     tokio::time::sleep(Duration::from_secs(5)).await;
-    let before = writes(port).await?;
+    let ramp_writes = writes(port).await?;
+    let rss_kib = peak_rss_kib(pid);
+    stop_operator(&mut child, pid).await?;
+    let mut child = spawn_operator(
+        &ns,
+        port,
+        Some(STEADY_RESYNC_SECONDS),
+        &format!("/tmp/bench-operator-{n}-steady.log"),
+    )?;
+    let mut before = None;
+    for _ in 0..100 {
+        match writes(port).await {
+            Ok(counters) => {
+                before = Some(counters);
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    let before = before.context("the restarted operator's metrics did not answer within 10 s")?;
     tokio::time::sleep(steady).await;
     let after = writes(port).await?;
     let delta = counter_delta(&before, &after);
-    let rss_kib = peak_rss_kib(pid);
 
     eprintln!("N={n}: deleting the stacks (cleanup per deletionPolicy)...");
     // One stack per request, 16 at a time: a collection delete of 1,000 stacks (each an
@@ -878,7 +940,7 @@ async fn run(
         ready_after,
         ready,
         rss_kib,
-        ramp_writes: before,
+        ramp_writes,
         steps,
         writes: delta,
         window: steady,
