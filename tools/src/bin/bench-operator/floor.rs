@@ -42,6 +42,8 @@ pub struct Floor {
     /// Kubernetes' controllers', the scheduler's, kwok's); `None` when its metrics could not
     /// be read.
     pub apiserver_writes: Option<BTreeMap<String, f64>>,
+    /// The seconds the API server's requests took meanwhile ([`crate::apiserver_seconds`]).
+    pub apiserver_seconds: Option<BTreeMap<String, f64>>,
     /// CPU over the same span, as for the operator's run.
     pub cpu: (Vec<(String, f64)>, f64),
 }
@@ -390,6 +392,7 @@ async fn measure(
 
     let cpu_before = CpuSnapshot::take();
     let apiserver_before = crate::apiserver_writes(client).await;
+    let apiserver_seconds_before = crate::apiserver_seconds(client).await;
     let started = Instant::now();
     let deadline = tokio::time::Instant::now() + timeout;
     let apply = async {
@@ -416,6 +419,13 @@ async fn measure(
     let (writes, (done, available)) = tokio::try_join!(apply, wait)?;
     let took = done.map(|at| at.duration_since(started));
     let cpu = CpuSnapshot::take().since(&cpu_before);
+    let apiserver_seconds = match (
+        apiserver_seconds_before,
+        crate::apiserver_seconds(client).await,
+    ) {
+        (Ok(before), Ok(after)) => Some(crate::counter_delta(&before, &after)),
+        _ => None,
+    };
     let apiserver_writes = match (apiserver_before, crate::apiserver_writes(client).await) {
         (Ok(before), Ok(after)) => Some(crate::counter_delta(&before, &after)),
         (Err(error), _) | (_, Err(error)) => {
@@ -441,6 +451,7 @@ async fn measure(
         writes,
         objects: kinds,
         apiserver_writes,
+        apiserver_seconds,
         cpu,
     })
 }

@@ -135,6 +135,8 @@ struct Result_ {
     /// Every client's writes the API server served from the first stack created until all
     /// were Ready (or the timeout); `None` when its metrics could not be read.
     apiserver_ramp_writes: Option<BTreeMap<String, f64>>,
+    /// The seconds the API server's requests took over the same span ([`apiserver_seconds`]).
+    apiserver_ramp_seconds: Option<BTreeMap<String, f64>>,
     /// CPU over the same span: share of one core per process name, and the machine's idle.
     ramp_cpu: (Vec<(String, f64)>, f64),
     /// The control plane's floor for the same stacks (`None`: `BENCH_FLOOR=0`).
@@ -226,6 +228,12 @@ impl Result_ {
                 "         API server writes until Ready, every client (operator, Kubernetes' controllers, scheduler, kwok, this benchmark): {:.1} per stack, {:.0}/s; by verb/resource: {by:?}",
                 total / self.n as f64,
                 total / span
+            );
+        }
+        if let Some(seconds) = &self.apiserver_ramp_seconds {
+            println!(
+                "         API server request time until Ready, every client, reads included: {}",
+                busiest(seconds, self.n as f64)
             );
         }
         if !self.steps.is_empty() {
@@ -338,6 +346,12 @@ impl Result_ {
                 "         floor API server writes until Available, every client (plain client, Kubernetes' controllers, scheduler, kwok): {:.1} per stack, {:.0}/s; by verb/resource: {by:?}",
                 total / n,
                 total / span
+            );
+        }
+        if let Some(seconds) = &floor.apiserver_seconds {
+            println!(
+                "         floor API server request time until Available, every client, reads included: {}",
+                busiest(seconds, n)
             );
         }
         let (shares, idle) = &floor.cpu;
@@ -465,9 +479,46 @@ async fn apiserver_writes(client: &Client) -> anyhow::Result<BTreeMap<String, f6
     Ok(write_counters(&body, "apiserver_request_total"))
 }
 
+/// The seconds the API server's requests took, summed by `verb/resource`, every client's and
+/// every verb but `WATCH` and `CONNECT` (which last as long as their clients keep them): where
+/// the API server's time goes, reads included.
+async fn apiserver_seconds(client: &Client) -> anyhow::Result<BTreeMap<String, f64>> {
+    let request = http::Request::get("/metrics").body(Vec::new())?;
+    let body = client.request_text(request).await?;
+    Ok(counters(
+        &body,
+        "apiserver_request_duration_seconds_sum",
+        |verb| !matches!(verb, "WATCH" | "CONNECT"),
+    ))
+}
+
+/// The API server's busiest request kinds of a run (from [`apiserver_seconds`] deltas), as
+/// milliseconds per stack, the largest first.
+fn busiest(seconds: &BTreeMap<String, f64>, n: f64) -> String {
+    let total: f64 = seconds.values().sum();
+    let mut by: Vec<(&String, f64)> = seconds.iter().map(|(k, v)| (k, *v)).collect();
+    by.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let top: Vec<String> = by
+        .iter()
+        .take(8)
+        .map(|(k, v)| format!("{k} {:.0} ms", v * 1000.0 / n))
+        .collect();
+    format!(
+        "{:.0} ms per stack; busiest: {}",
+        total * 1000.0 / n,
+        top.join(", ")
+    )
+}
+
 /// Sums the samples of counter `metric` in Prometheus text `body` whose `verb` label is a
 /// write, by `verb/resource`.
 fn write_counters(body: &str, metric: &str) -> BTreeMap<String, f64> {
+    counters(body, metric, |verb| WRITE_VERBS.contains(&verb))
+}
+
+/// Sums the samples of `metric` in Prometheus text `body` whose `verb` label `keep` accepts,
+/// by `verb/resource[/subresource]`.
+fn counters(body: &str, metric: &str, keep: impl Fn(&str) -> bool) -> BTreeMap<String, f64> {
     let mut out = BTreeMap::new();
     let Ok(scrape) = prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_owned()))) else {
         return out;
@@ -475,7 +526,7 @@ fn write_counters(body: &str, metric: &str) -> BTreeMap<String, f64> {
     for sample in scrape.samples.iter().filter(|s| s.metric == metric) {
         let label = |name: &str| sample.labels.get(name).unwrap_or_default();
         let verb = label("verb");
-        if !WRITE_VERBS.contains(&verb) {
+        if !keep(verb) {
             continue;
         }
         let mut key = format!("{verb}/{}", label("resource"));
@@ -778,6 +829,7 @@ async fn run(
     let stacks: Api<MiddlewareStack> = Api::namespaced(client.clone(), &ns);
     let cpu_before = CpuSnapshot::take();
     let apiserver_before = apiserver_writes(client).await;
+    let apiserver_seconds_before = apiserver_seconds(client).await;
     let started = Instant::now();
     futures::stream::iter(0..n)
         .map(|i| {
@@ -828,6 +880,10 @@ async fn run(
         BTreeMap::new()
     });
     let ramp_cpu = CpuSnapshot::take().since(&cpu_before);
+    let apiserver_ramp_seconds = match (apiserver_seconds_before, apiserver_seconds(client).await) {
+        (Ok(before), Ok(after)) => Some(counter_delta(&before, &after)),
+        _ => None,
+    };
     let apiserver_ramp_writes = match (apiserver_before, apiserver_writes(client).await) {
         (Ok(before), Ok(after)) => Some(counter_delta(&before, &after)),
         (Err(error), _) | (_, Err(error)) => {
@@ -945,6 +1001,7 @@ async fn run(
         writes: delta,
         window: steady,
         apiserver_ramp_writes,
+        apiserver_ramp_seconds,
         ramp_cpu,
         floor: None,
     })
@@ -970,6 +1027,32 @@ apiserver_request_total{code="200",resource="deployments",verb="GET"} 40
                 ("PATCH/deployments".to_owned(), 4.0),
                 ("PATCH/middlewarestacks/status".to_owned(), 2.0),
             ])
+        );
+    }
+
+    #[test]
+    fn request_seconds_leave_out_long_lived_watches_and_rank_the_busiest() {
+        let body = r#"# HELP apiserver_request_duration_seconds Response latency.
+# TYPE apiserver_request_duration_seconds histogram
+apiserver_request_duration_seconds_bucket{resource="secrets",verb="GET",le="+Inf"} 4
+apiserver_request_duration_seconds_sum{resource="secrets",verb="GET"} 0.5
+apiserver_request_duration_seconds_count{resource="secrets",verb="GET"} 4
+apiserver_request_duration_seconds_sum{resource="events",verb="POST"} 2
+apiserver_request_duration_seconds_sum{resource="pods",verb="WATCH"} 900
+"#;
+        let seconds = counters(body, "apiserver_request_duration_seconds_sum", |verb| {
+            !matches!(verb, "WATCH" | "CONNECT")
+        });
+        assert_eq!(
+            seconds,
+            BTreeMap::from([
+                ("GET/secrets".to_owned(), 0.5),
+                ("POST/events".to_owned(), 2.0),
+            ])
+        );
+        assert_eq!(
+            busiest(&seconds, 10.0),
+            "250 ms per stack; busiest: POST/events 200 ms, GET/secrets 50 ms"
         );
     }
 }
