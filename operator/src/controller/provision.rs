@@ -118,7 +118,8 @@ pub(super) struct Provisioned {
     at: Instant,
     /// When the dependencies last answered (at `at`, then at each health check).
     pub(super) checked: Instant,
-    /// Whether every service existed with all its replicas ready at some point since `at`.
+    /// Whether every service existed with all its replicas ready at some point since `at` (or
+    /// before, when the stages were redone for the same inputs).
     served: bool,
     /// The stages' reports.
     pub(super) reports: Vec<Report>,
@@ -225,20 +226,24 @@ pub(super) fn remember(
 ) {
     // The connection Secrets may just have been written: key on what is stored now.
     let key = provisioning_key(ctx, stack, validated, refs);
-    ctx.provisioned
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .insert(
-            ObjectRef::from_obj(stack),
-            Provisioned {
-                key,
-                at: Instant::now(),
-                checked: Instant::now(),
-                served: false,
-                reports: reports.to_vec(),
-                credentials_hash: credentials_hash.to_owned(),
-            },
-        );
+    let mut provisioned = ctx.provisioned.lock().unwrap_or_else(|p| p.into_inner());
+    let reference = ObjectRef::from_obj(stack);
+    // Provisioned again for the same inputs (services that lost readiness): they were served,
+    // and stay looked at every [`DEGRADED_REUSE`] until they are ready again.
+    let served = provisioned
+        .get(&reference)
+        .is_some_and(|previous| previous.served && previous.key == key);
+    provisioned.insert(
+        reference,
+        Provisioned {
+            key,
+            at: Instant::now(),
+            checked: Instant::now(),
+            served,
+            reports: reports.to_vec(),
+            credentials_hash: credentials_hash.to_owned(),
+        },
+    );
 }
 
 /// Records that the dependencies of `stack` answered a health check just now.
