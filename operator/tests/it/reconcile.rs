@@ -1958,3 +1958,107 @@ async fn a_stack_on_a_redis_cluster_has_its_user_on_every_node_and_cluster_mode_
     harness.finish().await;
     assert!(!nodes.iter().any(has_user), "{user} left every node");
 }
+
+/// A restarted operator (an upgrade, a leader change) finds a Ready stack as it left it and
+/// writes nothing — no apply, no status patch, no Event — in its start-up reconcile and in
+/// the resyncs after it (every 2 s here); the PodMonitor too when the cluster serves the kind.
+#[tokio::test]
+async fn a_restarted_operator_writes_nothing_for_a_ready_stack() {
+    use k8s_openapi::api::core::v1::ConfigMap;
+    use kube::api::DynamicObject;
+
+    let mut harness = Harness::start("restartquiet").await;
+    let deps = Deps::from_env();
+    harness
+        .apply_ready(&stack("kappa", &deps.redis_url, "Delete"))
+        .await;
+    let pod_monitors =
+        kube::discovery::pinned_kind(&harness.client, &operator::build::pod_monitor_kind())
+            .await
+            .ok()
+            .map(|(resource, _)| {
+                Api::<DynamicObject>::namespaced_with(
+                    harness.client.clone(),
+                    &harness.ns.name,
+                    &resource,
+                )
+            });
+    // What the operator writes, by object: the stack's resourceVersion (status), the Events
+    // about it, the spec generations and data versions of what it applies.
+    async fn written(
+        harness: &Harness,
+        pod_monitors: Option<&Api<DynamicObject>>,
+    ) -> BTreeMap<String, Option<String>> {
+        let mut seen = BTreeMap::new();
+        seen.insert(
+            "stack".to_owned(),
+            harness.get("kappa").await.resource_version(),
+        );
+        let events: Api<Event> = harness.api();
+        let mut names: Vec<String> = events
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("kappa"))
+            .map(|e| format!("{}:{:?}", e.name_any(), e.deprecated_count))
+            .collect();
+        names.sort();
+        seen.insert("events".to_owned(), Some(names.join(",")));
+        for d in harness
+            .api::<Deployment>()
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+        {
+            let generation = d.metadata.generation.map(|g| g.to_string());
+            seen.insert(format!("deployment/{}", d.name_any()), generation);
+        }
+        for c in harness
+            .api::<ConfigMap>()
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+        {
+            seen.insert(format!("configmap/{}", c.name_any()), c.resource_version());
+        }
+        for s in harness
+            .api::<Secret>()
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+        {
+            seen.insert(format!("secret/{}", s.name_any()), s.resource_version());
+        }
+        for p in harness
+            .api::<NetworkPolicy>()
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+        {
+            seen.insert(
+                format!("networkpolicy/{}", p.name_any()),
+                p.resource_version(),
+            );
+        }
+        if let Some(monitors) = pod_monitors {
+            for m in monitors.list(&ListParams::default()).await.unwrap() {
+                seen.insert(format!("podmonitor/{}", m.name_any()), m.resource_version());
+            }
+        }
+        seen
+    }
+    // The last status write and Events of the rollout land first.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let before = written(&harness, pod_monitors.as_ref()).await;
+    assert!(
+        before.contains_key("deployment/kappa-api-gateway"),
+        "{before:?}"
+    );
+    harness.restart(|_| {}).await;
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let after = written(&harness, pod_monitors.as_ref()).await;
+    assert_eq!(before, after, "the restarted operator wrote");
+    harness.finish().await;
+}
