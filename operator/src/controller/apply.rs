@@ -159,16 +159,11 @@ where
     match store.get(&ObjectRef::new(&name).within(&namespace)) {
         Some(existing) => {
             let same_hash = existing.applied_hash.as_ref() == Some(&hash);
-            let untouched = match &last {
-                Some(last) => {
-                    let current = existing.version();
-                    last.hash == hash
-                        && (last.version == current
-                            || (last.at.elapsed() < STORE_LAG && older(&current, &last.version)))
-                }
-                // Not applied by this process yet: trust the annotation.
-                None => true,
-            };
+            // The store shows what this process last applied (or lags behind it); not applied
+            // by this process yet: trust the annotation.
+            let untouched = last.as_ref().is_none_or(|last| {
+                last.hash == hash && settled(Some(last), Some(existing.version())) == last.version
+            });
             if same_hash && untouched {
                 return Ok(false);
             }

@@ -138,16 +138,12 @@ pub(super) async fn reconcile(
             let hash = build::fingerprint([serialized.as_slice()]);
             let known = last
                 .as_ref()
-                .is_some_and(|seen| seen.hash.as_deref() == Some(hash.as_str()));
-            if known
-                && last
-                    .as_ref()
-                    .is_some_and(|seen| seen.at.elapsed() < RECHECK)
-            {
+                .filter(|seen| seen.hash.as_deref() == Some(hash.as_str()));
+            if known.is_some_and(|seen| seen.at.elapsed() < RECHECK) {
                 return Ok(Outcome::Unchanged);
             }
             // Not written by this process, or due for a check: read it before writing.
-            if last.is_none() || known {
+            if last.is_none() || known.is_some() {
                 let stored =
                     monitors
                         .get_metadata_opt(&name)
@@ -165,7 +161,6 @@ pub(super) async fn reconcile(
                         .map(String::as_str);
                     let generation = stored.metadata.generation;
                     if still_applied((annotation, generation), &hash, last.as_ref()) {
-                        let generation = last.and_then(|seen| seen.generation).or(generation);
                         ctx.pod_monitors.remember(key, Some(hash), generation);
                         return Ok(Outcome::Unchanged);
                     }

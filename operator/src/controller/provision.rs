@@ -157,12 +157,15 @@ pub(super) fn cached(
     refs: &Dereferenced,
 ) -> Option<Provisioned> {
     let key = provisioning_key(ctx, stack, validated, refs);
-    let short = services_short_of_ready(ctx, validated);
-    let all_ready = !short && services_all_exist(ctx, validated);
+    let services = Readiness::of(ctx, validated);
     let mut provisioned = ctx.provisioned.lock().unwrap_or_else(|p| p.into_inner());
     let entry = provisioned.get_mut(&ObjectRef::from_obj(stack))?;
-    entry.served |= all_ready;
-    let max_age = reuse_for(short, entry.served, ctx.settings.resync);
+    entry.served |= services == Readiness::AllReady;
+    let max_age = reuse_for(
+        services == Readiness::Short,
+        entry.served,
+        ctx.settings.resync,
+    );
     (entry.key == key && entry.at.elapsed() < max_age).then(|| entry.clone())
 }
 
@@ -174,7 +177,7 @@ pub(super) fn next_look(
     stack: &MiddlewareStack,
     validated: &ValidatedStack,
 ) -> Duration {
-    if !services_short_of_ready(ctx, validated) {
+    if Readiness::of(ctx, validated) != Readiness::Short {
         return ctx.settings.next_look();
     }
     let served = ctx
@@ -186,21 +189,34 @@ pub(super) fn next_look(
     reuse_for(true, served, ctx.settings.resync)
 }
 
-/// Whether one of the stack's Deployments has fewer ready replicas than it asks for.
-fn services_short_of_ready(ctx: &Context, validated: &ValidatedStack) -> bool {
-    validated.enabled().iter().any(|component| {
-        deployment(ctx, validated, *component)
-            .is_some_and(|deployment| deployment.state.short_of_ready())
-    })
+/// Where the stack's services stand, from the stored Deployments.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Readiness {
+    /// One of them has fewer ready replicas than it asks for.
+    Short,
+    /// None is short, but not every one is stored yet (a new stack's are applied after its
+    /// credentials are provisioned).
+    Incomplete,
+    /// Every one is stored with all its replicas ready.
+    AllReady,
 }
 
-/// Whether the store holds every one of the stack's Deployments (a new stack's are not
-/// applied yet when its credentials are provisioned).
-fn services_all_exist(ctx: &Context, validated: &ValidatedStack) -> bool {
-    validated
-        .enabled()
-        .iter()
-        .all(|component| deployment(ctx, validated, *component).is_some())
+impl Readiness {
+    fn of(ctx: &Context, validated: &ValidatedStack) -> Self {
+        let mut all_stored = true;
+        for component in validated.enabled() {
+            match deployment(ctx, validated, component) {
+                Some(deployment) if deployment.state.short_of_ready() => return Self::Short,
+                Some(_) => {}
+                None => all_stored = false,
+            }
+        }
+        if all_stored {
+            Self::AllReady
+        } else {
+            Self::Incomplete
+        }
+    }
 }
 
 /// The stored Deployment of one of the stack's services.

@@ -2015,40 +2015,40 @@ async fn a_restarted_operator_writes_nothing_for_a_ready_stack() {
             let generation = d.metadata.generation.map(|g| g.to_string());
             seen.insert(format!("deployment/{}", d.name_any()), generation);
         }
-        for c in harness
-            .api::<ConfigMap>()
-            .list(&ListParams::default())
-            .await
-            .unwrap()
-        {
-            seen.insert(format!("configmap/{}", c.name_any()), c.resource_version());
-        }
-        for s in harness
-            .api::<Secret>()
-            .list(&ListParams::default())
-            .await
-            .unwrap()
-        {
-            seen.insert(format!("secret/{}", s.name_any()), s.resource_version());
-        }
-        for p in harness
-            .api::<NetworkPolicy>()
-            .list(&ListParams::default())
-            .await
-            .unwrap()
-        {
-            seen.insert(
-                format!("networkpolicy/{}", p.name_any()),
-                p.resource_version(),
-            );
-        }
-        if let Some(monitors) = pod_monitors {
-            for m in monitors.list(&ListParams::default()).await.unwrap() {
-                seen.insert(format!("podmonitor/{}", m.name_any()), m.resource_version());
+        let versions = [
+            (
+                "configmap",
+                resource_versions(&harness.api::<ConfigMap>()).await,
+            ),
+            ("secret", resource_versions(&harness.api::<Secret>()).await),
+            (
+                "networkpolicy",
+                resource_versions(&harness.api::<NetworkPolicy>()).await,
+            ),
+        ];
+        let monitors = match pod_monitors {
+            Some(monitors) => resource_versions(monitors).await,
+            None => Vec::new(),
+        };
+        for (kind, objects) in versions.into_iter().chain([("podmonitor", monitors)]) {
+            for (name, version) in objects {
+                seen.insert(format!("{kind}/{name}"), version);
             }
         }
         seen
     }
+
+    /// Every object of `api`'s kind in the namespace: its name and resourceVersion.
+    async fn resource_versions<K>(api: &Api<K>) -> Vec<(String, Option<String>)>
+    where
+        K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+    {
+        let list = api.list(&ListParams::default()).await.unwrap();
+        list.into_iter()
+            .map(|o| (o.name_any(), o.resource_version()))
+            .collect()
+    }
+
     // The last status write and Events of the rollout land first.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let before = written(&harness, pod_monitors.as_ref()).await;
