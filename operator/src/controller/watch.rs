@@ -24,6 +24,13 @@ use crate::build::Component;
 use crate::crd::MiddlewareStack;
 use crate::owned::{self, Compact, Owned};
 
+/// The objects per page of a watch's initial list. With kube-runtime's default of 500, an
+/// operator starting on 1,000 stacks held a page of 500 full objects (a Deployment is ~6 KiB
+/// of JSON, more once parsed) per watch, nine watches at once: its RSS peaked at 106–114 MiB
+/// (the chart's limit is 128 MiB). With 100 it peaks at 62–63 MiB; 50 saved 4 MiB more for
+/// twice the list requests.
+const LIST_PAGE_SIZE: u32 = 100;
+
 /// The reflector stores of the objects the operator owns.
 #[derive(Clone)]
 pub(super) struct Stores {
@@ -81,8 +88,11 @@ where
 /// they own and of the Secrets they refer to, wired into one [`Controller`].
 pub(super) fn watches(client: &Client, settings: &Settings) -> Watches {
     let ns = settings.namespace.as_deref();
-    let managed = watcher::Config::default().labels(MANAGED_SELECTOR);
-    let unmanaged = watcher::Config::default().labels(&MANAGED_SELECTOR.replacen('=', "!=", 1));
+    let list = watcher::Config::default().page_size(LIST_PAGE_SIZE);
+    let managed = list.clone().labels(MANAGED_SELECTOR);
+    let unmanaged = list
+        .clone()
+        .labels(&MANAGED_SELECTOR.replacen('=', "!=", 1));
 
     let (deployments, deployments_writer) = reflector::store();
     let (services, services_writer) = reflector::store();
@@ -143,14 +153,11 @@ pub(super) fn watches(client: &Client, settings: &Settings) -> Watches {
     // The stacks' own watch and store, stripped like the owned objects': a stack's managed
     // fields (every field of its spec and status, per field manager) can be most of its size.
     let (stacks, stacks_writer) = reflector::store();
-    let stack_changes = watcher(
-        scoped::<MiddlewareStack>(client, ns),
-        watcher::Config::default(),
-    )
-    .default_backoff()
-    .modify(strip)
-    .reflect(stacks_writer)
-    .applied_objects();
+    let stack_changes = watcher(scoped::<MiddlewareStack>(client, ns), list)
+        .default_backoff()
+        .modify(strip)
+        .reflect(stacks_writer)
+        .applied_objects();
     let autoscaled_stacks = stacks.clone();
     let referencing_stacks = stacks.clone();
     let controller = Controller::for_stream(stack_changes, stacks.clone())
