@@ -80,16 +80,22 @@ pub(super) async fn hold(ctx: &Context, stack: &MiddlewareStack) -> Result<(), k
 /// more, counting a stack whose cleanup finished ([`cleaned`]) as gone although the watch
 /// may not have said so yet.
 pub(super) async fn release_unreferenced(ctx: &Context, namespace: &str) {
+    // Every reconcile runs this: it reads the stores in place, copying no names.
     let stacks = ctx.stacks.state();
     let referenced: HashSet<&str> = {
         let mut cleaned = ctx.cleaned.lock().unwrap_or_else(|p| p.into_inner());
         // A cleaned stack the store no longer has needs no remembering.
-        let present: HashSet<String> = stacks.iter().filter_map(|s| s.uid()).collect();
-        cleaned.retain(|uid| present.contains(uid));
+        if !cleaned.is_empty() {
+            let present: HashSet<&str> = stacks
+                .iter()
+                .filter_map(|s| s.metadata.uid.as_deref())
+                .collect();
+            cleaned.retain(|uid| present.contains(uid.as_str()));
+        }
         stacks
             .iter()
-            .filter(|s| s.namespace().as_deref() == Some(namespace))
-            .filter(|s| s.uid().is_none_or(|uid| !cleaned.contains(&uid)))
+            .filter(|s| s.metadata.namespace.as_deref() == Some(namespace))
+            .filter(|s| (s.metadata.uid.as_ref()).is_none_or(|uid| !cleaned.contains(uid)))
             .flat_map(|s| names(s))
             .collect()
     };
@@ -97,9 +103,9 @@ pub(super) async fn release_unreferenced(ctx: &Context, namespace: &str) {
         .secret_versions
         .state()
         .into_iter()
-        .filter(|s| s.namespace().as_deref() == Some(namespace))
+        .filter(|s| s.metadata.namespace.as_deref() == Some(namespace))
         .filter(|s| s.finalizers().iter().any(|f| f == FINALIZER))
-        .filter(|s| !referenced.contains(s.name_any().as_str()))
+        .filter(|s| !referenced.contains(s.metadata.name.as_deref().unwrap_or_default()))
         .collect();
     for secret in held {
         let name = secret.name_any();

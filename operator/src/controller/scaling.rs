@@ -152,7 +152,7 @@ fn external(ctx: &Context, validated: &ValidatedStack) -> BTreeSet<Component> {
         .filter(|component| {
             let name = build::object_name(validated, *component);
             foreign.iter().any(|hpa| {
-                hpa.namespace().as_deref() == Some(validated.namespace())
+                hpa.metadata.namespace.as_deref() == Some(validated.namespace())
                     && hpa.spec.as_ref().is_some_and(|s| {
                         s.scale_target_ref.kind == "Deployment" && s.scale_target_ref.name == name
                     })

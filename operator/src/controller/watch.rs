@@ -180,7 +180,7 @@ pub(super) fn watches(client: &Client, settings: &Settings) -> Watches {
             stacks
                 .state()
                 .into_iter()
-                .filter(|s| s.namespace().as_deref() == Some(namespace.as_str()))
+                .filter(|s| s.metadata.namespace.as_deref() == Some(namespace.as_str()))
                 .filter(|s| dereference::refers_to(s, &name))
                 .map(|s| ObjectRef::from_obj(&*s))
                 .collect::<Vec<_>>()
@@ -194,10 +194,10 @@ pub(super) fn watches(client: &Client, settings: &Settings) -> Watches {
             autoscaled_stacks
                 .state()
                 .into_iter()
-                .filter(|s| s.namespace() == namespace)
+                .filter(|s| s.metadata.namespace == namespace)
                 .filter(|s| {
                     target
-                        .strip_prefix(s.name_any().as_str())
+                        .strip_prefix(s.metadata.name.as_deref().unwrap_or_default())
                         .and_then(|rest| rest.strip_prefix('-'))
                         .is_some_and(|service| Component::ALL.iter().any(|c| c.name() == service))
                 })
