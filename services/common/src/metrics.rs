@@ -4,6 +4,7 @@
 //! [`metrics`](::metrics) macros using these constants. `/metrics` renders the recorder.
 
 use std::sync::OnceLock;
+use std::time::Duration;
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
@@ -171,15 +172,76 @@ pub fn install() -> PrometheusHandle {
             // Another recorder can only be present if a test installed one first; ours
             // still renders what is recorded through it.
             let _ = metrics::set_global_recorder(recorder);
+            spawn_upkeep(handle.clone());
             handle
         })
         .clone()
+}
+
+/// How often the histogram samples recorded since the last fold are folded into buckets.
+const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Folds the histograms' recent samples into their buckets every [`UPKEEP_INTERVAL`], on a
+/// thread of its own (the recorder is installed before, and outside, any runtime).
+///
+/// The exporter keeps every sample a histogram records until a scrape or an upkeep folds it
+/// in, and `build_recorder` leaves the upkeep to its caller. Without it a service nobody
+/// scraped kept every request's samples: a gateway grew by 8.7 MiB in 30 s of 12.7k req/s,
+/// without bound; with Prometheus, by what a scrape interval records.
+#[allow(
+    clippy::disallowed_methods,
+    reason = "a dedicated thread, not a runtime's worker, sleeps between upkeeps"
+)]
+fn spawn_upkeep(handle: PrometheusHandle) {
+    let spawned = std::thread::Builder::new()
+        .name("metrics-upkeep".to_owned())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(UPKEEP_INTERVAL);
+                handle.run_upkeep();
+            }
+        });
+    if let Err(error) = spawned {
+        tracing::warn!(%error, "Failed to start the metrics upkeep: histogram samples are folded at scrapes only.");
+    }
 }
 
 /// Records the build-info gauge for `service`.
 pub fn record_build_info(service: &'static str) {
     metrics::gauge!(BUILD_INFO, "service" => service, "version" => env!("CARGO_PKG_VERSION"))
         .set(1.0);
+}
+
+#[cfg(test)]
+mod upkeep {
+    use std::time::{Duration, Instant};
+
+    fn threads() -> Vec<String> {
+        std::fs::read_dir("/proc/self/task")
+            .expect("this process's threads")
+            .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
+            .map(|name| name.trim().to_owned())
+            .collect()
+    }
+
+    /// Every process that installs the recorder folds its histogram samples on its own, scraped
+    /// or not: the upkeep thread runs (it names itself once started).
+    #[tokio::test]
+    async fn installing_the_recorder_starts_the_upkeep() {
+        let handle = super::install();
+        metrics::histogram!(super::HTTP_REQUEST_DURATION_SECONDS, "service" => "upkeep-test")
+            .record(0.001);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !threads().iter().any(|name| name == "metrics-upkeep") {
+            assert!(
+                Instant::now() < deadline,
+                "no upkeep thread among {:?}",
+                threads()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(handle.render().contains("upkeep-test"));
+    }
 }
 
 #[cfg(test)]
