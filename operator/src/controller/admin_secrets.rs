@@ -95,7 +95,12 @@ pub(super) async fn release_unreferenced(ctx: &Context, namespace: &str) {
         stacks
             .iter()
             .filter(|s| s.metadata.namespace.as_deref() == Some(namespace))
-            .filter(|s| (s.metadata.uid.as_ref()).is_none_or(|uid| !cleaned.contains(uid)))
+            .filter(|s| {
+                s.metadata
+                    .uid
+                    .as_ref()
+                    .is_none_or(|uid| !cleaned.contains(uid))
+            })
             .flat_map(|s| names(s))
             .collect()
     };

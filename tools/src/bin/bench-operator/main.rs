@@ -269,14 +269,14 @@ impl Result_ {
         if let Some(floor) = &self.floor {
             self.print_floor(floor, ramp.values().sum());
         }
-        let verdict = |kib: u64| if kib <= 64 * 1024 { "met" } else { "NOT met" };
+        let rss_verdict = |kib: u64| if kib <= 64 * 1024 { "met" } else { "NOT met" };
         println!(
             "         operator peak RSS {:.1} MiB during the ramp-up, {:.1} MiB after a restart \
              (target ≤ 64 MiB — {} / {})",
             self.rss_kib as f64 / 1024.0,
             self.restart_rss_kib as f64 / 1024.0,
-            verdict(self.rss_kib),
-            verdict(self.restart_rss_kib),
+            rss_verdict(self.rss_kib),
+            rss_verdict(self.restart_rss_kib),
         );
         // Before every stack is Ready the window still holds the ramp's writes.
         let verdict = if self.ready < self.n {
