@@ -38,12 +38,10 @@ pub struct Floor {
     pub writes: BTreeMap<String, f64>,
     /// What the plain client applied for one stack, by kind (for the report).
     pub objects: BTreeMap<String, usize>,
-    /// Every client's writes the API server served over the same span (the plain client's,
+    /// What the API server served over the same span, every client's (the plain client's,
     /// Kubernetes' controllers', the scheduler's, kwok's); `None` when its metrics could not
     /// be read.
-    pub apiserver_writes: Option<BTreeMap<String, f64>>,
-    /// The seconds the API server's requests took meanwhile ([`crate::apiserver_seconds`]).
-    pub apiserver_seconds: Option<BTreeMap<String, f64>>,
+    pub apiserver: Option<crate::ApiServer>,
     /// CPU over the same span, as for the operator's run.
     pub cpu: (Vec<(String, f64)>, f64),
 }
@@ -391,8 +389,7 @@ async fn measure(
     );
 
     let cpu_before = CpuSnapshot::take();
-    let apiserver_before = crate::apiserver_writes(client).await;
-    let apiserver_seconds_before = crate::apiserver_seconds(client).await;
+    let apiserver_before = crate::apiserver(client).await;
     let started = Instant::now();
     let deadline = tokio::time::Instant::now() + timeout;
     let apply = async {
@@ -419,20 +416,11 @@ async fn measure(
     let (writes, (done, available)) = tokio::try_join!(apply, wait)?;
     let took = done.map(|at| at.duration_since(started));
     let cpu = CpuSnapshot::take().since(&cpu_before);
-    let apiserver_seconds = match (
-        apiserver_seconds_before,
-        crate::apiserver_seconds(client).await,
-    ) {
-        (Ok(before), Ok(after)) => Some(crate::counter_delta(&before, &after)),
-        _ => None,
-    };
-    let apiserver_writes = match (apiserver_before, crate::apiserver_writes(client).await) {
-        (Ok(before), Ok(after)) => Some(crate::counter_delta(&before, &after)),
-        (Err(error), _) | (_, Err(error)) => {
-            eprintln!("floor N={n}: the API server's metrics could not be read: {error}");
-            None
-        }
-    };
+    let apiserver = crate::apiserver_delta(
+        &format!("floor N={n}"),
+        apiserver_before,
+        crate::apiserver(client).await,
+    );
     match took {
         Some(t) => eprintln!(
             "floor N={n}: all {deployments} Deployments Available after {:.1} s",
@@ -450,8 +438,7 @@ async fn measure(
         concurrency,
         writes,
         objects: kinds,
-        apiserver_writes,
-        apiserver_seconds,
+        apiserver,
         cpu,
     })
 }

@@ -138,11 +138,9 @@ struct Result_ {
     /// Its API writes during the steady-state window.
     writes: BTreeMap<String, f64>,
     window: Duration,
-    /// Every client's writes the API server served from the first stack created until all
-    /// were Ready (or the timeout); `None` when its metrics could not be read.
-    apiserver_ramp_writes: Option<BTreeMap<String, f64>>,
-    /// The seconds the API server's requests took over the same span ([`apiserver_seconds`]).
-    apiserver_ramp_seconds: Option<BTreeMap<String, f64>>,
+    /// What the API server served from the first stack created until all were Ready (or the
+    /// timeout), every client's; `None` when its metrics could not be read.
+    apiserver_ramp: Option<ApiServer>,
     /// CPU over the same span: share of one core per process name, and the machine's idle.
     ramp_cpu: (Vec<(String, f64)>, f64),
     /// The control plane's floor for the same stacks (`None`: `BENCH_FLOOR=0`).
@@ -223,9 +221,10 @@ impl Result_ {
             .unwrap_or(self.window)
             .as_secs_f64()
             .max(1.0);
-        if let Some(all) = &self.apiserver_ramp_writes {
-            let total: f64 = all.values().sum();
-            let by: BTreeMap<&str, f64> = all
+        if let Some(api) = &self.apiserver_ramp {
+            let total: f64 = api.writes.values().sum();
+            let by: BTreeMap<&str, f64> = api
+                .writes
                 .iter()
                 .map(|(k, v)| (k.as_str(), (v / self.n as f64 * 10.0).round() / 10.0))
                 .filter(|(_, v)| *v > 0.0)
@@ -235,11 +234,9 @@ impl Result_ {
                 total / self.n as f64,
                 total / span
             );
-        }
-        if let Some(seconds) = &self.apiserver_ramp_seconds {
             println!(
                 "         API server request time until Ready, every client, reads included: {}",
-                busiest(seconds, self.n as f64)
+                busiest(&api.seconds, self.n as f64)
             );
         }
         if !self.steps.is_empty() {
@@ -336,14 +333,15 @@ impl Result_ {
             floor.objects,
             operator_writes - writes / n
         );
-        if let Some(all) = &floor.apiserver_writes {
-            let total: f64 = all.values().sum();
+        if let Some(api) = &floor.apiserver {
+            let total: f64 = api.writes.values().sum();
             let span = floor
                 .took
                 .unwrap_or(Duration::from_secs(1))
                 .as_secs_f64()
                 .max(1.0);
-            let by: BTreeMap<&str, f64> = all
+            let by: BTreeMap<&str, f64> = api
+                .writes
                 .iter()
                 .map(|(k, v)| (k.as_str(), (v / n * 10.0).round() / 10.0))
                 .filter(|(_, v)| *v > 0.0)
@@ -353,11 +351,9 @@ impl Result_ {
                 total / n,
                 total / span
             );
-        }
-        if let Some(seconds) = &floor.apiserver_seconds {
             println!(
                 "         floor API server request time until Available, every client, reads included: {}",
-                busiest(seconds, n)
+                busiest(&api.seconds, n)
             );
         }
         let (shares, idle) = &floor.cpu;
@@ -477,28 +473,53 @@ fn counter_delta(
         .collect()
 }
 
-/// The API server's own count of the writes it served (`apiserver_request_total`, every
-/// client: the operator, Kubernetes' controllers, the scheduler, kwok), by `verb/resource`.
-async fn apiserver_writes(client: &Client) -> anyhow::Result<BTreeMap<String, f64>> {
-    let request = http::Request::get("/metrics").body(Vec::new())?;
-    let body = client.request_text(request).await?;
-    Ok(write_counters(&body, "apiserver_request_total"))
+/// What the API server's own metrics say, every client's (the operator, Kubernetes'
+/// controllers, the scheduler, kwok), by `verb/resource`; read from one scrape.
+struct ApiServer {
+    /// The writes it served (`apiserver_request_total`).
+    writes: BTreeMap<String, f64>,
+    /// The seconds its requests took (`apiserver_request_duration_seconds_sum`), every verb
+    /// but those that last as long as their clients keep them ([`timed_verb`]): where its time
+    /// goes, reads included.
+    seconds: BTreeMap<String, f64>,
 }
 
-/// The seconds the API server's requests took, summed by `verb/resource`, every client's and
-/// every verb but `WATCH` and `CONNECT` (which last as long as their clients keep them): where
-/// the API server's time goes, reads included.
-async fn apiserver_seconds(client: &Client) -> anyhow::Result<BTreeMap<String, f64>> {
+/// Reads the API server's metrics.
+async fn apiserver(client: &Client) -> anyhow::Result<ApiServer> {
     let request = http::Request::get("/metrics").body(Vec::new())?;
     let body = client.request_text(request).await?;
-    Ok(counters(
-        &body,
-        "apiserver_request_duration_seconds_sum",
-        |verb| !matches!(verb, "WATCH" | "CONNECT"),
-    ))
+    Ok(ApiServer {
+        writes: write_counters(&body, "apiserver_request_total"),
+        seconds: counters(&body, "apiserver_request_duration_seconds_sum", timed_verb),
+    })
 }
 
-/// The API server's busiest request kinds of a run (from [`apiserver_seconds`] deltas), as
+/// The API server's counters between two reads of [`apiserver`]; `None` (said on stderr, as
+/// `who`) when either failed.
+fn apiserver_delta(
+    who: &str,
+    before: anyhow::Result<ApiServer>,
+    after: anyhow::Result<ApiServer>,
+) -> Option<ApiServer> {
+    match (before, after) {
+        (Ok(before), Ok(after)) => Some(ApiServer {
+            writes: counter_delta(&before.writes, &after.writes),
+            seconds: counter_delta(&before.seconds, &after.seconds),
+        }),
+        (Err(error), _) | (_, Err(error)) => {
+            eprintln!("{who}: the API server's metrics could not be read: {error}");
+            None
+        }
+    }
+}
+
+/// Whether the request time of `verb` says where the API server's time goes: not `WATCH`
+/// and `CONNECT`, which last as long as their clients keep them.
+fn timed_verb(verb: &str) -> bool {
+    !matches!(verb, "WATCH" | "CONNECT")
+}
+
+/// The API server's busiest request kinds of a run (from [`ApiServer::seconds`] deltas), as
 /// milliseconds per stack, the largest first.
 fn busiest(seconds: &BTreeMap<String, f64>, n: f64) -> String {
     let total: f64 = seconds.values().sum();
@@ -834,8 +855,7 @@ async fn run(
 
     let stacks: Api<MiddlewareStack> = Api::namespaced(client.clone(), &ns);
     let cpu_before = CpuSnapshot::take();
-    let apiserver_before = apiserver_writes(client).await;
-    let apiserver_seconds_before = apiserver_seconds(client).await;
+    let apiserver_before = apiserver(client).await;
     let started = Instant::now();
     futures::stream::iter(0..n)
         .map(|i| {
@@ -886,17 +906,8 @@ async fn run(
         BTreeMap::new()
     });
     let ramp_cpu = CpuSnapshot::take().since(&cpu_before);
-    let apiserver_ramp_seconds = match (apiserver_seconds_before, apiserver_seconds(client).await) {
-        (Ok(before), Ok(after)) => Some(counter_delta(&before, &after)),
-        _ => None,
-    };
-    let apiserver_ramp_writes = match (apiserver_before, apiserver_writes(client).await) {
-        (Ok(before), Ok(after)) => Some(counter_delta(&before, &after)),
-        (Err(error), _) | (_, Err(error)) => {
-            eprintln!("N={n}: the API server's metrics could not be read: {error}");
-            None
-        }
-    };
+    let apiserver_ramp =
+        apiserver_delta(&format!("N={n}"), apiserver_before, apiserver(client).await);
     eprintln!(
         "N={n}: {ready}/{n} Ready after {:.1} s; steady-state window {} s...",
         started.elapsed().as_secs_f64(),
@@ -915,17 +926,15 @@ async fn run(
         Some(STEADY_RESYNC_SECONDS),
         &format!("/tmp/bench-operator-{n}-steady.log"),
     )?;
-    let mut before = None;
-    for _ in 0..100 {
-        match writes(port).await {
-            Ok(counters) => {
-                before = Some(counters);
-                break;
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-        }
-    }
-    let before = before.context("the restarted operator's metrics did not answer within 10 s")?;
+    let before = (|| writes(port))
+        .retry(
+            backon::ConstantBuilder::default()
+                .with_delay(Duration::from_millis(100))
+                .with_max_times(100),
+        )
+        .sleep(tokio::time::sleep)
+        .await
+        .context("the restarted operator's metrics did not answer within 10 s")?;
     tokio::time::sleep(steady).await;
     let after = writes(port).await?;
     let delta = counter_delta(&before, &after);
@@ -1008,8 +1017,7 @@ async fn run(
         steps,
         writes: delta,
         window: steady,
-        apiserver_ramp_writes,
-        apiserver_ramp_seconds,
+        apiserver_ramp,
         ramp_cpu,
         floor: None,
     })
@@ -1048,9 +1056,7 @@ apiserver_request_duration_seconds_count{resource="secrets",verb="GET"} 4
 apiserver_request_duration_seconds_sum{resource="events",verb="POST"} 2
 apiserver_request_duration_seconds_sum{resource="pods",verb="WATCH"} 900
 "#;
-        let seconds = counters(body, "apiserver_request_duration_seconds_sum", |verb| {
-            !matches!(verb, "WATCH" | "CONNECT")
-        });
+        let seconds = counters(body, "apiserver_request_duration_seconds_sum", timed_verb);
         assert_eq!(
             seconds,
             BTreeMap::from([
