@@ -17,13 +17,16 @@
 //! connections are joined with `copy_bidirectional`.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::extract::Request;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode, Uri, header};
 use axum::response::IntoResponse;
-use common::metrics::{GATEWAY_PROXIED_REQUESTS_TOTAL, GATEWAY_UPSTREAM_DURATION_SECONDS};
+use common::metrics::{
+    GATEWAY_PROXIED_REQUESTS_TOTAL, GATEWAY_UPSTREAM_DURATION_SECONDS, RequestHandles,
+};
 use common::problem::{Problem, ProblemType};
 use http_body_util::BodyExt;
 use hyper_util::client::legacy::Client;
@@ -76,6 +79,8 @@ pub struct Proxy {
     client: Client<HttpConnector, Body>,
     settings: ProxySettings,
     service: &'static str,
+    /// The per-(route, status) metric handles.
+    handles: Arc<RequestHandles>,
 }
 
 /// The caller, as seen by the gateway.
@@ -145,6 +150,7 @@ impl Proxy {
             client,
             settings,
             service,
+            handles: Arc::default(),
         }
     }
 
@@ -304,11 +310,17 @@ impl Proxy {
     }
 
     fn record(&self, route: &str, status: StatusCode, started: Instant) {
-        let route = route.to_owned();
-        metrics::histogram!(GATEWAY_UPSTREAM_DURATION_SECONDS, "service" => self.service, "route" => route.clone())
-            .record(started.elapsed().as_secs_f64());
-        metrics::counter!(GATEWAY_PROXIED_REQUESTS_TOTAL, "service" => self.service, "route" => route, "status" => status.as_str().to_owned())
-            .increment(1);
+        let service = self.service;
+        self.handles.record(
+            ("", status.as_u16(), route),
+            started.elapsed().as_secs_f64(),
+            || {
+                (
+                    metrics::counter!(GATEWAY_PROXIED_REQUESTS_TOTAL, "service" => service, "route" => route.to_owned(), "status" => status.as_str().to_owned()),
+                    metrics::histogram!(GATEWAY_UPSTREAM_DURATION_SECONDS, "service" => service, "route" => route.to_owned()),
+                )
+            },
+        );
     }
 }
 

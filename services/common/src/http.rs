@@ -34,7 +34,7 @@ use tower_http::trace::TraceLayer;
 use crate::config::CommonConfig;
 use crate::health::Readiness;
 use crate::metrics::{
-    HTTP_REQUEST_DURATION_SECONDS, HTTP_REQUESTS_SHED_TOTAL, HTTP_REQUESTS_TOTAL,
+    HTTP_REQUEST_DURATION_SECONDS, HTTP_REQUESTS_SHED_TOTAL, HTTP_REQUESTS_TOTAL, RequestHandles,
 };
 use crate::problem::{ProblemType, retry_later};
 use crate::shutdown::CancellationToken;
@@ -157,9 +157,10 @@ async fn render_metrics(State(ops): State<Ops>) -> impl IntoResponse {
 /// (child of the caller's `traceparent`), and request metrics labelled with the route
 /// template (never the raw path, which would explode cardinality).
 pub fn instrument(router: Router, service: &'static str) -> Router {
+    let handles = Arc::new(RequestHandles::default());
     router
         .layer(middleware::from_fn(move |req: Request, next: Next| {
-            record_metrics(service, req, next)
+            record_metrics(service, handles.clone(), req, next)
         }))
         .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
             let route = req
@@ -201,23 +202,34 @@ fn method_label(method: &http::Method) -> &'static str {
     }
 }
 
-async fn record_metrics(service: &'static str, req: Request, next: Next) -> Response {
+async fn record_metrics(
+    service: &'static str,
+    handles: Arc<RequestHandles>,
+    req: Request,
+    next: Next,
+) -> Response {
     let started = Instant::now();
     let method = method_label(req.method());
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let route = req.extensions().get::<MatchedPath>().cloned();
     let response = next.run(req).await;
-    let labels = [
-        ("service", metrics::SharedString::const_str(service)),
-        ("method", metrics::SharedString::const_str(method)),
-        ("route", route.into()),
-        ("status", response.status().as_u16().to_string().into()),
-    ];
-    metrics::counter!(HTTP_REQUESTS_TOTAL, &labels).increment(1);
-    metrics::histogram!(HTTP_REQUEST_DURATION_SECONDS, &labels)
-        .record(started.elapsed().as_secs_f64());
+    let route = route.as_ref().map_or("unmatched", MatchedPath::as_str);
+    let status = response.status();
+    handles.record(
+        (method, status.as_u16(), route),
+        started.elapsed().as_secs_f64(),
+        || {
+            let labels = [
+                ("service", metrics::SharedString::const_str(service)),
+                ("method", metrics::SharedString::const_str(method)),
+                ("route", route.to_owned().into()),
+                ("status", status.as_str().to_owned().into()),
+            ];
+            (
+                metrics::counter!(HTTP_REQUESTS_TOTAL, &labels),
+                metrics::histogram!(HTTP_REQUEST_DURATION_SECONDS, &labels),
+            )
+        },
+    );
     response
 }
 
