@@ -93,3 +93,53 @@ fn a_traceparent_value_round_trips_and_says_whether_it_is_sampled() {
     // A span outside any tracer has no context to give.
     assert_eq!(traceparent_of(&tracing::Span::none()), None);
 }
+
+/// A log writer the test reads back.
+#[derive(Clone, Default)]
+struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'w> tracing_subscriber::fmt::MakeWriter<'w> for Captured {
+    type Writer = Self;
+
+    fn make_writer(&'w self) -> Self::Writer {
+        self.clone()
+    }
+}
+
+#[test]
+fn a_json_log_line_carries_its_fields_its_span_and_its_trace() {
+    let provider = SdkTracerProvider::builder()
+        .with_sampler(Sampler::AlwaysOn)
+        .build();
+    let captured = Captured::default();
+    let subscriber = tracing_subscriber::registry()
+        .with(json_logs(captured.clone()))
+        .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
+    let trace_id = tracing::subscriber::with_default(subscriber, || {
+        let span = tracing::info_span!("http.request", http.route = "/v1/x", request_id = "r-1");
+        span.in_scope(|| tracing::warn!(status = 502, "Failed to forward a request."));
+        span.context().span().span_context().trace_id().to_string()
+    });
+
+    let output = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    let line: serde_json::Value = serde_json::from_str(output.trim()).unwrap();
+    assert_eq!(line["level"], "WARN");
+    assert_eq!(line["message"], "Failed to forward a request.");
+    assert_eq!(line["status"], 502);
+    assert_eq!(line["span"]["name"], "http.request");
+    assert_eq!(line["span"]["http.route"], "/v1/x");
+    assert_eq!(line["span"]["request_id"], "r-1");
+    assert_eq!(line["openTelemetry"]["traceId"], trace_id.as_str());
+    assert_ne!(trace_id, TraceId::INVALID.to_string());
+}
