@@ -223,12 +223,7 @@ impl Result_ {
             .max(1.0);
         if let Some(api) = &self.apiserver_ramp {
             let total: f64 = api.writes.values().sum();
-            let by: BTreeMap<&str, f64> = api
-                .writes
-                .iter()
-                .map(|(k, v)| (k.as_str(), (v / self.n as f64 * 10.0).round() / 10.0))
-                .filter(|(_, v)| *v > 0.0)
-                .collect();
+            let by = per_stack_rounded(&api.writes, self.n as f64);
             println!(
                 "         API server writes until Ready, every client (operator, Kubernetes' controllers, scheduler, kwok, this benchmark): {:.1} per stack, {:.0}/s; by verb/resource: {by:?}",
                 total / self.n as f64,
@@ -322,11 +317,7 @@ impl Result_ {
             ),
         }
         let writes: f64 = floor.writes.values().sum();
-        let by: BTreeMap<&str, f64> = floor
-            .writes
-            .iter()
-            .map(|(k, v)| (k.as_str(), (v / n * 10.0).round() / 10.0))
-            .collect();
+        let by = per_stack_rounded(&floor.writes, n);
         println!(
             "         floor API writes per stack by the plain client: {:.1} (objects per stack: {:?}); by verb/resource: {by:?}; the operator's until Ready: {operator_writes:.1} ({:+.1} over the floor)",
             writes / n,
@@ -340,12 +331,7 @@ impl Result_ {
                 .unwrap_or(Duration::from_secs(1))
                 .as_secs_f64()
                 .max(1.0);
-            let by: BTreeMap<&str, f64> = api
-                .writes
-                .iter()
-                .map(|(k, v)| (k.as_str(), (v / n * 10.0).round() / 10.0))
-                .filter(|(_, v)| *v > 0.0)
-                .collect();
+            let by = per_stack_rounded(&api.writes, n);
             println!(
                 "         floor API server writes until Available, every client (plain client, Kubernetes' controllers, scheduler, kwok): {:.1} per stack, {:.0}/s; by verb/resource: {by:?}",
                 total / n,
@@ -517,6 +503,16 @@ fn apiserver_delta(
 /// and `CONNECT`, which last as long as their clients keep them.
 fn timed_verb(verb: &str) -> bool {
     !matches!(verb, "WATCH" | "CONNECT")
+}
+
+/// `counts` per stack of `n`, to one decimal, those that round to zero left out (the
+/// report's by-verb/resource maps).
+fn per_stack_rounded(counts: &BTreeMap<String, f64>, n: f64) -> BTreeMap<&str, f64> {
+    counts
+        .iter()
+        .map(|(k, v)| (k.as_str(), (v / n * 10.0).round() / 10.0))
+        .filter(|(_, v)| *v > 0.0)
+        .collect()
 }
 
 /// The API server's busiest request kinds of a run (from [`ApiServer::seconds`] deltas), as
