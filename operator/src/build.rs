@@ -321,6 +321,11 @@ pub fn with_credentials_hash(mut state: DesiredState, hash: &str) -> DesiredStat
 /// connection Secrets lands in pod annotations, so it must not help anyone guess a password)
 /// and in PostgreSQL names, where it keeps two stacks apart.
 pub fn fingerprint<'a>(parts: impl IntoIterator<Item = &'a [u8]>) -> String {
+    format!("{:016x}", fingerprint_bits(parts))
+}
+
+/// [`fingerprint`] as the number its 16 hex digits spell, for maps that keep many of them.
+pub fn fingerprint_bits<'a>(parts: impl IntoIterator<Item = &'a [u8]>) -> u64 {
     use sha2::Digest as _;
     let mut hasher = sha2::Sha256::new();
     for part in parts {
@@ -328,7 +333,18 @@ pub fn fingerprint<'a>(parts: impl IntoIterator<Item = &'a [u8]>) -> String {
         hasher.update(part);
     }
     let digest = hasher.finalize();
-    digest[..8].iter().map(|b| format!("{b:02x}")).collect()
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    u64::from_be_bytes(first)
+}
+
+/// The number a [`fingerprint`] spells, if `text` is one (exactly 16 lowercase hex digits).
+pub fn parse_fingerprint(text: &str) -> Option<u64> {
+    let digits = text.len() == 16
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    digits.then(|| u64::from_str_radix(text, 16).ok()).flatten()
 }
 
 fn build_service(

@@ -241,7 +241,7 @@ pub struct Context {
     /// What the operator last applied, per object: the desired fingerprint and the
     /// generation (or resourceVersion) the API server answered with. Anything else in the
     /// store means someone changed the object, and it is applied again.
-    applied: Mutex<HashMap<String, apply::Applied>>,
+    applied: Mutex<HashMap<apply::ObjectKey, apply::Applied>>,
     /// The last successful external stages per stack.
     provisioned: Mutex<HashMap<ObjectRef<MiddlewareStack>, provision::Provisioned>>,
     /// The last condition statuses per stack, for the per-stage gauges.
@@ -260,7 +260,7 @@ pub struct Context {
     waves: Mutex<waves::Waves>,
     /// Per Deployment (its `apply::object_key`), the pod template it was last Available with
     /// (see `stages::services::available`); forgotten with its stack.
-    available_templates: Mutex<HashMap<String, u64>>,
+    available_templates: Mutex<HashMap<apply::ObjectKey, u64>>,
     /// The stacks in the watch scope (the controller's store).
     stacks: Store<MiddlewareStack>,
     /// The uids of stacks whose cleanup finished, until the store drops them (see

@@ -50,8 +50,9 @@ pub struct Owned<K: Compact> {
     pub resource_version: Option<String>,
     /// `metadata.generation` (not every kind has one).
     pub generation: Option<i64>,
-    /// The [`APPLIED_HASH_ANNOTATION`]: the fingerprint of the desired object last applied.
-    pub applied_hash: Option<String>,
+    /// The [`APPLIED_HASH_ANNOTATION`]: the fingerprint of the desired object last applied
+    /// (`None` when absent or not a fingerprint: [`crate::build::parse_fingerprint`]).
+    pub applied_hash: Option<u64>,
     /// The uids of the owner references.
     pub owner_uids: Vec<String>,
     /// Whether `metadata.deletionTimestamp` is set.
@@ -75,7 +76,7 @@ impl<K: Compact> Owned<K> {
                 .annotations
                 .as_ref()
                 .and_then(|a| a.get(APPLIED_HASH_ANNOTATION))
-                .cloned(),
+                .and_then(|hash| crate::build::parse_fingerprint(hash)),
             owner_uids: meta
                 .owner_references
                 .iter()
@@ -93,19 +94,51 @@ impl<K: Compact> Owned<K> {
         self.owner_uids.iter().any(|o| o == uid)
     }
 
-    /// The object's version as the operator compares it: `g<generation>` for kinds with a
-    /// generation, `r<resourceVersion>` otherwise ([`version`]).
-    pub fn version(&self) -> String {
-        version(self.generation, self.resource_version.as_deref())
+    /// The object's version as the operator compares it ([`Version::of`]).
+    pub fn version(&self) -> Version {
+        Version::of(self.generation, self.resource_version.as_deref())
     }
 }
 
-/// `g<generation>` when there is a generation (it changes only with the spec, so status
-/// updates do not count as changes), `r<resourceVersion>` otherwise.
-pub fn version(generation: Option<i64>, resource_version: Option<&str>) -> String {
-    match generation {
-        Some(generation) => format!("g{generation}"),
-        None => format!("r{}", resource_version.unwrap_or_default()),
+/// An object's version as the operator compares it: its generation for kinds with one (it
+/// changes only with the spec, so status updates do not count as changes), its
+/// resourceVersion otherwise. Shown as `g<generation>` / `r<resourceVersion>`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Version {
+    /// `metadata.generation`.
+    Generation(i64),
+    /// `metadata.resourceVersion` (empty when unset).
+    Resource(Box<str>),
+}
+
+impl Version {
+    /// The generation when there is one, else the resourceVersion.
+    pub fn of(generation: Option<i64>, resource_version: Option<&str>) -> Self {
+        match generation {
+            Some(generation) => Self::Generation(generation),
+            None => Self::Resource(resource_version.unwrap_or_default().into()),
+        }
+    }
+
+    /// Whether this version is older than `other`: generations compare as numbers;
+    /// resourceVersions are opaque, so a different one counts as older (callers ask only
+    /// while the store may lag behind an apply). Versions of different shapes are not
+    /// ordered.
+    pub fn older_than(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Self::Generation(a), Self::Generation(b)) => a < b,
+            (Self::Resource(a), Self::Resource(b)) => a != b,
+            _ => false,
+        }
+    }
+}
+
+impl std::fmt::Display for Version {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Generation(generation) => write!(f, "g{generation}"),
+            Self::Resource(version) => write!(f, "r{version}"),
+        }
     }
 }
 

@@ -1462,3 +1462,22 @@ fn a_redis_cluster_reaches_the_services_that_use_redis_and_one_redis_changes_not
         );
     }
 }
+
+#[test]
+fn a_fingerprint_is_sixteen_hex_digits_of_its_number() {
+    let parts = [b"stack".as_slice(), b"".as_slice()];
+    // The digits the annotations and PostgreSQL names already carry must not change.
+    assert_eq!(fingerprint(parts), "f2a1a9dae9aa25ac");
+    let bits = fingerprint_bits(parts);
+    assert_eq!(format!("{bits:016x}"), fingerprint(parts));
+    assert_eq!(parse_fingerprint(&fingerprint(parts)), Some(bits));
+    for not_one in [
+        "abc",
+        "",
+        "0123456789ABCDEF",
+        "0123456789abcdeg",
+        "+123456789abcdef",
+    ] {
+        assert_eq!(parse_fingerprint(not_one), None, "{not_one:?}");
+    }
+}

@@ -303,7 +303,7 @@ fn provisioning_key(
             .get(&ObjectRef::new(name).within(validated.namespace()))
             .map(|s| s.version());
         let key = apply::object_key::<Secret>(validated.namespace(), name);
-        apply::settled_version(ctx, &key, stored)
+        apply::settled_version(ctx, &key, stored).map_or_else(String::new, |v| v.to_string())
     })
     .collect();
     let generation = stack.metadata.generation.unwrap_or_default().to_string();

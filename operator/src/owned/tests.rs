@@ -21,7 +21,10 @@ fn deployment(
             resource_version: Some("42".to_owned()),
             generation: Some(generation),
             annotations: Some(BTreeMap::from([
-                (APPLIED_HASH_ANNOTATION.to_owned(), "abc".to_owned()),
+                (
+                    APPLIED_HASH_ANNOTATION.to_owned(),
+                    "00000000000000ab".to_owned(),
+                ),
                 ("other".to_owned(), "x".to_owned()),
             ])),
             owner_references: Some(vec![OwnerReference {
@@ -56,11 +59,12 @@ fn keeps_what_reconciles_read() {
     assert_eq!(owned.namespace.as_deref(), Some("ns"));
     assert_eq!(owned.uid.as_deref(), Some("d-uid"));
     assert_eq!(owned.resource_version.as_deref(), Some("42"));
-    assert_eq!(owned.applied_hash.as_deref(), Some("abc"));
+    assert_eq!(owned.applied_hash, Some(0xab));
     assert!(owned.owned_by("stack-uid"));
     assert!(!owned.owned_by("another-uid"));
     assert!(!owned.deleting);
-    assert_eq!(owned.version(), "g3");
+    assert_eq!(owned.version(), Version::Generation(3));
+    assert_eq!(owned.version().to_string(), "g3");
     assert_eq!(owned.state.ready_replicas, 2);
     assert_eq!(owned.state.replicas, 2);
     // The store finds it under the same reference as the full object.
@@ -104,9 +108,9 @@ fn short_of_ready_compares_ready_with_desired_replicas() {
 
 #[test]
 fn versions() {
-    assert_eq!(version(Some(7), Some("100")), "g7");
-    assert_eq!(version(None, Some("100")), "r100");
-    assert_eq!(version(None, None), "r");
+    assert_eq!(Version::of(Some(7), Some("100")).to_string(), "g7");
+    assert_eq!(Version::of(None, Some("100")).to_string(), "r100");
+    assert_eq!(Version::of(None, None).to_string(), "r");
 }
 
 #[test]
@@ -129,7 +133,7 @@ fn service_keeps_its_cluster_ip() {
     );
     assert_eq!(Owned::new(&service(None)).state, None);
     assert!(Owned::new(&service(None)).deleting);
-    assert_eq!(Owned::new(&service(None)).version(), "r");
+    assert_eq!(Owned::new(&service(None)).version().to_string(), "r");
 }
 
 #[test]

@@ -292,7 +292,7 @@ async fn retire_kafka_principal(
         Err(kube::Error::Api(status)) if status.code == 404 => {}
         Err(source) => {
             return Err(Error::ConnectionSecret(apply::Error::Patch {
-                key: apply::object_key::<Secret>(validated.namespace(), &name),
+                key: apply::describe::<Secret>(validated.namespace(), &name),
                 source,
             }));
         }

@@ -269,7 +269,7 @@ async fn hand_replicas_over(
     if !existing.state.operator_owns_replicas {
         return Ok(());
     }
-    let key = apply::object_key::<Deployment>(validated.namespace(), &name);
+    let key = apply::describe::<Deployment>(validated.namespace(), &name);
     let handover = serde_json::json!({
         "apiVersion": "apps/v1",
         "kind": "Deployment",
