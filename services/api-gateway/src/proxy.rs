@@ -425,7 +425,8 @@ fn append_list(headers: &mut HeaderMap, name: HeaderName, value: &str) {
             format!("{}, {value}", existing.join(", "))
         }
     };
-    if let Ok(value) = HeaderValue::from_str(&combined) {
+    // Takes the string's buffer: no copy.
+    if let Ok(value) = HeaderValue::try_from(combined) {
         headers.insert(name, value);
     }
 }

@@ -9,7 +9,7 @@
 use opentelemetry::propagation::{Extractor, Injector};
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry::{Context, global};
-use opentelemetry_http::{HeaderExtractor, HeaderInjector};
+use opentelemetry_http::HeaderExtractor;
 use opentelemetry_otlp::WithExportConfig as _;
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
@@ -135,10 +135,11 @@ pub fn extract_http(headers: &http::HeaderMap) -> Context {
     global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(headers)))
 }
 
-/// Writes the current span's trace context into outgoing HTTP headers.
+/// Writes the current span's trace context into outgoing HTTP headers (an empty
+/// `tracestate` is left out: [`HttpTraceInjector`]).
 pub fn inject_http(headers: &mut http::HeaderMap) {
     let cx = tracing::Span::current().context();
-    global::get_text_map_propagator(|p| p.inject_context(&cx, &mut HeaderInjector(headers)));
+    global::get_text_map_propagator(|p| p.inject_context(&cx, &mut HttpTraceInjector(headers)));
 }
 
 /// Makes `span` a child of the trace context carried by `headers`, if any.
@@ -222,11 +223,44 @@ impl<H: Headers> Extractor for KafkaHeaderExtractor<'_, H> {
     }
 }
 
-/// Appends W3C fields to rdkafka's owned headers (whose `insert` consumes `self`).
+const TRACEPARENT: http::HeaderName = http::HeaderName::from_static("traceparent");
+const TRACESTATE: http::HeaderName = http::HeaderName::from_static("tracestate");
+
+/// Writes W3C fields into an HTTP header map, on the gateway's path for every proxied
+/// request: the two W3C names are constants (not parsed again per request), a value keeps
+/// the propagator's string (no copy), and an empty `tracestate` is not sent (W3C: none means
+/// empty) but removes one the map carried, which belonged to another trace.
+struct HttpTraceInjector<'a>(&'a mut http::HeaderMap);
+
+impl Injector for HttpTraceInjector<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        let name = match key {
+            "traceparent" => TRACEPARENT,
+            "tracestate" if value.is_empty() => {
+                self.0.remove(TRACESTATE);
+                return;
+            }
+            "tracestate" => TRACESTATE,
+            other => match http::HeaderName::from_bytes(other.as_bytes()) {
+                Ok(name) => name,
+                Err(_) => return,
+            },
+        };
+        if let Ok(value) = http::HeaderValue::try_from(value) {
+            self.0.insert(name, value);
+        }
+    }
+}
+
+/// Appends W3C fields to rdkafka's owned headers (whose `insert` consumes `self`); an empty
+/// `tracestate` is left out, as over HTTP.
 struct KafkaHeaderInjector(Option<OwnedHeaders>);
 
 impl Injector for KafkaHeaderInjector {
     fn set(&mut self, key: &str, value: String) {
+        if value.is_empty() && key == "tracestate" {
+            return;
+        }
         let headers = self.0.take().unwrap_or_default();
         self.0 = Some(headers.insert(Header {
             key,

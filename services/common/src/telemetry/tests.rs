@@ -4,12 +4,16 @@ use rdkafka::message::{Message, OwnedMessage, Timestamp};
 use super::*;
 
 fn remote_context() -> Context {
+    remote_context_with(TraceState::default())
+}
+
+fn remote_context_with(state: TraceState) -> Context {
     Context::new().with_remote_span_context(SpanContext::new(
         TraceId::from_hex("4bf92f3577b34da6a3ce929d0e0e4736").unwrap(),
         SpanId::from_hex("00f067aa0ba902b7").unwrap(),
         TraceFlags::SAMPLED,
         true,
-        TraceState::default(),
+        state,
     ))
 }
 
@@ -18,11 +22,15 @@ fn http_trace_context_round_trips_through_headers() {
     global::set_text_map_propagator(TraceContextPropagator::new());
     let mut headers = http::HeaderMap::new();
     global::get_text_map_propagator(|p| {
-        p.inject_context(&remote_context(), &mut HeaderInjector(&mut headers))
+        p.inject_context(&remote_context(), &mut HttpTraceInjector(&mut headers))
     });
     assert_eq!(
         headers["traceparent"],
         "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    );
+    assert!(
+        !headers.contains_key("tracestate"),
+        "an empty tracestate is not sent"
     );
 
     let extracted = extract_http(&headers);
@@ -30,6 +38,24 @@ fn http_trace_context_round_trips_through_headers() {
         extracted.span().span_context().trace_id().to_string(),
         "4bf92f3577b34da6a3ce929d0e0e4736"
     );
+}
+
+#[test]
+fn a_tracestate_is_carried_when_it_has_entries_and_a_stale_one_is_dropped() {
+    global::set_text_map_propagator(TraceContextPropagator::new());
+    let mut headers = http::HeaderMap::new();
+    let with_state =
+        remote_context_with(TraceState::from_key_value([("vendor", "value")]).unwrap());
+    global::get_text_map_propagator(|p| {
+        p.inject_context(&with_state, &mut HttpTraceInjector(&mut headers))
+    });
+    assert_eq!(headers["tracestate"], "vendor=value");
+    // The next context has no state: the old one must not travel with it.
+    global::get_text_map_propagator(|p| {
+        p.inject_context(&remote_context(), &mut HttpTraceInjector(&mut headers))
+    });
+    assert!(!headers.contains_key("tracestate"));
+    assert_eq!(headers.len(), 1, "{headers:?}");
 }
 
 #[test]
@@ -41,6 +67,10 @@ fn kafka_trace_context_round_trips_through_message_headers() {
     })));
     global::get_text_map_propagator(|p| p.inject_context(&remote_context(), &mut injector));
     let headers = injector.0.unwrap();
+    assert!(
+        headers.iter().all(|h| h.key != "tracestate"),
+        "an empty tracestate is not sent"
+    );
 
     let message = OwnedMessage::new(
         None,
