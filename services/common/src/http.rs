@@ -8,14 +8,12 @@
 //! still answer under load).
 
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::connect_info::ConnectInfo;
 use axum::extract::{MatchedPath, Request, State};
 use axum::http::{HeaderName, StatusCode, header};
-use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -24,7 +22,6 @@ use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 use tower::ServiceExt as _;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
@@ -33,12 +30,10 @@ use tower_http::trace::TraceLayer;
 
 use crate::config::CommonConfig;
 use crate::health::Readiness;
-use crate::metrics::{
-    HTTP_REQUEST_DURATION_SECONDS, HTTP_REQUESTS_SHED_TOTAL, HTTP_REQUESTS_TOTAL, RequestHandles,
-};
-use crate::problem::{ProblemType, retry_later};
 use crate::shutdown::CancellationToken;
 use crate::telemetry;
+
+mod layers;
 
 /// The `X-Request-Id` header: taken from the caller or generated, echoed in the response.
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -157,11 +152,8 @@ async fn render_metrics(State(ops): State<Ops>) -> impl IntoResponse {
 /// (child of the caller's `traceparent`), and request metrics labelled with the route
 /// template (never the raw path, which would explode cardinality).
 pub fn instrument(router: Router, service: &'static str) -> Router {
-    let handles = Arc::new(RequestHandles::default());
     router
-        .layer(middleware::from_fn(move |req: Request, next: Next| {
-            record_metrics(service, handles.clone(), req, next)
-        }))
+        .layer(layers::RequestMetricsLayer::new(service))
         .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
             let route = req
                 .extensions()
@@ -185,54 +177,6 @@ pub fn instrument(router: Router, service: &'static str) -> Router {
         .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
 }
 
-/// The `method` label: a standard method by name, any other token `other`, so that clients
-/// cannot create metric series at will (a method is any token a client sends).
-fn method_label(method: &http::Method) -> &'static str {
-    match method.as_str() {
-        "GET" => "GET",
-        "HEAD" => "HEAD",
-        "POST" => "POST",
-        "PUT" => "PUT",
-        "PATCH" => "PATCH",
-        "DELETE" => "DELETE",
-        "OPTIONS" => "OPTIONS",
-        "CONNECT" => "CONNECT",
-        "TRACE" => "TRACE",
-        _ => "other",
-    }
-}
-
-async fn record_metrics(
-    service: &'static str,
-    handles: Arc<RequestHandles>,
-    req: Request,
-    next: Next,
-) -> Response {
-    let started = Instant::now();
-    let method = method_label(req.method());
-    let route = req.extensions().get::<MatchedPath>().cloned();
-    let response = next.run(req).await;
-    let route = route.as_ref().map_or("unmatched", MatchedPath::as_str);
-    let status = response.status();
-    handles.record(
-        (method, status.as_u16(), route),
-        started.elapsed().as_secs_f64(),
-        || {
-            let labels = [
-                ("service", metrics::SharedString::const_str(service)),
-                ("method", metrics::SharedString::const_str(method)),
-                ("route", route.to_owned().into()),
-                ("status", status.as_str().to_owned().into()),
-            ];
-            (
-                metrics::counter!(HTTP_REQUESTS_TOTAL, &labels),
-                metrics::histogram!(HTTP_REQUEST_DURATION_SECONDS, &labels),
-            )
-        },
-    );
-    response
-}
-
 /// The operational routes, exempt from shedding.
 fn is_ops_path(path: &str) -> bool {
     matches!(path, "/health" | "/ready" | "/metrics")
@@ -241,25 +185,11 @@ fn is_ops_path(path: &str) -> bool {
 /// Adds the request-level bounds to `router`: shedding beyond the concurrency limit and the
 /// body timeout.
 fn bounded(router: Router, service: &'static str, limits: ServerLimits) -> Router {
-    let permits = Arc::new(Semaphore::new(limits.max_concurrent_requests));
-    let max = limits.max_concurrent_requests;
     router
-        .layer(middleware::from_fn(move |request: Request, next: Next| {
-            let permits = permits.clone();
-            async move {
-                if is_ops_path(request.uri().path()) {
-                    return next.run(request).await;
-                }
-                let Ok(_permit) = permits.try_acquire_owned() else {
-                    metrics::counter!(HTTP_REQUESTS_SHED_TOTAL, "service" => service).increment(1);
-                    return retry_later(
-                        ProblemType::CapacityExceeded,
-                        format!("this node is handling its limit of {max} requests; retry later"),
-                    );
-                };
-                next.run(request).await
-            }
-        }))
+        .layer(layers::ShedLayer::new(
+            service,
+            limits.max_concurrent_requests,
+        ))
         .layer(RequestBodyTimeoutLayer::new(limits.body_timeout))
 }
 
@@ -500,9 +430,9 @@ mod tests {
 
     #[test]
     fn only_standard_methods_become_labels() {
-        assert_eq!(method_label(&http::Method::PATCH), "PATCH");
+        assert_eq!(layers::method_label(&http::Method::PATCH), "PATCH");
         let brew = http::Method::from_bytes(b"BREW").unwrap();
-        assert_eq!(method_label(&brew), "other");
+        assert_eq!(layers::method_label(&brew), "other");
     }
 
     #[test]
