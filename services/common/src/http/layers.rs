@@ -39,25 +39,23 @@ impl RequestMetricsLayer {
     }
 }
 
+/// A route wrapped in one of this module's layers: the route, and the layer's shared state.
+#[derive(Clone)]
+pub(super) struct Layered<L, S> {
+    inner: S,
+    layer: L,
+}
+
 impl<S> Layer<S> for RequestMetricsLayer {
-    type Service = RequestMetrics<S>;
+    type Service = Layered<Self, S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        RequestMetrics {
-            inner,
-            layer: self.clone(),
-        }
+        let layer = self.clone();
+        Layered { inner, layer }
     }
 }
 
-/// The service [`RequestMetricsLayer`] wraps routes in.
-#[derive(Clone)]
-pub(super) struct RequestMetrics<S> {
-    inner: S,
-    layer: RequestMetricsLayer,
-}
-
-impl<S> Service<Request> for RequestMetrics<S>
+impl<S> Service<Request> for Layered<RequestMetricsLayer, S>
 where
     S: Service<Request, Response = Response>,
 {
@@ -84,7 +82,7 @@ where
 }
 
 pin_project_lite::pin_project! {
-    /// The response future of [`RequestMetrics`]: records once the response head is ready.
+    /// The response future of a [`RequestMetricsLayer`]'s route: records once the response head is ready.
     pub(super) struct MetricsFuture<F> {
         #[pin]
         inner: F,
@@ -164,24 +162,15 @@ impl ShedLayer {
 }
 
 impl<S> Layer<S> for ShedLayer {
-    type Service = Shed<S>;
+    type Service = Layered<Self, S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        Shed {
-            inner,
-            layer: self.clone(),
-        }
+        let layer = self.clone();
+        Layered { inner, layer }
     }
 }
 
-/// The service [`ShedLayer`] wraps routes in.
-#[derive(Clone)]
-pub(super) struct Shed<S> {
-    inner: S,
-    layer: ShedLayer,
-}
-
-impl<S> Service<Request> for Shed<S>
+impl<S> Service<Request> for Layered<ShedLayer, S>
 where
     S: Service<Request, Response = Response>,
 {
