@@ -571,6 +571,32 @@ async fn an_oversize_frame_closes_the_connection_with_1009() {
 }
 
 #[tokio::test]
+async fn messages_far_larger_than_the_read_buffer_arrive_whole() {
+    // The hub reads a client's socket 512 bytes at a time; a message close to
+    // `HUB_MAX_MESSAGE_BYTES` (64 KiB) is read in steps and handled whole, and the next small
+    // one after it still is.
+    let app = start(&hub_vars(&prefix())).await;
+    let mut reader = client(&app, &["chat:*"]).await;
+    subscribe(&mut reader, "chat:large").await;
+    let mut writer = client(&app, &["chat:*"]).await;
+    let text: String = (0..60_000)
+        .map(|i| char::from(b'a' + (i % 26) as u8))
+        .collect();
+    for data in [text.as_str(), "small"] {
+        send_json(
+            &mut writer,
+            json!({"type": "publish", "room": "chat:large", "data": data}),
+        )
+        .await;
+        assert_eq!(next_json(&mut writer).await["type"], "published");
+        let pushed = next_json(&mut reader).await;
+        assert_eq!(pushed["type"], "publication");
+        assert_eq!(pushed["data"].as_str(), Some(data));
+    }
+    app.stop().await;
+}
+
+#[tokio::test]
 async fn a_client_over_its_message_rate_gets_errors_then_is_closed() {
     let app = start(
         &hub_vars(&prefix())
