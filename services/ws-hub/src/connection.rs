@@ -643,13 +643,12 @@ impl Session {
     /// Leaves the rooms, stops the writer (which sends the close frame), forgets the
     /// connection and releases its slot.
     async fn close(mut self, writer: JoinHandle<()>, slot: Slot) {
-        let hub = self.hub.clone();
         for room in std::mem::take(&mut self.rooms) {
-            hub.registry.leave(&room, self.id).await;
+            self.hub.registry.leave(&room, self.id).await;
         }
         self.control.close(CloseReason::Client);
         let _ = writer.await;
-        lock(&hub.connections).remove(&self.id);
+        lock(&self.hub.connections).remove(&self.id);
         let reason = self.control.reason();
         metrics::counter!(HUB_DISCONNECTS_TOTAL, "service" => NAME, "reason" => reason.label())
             .increment(1);
